@@ -1,0 +1,158 @@
+"""CasADi backend: stage functions and their derivatives built once as SX functions, evaluated for
+the whole horizon with ``Function.map`` (derivatives) and ``Function.mapaccum`` (rollouts).
+
+Every mapped function returns one stacked column per stage, so one ``DM.full()`` conversion and a
+few numpy reshapes give the (T, ...) arrays; matrices are flattened row-major (``vec(M.T)``) so a
+plain C-order reshape restores them.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from ..errors import DerivativeError, ShapeError
+from .base import Backend, DenseDerivatives
+
+__all__ = ["CasadiBackend"]
+
+
+def _row_major(ca, M):
+    return ca.vec(M.T)
+
+
+def _as_sx(ca, value, argument: str, expected: tuple):
+    """The user function's output as an SX of shape ``expected``, or a ShapeError."""
+    if isinstance(value, (list, tuple)):
+        value = ca.vertcat(*value)
+    try:
+        value = ca.SX(value) if not isinstance(value, ca.SX) else value
+    except Exception as err:  # noqa: BLE001 - any conversion failure is reported as a type problem
+        raise DerivativeError(f"{argument} returned {type(value).__name__}, which is not a casadi "
+                              f"expression (backend 'casadi' needs casadi operations)") from err
+    if value.shape != expected:
+        raise ShapeError(argument, expected, value.shape,
+                         "the state is a column vector; costs must be scalars")
+    return value
+
+
+class CasadiBackend(Backend):
+    """CasADi symbolic derivatives (the default backend)."""
+
+    name = "casadi"
+
+    def __init__(self, problem):
+        super().__init__(problem)
+        import casadi as ca
+
+        self.ca = ca
+        nx, nu, T = self.nx, self.nu, self.T
+        npar = problem.params.shape[1] if problem.params is not None else 0
+        self.np_eff = max(npar, 1)
+        x, u, p = ca.SX.sym("x", nx), ca.SX.sym("u", nu), ca.SX.sym("p", self.np_eff)
+        extra = (p[:npar],) if npar else ()
+        f = _as_sx(ca, self._call("dynamics", problem.dynamics, x, u, *extra), "dynamics", (nx, 1))
+        l = _as_sx(ca, self._call("stage_cost", problem.stage_cost, x, u, *extra), "stage_cost", (1, 1))
+        lf = _as_sx(ca, self._call("terminal_cost", problem.terminal_cost, x, *extra), "terminal_cost", (1, 1))
+        self.symbols = dict(x=x, u=u, p=p, f=f, l=l, lf=lf)
+
+        P = np.zeros((T + 1, self.np_eff))
+        if npar:
+            P[:, :npar] = problem.params
+        self.P = P
+        self.P_stage = ca.DM(P[:T].T)
+        self.p_final = ca.DM(P[T])
+
+        # Values: one step, the open-loop rollout and the closed-loop rollout.
+        step = ca.Function("step", [x, u, p], [f, l])
+        term = ca.Function("terminal", [x, p], [lf])
+        x0s, U, Ps = ca.MX.sym("x0", nx), ca.MX.sym("U", nu, T), ca.MX.sym("P", self.np_eff, T)
+        pT = ca.MX.sym("pT", self.np_eff)
+        X, L = step.mapaccum("acc", T)(x0s, U, Ps)
+        self._rollout = ca.Function("rollout", [x0s, U, Ps, pT], [ca.horzcat(x0s, X), ca.sum2(L) + term(X[:, -1], pT)])
+
+        z = ca.SX.sym("z", nx + nu + nu + nu * nx + 2 * nu)
+        xref, uref, kk = z[:nx], z[nx:nx + nu], z[nx + nu:nx + 2 * nu]
+        o = nx + 2 * nu
+        Km = ca.reshape(z[o:o + nu * nx], nx, nu).T        # row-major gains
+        lo, hi = z[o + nu * nx:o + nu * nx + nu], z[o + nu * nx + nu:]
+        alpha = ca.SX.sym("alpha")
+        ucl = ca.fmin(ca.fmax(uref + alpha * kk + ca.mtimes(Km, x - xref), lo), hi)
+        fcl, lcl = step(x, ucl, p)
+        cl = ca.Function("closed_loop", [x, z, p, alpha], [fcl, ucl, lcl])
+        Z, a = ca.MX.sym("Z", z.shape[0], T), ca.MX.sym("a")
+        Xc, Uc, Lc = cl.mapaccum("acc_cl", T)(x0s, Z, Ps, a)
+        self._rollout_cl = ca.Function("rollout_cl", [x0s, Z, Ps, pT, a],
+                                       [ca.horzcat(x0s, Xc), Uc, ca.sum2(Lc) + term(Xc[:, -1], pT)])
+
+        # Derivatives, stacked per stage.
+        fx, fu = ca.jacobian(f, x), ca.jacobian(f, u)
+        lx, lu = ca.gradient(l, x), ca.gradient(l, u)
+        lxx, luu = ca.hessian(l, x)[0], ca.hessian(l, u)[0]
+        lux = ca.jacobian(lu, x)
+        first = [f, l, _row_major(ca, fx), _row_major(ca, fu), lx, lu, _row_major(ca, lxx),
+                 _row_major(ca, lux), _row_major(ca, luu)]
+        second = []
+        for i in range(nx):
+            second.append(_row_major(ca, ca.hessian(f[i], x)[0]))
+        for i in range(nx):
+            second.append(_row_major(ca, ca.jacobian(ca.gradient(f[i], u), x)))
+        for i in range(nx):
+            second.append(_row_major(ca, ca.hessian(f[i], u)[0]))
+        self._d1 = ca.Function("d1", [x, u, p], [ca.vertcat(*first)]).map(T)
+        self._d2 = ca.Function("d2", [x, u, p], [ca.vertcat(*(first + second))]).map(T)
+        lfx = ca.gradient(lf, x)
+        self._dT = ca.Function("dT", [x, p], [ca.vertcat(lf, lfx, _row_major(ca, ca.hessian(lf, x)[0]))])
+        self._sizes1 = [nx, 1, nx * nx, nx * nu, nx, nu, nx * nx, nu * nx, nu * nu]
+        self._sizes2 = [nx * nx * nx, nx * nu * nx, nx * nu * nu]
+        self._step = step
+        self._term = term
+
+    @staticmethod
+    def _call(argument, fn, *args):
+        try:
+            return fn(*args)
+        except (ShapeError, DerivativeError):
+            raise
+        except Exception as err:  # noqa: BLE001 - report which user function failed and why
+            raise DerivativeError(f"{argument} could not be evaluated on casadi symbols: "
+                                  f"{type(err).__name__}: {err}") from err
+
+    # -- values ---------------------------------------------------------------------------------
+    def step_values(self, x, u, t):
+        f, l = self._step(x, u, self.P[t])
+        return np.asarray(f.full()).ravel(), float(l)
+
+    def terminal_value(self, x):
+        return float(self._term(x, self.P[self.T]))
+
+    def rollout(self, us):
+        X, J = self._rollout(self.problem.x0, us.T, self.P_stage, self.p_final)
+        return X.full().T, float(J)
+
+    def rollout_policy(self, xs_ref, us_ref, k, K, alpha, lower, upper):
+        T, nu = self.T, self.nu
+        if lower is None:
+            lower = np.full((T, nu), -np.inf)
+            upper = np.full((T, nu), np.inf)
+        Z = np.concatenate([xs_ref[:T], us_ref, k, K.reshape(T, -1), lower, upper], axis=1)
+        X, U, J = self._rollout_cl(self.problem.x0, Z.T, self.P_stage, self.p_final, float(alpha))
+        return X.full().T, U.full().T, float(J)
+
+    # -- derivatives ----------------------------------------------------------------------------
+    def derivatives(self, xs, us, second_order):
+        T, nx, nu = self.T, self.nx, self.nu
+        fn = self._d2 if second_order else self._d1
+        D = fn(xs[:T].T, us.T, self.P_stage).full().T          # (T, n_out)
+        dT = self._dT(xs[T], self.P[T]).full().ravel()
+        parts = np.split(D, np.cumsum(self._sizes1 + (self._sizes2 if second_order else []))[:-1], axis=1)
+        lx = np.empty((T + 1, nx))
+        lxx = np.empty((T + 1, nx, nx))
+        lx[:T], lx[T] = parts[4], dT[1:1 + nx]
+        lxx[:T], lxx[T] = parts[6].reshape(T, nx, nx), dT[1 + nx:].reshape(nx, nx)
+        kw = {}
+        if second_order:
+            kw = dict(fxx=parts[9].reshape(T, nx, nx, nx), fux=parts[10].reshape(T, nx, nu, nx),
+                      fuu=parts[11].reshape(T, nx, nu, nu))
+        return DenseDerivatives(
+            f=parts[0], l=parts[1][:, 0], lf=float(dT[0]), fx=parts[2].reshape(T, nx, nx),
+            fu=parts[3].reshape(T, nx, nu), lx=lx, lu=parts[5], lxx=lxx, lux=parts[7].reshape(T, nu, nx),
+            luu=parts[8].reshape(T, nu, nu), **kw)

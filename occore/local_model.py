@@ -1,0 +1,61 @@
+"""The local linear-quadratic model of a dense problem around one trajectory."""
+from __future__ import annotations
+
+import numpy as np
+
+from .lq.adjoint import adjoint_sweep
+from .lq.riccati import riccati_sweep
+from .types import Policy
+
+__all__ = ["DenseLocalModel"]
+
+
+class DenseLocalModel:
+    """Derivatives of the whole horizon at one trajectory, and the sweeps that use them.
+
+    Implements the :class:`occore.types.LocalModel` protocol for :class:`occore.Problem`.
+
+    Args:
+        derivs: :class:`occore.derivatives.base.DenseDerivatives` at the trajectory.
+        us: (T, nu) controls of the trajectory.
+        lower, upper: (T, nu) bounds or None.
+        sweep: the backward-sweep function (defaults to the numpy reference
+            :func:`occore.lq.riccati.riccati_sweep`; a compiled one has the same signature).
+
+    Example:
+        >>> import occore
+        >>> prob = occore.problems.make("lqr")
+        >>> lm = prob.local_model(prob.rollout(prob.initial_controls()))
+        >>> policy, (d1, d2) = lm.backward(mu=0.0)
+        >>> policy.k.shape, policy.K.shape
+        ((100, 2), (100, 2, 4))
+    """
+
+    def __init__(self, derivs, us, lower=None, upper=None, sweep=None):
+        self.derivs = derivs
+        self.us = us
+        self.lower, self.upper = lower, upper
+        self._sweep = sweep or riccati_sweep
+        self._adjoint = None
+        self.value = None  # (Vx, Vxx) of the last backward pass
+
+    def backward(self, mu: float, second_order: bool = False):
+        k, K, d1, d2, Vx, Vxx = self._sweep(self.derivs, mu, second_order, self.us, self.lower, self.upper)
+        self.value = (Vx, Vxx)
+        return Policy(k=k, K=K), (d1, d2)
+
+    def _adjoint_sweep(self):
+        if self._adjoint is None:
+            self._adjoint = adjoint_sweep(self.derivs)
+        return self._adjoint
+
+    def costates(self) -> np.ndarray:
+        """p_0..p_T, (T+1, nx), with p_t = -dJ/dx_t along the open-loop controls."""
+        return -self._adjoint_sweep()[0]
+
+    def control_gradient(self) -> np.ndarray:
+        """dJ/du_t, (T, nu)."""
+        return self._adjoint_sweep()[1]
+
+    def gradient_norm(self) -> float:
+        return float(np.linalg.norm(self.control_gradient()))

@@ -1,0 +1,88 @@
+"""The reference Riccati sweep of DDP / iLQR in numpy (readable, one stage at a time).
+
+Given the stacked local model (:class:`occore.derivatives.base.DenseDerivatives`), computes the
+gains of every stage from the last to the first:
+
+    Qx  = lx + fx' Vx'                 Qu  = lu + fu' Vx'
+    Qxx = lxx + fx' Vxx' fx (+ Vx'.fxx) Qux = lux + fu' Vxx' fx (+ Vx'.fux)
+    Quu = luu + fu' Vxx' fu (+ Vx'.fuu)
+    k = -(Quu + mu I)^-1 Qu            K = -(Quu + mu I)^-1 Qux       (box QP when bounded)
+    Vx  = Qx + K' Quu k + K' Qu + Qux' k
+    Vxx = Qxx + K' Quu K + K' Qux + Qux' K
+
+(the value update of Tassa, Erez & Todorov 2012, exact for the regularised gains). With bounds,
+k solves the box QP on lower - u <= k <= upper - u and the rows of K of clamped controls are zero.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from ..errors import NotPositiveDefinite
+from .box_qp import box_qp
+
+__all__ = ["riccati_sweep"]
+
+
+def riccati_sweep(d, mu: float, second_order: bool, us=None, lower=None, upper=None, k_warm=None):
+    """Backward pass over all stages.
+
+    Args:
+        d: DenseDerivatives with T stages.
+        mu: regularisation added to the diagonal of Quu.
+        second_order: contract the dynamics Hessians with Vx' (full DDP); needs d.fxx.
+        us: (T, nu) current controls (needed with bounds).
+        lower, upper: (T, nu) control bounds or None.
+        k_warm: (T, nu) warm start of the box QPs (the previous feedforward), optional.
+
+    Returns:
+        (k (T, nu), K (T, nu, nx), d1, d2, Vx (T+1, nx), Vxx (T+1, nx, nx)).
+
+    Raises:
+        NotPositiveDefinite: Quu + mu I (on the free set) is not positive definite at some stage.
+    """
+    T, nx, nu = d.fu.shape
+    k = np.zeros((T, nu))
+    K = np.zeros((T, nu, nx))
+    Vx_all = np.empty((T + 1, nx))
+    Vxx_all = np.empty((T + 1, nx, nx))
+    Vx, Vxx = d.lx[T].copy(), d.lxx[T].copy()
+    Vx_all[T], Vxx_all[T] = Vx, Vxx
+    d1 = d2 = 0.0
+    eye = np.eye(nu)
+    use_hess = second_order and d.fxx is not None
+    for t in range(T - 1, -1, -1):
+        fx, fu = d.fx[t], d.fu[t]
+        Vxx_fx, Vxx_fu = Vxx @ fx, Vxx @ fu
+        Qx = d.lx[t] + fx.T @ Vx
+        Qu = d.lu[t] + fu.T @ Vx
+        Qxx = d.lxx[t] + fx.T @ Vxx_fx
+        Qux = d.lux[t] + fu.T @ Vxx_fx
+        Quu = d.luu[t] + fu.T @ Vxx_fu
+        if use_hess:
+            Qxx = Qxx + np.tensordot(Vx, d.fxx[t], axes=1)
+            Qux = Qux + np.tensordot(Vx, d.fux[t], axes=1)
+            Quu = Quu + np.tensordot(Vx, d.fuu[t], axes=1)
+        Quu = 0.5 * (Quu + Quu.T)
+        H = Quu + mu * eye
+        if lower is None:
+            try:
+                L = np.linalg.cholesky(H)
+            except np.linalg.LinAlgError as err:
+                raise NotPositiveDefinite(t) from err
+            sol = -np.linalg.solve(L.T, np.linalg.solve(L, np.column_stack([Qu, Qux])))
+            kt, Kt = sol[:, 0], sol[:, 1:]
+        else:
+            kt, free, L = box_qp(H, Qu, lower[t] - us[t], upper[t] - us[t],
+                                 None if k_warm is None else k_warm[t], stage=t)
+            Kt = np.zeros((nu, nx))
+            if L is not None:
+                Kt[free] = -np.linalg.solve(L.T, np.linalg.solve(L, Qux[free]))
+        k[t], K[t] = kt, Kt
+        d1 += Qu @ kt
+        d2 += kt @ Quu @ kt
+        KtQuu = Kt.T @ Quu
+        Vx = Qx + KtQuu @ kt + Kt.T @ Qu + Qux.T @ kt
+        Vxx = Qxx + KtQuu @ Kt + Kt.T @ Qux + Qux.T @ Kt
+        Vxx = 0.5 * (Vxx + Vxx.T)
+        Vx_all[t], Vxx_all[t] = Vx, Vxx
+    return k, K, float(d1), float(d2), Vx_all, Vxx_all

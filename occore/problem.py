@@ -1,0 +1,187 @@
+"""Declaration of a dense discrete-time optimal-control problem.
+
+    minimise  J(U) = sum_{t<T} l(x_t, u_t[, p_t]) + lf(x_T[, p_T])
+    subject to x_{t+1} = f(x_t, u_t[, p_t]),  x_0 given,  lower_t <= u_t <= upper_t
+"""
+from __future__ import annotations
+
+import numbers
+
+import numpy as np
+
+from .derivatives import BACKENDS, make_backend
+from .errors import InputError, ShapeError
+from .local_model import DenseLocalModel
+from .types import Policy, Trajectory
+
+__all__ = ["Problem"]
+
+
+def _int(name: str, value, minimum: int = 1) -> int:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
+        raise InputError(f"{name}: expected an integer >= {minimum}, got {value!r}")
+    return int(value)
+
+
+def _frozen(a: np.ndarray) -> np.ndarray:
+    a.setflags(write=False)
+    return a
+
+
+def _bound(name: str, value, T: int, nu: int, missing: float) -> np.ndarray:
+    """A bound given as scalar, (nu,) or (T, nu), as a read-only (T, nu) float64 array; None gives
+    ``missing`` (an infinite value) everywhere."""
+    if value is None:
+        return _frozen(np.full((T, nu), missing))
+    try:
+        arr = np.array(value, dtype=float)
+    except (TypeError, ValueError) as err:
+        raise InputError(f"{name}: expected numbers, got {type(value).__name__}") from err
+    if arr.ndim == 0 or arr.shape == (nu,):
+        arr = np.broadcast_to(arr, (T, nu)).copy()
+    elif arr.shape != (T, nu):
+        raise ShapeError(name, f"() or ({nu},) or ({T}, {nu})", arr.shape)
+    if not np.all(np.isfinite(arr)):
+        raise InputError(f"{name}: expected finite values, got {arr[~np.isfinite(arr)][:3].tolist()}...")
+    return _frozen(arr)
+
+
+class Problem:
+    """A dense optimal-control problem: dynamics, costs, initial state, horizon and optional bounds.
+
+    Args:
+        dynamics: f(x, u) -> x_next (f(x, u, p) with params), written with the backend's operations.
+        stage_cost: l(x, u) -> scalar (l(x, u, p)).
+        terminal_cost: lf(x) -> scalar (lf(x, p)).
+        x0: initial state, (nx,).
+        nu: number of controls.
+        horizon: number of stages T.
+        u_lower, u_upper: control bounds: scalar, (nu,) or (T, nu), finite; None for no bound on
+            that side.
+        params: stage parameters (T+1, np): row t goes to stage t, row T to the terminal cost.
+        backend: "casadi" (default), "torch" or "finite_difference" (numpy callables).
+        name: optional label used in tables.
+
+    Raises:
+        ShapeError, InputError, DerivativeError: at construction, naming the argument.
+
+    Example:
+        >>> import casadi as ca, occore
+        >>> prob = occore.Problem(lambda x, u: x + 0.1 * u, lambda x, u: ca.sumsqr(x) + ca.sumsqr(u),
+        ...                       lambda x: 10 * ca.sumsqr(x), x0=[1.0], nu=1, horizon=20)
+        >>> res = occore.ILQR().solve(prob)
+        >>> res.converged, res.us.shape
+        (True, (20, 1))
+    """
+
+    def __init__(self, dynamics, stage_cost, terminal_cost, x0, nu, horizon, u_lower=None, u_upper=None,
+                 params=None, backend="casadi", name=None):
+        for arg, fn in (("dynamics", dynamics), ("stage_cost", stage_cost), ("terminal_cost", terminal_cost)):
+            if not callable(fn):
+                raise InputError(f"{arg}: expected a callable, got {type(fn).__name__}")
+        self.dynamics, self.stage_cost, self.terminal_cost = dynamics, stage_cost, terminal_cost
+        try:
+            x0 = np.array(x0, dtype=float)
+        except (TypeError, ValueError) as err:
+            raise InputError(f"x0: expected a vector of numbers, got {type(x0).__name__}") from err
+        if x0.ndim != 1 or x0.size == 0:
+            raise ShapeError("x0", "(nx,)", x0.shape)
+        if not np.all(np.isfinite(x0)):
+            raise InputError(f"x0: expected finite values, got {x0.tolist()}")
+        self.x0 = _frozen(x0)
+        self.nx = x0.size
+        self.nu = _int("nu", nu)
+        self.horizon = _int("horizon", horizon)
+        T = self.horizon
+        if u_lower is None and u_upper is None:
+            self.u_lower = self.u_upper = None
+        else:  # a missing side is unbounded
+            self.u_lower = _bound("u_lower", u_lower, T, self.nu, -np.inf)
+            self.u_upper = _bound("u_upper", u_upper, T, self.nu, np.inf)
+        if self.u_lower is not None:
+            bad = np.argwhere(self.u_lower > self.u_upper)
+            if bad.size:
+                t, i = bad[0]
+                raise InputError(f"u_lower > u_upper at stage {t}, control {i}: "
+                                 f"{self.u_lower[t, i]} > {self.u_upper[t, i]}")
+        if params is not None:
+            try:
+                params = np.array(params, dtype=float)
+            except (TypeError, ValueError) as err:
+                raise InputError(f"params: expected numbers, got {type(params).__name__}") from err
+            if params.ndim == 1 and params.shape[0] == T + 1:
+                params = params[:, None]
+            if params.ndim != 2 or params.shape[0] != T + 1:
+                raise ShapeError("params", f"({T + 1}, np)", params.shape, "one row per stage plus the terminal one")
+            if not np.all(np.isfinite(params)):
+                raise InputError("params: expected finite values")
+            params = _frozen(params)
+        self.params = params
+        if backend not in BACKENDS:
+            raise InputError(f"backend={backend!r} is unknown; valid backends are {', '.join(BACKENDS)}")
+        self.backend = backend
+        self.name = name
+        self._backend = make_backend(backend, self)   # builds and checks the functions' shapes
+
+    def __repr__(self) -> str:
+        box = ", bounded" if self.bounded else ""
+        return (f"Problem({self.name or 'unnamed'}: nx={self.nx}, nu={self.nu}, horizon={self.horizon}"
+                f"{box}, backend={self.backend!r})")
+
+    @property
+    def bounded(self) -> bool:
+        return self.u_lower is not None
+
+    # -- ControlProblem protocol ----------------------------------------------------------------
+    def initial_controls(self) -> np.ndarray:
+        """Zeros (T, nu), clamped into the box."""
+        return self.clamp(np.zeros((self.horizon, self.nu)))
+
+    def clamp(self, us: np.ndarray) -> np.ndarray:
+        """A copy of ``us`` projected onto the control box."""
+        if self.u_lower is None:
+            return np.array(us, dtype=float)
+        return np.minimum(np.maximum(us, self.u_lower), self.u_upper)
+
+    def check_controls(self, us, name: str = "us") -> np.ndarray:
+        """``us`` as a new (T, nu) float64 array; ShapeError/InputError otherwise."""
+        try:
+            arr = np.array(us, dtype=float)
+        except (TypeError, ValueError) as err:
+            raise InputError(f"{name}: expected numbers, got {type(us).__name__}") from err
+        if arr.shape == (self.horizon,) and self.nu == 1:
+            arr = arr[:, None]
+        if arr.shape != (self.horizon, self.nu):
+            raise ShapeError(name, (self.horizon, self.nu), arr.shape)
+        if not np.all(np.isfinite(arr)):
+            raise InputError(f"{name}: expected finite values")
+        return arr
+
+    def rollout(self, us) -> Trajectory:
+        """Open-loop rollout of ``us`` (T, nu), clamped into the box; ``us`` is not modified."""
+        us = self.clamp(self.check_controls(us))
+        with np.errstate(invalid="ignore", over="ignore"):
+            xs, cost = self._backend.rollout(us)
+        return Trajectory(xs=xs, us=us, cost=float(cost))
+
+    def rollout_policy(self, ref: Trajectory, policy: Policy, alpha: float) -> Trajectory:
+        """Closed-loop rollout u_t = clamp(ref.us_t + alpha k_t + K_t (x_t - ref.xs_t))."""
+        with np.errstate(invalid="ignore", over="ignore"):
+            xs, us, cost = self._backend.rollout_policy(ref.xs, ref.us, policy.k, policy.K, alpha,
+                                                        self.u_lower, self.u_upper)
+        return Trajectory(xs=xs, us=us, cost=float(cost))
+
+    def evaluate_derivatives(self, xs, us, second_order: bool = False):
+        """All derivatives at the points (xs[t], us[t]) and xs[T]; a DenseDerivatives."""
+        return self._backend.derivatives(np.asarray(xs, dtype=float), np.asarray(us, dtype=float),
+                                         second_order)
+
+    def local_model(self, traj: Trajectory, second_order: bool = False) -> DenseLocalModel:
+        """The local LQ model at ``traj`` (one derivative evaluation for the whole horizon)."""
+        d = self.evaluate_derivatives(traj.xs, traj.us, second_order)
+        return DenseLocalModel(d, traj.us, self.u_lower, self.u_upper, sweep=self._sweep())
+
+    def _sweep(self):
+        from .lq import compiled
+
+        return compiled.best_sweep()

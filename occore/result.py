@@ -1,0 +1,99 @@
+"""What a solve returns: :class:`Result`, its :class:`Status` and per-iteration :class:`IterationInfo`."""
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+from typing import Any
+
+__all__ = ["Status", "IterationInfo", "Result"]
+
+
+class Status(enum.Enum):
+    """How a solve ended."""
+
+    CONVERGED = "converged"
+    MAX_ITER = "max_iter"
+    REG_LIMIT = "reg_limit"
+    LINE_SEARCH_FAILED = "line_search_failed"
+    NON_FINITE = "non_finite"
+    STOPPED_BY_CALLBACK = "stopped_by_callback"
+    FAILED = "failed"
+    RUNNING = "running"
+
+    def __str__(self) -> str:
+        return self.name
+
+
+@dataclass(frozen=True)
+class IterationInfo:
+    """One solver iteration.
+
+    Attributes:
+        iteration: index, starting at 0.
+        cost: cost after the iteration (the accepted iterate's, or the unchanged one when rejected).
+        expected_decrease: model-predicted decrease of the chosen step (positive means descent).
+        actual_decrease: cost before minus cost after the step that was tried last.
+        step: step length alpha of the accepted step (0.0 when none was accepted).
+        regularization: mu after the iteration's update.
+        stop: the solver's stop value (DDP/iLQR: expected decrease of a full step; E-MSA: gradient norm).
+        wall_time: seconds since the solve began.
+        accepted: whether the iteration moved the iterate.
+    """
+
+    iteration: int
+    cost: float
+    expected_decrease: float
+    actual_decrease: float
+    step: float
+    regularization: float
+    stop: float
+    wall_time: float
+    accepted: bool = True
+
+
+@dataclass(frozen=True)
+class Result:
+    """Outcome of a solve.
+
+    Attributes:
+        xs: states, (T+1, nx) for dense problems.
+        us: controls, (T, nu) for dense problems.
+        cost: total cost of (xs, us).
+        status: how the solve ended.
+        iterations: number of iterations performed.
+        history: one :class:`IterationInfo` per iteration.
+        policy: feedback law (k, K) of the last backward pass, or None.
+        message: human-readable reason for the status.
+        solver: the solver's name.
+        wall_time: total seconds.
+    """
+
+    xs: Any
+    us: Any
+    cost: float
+    status: Status
+    iterations: int
+    history: list = field(default_factory=list, repr=False)
+    policy: Any = field(default=None, repr=False)
+    message: str = ""
+    solver: str = ""
+    wall_time: float = 0.0
+
+    @property
+    def converged(self) -> bool:
+        """True when the status is CONVERGED."""
+        return self.status is Status.CONVERGED
+
+    def summary(self) -> str:
+        """A few lines describing the outcome."""
+        per_iter = self.wall_time / self.iterations if self.iterations else float("nan")
+        lines = [
+            f"{self.solver or 'solver'}: {self.status.name} after {self.iterations} iterations"
+            + (f" ({self.message})" if self.message else ""),
+            f"  cost        {self.cost:.12g}",
+            f"  wall time   {self.wall_time * 1e3:.2f} ms ({per_iter * 1e3:.3f} ms/iteration)",
+        ]
+        if self.history:
+            last = self.history[-1]
+            lines.append(f"  last stop   {last.stop:.3e}   regularization {last.regularization:.1e}")
+        return "\n".join(lines)

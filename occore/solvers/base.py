@@ -1,0 +1,135 @@
+"""The loop every solver shares: ``init`` / ``step`` / ``solve``, callbacks and the :class:`Result`.
+
+A solver subclass provides ``_first_state(problem, traj)`` (optional) and ``_iterate(problem, state)``,
+which performs one iteration and returns the new state and its :class:`IterationInfo`. The loop
+talks to the problem only through the :class:`occore.types.ControlProblem` protocol.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+from ..result import IterationInfo, Result, Status
+from ..types import Trajectory
+from .options import build_options
+
+logger = logging.getLogger("occore")
+
+__all__ = ["SolverState", "Solver"]
+
+
+@dataclass(frozen=True)
+class SolverState:
+    """Everything one iteration needs; immutable (each ``step`` returns a new one).
+
+    Attributes:
+        traj: the current (always the best accepted) trajectory.
+        iteration: iterations done so far.
+        mu: current regularisation (DDP/iLQR) or rho (E-MSA).
+        status: RUNNING until the solve ends.
+        message: reason for the status.
+        policy: policy of the last backward pass, or None.
+        history: the IterationInfo of every iteration so far.
+        start: ``time.perf_counter()`` at ``init``.
+        cache: solver-private data carried between iterations (e.g. the local model of ``traj``).
+    """
+
+    traj: Trajectory
+    iteration: int = 0
+    mu: float = 0.0
+    status: Status = Status.RUNNING
+    message: str = ""
+    policy: Any = None
+    history: tuple = ()
+    start: float = field(default_factory=time.perf_counter)
+    cache: Any = field(default=None, repr=False)
+
+    @property
+    def done(self) -> bool:
+        return self.status is not Status.RUNNING
+
+
+class Solver:
+    """Base class of the solvers. Subclasses set ``name``, ``Options`` and ``_iterate``."""
+
+    name = "solver"
+    Options: type = None
+
+    def __init__(self, options=None, *, callbacks=(), **kwargs):
+        self.options = build_options(self.Options, options, kwargs)
+        self.callbacks = tuple(callbacks)
+        for cb in self.callbacks:
+            if not callable(cb):
+                raise TypeError(f"callbacks: expected callables, got {type(cb).__name__}")
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.options})"
+
+    # -- the iteration API ----------------------------------------------------------------------
+    def init(self, problem, us0=None) -> SolverState:
+        """Initial state: rollout of ``us0`` (default ``problem.initial_controls()``).
+
+        ``us0`` may also be a previous :class:`Result`: its controls are used, and where it has a
+        policy the first rollout is closed-loop, u_t = us_t + K_t (x_t - xs_t) (warm start from a
+        moved initial state, as in MPC).
+        """
+        if isinstance(us0, Result):
+            prev = us0
+            if prev.policy is not None:
+                ref = Trajectory(prev.xs, prev.us, prev.cost)
+                traj = problem.rollout_policy(ref, prev.policy, 0.0)
+            else:
+                traj = problem.rollout(prev.us)
+        else:
+            traj = problem.rollout(problem.initial_controls() if us0 is None else us0)
+        state = SolverState(traj=traj, mu=self._initial_mu())
+        if not math.isfinite(traj.cost):
+            return replace(state, status=Status.NON_FINITE, message="initial rollout cost is not finite")
+        return self._first_state(problem, state)
+
+    def step(self, problem, state: SolverState) -> tuple[SolverState, IterationInfo | None]:
+        """One iteration. Returns the new state and its info (None when ``state`` is already done)."""
+        if state.done:
+            return state, None
+        new, info = self._iterate(problem, state)
+        new = replace(new, iteration=state.iteration + 1, history=state.history + (info,))
+        if not new.done and new.iteration >= self.options.max_iter:
+            new = replace(new, status=Status.MAX_ITER, message=f"max_iter={self.options.max_iter} reached")
+        return new, info
+
+    def solve(self, problem, us0=None, *, callbacks=None) -> Result:
+        """Iterate from ``us0`` until a stop rule holds; returns a :class:`Result`."""
+        callbacks = self.callbacks if callbacks is None else tuple(callbacks)
+        state = self.init(problem, us0)
+        while not state.done:
+            state, info = self.step(problem, state)
+            logger.debug("%s it %d cost %.12g stop %.3e", self.name, info.iteration, info.cost, info.stop)
+            if any([bool(cb(info, state)) for cb in callbacks]) and not state.done:
+                state = replace(state, status=Status.STOPPED_BY_CALLBACK, message="a callback asked to stop")
+        return self.result(state)
+
+    def result(self, state: SolverState) -> Result:
+        """The :class:`Result` of a (finished or not) state."""
+        t = state.traj
+        res = Result(xs=t.xs, us=t.us, cost=float(t.cost), status=state.status, iterations=state.iteration,
+                     history=list(state.history), policy=state.policy, message=state.message,
+                     solver=self.name, wall_time=time.perf_counter() - state.start)
+        logger.info("%s: %s after %d iterations, cost %.12g", self.name, res.status.name, res.iterations,
+                    res.cost)
+        return res
+
+    # -- subclass hooks -------------------------------------------------------------------------
+    def _initial_mu(self) -> float:
+        return 0.0
+
+    def _first_state(self, problem, state: SolverState) -> SolverState:
+        return state
+
+    def _iterate(self, problem, state: SolverState) -> tuple[SolverState, IterationInfo]:
+        raise NotImplementedError
+
+    def _info(self, state: SolverState, **kw) -> IterationInfo:
+        return IterationInfo(iteration=state.iteration, wall_time=time.perf_counter() - state.start, **kw)

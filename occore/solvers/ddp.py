@@ -1,0 +1,121 @@
+"""DDP (Mayne 1966; Jacobson & Mayne 1970) and iLQR (Li & Todorov 2004): one loop, two models.
+
+Each iteration: the local model of the current trajectory (derivatives of the whole horizon in one
+call), a Riccati sweep with Levenberg-Marquardt regularisation of Quu (raised on a failed
+factorisation), then a backtracking line search on the expected decrease, rolling out the feedback
+policy u = u_ref + alpha k + K (x - x_ref). Control bounds are handled by the problem's local model
+(projected-Newton box QP, Tassa, Mansard & Todorov 2014) and its clamped rollouts.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import replace
+
+from ..errors import NotPositiveDefinite
+from ..result import IterationInfo, Status
+from .base import Solver, SolverState
+from .options import DDPOptions
+
+__all__ = ["DDP", "ILQR"]
+
+
+class _RiccatiSolver(Solver):
+    """The shared DDP/iLQR iteration; ``second_order`` selects the model."""
+
+    Options = DDPOptions
+    second_order = False
+
+    def _initial_mu(self) -> float:
+        return self.options.regularization.initial
+
+    def _iterate(self, problem, state: SolverState) -> tuple[SolverState, IterationInfo]:
+        reg = self.options.regularization
+        traj, mu = state.traj, state.mu
+        lm = state.cache if state.cache is not None else problem.local_model(traj, self.second_order)
+
+        # Backward pass, raising mu until every Quu + mu I is positive definite.
+        while True:
+            try:
+                policy, (d1, d2) = lm.backward(mu, self.second_order)
+                break
+            except NotPositiveDefinite as err:
+                mu = reg.increase(mu)
+                if mu > reg.maximum:
+                    return self._stop(state, lm, Status.REG_LIMIT,
+                                      f"regularisation above {reg.maximum:g} ({err})", mu)
+        if not (math.isfinite(d1) and math.isfinite(d2)):
+            return self._stop(state, lm, Status.NON_FINITE, "non-finite derivatives in the backward pass", mu)
+        full = -(d1 + 0.5 * d2)
+        if full < self.options.tol:
+            new = replace(state, mu=mu, policy=policy, cache=lm, status=Status.CONVERGED,
+                          message=f"expected decrease {full:.2e} < tol {self.options.tol:g}")
+            return new, self._info(state, cost=traj.cost, expected_decrease=full, actual_decrease=0.0,
+                                   step=0.0, regularization=mu, stop=full, accepted=False)
+
+        # Line search on the expected decrease.
+        ls = self.options.line_search
+        actual = expected = 0.0
+        nonfinite = 0
+        for alpha in ls.steps:
+            trial = problem.rollout_policy(traj, policy, alpha)
+            expected = -(alpha * d1 + 0.5 * alpha * alpha * d2)
+            if not math.isfinite(trial.cost):
+                nonfinite += 1
+                actual = float("nan")
+                continue
+            actual = traj.cost - trial.cost
+            if expected > 0 and actual > ls.accept_ratio * expected:
+                mu = reg.after_step(mu, alpha)
+                new = replace(state, traj=trial, mu=mu, policy=policy, cache=None)
+                return new, self._info(state, cost=trial.cost, expected_decrease=expected,
+                                       actual_decrease=actual, step=alpha, regularization=mu, stop=full)
+        if nonfinite == len(ls.steps):
+            return self._stop(state, lm, Status.NON_FINITE,
+                              "every line-search trial gave a non-finite cost", mu, policy, full)
+        mu = reg.increase(mu)
+        if mu > reg.maximum:
+            return self._stop(state, lm, Status.LINE_SEARCH_FAILED,
+                              f"no step length decreased the cost (regularisation above {reg.maximum:g})",
+                              mu, policy, full)
+        new = replace(state, mu=mu, policy=policy, cache=lm)
+        return new, self._info(state, cost=traj.cost, expected_decrease=expected, actual_decrease=actual,
+                               step=0.0, regularization=mu, stop=full, accepted=False)
+
+    def _stop(self, state, lm, status, message, mu, policy=None, stop=float("nan")):
+        new = replace(state, mu=mu, cache=lm, status=status, message=message,
+                      policy=policy if policy is not None else state.policy)
+        return new, self._info(state, cost=state.traj.cost, expected_decrease=float("nan"),
+                               actual_decrease=float("nan"), step=0.0, regularization=mu, stop=stop,
+                               accepted=False)
+
+
+class DDP(_RiccatiSolver):
+    """Full second-order DDP: Q terms include the dynamics Hessians contracted with V_x'.
+
+    Args:
+        options: a :class:`occore.solvers.options.DDPOptions` (or give its fields as keywords).
+        callbacks: callables ``cb(info, state)``; returning True stops the solve.
+
+    Example:
+        >>> import occore
+        >>> res = occore.DDP(max_iter=100).solve(occore.problems.make("pendulum"))
+        >>> res.status.name, round(res.cost, 6)
+        ('CONVERGED', 3.038501)
+    """
+
+    name = "ddp"
+    second_order = True
+
+
+class ILQR(_RiccatiSolver):
+    """iLQR (Gauss-Newton DDP): the dynamics are linearised, their Hessians dropped.
+
+    Example:
+        >>> import occore
+        >>> res = occore.ILQR().solve(occore.problems.make("lqr"))
+        >>> res.iterations, round(res.cost, 10)
+        (2, 5.1236462179)
+    """
+
+    name = "ilqr"
+    second_order = False
