@@ -6,12 +6,18 @@ gains of every stage from the last to the first:
     Qx  = lx + fx' Vx'                 Qu  = lu + fu' Vx'
     Qxx = lxx + fx' Vxx' fx (+ Vx'.fxx) Qux = lux + fu' Vxx' fx (+ Vx'.fux)
     Quu = luu + fu' Vxx' fu (+ Vx'.fuu)
-    k = -(Quu + mu I)^-1 Qu            K = -(Quu + mu I)^-1 Qux       (box QP when bounded)
+    k = -Quu~^-1 Qu                    K = -Quu~^-1 Qux~                (box QP when bounded)
     Vx  = Qx + K' Quu k + K' Qu + Qux' k
     Vxx = Qxx + K' Quu K + K' Qux + Qux' K
 
-(the value update of Tassa, Erez & Todorov 2012, exact for the regularised gains). With bounds,
-k solves the box QP on lower - u <= k <= upper - u and the rows of K of clamped controls are zero.
+Regularisation is the state form of Tassa, Erez & Todorov 2012 (their eq. 10): mu is added to Vxx'
+where it enters the gains, Quu~ = Quu + mu fu' fu and Qux~ = Qux + mu fu' fx. It penalises the
+deviation of the next state rather than of the control, so a large mu keeps the new trajectory
+near the old one (a trust region in state space); measured on the reference set it is what makes
+full second-order DDP converge where the control form (Quu + mu I) stalls or hits the
+regularisation limit. The value update (same paper, eq. 11) uses the unregularised Q terms.
+With bounds, k solves the box QP on lower - u <= k <= upper - u and the rows of K of clamped
+controls are zero.
 """
 from __future__ import annotations
 
@@ -28,7 +34,7 @@ def riccati_sweep(d, mu: float, second_order: bool, us=None, lower=None, upper=N
 
     Args:
         d: DenseDerivatives with T stages.
-        mu: regularisation added to the diagonal of Quu.
+        mu: state regularisation (added to Vxx' where it enters the gains).
         second_order: contract the dynamics Hessians with Vx' (full DDP); needs d.fxx.
         us: (T, nu) current controls (needed with bounds).
         lower, upper: (T, nu) control bounds or None.
@@ -48,7 +54,6 @@ def riccati_sweep(d, mu: float, second_order: bool, us=None, lower=None, upper=N
     Vx, Vxx = d.lx[T].copy(), d.lxx[T].copy()
     Vx_all[T], Vxx_all[T] = Vx, Vxx
     d1 = d2 = 0.0
-    eye = np.eye(nu)
     use_hess = second_order and d.fxx is not None
     for t in range(T - 1, -1, -1):
         fx, fu = d.fx[t], d.fu[t]
@@ -63,20 +68,21 @@ def riccati_sweep(d, mu: float, second_order: bool, us=None, lower=None, upper=N
             Qux = Qux + np.tensordot(Vx, d.fux[t], axes=1)
             Quu = Quu + np.tensordot(Vx, d.fuu[t], axes=1)
         Quu = 0.5 * (Quu + Quu.T)
-        H = Quu + mu * eye
+        H = Quu + mu * (fu.T @ fu)
+        Qux_reg = Qux + mu * (fu.T @ fx)
         if lower is None:
             try:
                 L = np.linalg.cholesky(H)
             except np.linalg.LinAlgError as err:
                 raise NotPositiveDefinite(t) from err
-            sol = -np.linalg.solve(L.T, np.linalg.solve(L, np.column_stack([Qu, Qux])))
+            sol = -np.linalg.solve(L.T, np.linalg.solve(L, np.column_stack([Qu, Qux_reg])))
             kt, Kt = sol[:, 0], sol[:, 1:]
         else:
             kt, free, L = box_qp(H, Qu, lower[t] - us[t], upper[t] - us[t],
                                  None if k_warm is None else k_warm[t], stage=t)
             Kt = np.zeros((nu, nx))
             if L is not None:
-                Kt[free] = -np.linalg.solve(L.T, np.linalg.solve(L, Qux[free]))
+                Kt[free] = -np.linalg.solve(L.T, np.linalg.solve(L, Qux_reg[free]))
         k[t], K[t] = kt, Kt
         d1 += Qu @ kt
         d2 += kt @ Quu @ kt

@@ -59,11 +59,17 @@ class Solver:
     Options: type = None
 
     def __init__(self, options=None, *, callbacks=(), **kwargs):
-        self.options = build_options(self.Options, options, kwargs)
+        self.options = build_options(self.Options, self.default_options() if options is None else options,
+                                     kwargs)
         self.callbacks = tuple(callbacks)
         for cb in self.callbacks:
             if not callable(cb):
                 raise TypeError(f"callbacks: expected callables, got {type(cb).__name__}")
+
+    @classmethod
+    def default_options(cls):
+        """The options used when none are given."""
+        return cls.Options()
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.options})"
