@@ -47,10 +47,16 @@ class _RiccatiSolver(Solver):
             return self._stop(state, lm, Status.NON_FINITE, "non-finite derivatives in the backward pass", mu)
         full = -(d1 + 0.5 * d2)
         if full < self.options.tol:
-            new = replace(state, mu=mu, policy=policy, cache=lm, status=Status.CONVERGED,
+            # Converged. The remaining (tiny) full step is still taken when it does not raise the
+            # cost (beyond rounding): it removes the O(mu) bias the regularisation left in the last step.
+            trial = problem.rollout_policy(traj, policy, 1.0)
+            polish = math.isfinite(trial.cost) and trial.cost - traj.cost <= 1e-14 * abs(traj.cost)
+            new = replace(state, traj=trial if polish else traj, mu=mu, policy=policy,
+                          cache=None if polish else lm, status=Status.CONVERGED,
                           message=f"expected decrease {full:.2e} < tol {self.options.tol:g}")
-            return new, self._info(state, cost=traj.cost, expected_decrease=full, actual_decrease=0.0,
-                                   step=0.0, regularization=mu, stop=full, accepted=False)
+            return new, self._info(state, cost=new.traj.cost, expected_decrease=full,
+                                   actual_decrease=traj.cost - new.traj.cost, step=1.0 if polish else 0.0,
+                                   regularization=mu, stop=full, accepted=polish)
 
         # Line search on the expected decrease.
         ls = self.options.line_search
