@@ -9,7 +9,17 @@ __all__ = ["Status", "IterationInfo", "Result"]
 
 
 class Status(enum.Enum):
-    """How a solve ended."""
+    """How a solve ended.
+
+    CONVERGED: the stop rule held. MAX_ITER: the iteration limit was reached. REG_LIMIT: the
+    regularisation needed exceeded its maximum. LINE_SEARCH_FAILED: no step length decreased the
+    cost. NON_FINITE: NaN or inf appeared (derivatives or every trial). STOPPED_BY_CALLBACK: a callback
+    returned True. FAILED: an external solver (IPOPT) reported failure. RUNNING: not finished.
+
+    Example:
+        >>> Status.CONVERGED.name
+        'CONVERGED'
+    """
 
     CONVERGED = "converged"
     MAX_ITER = "max_iter"
@@ -27,6 +37,12 @@ class Status(enum.Enum):
 @dataclass(frozen=True)
 class IterationInfo:
     """One solver iteration.
+
+    Example:
+        >>> info = IterationInfo(0, cost=1.0, expected_decrease=0.5, actual_decrease=0.4, step=1.0,
+        ...                      regularization=1e-9, stop=0.5, wall_time=1e-3)
+        >>> info.accepted
+        True
 
     Attributes:
         iteration: index, starting at 0.
@@ -54,6 +70,14 @@ class IterationInfo:
 @dataclass(frozen=True)
 class Result:
     """Outcome of a solve.
+
+    Example:
+        >>> import occore
+        >>> res = occore.ILQR().solve(occore.problems.make("unicycle"))
+        >>> res.status, res.converged, res.xs.shape, res.us.shape
+        (<Status.CONVERGED: 'converged'>, True, (51, 3), (50, 2))
+        >>> res.history[0].iteration, res.policy.K.shape
+        (0, (50, 2, 3))
 
     Attributes:
         xs: states, (T+1, nx) for dense problems.

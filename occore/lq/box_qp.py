@@ -32,7 +32,7 @@ def box_qp(H, g, lower, upper, k0=None, max_iter: int = 100, tol: float = 1e-13,
         >>> import numpy as np
         >>> k, free, _ = box_qp(np.eye(2), np.array([-3.0, 1.0]), -np.ones(2), np.ones(2))
         >>> k.tolist(), free.tolist()
-        ([1.0, -1.0], [False, False])
+        ([1.0, -1.0], [False, True])
     """
     n = g.shape[0]
     k = np.zeros(n) if k0 is None else np.array(k0, dtype=float)
