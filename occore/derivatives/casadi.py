@@ -1,9 +1,11 @@
 """CasADi backend: stage functions and their derivatives built once as SX functions, evaluated for
 the whole horizon with ``Function.map`` (derivatives) and ``Function.mapaccum`` (rollouts).
 
-Every mapped function returns one stacked column per stage, so one ``DM.full()`` conversion and a
-few numpy reshapes give the (T, ...) arrays; matrices are flattened row-major (``vec(M.T)``) so a
-plain C-order reshape restores them.
+Every mapped function returns one stacked column per stage; matrices are flattened row-major
+(``vec(M.T)``) so a plain C-order reshape restores them. The functions are evaluated through
+CasADi's buffer interface (:class:`_Evaluator`): inputs and outputs live in preallocated numpy arrays,
+so a call costs no DM conversion. A casadi (rows, cols) dense matrix is column-major, i.e. the same
+memory as a C-order numpy (cols, rows) array: a (nx, T) casadi input is our time-major (T, nx).
 """
 from __future__ import annotations
 
@@ -13,6 +15,39 @@ from ..errors import DerivativeError, ShapeError
 from .base import Backend, DenseDerivatives
 
 __all__ = ["CasadiBackend"]
+
+
+class _Evaluator:
+    """Calls a casadi Function through preallocated numpy buffers (``Function.buffer``).
+
+    Inputs are given as numpy arrays of shape (cols, rows) of the casadi input (any array with as
+    many elements, in that order); outputs are returned as new (cols, rows) arrays. Not thread-safe.
+    """
+
+    def __init__(self, ca, fn):
+        names = fn.name_in()
+        X = [ca.MX.sym(n, *fn.size_in(i)) for i, n in enumerate(names)]
+        dense = ca.Function(fn.name() + "_dense", X, [ca.densify(o) for o in fn.call(X)])
+        self.args = [np.zeros(dense.size_in(i)[::-1]) for i in range(dense.n_in())]
+        self.res = [np.zeros(dense.size_out(i)[::-1]) for i in range(dense.n_out())]
+        self._fn = dense
+        self._buffer = None
+        if hasattr(dense, "buffer"):
+            self._buffer, self._eval = dense.buffer()
+            for i, a in enumerate(self.args):
+                self._buffer.set_arg(i, memoryview(a))
+            for i, r in enumerate(self.res):
+                self._buffer.set_res(i, memoryview(r))
+
+    def __call__(self, *inputs):
+        for a, v in zip(self.args, inputs):
+            a.reshape(-1)[...] = np.ravel(v)
+        if self._buffer is None:  # casadi without the buffer interface
+            outs = self._fn(*[a.T for a in self.args])
+            outs = outs if isinstance(outs, (list, tuple)) else [outs]
+            return [np.asarray(o.full()).T.copy() for o in outs]
+        self._eval()
+        return [r.copy() for r in self.res]
 
 
 def _row_major(ca, M):
@@ -58,8 +93,8 @@ class CasadiBackend(Backend):
         if npar:
             P[:, :npar] = problem.params
         self.P = P
-        self.P_stage = ca.DM(P[:T].T)
-        self.p_final = ca.DM(P[T])
+        self.P_stage = P[:T].copy()           # (T, np): the memory of a casadi (np, T) matrix
+        self.p_final = P[T].copy()
 
         # Values: one step, the open-loop rollout and the closed-loop rollout.
         step = ca.Function("step", [x, u, p], [f, l])
@@ -67,7 +102,8 @@ class CasadiBackend(Backend):
         x0s, U, Ps = ca.MX.sym("x0", nx), ca.MX.sym("U", nu, T), ca.MX.sym("P", self.np_eff, T)
         pT = ca.MX.sym("pT", self.np_eff)
         X, L = step.mapaccum("acc", T)(x0s, U, Ps)
-        self._rollout = ca.Function("rollout", [x0s, U, Ps, pT], [ca.horzcat(x0s, X), ca.sum2(L) + term(X[:, -1], pT)])
+        self._rollout = _Evaluator(ca, ca.Function("rollout", [x0s, U, Ps, pT],
+                                                   [ca.horzcat(x0s, X), ca.sum2(L) + term(X[:, -1], pT)]))
 
         z = ca.SX.sym("z", nx + nu + nu + nu * nx + 2 * nu)
         xref, uref, kk = z[:nx], z[nx:nx + nu], z[nx + nu:nx + 2 * nu]
@@ -80,8 +116,8 @@ class CasadiBackend(Backend):
         cl = ca.Function("closed_loop", [x, z, p, alpha], [fcl, ucl, lcl])
         Z, a = ca.MX.sym("Z", z.shape[0], T), ca.MX.sym("a")
         Xc, Uc, Lc = cl.mapaccum("acc_cl", T)(x0s, Z, Ps, a)
-        self._rollout_cl = ca.Function("rollout_cl", [x0s, Z, Ps, pT, a],
-                                       [ca.horzcat(x0s, Xc), Uc, ca.sum2(Lc) + term(Xc[:, -1], pT)])
+        self._rollout_cl = _Evaluator(ca, ca.Function("rollout_cl", [x0s, Z, Ps, pT, a],
+                                                      [ca.horzcat(x0s, Xc), Uc, ca.sum2(Lc) + term(Xc[:, -1], pT)]))
 
         # Derivatives, stacked per stage.
         fx, fu = ca.jacobian(f, x), ca.jacobian(f, u)
@@ -97,10 +133,10 @@ class CasadiBackend(Backend):
             second.append(_row_major(ca, ca.jacobian(ca.gradient(f[i], u), x)))
         for i in range(nx):
             second.append(_row_major(ca, ca.hessian(f[i], u)[0]))
-        self._d1 = ca.Function("d1", [x, u, p], [ca.vertcat(*first)]).map(T)
-        self._d2 = ca.Function("d2", [x, u, p], [ca.vertcat(*(first + second))]).map(T)
+        self._d1 = _Evaluator(ca, ca.Function("d1", [x, u, p], [ca.vertcat(*first)]).map(T))
+        self._d2 = _Evaluator(ca, ca.Function("d2", [x, u, p], [ca.vertcat(*(first + second))]).map(T))
         lfx = ca.gradient(lf, x)
-        self._dT = ca.Function("dT", [x, p], [ca.vertcat(lf, lfx, _row_major(ca, ca.hessian(lf, x)[0]))])
+        self._dT = _Evaluator(ca, ca.Function("dT", [x, p], [ca.vertcat(lf, lfx, _row_major(ca, ca.hessian(lf, x)[0]))]))
         self._sizes1 = [nx, 1, nx * nx, nx * nu, nx, nu, nx * nx, nu * nx, nu * nu]
         self._sizes2 = [nx * nx * nx, nx * nu * nx, nx * nu * nu]
         self._step = step
@@ -125,8 +161,8 @@ class CasadiBackend(Backend):
         return float(self._term(x, self.P[self.T]))
 
     def rollout(self, us):
-        X, J = self._rollout(self.problem.x0, us.T, self.P_stage, self.p_final)
-        return X.full().T, float(J)
+        X, J = self._rollout(self.problem.x0, us, self.P_stage, self.p_final)
+        return X, float(J[0, 0])
 
     def rollout_policy(self, xs_ref, us_ref, k, K, alpha, lower, upper):
         T, nu = self.T, self.nu
@@ -134,15 +170,15 @@ class CasadiBackend(Backend):
             lower = np.full((T, nu), -np.inf)
             upper = np.full((T, nu), np.inf)
         Z = np.concatenate([xs_ref[:T], us_ref, k, K.reshape(T, -1), lower, upper], axis=1)
-        X, U, J = self._rollout_cl(self.problem.x0, Z.T, self.P_stage, self.p_final, float(alpha))
-        return X.full().T, U.full().T, float(J)
+        X, U, J = self._rollout_cl(self.problem.x0, Z, self.P_stage, self.p_final, alpha)
+        return X, U, float(J[0, 0])
 
     # -- derivatives ----------------------------------------------------------------------------
     def derivatives(self, xs, us, second_order):
         T, nx, nu = self.T, self.nx, self.nu
         fn = self._d2 if second_order else self._d1
-        D = fn(xs[:T].T, us.T, self.P_stage).full().T          # (T, n_out)
-        dT = self._dT(xs[T], self.P[T]).full().ravel()
+        D = fn(xs[:T], us, self.P_stage)[0]                    # (T, n_out)
+        dT = self._dT(xs[T], self.P[T])[0].ravel()
         parts = np.split(D, np.cumsum(self._sizes1 + (self._sizes2 if second_order else []))[:-1], axis=1)
         lx = np.empty((T + 1, nx))
         lxx = np.empty((T + 1, nx, nx))
