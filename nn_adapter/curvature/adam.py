@@ -1,0 +1,65 @@
+"""Adam curvature, Q_uu = diag(sqrt(v_hat) + eps) / lr, as torch.optim.Adam (L2 weight decay)."""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .base import DiagonalCurvature, with_weight_decay
+
+__all__ = ["AdamCurvature"]
+
+
+class AdamCurvature(DiagonalCurvature):
+    """Adam's adaptive diagonal: P = lr / (sqrt(v / (1 - beta2^t)) + eps).
+
+    k is ``torch.optim.Adam``'s step ``-P m / (1 - beta1^t)``; the feedback is preconditioned by
+    the same P (the first-moment average is the step direction, not part of the curvature).
+    Hyperparameters (torch's names): ``betas``, ``eps``, ``weight_decay``, ``amsgrad``.
+
+    Example:
+        >>> import torch
+        >>> c = AdamCurvature()
+        >>> group = dict(c.defaults, lr=0.1); state = {}
+        >>> k = c.param_step(torch.zeros(1), torch.full((1,), 3.0), group, state)
+        >>> round(float(k), 6)   # Adam's first step is -lr sign(g)
+        -0.1
+    """
+
+    name = "adam"
+    defaults = dict(betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, amsgrad=False)
+
+    def validate(self, hp):
+        super().validate(hp)
+        b, e = hp["betas"], hp["eps"]
+        ok = (isinstance(b, (tuple, list)) and len(b) == 2
+              and all(isinstance(x, (int, float)) and 0.0 <= x < 1.0 for x in b))
+        self.check("betas", b, ok, "a pair of numbers in [0, 1)")
+        self.check("eps", e, isinstance(e, (int, float)) and e > 0.0, "eps > 0")
+        self.check("amsgrad", hp["amsgrad"], isinstance(hp["amsgrad"], bool), "a bool")
+
+    def _denom(self, group, state):
+        bc2 = 1 - group["betas"][1] ** state["step"]
+        sq = state["max_exp_avg_sq"] if group["amsgrad"] else state["exp_avg_sq"]
+        return (sq.sqrt() / math.sqrt(bc2)).add_(group["eps"])
+
+    def param_step(self, p, grad, group, state):
+        if "exp_avg" not in state:
+            state["step"] = 0
+            state["exp_avg"] = torch.zeros_like(p)
+            state["exp_avg_sq"] = torch.zeros_like(p)
+            if group["amsgrad"]:
+                state["max_exp_avg_sq"] = torch.zeros_like(p)
+        beta1, beta2 = group["betas"]
+        state["step"] += 1
+        grad = with_weight_decay(p, grad, group)
+        state["exp_avg"].lerp_(grad, 1 - beta1)
+        state["exp_avg_sq"].mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+        if group["amsgrad"]:
+            torch.maximum(state["max_exp_avg_sq"], state["exp_avg_sq"],
+                          out=state["max_exp_avg_sq"])
+        step_size = group["lr"] / (1 - beta1 ** state["step"])
+        return state["exp_avg"].div(self._denom(group, state)).mul_(-step_size)
+
+    def param_scale(self, p, group, state):
+        return self._denom(group, state).reciprocal_().mul_(group["lr"])

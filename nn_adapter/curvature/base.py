@@ -1,0 +1,232 @@
+"""The shared curvature E[Q_uu] of DDPNOpt and its baselines: blocks, matrix views, the base class.
+
+A curvature turns the batch gradient Q_u of a parameter block into the base optimizer's step
+``k = -P Q_u`` (momentum and bias corrections included) and exposes its inverse curvature ``P``
+(learning rate included) in a factored form that covers every curvature here::
+
+    P V = Q_G ((Q_G^T V Q_A) * D) Q_A^T        (V: a block gradient seen as an (out, in) matrix)
+
+with ``Q_G`` / ``Q_A`` orthogonal (``None`` meaning identity) and ``D`` an elementwise scaling of the
+block's matrix view. Diagonal curvatures (SGD, RMSprop, Adam) have no bases; EKFAC has both.
+
+A *block* is the unit a curvature works on: a ``Linear`` or ``Conv2d`` module (weight and bias
+together; the bias is the last column of the matrix view) or a single other parameter.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Callable, Optional
+
+import torch
+from torch import nn
+
+__all__ = ["Block", "Curvature", "find_blocks", "as_matrix", "from_matrix", "apply_factors"]
+
+BLOCK_KINDS = ("linear", "conv2d", "diagonal")
+
+
+@dataclass(frozen=True, eq=False)
+class Block:
+    """Parameters a curvature treats together.
+
+    Attributes:
+        kind: ``"linear"``, ``"conv2d"`` (weight and optional bias of one module) or
+            ``"diagonal"`` (one parameter of any shape).
+        params: ``(weight, bias)``, ``(weight,)`` or ``(param,)``; live parameters.
+        module: the owning module for ``linear``/``conv2d`` blocks, else ``None``.
+
+    Example:
+        >>> blocks = find_blocks(nn.Sequential(nn.Linear(3, 2), nn.LayerNorm(2)))
+        >>> [b.kind for b in blocks]
+        ['linear', 'diagonal', 'diagonal']
+    """
+
+    kind: str
+    params: tuple
+    module: Optional[nn.Module] = None
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.params[0]
+
+    @property
+    def has_bias(self) -> bool:
+        return len(self.params) == 2
+
+    @property
+    def structured(self) -> bool:
+        """True for blocks with a matrix view (``linear`` and ``conv2d``)."""
+        return self.kind != "diagonal"
+
+
+def _structured_kind(module: nn.Module) -> Optional[str]:
+    if type(module) is nn.Linear:
+        return "linear"
+    if type(module) is nn.Conv2d and module.groups == 1 and module.padding_mode == "zeros":
+        return "conv2d"
+    return None
+
+
+def find_blocks(model: nn.Module) -> list[Block]:
+    """Blocks of every trainable parameter of ``model``, in ``model.parameters()`` order.
+
+    ``nn.Linear`` and ``nn.Conv2d`` (one group, zero padding) give one structured block; every
+    other trainable parameter is a diagonal block of its own.
+    """
+    blocks: list[Block] = []
+    seen: set[int] = set()
+    for module in model.modules():
+        own = [p for p in module.parameters(recurse=False) if p.requires_grad]
+        kind = _structured_kind(module)
+        if kind is not None and own and module.weight.requires_grad:
+            params = [module.weight] + ([module.bias] if module.bias is not None
+                                        and module.bias.requires_grad else [])
+            if all(id(p) not in seen for p in params):
+                blocks.append(Block(kind, tuple(params), module))
+                seen.update(id(p) for p in params)
+        for p in own:
+            if id(p) not in seen:
+                blocks.append(Block("diagonal", (p,)))
+                seen.add(id(p))
+    return blocks
+
+
+def as_matrix(block: Block, tensors) -> torch.Tensor:
+    """Matrix view ``[W | b]`` of per-parameter tensors of a structured block.
+
+    Args:
+        block: a ``linear`` or ``conv2d`` block.
+        tensors: one tensor per block parameter, each of shape (*lead, *param.shape).
+
+    Returns:
+        (*lead, out, in[+1]); ``in`` is ``in_features`` or ``C_in * kh * kw``.
+    """
+    w = tensors[0]
+    nlead = w.dim() - block.weight.dim()
+    lead, out = w.shape[:nlead], block.weight.shape[0]
+    mat = w.reshape(*lead, out, -1)
+    if block.has_bias:
+        mat = torch.cat([mat, tensors[1].reshape(*lead, out, 1)], dim=-1)
+    return mat
+
+
+def from_matrix(block: Block, mat: torch.Tensor) -> list[torch.Tensor]:
+    """Inverse of :func:`as_matrix` (leading batch dimensions are kept)."""
+    lead = mat.shape[:-2]
+    wshape = block.weight.shape
+    n_in = math.prod(wshape[1:])
+    out = [mat[..., :n_in].reshape(*lead, *wshape)]
+    if block.has_bias:
+        out.append(mat[..., n_in].reshape(*lead, wshape[0]))
+    return out
+
+
+def apply_factors(factors, mat: torch.Tensor) -> torch.Tensor:
+    """``Q_G ((Q_G^T M Q_A) * D) Q_A^T`` for factors ``(Q_G, Q_A, D)``; M may have leading dims."""
+    q_g, q_a, d = factors
+    if q_g is not None:
+        mat = q_g.mT @ mat
+    if q_a is not None:
+        mat = mat @ q_a
+    mat = mat * d
+    if q_a is not None:
+        mat = mat @ q_a.mT
+    if q_g is not None:
+        mat = q_g @ mat
+    return mat
+
+
+def _check(name: str, value, ok: bool, expected: str) -> None:
+    if not ok:
+        raise ValueError(f"invalid {name}: {value!r} (expected {expected})")
+
+
+class Curvature:
+    """Base class: hyperparameters and the two operations every curvature offers.
+
+    Subclasses set ``name`` and ``defaults`` (hyperparameters named as torch names them) and
+    implement :meth:`step` (the base optimizer's step k for one block, updating its state) and
+    :meth:`factors` (the inverse curvature P of the last step in factored form).
+
+    Hyperparameters live in the optimizer's param group (so LR schedulers work); state tensors
+    live in the optimizer's per-parameter ``state`` dicts (so ``state_dict`` round-trips).
+
+    Example:
+        >>> from nn_adapter.curvature import make_curvature
+        >>> make_curvature("adam").defaults["betas"]
+        (0.9, 0.999)
+    """
+
+    name = "base"
+    defaults: dict[str, Any] = {}
+    needs_records = False  # True when step() needs the recorded module inputs / output grads
+
+    # -- hyperparameters -------------------------------------------------------------------
+    def validate(self, hp: dict) -> None:
+        """Raise ``ValueError`` naming the first invalid hyperparameter."""
+        _check("lr", hp.get("lr"), isinstance(hp.get("lr"), (float, int, torch.Tensor))
+               and float(hp["lr"]) >= 0.0, "a number >= 0")
+        wd = hp.get("weight_decay", 0.0)
+        _check("weight_decay", wd, isinstance(wd, (float, int)) and wd >= 0.0, "a number >= 0")
+
+    @staticmethod
+    def check(name: str, value, ok: bool, expected: str) -> None:
+        """Raise ``ValueError("invalid <name>: ...")`` unless ``ok``."""
+        _check(name, value, ok, expected)
+
+    # -- the two operations ----------------------------------------------------------------
+    def step(self, block: Block, grads: list, group: dict, states: list[dict],
+             record=None) -> list[torch.Tensor]:
+        """Update the block's state with its gradients and return the steps k (one per param).
+
+        Args:
+            block: the parameter block.
+            grads: batch gradients Q_u, one per block parameter (weight decay not yet added).
+            group: the param group (hyperparameters).
+            states: the optimizer state dict of each block parameter (updated in place).
+            record: recorded module inputs/output gradients (``needs_records`` curvatures).
+        """
+        raise NotImplementedError
+
+    def factors(self, block: Block, group: dict, states: list[dict]):
+        """Inverse curvature of the last step: ``(Q_G, Q_A, D)``, see the module docstring.
+
+        For structured blocks ``D`` has the shape of the matrix view; for diagonal blocks
+        ``Q_G = Q_A = None`` and ``D`` has the parameter's shape.
+        """
+        raise NotImplementedError
+
+
+class DiagonalCurvature(Curvature):
+    """A curvature that treats every parameter on its own with a diagonal P.
+
+    Subclasses implement :meth:`param_step` and :meth:`param_scale` for one parameter.
+    """
+
+    def param_step(self, p: torch.Tensor, grad: torch.Tensor, group: dict,
+                   state: dict) -> torch.Tensor:
+        raise NotImplementedError
+
+    def param_scale(self, p: torch.Tensor, group: dict, state: dict) -> torch.Tensor:
+        """The diagonal of P for one parameter (a tensor of p's shape, or a 0-dim tensor)."""
+        raise NotImplementedError
+
+    def step(self, block, grads, group, states, record=None):
+        return [self.param_step(p, g, group, s) for p, g, s in zip(block.params, grads, states)]
+
+    def factors(self, block, group, states):
+        scales = [self.param_scale(p, group, s).expand_as(p)
+                  for p, s in zip(block.params, states)]
+        if block.structured:
+            return None, None, as_matrix(block, scales)
+        return None, None, scales[0]
+
+
+def with_weight_decay(p: torch.Tensor, grad: torch.Tensor, group: dict) -> torch.Tensor:
+    """``grad + weight_decay * p`` (a new tensor when weight decay is on), as torch does."""
+    wd = group.get("weight_decay", 0.0)
+    return grad.add(p, alpha=wd) if wd != 0 else grad
+
+
+CurvatureFactory = Callable[[], Curvature]

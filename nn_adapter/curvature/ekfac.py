@@ -1,0 +1,129 @@
+"""EKFAC curvature (George, Laurent, Bouthillier, Ballas & Vincent, NeurIPS 2018).
+
+For a Linear or Conv2d block with input patches a and output gradients g (per sample, of the
+per-sample loss), K-FAC's factors are A = E[a a^T] and G = E[g g^T]. EKFAC keeps their eigenbases
+Q_A, Q_G and replaces K-FAC's eigenvalues by the second moment of the per-sample gradients in that
+basis, s = E_i[(Q_G^T grad_i Q_A)^2]. The step is
+
+    k = -lr Q_G [(Q_G^T Q_u Q_A) / (s + damping)] Q_A^T.
+
+A and G and s are running averages (decay ``stat_decay``); the factors are refreshed every
+``factor_update_freq`` steps, the eigenbases every ``eigen_update_freq`` steps (at which point s
+restarts from the current batch, since the old s belongs to the old basis). The loss is taken to
+be the batch mean of per-sample losses (torch's default reduction), so a per-sample gradient is B
+times the recorded one. Parameters of other modules get a diagonal curvature: P = lr / (v + damping)
+with v the running average of the squared batch gradient.
+"""
+from __future__ import annotations
+
+import torch
+
+from .base import Curvature, apply_factors, as_matrix, from_matrix, with_weight_decay
+from .kron import chunks, patches, per_sample_grads, positions
+
+__all__ = ["EKFACCurvature"]
+
+
+class EKFACCurvature(Curvature):
+    """Eigenvalue-corrected Kronecker-factored curvature; needs recorded inputs/output grads.
+
+    Hyperparameters: ``damping``, ``stat_decay``, ``factor_update_freq``, ``eigen_update_freq``,
+    ``weight_decay``.
+
+    Example:
+        >>> EKFACCurvature().defaults["damping"]
+        0.001
+    """
+
+    name = "ekfac"
+    defaults = dict(damping=1e-3, stat_decay=0.95, factor_update_freq=1, eigen_update_freq=100,
+                    weight_decay=0.0)
+    needs_records = True
+
+    def validate(self, hp):
+        super().validate(hp)
+        d, s = hp["damping"], hp["stat_decay"]
+        self.check("damping", d, isinstance(d, (int, float)) and d > 0.0, "damping > 0")
+        self.check("stat_decay", s, isinstance(s, (int, float)) and 0.0 <= s < 1.0,
+                   "0 <= stat_decay < 1")
+        for name in ("factor_update_freq", "eigen_update_freq"):
+            v = hp[name]
+            self.check(name, v, isinstance(v, int) and not isinstance(v, bool) and v >= 1,
+                       "an int >= 1")
+
+    # -- statistics of one batch ---------------------------------------------------------------
+    @staticmethod
+    def batch_factors(block, x, g):
+        """K-FAC factors of one batch: A = mean_(i,l) a a^T, G = mean_(i,l) g g^T (per-sample g)."""
+        n = x.shape[0]
+        a_sum, count = None, 0
+        for sl in chunks(block, x):
+            a = patches(block, x[sl]).flatten(0, 1)
+            part = a.mT @ a
+            a_sum = part if a_sum is None else a_sum + part
+            count += a.shape[0]
+        gg = positions(block, g).flatten(0, 1) * n
+        return a_sum / count, (gg.mT @ gg) / gg.shape[0]
+
+    @staticmethod
+    def batch_scale(block, x, g, q_g, q_a):
+        """s of one batch: mean over samples of the squared per-sample gradient in the eigenbasis."""
+        n = x.shape[0]
+        if block.kind == "linear" and x.dim() == 2:   # rank-one per-sample gradients
+            a = patches(block, x)[:, 0] @ q_a
+            gg = (g * n) @ q_g
+            return (gg.square().mT @ a.square()) / n
+        total = None
+        for _, grads in per_sample_grads(block, x, g * n, q_g, q_a):
+            part = grads.square().sum(0)
+            total = part if total is None else total + part
+        return total / n
+
+    # -- the step --------------------------------------------------------------------------------
+    def step(self, block, grads, group, states, record=None):
+        grads = [with_weight_decay(p, gr, group) for p, gr in zip(block.params, grads)]
+        if not block.structured:
+            return [self._diagonal_step(block.params[0], grads[0], group, states[0])]
+        st = states[0]
+        x, g = record.inputs[block.module], record.out_grads[block.module]
+        st["step"] = st.get("step", 0) + 1
+        decay = group["stat_decay"]
+        first = st["step"] == 1
+        if (st["step"] - 1) % group["factor_update_freq"] == 0:
+            a_b, g_b = self.batch_factors(block, x, g)
+            if first:
+                st["A"], st["G"] = a_b, g_b
+            else:
+                st["A"].mul_(decay).add_(a_b, alpha=1 - decay)
+                st["G"].mul_(decay).add_(g_b, alpha=1 - decay)
+        refresh = (st["step"] - 1) % group["eigen_update_freq"] == 0
+        if refresh:
+            st["QA"] = torch.linalg.eigh(st["A"]).eigenvectors
+            st["QG"] = torch.linalg.eigh(st["G"]).eigenvectors
+        s_b = self.batch_scale(block, x, g, st["QG"], st["QA"])
+        if refresh:
+            st["scale"] = s_b
+        else:
+            st["scale"].mul_(decay).add_(s_b, alpha=1 - decay)
+        step = apply_factors(self.factors(block, group, states), as_matrix(block, grads))
+        return [-s for s in from_matrix(block, step)]
+
+    def _diagonal_step(self, p, grad, group, st):
+        st["step"] = st.get("step", 0) + 1
+        sq = grad.square()
+        if st["step"] == 1:
+            st["scale"] = sq
+        else:
+            st["scale"].mul_(group["stat_decay"]).add_(sq, alpha=1 - group["stat_decay"])
+        return grad * self._diag_scale(group, st).neg_()
+
+    @staticmethod
+    def _diag_scale(group, st):
+        return (st["scale"] + group["damping"]).reciprocal_().mul_(group["lr"])
+
+    def factors(self, block, group, states):
+        st = states[0]
+        d = self._diag_scale(group, st)
+        if not block.structured:
+            return None, None, d
+        return st["QG"], st["QA"], d

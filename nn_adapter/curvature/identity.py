@@ -1,0 +1,52 @@
+"""Identity curvature, Q_uu = I / lr: plain SGD, with optional (Nesterov) momentum as torch.optim.SGD."""
+from __future__ import annotations
+
+import torch
+
+from .base import DiagonalCurvature, with_weight_decay
+
+__all__ = ["IdentityCurvature"]
+
+
+class IdentityCurvature(DiagonalCurvature):
+    """SGD's curvature: P = lr I; k is exactly ``torch.optim.SGD``'s step.
+
+    Hyperparameters (torch's names): ``momentum``, ``dampening``, ``nesterov``, ``weight_decay``.
+
+    Example:
+        >>> import torch
+        >>> c = IdentityCurvature()
+        >>> p = torch.zeros(2); state = {}
+        >>> group = dict(c.defaults, lr=0.1)
+        >>> c.param_step(p, torch.ones(2), group, state)
+        tensor([-0.1000, -0.1000])
+    """
+
+    name = "identity"
+    defaults = dict(momentum=0.0, dampening=0.0, nesterov=False, weight_decay=0.0)
+
+    def validate(self, hp):
+        super().validate(hp)
+        m, d = hp["momentum"], hp["dampening"]
+        self.check("momentum", m, isinstance(m, (int, float)) and 0.0 <= m < 1.0, "0 <= momentum < 1")
+        self.check("dampening", d, isinstance(d, (int, float)) and 0.0 <= d <= 1.0,
+                   "0 <= dampening <= 1")
+        self.check("nesterov", hp["nesterov"], isinstance(hp["nesterov"], bool), "a bool")
+        if hp["nesterov"]:
+            self.check("nesterov", True, m > 0 and d == 0,
+                       "momentum > 0 and dampening == 0 with nesterov=True")
+
+    def param_step(self, p, grad, group, state):
+        d_p = with_weight_decay(p, grad, group)
+        momentum = group["momentum"]
+        if momentum != 0:
+            buf = state.get("momentum_buffer")
+            if buf is None:
+                buf = state["momentum_buffer"] = torch.clone(d_p).detach()
+            else:
+                buf.mul_(momentum).add_(d_p, alpha=1 - group["dampening"])
+            d_p = d_p.add(buf, alpha=momentum) if group["nesterov"] else buf
+        return d_p * (-group["lr"])
+
+    def param_scale(self, p, group, state):
+        return torch.as_tensor(group["lr"], dtype=p.dtype, device=p.device)

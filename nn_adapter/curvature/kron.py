@@ -1,0 +1,72 @@
+"""Per-sample views of Linear and Conv2d blocks: input patches, output gradients, gradients.
+
+For a structured block the gradient of one sample's loss is ``sum_l g_l a_l^T`` over positions l
+(one position for a Linear layer on (B, in) inputs, H'W' for a convolution), with ``a_l`` the input
+patch (a trailing 1 when the block has a bias) and ``g_l`` the output gradient. These helpers
+produce the pieces in sample chunks so that no (B, L, C k k) unfold of a whole batch is held.
+"""
+from __future__ import annotations
+
+from typing import Iterator
+
+import torch
+import torch.nn.functional as F
+
+from .base import Block
+
+__all__ = ["patches", "positions", "chunks", "per_sample_grads"]
+
+_CHUNK_ELEMS = 1 << 22  # elements of one chunk's unfolded patches
+
+
+def patches(block: Block, x: torch.Tensor) -> torch.Tensor:
+    """Input patches ``a`` of a block, (B, L, in[+1]) (ones appended when the block has a bias)."""
+    m = block.module
+    if block.kind == "linear":
+        a = x.reshape(x.shape[0], -1, x.shape[-1])
+    else:
+        a = F.unfold(x, m.kernel_size, m.dilation, m.padding, m.stride).transpose(1, 2)
+    if block.has_bias:
+        a = torch.cat([a, a.new_ones(a.shape[:-1] + (1,))], dim=-1)
+    return a
+
+
+def positions(block: Block, g: torch.Tensor) -> torch.Tensor:
+    """Output gradients as (B, L, out)."""
+    if block.kind == "linear":
+        return g.reshape(g.shape[0], -1, g.shape[-1])
+    return g.flatten(2).transpose(1, 2)
+
+
+def chunks(block: Block, x: torch.Tensor) -> Iterator[slice]:
+    """Sample slices small enough to unfold at once."""
+    n = x.shape[0]
+    per_sample = max(1, x[:1].numel())
+    if block.kind == "conv2d":
+        per_sample *= block.module.kernel_size[0] * block.module.kernel_size[1]
+    size = max(1, min(n, _CHUNK_ELEMS // per_sample))
+    for start in range(0, n, size):
+        yield slice(start, min(n, start + size))
+
+
+def per_sample_grads(block: Block, x: torch.Tensor, g: torch.Tensor, q_g=None, q_a=None
+                     ) -> Iterator[tuple[slice, torch.Tensor]]:
+    """Per-sample gradient matrices ``sum_l g_l a_l^T`` in the bases (Q_G, Q_A), chunk by chunk.
+
+    Args:
+        block: a structured block.
+        x: recorded inputs of the module, (B, ...).
+        g: output gradients of the module, (B, ...) (already scaled as the caller wants).
+        q_g, q_a: optional orthogonal bases (out, out) and (in[+1], in[+1]).
+
+    Yields:
+        ``(slice, G)`` with G of shape (b, out, in[+1]) for the samples in ``slice``.
+    """
+    for sl in chunks(block, x):
+        a = patches(block, x[sl])
+        gg = positions(block, g[sl])
+        if q_a is not None:
+            a = a @ q_a
+        if q_g is not None:
+            gg = gg @ q_g
+        yield sl, gg.transpose(1, 2) @ a

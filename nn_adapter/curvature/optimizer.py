@@ -1,0 +1,140 @@
+"""A ``torch.optim.Optimizer`` that takes each block's step from a curvature (the k of DDPNOpt).
+
+Shared by :class:`nn_adapter.EKFAC` and :class:`nn_adapter.DDPNOpt`: it validates the
+hyperparameters, runs the user's closure with the curvature's hooks, refuses non-finite steps and
+applies ``u <- u + k``. DDPNOpt extends :meth:`_update` with the feedback pass.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import warnings
+from typing import Callable, Optional
+
+import torch
+from torch import nn
+
+from occore.errors import InputError
+
+from . import make_curvature
+from .base import Block, find_blocks
+from .records import Recorder
+
+__all__ = ["CurvatureOptimizer"]
+
+log = logging.getLogger("nn_adapter")
+
+
+class CurvatureOptimizer(torch.optim.Optimizer):
+    """Base optimizer: ``u <- u + k`` with k the curvature's step, over all trainable parameters.
+
+    Args:
+        model: the network (its trainable parameters are optimised).
+        curvature: a name of ``nn_adapter.curvature.CURVATURES``.
+        lr: learning rate (in the param group, so LR schedulers work).
+        **hyperparameters: the curvature's hyperparameters, as torch names them.
+
+    Raises:
+        TypeError: ``model`` is not an ``nn.Module``.
+        ValueError: an unknown or invalid hyperparameter (named in the message), or a model
+            without trainable parameters.
+
+    Example:
+        >>> net = nn.Linear(2, 1)
+        >>> opt = CurvatureOptimizer(net, "identity", lr=0.1)
+        >>> def closure():
+        ...     opt.zero_grad(); loss = net(torch.ones(3, 2)).pow(2).mean(); loss.backward()
+        ...     return loss
+        >>> float(opt.step(closure).detach()) >= 0.0
+        True
+    """
+
+    def __init__(self, model: nn.Module, curvature: str, lr: float, **hyperparameters):
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
+        curv = make_curvature(curvature)
+        unknown = sorted(set(hyperparameters) - set(curv.defaults))
+        if unknown:
+            raise ValueError(f"invalid hyperparameter(s) {unknown} for curvature {curvature!r} "
+                             f"(known: {sorted(curv.defaults)})")
+        defaults = dict(curv.defaults, lr=lr, **hyperparameters)
+        curv.validate(defaults)
+        blocks = find_blocks(model)
+        if not blocks:
+            raise ValueError("model: has no trainable parameters")
+        super().__init__([p for b in blocks for p in b.params], defaults)
+        self.curvature = curv
+        self._model = model
+        self._blocks: list[Block] = blocks
+
+    # -- recording -------------------------------------------------------------------------------
+    def _recorder(self) -> Recorder:
+        mods = self._recorded_modules()
+        return Recorder(mods, mods)
+
+    def _recorded_modules(self) -> list[nn.Module]:
+        return [b.module for b in self._blocks if b.structured] if self.curvature.needs_records \
+            else []
+
+    # -- the step ----------------------------------------------------------------------------------
+    def step(self, closure: Optional[Callable[[], torch.Tensor]] = None):
+        """One step. ``closure`` clears the gradients, computes the loss, calls ``backward`` and
+        returns the loss (as for ``torch.optim.LBFGS``); the step is refused (parameters and state
+        unchanged, a ``RuntimeWarning``) when the loss or a gradient is not finite.
+
+        Returns:
+            the loss the closure returned.
+        """
+        if closure is None or not callable(closure):
+            raise InputError(f"closure: {type(self).__name__}.step needs a closure that runs "
+                             "zero_grad, the forward pass, the loss and loss.backward() and "
+                             "returns the loss")
+        with self._recorder() as rec, torch.enable_grad():
+            loss = closure()
+        if not self._finite(loss):
+            return loss
+        rec.check_complete(self._recorded_modules())
+        with torch.no_grad():
+            self._update(rec)
+        return loss
+
+    def _finite(self, loss) -> bool:
+        if loss is None:
+            raise InputError("closure: returned None; it must return the loss")
+        value = float(loss.detach()) if isinstance(loss, torch.Tensor) else float(loss)
+        bad = "loss" if not math.isfinite(value) else None
+        if bad is None:
+            for p in self._params_with_grad():
+                if not torch.isfinite(p.grad).all():
+                    bad = "a gradient"
+                    break
+        if bad is not None:
+            msg = (f"{type(self).__name__}: {bad} is not finite (loss {value}); step refused, "
+                   "parameters and optimizer state unchanged")
+            log.warning(msg)
+            warnings.warn(msg, RuntimeWarning, stacklevel=3)
+            return False
+        return True
+
+    def _params_with_grad(self):
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is not None:
+                    yield p
+
+    def _block_steps(self, rec: Recorder) -> dict[Block, list]:
+        """k for every block that has gradients (updates the curvature state)."""
+        group = self.param_groups[0]
+        steps = {}
+        for block in self._blocks:
+            if block.weight.grad is None:
+                continue
+            grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in block.params]
+            states = [self.state[p] for p in block.params]
+            steps[block] = self.curvature.step(block, grads, group, states, rec)
+        return steps
+
+    def _update(self, rec: Recorder) -> None:
+        for block, ks in self._block_steps(rec).items():
+            for p, k in zip(block.params, ks):
+                p.add_(k)

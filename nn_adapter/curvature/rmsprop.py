@@ -1,0 +1,67 @@
+"""RMSprop curvature, Q_uu = diag(sqrt(E[Q_u^2]) + eps) / lr, as torch.optim.RMSprop."""
+from __future__ import annotations
+
+import torch
+
+from .base import DiagonalCurvature, with_weight_decay
+
+__all__ = ["RMSpropCurvature"]
+
+
+class RMSpropCurvature(DiagonalCurvature):
+    """RMSprop's adaptive diagonal: P = lr / (sqrt(v) + eps); k is ``torch.optim.RMSprop``'s step.
+
+    Hyperparameters (torch's names): ``alpha``, ``eps``, ``weight_decay``, ``momentum``,
+    ``centered`` (then v is the running variance).
+
+    Example:
+        >>> import torch
+        >>> c = RMSpropCurvature()
+        >>> group = dict(c.defaults, lr=0.01); state = {}
+        >>> k = c.param_step(torch.zeros(1), torch.ones(1), group, state)
+        >>> round(float(k), 4)
+        -0.1
+    """
+
+    name = "rmsprop"
+    defaults = dict(alpha=0.99, eps=1e-8, weight_decay=0.0, momentum=0.0, centered=False)
+
+    def validate(self, hp):
+        super().validate(hp)
+        a, e, m = hp["alpha"], hp["eps"], hp["momentum"]
+        self.check("alpha", a, isinstance(a, (int, float)) and 0.0 <= a < 1.0, "0 <= alpha < 1")
+        self.check("eps", e, isinstance(e, (int, float)) and e > 0.0, "eps > 0")
+        self.check("momentum", m, isinstance(m, (int, float)) and 0.0 <= m < 1.0,
+                   "0 <= momentum < 1")
+        self.check("centered", hp["centered"], isinstance(hp["centered"], bool), "a bool")
+
+    def _avg(self, group, state):
+        sq = state["square_avg"]
+        if group["centered"]:
+            ga = state["grad_avg"]
+            return sq.addcmul(ga, ga, value=-1).sqrt_().add_(group["eps"])
+        return sq.sqrt().add_(group["eps"])
+
+    def param_step(self, p, grad, group, state):
+        if "square_avg" not in state:
+            state["step"] = 0
+            state["square_avg"] = torch.zeros_like(p)
+            if group["centered"]:
+                state["grad_avg"] = torch.zeros_like(p)
+            if group["momentum"] > 0:
+                state["momentum_buffer"] = torch.zeros_like(p)
+        state["step"] += 1
+        grad = with_weight_decay(p, grad, group)
+        alpha = group["alpha"]
+        state["square_avg"].mul_(alpha).addcmul_(grad, grad, value=1 - alpha)
+        if group["centered"]:
+            state["grad_avg"].lerp_(grad, 1 - alpha)
+        avg = self._avg(group, state)
+        if group["momentum"] > 0:
+            buf = state["momentum_buffer"]
+            buf.mul_(group["momentum"]).addcdiv_(grad, avg)
+            return buf * (-group["lr"])
+        return grad.div(avg).mul_(-group["lr"])
+
+    def param_scale(self, p, group, state):
+        return self._avg(group, state).reciprocal_().mul_(group["lr"])

@@ -1,0 +1,195 @@
+"""DDPNOpt (Liu, Chen & Theodorou, ICLR 2021): DDP once per minibatch, as a torch optimizer.
+
+Layer t of the network is stage t, its input activation is the state x_t and its parameters are
+the control u_t. One ``step(closure)``:
+
+1. runs the closure (forward, loss, backward) with hooks that record each stage's input x_t and
+   the gradient at its parametrised module's output (per sample: the value gradients);
+2. takes the base optimizer's step k_t = -P_t Q_u for every stage from the curvature
+   (``identity`` = SGD(-momentum), ``rmsprop``, ``adam``, ``ekfac``), P_t = E[Q_uu]^-1 with the
+   learning rate included; with ``feedback=False`` that is all, and DDPNOpt *is* that optimizer;
+3. with feedback, sweeps back the per-sample factors of the rank-one value Hessians (see
+   :mod:`nn_adapter.feedback`) and runs Algorithm 3's additional forward pass: for t = 0..T-1,
+   dx_t = xhat_t - x_t, u_t <- u_t + k_t + (1/B) sum_i K_t^(i) dx_t^(i), xhat_{t+1} = f_t(xhat_t, u_t),
+   with K_t^(i) dx^(i) = -P_t q_u^(i) (q_x^(i) . dx^(i)).
+
+The closure's loss must be the batch mean of per-sample losses (torch's default reduction).
+"""
+from __future__ import annotations
+
+import logging
+from typing import Union
+
+import torch
+from torch import nn
+
+from occore.errors import InputError
+
+from .curvature.optimizer import CurvatureOptimizer
+from .curvature.records import Recorder
+from .feedback import (StageView, feedback_grads, precondition, quad_form, second_order_grads,
+                       tikhonov_grads)
+
+__all__ = ["DDPNOpt"]
+
+log = logging.getLogger("nn_adapter")
+
+FEEDBACK_MODES = (True, False, "factorised", "dense")
+
+
+class DDPNOpt(CurvatureOptimizer):
+    """Differential Dynamic Programming Neural Optimizer with layer-wise feedback policies.
+
+    Args:
+        model: the network; with feedback, a chain of stages ``nn_adapter.stages.split_stages``
+            can split (each parametrised module followed by its parameter-free modules).
+        lr: learning rate (part of P; in the param group, so LR schedulers work).
+        curvature: ``"identity"`` (SGD, with ``momentum``/``dampening``/``nesterov``),
+            ``"rmsprop"`` (``alpha``, ``eps``, ``momentum``, ``centered``), ``"adam"`` (``betas``,
+            ``eps``, ``amsgrad``) or ``"ekfac"`` (``damping``, ``stat_decay``,
+            ``factor_update_freq``, ``eigen_update_freq``); all take ``weight_decay``.
+        feedback: ``True`` / ``"factorised"`` (Proposition 3, the default), ``False`` (the base
+            optimizer exactly) or ``"dense"`` (exact per-sample gains; small networks only).
+        eps_vxx: Tikhonov term added to the value Hessians V_xx (>= 0).
+        second_order: also expand the dynamics to second order (adds V_x . f_ux dx).
+        **hyperparameters: the curvature's hyperparameters, named as torch names them.
+
+    Raises:
+        ValueError: an invalid or unknown hyperparameter, named in the message.
+        occore.InputError: a model whose stages cannot be found (with feedback on).
+
+    Example:
+        >>> import torch
+        >>> torch.manual_seed(0) and None
+        >>> net = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 3))
+        >>> opt = DDPNOpt(net, lr=0.01, curvature="adam")
+        >>> x, y = torch.randn(16, 4), torch.randint(0, 3, (16,))
+        >>> def closure():
+        ...     opt.zero_grad()
+        ...     loss = nn.functional.cross_entropy(net(x), y)
+        ...     loss.backward()
+        ...     return loss
+        >>> first = opt.step(closure).item()
+        >>> for _ in range(20):
+        ...     loss = opt.step(closure).item()
+        >>> loss < first
+        True
+    """
+
+    def __init__(self, model: nn.Module, lr: float = 1e-3, curvature: str = "adam",
+                 feedback: Union[bool, str] = True, eps_vxx: float = 0.0,
+                 second_order: bool = False, **hyperparameters):
+        if not any(feedback is m or (isinstance(m, str) and feedback == m)
+                   for m in FEEDBACK_MODES):
+            raise ValueError(f"invalid feedback: {feedback!r} (expected True, False, "
+                             "'factorised' or 'dense')")
+        if not isinstance(eps_vxx, (int, float)) or isinstance(eps_vxx, bool) or not eps_vxx >= 0:
+            raise ValueError(f"invalid eps_vxx: {eps_vxx!r} (expected a number >= 0)")
+        if not isinstance(second_order, bool):
+            raise ValueError(f"invalid second_order: {second_order!r} (expected a bool)")
+        super().__init__(model, curvature, lr, **hyperparameters)
+        self.feedback = "factorised" if feedback is True else feedback
+        self.eps_vxx = float(eps_vxx)
+        self.second_order = second_order
+        self._views: list[StageView] = []
+        self._last_modules: list[nn.Module] = []
+        if self.feedback:
+            self._views, self._last_modules = self._find_stages(model)
+        if self.feedback == "dense":
+            from .dense_feedback import DenseFeedback   # noqa: F401  (raises until it exists)
+
+    # -- stages ----------------------------------------------------------------------------------
+    def _find_stages(self, model):
+        try:
+            from .stages import split_stages
+            _, stages = split_stages(model)
+        except InputError:
+            raise
+        except Exception as err:  # the stage finder's own errors, re-raised with our context
+            raise InputError(f"model: DDPNOpt could not find the stages of "
+                             f"{type(model).__name__}: {err}") from err
+        views, last, covered = [], [], set()
+        for stage in stages:
+            module = stage.modules[0]
+            own = {id(p) for p in module.parameters()}
+            blocks = [b for b in self._blocks if all(id(p) in own for p in b.params)]
+            views.append(StageView(module, list(stage.modules[1:]), blocks))
+            last.append(stage.modules[-1])
+            covered.update(id(p) for b in blocks for p in b.params)
+        missing = [p for b in self._blocks for p in b.params if id(p) not in covered]
+        if missing:
+            raise InputError(f"model: {len(missing)} trainable parameter(s) belong to no stage")
+        return views, last
+
+    def _recorded_modules(self):
+        mods = super()._recorded_modules()
+        return list({id(m): m for m in mods + [v.module for v in self._views]}.values())
+
+    def _recorder(self) -> Recorder:
+        mods = self._recorded_modules()
+        grads = mods + (self._last_modules if self.second_order else [])
+        return Recorder(mods, list({id(m): m for m in grads}.values()))
+
+    # -- the update ------------------------------------------------------------------------------
+    def _update(self, rec: Recorder) -> None:
+        steps = self._block_steps(rec)
+        if not self.feedback:
+            for block, ks in steps.items():
+                for p, k in zip(block.params, ks):
+                    p.add_(k)
+            return
+        group = self.param_groups[0]
+        views = self._views
+        factors = [[self.curvature.factors(b, group, [self.state[p] for p in b.params])
+                    if b in steps else None for b in v.blocks] for v in views]
+        x = [rec.inputs[v.module] for v in views]
+        n = x[0].shape[0]
+        g = [rec.out_grads[v.module] * n for v in views]   # per-sample value gradients at h
+        scales = self._value_scales(views, factors, x, g)
+        xhat = x[0]
+        for t, view in enumerate(views):
+            active = all(b in steps for b in view.blocks)
+            delta = None
+            if t > 0 and active:
+                dx = xhat - x[t]
+                delta = self._stage_feedback(t, view, x[t], dx, g[t] * _bcast(scales[t + 1], g[t]),
+                                             rec)
+                delta = precondition(view, factors[t], delta)
+            i = 0
+            for block in view.blocks:
+                for j, p in enumerate(block.params):
+                    if block in steps:
+                        p.add_(steps[block][j])
+                    if delta is not None:
+                        p.sub_(delta[i])
+                    i += 1
+            if t < len(views) - 1:
+                xhat = view.stage_fn([p.detach() for p in view.params], xhat)
+
+    def _value_scales(self, views, factors, x, g) -> list:
+        """S_t = s_t s_{t+1} ... s_{T-1} per sample (S_T = 1), s^2 = max(0, 1 - q_u^T P q_u)."""
+        T = len(views)
+        scales = [None] * (T + 1)
+        scales[T] = x[0].new_ones(x[0].shape[0])
+        for t in range(T - 1, 0, -1):
+            if any(f is None for f in factors[t]):
+                scales[t] = scales[t + 1]
+                continue
+            rho = quad_form(views[t], factors[t], x[t], g[t] * _bcast(scales[t + 1], g[t]))
+            scales[t] = scales[t + 1] * (1.0 - rho).clamp_(min=0.0).sqrt_()
+        scales[0] = scales[1] if T > 1 else scales[T]
+        return scales
+
+    def _stage_feedback(self, t, view, x, dx, gs, rec) -> list:
+        """(1/B) sum_i Q_ux^(i) dx^(i) of stage t (not yet preconditioned)."""
+        total = feedback_grads(view, x, dx, gs)
+        if self.eps_vxx > 0 and t < len(self._views) - 1:
+            total = [a + b for a, b in zip(total, tikhonov_grads(view, x, dx, self.eps_vxx))]
+        if self.second_order:
+            v_next = rec.out_grads[self._last_modules[t]] * x.shape[0]
+            total = [a + b for a, b in zip(total, second_order_grads(view, x, dx, v_next))]
+        return total
+
+
+def _bcast(s: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    return s.reshape((s.shape[0],) + (1,) * (like.dim() - 1))

@@ -1,0 +1,217 @@
+"""Factorised layer-wise feedback of DDPNOpt (Liu, Chen & Theodorou, ICLR 2021, Proposition 3).
+
+With a rank-one terminal value Hessian V_xx^T = z_T z_T^T (z_T = V_x at the output, the Gauss-Newton
+outer product), every value Hessian stays rank one along the backward pass::
+
+    q_x = f_x^T z',  q_u = f_u^T z',  Q_ux = q_u q_x^T,  V_xx = s^2 q_x q_x^T,
+    s^2 = max(0, 1 - q_u^T P q_u),   z = s q_x
+
+(P = E[Q_uu]^-1, learning rate included). Because z' enters linearly, z_t = S_t (B dL/dx_t) with
+S_t = s_t s_{t+1} ... s_{T-1} a per-sample scalar and dL/dx_t the gradient the closure's backward
+already computed (the loss is a batch mean, so the per-sample value gradient is B times it). The
+feedback of one stage is then
+
+    (1/B) sum_i Q_ux^(i) dx^(i) = (1/B) f_u^T [c * g],  c_i = g_i . (h_x dx_i),  g = S B dL/dh
+
+with h the stage's parametrised module (its output gradient dL/dh is recorded by a hook): one
+Jacobian-vector product h_x dx (for Linear and Conv2d the layer itself without its bias) and one
+vector-Jacobian product with per-sample weighted cotangents (a weight gradient). Options add
+``eps_vxx f_u^T f_x dx`` (Tikhonov term on V_xx) and ``V_x . f_ux dx`` (second-order dynamics,
+one double-backward through the whole stage).
+
+Everything here works on one stage and returns *unpreconditioned* sums shaped like the
+parameters; DDPNOpt applies P.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.func import functional_call, jvp, vjp, vmap
+
+from .curvature.base import Block, apply_factors, as_matrix, from_matrix
+from .curvature.kron import patches, per_sample_grads
+
+__all__ = ["StageView", "quad_form", "precondition", "feedback_grads", "tikhonov_grads",
+           "second_order_grads"]
+
+
+@dataclass(eq=False)
+class StageView:
+    """What the feedback needs of one stage: its parametrised module, followers and blocks.
+
+    Attributes:
+        module: the parametrised module h (first module of the stage).
+        followers: the parameter-free modules after it (the stage is followers(h(x, u))).
+        blocks: the curvature blocks of ``module``'s parameters (one structured block for Linear
+            and Conv2d, else one diagonal block per parameter).
+        names: ``module``'s parameter names, in block order.
+
+    Example:
+        >>> from nn_adapter.curvature import find_blocks
+        >>> lin = nn.Linear(3, 2)
+        >>> view = StageView(lin, [nn.Tanh()], find_blocks(lin))
+        >>> view.names, view.structured
+        (['weight', 'bias'], True)
+    """
+
+    module: nn.Module
+    followers: list
+    blocks: list
+    names: list = field(default_factory=list)
+
+    def __post_init__(self):
+        if not self.names:
+            ids = {id(p): n for n, p in self.module.named_parameters()}
+            self.names = [ids[id(p)] for b in self.blocks for p in b.params]
+
+    @property
+    def structured(self) -> bool:
+        return len(self.blocks) == 1 and self.blocks[0].structured
+
+    @property
+    def params(self) -> list:
+        return [p for b in self.blocks for p in b.params]
+
+    def module_fn(self, params: list, x: torch.Tensor) -> torch.Tensor:
+        """h(x; params) with the given parameter tensors (in block order)."""
+        return functional_call(self.module, dict(zip(self.names, params)), (x,))
+
+    def stage_fn(self, params: list, x: torch.Tensor) -> torch.Tensor:
+        """f(x; params) = followers(h(x; params))."""
+        y = self.module_fn(params, x)
+        for m in self.followers:
+            y = m(y)
+        return y
+
+
+# -- pieces of a structured (Linear / Conv2d) module ------------------------------------------------
+def _linear_part(block: Block, weight: torch.Tensor, dx: torch.Tensor) -> torch.Tensor:
+    """h_x dx: the layer applied to dx without its bias."""
+    m = block.module
+    if block.kind == "linear":
+        return F.linear(dx, weight)
+    return F.conv2d(dx, weight, None, m.stride, m.padding, m.dilation, m.groups)
+
+
+def _weight_grads(block: Block, x: torch.Tensor, cot: torch.Tensor) -> list[torch.Tensor]:
+    """f_u^T cot summed over the batch: the layer's weight (and bias) gradient for cotangent cot."""
+    m = block.module
+    if block.kind == "linear":
+        c2, x2 = cot.reshape(-1, cot.shape[-1]), x.reshape(-1, x.shape[-1])
+        out = [c2.mT @ x2]
+        bias_dims = 0
+    else:
+        out = [torch.nn.grad.conv2d_weight(x, block.weight.shape, cot, m.stride, m.padding,
+                                           m.dilation, m.groups)]
+        c2 = cot.transpose(0, 1).flatten(1)
+        bias_dims = 1
+    if block.has_bias:
+        out.append(c2.sum(bias_dims))
+    return out
+
+
+# -- the per-sample quadratic form q_u^T P q_u -----------------------------------------------------
+def quad_form(view: StageView, factors: list, x: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+    """rho_i = q_u^(i)T P q_u^(i) for q_u^(i) = h_u^T g_i, per sample.
+
+    Args:
+        view: the stage.
+        factors: the curvature's ``(Q_G, Q_A, D)`` of each block of the stage.
+        x: the module's inputs, (B, ...).
+        g: per-sample output cotangents of the module, (B, ...).
+
+    Returns:
+        (B,) tensor.
+    """
+    if view.structured:
+        block, (q_g, q_a, d) = view.blocks[0], factors[0]
+        if block.kind == "linear" and x.dim() == 2:   # rank-one per-sample gradients
+            a = patches(block, x)[:, 0]
+            a = a @ q_a if q_a is not None else a
+            gg = g @ q_g if q_g is not None else g
+            return ((gg.square() @ d) * a.square()).sum(1)
+        rho = x.new_empty(x.shape[0])
+        for sl, grads in per_sample_grads(block, x, g, q_g, q_a):
+            rho[sl] = (grads.square() * d).sum((1, 2))
+        return rho
+    params = [p.detach() for p in view.params]
+
+    def one(xi, gi):
+        _, pull = vjp(lambda ps: view.module_fn(ps, xi[None]), params)
+        return pull(gi[None])[0]
+
+    grads = vmap(one)(x, g)   # per-sample gradients of every parameter, (B, *p.shape) each
+    rho = x.new_zeros(x.shape[0])
+    for (_, _, d), gr in zip(factors, grads):
+        rho += (gr.square() * d).flatten(1).sum(1)
+    return rho
+
+
+def precondition(view: StageView, factors: list, grads: list) -> list[torch.Tensor]:
+    """P applied to a stage's parameter-shaped tensors (one per parameter, block order)."""
+    out, i = [], 0
+    for block, fac in zip(view.blocks, factors):
+        n = len(block.params)
+        part = grads[i:i + n]
+        if block.structured:
+            out += from_matrix(block, apply_factors(fac, as_matrix(block, part)))
+        else:
+            out.append(part[0] * fac[2])
+        i += n
+    return out
+
+
+# -- the feedback sums ---------------------------------------------------------------------------
+def feedback_grads(view: StageView, x: torch.Tensor, dx: torch.Tensor, g: torch.Tensor
+                   ) -> list[torch.Tensor]:
+    """(1/B) sum_i q_u^(i) (q_x^(i) . dx^(i)), the factorised Q_ux dx averaged over the batch.
+
+    Args:
+        view: the stage (its parameters are the nominal u_t).
+        x: nominal module inputs x_t, (B, ...).
+        dx: state deviations xhat_t - x_t, (B, ...).
+        g: per-sample cotangents at the module output, h-space image of z_{t+1}, (B, ...).
+
+    Returns:
+        one tensor per stage parameter (block order), shaped like it.
+    """
+    n = x.shape[0]
+    if view.structured:
+        block = view.blocks[0]
+        dh = _linear_part(block, block.weight, dx)
+        c = (g * dh).flatten(1).sum(1)
+        cot = g * (c / n).reshape((n,) + (1,) * (g.dim() - 1))
+        return _weight_grads(block, x, cot)
+    params = [p.detach() for p in view.params]
+    _, dh = jvp(lambda xx: view.module_fn(params, xx), (x,), (dx,))
+    c = (g * dh).flatten(1).sum(1)
+    cot = g * (c / n).reshape((n,) + (1,) * (g.dim() - 1))
+    _, pull = vjp(lambda ps: view.module_fn(ps, x), params)
+    return list(pull(cot)[0])
+
+
+def tikhonov_grads(view: StageView, x: torch.Tensor, dx: torch.Tensor, eps: float
+                   ) -> list[torch.Tensor]:
+    """(eps/B) sum_i f_u^(i)T f_x^(i) dx^(i): the Q_ux dx term of V_xx' + eps I."""
+    params = [p.detach() for p in view.params]
+    _, fdx = jvp(lambda xx: view.stage_fn(params, xx), (x,), (dx,))
+    _, pull = vjp(lambda ps: view.stage_fn(ps, x), params)
+    return [t * (eps / x.shape[0]) for t in pull(fdx)[0]]
+
+
+def second_order_grads(view: StageView, x: torch.Tensor, dx: torch.Tensor, v_next: torch.Tensor
+                       ) -> list[torch.Tensor]:
+    """(1/B) sum_i V_x'^(i) . f_ux^(i) dx^(i) (a double-backward through the stage).
+
+    Args:
+        v_next: per-sample value gradients at the stage output x_{t+1}, (B, ...).
+    """
+    params = [p.detach().requires_grad_(True) for p in view.params]
+    with torch.enable_grad():
+        _, fdx = jvp(lambda xx: view.stage_fn(params, xx), (x,), (dx,))
+        total = (v_next * fdx).sum() / x.shape[0]
+        grads = torch.autograd.grad(total, params, allow_unused=True)
+    return [torch.zeros_like(p) if gr is None else gr.detach() for p, gr in zip(params, grads)]
