@@ -1,5 +1,3 @@
-"""nn_adapter: neural networks as occore control problems, and the DDPNOpt optimizer."""
-# issue 5 (DDPNOpt, EKFAC, MMCLoss)
-from .ddpnopt import DDPNOpt
-from .ekfac import EKFAC
-from .losses import MMCLoss
+"""nn_adapter: a torch network as a control problem for occore's solvers, and the DDPNOpt optimizer."""
+from .errors import MemoryLimitError, UnsupportedModuleError
+from .stages import Stage, Stages, split_stages

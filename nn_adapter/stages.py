@@ -1,0 +1,244 @@
+"""Split a network into layer-indexed stages x_{t+1} = f_t(x_t, u_t) (DDPNOpt, Liu et al. 2021, Eq. 6).
+
+Stage t is one module with parameters (the *head* g_t, whose parameters are the control u_t) followed
+by the parameter-free modules after it (activations, pooling, flatten, dropout in eval mode...), so
+f_t = sigma_t o g_t. Leading parameter-free modules (a ``Flatten`` before the first ``Linear``, say)
+form the *pre* block: x_0 = pre(inputs) is fixed, not a control.
+
+What can be a head: ``Linear``, ``Conv1d``, ``Conv2d``, ``BatchNorm`` (eval mode, its running
+statistics), and any user module with parameters (a residual block, a nested ``nn.Sequential``), as
+long as it maps one tensor to one tensor. What can follow: any module without parameters (modules
+whose parameters are all frozen count as parameter-free). Refused, with
+:class:`~nn_adapter.errors.UnsupportedModuleError`:
+
+- dropout (any ``_DropoutNd``) in training mode: it is random, so a rollout would not be a
+  function of the controls; call ``model.eval()`` first (in eval mode dropout is the identity);
+- batch/instance norm tracking running statistics, in training mode: its forward would use batch
+  statistics and write to the running buffers; call ``model.eval()``;
+- modules that do not map one tensor to one tensor (recurrent layers, attention, transformers) and
+  containers that are not callable (``ModuleList``, ``ModuleDict``);
+- a head with some parameters frozen and others not, and parameters shared between stages.
+
+The mode is checked when the stages are split: a model switched back to training mode afterwards
+is the caller's responsibility.
+
+Evaluation goes through :func:`torch.func.functional_call` on the head with the given parameter
+dict, then calls the followers in order: the user's modules are never mutated or wrapped (forward
+hooks the user registered on them do run).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import NamedTuple, Sequence
+
+import torch
+from torch import Tensor, nn
+from torch.func import functional_call
+
+from .errors import UnsupportedModuleError
+
+__all__ = ["Stage", "Stages", "split_stages"]
+
+SUPPORTED = ("stage heads: Linear, Conv1d, Conv2d, BatchNorm (eval mode) or any module with "
+             "parameters mapping one tensor to one tensor; followers: parameter-free modules "
+             "(activations, pooling, Flatten, Dropout in eval mode); the model: nn.Sequential or a "
+             "list of stages, each a module or a tuple (head, *followers)")
+
+# Types that do not map one tensor to one tensor, or are not callable.
+_REFUSED = (nn.RNNBase, nn.MultiheadAttention, nn.Transformer, nn.TransformerEncoder,
+            nn.TransformerDecoder, nn.TransformerEncoderLayer, nn.TransformerDecoderLayer,
+            nn.ModuleList, nn.ModuleDict, nn.ParameterList, nn.ParameterDict)
+
+
+@dataclass(frozen=True, eq=False)
+class Stage:
+    """One stage f_t(x, u) = followers(head(x; u)) of a network.
+
+    Attributes:
+        index: t, the position among the stages.
+        modules: (head, *followers): the module with parameters, then the parameter-free modules
+            that follow it.
+        names: their names in the model (e.g. ``("0", "1")``).
+        param_names: parameter names local to the head (e.g. ``("weight", "bias")``), in
+            ``named_parameters`` order.
+
+    Example:
+        >>> net = nn.Sequential(nn.Linear(3, 2), nn.Tanh())
+        >>> stage = split_stages(net).stages[0]
+        >>> stage.names, stage.param_names, stage.numel
+        (('0', '1'), ('weight', 'bias'), 8)
+        >>> x = torch.randn(5, 3)
+        >>> torch.equal(stage.forward(stage.params(), x), net(x))
+        True
+    """
+
+    index: int
+    modules: tuple
+    names: tuple[str, ...]
+    param_names: tuple[str, ...]
+
+    @property
+    def head(self) -> nn.Module:
+        """The module with parameters (``modules[0]``)."""
+        return self.modules[0]
+
+    @property
+    def followers(self) -> tuple:
+        """The parameter-free modules after the head."""
+        return self.modules[1:]
+
+    @property
+    def numel(self) -> int:
+        """Number of scalar parameters (the control size of the stage)."""
+        return sum(p.numel() for p in self.params().values())
+
+    def params(self) -> dict[str, Tensor]:
+        """The live parameters of the head, by local name (no copy)."""
+        named = dict(self.modules[0].named_parameters())
+        return {name: named[name] for name in self.param_names}
+
+    def forward(self, params: dict[str, Tensor], x: Tensor) -> Tensor:
+        """f_t(x, u): the head with parameters ``params`` applied to ``x``, then the followers.
+
+        Args:
+            params: one tensor per name of ``param_names``, shaped like the head's parameters.
+            x: the stage input (batch first), e.g. (B, n_t).
+
+        Returns:
+            The stage output, e.g. (B, n_{t+1}).
+        """
+        y = functional_call(self.modules[0], params, (x,))
+        for module in self.modules[1:]:
+            y = module(y)
+        return y
+
+
+class Stages(NamedTuple):
+    """The result of :func:`split_stages` (unpacks as ``pre, stages``).
+
+    Attributes:
+        pre: leading parameter-free modules, applied to the inputs to give x_0.
+        stages: the stages, t = 0..T-1.
+    """
+
+    pre: list
+    stages: list
+
+    def apply_pre(self, x: Tensor) -> Tensor:
+        """x_0 = pre(inputs)."""
+        for module in self.pre:
+            x = module(x)
+        return x
+
+
+def _describe(name: str, module: nn.Module) -> str:
+    return f"module {name!r} ({type(module).__name__})"
+
+
+def _trainable(module: nn.Module, name: str) -> bool:
+    """True if ``module`` has parameters that are controls; refuses a partly frozen module."""
+    flags = [p.requires_grad for p in module.parameters()]
+    if any(flags) and not all(flags):
+        frozen = [n for n, p in module.named_parameters() if not p.requires_grad]
+        raise UnsupportedModuleError(
+            f"{_describe(name, module)} has frozen parameters {frozen} next to trainable ones; "
+            f"freeze all or none of a stage's parameters. Supported: {SUPPORTED}")
+    return any(flags)
+
+
+def _check(module: nn.Module, name: str) -> None:
+    """Refuse types and training-mode behaviours the adapter cannot handle (recursively)."""
+    for sub_name, sub in module.named_modules(prefix=name):
+        where = _describe(sub_name, sub)
+        if isinstance(sub, _REFUSED):
+            raise UnsupportedModuleError(
+                f"{where} does not map one tensor to one tensor. Supported: {SUPPORTED}")
+        if sub.training and isinstance(sub, nn.modules.dropout._DropoutNd):
+            raise UnsupportedModuleError(
+                f"{where} is in training mode, where it is random; call model.eval() (dropout "
+                f"counts as the identity in eval mode). Supported: {SUPPORTED}")
+        if (sub.training and isinstance(sub, (nn.modules.batchnorm._NormBase))
+                and sub.track_running_stats):
+            raise UnsupportedModuleError(
+                f"{where} is in training mode, where it uses batch statistics and updates its "
+                f"running buffers; call model.eval(). Supported: {SUPPORTED}")
+
+
+def _items(model) -> list[tuple[str, object]]:
+    if isinstance(model, nn.Sequential):
+        return list(model.named_children())
+    if isinstance(model, (list, tuple)) and not isinstance(model, nn.Module):
+        return [(str(i), item) for i, item in enumerate(model)]
+    raise UnsupportedModuleError(
+        f"model: cannot split a {type(model).__name__} into stages; pass an nn.Sequential or a "
+        f"list of stages. Supported: {SUPPORTED}")
+
+
+def split_stages(model: nn.Sequential | Sequence) -> Stages:
+    """Split ``model`` into a pre block and stages (see the module docstring for the rules).
+
+    Args:
+        model: an ``nn.Sequential`` (children grouped as described above), or a list whose items
+            are modules (grouped the same way) or tuples ``(head, *followers)`` (one explicit
+            stage each; the head must have trainable parameters, the followers none).
+
+    Returns:
+        ``Stages(pre, stages)``.
+
+    Raises:
+        UnsupportedModuleError: a module cannot be handled (its name and class are given), a
+            parameter is shared between stages, or the model has no trainable parameter.
+
+    Example:
+        >>> net = nn.Sequential(nn.Flatten(), nn.Linear(4, 3), nn.ReLU(), nn.Linear(3, 2))
+        >>> pre, stages = split_stages(net)
+        >>> [type(m).__name__ for m in pre], [s.names for s in stages]
+        (['Flatten'], [('1', '2'), ('3',)])
+    """
+    pre: list = []
+    groups: list[tuple[list, list]] = []   # (modules, names) per stage
+    for name, item in _items(model):
+        if isinstance(item, tuple):
+            if not item or not all(isinstance(m, nn.Module) for m in item):
+                raise UnsupportedModuleError(
+                    f"stage {name!r}: an explicit stage must be a non-empty tuple of modules. "
+                    f"Supported: {SUPPORTED}")
+            names = [f"{name}.{j}" for j in range(len(item))]
+            for m, n in zip(item, names):
+                _check(m, n)
+            if not _trainable(item[0], names[0]):
+                raise UnsupportedModuleError(
+                    f"{_describe(names[0], item[0])}: the head of an explicit stage needs "
+                    f"trainable parameters. Supported: {SUPPORTED}")
+            for m, n in zip(item[1:], names[1:]):
+                if _trainable(m, n):
+                    raise UnsupportedModuleError(
+                        f"{_describe(n, m)} follows the head of stage {name!r} but has "
+                        f"parameters; make it a stage of its own. Supported: {SUPPORTED}")
+            groups.append((list(item), names))
+            continue
+        if not isinstance(item, nn.Module):
+            raise UnsupportedModuleError(
+                f"item {name!r} is a {type(item).__name__}, not a module. Supported: {SUPPORTED}")
+        _check(item, name)
+        if _trainable(item, name):
+            groups.append(([item], [name]))
+        elif groups:
+            groups[-1][0].append(item)
+            groups[-1][1].append(name)
+        else:
+            pre.append(item)
+    if not groups:
+        raise UnsupportedModuleError(
+            f"model: no module with trainable parameters, so no stage. Supported: {SUPPORTED}")
+    stages, seen = [], {}
+    for t, (modules, names) in enumerate(groups):
+        param_names = tuple(n for n, _ in modules[0].named_parameters())
+        for pname, p in modules[0].named_parameters():
+            if id(p) in seen and seen[id(p)] != t:
+                raise UnsupportedModuleError(
+                    f"{_describe(names[0], modules[0])}: parameter {pname!r} is shared with stage "
+                    f"{seen[id(p)]}; controls must belong to one stage. Supported: {SUPPORTED}")
+            seen[id(p)] = t
+        stages.append(Stage(t, tuple(modules), tuple(names), param_names))
+    return Stages(pre, stages)
