@@ -1,0 +1,235 @@
+"""The compiled (C) sweeps against the numpy references: same results to 1e-12, same errors."""
+import logging
+import shutil
+
+import numpy as np
+import pytest
+
+import occore
+from occore.derivatives.base import DenseDerivatives
+from occore.errors import NotPositiveDefinite
+from occore.lq import adjoint, compiled, csweep, riccati
+
+needs_c = pytest.mark.skipif(not csweep.available(), reason=f"compiled sweep unavailable: {csweep.load_error()}")
+
+RTOL = 1e-12
+
+
+def _spd(rng, n, scale=1.0, shift=0.5):
+    A = rng.standard_normal((n, n))
+    return scale * (A @ A.T / n + shift * np.eye(n))
+
+
+def random_model(rng, T, nx, nu, second_order=False, hess_scale=0.02):
+    """A random, well-posed local model (cost Hessians positive definite)."""
+    fx = 0.9 * np.eye(nx) + 0.2 / np.sqrt(nx) * rng.standard_normal((T, nx, nx))
+    fu = rng.standard_normal((T, nx, nu))
+    lxx = np.stack([_spd(rng, nx) for _ in range(T + 1)])
+    luu = np.stack([_spd(rng, nu, 0.5) for _ in range(T)])
+    lux = 0.1 * rng.standard_normal((T, nu, nx))
+    kw = {}
+    if second_order:
+        fxx = hess_scale * rng.standard_normal((T, nx, nx, nx))
+        fuu = hess_scale * rng.standard_normal((T, nx, nu, nu))
+        kw = dict(fxx=fxx + fxx.transpose(0, 1, 3, 2), fux=hess_scale * rng.standard_normal((T, nx, nu, nx)),
+                  fuu=fuu + fuu.transpose(0, 1, 3, 2))
+    return DenseDerivatives(f=rng.standard_normal((T, nx)), l=rng.random(T), lf=1.0, fx=fx, fu=fu,
+                            lx=rng.standard_normal((T + 1, nx)), lu=rng.standard_normal((T, nu)),
+                            lxx=lxx, lux=lux, luu=luu, **kw)
+
+
+def _run(fn, *args, **kw):
+    try:
+        return fn(*args, **kw)
+    except NotPositiveDefinite as err:
+        return err
+
+
+def assert_same(d, mu, second_order, us=None, lower=None, upper=None, k_warm=None):
+    """Runs both sweeps; they must agree to 1e-12 (relative to each output's scale) or both raise
+    NotPositiveDefinite at the same stage. Returns the reference's result."""
+    ref = _run(riccati.riccati_sweep, d, mu, second_order, us, lower, upper, k_warm)
+    out = _run(csweep.riccati_sweep, d, mu, second_order, us, lower, upper, k_warm)
+    if isinstance(ref, NotPositiveDefinite):
+        assert isinstance(out, NotPositiveDefinite), "the C sweep did not raise"
+        assert out.stage == ref.stage
+        return ref
+    assert not isinstance(out, Exception), f"the C sweep raised {out!r}"
+    names = ("k", "K", "d1", "d2", "Vx", "Vxx")
+    for name, a, b in zip(names, ref, out):
+        a, b = np.asarray(a), np.asarray(b)
+        assert a.shape == b.shape, name
+        scale = max(1.0, float(np.max(np.abs(a[np.isfinite(a)]), initial=0.0)))
+        np.testing.assert_allclose(b, a, rtol=RTOL, atol=RTOL * scale, equal_nan=True, err_msg=name)
+    assert type(out[2]) is float and type(out[3]) is float
+    return ref
+
+
+SIZES = [(1, 1), (2, 1), (3, 2), (4, 1), (4, 2), (6, 3), (5, 5)]
+
+
+@needs_c
+@pytest.mark.parametrize("nx, nu", SIZES)
+@pytest.mark.parametrize("second_order", [False, True])
+@pytest.mark.parametrize("mu", [0.0, 1e-3, 10.0])
+def test_random_unbounded(nx, nu, second_order, mu):
+    rng = np.random.default_rng(100 * nx + nu)
+    d = random_model(rng, 40, nx, nu, second_order)
+    ref = assert_same(d, mu, second_order)
+    assert not isinstance(ref, NotPositiveDefinite)
+    # second_order=True without Hessians in the model is the first-order sweep, as in the reference
+    if not second_order:
+        assert_same(d, mu, True)
+
+
+@needs_c
+@pytest.mark.parametrize("nx, nu", SIZES)
+@pytest.mark.parametrize("second_order", [False, True])
+@pytest.mark.parametrize("width", [0.05, 0.5, np.inf])
+def test_random_bounded(nx, nu, second_order, width):
+    """Bounds from tight (most controls clamped) to one-sided and infinite; with and without a warm
+    start of the box QPs."""
+    T = 40
+    rng = np.random.default_rng(7 * nx + nu)
+    d = random_model(rng, T, nx, nu, second_order)
+    us = 0.1 * rng.standard_normal((T, nu))
+    lower = us - width * rng.random((T, nu))
+    upper = us + width * rng.random((T, nu))
+    if nu > 1:  # one side open for some controls
+        lower[:, 0] = -np.inf
+    ref = assert_same(d, 1e-6, second_order, us, lower, upper)
+    assert_same(d, 1e-6, second_order, us, lower, upper, k_warm=rng.standard_normal((T, nu)))
+    assert not isinstance(ref, NotPositiveDefinite)
+    if width == 0.05:  # the test exercises the clamped branch: some rows of K are zero
+        k, K = ref[0], ref[1]
+        at_bound = np.isclose(us + k, lower) | np.isclose(us + k, upper)
+        assert at_bound.any()
+        assert np.all(K[at_bound] == 0.0)
+
+
+@needs_c
+def test_bounds_clamp_every_control():
+    rng = np.random.default_rng(3)
+    T, nx, nu = 20, 3, 2
+    d = random_model(rng, T, nx, nu)
+    us = np.zeros((T, nu))
+    lower, upper = np.full((T, nu), -1e-9), np.full((T, nu), 1e-9)
+    d = DenseDerivatives(**{**d.__dict__, "lu": 100.0 * np.sign(d.lu)})  # pushes every control out
+    k, K, *_ = assert_same(d, 0.0, False, us, lower, upper)
+    at_bound = np.abs(k) == 1e-9   # (the projected-Newton arc search may stop at k = 0 on a stage)
+    assert at_bound.mean() > 0.8 and np.all(K[at_bound] == 0.0)
+
+
+@needs_c
+@pytest.mark.parametrize("bounded", [False, True])
+@pytest.mark.parametrize("second_order", [False, True])
+def test_not_positive_definite_same_stage(bounded, second_order):
+    rng = np.random.default_rng(11)
+    T, nx, nu = 30, 3, 2
+    d = random_model(rng, T, nx, nu, second_order)
+    luu = d.luu.copy()
+    luu[8] = luu[19] = -50.0 * np.eye(nu)   # the backward sweep meets stage 19 first
+    d = DenseDerivatives(**{**d.__dict__, "luu": luu})
+    us = np.zeros((T, nu))
+    lower, upper = (-np.ones((T, nu)), np.ones((T, nu))) if bounded else (None, None)
+    with pytest.raises(NotPositiveDefinite) as ref:
+        riccati.riccati_sweep(d, 1e-6, second_order, us, lower, upper)
+    with pytest.raises(NotPositiveDefinite) as out:
+        csweep.riccati_sweep(d, 1e-6, second_order, us, lower, upper)
+    assert ref.value.stage == out.value.stage == 19
+    # enough regularisation (through fu' fu) cures it in both
+    assert_same(d, 1e4, second_order, us, lower, upper)
+
+
+@needs_c
+def test_nan_propagates_like_the_reference():
+    rng = np.random.default_rng(5)
+    d = random_model(rng, 10, 3, 1)
+    lx = d.lx.copy()
+    lx[6, 1] = np.nan
+    assert_same(DenseDerivatives(**{**d.__dict__, "lx": lx}), 1e-6, False)
+
+
+@needs_c
+def test_inputs_are_not_modified_and_outputs_are_fresh():
+    rng = np.random.default_rng(9)
+    T, nx, nu = 15, 4, 2
+    d = random_model(rng, T, nx, nu, True)
+    us, lower, upper = np.zeros((T, nu)), -np.ones((T, nu)), np.ones((T, nu))
+    before = {k: np.copy(v) for k, v in d.__dict__.items() if isinstance(v, np.ndarray)}
+    a = csweep.riccati_sweep(d, 1e-3, True, us, lower, upper)
+    b = csweep.riccati_sweep(d, 1e-3, True, us, lower, upper)
+    for k, v in before.items():
+        np.testing.assert_array_equal(getattr(d, k), v, err_msg=k)
+    assert a[0] is not b[0] and a[5] is not b[5]
+    np.testing.assert_array_equal(a[1], b[1])
+
+
+@needs_c
+@pytest.mark.parametrize("name", occore.problems.NAMES)
+@pytest.mark.parametrize("second_order", [False, True])
+def test_zoo_local_models(name, second_order):
+    """Every reference problem's local model: at the zero guess and after a few iterations."""
+    prob = occore.problems.make(name)
+    traj0 = prob.rollout(prob.initial_controls())
+    res = occore.ILQR(max_iter=4).solve(prob)
+    for xs, us in ((traj0.xs, traj0.us), (res.xs, res.us)):
+        d = prob.evaluate_derivatives(xs, us, second_order)
+        for mu in (0.0, 1e-9, 1e-3, 1.0):
+            assert_same(d, mu, second_order, us, prob.u_lower, prob.u_upper)
+    lam, grad = adjoint.adjoint_sweep(d)
+    lam_c, grad_c = csweep.adjoint_sweep(d)
+    np.testing.assert_allclose(lam_c, lam, rtol=RTOL, atol=RTOL * max(1.0, np.abs(lam).max()))
+    np.testing.assert_allclose(grad_c, grad, rtol=RTOL, atol=RTOL * max(1.0, np.abs(grad).max()))
+
+
+@needs_c
+@pytest.mark.parametrize("nx, nu", SIZES)
+def test_random_adjoint(nx, nu):
+    d = random_model(np.random.default_rng(nx + 10 * nu), 25, nx, nu)
+    for a, b in zip(adjoint.adjoint_sweep(d), csweep.adjoint_sweep(d)):
+        np.testing.assert_allclose(b, a, rtol=RTOL, atol=RTOL * max(1.0, np.abs(a).max()))
+
+
+@needs_c
+def test_solvers_use_the_compiled_sweep():
+    assert compiled.best_sweep() is csweep.riccati_sweep
+    assert compiled.best_adjoint() is csweep.adjoint_sweep
+    prob = occore.problems.make("pendulum")
+    lm = prob.local_model(prob.rollout(prob.initial_controls()))
+    assert lm._sweep is csweep.riccati_sweep
+
+
+@needs_c
+@pytest.mark.parametrize("solver", [occore.ILQR, occore.DDP])
+def test_same_iterates_as_numpy_sweep(solver, monkeypatch):
+    """A whole solve with the C sweep follows the numpy one (pendulum_box: bounds and box QPs)."""
+    prob = occore.problems.make("pendulum_box")
+    res_c = solver(max_iter=15).solve(prob)
+    monkeypatch.setattr(compiled, "best_sweep", lambda: riccati.riccati_sweep)
+    res_np = solver(max_iter=15).solve(prob)
+    assert res_c.iterations == res_np.iterations
+    np.testing.assert_allclose(res_c.us, res_np.us, rtol=1e-9, atol=1e-9)
+    assert [h.step for h in res_c.history] == [h.step for h in res_np.history]
+
+
+def test_fallback_to_numpy_with_one_warning(monkeypatch, caplog):
+    monkeypatch.setattr(csweep, "available", lambda: False)
+    monkeypatch.setattr(csweep, "load_error", lambda: "not built (test)")
+    monkeypatch.setattr(compiled, "_warned", False)
+    with caplog.at_level(logging.WARNING, logger="occore"):
+        assert compiled.best_sweep() is riccati.riccati_sweep
+        assert compiled.best_sweep() is riccati.riccati_sweep
+        assert compiled.best_adjoint() is adjoint.adjoint_sweep
+    warnings = [r for r in caplog.records if "compiled backward sweep unavailable" in r.getMessage()]
+    assert len(warnings) == 1 and "not built (test)" in warnings[0].getMessage()
+    res = occore.ILQR().solve(occore.problems.make("lqr"))
+    assert res.converged
+
+
+def test_library_built_where_a_compiler_exists():
+    """Installing occore builds the C sweep (setup.py); it may only be missing without a compiler."""
+    if not (shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")):
+        pytest.skip("no C compiler on this machine")
+    assert csweep.available(), csweep.load_error()
+    assert csweep.library_path() is not None
