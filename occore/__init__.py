@@ -25,3 +25,8 @@ __all__ = [
     "ControlProblem", "LocalModel", "DDPOptions", "LineSearch", "Regularization", "Logger", "Verbose",
     "OccoreError", "ShapeError", "InputError", "DerivativeError", "problems",
 ]
+
+from . import reference  # noqa: E402  (E-MSA, the IPOPT reference and the comparison: issue 6)
+from .solvers.emsa import EMSA, EMSAOptions, InnerSolver  # noqa: E402
+
+__all__ += ["EMSA", "EMSAOptions", "InnerSolver", "reference"]

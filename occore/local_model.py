@@ -58,4 +58,9 @@ class DenseLocalModel:
         return self._adjoint_sweep()[1]
 
     def gradient_norm(self) -> float:
-        return float(np.linalg.norm(self.control_gradient()))
+        """Norm of dJ/du; with bounds, of its projection (components pushing a control at its
+        bound outwards are dropped), which vanishes at a constrained optimum."""
+        g = self.control_gradient()
+        if self.lower is not None:
+            g = np.where(((self.us <= self.lower) & (g > 0)) | ((self.us >= self.upper) & (g < 0)), 0.0, g)
+        return float(np.linalg.norm(g))

@@ -185,3 +185,24 @@ class Problem:
         from .lq import compiled
 
         return compiled.best_sweep()
+
+    # -- E-MSA extension of the protocol (occore.EMSA; kernels in occore/lq/hamiltonian.py) -------
+    #: inner maximisation methods this problem supports; the first is the default ("auto").
+    inner_methods = ("newton", "gradient")
+
+    def hamiltonian_grad(self, traj: Trajectory, costates, rho: float, us):
+        """Values (T,) and gradients (T, nu) in u of every stage's augmented Hamiltonian at ``us``,
+        around ``traj`` and its ``costates`` (T+1, nx); see :mod:`occore.lq.hamiltonian`."""
+        from .lq.hamiltonian import augmented_hamiltonian
+
+        d = self.evaluate_derivatives(traj.xs, self.check_controls(us), second_order=True)
+        return augmented_hamiltonian(d, np.asarray(traj.xs), np.asarray(costates), float(rho))
+
+    def maximize_hamiltonian(self, traj: Trajectory, costates, rho: float, inner):
+        """New controls (T, nu) maximising each stage's augmented Hamiltonian from ``traj.us``
+        (projected onto the bounds; ``traj`` is not modified). ``inner``: method, iterations, step_size."""
+        from .lq.hamiltonian import maximize
+
+        xs = np.asarray(traj.xs)
+        return maximize(lambda vs: self.evaluate_derivatives(xs, vs, second_order=True), xs, traj.us,
+                        np.asarray(costates), float(rho), inner, self.u_lower, self.u_upper)

@@ -1,0 +1,231 @@
+"""The IPOPT reference: any :class:`occore.Problem` transcribed to a CasADi multiple-shooting NLP.
+
+    minimise_{X, U}  sum_{t<T} l(X_t, U_t, p_t) + lf(X_T, p_T)
+    subject to       X_0 = x0,   X_{t+1} = f(X_t, U_t, p_t),   lower_t <= U_t <= upper_t
+
+The user's callables are called once more on fresh CasADi SX symbols (independently of the
+problem's derivative backend), so the referee shares nothing with the solvers but the declaration.
+IPOPT starts from the same initial guess as the solvers: the controls ``us0`` (default
+``problem.initial_controls()``) and the states of their rollout. The returned :class:`Result` is
+scored like every solver's: its controls are rolled out through the problem and J is evaluated.
+"""
+from __future__ import annotations
+
+import math
+import time
+
+import numpy as np
+
+from ..errors import InputError
+from ..result import IterationInfo, Result, Status
+
+__all__ = ["ipopt", "IPOPT_STATUS"]
+
+#: IPOPT return status -> occore Status (anything else is FAILED).
+IPOPT_STATUS = {
+    "Solve_Succeeded": Status.CONVERGED,
+    "Solved_To_Acceptable_Level": Status.CONVERGED,
+    "Maximum_Iterations_Exceeded": Status.MAX_ITER,
+    "Maximum_CpuTime_Exceeded": Status.MAX_ITER,
+    "Maximum_WallTime_Exceeded": Status.MAX_ITER,
+    "Invalid_Number_Detected": Status.NON_FINITE,
+    "User_Requested_Stop": Status.STOPPED_BY_CALLBACK,
+}
+
+
+def _symbolic(ca, problem, argument, fn, *args):
+    """``fn(*args)`` on SX symbols as an SX column, or an InputError saying why it cannot be."""
+    try:
+        out = fn(*args)
+        if isinstance(out, (list, tuple)):
+            out = ca.vertcat(*out)
+        out = out if isinstance(out, ca.SX) else ca.SX(out)
+    except Exception as err:  # noqa: BLE001 - any failure means the callable is not casadi-traceable
+        raise InputError(
+            f"problem: cannot transcribe {problem.name or 'the problem'} for IPOPT: its {argument} "
+            f"failed on casadi symbols ({type(err).__name__}: {err}); reference.ipopt needs callables "
+            f"written with casadi operations (backend 'casadi')") from err
+    return ca.vec(out)
+
+
+def _stage_functions(ca, problem):
+    """One-stage CasADi functions f(x, u, p), l(x, u, p) and lf(x, p) built from the user callables."""
+    nx, nu = problem.nx, problem.nu
+    npar = 0 if problem.params is None else problem.params.shape[1]
+    x, u, p = ca.SX.sym("x", nx), ca.SX.sym("u", nu), ca.SX.sym("p", npar)
+    extra = (p,) if npar else ()
+    f = _symbolic(ca, problem, "dynamics", problem.dynamics, x, u, *extra)
+    l = _symbolic(ca, problem, "stage_cost", problem.stage_cost, x, u, *extra)
+    lf = _symbolic(ca, problem, "terminal_cost", problem.terminal_cost, x, *extra)
+    for argument, expr, size in (("dynamics", f, nx), ("stage_cost", l, 1), ("terminal_cost", lf, 1)):
+        if expr.numel() != size:
+            raise InputError(f"problem: cannot transcribe: {argument} gives {expr.numel()} values on "
+                             f"casadi symbols, expected {size}")
+    return (ca.Function("f", [x, u, p], [f]), ca.Function("l", [x, u, p], [l]),
+            ca.Function("lf", [x, p], [lf]))
+
+
+def _make_recorder(ca, n_w, nx, nu, T):
+    """An IPOPT iteration callback recording the controls of every iterate and the time it was reached."""
+
+    class Recorder(ca.Callback):
+        def __init__(self):
+            ca.Callback.__init__(self)
+            self.us, self.times = [], []
+            self.start = time.perf_counter()
+            self.construct("occore_ipopt_recorder", {})
+
+        def get_n_in(self):
+            return ca.nlpsol_n_out()
+
+        def get_n_out(self):
+            return 1
+
+        def get_name_in(self, i):
+            return ca.nlpsol_out(i)
+
+        def get_name_out(self, i):
+            return "ret"
+
+        def get_sparsity_in(self, i):
+            name = ca.nlpsol_out(i)
+            if name in ("f",):
+                return ca.Sparsity.scalar()
+            if name in ("x", "lam_x"):
+                return ca.Sparsity.dense(n_w)
+            if name in ("g", "lam_g"):
+                return ca.Sparsity.dense(nx * T)
+            return ca.Sparsity(0, 0)
+
+        def eval(self, arg):
+            w = np.asarray(arg[0]).ravel()
+            self.us.append(w[nx * (T + 1):].reshape(T, nu).copy())
+            self.times.append(time.perf_counter() - self.start)
+            return [0]
+
+    return Recorder()
+
+
+def ipopt(problem, us0=None, *, tol: float = 1e-10, max_iter: int = 3000, record: bool = True,
+          ipopt_options: dict | None = None) -> Result:
+    """Solve ``problem`` with CasADi + IPOPT (multiple shooting, exact Hessian).
+
+    Args:
+        problem: an :class:`occore.Problem` whose callables use casadi operations (bounds and stage
+            parameters are transcribed).
+        us0: (T, nu) initial controls (default ``problem.initial_controls()``); the initial states
+            are their rollout. Not modified.
+        tol: IPOPT's ``tol``.
+        max_iter: IPOPT's ``max_iter``.
+        record: record every IPOPT iterate's controls and score them by a rollout, giving a
+            history (cost = J of the rolled-out controls, stop = max(primal, dual infeasibility),
+            step = IPOPT's primal step, regularization = IPOPT's Hessian regularisation).
+        ipopt_options: further IPOPT options (e.g. ``{"linear_solver": "mumps"}``).
+
+    Returns:
+        A :class:`occore.Result` (solver "ipopt"): status from IPOPT's return status
+        (:data:`IPOPT_STATUS`), IPOPT's iteration count, the wall time of the IPOPT call (the
+        transcription's time is in the message), and the rollout of IPOPT's controls
+        (xs (T+1, nx), us (T, nu), cost). Bounds are kept exactly (``bound_relax_factor`` 0).
+
+    Raises:
+        InputError: the problem cannot be transcribed (e.g. backend "torch"), or a bad option.
+
+    Example:
+        >>> import occore
+        >>> res = occore.reference.ipopt(occore.problems.make("pendulum"))
+        >>> res.status.name, round(res.cost, 8)
+        ('CONVERGED', 3.03850117)
+    """
+    if not (hasattr(problem, "dynamics") and hasattr(problem, "nx") and hasattr(problem, "x0")):
+        raise InputError(f"problem: expected an occore.Problem, got {type(problem).__name__} "
+                         "(networks and other ControlProblems cannot be transcribed)")
+    if getattr(problem, "backend", "casadi") == "torch":
+        raise InputError(f"problem: cannot transcribe {problem.name or 'the problem'} for IPOPT: its "
+                         "callables use torch operations (backend 'torch'); declare it with casadi "
+                         "operations to get an IPOPT reference")
+    if not (isinstance(tol, (int, float)) and math.isfinite(tol) and tol > 0):
+        raise InputError(f"tol={tol!r} is invalid: expected a finite number > 0")
+    if isinstance(max_iter, bool) or not isinstance(max_iter, int) or max_iter < 0:
+        raise InputError(f"max_iter={max_iter!r} is invalid: expected an integer >= 0")
+    import casadi as ca
+
+    start = time.perf_counter()
+    nx, nu, T = problem.nx, problem.nu, problem.horizon
+    f, l, lf = _stage_functions(ca, problem)
+    P = np.zeros((T + 1, 0)) if problem.params is None else np.asarray(problem.params, dtype=float)
+
+    X = ca.SX.sym("X", nx, T + 1)
+    U = ca.SX.sym("U", nu, T)
+    J = lf(X[:, T], P[T])
+    gaps = []
+    for t in range(T):
+        J += l(X[:, t], U[:, t], P[t])
+        gaps.append(f(X[:, t], U[:, t], P[t]) - X[:, t + 1])
+    w = ca.vertcat(ca.vec(X), ca.vec(U))
+    nlp = {"x": w, "f": J, "g": ca.vertcat(*gaps)}
+
+    x0 = np.asarray(problem.x0, dtype=float)
+    lbw = np.full(w.numel(), -np.inf)
+    ubw = np.full(w.numel(), np.inf)
+    lbw[:nx] = ubw[:nx] = x0
+    if problem.u_lower is not None:
+        lbw[nx * (T + 1):] = np.asarray(problem.u_lower, dtype=float).ravel()
+        ubw[nx * (T + 1):] = np.asarray(problem.u_upper, dtype=float).ravel()
+    guess = problem.rollout(problem.initial_controls() if us0 is None else us0)
+    w0 = np.concatenate([np.nan_to_num(guess.xs).ravel(), guess.us.ravel()])
+
+    # bound_relax_factor 0: IPOPT would otherwise let U exceed the box by ~1e-8, which a swing-up
+    # amplifies (x1.2 per stage near the upright) into a 1e-4 change of the clamped rollout's cost.
+    ipopt_opts = {"print_level": 0, "sb": "yes", "tol": float(tol), "max_iter": int(max_iter),
+                  "bound_relax_factor": 0.0, **(ipopt_options or {})}
+    opts = {"print_time": False, "ipopt": ipopt_opts}
+    recorder = _make_recorder(ca, w.numel(), nx, nu, T) if record else None
+    if recorder is not None:
+        opts["iteration_callback"] = recorder
+    try:
+        solver = ca.nlpsol("occore_ipopt", "ipopt", nlp, opts)
+    except RuntimeError as err:
+        raise InputError(f"ipopt_options: IPOPT refused the options ({err})") from err
+    setup = time.perf_counter() - start
+    solve_start = time.perf_counter()
+    if recorder is not None:
+        recorder.start = solve_start
+    sol = solver(x0=w0, lbx=lbw, ubx=ubw, lbg=0.0, ubg=0.0)
+    wall = time.perf_counter() - solve_start
+    stats = solver.stats()
+    return_status = stats.get("return_status", "unknown")
+    status = IPOPT_STATUS.get(return_status, Status.FAILED)
+
+    us = np.asarray(sol["x"]).ravel()[nx * (T + 1):].reshape(T, nu)
+    us = problem.clamp(us) if hasattr(problem, "clamp") else us
+    final = problem.rollout(us)
+    history = []
+    if recorder is not None:
+        history = _history(problem, recorder, stats)
+    iterations = int(stats.get("iter_count", len(history)))
+    if not math.isfinite(final.cost) and status is Status.CONVERGED:
+        status = Status.NON_FINITE
+    return Result(xs=final.xs, us=final.us, cost=final.cost, status=status, iterations=iterations,
+                  history=history, policy=None, message=f"IPOPT: {return_status}; transcription {setup * 1e3:.0f} ms",
+                  solver="ipopt",
+                  wall_time=wall)
+
+
+def _history(problem, recorder, stats):
+    """IterationInfo of every IPOPT iterate (iterate 0 is the initial guess and is skipped)."""
+    it = stats.get("iterations", {})
+    inf_pr, inf_du = it.get("inf_pr", []), it.get("inf_du", [])
+    alpha, reg = it.get("alpha_pr", []), it.get("regularization_size", [])
+    history, prev = [], None
+    for k, (us, t) in enumerate(zip(recorder.us, recorder.times)):
+        cost = problem.rollout(problem.clamp(us) if hasattr(problem, "clamp") else us).cost
+        if k > 0:
+            def at(seq):
+                return float(seq[k]) if k < len(seq) else float("nan")
+            history.append(IterationInfo(
+                iteration=k - 1, cost=cost, expected_decrease=float("nan"),
+                actual_decrease=prev - cost, step=at(alpha), regularization=at(reg),
+                stop=max(at(inf_pr), at(inf_du)), wall_time=t, accepted=True))
+        prev = cost
+    return history

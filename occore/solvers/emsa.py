@@ -1,0 +1,215 @@
+"""E-MSA, the extended method of successive approximations (Li, Chen, Tai & E, "Maximum principle
+based algorithms for deep learning", JMLR 18(165), 2018), as the authors' code runs it.
+
+Each iteration: the states of the current controls (forward), their costates (backward,
+p_T = -dlf/dx, p_t = dH_t/dx), then, for every stage independently, a maximisation over u_t of the
+augmented Hamiltonian
+
+    H_t(x_t, p_{t+1}, u) - rho/2 |x_{t+1} - f_t(x_t, u)|^2 - rho/2 |p_t - dH_t/dx(x_t, p_{t+1}, u)|^2
+
+(the problem's ``maximize_hamiltonian``; vectorised over the horizon where the backend allows).
+The new controls are rolled out. With the adaptive rho schedule (on by default) a trial that does
+not lower J is rejected and rho raised; an accepted one lowers rho. There is no line search on an
+expected decrease: the stop value is the norm of the control gradient of J.
+
+E-MSA is a first-order-like method: on swing-ups it creeps. Use DDP/iLQR to converge; use E-MSA to
+compare, or where only per-stage maximisations are cheap.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field, replace
+
+from ..result import IterationInfo, Status
+from .base import Solver, SolverState
+
+__all__ = ["EMSA", "EMSAOptions", "InnerSolver"]
+
+_INNER_METHODS = ("auto", "newton", "gradient", "lbfgs")
+
+
+def _check(name: str, value, ok: bool, expected: str) -> None:
+    if not ok:
+        raise ValueError(f"option {name}={value!r} is invalid: expected {expected}")
+
+
+def _number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+@dataclass(frozen=True)
+class InnerSolver:
+    """The per-stage maximisation of the augmented Hamiltonian.
+
+    Attributes:
+        method: "auto" (the problem's first ``inner_methods`` entry: "newton" for dense problems),
+            "newton" (dense problems), "gradient" (projected gradient ascent, every problem) or
+            "lbfgs" (networks: torch.optim.LBFGS per layer, as the authors' L-BFGS-B).
+        iterations: inner iterations per E-MSA iteration (the authors' code: 10).
+        step_size: step of the gradient method (and the learning rate of "lbfgs").
+
+    Example:
+        >>> InnerSolver(method="gradient", step_size=0.1).iterations
+        10
+    """
+
+    method: str = "auto"
+    iterations: int = 10
+    step_size: float = 1.0
+
+    def __post_init__(self):
+        _check("inner.method", self.method, self.method in _INNER_METHODS, f"one of {_INNER_METHODS}")
+        _check("inner.iterations", self.iterations, isinstance(self.iterations, int)
+               and not isinstance(self.iterations, bool) and self.iterations >= 1, "an integer >= 1")
+        _check("inner.step_size", self.step_size, _number(self.step_size) and self.step_size > 0,
+               "a finite number > 0")
+
+
+@dataclass(frozen=True)
+class EMSAOptions:
+    """Options of :class:`EMSA`.
+
+    Attributes:
+        max_iter: iteration limit (rejected trials count as iterations).
+        tol: stop (CONVERGED) when the norm of dJ/du over all stages is below this (with bounds,
+            of its projection).
+        ftol: also stop (CONVERGED) when a trial changes J by at most ``ftol * max(1, |J|)``: no
+            progress is measurable any more (a fixed point of the iteration up to rounding). On
+            stiff problems (swing-ups) dJ/du stays far from 0 at the optimum DDP finds, since
+            rounding the controls at 1e-9 moves it by ~0.1; this rule is what stops there.
+        rho: initial penalty weight of the feasibility terms (>= 0; 0 with one exact inner
+            maximisation is the basic MSA).
+        adaptive_rho: reject a trial that does not lower J and raise rho; lower rho after an
+            accepted one. Off: every trial is accepted.
+        rho_increase: factor applied to rho on a rejected trial.
+        rho_decrease: divisor applied to rho on an accepted trial.
+        rho_min: rho never goes below this when lowered, and a rejection raises rho to at least
+            ``rho_min * rho_increase``.
+        rho_max: the solve stops (REG_LIMIT) when rho would exceed it.
+        inner: the inner maximisation, an :class:`InnerSolver` (or a method name, or a dict of its
+            fields).
+
+    Example:
+        >>> EMSAOptions(rho=0.5, inner="gradient").inner.method
+        'gradient'
+    """
+
+    max_iter: int = 3000
+    tol: float = 1e-4
+    ftol: float = 1e-12
+    rho: float = 1.0
+    adaptive_rho: bool = True
+    rho_increase: float = 10.0
+    rho_decrease: float = 1.1
+    rho_min: float = 1e-6
+    rho_max: float = 1e16
+    inner: InnerSolver = field(default_factory=InnerSolver)
+
+    def __post_init__(self):
+        if isinstance(self.inner, str):
+            object.__setattr__(self, "inner", InnerSolver(method=self.inner))
+        elif isinstance(self.inner, dict):
+            object.__setattr__(self, "inner", InnerSolver(**self.inner))
+        _check("inner", self.inner, isinstance(self.inner, InnerSolver), "an InnerSolver, a method name or a dict")
+        _check("max_iter", self.max_iter, isinstance(self.max_iter, int) and not isinstance(
+            self.max_iter, bool) and self.max_iter >= 1, "an integer >= 1")
+        _check("tol", self.tol, _number(self.tol) and self.tol > 0, "a finite number > 0")
+        _check("ftol", self.ftol, _number(self.ftol) and self.ftol >= 0, "a finite number >= 0")
+        _check("rho", self.rho, _number(self.rho) and self.rho >= 0, "a finite number >= 0")
+        _check("adaptive_rho", self.adaptive_rho, isinstance(self.adaptive_rho, bool), "True or False")
+        for name in ("rho_increase", "rho_decrease"):
+            v = getattr(self, name)
+            _check(name, v, _number(v) and v >= 1, "a finite number >= 1")
+        _check("rho_min", self.rho_min, _number(self.rho_min) and self.rho_min > 0, "a finite number > 0")
+        _check("rho_max", self.rho_max, _number(self.rho_max) and self.rho_max >= max(self.rho, self.rho_min),
+               ">= rho and >= rho_min")
+
+
+class EMSA(Solver):
+    """Extended method of successive approximations (Li, Chen, Tai & E, JMLR 2018).
+
+    Works on any :class:`occore.types.ControlProblem` that also offers ``maximize_hamiltonian``
+    (dense :class:`occore.Problem` and networks); the loop sees only floats and opaque objects.
+    ``IterationInfo.stop`` is |dJ/du| of the iterate after the iteration, ``regularization`` is rho,
+    ``step`` is 1 for an accepted trial and 0 for a rejected one.
+
+    Args:
+        options: an :class:`EMSAOptions` (or give its fields as keywords, e.g. ``rho=1.0``).
+        callbacks: callables ``cb(info, state)``; returning True stops the solve.
+
+    Example:
+        >>> import occore
+        >>> res = occore.EMSA(max_iter=50).solve(occore.problems.make("unicycle"))
+        >>> res.history[-1].cost <= res.history[0].cost, res.solver
+        (True, 'emsa')
+    """
+
+    name = "emsa"
+    Options = EMSAOptions
+
+    def _initial_mu(self) -> float:
+        return float(self.options.rho)
+
+    def _inner(self, problem) -> InnerSolver:
+        inner = self.options.inner
+        if inner.method == "auto":
+            methods = getattr(problem, "inner_methods", ("gradient",))
+            inner = replace(inner, method=methods[0])
+        return inner
+
+    def _first_state(self, problem, state: SolverState) -> SolverState:
+        lm = problem.local_model(state.traj, False)
+        return replace(state, cache=(lm, float(lm.gradient_norm())))
+
+    def _iterate(self, problem, state: SolverState) -> tuple[SolverState, IterationInfo]:
+        opts = self.options
+        traj, rho = state.traj, state.mu
+        lm, gnorm = state.cache
+        if not math.isfinite(gnorm):
+            return self._end(state, Status.NON_FINITE, "non-finite control gradient", rho, gnorm)
+        if gnorm < opts.tol:
+            return self._end(state, Status.CONVERGED, f"|dJ/du| = {gnorm:.2e} < tol {opts.tol:g}", rho, gnorm)
+
+        us_new = problem.maximize_hamiltonian(traj, lm.costates(), rho, self._inner(problem))
+        trial = problem.rollout(us_new)
+        actual = traj.cost - trial.cost
+        finite = math.isfinite(trial.cost)
+        stalled = finite and abs(actual) <= opts.ftol * max(1.0, abs(traj.cost))
+        if finite and (not opts.adaptive_rho or trial.cost < traj.cost):
+            new_lm = problem.local_model(trial, False)
+            new_norm = float(new_lm.gradient_norm())
+            if opts.adaptive_rho:
+                rho = max(rho / opts.rho_decrease, opts.rho_min)
+            new = replace(state, traj=trial, mu=rho, cache=(new_lm, new_norm))
+            if not math.isfinite(new_norm):
+                new = replace(new, status=Status.NON_FINITE, message="non-finite control gradient")
+            elif new_norm < opts.tol:
+                new = replace(new, status=Status.CONVERGED, message=f"|dJ/du| = {new_norm:.2e} < tol {opts.tol:g}")
+            elif stalled:
+                new = replace(new, status=Status.CONVERGED, message=self._stalled(actual, new_norm))
+            return new, self._info(state, cost=trial.cost, expected_decrease=float("nan"), actual_decrease=actual,
+                                   step=1.0, regularization=rho, stop=new_norm)
+        if stalled:   # the trial changed J only at rounding level: a fixed point of the iteration
+            return self._end(state, Status.CONVERGED, self._stalled(actual, gnorm), rho, gnorm, actual=actual)
+        if not opts.adaptive_rho:
+            return self._end(state, Status.NON_FINITE, "the trial controls gave a non-finite cost", rho, gnorm,
+                             actual=float("nan"))
+        rho = max(rho, opts.rho_min) * opts.rho_increase
+        if rho > opts.rho_max:
+            why = "non-finite" if not finite else "no lower"
+            return self._end(state, Status.REG_LIMIT, f"rho above rho_max={opts.rho_max:g} ({why} cost)",
+                             rho, gnorm, actual=actual if finite else float("nan"))
+        new = replace(state, mu=rho)
+        return new, self._info(state, cost=traj.cost, expected_decrease=float("nan"),
+                               actual_decrease=actual if finite else float("nan"), step=0.0,
+                               regularization=rho, stop=gnorm, accepted=False)
+
+    def _stalled(self, actual, gnorm) -> str:
+        return (f"J changed by {abs(actual):.1e} <= ftol * max(1, |J|) (ftol {self.options.ftol:g}); "
+                f"|dJ/du| = {gnorm:.2e}")
+
+    def _end(self, state, status, message, rho, gnorm, actual=0.0):
+        new = replace(state, mu=rho, status=status, message=message)
+        return new, self._info(state, cost=state.traj.cost, expected_decrease=float("nan"),
+                               actual_decrease=actual, step=0.0, regularization=rho, stop=gnorm,
+                               accepted=False)
