@@ -56,7 +56,8 @@ class DDPNOpt(CurvatureOptimizer):
 
     Raises:
         ValueError: an invalid or unknown hyperparameter, named in the message.
-        occore.InputError: a model whose stages cannot be found (with feedback on).
+        nn_adapter.errors.UnsupportedModuleError: a model whose stages cannot be found (with
+            feedback on).
 
     Example:
         >>> import torch
@@ -100,14 +101,9 @@ class DDPNOpt(CurvatureOptimizer):
 
     # -- stages ----------------------------------------------------------------------------------
     def _find_stages(self, model):
-        try:
-            from .stages import split_stages
-            _, stages = split_stages(model)
-        except InputError:
-            raise
-        except Exception as err:  # the stage finder's own errors, re-raised with our context
-            raise InputError(f"model: DDPNOpt could not find the stages of "
-                             f"{type(model).__name__}: {err}") from err
+        from .stages import split_stages
+
+        _, stages = split_stages(model)   # raises UnsupportedModuleError naming the module
         views, last, covered = [], [], set()
         for stage in stages:
             module = stage.modules[0]

@@ -143,10 +143,17 @@ def quad_form(view: StageView, factors: list, x: torch.Tensor, g: torch.Tensor) 
         _, pull = vjp(lambda ps: view.module_fn(ps, xi[None]), params)
         return pull(gi[None])[0]
 
-    grads = vmap(one)(x, g)   # per-sample gradients of every parameter, (B, *p.shape) each
+    grads = list(vmap(one)(x, g))   # per-sample gradients of every parameter, (B, *p.shape)
     rho = x.new_zeros(x.shape[0])
-    for (_, _, d), gr in zip(factors, grads):
-        rho += (gr.square() * d).flatten(1).sum(1)
+    for block, (q_g, q_a, d) in zip(view.blocks, factors):
+        part = [grads.pop(0) for _ in block.params]
+        if block.structured:
+            mat = as_matrix(block, part)
+            mat = q_g.mT @ mat if q_g is not None else mat
+            mat = mat @ q_a if q_a is not None else mat
+        else:
+            mat = part[0]
+        rho += (mat.square() * d).flatten(1).sum(1)
     return rho
 
 

@@ -1,0 +1,153 @@
+"""Factorised feedback against a dense per-sample oracle, and the first-order check."""
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from nn_adapter import DDPNOpt
+from nn_adapter.feedback import feedback_grads, second_order_grads
+from nn_adapter.stages import split_stages
+
+from test_ddpnopt_oracle import dense_P, dense_step
+
+B = 6
+
+
+def _mlp():
+    return nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 4), nn.Tanh(),
+                         nn.Linear(4, 3)).double()
+
+
+def _cnn():
+    return nn.Sequential(nn.Conv2d(1, 2, 3, padding=1), nn.Tanh(), nn.Conv2d(2, 2, 3, stride=2),
+                         nn.ReLU(), nn.Flatten(), nn.Linear(8, 3)).double()
+
+
+def _batch(make, seed):
+    g = torch.Generator().manual_seed(seed)
+    shape = (4,) if make is _mlp else (1, 5, 5)
+    return (torch.randn(B, *shape, generator=g, dtype=torch.float64),
+            torch.randint(0, 3, (B,), generator=g))
+
+
+def _closure(net, opt, x, y):
+    def closure():
+        opt.zero_grad()
+        loss = nn.functional.cross_entropy(net(x), y)
+        loss.backward()
+        return loss
+    return closure
+
+
+def _stage_controls(net):
+    return [torch.cat([p.detach().reshape(-1) for p in s.params().values()])
+            for s in split_stages(net).stages]
+
+
+def _compare(make, curvature, lr, terminal="gauss-newton", warmup=2, **hp):
+    torch.manual_seed(3)
+    net = make()
+    opt = DDPNOpt(net, lr=lr, curvature=curvature, **hp)
+    for s in range(warmup):
+        opt.step(_closure(net, opt, *_batch(make, 100 + s)))
+    x, y = _batch(make, 7)
+    u_nominal = _stage_controls(net)
+    twin = copy.deepcopy(net)
+    twin_opt = DDPNOpt(twin, lr=lr, curvature=curvature, feedback=False, **hp)
+    twin_opt.load_state_dict(copy.deepcopy(opt.state_dict()))
+    twin_opt.step(_closure(twin, twin_opt, x, y))
+    u_base = _stage_controls(twin)
+    nominal = copy.deepcopy(net)
+    opt.step(_closure(net, opt, x, y))
+    u_fact = _stage_controls(net)
+    group = opt.param_groups[0]
+    P = [dense_P(v, [opt.curvature.factors(b, group, [opt.state[p] for p in b.params])
+                     for b in v.blocks]) for v in opt._views]
+    pre, stages = split_stages(nominal)
+
+    def phi(out, i):
+        return nn.functional.cross_entropy(out[None], y[i:i + 1])
+
+    with torch.no_grad():
+        pass
+    u_dense = dense_step(stages, pre, u_nominal, u_base, P, x, phi, terminal=terminal)
+    fb = max((a - b).abs().max().item() for a, b in zip(u_fact, u_base))
+    diff = max((a - b).abs().max().item() for a, b in zip(u_fact, u_dense))
+    fb_dense = torch.cat([a - b for a, b in zip(u_dense, u_base)])
+    fb_fact = torch.cat([a - b for a, b in zip(u_fact, u_base)])
+    rel = ((fb_dense - fb_fact).norm() / fb_dense.norm()).item()
+    return fb, diff, rel
+
+
+@pytest.mark.parametrize("make", [_mlp, _cnn], ids=["mlp", "cnn"])
+@pytest.mark.parametrize("curvature,lr", [("identity", 0.3), ("adam", 0.02), ("ekfac", 0.05)])
+def test_factorised_equals_dense_gauss_newton(make, curvature, lr):
+    fb, diff, _ = _compare(make, curvature, lr)
+    assert fb > 1e-6            # the feedback did change the step
+    assert diff <= 1e-10
+
+
+@pytest.mark.parametrize("make", [_mlp, _cnn], ids=["mlp", "cnn"])
+def test_factorised_vs_dense_exact_terminal_hessian(make, capsys):
+    fb, diff, rel = _compare(make, "adam", 0.02, terminal="exact")
+    with capsys.disabled():
+        print(f"\n[{make.__name__}] feedback |.|max {fb:.3e}; factorised (GN terminal) vs dense "
+              f"(exact terminal Hessian): relative difference of the feedback {rel:.3f}")
+    assert fb > 1e-6 and 0.0 <= rel < 10.0
+
+
+# -- first-order check: Q_u + Q_ux dx = d/du J_t(x + dx, u) + O(|dx|^2) ----------------------------
+class NegLog(nn.Module):
+    """phi(y) = -log(a.y + c): its Hessian is exactly grad phi grad phi^T (the GN outer product)."""
+
+    def forward(self, y):
+        return -torch.log(y @ torch.tensor([0.3, -0.2, 0.5], dtype=y.dtype) + 4.0)
+
+
+@pytest.mark.parametrize("stage_index", [0, 1])
+def test_first_order_check(stage_index):
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 3)).double()
+    x0 = torch.randn(B, 4, dtype=torch.float64)
+    opt = DDPNOpt(net, lr=1.0, curvature="identity", second_order=True)
+    view = opt._views[stage_index]
+    stages = split_stages(net).stages
+    states = [x0]
+    for s in stages:
+        states.append(s.forward(s.params(), states[-1]).detach())
+    x = states[stage_index]
+
+    def mean_loss_from(t, xt):
+        out = xt
+        for s in stages[t:]:
+            out = s.forward(s.params(), out)
+        return NegLog()(out).mean()
+
+    def grad_u(xt):
+        return torch.autograd.grad(mean_loss_from(stage_index, xt), view.params)
+
+    # value gradients at the stage (per sample: B x the batch-mean gradient)
+    out = view.module_fn(view.params, x)
+    h = out.detach().requires_grad_(True)
+    y = h
+    for m in view.followers:
+        y = m(y)
+    y_leaf = y.detach().requires_grad_(True)
+    g_next = torch.autograd.grad(mean_loss_from(stage_index + 1, y_leaf), y_leaf)[0] * B
+    g_h = torch.autograd.grad(y, h, g_next)[0]
+    q_u = grad_u(x)
+    dx = torch.randn_like(x)
+    errs = {}
+    for scale in (1e-2, 1e-3):
+        d = dx * scale
+        fb = feedback_grads(view, x, d, g_h)
+        fb2 = second_order_grads(view, x, d, g_next)
+        pred = torch.cat([(a + b + c).reshape(-1) for a, b, c in zip(q_u, fb, fb2)])
+        zeroth = torch.cat([a.reshape(-1) for a in q_u])
+        true = torch.cat([a.reshape(-1) for a in grad_u(x + d)])
+        errs[scale] = ((pred - true).norm().item(), (zeroth - true).norm().item())
+    # with the feedback the error is second order, without it first order
+    assert errs[1e-3][0] < errs[1e-2][0] / 50
+    assert errs[1e-3][1] > errs[1e-2][1] / 20
+    assert errs[1e-3][0] < 1e-3 * errs[1e-3][1]

@@ -1,0 +1,100 @@
+"""A dense per-sample DDP oracle for DDPNOpt's feedback, written with torch.func (tests only).
+
+For every sample it materialises the stage Jacobians f_x, f_u, the Q terms, the gains
+K^(i) = -P Q_ux^(i) and the value Hessians V_xx = Q_xx - Q_ux^T P Q_ux (negative eigenvalues
+clamped at zero), P being the optimizer's inverse curvature materialised as a dense matrix. Then
+it runs Algorithm 3's additional forward pass. Independent of nn_adapter.feedback except for P.
+"""
+import torch
+from torch.func import functional_call, jacrev, hessian
+
+from nn_adapter.feedback import precondition
+
+
+def _flat(ts):
+    return torch.cat([t.reshape(-1) for t in ts])
+
+
+def _unflat(vec, like):
+    out, i = [], 0
+    for t in like:
+        out.append(vec[i:i + t.numel()].reshape(t.shape))
+        i += t.numel()
+    return out
+
+
+def dense_P(view, factors):
+    """P of one stage as an (m, m) matrix over the flattened stage parameters (block order)."""
+    params = view.params
+    m = sum(p.numel() for p in params)
+    eye = torch.eye(m, dtype=params[0].dtype)
+    cols = [_flat(precondition(view, factors, _unflat(eye[j], params))) for j in range(m)]
+    return torch.stack(cols, 1)
+
+
+def stage_fn(stage, names, flat_u, shapes, x):
+    """f_t for one sample x (no batch dim) with flattened controls."""
+    params = dict(zip(names, _unflat(flat_u, shapes)))
+    y = functional_call(stage.modules[0], params, (x[None],))
+    for m in stage.modules[1:]:
+        y = m(y)
+    return y[0]
+
+
+def dense_step(stages, pre, u_nominal, u_base, P, inputs, per_sample_loss, terminal="gauss-newton",
+               eps_vxx=0.0):
+    """Parameters after one DDPNOpt step computed densely, per sample.
+
+    Args:
+        stages: the Stage list; pre: the pre modules.
+        u_nominal: list (per stage) of flattened nominal controls.
+        u_base: list of flattened u + k (the base optimizer's result).
+        P: list of dense (m_t, m_t) inverse curvatures.
+        inputs: the batch (B, ...).
+        per_sample_loss: phi(y_T, i) for one sample's output and its index.
+        terminal: "gauss-newton" (V_xx^T = V_x V_x^T) or "exact" (the loss Hessian).
+    Returns:
+        list of flattened new controls per stage.
+    """
+    T = len(stages)
+    names = [s.param_names for s in stages]
+    shapes = [[p.detach() for p in s.params().values()] for s in stages]
+    x0 = inputs
+    for m in pre:
+        x0 = m(x0)
+    B = x0.shape[0]
+    gains = [[None] * B for _ in range(T)]
+    for i in range(B):
+        xs = [x0[i]]
+        for t, s in enumerate(stages):
+            xs.append(stage_fn(s, names[t], u_nominal[t], shapes[t], xs[-1]).detach())
+        phi = lambda y: per_sample_loss(y, i)  # noqa: E731
+        vx = jacrev(phi)(xs[-1]).reshape(-1)
+        if terminal == "exact":
+            vxx = hessian(phi)(xs[-1]).reshape(vx.numel(), vx.numel())
+        else:
+            vxx = torch.outer(vx, vx)
+        for t in range(T - 1, -1, -1):
+            f = lambda xx, uu: stage_fn(stages[t], names[t], uu, shapes[t], xx).reshape(-1)  # noqa
+            fx = jacrev(f, 0)(xs[t], u_nominal[t]).reshape(-1, xs[t].numel())
+            fu = jacrev(f, 1)(xs[t], u_nominal[t])
+            qxx, qux = fx.T @ vxx @ fx, fu.T @ vxx @ fx
+            gains[t][i] = -P[t] @ qux
+            vxx = qxx - qux.T @ P[t] @ qux
+            vxx = 0.5 * (vxx + vxx.T)
+            evals, evecs = torch.linalg.eigh(vxx)
+            vxx = (evecs * evals.clamp(min=0.0)) @ evecs.T
+            if eps_vxx:
+                vxx = vxx + eps_vxx * torch.eye(vxx.shape[0], dtype=vxx.dtype)
+    new = []
+    xhat = x0
+    for t, s in enumerate(stages):
+        x_nom = x0 if t == 0 else x_nom_next
+        du = sum(gains[t][i] @ (xhat[i] - x_nom[i]).reshape(-1) for i in range(B)) / B
+        u_new = u_base[t] + du
+        new.append(u_new)
+        x_nom_next = torch.stack([stage_fn(s, names[t], u_nominal[t], shapes[t], x_nom[i])
+                                  for i in range(B)]).detach()
+        xhat = torch.stack([stage_fn(s, names[t], u_new, shapes[t], xhat[i])
+                            for i in range(B)]).detach()
+    return new
