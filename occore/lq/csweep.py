@@ -25,6 +25,7 @@ from __future__ import annotations
 import ctypes
 import importlib.machinery
 import logging
+import math
 import os
 from pathlib import Path
 
@@ -100,49 +101,70 @@ def _c(a):
     return np.ascontiguousarray(a, dtype=np.float64)
 
 
+def _pack(arrays, shapes):
+    """Copies ``arrays`` into one new float64 block, each into a view of the shape in ``shapes`` (numpy
+    raises when one does not fit, so the C code never reads out of bounds). Returns the block (keep it
+    alive during the call) and the addresses of the pieces. One block and one address lookup instead
+    of one per array: ``ndarray.ctypes.data`` costs about a microsecond."""
+    sizes = [math.prod(s) for s in shapes]
+    block = np.empty(sum(sizes))
+    base, o, addresses = block.ctypes.data, 0, []
+    for a, shape, n in zip(arrays, shapes, sizes):
+        block[o:o + n].reshape(shape)[...] = a
+        addresses.append(base + 8 * o)
+        o += n
+    return block, addresses
+
+
 def riccati_sweep(d, mu: float, second_order: bool, us=None, lower=None, upper=None, k_warm=None):
     """Backward pass over all stages, in C. Same arguments, results and errors as
     :func:`occore.lq.riccati.riccati_sweep`.
 
     Returns:
-        (k (T, nu), K (T, nu, nx), d1, d2, Vx (T+1, nx), Vxx (T+1, nx, nx)).
+        (k (T, nu), K (T, nu, nx), d1, d2, Vx (T+1, nx), Vxx (T+1, nx, nx)); k, K, Vx and Vxx are
+        views of one new array.
 
     Raises:
         NotPositiveDefinite: the regularised Quu (on the free set) is not positive definite at some
             stage (the same stage as the reference).
+        ValueError: an array of ``d`` (or a bound) does not have its documented shape.
         RuntimeError: the compiled library is not available.
     """
     if _riccati is None and not available():
         raise RuntimeError(f"compiled sweep unavailable: {_error}")
     T, nx, nu = d.fu.shape
-    fx, fu, lx, lu = _c(d.fx), _c(d.fu), _c(d.lx), _c(d.lu)
-    lxx, lux, luu = _c(d.lxx), _c(d.lux), _c(d.luu)
-    if second_order and d.fxx is not None:
-        fxx, fux, fuu = _c(d.fxx), _c(d.fux), _c(d.fuu)
-        p2 = (fxx.ctypes.data, fux.ctypes.data, fuu.ctypes.data)
-    else:
-        p2 = (None, None, None)
+    arrays = [d.fx, d.fu, d.lx, d.lu, d.lxx, d.lux, d.luu]
+    shapes = [(T, nx, nx), (T, nx, nu), (T + 1, nx), (T, nu), (T + 1, nx, nx), (T, nu, nx), (T, nu, nu)]
+    hess = second_order and d.fxx is not None
+    if hess:
+        arrays += [d.fxx, d.fux, d.fuu]
+        shapes += [(T, nx, nx, nx), (T, nx, nu, nx), (T, nx, nu, nu)]
+    if lower is not None:
+        arrays += [us, lower, np.inf if upper is None else upper]
+        shapes += [(T, nu)] * 3
+        if k_warm is not None:
+            arrays.append(k_warm)
+            shapes.append((T, nu))
+    block, p = _pack(arrays, shapes)
+    p2 = p[7:10] if hess else (None, None, None)
+    pb = p[-4:] if k_warm is not None and lower is not None else p[-3:] + [None]
     if lower is None:
         pb = (None, None, None, None)
-    else:
-        us, lower = _c(us), _c(lower)
-        upper = np.full((T, nu), np.inf) if upper is None else _c(upper)
-        k_warm = None if k_warm is None else _c(k_warm)
-        pb = (us.ctypes.data, lower.ctypes.data, upper.ctypes.data,
-              None if k_warm is None else k_warm.ctypes.data)
-    k = np.empty((T, nu))
-    K = np.empty((T, nu, nx))
-    Vx = np.empty((T + 1, nx))
-    Vxx = np.empty((T + 1, nx, nx))
-    dd = np.empty(2)
-    status = _riccati(T, nx, nu, fx.ctypes.data, fu.ctypes.data, lx.ctypes.data, lu.ctypes.data,
-                      lxx.ctypes.data, lux.ctypes.data, luu.ctypes.data, *p2, float(mu), *pb,
-                      k.ctypes.data, K.ctypes.data, Vx.ctypes.data, Vxx.ctypes.data, dd.ctypes.data)
+    nk, nK, nV = T * nu, T * nu * nx, (T + 1) * nx
+    out = np.empty(nk + nK + nV + (T + 1) * nx * nx + 2)
+    o = out.ctypes.data
+    status = _riccati(T, nx, nu, *p[:7], *p2, float(mu), *pb,
+                      o, o + 8 * nk, o + 8 * (nk + nK), o + 8 * (nk + nK + nV), o + 8 * (out.size - 2))
+    del block
     if status != -1:
         if status >= 0:
             raise NotPositiveDefinite(status)
         raise MemoryError("occ_riccati_sweep: out of memory")
-    return k, K, float(dd[0]), float(dd[1]), Vx, Vxx
+    k = out[:nk].reshape(T, nu)
+    K = out[nk:nk + nK].reshape(T, nu, nx)
+    Vx = out[nk + nK:nk + nK + nV].reshape(T + 1, nx)
+    Vxx = out[nk + nK + nV:-2].reshape(T + 1, nx, nx)
+    return k, K, float(out[-2]), float(out[-1]), Vx, Vxx
 
 
 def adjoint_sweep(d):
