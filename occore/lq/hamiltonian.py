@@ -25,7 +25,7 @@ from .box_qp import box_qp
 
 __all__ = ["METHODS", "augmented_hamiltonian", "maximize"]
 
-_HALVINGS = 20   # backtracking halvings per inner iteration (a stage still failing keeps its control)
+_HALVINGS = 30   # backtracking halvings per inner iteration (a stage still failing keeps its control)
 
 #: Inner methods for dense problems.
 METHODS = ("newton", "gradient")
@@ -73,14 +73,15 @@ def augmented_hamiltonian(d, xs, ps, rho: float, hessian: bool = False):
 
 
 def _newton_directions(grads, hess, vs, lower, upper):
-    """Ascent directions maximising each stage's quadratic model, Hessians shifted to be negative
-    definite; box-QP per stage when bounded."""
+    """Ascent directions maximising each stage's quadratic model (Hessians made negative definite by
+    flipping the sign of positive eigenvalues); a box QP per stage when bounded."""
     T, nu = grads.shape
-    M = -hess
-    lam = np.linalg.eigvalsh(M)                                     # (T, nu), ascending
-    scale = np.maximum(np.abs(lam).max(axis=1), 1.0)
-    shift = np.maximum(0.0, 1e-10 * scale - lam[:, 0])
-    M = M + shift[:, None, None] * np.eye(nu)
+    # -hess with its eigenvalues replaced by their absolute values (floored): positive definite,
+    # and the Newton step itself where the stage's model is concave
+    lam, V = np.linalg.eigh(-hess)
+    scale = np.maximum(np.abs(lam).max(axis=1, keepdims=True), 1.0)
+    lam = np.maximum(np.abs(lam), 1e-10 * scale)
+    M = np.einsum("tij,tj,tkj->tik", V, lam, V)
     if lower is None:
         return np.linalg.solve(M, grads[..., None])[..., 0]
     if nu == 1:   # the box QP of one variable: the clipped Newton step

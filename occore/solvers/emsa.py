@@ -20,6 +20,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field, replace
 
+import numpy as np
+
 from ..result import IterationInfo, Status
 from .base import Solver, SolverState
 
@@ -157,9 +159,15 @@ class EMSA(Solver):
             inner = replace(inner, method=methods[0])
         return inner
 
+    @staticmethod
+    def _model(problem, traj):
+        """The local model of ``traj`` and its gradient norm (overflow is reported as inf, not warned)."""
+        with np.errstate(over="ignore", invalid="ignore"):
+            lm = problem.local_model(traj, False)
+            return lm, float(lm.gradient_norm())
+
     def _first_state(self, problem, state: SolverState) -> SolverState:
-        lm = problem.local_model(state.traj, False)
-        return replace(state, cache=(lm, float(lm.gradient_norm())))
+        return replace(state, cache=self._model(problem, state.traj))
 
     def _iterate(self, problem, state: SolverState) -> tuple[SolverState, IterationInfo]:
         opts = self.options
@@ -176,8 +184,7 @@ class EMSA(Solver):
         finite = math.isfinite(trial.cost)
         stalled = finite and abs(actual) <= opts.ftol * max(1.0, abs(traj.cost))
         if finite and (not opts.adaptive_rho or trial.cost < traj.cost):
-            new_lm = problem.local_model(trial, False)
-            new_norm = float(new_lm.gradient_norm())
+            new_lm, new_norm = self._model(problem, trial)
             if opts.adaptive_rho:
                 rho = max(rho / opts.rho_decrease, opts.rho_min)
             new = replace(state, traj=trial, mu=rho, cache=(new_lm, new_norm))

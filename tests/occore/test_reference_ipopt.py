@@ -1,0 +1,139 @@
+"""occore.reference.ipopt: the optima of REFERENCE.md, bounds, stage parameters, clear errors."""
+import casadi as ca
+import numpy as np
+import pytest
+
+import occore
+from occore.problems import OPTIMA
+
+
+
+@pytest.mark.parametrize("name", occore.problems.NAMES)
+def test_reproduces_reference_optimum(name):
+    prob = occore.problems.make(name)
+    res = occore.reference.ipopt(prob)
+    assert res.status is occore.Status.CONVERGED, res.message
+    assert res.solver == "ipopt" and res.policy is None
+    # Scored like every solver: the rollout of IPOPT's controls. (pendulum_box: 8e-9, the clamped
+    # rollout of a swing-up amplifies IPOPT's last digits; the table's J* is IPOPT's own objective.)
+    assert abs(res.cost - OPTIMA[name]) / OPTIMA[name] <= 1e-8
+    again = prob.rollout(res.us)
+    assert again.cost == res.cost
+    np.testing.assert_array_equal(again.xs, res.xs)
+    # The history scores every IPOPT iterate by a rollout; its last entry is the result.
+    assert len(res.history) == res.iterations >= 1
+    assert res.history[-1].cost == pytest.approx(res.cost, rel=1e-12)
+    assert [h.iteration for h in res.history] == list(range(res.iterations))
+    assert all(np.diff([h.wall_time for h in res.history]) >= 0)
+    if prob.bounded:   # the box is kept exactly (no IPOPT bound relaxation) and is active
+        assert np.all(res.us >= prob.u_lower) and np.all(res.us <= prob.u_upper)
+        assert np.abs(res.us).max() == pytest.approx(2.0, abs=1e-8)
+
+
+def test_lqr_takes_one_iteration_and_equals_ddp():
+    prob = occore.problems.make("lqr")
+    res = occore.reference.ipopt(prob)
+    ddp = occore.ILQR().solve(prob)
+    assert res.iterations == 1
+    np.testing.assert_allclose(res.us, ddp.us, atol=1e-9)
+
+
+def test_stage_parameters_match_a_dense_least_squares_solve():
+    """Tracking a time-varying reference given as stage parameters, against an independent
+    closed form: x+ = a x + b u is linear, so the problem is one least-squares solve over U."""
+    T, a, b, r = 30, 1.1, 0.5, 0.2
+    ref = np.sin(np.linspace(0, 3, T + 1))
+
+    def f(x, u, p):
+        return a * x + b * u
+
+    def l(x, u, p):
+        return 0.5 * (x[0] - p[0]) ** 2 + 0.5 * r * u[0] ** 2
+
+    def lf(x, p):
+        return 2.0 * (x[0] - p[0]) ** 2
+
+    prob = occore.Problem(f, l, lf, x0=[0.3], nu=1, horizon=T, params=ref[:, None])
+    res = occore.reference.ipopt(prob)
+    # Closed form: X = Sx x0 + Su U, J = 1/2 |W^1/2 (X - ref)|^2 + r/2 |U|^2.
+    Sx = a ** np.arange(T + 1)
+    Su = np.array([[a ** (t - 1 - s) * b if s < t else 0.0 for s in range(T)] for t in range(T + 1)])
+    w = np.ones(T + 1)
+    w[T] = 4.0
+    A = np.vstack([np.sqrt(w)[:, None] * Su, np.sqrt(r) * np.eye(T)])
+    y = np.concatenate([np.sqrt(w) * (ref - Sx * 0.3), np.zeros(T)])
+    U = np.linalg.lstsq(A, y, rcond=None)[0]
+    assert res.converged
+    np.testing.assert_allclose(res.us[:, 0], U, atol=1e-8)
+    X = Sx * 0.3 + Su @ U
+    assert res.cost == pytest.approx(0.5 * np.sum(w * (X - ref) ** 2) + 0.5 * r * U @ U, rel=1e-10)
+
+
+def test_time_varying_bounds_are_honoured():
+    prob = occore.problems.make("pendulum")
+    lower = np.full((100, 1), -3.0)
+    lower[:50] = -1.0
+    boxed = occore.Problem(prob.dynamics, prob.stage_cost, prob.terminal_cost, x0=prob.x0, nu=1,
+                           horizon=100, u_lower=lower, u_upper=1.5)
+    res = occore.reference.ipopt(boxed)
+    assert res.converged
+    assert np.all(res.us >= lower) and np.all(res.us <= 1.5)
+    ddp = occore.DDP().solve(boxed)
+    assert res.cost == pytest.approx(ddp.cost, rel=1e-6)
+
+
+def test_initial_guess_is_used_and_not_modified():
+    prob = occore.problems.make("unicycle")
+    us0 = np.full((50, 2), 0.1)
+    copy = us0.copy()
+    res = occore.reference.ipopt(prob, us0)
+    np.testing.assert_array_equal(us0, copy)
+    assert res.converged and res.cost == pytest.approx(OPTIMA["unicycle"], rel=1e-8)
+
+
+def test_iteration_limit_gives_max_iter():
+    res = occore.reference.ipopt(occore.problems.make("cartpole"), max_iter=3)
+    assert res.status is occore.Status.MAX_ITER and res.iterations == 3
+    assert np.isfinite(res.cost)
+
+
+def test_torch_problem_cannot_be_transcribed():
+    pytest.importorskip("torch")
+    prob = occore.problems.make("lqr", backend="torch")
+    with pytest.raises(occore.InputError, match="torch"):
+        occore.reference.ipopt(prob)
+
+
+def test_callable_that_does_not_take_casadi_symbols_is_named():
+    prob = occore.problems.make("pendulum")
+
+    class NumpyOnly:   # what a numpy-only cost would do with a symbol
+        def __call__(self, x, u):
+            return float(np.asarray(x, dtype=float)[0] ** 2)
+
+    stand_in = type("StandIn", (), dict(vars(prob)))()
+    for k, v in vars(prob).items():
+        setattr(stand_in, k, v)
+    stand_in.stage_cost = NumpyOnly()
+    stand_in.rollout = prob.rollout
+    stand_in.initial_controls = prob.initial_controls
+    with pytest.raises(occore.InputError, match="stage_cost"):
+        occore.reference.ipopt(stand_in)
+
+
+@pytest.mark.parametrize("bad", [dict(tol=0.0), dict(tol=float("nan")), dict(max_iter=-1), dict(max_iter=1.5)])
+def test_bad_options(bad):
+    with pytest.raises(occore.InputError, match=list(bad)[0]):
+        occore.reference.ipopt(occore.problems.make("lqr"), **bad)
+
+
+def test_not_a_problem():
+    with pytest.raises(occore.InputError, match="problem"):
+        occore.reference.ipopt(object())
+
+
+def test_ipopt_option_passthrough():
+    res = occore.reference.ipopt(occore.problems.make("pendulum"), ipopt_options={"mu_strategy": "adaptive"})
+    assert res.converged
+    with pytest.raises(occore.InputError, match="ipopt_options"):
+        occore.reference.ipopt(occore.problems.make("pendulum"), ipopt_options={"no_such_option": 1})
