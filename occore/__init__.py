@@ -30,3 +30,5 @@ from . import reference  # noqa: E402  (E-MSA, the IPOPT reference and the compa
 from .solvers.emsa import EMSA, EMSAOptions, InnerSolver  # noqa: E402
 
 __all__ += ["EMSA", "EMSAOptions", "InnerSolver", "reference"]
+from .derivatives.check import check_derivatives, DerivativeReport  # noqa: E402
+__all__ += ["check_derivatives", "DerivativeReport"]
