@@ -1,0 +1,81 @@
+"""occore.check_derivatives: every backend agrees with finite differences of its own values on every
+reference problem, and a wrong derivative is caught and named."""
+from dataclasses import replace
+
+import numpy as np
+import pytest
+
+import occore
+from occore.derivatives.check import FIELDS
+from occore.problems import NAMES
+
+BACKENDS = ["casadi", "torch", "finite_difference"]
+FIRST = ("f", "l", "fx", "fu", "lx", "lu")
+SECOND = ("lxx", "lux", "luu", "fxx", "fux", "fuu")
+HORIZON = 15   # the check is per stage: a short horizon tests the same thing, faster
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("name", NAMES)
+def test_every_backend_agrees_with_finite_differences(name, backend):
+    if backend == "torch":
+        pytest.importorskip("torch")
+    prob = occore.problems.make(name, backend, horizon=HORIZON)
+    us = 0.5 * np.random.default_rng(0).standard_normal((HORIZON, prob.nu))
+    report = occore.check_derivatives(prob, us)
+    assert report.ok(1e-6), str(report)
+    assert list(report.errors) == list(FIELDS)
+    for field in FIRST:
+        assert min(report[field].abs, report[field].rel) <= 1e-8, (field, str(report))
+    nx, nu = prob.nx, prob.nu
+    assert report["fxx"].shape == (HORIZON, nx, nx, nx) and report["fux"].shape == (HORIZON, nx, nu, nx)
+    assert report["lx"].shape == (HORIZON + 1, nx) and report["l"].shape == (HORIZON + 1,)
+
+
+def test_default_controls_first_order_and_table():
+    prob = occore.problems.make("unicycle", horizon=10)
+    report = occore.check_derivatives(prob, second_order=False)   # zeros
+    assert report.ok() and not report.second_order
+    assert set(report.errors) == set(FIELDS) - {"fxx", "fux", "fuu"}
+    text = str(report)
+    assert "backend 'casadi'" in text and "T=10" in text and "first order" in text
+    for field in report.errors:
+        assert f"\n{field} " in text
+
+
+class _Wrong:
+    """A problem whose backend returns one wrong derivative field."""
+
+    def __init__(self, prob, field, delta):
+        self._prob, self._field, self._delta = prob, field, delta
+
+    def __getattr__(self, name):
+        return getattr(self._prob, name)
+
+    def evaluate_derivatives(self, xs, us, second_order=False):
+        d = self._prob.evaluate_derivatives(xs, us, second_order)
+        bad = np.array(getattr(d, self._field), copy=True)
+        bad[3] += self._delta
+        return replace(d, **{self._field: bad})
+
+
+@pytest.mark.parametrize("field", ["fx", "lu", "lxx", "fux"])
+def test_a_wrong_derivative_is_caught_and_named(field):
+    prob = occore.problems.make("cartpole", horizon=HORIZON)
+    us = 0.3 * np.ones((HORIZON, 1))
+    report = occore.check_derivatives(_Wrong(prob, field, 1e-3), us)
+    assert not report.ok(1e-5)
+    assert report.worst()[0] == field
+    assert report[field].where[0] == 3
+    assert report[field].abs == pytest.approx(1e-3, rel=1e-3)
+    for other in set(report.errors) - {field}:
+        assert report[other].ok(1e-6), (other, str(report))
+
+
+def test_bad_controls_are_rejected():
+    prob = occore.problems.make("pendulum", horizon=5)
+    with pytest.raises(occore.ShapeError, match="us"):
+        occore.check_derivatives(prob, np.zeros((4, 1)))
+    us = np.full((5, 1), 3.0)
+    occore.check_derivatives(prob, us)
+    assert np.all(us == 3.0)   # not modified
