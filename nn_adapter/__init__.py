@@ -1,3 +1,11 @@
-"""nn_adapter: a torch network as a control problem for occore's solvers, and the DDPNOpt optimizer."""
+"""nn_adapter: neural networks as occore control problems, and the DDPNOpt optimizer."""
+# issue 4 (stages, NetworkProblem, network local model, E-MSA hooks)
 from .errors import MemoryLimitError, UnsupportedModuleError
+from .local_model import NetworkLocalModel
+from .problem import NetworkProblem
 from .stages import Stage, Stages, split_stages
+
+# issue 5 (DDPNOpt, EKFAC, MMCLoss)
+from .ddpnopt import DDPNOpt
+from .ekfac import EKFAC
+from .losses import MMCLoss

@@ -1,0 +1,321 @@
+"""The exact ("vanilla") DDP local model of a network around one trajectory.
+
+The state of stage t is the whole batch's activation X_t = (x_t^(1), ..., x_t^(B)), of size
+B n_t; the control u_t (the stage's parameters, m_t numbers) is shared by all samples. The dynamics
+act sample by sample, so F_x is block diagonal with the per-sample Jacobians f_x^(i) (n_{t+1}, n_t);
+F_u stacks the per-sample f_u^(i) (n_{t+1}, m_t). The terminal cost Phi(X_T) is the loss of the
+batch (with a mean loss every V_x carries its 1/B), the running cost l_t(u) = wd/2 |u|^2.
+
+What "per-sample V_x, V_xx" means here (the choice is exact batched DDP, the paper's vanilla DDP,
+whose cost "grows cubic w.r.t. BX"; Liu et al. 2021, digest sections A-B):
+
+- V_x^(i) is the i-th block of the gradient of the batch value function, held as a (B, n_t) tensor.
+  It equals the autograd gradient dJ/dx_t^(i) where Q_u = 0 downstream (and in the limit mu -> inf);
+  elsewhere it is Q_x - Q_ux^T Q_uu^-1 Q_u, as DDP prescribes.
+- V_xx is the full (B n_t, B n_t) Hessian of the batch value function. Because the shared control
+  couples the samples, V_xx = Q_xx - Q_ux^T Q_uu^-1 Q_ux has cross-sample blocks
+  -Q_ux^(i)T Q_uu^-1 Q_ux^(j); the per-sample V_xx^(i) of DDPNOpt's Algorithm 3 is the diagonal
+  block (i, i), and DDPNOpt's approximation is to drop the rest. ``value_hessian="per_sample"``
+  drops them here too (V_xx block diagonal), to serve as the dense oracle of that approximation.
+- Q_u = l_u + sum_i f_u^(i)T V_x^(i), Q_uu = l_uu + sum_{i,j} f_u^(i)T V_xx^(ij) f_u^(j) (dense,
+  m_t x m_t), Q_ux (m_t, B n_t), Q_xx (B n_t, B n_t). With ``second_order=True`` the dynamics'
+  second derivatives enter contracted with V_x: per sample, V_x^(i) . f_xx^(i), f_ux^(i), f_uu^(i)
+  (summed over samples for Q_uu).
+- Regularisation: gains from Q_uu + mu I (Levenberg-Marquardt on the controls),
+  k = -(Q_uu + mu I)^-1 Q_u, K = -(Q_uu + mu I)^-1 Q_ux, and the value update with the
+  unregularised terms (Tassa, Erez & Todorov 2012, eq. 11):
+  V_x = Q_x + K^T Q_uu k + K^T Q_u + Q_ux^T k, V_xx = Q_xx + K^T Q_uu K + K^T Q_ux + Q_ux^T K.
+
+x_0 (the inputs) is fixed, so V_xx and Q_xx of stage 0 are computed only when recorded.
+Memory is estimated before anything large is allocated (:func:`memory_estimate`).
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch.func import hessian, jacfwd, jacrev, vmap
+
+from occore.errors import NotPositiveDefinite
+from occore.types import Policy
+
+from .errors import MemoryLimitError
+
+__all__ = ["NetworkLocalModel", "memory_estimate"]
+
+
+def memory_estimate(batch: int, state_sizes, control_sizes, itemsize: int,
+                    second_order: bool = False, value_hessian: str = "batch") -> int:
+    """Bytes the dense backward pass needs at its peak (stored Jacobians and gains plus the
+    largest per-stage temporaries).
+
+    Args:
+        batch: B.
+        state_sizes: n_0..n_T (per-sample state sizes).
+        control_sizes: m_0..m_{T-1}.
+        itemsize: bytes per number (8 for float64).
+        second_order: include the per-sample dynamics Hessians.
+        value_hessian: "batch" (dense V_xx) or "per_sample" (block-diagonal V_xx).
+
+    Example:
+        >>> memory_estimate(2, [3, 2], [8], 8) > 0
+        True
+    """
+    B, n, m = batch, list(state_sizes), list(control_sizes)
+    T = len(m)
+
+    def vxx(t):   # numbers of a value Hessian at boundary t
+        return (B * n[t]) ** 2 if value_hessian == "batch" else B * n[t] ** 2
+
+    stored = sum(B * n[t + 1] * (n[t] + m[t]) + m[t] * B * n[t] + m[t] for t in range(T))
+    peak = vxx(T)
+    for t in range(T):
+        tmp = (vxx(t + 1) + B * n[t + 1] * B * n[t] + 2 * vxx(t) + 2 * m[t] * B * n[t]
+               + 3 * m[t] ** 2 + 2 * B * n[t + 1] * m[t])
+        if second_order:
+            tmp += B * (n[t] + m[t]) ** 2
+        peak = max(peak, tmp)
+    return int((stored + peak) * itemsize)
+
+
+class NetworkLocalModel:
+    """Dense DDP / Gauss-Newton local model of a :class:`~nn_adapter.NetworkProblem` at a trajectory.
+
+    Implements :class:`occore.types.LocalModel`. Everything is lazy: the costates and the control
+    gradient cost one backward pass (vector-Jacobian products, what E-MSA needs); the per-sample
+    Jacobians are computed on the first :meth:`backward`.
+
+    Args:
+        problem: the NetworkProblem.
+        traj: a trajectory of it (xs: T+1 tensors (B, ...), us: T parameter dicts).
+        value_hessian: "batch" (exact, dense V_xx with cross-sample blocks) or "per_sample"
+            (block-diagonal V_xx, DDPNOpt's per-sample recursion with the exact shared Q_uu).
+
+    Attributes:
+        record: after ``backward(..., record=True)``, one dict per stage t = 0..T-1 with
+            Qx (B, n_t), Qu (m_t,), Qxx (B n_t, B n_t) (None at t = 0 unless recorded),
+            Qux (m_t, B n_t), Quu (m_t, m_t), and Vx (B, n_{t+1}), Vxx of the next boundary;
+            ``values`` holds (Vx, Vxx) at every boundary t = 0..T.
+
+    Example:
+        >>> import torch
+        >>> from torch import nn
+        >>> from nn_adapter import NetworkProblem
+        >>> net = nn.Sequential(nn.Linear(2, 3), nn.Tanh(), nn.Linear(3, 1)).double()
+        >>> prob = NetworkProblem(net, nn.MSELoss(), torch.randn(5, 2, dtype=torch.float64),
+        ...                       torch.randn(5, 1, dtype=torch.float64))
+        >>> lm = prob.local_model(prob.rollout(prob.initial_controls()))
+        >>> policy, (d1, d2) = lm.backward(mu=1e-3)
+        >>> [tuple(K.shape) for K in policy.K], d1 < 0
+        ([(9, 10), (4, 15)], True)
+    """
+
+    def __init__(self, problem, traj, value_hessian: str = "batch"):
+        if value_hessian not in ("batch", "per_sample"):
+            raise ValueError(f"value_hessian={value_hessian!r}: expected 'batch' or 'per_sample'")
+        self.problem = problem
+        self.traj = traj
+        self.value_hessian = value_hessian
+        self.B = traj.xs[0].shape[0]
+        self.n = [int(math.prod(x.shape[1:])) for x in traj.xs]
+        self.m = [sum(v.numel() for v in u.values()) for u in traj.us]
+        self._adjoint = None
+        self._jac = None
+        self._terminal = None
+        self.record = None
+        self.values = None
+
+    # -- first order: costates and control gradient (one backward pass) --------------------------
+    def _adjoint_sweep(self):
+        if self._adjoint is None:
+            prob, xs, us = self.problem, self.traj.xs, self.traj.us
+            with torch.enable_grad():
+                xT = xs[-1].detach().requires_grad_(True)
+                (gT,) = torch.autograd.grad(prob.loss_fn(xT, prob.targets), xT)
+                ps, grads = [None] * len(xs), [None] * len(us)
+                ps[-1] = -gT
+                for t in range(len(us) - 1, -1, -1):
+                    stage = prob.stages[t]
+                    x = xs[t].detach().requires_grad_(xs[t].is_floating_point())
+                    u = {k: v.detach().requires_grad_(True) for k, v in us[t].items()}
+                    out = stage.forward(u, x)
+                    inputs = list(u.values()) + ([x] if x.requires_grad else [])
+                    g = torch.autograd.grad(out, inputs, grad_outputs=ps[t + 1])
+                    wd = prob.weight_decay
+                    grads[t] = {k: (wd * us[t][k] if wd else 0) - gk for k, gk in zip(u, g)}
+                    ps[t] = g[-1] if x.requires_grad else torch.zeros_like(xs[t])
+            self._adjoint = (ps, grads)
+        return self._adjoint
+
+    def costates(self) -> list:
+        """p_0..p_T, tensors shaped like the states: p_T = -dPhi/dX_T, p_t = f_x^T p_{t+1}
+        (= -dJ/dx_t, per sample)."""
+        return self._adjoint_sweep()[0]
+
+    def control_gradient(self) -> list:
+        """dJ/du_t for every stage: one dict per stage, shaped like the parameters."""
+        return self._adjoint_sweep()[1]
+
+    def gradient_norm(self) -> float:
+        """Euclidean norm of :meth:`control_gradient` over all stages."""
+        sq = sum((g * g).sum() for d in self.control_gradient() for g in d.values())
+        return float(torch.as_tensor(sq).sqrt().item())
+
+    # -- derivatives --------------------------------------------------------------------------
+    def _flat_stage(self, t):
+        """f(x, u_flat) for one sample: flat output (n_{t+1},)."""
+        stage, us = self.problem.stages[t], self.traj.us[t]
+        names = list(us)
+        shapes = [us[k].shape for k in names]
+        sizes = [us[k].numel() for k in names]
+        xshape = self.traj.xs[t].shape[1:]
+
+        def f(x, u):
+            params = {k: c.view(s) for k, c, s in zip(names, torch.split(u, sizes), shapes)}
+            return stage.forward(params, x.view(1, *xshape)).reshape(-1)
+        return f
+
+    def flat_controls(self, t) -> torch.Tensor:
+        """u_t flattened (m_t,), parameters in ``param_names`` order."""
+        return torch.cat([v.reshape(-1) for v in self.traj.us[t].values()])
+
+    def _jacobians(self):
+        """Per-sample f_x (B, n_{t+1}, n_t) and f_u (B, n_{t+1}, m_t) of every stage."""
+        if self._jac is None:
+            jac = []
+            for t in range(len(self.m)):
+                x = self.traj.xs[t].detach().reshape(self.B, -1)
+                u = self.flat_controls(t).detach()
+                fx, fu = vmap(jacrev(self._flat_stage(t), argnums=(0, 1)), in_dims=(0, None))(x, u)
+                jac.append((fx, fu))
+            self._jac = jac
+        return self._jac
+
+    def _terminal_derivatives(self):
+        """V_x (B n_T,) and V_xx of the terminal cost (dense, or per-sample blocks)."""
+        if self._terminal is None:
+            prob, xT = self.problem, self.traj.xs[-1].detach()
+            shape = xT.shape
+
+            def phi(z):
+                return prob.loss_fn(z.view(shape), prob.targets)
+            z = xT.reshape(-1)
+            Vx = torch.func.grad(phi)(z)
+            Vxx = hessian(phi)(z)
+            self._terminal = (Vx, Vxx)
+        return self._terminal
+
+    def _second_order_terms(self, t, Vx_next):
+        """Per-sample Hessians of V_x' . f(x, u): (B, n, n), (B, m, n), and (m, m) summed."""
+        f = self._flat_stage(t)
+        x = self.traj.xs[t].detach().reshape(self.B, -1)
+        u = self.flat_controls(t).detach()
+
+        def h(x1, u1, v1):
+            return torch.dot(v1, f(x1, u1))
+        H = vmap(jacfwd(jacrev(h, argnums=(0, 1)), argnums=(0, 1)), in_dims=(0, None, 0))
+        (hxx, hxu), (hux, huu) = H(x, u, Vx_next.reshape(self.B, -1))
+        return hxx, hux, huu.sum(0)
+
+    def memory_estimate(self, second_order: bool = False) -> int:
+        """Bytes the backward pass needs (see :func:`memory_estimate`)."""
+        itemsize = self.traj.xs[-1].element_size()
+        return memory_estimate(self.B, self.n, self.m, itemsize, second_order, self.value_hessian)
+
+    # -- the backward pass --------------------------------------------------------------------
+    def backward(self, mu: float, second_order: bool = False, *, record: bool = False):
+        """Riccati sweep with Q_uu + mu I.
+
+        Args:
+            mu: Levenberg-Marquardt regularisation added to every Q_uu.
+            second_order: include the dynamics' second derivatives (full DDP).
+            record: keep every stage's Q terms and every boundary's (V_x, V_xx) in
+                :attr:`record` and :attr:`values` (also computes those of stage 0).
+
+        Returns:
+            (Policy, (d1, d2)): k is a list of parameter dicts, K a list of (m_t, B n_t) matrices
+            (rows: the flattened parameters; columns: the flattened batch state); d1 = sum Q_u.k,
+            d2 = sum k.Q_uu.k (unregularised).
+
+        Raises:
+            NotPositiveDefinite: Q_uu + mu I of some stage is not positive definite.
+            MemoryLimitError: the estimate exceeds the problem's ``memory_limit``.
+        """
+        limit = self.problem.memory_limit
+        est = self.memory_estimate(second_order)
+        if limit is not None and est > limit:
+            raise MemoryLimitError(est, limit, f"batch {self.B}, states {self.n}, controls {self.m}")
+        with torch.no_grad():
+            return self._sweep(float(mu), bool(second_order), record)
+
+    def _sweep(self, mu, second_order, record):
+        B, per_sample = self.B, self.value_hessian == "per_sample"
+        jac = self._jacobians()
+        Vx, Vxx = self._terminal_derivatives()
+        if per_sample:   # keep only the diagonal blocks (B, n, n)
+            n = self.n[-1]
+            Vxx = Vxx.view(B, n, B, n).diagonal(dim1=0, dim2=2).permute(2, 0, 1)
+        wd = self.problem.weight_decay
+        T = len(self.m)
+        ks, Ks = [None] * T, [None] * T
+        d1 = d2 = 0.0
+        records = [None] * T
+        values = [None] * (T + 1)
+        values[T] = (Vx.view(B, -1), Vxx)
+        for t in range(T - 1, -1, -1):
+            fx, fu = jac[t]                       # (B, n', n), (B, n', m)
+            n1, n, m = fx.shape[1], fx.shape[2], fu.shape[2]
+            eye = torch.eye(m, dtype=fu.dtype, device=fu.device)
+            Vx2 = Vx.view(B, n1)
+            # V' F_u, (B, n', m): one matmul (dense V') or B small ones (per-sample blocks)
+            VFu = torch.bmm(Vxx, fu) if per_sample else (Vxx @ fu.reshape(B * n1, m)).view(B, n1, m)
+            Qx = torch.einsum("ian,ia->in", fx, Vx2)
+            Qu = fu.reshape(B * n1, m).T @ Vx.reshape(-1)
+            Quu = fu.reshape(B * n1, m).T @ VFu.reshape(B * n1, m)
+            Qux = torch.einsum("iam,ian->min", VFu, fx).reshape(m, B * n)   # (V' F_u)^T F_x
+            Qxx = None
+            if t > 0 or record:                   # x_0 is fixed: V_xx(0) is never needed
+                if per_sample:
+                    Qxx = torch.bmm(fx.transpose(1, 2), torch.bmm(Vxx, fx))
+                else:
+                    A = torch.einsum("pjd,jdb->pjb", Vxx.view(B * n1, B, n1), fx)  # V' F_x
+                    Qxx = torch.einsum("iac,iajb->icjb", fx, A.view(B, n1, B, n)).reshape(B * n, B * n)
+                    del A
+            del VFu
+            if wd:
+                Qu = Qu + wd * self.flat_controls(t)
+                Quu = Quu + wd * eye
+            if second_order:
+                hxx, hux, huu = self._second_order_terms(t, Vx2)
+                Quu = Quu + huu
+                Qux = Qux + hux.permute(1, 0, 2).reshape(m, B * n)
+                if Qxx is not None:
+                    Qxx = Qxx + (hxx if per_sample else torch.block_diag(*hxx))
+            Quu = 0.5 * (Quu + Quu.T)
+            L, info = torch.linalg.cholesky_ex(Quu + mu * eye)
+            if int(info) != 0:
+                raise NotPositiveDefinite(t)
+            sol = -torch.cholesky_solve(torch.cat([Qu[:, None], Qux], dim=1), L)
+            k, K = sol[:, 0], sol[:, 1:]
+            Quu_k = Quu @ k
+            d1 += float(Qu @ k)
+            d2 += float(k @ Quu_k)
+            ks[t], Ks[t] = k, K
+            Vx_new = Qx.reshape(-1) + K.T @ (Quu_k + Qu) + Qux.T @ k
+            Vxx_new = None
+            if Qxx is not None:
+                if per_sample:
+                    K3, Qux3 = K.view(m, B, n), Qux.view(m, B, n)
+                    cross = torch.einsum("mia,mib->iab", K3, Qux3 + 0.5 * torch.einsum("mk,kib->mib", Quu, K3))
+                    Vxx_new = Qxx + cross + cross.transpose(1, 2)
+                else:
+                    cross = K.T @ (Qux + 0.5 * (Quu @ K))       # K'Quu K/2 + K'Qux
+                    Vxx_new = Qxx + cross + cross.T
+            if record:
+                records[t] = dict(Qx=Qx, Qu=Qu, Qxx=Qxx, Qux=Qux, Quu=Quu, Vx=Vx2, Vxx=Vxx)
+                values[t] = (Vx_new.view(B, n), Vxx_new)
+            Vx, Vxx = Vx_new, Vxx_new
+        if record:
+            self.record, self.values = records, values
+        k_dicts = [self.problem.unflatten(t, ks[t]) for t in range(T)]
+        return Policy(k=k_dicts, K=Ks), (d1, d2)

@@ -1,0 +1,233 @@
+"""A torch network as an occore control problem (DDPNOpt, Liu et al. 2021, Sec. 2; E-MSA, Li et al. 2018).
+
+Stage t of the network (see :mod:`nn_adapter.stages`) is the dynamics x_{t+1} = f_t(x_t, u_t);
+the states are the activations of the whole batch (the batch axis is part of the state), the
+controls are each stage's parameters (one dict per stage), the running cost is the weight decay
+l_t(u_t) = weight_decay/2 |u_t|^2 and the terminal cost is the loss, Phi(x_T) = loss_fn(x_T, targets).
+"""
+from __future__ import annotations
+
+import logging
+import math
+
+import torch
+from torch import Tensor, nn
+
+from occore.errors import InputError, ShapeError
+from occore.types import Policy, Trajectory
+
+from .local_model import NetworkLocalModel
+from .stages import split_stages
+
+logger = logging.getLogger("nn_adapter")
+
+__all__ = ["NetworkProblem"]
+
+
+class NetworkProblem:
+    """Full-batch training of ``model`` as a control problem (implements ``ControlProblem``).
+
+    Args:
+        model: an ``nn.Sequential`` or a list of stages (see :func:`nn_adapter.split_stages`);
+            dropout and batch norm must be in eval mode. Never modified (until :meth:`load_into`).
+        loss_fn: ``loss_fn(outputs, targets) -> scalar tensor`` (e.g. ``nn.CrossEntropyLoss()``),
+            written with torch operations that ``torch.func`` can differentiate.
+        inputs: (B, ...) the batch; floating inputs are cast (copied) to the model's dtype and
+            device.
+        targets: (B, ...) what ``loss_fn`` compares the outputs with (moved to the model's device).
+        weight_decay: wd >= 0 of the running cost wd/2 |u_t|^2 (torch's ``weight_decay``).
+        memory_limit: bytes the dense local model may use (None: no limit); beyond it
+            :meth:`local_model`'s backward pass raises :class:`nn_adapter.errors.MemoryLimitError`.
+        value_hessian: "batch" (exact batched DDP) or "per_sample" (DDPNOpt's block-diagonal V_xx);
+            see :mod:`nn_adapter.local_model`.
+
+    Attributes:
+        horizon: T, the number of stages.
+        stages: the :class:`~nn_adapter.stages.Stage` list; ``pre`` the leading parameter-free
+            modules.
+
+    Raises:
+        UnsupportedModuleError: a module cannot be a stage.
+        ShapeError: inputs the first stage cannot take, or targets of another length.
+        InputError: a loss that is not a scalar, non-finite inputs, or bad options.
+
+    Example:
+        >>> import torch
+        >>> from torch import nn
+        >>> net = nn.Sequential(nn.Linear(4, 3), nn.Tanh(), nn.Linear(3, 2))
+        >>> x, y = torch.randn(6, 4), torch.randint(0, 2, (6,))
+        >>> prob = NetworkProblem(net, nn.CrossEntropyLoss(), x, y)
+        >>> traj = prob.rollout(prob.initial_controls())
+        >>> prob.horizon, torch.equal(traj.xs[-1], net(x))
+        (2, True)
+    """
+
+    inner_methods = ("lbfgs", "gradient")
+
+    def __init__(self, model, loss_fn, inputs: Tensor, targets: Tensor, weight_decay: float = 0.0,
+                 memory_limit: int | None = 2 ** 30, value_hessian: str = "batch"):
+        self.pre, self.stages = split_stages(model)
+        self.horizon = len(self.stages)
+        first = next(iter(self.stages[0].params().values()))
+        self.dtype, self.device = first.dtype, first.device
+        if not callable(loss_fn):
+            raise InputError(f"loss_fn: expected a callable, got {type(loss_fn).__name__}")
+        self.loss_fn = loss_fn
+        if not (isinstance(weight_decay, (int, float)) and math.isfinite(weight_decay)
+                and weight_decay >= 0):
+            raise InputError(f"weight_decay={weight_decay!r}: expected a finite number >= 0")
+        self.weight_decay = float(weight_decay)
+        if memory_limit is not None and not (isinstance(memory_limit, (int, float)) and memory_limit > 0):
+            raise InputError(f"memory_limit={memory_limit!r}: expected a positive number of bytes or None")
+        self.memory_limit = memory_limit
+        if value_hessian not in ("batch", "per_sample"):
+            raise InputError(f"value_hessian={value_hessian!r}: expected 'batch' or 'per_sample'")
+        self.value_hessian = value_hessian
+        self.inputs, self.targets = self._check_data(inputs, targets)
+        self.batch_size = self.inputs.shape[0]
+        self.x0 = self._pre(self.inputs)
+        self._check_forward()
+
+    # -- validation ---------------------------------------------------------------------------
+    def _check_data(self, inputs, targets):
+        for name, v in (("inputs", inputs), ("targets", targets)):
+            if not isinstance(v, Tensor):
+                raise InputError(f"{name}: expected a torch.Tensor, got {type(v).__name__}")
+            if v.dim() == 0:
+                raise ShapeError(name, "(B, ...)", tuple(v.shape), "needs a batch axis")
+        if inputs.shape[0] != targets.shape[0]:
+            raise ShapeError("targets", f"({inputs.shape[0]}, ...) (one per input)",
+                             tuple(targets.shape))
+        if inputs.is_floating_point():
+            inputs = inputs.to(device=self.device, dtype=self.dtype)
+            if not torch.isfinite(inputs).all():
+                raise InputError("inputs: contains NaN or inf")
+        else:
+            inputs = inputs.to(device=self.device)
+        targets = targets.to(device=self.device)
+        if targets.is_floating_point():
+            targets = targets.to(dtype=self.dtype)
+        return inputs, targets
+
+    def _pre(self, x):
+        with torch.no_grad():
+            for module in self.pre:
+                x = module(x)
+        return x
+
+    def _check_forward(self):
+        """One forward pass and the loss: clear errors before any solver work."""
+        x = self.x0
+        with torch.no_grad():
+            for stage in self.stages:
+                try:
+                    x = stage.forward(stage.params(), x)
+                except Exception as err:    # noqa: BLE001 - re-raised with the stage named
+                    what = "inputs" if stage.index == 0 else f"stage {stage.index} input"
+                    raise ShapeError(what, f"what module {stage.names[0]!r} "
+                                     f"({type(stage.head).__name__}) accepts", tuple(x.shape),
+                                     str(err)) from err
+                if not isinstance(x, Tensor) or x.dim() == 0 or x.shape[0] != self.batch_size:
+                    raise ShapeError(f"stage {stage.index} output", f"({self.batch_size}, ...)",
+                                     getattr(x, "shape", type(x).__name__),
+                                     f"modules {stage.names} must keep the batch axis")
+            try:
+                loss = self.loss_fn(x, self.targets)
+            except Exception as err:    # noqa: BLE001
+                raise InputError(f"loss_fn failed on outputs {tuple(x.shape)} and targets "
+                                 f"{tuple(self.targets.shape)}: {err}") from err
+        if not isinstance(loss, Tensor) or loss.numel() != 1 or loss.dim() != 0:
+            shape = tuple(loss.shape) if isinstance(loss, Tensor) else type(loss).__name__
+            raise InputError(f"loss_fn must return a scalar tensor (a 0-d tensor), got {shape}; "
+                             "use reduction='mean' or 'sum'")
+
+    def _check_controls(self, us, name="us"):
+        if not isinstance(us, (list, tuple)) or len(us) != self.horizon:
+            raise ShapeError(name, f"a list of {self.horizon} parameter dicts",
+                             f"{type(us).__name__} of length {len(us) if hasattr(us, '__len__') else '?'}")
+        for stage, u in zip(self.stages, us):
+            ref = stage.params()
+            if not isinstance(u, dict) or set(u) != set(ref):
+                raise ShapeError(f"{name}[{stage.index}]", f"a dict with keys {sorted(ref)}",
+                                 sorted(u) if isinstance(u, dict) else type(u).__name__)
+            for k, v in ref.items():
+                if tuple(u[k].shape) != tuple(v.shape):
+                    raise ShapeError(f"{name}[{stage.index}][{k!r}]", tuple(v.shape), tuple(u[k].shape))
+
+    # -- the protocol -------------------------------------------------------------------------
+    def initial_controls(self) -> list[dict[str, Tensor]]:
+        """The model's current parameters, copied (one dict per stage)."""
+        return [{k: v.detach().clone() for k, v in s.params().items()} for s in self.stages]
+
+    def _cost(self, xT, us):
+        """J as a tensor: the loss plus wd/2 |u|^2."""
+        cost = self.loss_fn(xT, self.targets)
+        if self.weight_decay:
+            reg = sum((v * v).sum() for u in us for v in u.values())
+            cost = cost + 0.5 * self.weight_decay * reg
+        return cost
+
+    def rollout(self, us) -> Trajectory:
+        """States x_0..x_T of controls ``us`` (list of T parameter dicts) and the cost."""
+        self._check_controls(us)
+        xs = [self.x0]
+        with torch.no_grad():
+            for stage, u in zip(self.stages, us):
+                xs.append(stage.forward(u, xs[-1]))
+            cost = float(self._cost(xs[-1], us).item())
+        return Trajectory(xs=xs, us=list(us), cost=cost)
+
+    def rollout_policy(self, ref: Trajectory, policy: Policy, alpha: float) -> Trajectory:
+        """Layer-by-layer feedback pass u_t = ref.us_t + alpha k_t + K_t (x_t - ref.xs_t)."""
+        xs, us = [self.x0], []
+        with torch.no_grad():
+            for t, stage in enumerate(self.stages):
+                dx = (xs[t] - ref.xs[t]).reshape(-1)
+                K = policy.K[t]
+                du = K(dx) if callable(K) else K @ dx
+                fb = self.unflatten(t, du)
+                u = {k: v + alpha * policy.k[t][k] + fb[k] for k, v in ref.us[t].items()}
+                us.append(u)
+                xs.append(stage.forward(u, xs[t]))
+            cost = float(self._cost(xs[-1], us).item())
+        return Trajectory(xs=xs, us=us, cost=cost)
+
+    def local_model(self, traj: Trajectory, second_order: bool = False) -> NetworkLocalModel:
+        """The dense network local model at ``traj`` (lazy; see :mod:`nn_adapter.local_model`)."""
+        return NetworkLocalModel(self, traj, self.value_hessian)
+
+    # -- E-MSA extension ----------------------------------------------------------------------
+    def hamiltonian_grad(self, traj: Trajectory, costates, rho: float, us):
+        """Augmented Hamiltonians Ht_t(us_t) (T,) float64 and their gradients (parameter dicts)."""
+        from .hamiltonian import hamiltonian_grad
+        return hamiltonian_grad(self, traj, costates, rho, us)
+
+    def maximize_hamiltonian(self, traj: Trajectory, costates, rho: float, inner):
+        """New controls maximising every stage's augmented Hamiltonian (``inner.method`` "lbfgs"
+        or "gradient"), from ``traj.us``."""
+        from .hamiltonian import maximize_hamiltonian
+        return maximize_hamiltonian(self, traj, costates, rho, inner)
+
+    # -- helpers ------------------------------------------------------------------------------
+    def unflatten(self, t: int, flat: Tensor) -> dict[str, Tensor]:
+        """A flat (m_t,) vector as stage t's parameter dict (``param_names`` order)."""
+        out, i = {}, 0
+        for k, v in self.stages[t].params().items():
+            out[k] = flat[i:i + v.numel()].view(v.shape)
+            i += v.numel()
+        return out
+
+    def load_into(self, model, us) -> None:
+        """Copy controls ``us`` into the parameters of ``model`` (same architecture), in place."""
+        self._check_controls(us)
+        _, stages = split_stages(model)
+        if [s.param_names for s in stages] != [s.param_names for s in self.stages]:
+            raise ShapeError("model", f"stages with parameters {[s.param_names for s in self.stages]}",
+                             [s.param_names for s in stages])
+        with torch.no_grad():
+            for stage, u in zip(stages, us):
+                for k, p in stage.params().items():
+                    if p.shape != u[k].shape:
+                        raise ShapeError(f"model stage {stage.index} {k!r}", tuple(u[k].shape),
+                                         tuple(p.shape))
+                    p.copy_(u[k])

@@ -1,0 +1,265 @@
+"""The network local model against independent dense oracles (float64, 1e-10).
+
+Oracle A: the batched problem with the whole batch flattened into one state; every Jacobian and
+Hessian from torch.func on the flattened stage maps (no per-sample structure), and a plain dense
+Riccati recursion. Oracle B (Gauss-Newton): the value function of the batched LQ tail problem by
+condensing (Schur complement of the quadratic model in (dx_t, du_t..du_{T-1})). Oracle C: autograd
+gradients of J.
+"""
+import pytest
+import torch
+from torch import nn
+from torch.func import functional_call, hessian, jacrev
+
+from nn_adapter import NetworkProblem
+from nn_adapter.errors import MemoryLimitError
+from occore.errors import NotPositiveDefinite
+
+TOL = dict(rtol=1e-10, atol=1e-10)
+
+
+def mlp():
+    torch.manual_seed(1)
+    net = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 3), nn.Sigmoid(), nn.Linear(3, 2))
+    x, y = torch.randn(4, 3), torch.tensor([0, 1, 1, 0])
+    return net.double(), nn.CrossEntropyLoss(), x.double(), y
+
+
+def cnn():
+    torch.manual_seed(2)
+    net = nn.Sequential(nn.Conv2d(1, 2, 2), nn.Tanh(), nn.AvgPool2d(2), nn.Flatten(), nn.Linear(2, 2))
+    x, y = torch.randn(3, 1, 3, 3), torch.randn(3, 2)
+    return net.double(), nn.MSELoss(), x.double(), y.double()
+
+
+class Dense:
+    """Oracle A: flattened batched problem, torch.func derivatives, dense recursion."""
+
+    def __init__(self, prob, traj):
+        self.prob, self.traj = prob, traj
+        self.T = prob.horizon
+
+    def flat_u(self, t):
+        return torch.cat([v.reshape(-1) for v in self.traj.us[t].values()])
+
+    def F(self, t):
+        stage, u0, shape = self.prob.stages[t], self.traj.us[t], self.traj.xs[t].shape
+
+        def f(X, u):
+            params, i = {}, 0
+            for k, v in u0.items():
+                params[k] = u[i:i + v.numel()].view(v.shape)
+                i += v.numel()
+            return stage.forward(params, X.view(shape)).reshape(-1)
+        return f
+
+    def phi(self, z):
+        return self.prob.loss_fn(z.view(self.traj.xs[-1].shape), self.prob.targets)
+
+    def sweep(self, mu, second_order, per_sample=False):
+        B, wd = self.prob.batch_size, self.prob.weight_decay
+        z = self.traj.xs[-1].reshape(-1)
+        Vx, Vxx = torch.func.grad(self.phi)(z), hessian(self.phi)(z)
+        out = [None] * self.T
+        if per_sample:
+            Vxx = Vxx * self.mask(Vxx.shape[0], B)
+        for t in range(self.T - 1, -1, -1):
+            X, u = self.traj.xs[t].reshape(-1), self.flat_u(t)
+            f = self.F(t)
+            Fx, Fu = jacrev(f, argnums=(0, 1))(X, u)
+            m = u.numel()
+            Qx = Fx.T @ Vx
+            Qu = Fu.T @ Vx + wd * u
+            Qxx = Fx.T @ Vxx @ Fx
+            Qux = Fu.T @ Vxx @ Fx
+            Quu = Fu.T @ Vxx @ Fu + wd * torch.eye(m, dtype=u.dtype)
+            if second_order:
+                (hxx, hxu), (hux, huu) = hessian(lambda X1, u1: Vx @ f(X1, u1), argnums=(0, 1))(X, u)
+                Qxx, Qux, Quu = Qxx + hxx, Qux + hux, Quu + huu
+            Hinv = torch.linalg.inv(Quu + mu * torch.eye(m, dtype=u.dtype))
+            k, K = -Hinv @ Qu, -Hinv @ Qux
+            out[t] = dict(Qx=Qx, Qu=Qu, Qxx=Qxx, Qux=Qux, Quu=Quu, k=k, K=K, Vx_next=Vx, Vxx_next=Vxx)
+            Vx = Qx + K.T @ Quu @ k + K.T @ Qu + Qux.T @ k
+            Vxx = Qxx + K.T @ Quu @ K + K.T @ Qux + Qux.T @ K
+            if per_sample:
+                Vxx = Vxx * self.mask(Vxx.shape[0], B)
+            out[t].update(Vx=Vx, Vxx=Vxx)
+        return out
+
+    @staticmethod
+    def mask(N, B):
+        n = N // B
+        return torch.block_diag(*[torch.ones(n, n, dtype=torch.float64)] * B)
+
+    def tail(self, t):
+        """X_T as a function of (X_t, w = u_t..u_{T-1} flattened)."""
+        sizes = [self.flat_u(s).numel() for s in range(t, self.T)]
+
+        def g(X, w):
+            for s, ws in zip(range(t, self.T), torch.split(w, sizes)):
+                X = self.F(s)(X, ws)
+            return X
+        w = torch.cat([self.flat_u(s) for s in range(t, self.T)])
+        return g, w
+
+
+def compare_record(lm, oracle, second_order):
+    B = lm.B
+    for t, (r, o) in enumerate(zip(lm.record, oracle)):
+        torch.testing.assert_close(r["Qx"].reshape(-1), o["Qx"], **TOL)
+        torch.testing.assert_close(r["Qu"], o["Qu"], **TOL)
+        torch.testing.assert_close(r["Quu"], o["Quu"], **TOL)
+        torch.testing.assert_close(r["Qux"], o["Qux"], **TOL)
+        Qxx = r["Qxx"]
+        if lm.value_hessian == "per_sample":
+            Qxx = torch.block_diag(*Qxx)
+        torch.testing.assert_close(Qxx, o["Qxx"], **TOL)
+        Vx, Vxx = lm.values[t]
+        torch.testing.assert_close(Vx.reshape(-1), o["Vx"], **TOL)
+        if lm.value_hessian == "per_sample":
+            Vxx = torch.block_diag(*Vxx)
+        torch.testing.assert_close(Vxx, o["Vxx"], **TOL)
+        assert Vx.shape == (B, lm.n[t])
+
+
+@pytest.mark.parametrize("make", [mlp, cnn])
+@pytest.mark.parametrize("second_order", [False, True])
+@pytest.mark.parametrize("value_hessian", ["batch", "per_sample"])
+def test_backward_matches_dense_oracle(make, second_order, value_hessian):
+    net, loss, x, y = make()
+    prob = NetworkProblem(net, loss, x, y, weight_decay=0.05, value_hessian=value_hessian)
+    traj = prob.rollout(prob.initial_controls())
+    lm = prob.local_model(traj, second_order)
+    mu = 0.3 if make is mlp else 3.0   # second-order Q_uu of the CNN is indefinite below ~1
+    policy, (d1, d2) = lm.backward(mu, second_order, record=True)
+    oracle = Dense(prob, traj).sweep(mu, second_order, per_sample=value_hessian == "per_sample")
+    compare_record(lm, oracle, second_order)
+    d1o = sum(float(o["Qu"] @ o["k"]) for o in oracle)
+    d2o = sum(float(o["k"] @ o["Quu"] @ o["k"]) for o in oracle)
+    assert d1 == pytest.approx(d1o, rel=1e-10) and d2 == pytest.approx(d2o, rel=1e-10)
+    for t, o in enumerate(oracle):
+        k = torch.cat([v.reshape(-1) for v in policy.k[t].values()])
+        torch.testing.assert_close(k, o["k"], **TOL)
+        torch.testing.assert_close(policy.K[t], o["K"], **TOL)
+
+
+@pytest.mark.parametrize("make", [mlp, cnn])
+def test_gauss_newton_value_is_the_batched_lq_value_function(make):
+    """Oracle B: V_x, V_xx at every boundary = Schur complement of the condensed tail problem."""
+    net, loss, x, y = make()
+    prob = NetworkProblem(net, loss, x, y, weight_decay=0.1)
+    traj = prob.rollout(prob.initial_controls())
+    lm = prob.local_model(traj)
+    lm.backward(0.0, False, record=True)
+    dense = Dense(prob, traj)
+    z = traj.xs[-1].reshape(-1)
+    gT, HT = torch.func.grad(dense.phi)(z), hessian(dense.phi)(z)
+    for t in range(prob.horizon):
+        g, w = dense.tail(t)
+        X = traj.xs[t].reshape(-1)
+        M, G = jacrev(g, argnums=(0, 1))(X, w)
+        Hxx, Hxw = M.T @ HT @ M, M.T @ HT @ G
+        Hww = G.T @ HT @ G + 0.1 * torch.eye(w.numel(), dtype=w.dtype)
+        gx, gw = M.T @ gT, G.T @ gT + 0.1 * w
+        Vxx = Hxx - Hxw @ torch.linalg.solve(Hww, Hxw.T)
+        Vx = gx - Hxw @ torch.linalg.solve(Hww, gw)
+        torch.testing.assert_close(lm.values[t][0].reshape(-1), Vx, **TOL)
+        torch.testing.assert_close(lm.values[t][1], Vxx, **TOL)
+
+
+def test_policy_on_linearised_dynamics_is_the_joint_gauss_newton_step():
+    net, loss, x, y = mlp()
+    prob = NetworkProblem(net, loss, x, y, weight_decay=0.1)
+    traj = prob.rollout(prob.initial_controls())
+    lm = prob.local_model(traj)
+    policy, _ = lm.backward(0.0, False)
+    dense = Dense(prob, traj)
+    g, w = dense.tail(0)
+    G = jacrev(g, argnums=1)(traj.xs[0].reshape(-1), w)
+    z = traj.xs[-1].reshape(-1)
+    gT, HT = torch.func.grad(dense.phi)(z), hessian(dense.phi)(z)
+    step = -torch.linalg.solve(G.T @ HT @ G + 0.1 * torch.eye(w.numel(), dtype=w.dtype), G.T @ gT + 0.1 * w)
+    dx, dus = torch.zeros_like(traj.xs[0].reshape(-1)), []
+    for t in range(prob.horizon):
+        du = torch.cat([v.reshape(-1) for v in policy.k[t].values()]) + policy.K[t] @ dx
+        Fx, Fu = jacrev(dense.F(t), argnums=(0, 1))(traj.xs[t].reshape(-1), dense.flat_u(t))
+        dx = Fx @ dx + Fu @ du
+        dus.append(du)
+    torch.testing.assert_close(torch.cat(dus), step, **TOL)
+
+
+def autograd_J(prob, traj):
+    """dJ/dx_t (per sample) and dJ/du_t by autograd through the whole composed network."""
+    xs = [traj.xs[0]]
+    us = [{k: v.clone().requires_grad_(True) for k, v in u.items()} for u in traj.us]
+    hs = []
+    for t, stage in enumerate(prob.stages):
+        h = xs[-1].detach().requires_grad_(True) if t > 0 else xs[-1]
+        hs.append(h)
+        xs.append(stage.forward(us[t], h if t > 0 else xs[-1]))
+    J = prob.loss_fn(xs[-1], prob.targets) + 0.5 * prob.weight_decay * sum(
+        (v * v).sum() for u in us for v in u.values())
+    # dJ/dx_t through the rest of the network: chain the per-stage graph
+    gx = [None] * (prob.horizon + 1)
+    (gx[-1],) = torch.autograd.grad(J, xs[-1], retain_graph=True)
+    for t in range(prob.horizon - 1, 0, -1):
+        (gx[t],) = torch.autograd.grad(xs[t + 1], hs[t], grad_outputs=gx[t + 1], retain_graph=True)
+    # dJ/du through the fully composed graph
+    flat = functional_call_all(prob, us)
+    gu = torch.autograd.grad(flat, [v for u in us for v in u.values()])
+    return gx, gu
+
+
+def functional_call_all(prob, us):
+    x = prob.x0
+    for stage, u in zip(prob.stages, us):
+        x = stage.forward(u, x)
+    return prob.loss_fn(x, prob.targets) + 0.5 * prob.weight_decay * sum(
+        (v * v).sum() for u in us for v in u.values())
+
+
+@pytest.mark.parametrize("make", [mlp, cnn])
+def test_first_order_terms_equal_autograd(make):
+    net, loss, x, y = make()
+    prob = NetworkProblem(net, loss, x, y, weight_decay=0.05)
+    traj = prob.rollout(prob.initial_controls())
+    gx, gu = autograd_J(prob, traj)
+    lm = prob.local_model(traj)
+    # costates and control gradient (E-MSA): p_t = -dJ/dx_t, dJ/du_t
+    p = lm.costates()
+    for t in range(1, prob.horizon + 1):
+        torch.testing.assert_close(p[t], -gx[t], **TOL)
+    flat = [g for d in lm.control_gradient() for g in d.values()]
+    for a, b in zip(flat, gu):
+        torch.testing.assert_close(a, b, **TOL)
+    assert lm.gradient_norm() == pytest.approx(float(torch.sqrt(sum((g * g).sum() for g in gu))), rel=1e-12)
+    # per-sample V_x at the terminal boundary and Q_x, Q_u of the last stage are autograd gradients
+    lm.backward(0.1, False, record=True)
+    T = prob.horizon
+    torch.testing.assert_close(lm.values[T][0], gx[T].reshape(prob.batch_size, -1), **TOL)
+    torch.testing.assert_close(lm.record[T - 1]["Qx"], gx[T - 1].reshape(prob.batch_size, -1), **TOL)
+    nlast = len(traj.us[-1])
+    torch.testing.assert_close(lm.record[T - 1]["Qu"], torch.cat([g.reshape(-1) for g in gu[-nlast:]]),
+                               **TOL)
+    # with mu -> inf the DDP value gradient is back-propagation: V_x = dJ/dx_t, Q_u = dJ/du_t
+    lm.backward(1e13, True, record=True)
+    for t in range(1, T + 1):
+        torch.testing.assert_close(lm.values[t][0], gx[t].reshape(prob.batch_size, -1), rtol=1e-9, atol=1e-10)
+    torch.testing.assert_close(torch.cat([r["Qu"] for r in lm.record]),
+                               torch.cat([g.reshape(-1) for g in gu]), rtol=1e-9, atol=1e-10)
+
+
+def test_not_positive_definite_and_memory_limit():
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(3, 5), nn.Tanh(), nn.Linear(5, 1)).double()
+    x, y = torch.randn(2, 3, dtype=torch.float64), torch.randn(2, 1, dtype=torch.float64)
+    prob = NetworkProblem(net, nn.MSELoss(), x, y)      # 26 parameters, rank-2 Gauss-Newton Q_uu
+    lm = prob.local_model(prob.rollout(prob.initial_controls()))
+    with pytest.raises(NotPositiveDefinite) as err:
+        lm.backward(-1e-3, False)
+    assert err.value.stage in (0, 1)
+    lm.backward(1e-6, False)   # a positive mu is enough
+    small = NetworkProblem(net, nn.MSELoss(), x, y, memory_limit=1000)
+    with pytest.raises(MemoryLimitError, match="DDPNOpt") as err:
+        small.local_model(small.rollout(small.initial_controls())).backward(1.0)
+    assert err.value.estimate > 1000 and err.value.limit == 1000
