@@ -1,0 +1,194 @@
+"""DDP and iLQR on the reference problems, beside CasADi + IPOPT on the same problems in the same run.
+
+    python benchmarks/classic.py                    # table + linear-growth check + profile
+    python benchmarks/classic.py --repeats 9 --problems cartpole,pendulum_box
+    python benchmarks/classic.py --no-profile --no-long
+
+Solve times are medians of ``--repeats`` warm runs (each problem is built and each solver run once
+before timing); the runs of DDP, iLQR and IPOPT alternate, so that machine noise hits all of them
+alike. IPOPT's time is that of the solver call (``occore.reference.ipopt(..., record=False)``,
+``Result.wall_time``), excluding the NLP's transcription, just as occore's times exclude building
+the problem's CasADi functions. The ratio column is solve time / IPOPT's solve time (< 1: faster
+than IPOPT). The issue asks for <= 2 on every problem, and cost per iteration linear in T.
+
+Single-threaded: set OMP_NUM_THREADS=1 (done below before numpy is imported).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import numpy as np  # noqa: E402
+
+import occore  # noqa: E402
+from occore.lq import compiled, csweep  # noqa: E402
+
+
+def _ipopt():
+    try:
+        from occore.reference import ipopt
+    except ImportError as err:  # the reference is developed in parallel; say so rather than fail
+        raise SystemExit(f"occore.reference.ipopt is not importable ({err})") from err
+    return ipopt
+
+
+SOLVERS = {"ilqr": occore.ILQR, "ddp": occore.DDP}
+
+
+def _time_runs(problem, repeats: int):
+    """Alternating warm runs of iLQR, DDP and IPOPT. Returns {solver: (Result, [seconds])}."""
+    ipopt = _ipopt()
+    runs = {name: (cls().solve(problem), []) for name, cls in SOLVERS.items()}   # warm-up
+    runs["ipopt"] = (ipopt(problem, record=False), [])
+    for _ in range(repeats):
+        for name, cls in SOLVERS.items():
+            solver = cls()
+            t0 = time.perf_counter()
+            res = solver.solve(problem)
+            runs[name][1].append(time.perf_counter() - t0)
+            runs[name] = (res, runs[name][1])
+        res = ipopt(problem, record=False)
+        runs["ipopt"][1].append(res.wall_time)
+        runs["ipopt"] = (res, runs["ipopt"][1])
+    return runs
+
+
+def _row(problem_name, T, solver, res, seconds, ref_seconds, optimum):
+    t = statistics.median(seconds)
+    per = t / max(res.iterations, 1)
+    gap = (res.cost - optimum) / abs(optimum) if optimum else float("nan")
+    ratio = t / ref_seconds if solver != "ipopt" else 1.0
+    return dict(problem=problem_name, T=T, solver=solver, status=res.status.name, iterations=res.iterations,
+                cost=res.cost, gap=gap, ms=1e3 * t, ms_per_iter=1e3 * per, ratio=ratio)
+
+
+def _print_table(rows):
+    head = (f"{'problem':<13} {'T':>5} {'solver':<6} {'status':<10} {'iter':>5} {'cost':>20} "
+            f"{'rel. gap':>9} {'solve ms':>9} {'ms/iter':>8} {'/ IPOPT':>8}")
+    print(head)
+    print("-" * len(head))
+    last = None
+    for r in rows:
+        if last is not None and (r["problem"], r["T"]) != last:
+            print()
+        last = (r["problem"], r["T"])
+        ratio = "" if r["solver"] == "ipopt" else f"{r['ratio']:.2f}x"
+        print(f"{r['problem']:<13} {r['T']:>5} {r['solver']:<6} {r['status']:<10} {r['iterations']:>5} "
+              f"{r['cost']:>20.14g} {r['gap']:>9.1e} {r['ms']:>9.2f} {r['ms_per_iter']:>8.3f} {ratio:>8}")
+
+
+def benchmark(names, repeats):
+    rows = []
+    for name in names:
+        prob = occore.problems.make(name)
+        runs = _time_runs(prob, repeats)
+        ref_t = statistics.median(runs["ipopt"][1])
+        optimum = occore.problems.OPTIMA[name]
+        for solver in ("ilqr", "ddp", "ipopt"):
+            res, secs = runs[solver]
+            rows.append(_row(name, prob.horizon, solver, res, secs, ref_t, optimum))
+    return rows
+
+
+def long_horizon(repeats, T_long=1000):
+    """Pendulum at T=100 and T=1000: time per iteration should grow linearly in T."""
+    rows = []
+    for T in (100, T_long):
+        prob = occore.problems.make("pendulum", horizon=T)
+        runs = _time_runs(prob, repeats)
+        ref_t = statistics.median(runs["ipopt"][1])
+        ref_cost = runs["ipopt"][0].cost
+        for solver in ("ilqr", "ddp", "ipopt"):
+            res, secs = runs[solver]
+            rows.append(_row("pendulum", T, solver, res, secs, ref_t, ref_cost))
+    return rows
+
+
+class _Timed:
+    """Accumulates the time spent in a wrapped callable."""
+
+    def __init__(self, fn):
+        self.fn, self.seconds, self.calls = fn, 0.0, 0
+
+    def __call__(self, *args, **kw):
+        t0 = time.perf_counter()
+        try:
+            return self.fn(*args, **kw)
+        finally:
+            self.seconds += time.perf_counter() - t0
+            self.calls += 1
+
+
+def profile(name="cartpole", solver_name="ilqr", repeats=5):
+    """Where the time of one iteration goes: derivatives, backward sweep, rollouts, the rest."""
+    prob = occore.problems.make(name)
+    solver = SOLVERS[solver_name]()
+    solver.solve(prob)
+    sweep = compiled.best_sweep()
+    timers = dict(derivatives=_Timed(prob.evaluate_derivatives), sweep=_Timed(sweep),
+                  rollouts=_Timed(prob.rollout_policy))
+    prob.evaluate_derivatives = timers["derivatives"]
+    prob.rollout_policy = timers["rollouts"]
+    prob._sweep = lambda: timers["sweep"]
+    total, iterations = 0.0, 0
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        res = solver.solve(prob)
+        total += time.perf_counter() - t0
+        iterations += res.iterations
+    per = 1e6 / iterations
+    print(f"\nProfile: {solver_name} on {name} (T={prob.horizon}), {iterations // repeats} iterations, "
+          f"{1e3 * total / repeats:.1f} ms per solve, {per * total:.0f} us per iteration; "
+          f"sweep: {'C (occore/lq/_sweep.c)' if sweep is csweep.riccati_sweep else 'numpy'}")
+    accounted = 0.0
+    for key, tm in timers.items():
+        accounted += tm.seconds
+        print(f"  {key:<12} {per * tm.seconds:7.1f} us/iter  {100 * tm.seconds / total:5.1f} %  "
+              f"({tm.calls / iterations:.2f} calls/iter, {1e6 * tm.seconds / max(tm.calls, 1):.1f} us/call)")
+    rest = total - accounted
+    print(f"  {'the rest':<12} {per * rest:7.1f} us/iter  {100 * rest / total:5.1f} %  "
+          "(solver loop, Policy/Trajectory/IterationInfo, local-model wrapper, history)")
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--problems", default="all", help="comma-separated names or 'all'")
+    ap.add_argument("--repeats", type=int, default=5, help="timed warm runs per solver (median)")
+    ap.add_argument("--no-long", action="store_true", help="skip the T=1000 pendulum")
+    ap.add_argument("--no-profile", action="store_true", help="skip the cart-pole profile")
+    args = ap.parse_args(argv)
+    names = occore.problems.NAMES if args.problems == "all" else tuple(args.problems.split(","))
+
+    print(f"occore backward sweep: {'C' if compiled.compiled_available() else 'numpy (C unavailable)'}; "
+          f"numpy {np.__version__}; median of {args.repeats} warm runs; OMP_NUM_THREADS="
+          f"{os.environ.get('OMP_NUM_THREADS')}\n")
+    rows = benchmark(names, args.repeats)
+    _print_table(rows)
+    worst = max(r["ratio"] for r in rows if r["solver"] != "ipopt")
+    print(f"\nworst ratio to IPOPT: {worst:.2f}x (target <= 2x)")
+
+    if not args.no_long:
+        print("\nLinear growth in T (pendulum; gap relative to IPOPT's cost at the same T):\n")
+        long_rows = long_horizon(max(3, args.repeats // 2))
+        _print_table(long_rows)
+        print()
+        for solver in ("ilqr", "ddp", "ipopt"):
+            a, b = (r for r in long_rows if r["solver"] == solver)
+            print(f"  {solver:<6} time per iteration T={b['T']} / T={a['T']}: "
+                  f"{b['ms_per_iter'] / a['ms_per_iter']:.1f} (linear: {b['T'] / a['T']:.0f}); "
+                  f"per stage {1e3 * a['ms_per_iter'] / a['T']:.2f} -> {1e3 * b['ms_per_iter'] / b['T']:.2f} us")
+    if not args.no_profile:
+        profile("cartpole", "ilqr", args.repeats)
+        profile("cartpole", "ddp", args.repeats)
+
+
+if __name__ == "__main__":
+    main()
