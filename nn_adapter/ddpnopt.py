@@ -122,11 +122,24 @@ class DDPNOpt(CurvatureOptimizer):
         return list({id(m): m for m in mods + [v.module for v in self._views]}.values())
 
     def _recorder(self) -> Recorder:
-        mods = self._recorded_modules()
-        grads = mods + (self._last_modules if self.second_order else [])
-        return Recorder(mods, list({id(m): m for m in grads}.values()))
+        inputs = self._recorded_modules()
+        grads = super()._recorded_modules() + [v.module for v in self._views[1:]]
+        if self.second_order:
+            grads += self._last_modules[1:]
+        return Recorder(inputs, list({id(m): m for m in grads}.values()))
+
+    def _check_records(self, rec: Recorder) -> None:
+        rec.check_complete([v.module for v in self._views], need_grads=False)
+        rec.check_complete(super()._recorded_modules() + [v.module for v in self._views[1:]])
 
     # -- the update ------------------------------------------------------------------------------
+    def _factors(self, view, steps):
+        group = self.param_groups[0]
+        if not all(b in steps for b in view.blocks):
+            return None
+        return [self.curvature.factors(b, group, [self.state[p] for p in b.params])
+                for b in view.blocks]
+
     def _update(self, rec: Recorder) -> None:
         steps = self._block_steps(rec)
         if not self.feedback:
@@ -134,23 +147,20 @@ class DDPNOpt(CurvatureOptimizer):
                 for p, k in zip(block.params, ks):
                     p.add_(k)
             return
-        group = self.param_groups[0]
         views = self._views
-        factors = [[self.curvature.factors(b, group, [self.state[p] for p in b.params])
-                    if b in steps else None for b in v.blocks] for v in views]
-        x = [rec.inputs[v.module] for v in views]
-        n = x[0].shape[0]
-        g = [rec.out_grads[v.module] * n for v in views]   # per-sample value gradients at h
-        scales = self._value_scales(views, factors, x, g)
-        xhat = x[0]
+        n = rec.inputs[views[0].module].shape[0]
+        scales = self._value_scales(rec, steps, n)
+        xhat = rec.inputs[views[0].module]
         for t, view in enumerate(views):
-            active = all(b in steps for b in view.blocks)
+            x = rec.inputs.pop(view.module)
             delta = None
-            if t > 0 and active:
-                dx = xhat - x[t]
-                delta = self._stage_feedback(t, view, x[t], dx, g[t] * _bcast(scales[t + 1], g[t]),
-                                             rec)
-                delta = precondition(view, factors[t], delta)
+            if t > 0 and scales[t + 1] is not None:
+                g = rec.out_grads[view.module].mul(n * _bcast(scales[t + 1], x))
+                delta = self._stage_feedback(t, view, x, xhat - x, g, rec, n)
+                delta = precondition(view, self._factors(view, steps), delta)
+                del g
+            rec.out_grads.pop(view.module, None)
+            rec.out_grads.pop(self._last_modules[t], None)
             i = 0
             for block in view.blocks:
                 for j, p in enumerate(block.params):
@@ -159,30 +169,38 @@ class DDPNOpt(CurvatureOptimizer):
                     if delta is not None:
                         p.sub_(delta[i])
                     i += 1
+            del x, delta
             if t < len(views) - 1:
-                xhat = view.stage_fn([p.detach() for p in view.params], xhat)
+                for m in (view.module, *view.followers):
+                    xhat = m(xhat)
 
-    def _value_scales(self, views, factors, x, g) -> list:
-        """S_t = s_t s_{t+1} ... s_{T-1} per sample (S_T = 1), s^2 = max(0, 1 - q_u^T P q_u)."""
+    def _value_scales(self, rec, steps, n) -> list:
+        """S_t = s_t s_{t+1} ... s_{T-1} per sample (S_T = 1), s^2 = max(0, 1 - q_u^T P q_u).
+
+        ``None`` marks stages without a step (no gradient), whose feedback is skipped.
+        """
+        views = self._views
         T = len(views)
         scales = [None] * (T + 1)
-        scales[T] = x[0].new_ones(x[0].shape[0])
+        scales[T] = torch.ones(n, dtype=rec.inputs[views[0].module].dtype,
+                               device=rec.inputs[views[0].module].device)
         for t in range(T - 1, 0, -1):
-            if any(f is None for f in factors[t]):
+            factors = self._factors(views[t], steps)
+            if factors is None or scales[t + 1] is None:
                 scales[t] = scales[t + 1]
                 continue
-            rho = quad_form(views[t], factors[t], x[t], g[t] * _bcast(scales[t + 1], g[t]))
+            x, g = rec.inputs[views[t].module], rec.out_grads[views[t].module]
+            rho = quad_form(views[t], factors, x, g * (n * _bcast(scales[t + 1], g)))
             scales[t] = scales[t + 1] * (1.0 - rho).clamp_(min=0.0).sqrt_()
-        scales[0] = scales[1] if T > 1 else scales[T]
         return scales
 
-    def _stage_feedback(self, t, view, x, dx, gs, rec) -> list:
+    def _stage_feedback(self, t, view, x, dx, gs, rec, n) -> list:
         """(1/B) sum_i Q_ux^(i) dx^(i) of stage t (not yet preconditioned)."""
         total = feedback_grads(view, x, dx, gs)
         if self.eps_vxx > 0 and t < len(self._views) - 1:
             total = [a + b for a, b in zip(total, tikhonov_grads(view, x, dx, self.eps_vxx))]
         if self.second_order:
-            v_next = rec.out_grads[self._last_modules[t]] * x.shape[0]
+            v_next = rec.out_grads[self._last_modules[t]] * n
             total = [a + b for a, b in zip(total, second_order_grads(view, x, dx, v_next))]
         return total
 

@@ -220,14 +220,15 @@ class NetworkProblem:
     def load_into(self, model, us) -> None:
         """Copy controls ``us`` into the parameters of ``model`` (same architecture), in place."""
         self._check_controls(us)
-        _, stages = split_stages(model)
+        _, stages = split_stages(model, check_mode=False)
         if [s.param_names for s in stages] != [s.param_names for s in self.stages]:
             raise ShapeError("model", f"stages with parameters {[s.param_names for s in self.stages]}",
                              [s.param_names for s in stages])
+        for stage, u in zip(stages, us):
+            for k, p in stage.params().items():
+                if p.shape != u[k].shape:
+                    raise ShapeError(f"model stage {stage.index} {k!r}", tuple(u[k].shape), tuple(p.shape))
         with torch.no_grad():
             for stage, u in zip(stages, us):
                 for k, p in stage.params().items():
-                    if p.shape != u[k].shape:
-                        raise ShapeError(f"model stage {stage.index} {k!r}", tuple(u[k].shape),
-                                         tuple(p.shape))
                     p.copy_(u[k])

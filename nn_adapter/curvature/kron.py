@@ -16,7 +16,7 @@ from .base import Block
 
 __all__ = ["patches", "positions", "chunks", "per_sample_grads"]
 
-_CHUNK_ELEMS = 1 << 22  # elements of one chunk's unfolded patches
+_CHUNK_ELEMS = 1 << 20  # elements of one chunk's unfolded patches (cache-sized)
 
 
 def patches(block: Block, x: torch.Tensor) -> torch.Tensor:
@@ -62,11 +62,18 @@ def per_sample_grads(block: Block, x: torch.Tensor, g: torch.Tensor, q_g=None, q
     Yields:
         ``(slice, G)`` with G of shape (b, out, in[+1]) for the samples in ``slice``.
     """
+    m = block.module
     for sl in chunks(block, x):
-        a = patches(block, x[sl])
-        gg = positions(block, g[sl])
+        gg = positions(block, g[sl])                      # (b, L, out)
+        if block.kind == "linear":
+            a = x[sl].reshape(gg.shape[0], -1, x.shape[-1])
+        else:
+            a = F.unfold(x[sl], m.kernel_size, m.dilation, m.padding, m.stride).transpose(1, 2)
+        grads = gg.transpose(1, 2) @ a                    # (b, out, in)
+        if block.has_bias:
+            grads = torch.cat([grads, gg.sum(1).unsqueeze(2)], dim=2)
         if q_a is not None:
-            a = a @ q_a
+            grads = grads @ q_a
         if q_g is not None:
-            gg = gg @ q_g
-        yield sl, gg.transpose(1, 2) @ a
+            grads = q_g.mT @ grads
+        yield sl, grads

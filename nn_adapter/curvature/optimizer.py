@@ -93,10 +93,13 @@ class CurvatureOptimizer(torch.optim.Optimizer):
             loss = closure()
         if not self._finite(loss):
             return loss
-        rec.check_complete(self._recorded_modules())
+        self._check_records(rec)
         with torch.no_grad():
             self._update(rec)
         return loss
+
+    def _check_records(self, rec: Recorder) -> None:
+        rec.check_complete(self._recorded_modules())
 
     def _finite(self, loss) -> bool:
         if loss is None:

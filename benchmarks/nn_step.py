@@ -1,0 +1,194 @@
+"""Time per step and peak memory of DDPNOpt beside torch's SGD / Adam and nn_adapter.EKFAC.
+
+Two networks, as in DDPNOpt's paper (Liu, Chen & Theodorou, ICLR 2021):
+(a) a 5-layer MLP of width 32 (Tanh) on DIGITS, batch 32;
+(b) the paper's CNN, 4 conv 3x3 with 32 channels (ReLU, 2x2 max-pooling after the 2nd and 4th)
+    + 2 linear layers, on 28x28 inputs, batch 128: Fashion-MNIST when its IDX files are installed
+    (/usr/share/datasets/fashion-mnist), else random inputs of the same shape (the output says so).
+
+All optimizers run side by side in one process, single-threaded, float32, interleaved in rounds
+(the median time per step is reported), so the ratios are comparable even on a busy machine.
+Peak memory of a step = parameters + gradients + optimizer state before the step + the peak of
+the bytes the CPU allocator hands out during the step (torch.profiler memory events).
+
+    python benchmarks/nn_step.py [--steps 20] [--rounds 5] [--quick]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+from torch.profiler import ProfilerActivity, profile
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from nn_adapter import EKFAC, DDPNOpt  # noqa: E402
+from nn_adapter.data import load_digits, load_fashion_mnist  # noqa: E402
+
+OPTIMIZERS = {
+    "SGD-m (torch)": lambda net: torch.optim.SGD(net.parameters(), lr=0.05, momentum=0.9),
+    "Adam (torch)": lambda net: torch.optim.Adam(net.parameters(), lr=1e-3),
+    "EKFAC (ours)": lambda net: EKFAC(net, lr=0.01, eigen_update_freq=20),
+    "DDPNOpt-identity fb=off": lambda net: DDPNOpt(net, lr=0.05, curvature="identity",
+                                                   momentum=0.9, feedback=False),
+    "DDPNOpt-identity fb=on": lambda net: DDPNOpt(net, lr=0.05, curvature="identity",
+                                                  momentum=0.9),
+    "DDPNOpt-adam fb=off": lambda net: DDPNOpt(net, lr=1e-3, curvature="adam", feedback=False),
+    "DDPNOpt-adam fb=on": lambda net: DDPNOpt(net, lr=1e-3, curvature="adam"),
+    "DDPNOpt-ekfac fb=off": lambda net: DDPNOpt(net, lr=0.01, curvature="ekfac",
+                                                eigen_update_freq=20, feedback=False),
+    "DDPNOpt-ekfac fb=on": lambda net: DDPNOpt(net, lr=0.01, curvature="ekfac",
+                                               eigen_update_freq=20),
+}
+
+
+def mlp() -> nn.Module:
+    layers, width = [], 64
+    for _ in range(4):
+        layers += [nn.Linear(width, 32), nn.Tanh()]
+        width = 32
+    return nn.Sequential(*layers, nn.Linear(32, 10))
+
+
+def cnn() -> nn.Module:
+    c = 32
+    return nn.Sequential(
+        nn.Conv2d(1, c, 3, padding=1), nn.ReLU(), nn.Conv2d(c, c, 3, padding=1), nn.ReLU(),
+        nn.MaxPool2d(2), nn.Conv2d(c, c, 3, padding=1), nn.ReLU(),
+        nn.Conv2d(c, c, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(),
+        nn.Linear(c * 7 * 7, 128), nn.ReLU(), nn.Linear(128, 10))
+
+
+def batches(name: str, batch: int, n: int):
+    """``n`` minibatches and a note on where the data came from."""
+    g = torch.Generator().manual_seed(0)
+    if name == "mlp":
+        data = load_digits()
+        x, y, note = data.x_train, data.y_train, "DIGITS (scikit-learn)"
+    else:
+        try:
+            data = load_fashion_mnist(limit=batch * n)
+            x, y, note = data.x_train, data.y_train, "Fashion-MNIST"
+        except FileNotFoundError:
+            x = torch.rand(batch * n, 1, 28, 28, generator=g)
+            y = torch.randint(0, 10, (batch * n,), generator=g)
+            note = "random 28x28 inputs (Fashion-MNIST not installed)"
+    out = []
+    for _ in range(n):
+        idx = torch.randint(0, len(x), (batch,), generator=g)
+        out.append((x[idx], y[idx]))
+    return out, note
+
+
+def make_closure(net, opt, xb, yb):
+    def closure():
+        opt.zero_grad()
+        loss = nn.functional.cross_entropy(net(xb), yb)
+        loss.backward()
+        return loss
+    return closure
+
+
+def _resident_bytes(net, opt) -> int:
+    seen, total = set(), 0
+    tensors = [p for p in net.parameters()] + [p.grad for p in net.parameters()
+                                               if p.grad is not None]
+    for st in opt.state.values():
+        tensors += [v for v in st.values() if isinstance(v, torch.Tensor)]
+    for t in tensors:
+        key = t.untyped_storage().data_ptr()
+        if key not in seen:
+            seen.add(key)
+            total += t.untyped_storage().nbytes()
+    return total
+
+
+def peak_step_bytes(net, opt, xb, yb) -> int:
+    """Resident bytes before the step + peak of the bytes allocated during it."""
+    base = _resident_bytes(net, opt)
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        opt.step(make_closure(net, opt, xb, yb))
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "trace.json")
+        prof.export_chrome_trace(path)
+        with open(path) as fh:
+            events = json.load(fh)["traceEvents"]
+    mem = sorted((e["ts"], e["args"]["Bytes"]) for e in events if e.get("name") == "[memory]")
+    running, peak = 0, 0
+    for _, b in mem:
+        running += b
+        peak = max(peak, running)
+    return base + peak
+
+
+def bench(name: str, steps: int, rounds: int, batch: int):
+    torch.manual_seed(0)
+    data, note = batches(name, batch, steps * rounds + 3)
+    make = mlp if name == "mlp" else cnn
+    runs = {}
+    for label, factory in OPTIMIZERS.items():
+        torch.manual_seed(0)
+        net = make()
+        runs[label] = (net, factory(net), [])
+    for label, (net, opt, _) in runs.items():   # warm-up (and first eigendecompositions)
+        for xb, yb in data[:2]:
+            opt.step(make_closure(net, opt, xb, yb))
+    k = 2
+    for r in range(rounds):
+        for label, (net, opt, times) in runs.items():
+            for xb, yb in data[k:k + steps]:
+                t0 = time.perf_counter()
+                opt.step(make_closure(net, opt, xb, yb))
+                times.append(time.perf_counter() - t0)
+        k += steps
+    result = {}
+    xb, yb = data[-1]
+    for label, (net, opt, times) in runs.items():
+        result[label] = (statistics.median(times), peak_step_bytes(net, opt, xb, yb))
+    return result, note
+
+
+def report(title: str, result, note: str) -> dict:
+    t_adam, m_adam = result["Adam (torch)"]
+    print(f"\n{title}\n  data: {note}")
+    print(f"  {'optimizer':26s} {'ms/step':>9s} {'x Adam':>7s} {'peak MiB':>9s} {'x Adam':>7s}")
+    for label, (t, m) in result.items():
+        print(f"  {label:26s} {1e3 * t:9.2f} {t / t_adam:7.2f} {m / 2**20:9.2f} {m / m_adam:7.2f}")
+    t, m = result["DDPNOpt-adam fb=on"]
+    ratios = {"time": t / t_adam, "memory": m / m_adam}
+    verdict = "OK" if ratios["time"] <= 2.0 and ratios["memory"] <= 1.5 else "OVER"
+    print(f"  DDPNOpt-adam with feedback / Adam: time {ratios['time']:.2f}x (required <= 2, goal "
+          f"1.3), peak memory {ratios['memory']:.2f}x (required <= 1.5, goal 1.3): {verdict}")
+    return ratios
+
+
+def main(argv=None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--steps", type=int, default=10, help="steps per optimizer and round")
+    ap.add_argument("--rounds", type=int, default=5, help="interleaved rounds")
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--quick", action="store_true", help="2 steps x 2 rounds (smoke test)")
+    args = ap.parse_args(argv)
+    if args.quick:
+        args.steps, args.rounds = 2, 2
+    torch.set_num_threads(args.threads)
+    print(f"torch {torch.__version__}, {args.threads} thread(s), float32, "
+          f"{args.steps} steps x {args.rounds} rounds per optimizer, median time per step")
+    out = {}
+    res, note = bench("mlp", args.steps, args.rounds, 32)
+    out["mlp"] = report("(a) MLP 5 x Linear (width 32, Tanh) on DIGITS, batch 32", res, note)
+    res, note = bench("cnn", args.steps, args.rounds, 128)
+    out["cnn"] = report("(b) CNN 4 x Conv2d(3x3, 32) + 2 x Linear on 28x28, batch 128", res, note)
+    return out
+
+
+if __name__ == "__main__":
+    main()
