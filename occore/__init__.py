@@ -28,7 +28,8 @@ __all__ = [
 
 from . import reference  # noqa: E402  (E-MSA, the IPOPT reference and the comparison: issue 6)
 from .solvers.emsa import EMSA, EMSAOptions, InnerSolver  # noqa: E402
+from .comparison import compare  # noqa: E402  (a function; the package is occore.comparison)
 
-__all__ += ["EMSA", "EMSAOptions", "InnerSolver", "reference"]
+__all__ += ["EMSA", "EMSAOptions", "InnerSolver", "reference", "compare"]
 from .derivatives.check import check_derivatives, DerivativeReport  # noqa: E402
 __all__ += ["check_derivatives", "DerivativeReport"]

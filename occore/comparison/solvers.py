@@ -1,0 +1,70 @@
+"""The solvers ``occore compare`` knows by name: the four methods and the variants users tune."""
+from __future__ import annotations
+
+from dataclasses import replace
+
+from ..errors import InputError
+from ..solvers.ddp import DDP, ILQR
+from ..solvers.emsa import EMSA, InnerSolver
+from ..solvers.options import LineSearch
+
+__all__ = ["SOLVERS", "describe", "make_runner"]
+
+
+def _riccati(cls, **changes):
+    def build(max_iter):
+        opts = cls.default_options()
+        reg = changes.get("regularization")
+        if reg is not None:
+            changes["regularization"] = reg(opts.regularization)
+        opts = replace(opts, **changes)
+        return cls(replace(opts, max_iter=max_iter) if max_iter else opts)
+    return build
+
+
+def _fixed(reg):
+    return replace(reg, initial=1e-6, minimum=1e-6, fixed=True)
+
+
+def _emsa(**changes):
+    def build(max_iter):
+        return EMSA(**changes, **({"max_iter": max_iter} if max_iter else {}))
+    return build
+
+
+def _ipopt(max_iter):
+    from ..reference import ipopt
+
+    class _Ipopt:
+        name = "ipopt"
+
+        def solve(self, problem):
+            return ipopt(problem, **({"max_iter": max_iter} if max_iter else {}))
+    return _Ipopt()
+
+
+#: name -> (description, factory(max_iter or None) -> object with ``solve(problem) -> Result``)
+SOLVERS = {
+    "ddp": ("full second-order DDP (defaults)", _riccati(DDP)),
+    "ilqr": ("iLQR (defaults)", _riccati(ILQR)),
+    "emsa": ("E-MSA, adaptive rho, Newton inner maximisation", _emsa()),
+    "ipopt": ("CasADi multiple shooting + IPOPT (the reference)", _ipopt),
+    "ddp-nols": ("DDP without line search (full steps only)", _riccati(DDP, line_search=LineSearch(steps=(1.0,)))),
+    "ilqr-nols": ("iLQR without line search (full steps only)", _riccati(ILQR, line_search=LineSearch(steps=(1.0,)))),
+    "ddp-fixedreg": ("DDP with fixed regularisation mu = 1e-6", _riccati(DDP, regularization=_fixed)),
+    "ilqr-fixedreg": ("iLQR with fixed regularisation mu = 1e-6", _riccati(ILQR, regularization=_fixed)),
+    "emsa-gradient": ("E-MSA, projected gradient inner ascent (step 1)", _emsa(inner=InnerSolver("gradient"))),
+    "emsa-fixedrho": ("E-MSA, fixed rho = 1 (every trial accepted)", _emsa(adaptive_rho=False)),
+}
+
+
+def describe() -> str:
+    """One line per known solver name."""
+    return "\n".join(f"  {name:<14} {desc}" for name, (desc, _) in SOLVERS.items())
+
+
+def make_runner(name: str, max_iter: int | None = None):
+    """The solver called ``name`` (an object with ``solve(problem)``); InputError listing the valid names."""
+    if name not in SOLVERS:
+        raise InputError(f"unknown solver {name!r}; valid solvers are {', '.join(SOLVERS)}")
+    return SOLVERS[name][1](max_iter)
