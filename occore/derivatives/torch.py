@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import logging
 import numbers
+import warnings
 
 import numpy as np
 import torch
@@ -35,6 +36,13 @@ __all__ = ["TorchBackend"]
 log = logging.getLogger("occore")
 
 _DTYPE = torch.float64
+
+# The first forward-mode transform makes torch import its jvp decompositions, which calls the
+# deprecated torch.jit.script (a DeprecationWarning from torch's own code, once per process).
+# Trigger that import here, quietly, so the user's own warning filters never see it.
+with warnings.catch_warnings():
+    warnings.filterwarnings("ignore", category=DeprecationWarning, module=r"torch\.")
+    jacfwd(torch.sin)(torch.zeros((), dtype=_DTYPE))
 
 
 def _tensor(a) -> torch.Tensor:
@@ -141,8 +149,12 @@ class TorchBackend(Backend):
         p_dim = 0 if npar else None
         # One function for both orders: the dynamics Hessians cost next to nothing more here (the
         # forward pass pushes its n tangents through the whole reverse pass either way).
-        self._derivs = vmap(stage, in_dims=(0, p_dim))
-        self._dT = terminal
+        stages = vmap(stage, in_dims=(0, p_dim))
+
+        def everything(Z, P, xT, pT):                         # the one call per evaluation
+            return stages(Z, P), terminal(xT, pT)
+
+        self._derivs = everything
         self._lvec = vmap(l, in_dims=(0, 0, p_dim))
         self._calls = 0                       # eager derivative evaluations so far
         self._compiled = None                 # the traced graph (or the eager function) once traced
@@ -169,21 +181,20 @@ class TorchBackend(Backend):
                                  "the state is a 1-D tensor; costs must be scalars")
         # The same functions under torch.func (vmap of jacrev/jacfwd), one stage each.
         z = torch.cat([x, u])[None]
-        n = nx + nu
         checks = (("dynamics", lambda zz, pp: self._f(zz[:nx], zz[nx:], pp), self.P[:1]),
                   ("stage_cost", lambda zz, pp: self._l(zz[:nx], zz[nx:], pp), self.P[:1]),
                   ("terminal_cost", lambda zz, pp: self._lf(zz[:nx], pp), self.P[-1:]))
         for argument, fn, ps in checks:
             hess = vmap(jacfwd(jacrev(fn)), in_dims=(0, 0 if self.npar else None))
             H = self._call(argument, lambda: hess(z, ps), "under torch.func (vmap of jacrev/jacfwd)")
-            if H.shape[-2:] != (n, n) or not torch.isfinite(H).all():
+            if not torch.isfinite(H).all():
                 log.debug("%s: non-finite derivatives at the probe point (x0, 0)", argument)
 
     @staticmethod
     def _call(argument, fn, where="on torch tensors"):
         try:
             return fn()
-        except (ShapeError, DerivativeError):
+        except (ShapeError, DerivativeError, Warning):   # warnings made errors stay what they are
             raise
         except Exception as err:  # noqa: BLE001 - report which user function failed and why
             raise DerivativeError(f"{argument} could not be evaluated {where}: "
@@ -234,7 +245,7 @@ class TorchBackend(Backend):
             return X.numpy(), U.numpy(), self._cost(X, U)
 
     # -- derivatives ------------------------------------------------------------------------------
-    def _derivative_fn(self, Z):
+    def _derivative_fn(self, args):
         """The vmapped derivative function: eager, or its FX trace once it has been called more
         than :attr:`trace_after` times."""
         if self._compiled is not None:
@@ -242,16 +253,16 @@ class TorchBackend(Backend):
         self._calls += 1
         if self.trace_after is None or self._calls <= self.trace_after:
             return self._derivs
-        self._compiled = self._trace(self._derivs, Z)
+        self._compiled = self._trace(self._derivs, args)
         return self._compiled
 
-    def _trace(self, eager, Z):
+    def _trace(self, eager, args):
         """``eager`` traced with make_fx into an FX graph (dead code removed); ``eager`` itself if
         tracing fails."""
         try:
             from torch.fx.experimental.proxy_tensor import make_fx
 
-            gm = make_fx(eager)(Z, self._stage_p())
+            gm = make_fx(eager)(*args)
             gm.graph.eliminate_dead_code()
             gm.recompile()
         except Exception as err:  # noqa: BLE001 - tracing is an optimisation; eager always works
@@ -265,8 +276,8 @@ class TorchBackend(Backend):
         T, nx, nu = self.T, self.nx, self.nu
         xs = np.asarray(xs, dtype=np.float64)
         Z = _tensor(np.concatenate([xs[:T], np.asarray(us, dtype=np.float64)], axis=1))   # (T, n)
-        H, (J, v) = self._derivative_fn(Z)(Z, self._stage_p())
-        HT, (gT, vT) = self._dT(_tensor(xs[T]), self.P[T])
+        args = (Z, self._stage_p(), _tensor(xs[T]), self.P[T])
+        (H, (J, v)), (HT, (gT, vT)) = self._derivative_fn(args)(*args)
         H, J, v = H.detach().numpy(), J.detach().numpy(), v.detach().numpy()
         lx = np.empty((T + 1, nx))
         lxx = np.empty((T + 1, nx, nx))
