@@ -34,7 +34,7 @@ from __future__ import annotations
 import math
 
 import torch
-from torch.func import hessian, jacfwd, jacrev, vmap
+from torch.func import jacrev, vmap
 
 from occore.errors import NotPositiveDefinite
 from occore.types import Policy
@@ -201,7 +201,7 @@ class NetworkLocalModel:
                 return prob.loss_fn(z.view(shape), prob.targets)
             z = xT.reshape(-1)
             Vx = torch.func.grad(phi)(z)
-            Vxx = hessian(phi)(z)
+            Vxx = jacrev(jacrev(phi))(z)     # reverse over reverse: no forward-mode AD needed
             self._terminal = (Vx, Vxx)
         return self._terminal
 
@@ -213,7 +213,7 @@ class NetworkLocalModel:
 
         def h(x1, u1, v1):
             return torch.dot(v1, f(x1, u1))
-        H = vmap(jacfwd(jacrev(h, argnums=(0, 1)), argnums=(0, 1)), in_dims=(0, None, 0))
+        H = vmap(jacrev(jacrev(h, argnums=(0, 1)), argnums=(0, 1)), in_dims=(0, None, 0))
         (hxx, hxu), (hux, huu) = H(x, u, Vx_next.reshape(self.B, -1))
         return hxx, hux, huu.sum(0)
 

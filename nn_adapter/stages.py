@@ -146,18 +146,18 @@ def _trainable(module: nn.Module, name: str) -> bool:
     return any(flags)
 
 
-def _check(module: nn.Module, name: str) -> None:
+def _check(module: nn.Module, name: str, check_mode: bool = True) -> None:
     """Refuse types and training-mode behaviours the adapter cannot handle (recursively)."""
     for sub_name, sub in module.named_modules(prefix=name):
         where = _describe(sub_name, sub)
         if isinstance(sub, _REFUSED):
             raise UnsupportedModuleError(
                 f"{where} does not map one tensor to one tensor. Supported: {SUPPORTED}")
-        if sub.training and isinstance(sub, nn.modules.dropout._DropoutNd):
+        if check_mode and sub.training and isinstance(sub, nn.modules.dropout._DropoutNd):
             raise UnsupportedModuleError(
                 f"{where} is in training mode, where it is random; call model.eval() (dropout "
                 f"counts as the identity in eval mode). Supported: {SUPPORTED}")
-        if (sub.training and isinstance(sub, (nn.modules.batchnorm._NormBase))
+        if (check_mode and sub.training and isinstance(sub, nn.modules.batchnorm._NormBase)
                 and sub.track_running_stats):
             raise UnsupportedModuleError(
                 f"{where} is in training mode, where it uses batch statistics and updates its "
@@ -174,13 +174,15 @@ def _items(model) -> list[tuple[str, object]]:
         f"list of stages. Supported: {SUPPORTED}")
 
 
-def split_stages(model: nn.Sequential | Sequence) -> Stages:
+def split_stages(model: nn.Sequential | Sequence, check_mode: bool = True) -> Stages:
     """Split ``model`` into a pre block and stages (see the module docstring for the rules).
 
     Args:
         model: an ``nn.Sequential`` (children grouped as described above), or a list whose items
             are modules (grouped the same way) or tuples ``(head, *followers)`` (one explicit
             stage each; the head must have trainable parameters, the followers none).
+        check_mode: refuse dropout and batch norm in training mode (False only to locate
+            parameters, as :meth:`NetworkProblem.load_into` does).
 
     Returns:
         ``Stages(pre, stages)``.
@@ -205,7 +207,7 @@ def split_stages(model: nn.Sequential | Sequence) -> Stages:
                     f"Supported: {SUPPORTED}")
             names = [f"{name}.{j}" for j in range(len(item))]
             for m, n in zip(item, names):
-                _check(m, n)
+                _check(m, n, check_mode)
             if not _trainable(item[0], names[0]):
                 raise UnsupportedModuleError(
                     f"{_describe(names[0], item[0])}: the head of an explicit stage needs "
@@ -220,7 +222,7 @@ def split_stages(model: nn.Sequential | Sequence) -> Stages:
         if not isinstance(item, nn.Module):
             raise UnsupportedModuleError(
                 f"item {name!r} is a {type(item).__name__}, not a module. Supported: {SUPPORTED}")
-        _check(item, name)
+        _check(item, name, check_mode)
         if _trainable(item, name):
             groups.append(([item], [name]))
         elif groups:
