@@ -10,6 +10,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from ..errors import InputError
 from .finite_difference import central_differences
 
 __all__ = ["check_derivatives", "DerivativeReport", "FieldError"]
@@ -112,6 +113,10 @@ def check_derivatives(problem, us=None, second_order: bool = True) -> Derivative
         us: (T, nu) controls to roll out (clamped into the bounds); zeros by default.
         second_order: also check the dynamics Hessians fxx, fux, fuu.
 
+    Raises:
+        InputError: ``problem`` is not an :class:`occore.Problem`.
+        ShapeError, InputError: ``us`` has the wrong shape or non-finite values.
+
     Returns:
         A :class:`DerivativeReport` with the largest absolute and relative error of f, l (values),
         fx, fu, lx, lu, lxx, lux, luu (and fxx, fux, fuu); ``report.ok(tol)``, ``print(report)``.
@@ -126,8 +131,11 @@ def check_derivatives(problem, us=None, second_order: bool = True) -> Derivative
         field  shape               abs error  rel error      scale  worst at
         f      (100, 2) ...
     """
-    backend = problem._backend
-    T, nx, nu = problem.horizon, problem.nx, problem.nu
+    backend = getattr(problem, "_backend", None)
+    if backend is None or not hasattr(backend, "step_values"):
+        raise InputError(f"problem: expected an occore.Problem (a dense problem with a derivative "
+                         f"backend), got {type(problem).__name__}")
+    T, nx = problem.horizon, problem.nx
     us = problem.initial_controls() if us is None else problem.clamp(problem.check_controls(us))
     traj = problem.rollout(us)
     xs = np.asarray(traj.xs, dtype=np.float64)

@@ -170,9 +170,10 @@ class TorchBackend(Backend):
         nx, nu = self.nx, self.nu
         x, u, p = self._x0.clone(), torch.zeros(nu, dtype=_DTYPE), self.P[0].clone()
         extra = (p,) if self.npar else ()
+        extra_T = (self.P[-1].clone(),) if self.npar else ()
         probes = (("dynamics", lambda: problem.dynamics(x, u, *extra), (nx,)),
                   ("stage_cost", lambda: problem.stage_cost(x, u, *extra), ()),
-                  ("terminal_cost", lambda: problem.terminal_cost(x, *((self.P[-1].clone(),) if self.npar else ())), ()))
+                  ("terminal_cost", lambda: problem.terminal_cost(x, *extra_T), ()))
         for argument, call, expected in probes:
             value = _to_tensor(argument, self._call(argument, call))
             ok = value.shape == expected if expected else value.numel() == 1

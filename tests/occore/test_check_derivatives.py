@@ -76,6 +76,8 @@ def test_bad_controls_are_rejected():
     prob = occore.problems.make("pendulum", horizon=5)
     with pytest.raises(occore.ShapeError, match="us"):
         occore.check_derivatives(prob, np.zeros((4, 1)))
+    with pytest.raises(occore.InputError, match="occore.Problem"):
+        occore.check_derivatives(object())
     us = np.full((5, 1), 3.0)
     occore.check_derivatives(prob, us)
     assert np.all(us == 3.0)   # not modified
