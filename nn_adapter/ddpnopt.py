@@ -52,6 +52,9 @@ class DDPNOpt(CurvatureOptimizer):
             optimizer exactly) or ``"dense"`` (exact per-sample gains; small networks only).
         eps_vxx: Tikhonov term added to the value Hessians V_xx (>= 0).
         second_order: also expand the dynamics to second order (adds V_x . f_ux dx).
+        vxx_update: carry V_xx = Q_xx - Q_ux^T Q_uu^-1 Q_ux back (the default, Proposition 3). With
+            False, V_xx = Q_xx (s = 1): this skips the per-sample q_u^T P q_u, whose cost for a
+            convolution is that of per-sample gradients.
         **hyperparameters: the curvature's hyperparameters, named as torch names them.
 
     Raises:
@@ -79,7 +82,7 @@ class DDPNOpt(CurvatureOptimizer):
 
     def __init__(self, model: nn.Module, lr: float = 1e-3, curvature: str = "adam",
                  feedback: Union[bool, str] = True, eps_vxx: float = 0.0,
-                 second_order: bool = False, **hyperparameters):
+                 second_order: bool = False, vxx_update: bool = True, **hyperparameters):
         if not any(feedback is m or (isinstance(m, str) and feedback == m)
                    for m in FEEDBACK_MODES):
             raise ValueError(f"invalid feedback: {feedback!r} (expected True, False, "
@@ -88,10 +91,13 @@ class DDPNOpt(CurvatureOptimizer):
             raise ValueError(f"invalid eps_vxx: {eps_vxx!r} (expected a number >= 0)")
         if not isinstance(second_order, bool):
             raise ValueError(f"invalid second_order: {second_order!r} (expected a bool)")
+        if not isinstance(vxx_update, bool):
+            raise ValueError(f"invalid vxx_update: {vxx_update!r} (expected a bool)")
         super().__init__(model, curvature, lr, **hyperparameters)
         self.feedback = "factorised" if feedback is True else feedback
         self.eps_vxx = float(eps_vxx)
         self.second_order = second_order
+        self.vxx_update = vxx_update
         self._views: list[StageView] = []
         self._last_modules: list[nn.Module] = []
         if self.feedback:
@@ -155,7 +161,8 @@ class DDPNOpt(CurvatureOptimizer):
             x = rec.inputs.pop(view.module)
             delta = None
             if t > 0 and scales[t + 1] is not None:
-                g = rec.out_grads[view.module].mul(n * _bcast(scales[t + 1], x))
+                g = rec.out_grads[view.module]
+                g.mul_(n * _bcast(scales[t + 1], g))    # the recorded tensor is ours
                 delta = self._stage_feedback(t, view, x, xhat - x, g, rec, n)
                 delta = precondition(view, self._factors(view, steps), delta)
                 del g
@@ -186,7 +193,7 @@ class DDPNOpt(CurvatureOptimizer):
                                device=rec.inputs[views[0].module].device)
         for t in range(T - 1, 0, -1):
             factors = self._factors(views[t], steps)
-            if factors is None or scales[t + 1] is None:
+            if factors is None or scales[t + 1] is None or not self.vxx_update:
                 scales[t] = scales[t + 1]
                 continue
             x, g = rec.inputs[views[t].module], rec.out_grads[views[t].module]

@@ -189,7 +189,8 @@ def feedback_grads(view: StageView, x: torch.Tensor, dx: torch.Tensor, g: torch.
     if view.structured:
         block = view.blocks[0]
         dh = _linear_part(block, block.weight, dx)
-        c = (g * dh).flatten(1).sum(1)
+        c = torch.bmm(g.reshape(n, 1, -1), dh.reshape(n, -1, 1)).reshape(n)
+        del dh
         cot = g * (c / n).reshape((n,) + (1,) * (g.dim() - 1))
         return _weight_grads(block, x, cot)
     params = [p.detach() for p in view.params]
