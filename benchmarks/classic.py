@@ -98,18 +98,32 @@ def benchmark(names, repeats):
     return rows
 
 
-def long_horizon(repeats, T_long=1000):
-    """Pendulum at T=100 and T=1000: time per iteration should grow linearly in T."""
+def long_horizon(repeats, horizons=(100, 1000)):
+    """Pendulum at several horizons: time per iteration should grow (at most) linearly in T. The gap
+    column is relative to the best cost any of the three solvers reached at that T."""
     rows = []
-    for T in (100, T_long):
+    for T in horizons:
         prob = occore.problems.make("pendulum", horizon=T)
         runs = _time_runs(prob, repeats)
         ref_t = statistics.median(runs["ipopt"][1])
-        ref_cost = runs["ipopt"][0].cost
+        best = min(res.cost for res, _ in runs.values() if np.isfinite(res.cost))
         for solver in ("ilqr", "ddp", "ipopt"):
             res, secs = runs[solver]
-            rows.append(_row("pendulum", T, solver, res, secs, ref_t, ref_cost))
+            rows.append(_row("pendulum", T, solver, res, secs, ref_t, best))
     return rows
+
+
+def _print_growth(rows):
+    """Time per iteration = a + b T through the shortest and longest horizon: b is the marginal cost of
+    a stage, a the fixed cost of an iteration (Python, calls); linear growth means b dominates."""
+    for solver in ("ilqr", "ddp", "ipopt"):
+        mine = [r for r in rows if r["solver"] == solver]
+        lo, hi = mine[0], mine[-1]
+        b = (hi["ms_per_iter"] - lo["ms_per_iter"]) / (hi["T"] - lo["T"])
+        a = lo["ms_per_iter"] - b * lo["T"]
+        steps = ", ".join(f"T={r['T']}: {1e3 * r['ms_per_iter'] / r['T']:.2f}" for r in mine)
+        print(f"  {solver:<6} per iteration {hi['ms_per_iter'] / lo['ms_per_iter']:5.1f}x for {hi['T'] / lo['T']:.0f}x T; "
+              f"us per stage and iteration {steps}; fit {1e3 * a:.0f} us + {1e3 * b:.2f} us * T")
 
 
 class _Timed:
@@ -162,7 +176,8 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--problems", default="all", help="comma-separated names or 'all'")
     ap.add_argument("--repeats", type=int, default=5, help="timed warm runs per solver (median)")
-    ap.add_argument("--no-long", action="store_true", help="skip the T=1000 pendulum")
+    ap.add_argument("--no-long", action="store_true", help="skip the long-horizon pendulum")
+    ap.add_argument("--horizons", default="100,1000", help="pendulum horizons of the growth check")
     ap.add_argument("--no-profile", action="store_true", help="skip the cart-pole profile")
     args = ap.parse_args(argv)
     names = occore.problems.NAMES if args.problems == "all" else tuple(args.problems.split(","))
@@ -176,15 +191,13 @@ def main(argv=None):
     print(f"\nworst ratio to IPOPT: {worst:.2f}x (target <= 2x)")
 
     if not args.no_long:
-        print("\nLinear growth in T (pendulum; gap relative to IPOPT's cost at the same T):\n")
-        long_rows = long_horizon(max(3, args.repeats // 2))
+        horizons = tuple(int(t) for t in args.horizons.split(","))
+        print(f"\nGrowth in T (pendulum, horizons {', '.join(map(str, horizons))}; gap relative to the best "
+              "cost at that T):\n")
+        long_rows = long_horizon(max(3, args.repeats // 2), horizons)
         _print_table(long_rows)
         print()
-        for solver in ("ilqr", "ddp", "ipopt"):
-            a, b = (r for r in long_rows if r["solver"] == solver)
-            print(f"  {solver:<6} time per iteration T={b['T']} / T={a['T']}: "
-                  f"{b['ms_per_iter'] / a['ms_per_iter']:.1f} (linear: {b['T'] / a['T']:.0f}); "
-                  f"per stage {1e3 * a['ms_per_iter'] / a['T']:.2f} -> {1e3 * b['ms_per_iter'] / b['T']:.2f} us")
+        _print_growth(long_rows)
     if not args.no_profile:
         profile("cartpole", "ilqr", args.repeats)
         profile("cartpole", "ddp", args.repeats)
