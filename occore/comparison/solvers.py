@@ -14,10 +14,10 @@ __all__ = ["SOLVERS", "describe", "make_runner"]
 def _riccati(cls, **changes):
     def build(max_iter):
         opts = cls.default_options()
-        reg = changes.get("regularization")
-        if reg is not None:
-            changes["regularization"] = reg(opts.regularization)
-        opts = replace(opts, **changes)
+        kw = dict(changes)
+        if "regularization" in kw:     # a function of the solver's default regularisation
+            kw["regularization"] = kw["regularization"](opts.regularization)
+        opts = replace(opts, **kw)
         return cls(replace(opts, max_iter=max_iter) if max_iter else opts)
     return build
 

@@ -97,7 +97,8 @@ def maximize(evaluate, xs, us, ps, rho: float, inner, lower=None, upper=None):
 
     Each inner iteration takes a projected ascent step per stage (Newton on the model above, or the
     gradient times ``inner.step_size``) and backtracks, stage by stage, until the stage's value rises
-    (Armijo, 1e-4); a stage with no such step keeps its control.
+    (Armijo, 1e-4); a stage with no such step keeps its control. A stage's next inner iteration
+    starts from twice its last accepted step length (at most 1).
 
     Args:
         evaluate: ``evaluate(vs) -> DenseDerivatives`` at (xs[t], vs[t]) with second-order terms.
@@ -122,13 +123,14 @@ def maximize(evaluate, xs, us, ps, rho: float, inner, lower=None, upper=None):
         vs = np.minimum(np.maximum(vs, lower), upper)
     with np.errstate(all="ignore"):
         values, grads, hess = augmented_hamiltonian(evaluate(vs), xs, ps, rho, hessian=True)
+        alpha = np.ones(vs.shape[0])
         for _ in range(int(inner.iterations)):
             if method == "newton":
                 dirs = _newton_directions(grads, hess, vs, lower, upper)
             else:
                 dirs = float(inner.step_size) * grads
             dirs = np.where(np.isfinite(dirs), dirs, 0.0)
-            alpha = np.ones(vs.shape[0])
+            alpha = np.minimum(1.0, 2.0 * alpha)   # each stage starts from twice its last step
             # a stage with no ascent direction (at rounding level) is at its maximum already
             slope = np.einsum("ta,ta->t", grads, dirs)
             pending = (slope > 0) & (np.abs(dirs).max(axis=1) > 1e-15 * (1.0 + np.abs(vs).max(axis=1)))
