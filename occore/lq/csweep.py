@@ -4,7 +4,8 @@
 :func:`occore.lq.riccati.riccati_sweep` (agreement to 1e-12 is tested); :func:`adjoint_sweep` those of
 :func:`occore.lq.adjoint.adjoint_sweep`. The shared library is built when the package is installed
 (``setup.py``: the extension ``occore.lq._csweep``, plain C, no Python C-API). When it is missing or
-cannot be loaded, :func:`available` is False and :func:`load_error` says why;
+cannot be loaded, or in a source checkout is older than ``_sweep.c`` (rebuild with
+``pip install -e .``), :func:`available` is False and :func:`load_error` says why;
 :func:`occore.lq.compiled.best_sweep` then falls back to numpy.
 
 Setting the environment variable ``OCCORE_NO_CSWEEP=1`` disables the compiled sweeps.
@@ -65,6 +66,11 @@ def _load() -> None:
     if path is None:
         _error = (f"compiled sweep not built (no _csweep{importlib.machinery.EXTENSION_SUFFIXES[0]} in "
                   f"{Path(__file__).resolve().parent}); reinstall occore with a C compiler available")
+        return
+    source = path.with_name("_sweep.c")   # present in a source checkout (editable install)
+    if source.is_file() and source.stat().st_mtime > path.stat().st_mtime:
+        _error = (f"{path.name} is older than {source.name} (a stale build would not match the source): "
+                  "rebuild with `pip install -e .`")
         return
     try:
         lib = ctypes.CDLL(str(path))

@@ -1,6 +1,9 @@
 """The compiled (C) sweeps against the numpy references: same results to 1e-12, same errors."""
 import logging
+import os
 import shutil
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -233,3 +236,18 @@ def test_library_built_where_a_compiler_exists():
         pytest.skip("no C compiler on this machine")
     assert csweep.available(), csweep.load_error()
     assert csweep.library_path() is not None
+
+
+def test_disabled_by_environment_falls_back_in_a_fresh_process():
+    """OCCORE_NO_CSWEEP=1: occore imports, solves with the numpy sweep and warns once."""
+    code = ("import logging, occore\n"
+            "from occore.lq import compiled, riccati\n"
+            "logging.basicConfig(level=logging.WARNING)\n"
+            "assert compiled.best_sweep() is riccati.riccati_sweep\n"
+            "res = occore.ILQR().solve(occore.problems.make('pendulum'))\n"
+            "assert res.converged, res.status\n")
+    env = {**os.environ, "OCCORE_NO_CSWEEP": "1"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stderr.count("compiled backward sweep unavailable") == 1, out.stderr
+    assert "OCCORE_NO_CSWEEP" in out.stderr
