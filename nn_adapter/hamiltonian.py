@@ -9,8 +9,9 @@ the whole batch), and H_t(x, p, v) = sum_i p^(i) . f_t(x^(i), v) - wd/2 |v|^2::
 
 The costate-feasibility term needs dH_t/dx as a function of v, hence a double backward. Each stage
 is maximised independently (a loop over the stages; the authors' code runs them sequentially too),
-by torch.optim.LBFGS ("lbfgs", as the authors' L-BFGS-B with about 10 iterations) or by plain
-gradient ascent ("gradient"). Networks have no control bounds, so no projection is needed.
+by torch.optim.LBFGS ("lbfgs", strong-Wolfe line search, as the authors' L-BFGS-B with about 10
+iterations) or by gradient ascent with Armijo backtracking from ``inner.step_size`` ("gradient").
+Networks have no control bounds, so no projection is needed.
 """
 from __future__ import annotations
 
@@ -68,6 +69,32 @@ def hamiltonian_grad(problem, traj, costates, rho: float, us):
     return torch.stack(values).double().cpu().numpy().astype(np.float64), grads
 
 
+def _gradient_ascent(objective, params, inner, max_halvings: int = 30):
+    """Gradient ascent on -objective with Armijo backtracking (1e-4) from ``inner.step_size``;
+    an iteration with no ascending step ends the loop (the stage keeps its best point)."""
+    for _ in range(inner.iterations):
+        value = objective()
+        g = torch.autograd.grad(value, params)
+        gg = float(sum((gw * gw).sum() for gw in g))
+        if gg == 0.0:
+            return
+        start = [w.detach().clone() for w in params]
+        step = inner.step_size
+        with torch.no_grad():
+            for _ in range(max_halvings):
+                for w, w0, gw in zip(params, start, g):
+                    w.copy_(w0 - step * gw)
+                with torch.enable_grad():
+                    trial = float(objective().detach())
+                if trial <= float(value.detach()) - 1e-4 * step * gg:
+                    break
+                step *= 0.5
+            else:
+                for w, w0 in zip(params, start):
+                    w.copy_(w0)
+                return
+
+
 def maximize_hamiltonian(problem, traj, costates, rho: float, inner):
     """Maximise each Ht_t from ``traj.us`` with ``inner`` (method, iterations, step_size).
 
@@ -97,10 +124,6 @@ def maximize_hamiltonian(problem, traj, costates, rho: float, inner):
                     return loss
                 opt.step(closure)
             else:
-                for _ in range(inner.iterations):
-                    g = torch.autograd.grad(objective(), params)
-                    with torch.no_grad():
-                        for w, gw in zip(params, g):
-                            w.sub_(inner.step_size * gw)
+                _gradient_ascent(objective, params, inner)
             new.append({k: w.detach() for k, w in v.items()})
     return new

@@ -205,17 +205,23 @@ class NetworkLocalModel:
             self._terminal = (Vx, Vxx)
         return self._terminal
 
-    def _second_order_terms(self, t, Vx_next):
-        """Per-sample Hessians of V_x' . f(x, u): (B, n, n), (B, m, n), and (m, m) summed."""
+    def _second_order_terms(self, t, Vx_next, need_xx):
+        """Dynamics second derivatives contracted with V_x': with H(X, u) = sum_i V_x'^(i) . f(x^(i), u),
+        Huu = d2H/du2 (m, m) and Hux = d2H/du dX (m, B n) from m double-backward passes over the
+        batch; per-sample Hxx^(i) (B, n, n) only when needed (x_0 is fixed)."""
         f = self._flat_stage(t)
         x = self.traj.xs[t].detach().reshape(self.B, -1)
         u = self.flat_controls(t).detach()
+        v = Vx_next.reshape(self.B, -1)
 
-        def h(x1, u1, v1):
+        def h(x1, u1, v1):                       # one sample
             return torch.dot(v1, f(x1, u1))
-        H = vmap(jacrev(jacrev(h, argnums=(0, 1)), argnums=(0, 1)), in_dims=(0, None, 0))
-        (hxx, hxu), (hux, huu) = H(x, u, Vx_next.reshape(self.B, -1))
-        return hxx, hux, huu.sum(0)
+
+        def grad_u(X, u1):                       # dH/du of the batch, (m,)
+            return vmap(jacrev(h, argnums=1), in_dims=(0, None, 0))(X, u1, v).sum(0)
+        hux, huu = jacrev(grad_u, argnums=(0, 1))(x, u)
+        hxx = vmap(jacrev(jacrev(h)), in_dims=(0, None, 0))(x, u, v) if need_xx else None
+        return hxx, hux.reshape(hux.shape[0], -1), huu
 
     def memory_estimate(self, second_order: bool = False) -> int:
         """Bytes the backward pass needs (see :func:`memory_estimate`)."""
@@ -286,9 +292,9 @@ class NetworkLocalModel:
                 Qu = Qu + wd * self.flat_controls(t)
                 Quu = Quu + wd * eye
             if second_order:
-                hxx, hux, huu = self._second_order_terms(t, Vx2)
+                hxx, hux, huu = self._second_order_terms(t, Vx2, Qxx is not None)
                 Quu = Quu + huu
-                Qux = Qux + hux.permute(1, 0, 2).reshape(m, B * n)
+                Qux = Qux + hux
                 if Qxx is not None:
                     Qxx = Qxx + (hxx if per_sample else torch.block_diag(*hxx))
             Quu = 0.5 * (Quu + Quu.T)
