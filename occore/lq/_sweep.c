@@ -378,3 +378,10 @@ OCC_EXPORT void occ_adjoint_sweep(int T, int nx, int nu, const double *fx, const
 
 /* ABI version, checked by csweep.py. */
 OCC_EXPORT int occ_sweep_abi(void) { return 1; }
+
+/* The first 60 bits of the SHA-256 of this file when it was built (setup.py defines it; 0: unknown).
+ * csweep.py compares it with the source next to the library to detect a stale build. */
+#ifndef OCC_SOURCE_HASH
+#define OCC_SOURCE_HASH 0
+#endif
+OCC_EXPORT unsigned long long occ_source_hash(void) { return (unsigned long long)OCC_SOURCE_HASH; }

@@ -4,8 +4,8 @@
 :func:`occore.lq.riccati.riccati_sweep` (agreement to 1e-12 is tested); :func:`adjoint_sweep` those of
 :func:`occore.lq.adjoint.adjoint_sweep`. The shared library is built when the package is installed
 (``setup.py``: the extension ``occore.lq._csweep``, plain C, no Python C-API). When it is missing or
-cannot be loaded, or in a source checkout is older than ``_sweep.c`` (rebuild with
-``pip install -e .``), :func:`available` is False and :func:`load_error` says why;
+cannot be loaded, or was built from another version of ``_sweep.c`` than the one beside it (a
+stale build in a source checkout: rebuild with ``pip install -e .``), :func:`available` is False and :func:`load_error` says why;
 :func:`occore.lq.compiled.best_sweep` then falls back to numpy.
 
 Setting the environment variable ``OCCORE_NO_CSWEEP=1`` disables the compiled sweeps.
@@ -24,6 +24,7 @@ Example:
 from __future__ import annotations
 
 import ctypes
+import hashlib
 import importlib.machinery
 import logging
 import math
@@ -56,6 +57,11 @@ def library_path() -> Path | None:
     return None
 
 
+def _source_hash(path: Path) -> int:
+    """The first 60 bits of the SHA-256 of a file (setup.py builds the same number into the library)."""
+    return int(hashlib.sha256(path.read_bytes()).hexdigest()[:15], 16)
+
+
 def _load() -> None:
     global _lib, _error, _tried, _riccati, _adjoint
     _tried = True
@@ -67,17 +73,19 @@ def _load() -> None:
         _error = (f"compiled sweep not built (no _csweep{importlib.machinery.EXTENSION_SUFFIXES[0]} in "
                   f"{Path(__file__).resolve().parent}); reinstall occore with a C compiler available")
         return
-    source = path.with_name("_sweep.c")   # present in a source checkout (editable install)
-    if source.is_file() and source.stat().st_mtime > path.stat().st_mtime:
-        _error = (f"{path.name} is older than {source.name} (a stale build would not match the source): "
-                  "rebuild with `pip install -e .`")
-        return
     try:
         lib = ctypes.CDLL(str(path))
         if lib.occ_sweep_abi() != _ABI:
             raise OSError(f"ABI {lib.occ_sweep_abi()} != {_ABI} (stale build: reinstall occore)")
+        lib.occ_source_hash.restype = ctypes.c_ulonglong
+        built = lib.occ_source_hash()
     except (OSError, AttributeError) as err:
-        _error = f"cannot load {path}: {err}"
+        _error = f"cannot load {path}: {err} (rebuild with `pip install -e .` or reinstall occore)"
+        return
+    source = path.with_name("_sweep.c")   # beside the library in a source checkout (and in wheels)
+    if built and source.is_file() and built != _source_hash(source):
+        _error = (f"{path.name} was built from another version of {source.name} (stale build): "
+                  "rebuild with `pip install -e .`")
         return
     p, i, d = ctypes.c_void_p, ctypes.c_int, ctypes.c_double
     fn = lib.occ_riccati_sweep
