@@ -37,6 +37,27 @@ def cnn():
     return net.double(), nn.MSELoss(), x.double(), y.double()
 
 
+class Residual(nn.Module):
+    def __init__(self, n):
+        super().__init__()
+        self.lin = nn.Linear(n, n)
+
+    def forward(self, x):
+        return x + torch.tanh(self.lin(x))
+
+
+def resnet():
+    """Conv1d, a BatchNorm stage (eval statistics) and a residual block as stages."""
+    torch.manual_seed(3)
+    net = nn.Sequential(nn.Conv1d(1, 2, 2), nn.Flatten(), nn.BatchNorm1d(4), nn.Softplus(),
+                        Residual(4), nn.Linear(4, 2))
+    net[2].running_mean.uniform_(-0.5, 0.5)
+    net[2].running_var.uniform_(0.5, 2.0)
+    net[2].weight.data.uniform_(0.5, 1.5)
+    x, y = torch.randn(3, 1, 3), torch.tensor([1, 0, 1])
+    return net.double().eval(), nn.CrossEntropyLoss(), x.double(), y
+
+
 class Dense:
     """Oracle A: flattened batched problem, torch.func derivatives, dense recursion."""
 
@@ -127,7 +148,7 @@ def compare_record(lm, oracle, second_order):
         assert Vx.shape == (B, lm.n[t])
 
 
-@pytest.mark.parametrize("make", [mlp, cnn])
+@pytest.mark.parametrize("make", [mlp, cnn, resnet])
 @pytest.mark.parametrize("second_order", [False, True])
 @pytest.mark.parametrize("value_hessian", ["batch", "per_sample"])
 def test_backward_matches_dense_oracle(make, second_order, value_hessian):
@@ -148,7 +169,7 @@ def test_backward_matches_dense_oracle(make, second_order, value_hessian):
         torch.testing.assert_close(policy.K[t], o["K"], **TOL)
 
 
-@pytest.mark.parametrize("make", [mlp, cnn])
+@pytest.mark.parametrize("make", [mlp, cnn, resnet])
 def test_gauss_newton_value_is_the_batched_lq_value_function(make):
     """Oracle B: V_x, V_xx at every boundary = Schur complement of the condensed tail problem."""
     net, loss, x, y = make()
@@ -223,7 +244,7 @@ def functional_call_all(prob, us):
         (v * v).sum() for u in us for v in u.values())
 
 
-@pytest.mark.parametrize("make", [mlp, cnn])
+@pytest.mark.parametrize("make", [mlp, cnn, resnet])
 def test_first_order_terms_equal_autograd(make):
     net, loss, x, y = make()
     prob = NetworkProblem(net, loss, x, y, weight_decay=0.05)

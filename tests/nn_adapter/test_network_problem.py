@@ -146,3 +146,16 @@ def test_a_solve_modifies_nothing_the_user_passed():
     assert all(torch.equal(state[k], v) for k, v in net.state_dict().items())
     assert torch.equal(x, x0) and torch.equal(y, y0)
     assert all(isinstance(p, nn.Parameter) and p.grad is None for p in net.parameters())
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_follows_the_model_to_cuda():
+    net, loss, x, y = mlp_data(torch.float64)
+    net = net.cuda()
+    prob = NetworkProblem(net, loss, x, y)          # CPU data is moved (copied) to the model
+    assert prob.inputs.is_cuda and not x.is_cuda
+    traj = prob.rollout(prob.initial_controls())
+    with torch.no_grad():
+        assert torch.equal(traj.xs[-1], net(x.cuda()))
+    res = occore.ILQR(max_iter=2).solve(prob)
+    assert res.cost < traj.cost and res.us[0]["weight"].is_cuda
