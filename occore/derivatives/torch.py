@@ -54,6 +54,8 @@ def _tensor(a) -> torch.Tensor:
 
 def _to_tensor(argument: str, value) -> torch.Tensor:
     """The user function's output as a float64 tensor, or a DerivativeError naming ``argument``."""
+    if isinstance(value, torch.Tensor) and value.dtype == _DTYPE:   # the usual case, first
+        return value
     if isinstance(value, (list, tuple)) and value and all(isinstance(v, torch.Tensor) for v in value):
         value = torch.stack(value)
     if isinstance(value, numbers.Real) and not isinstance(value, (bool, np.generic)):
@@ -113,7 +115,8 @@ class TorchBackend(Backend):
 
         # Normalised functions of one stage: (nx,) tensor, 0-d tensors.
         def f(x, u, p):
-            return _to_tensor("dynamics", user_f(x, u, *extra(p))).reshape(nx)
+            out = _to_tensor("dynamics", user_f(x, u, *extra(p)))
+            return out if out.shape == (nx,) else out.reshape(nx)
 
         def l(x, u, p):
             return _to_tensor("stage_cost", user_l(x, u, *extra(p))).reshape(())
