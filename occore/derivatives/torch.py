@@ -223,10 +223,10 @@ class TorchBackend(Backend):
         T, f, P = self.T, self._f, self.P
         with torch.inference_mode():
             U = _tensor(us)
-            X = torch.empty((T + 1, self.nx), dtype=_DTYPE)
-            X[0] = x = self._x0
+            xs = [self._x0]
             for t in range(T):
-                X[t + 1] = x = f(x, U[t], P[t])
+                xs.append(f(xs[-1], U[t], P[t]))
+            X = torch.stack(xs)
             return X.numpy(), self._cost(X, U)
 
     def rollout_policy(self, xs_ref, us_ref, k, K, alpha, lower, upper):
@@ -237,15 +237,15 @@ class TorchBackend(Backend):
             lo = hi = None
             if lower is not None:
                 lo, hi = _tensor(lower), _tensor(upper)
-            X = torch.empty((T + 1, self.nx), dtype=_DTYPE)
-            U = torch.empty((T, self.nu), dtype=_DTYPE)
-            X[0] = x = self._x0
+            x, xs, us = self._x0, [self._x0], []
             for t in range(T):
                 u = torch.addmv(base[t], Kt[t], x - Xr[t])
                 if lo is not None:
-                    u = torch.minimum(torch.maximum(u, lo[t]), hi[t])
-                U[t] = u
-                X[t + 1] = x = f(x, u, P[t])
+                    u = torch.clamp(u, lo[t], hi[t])     # = min(max(u, lo), hi)
+                x = f(x, u, P[t])
+                xs.append(x)
+                us.append(u)
+            X, U = torch.stack(xs), torch.stack(us)
             return X.numpy(), U.numpy(), self._cost(X, U)
 
     # -- derivatives ------------------------------------------------------------------------------
