@@ -29,6 +29,11 @@ class FieldError:
         rel: ``abs / max |finite difference|`` (0 when both are zero; inf when only the reference is).
         where: index of the largest absolute error (stage first).
         scale: max |finite difference| of the field.
+
+    Example:
+        >>> from occore.derivatives.check import FieldError
+        >>> FieldError((10, 2, 2), abs=3e-9, rel=3e-11, where=(4, 0, 1), scale=100.0).ok(1e-8)
+        True
     """
 
     shape: tuple
@@ -38,6 +43,7 @@ class FieldError:
     scale: float
 
     def ok(self, tol: float) -> bool:
+        """True when the absolute or the relative error is at most ``tol``."""
         return min(self.abs, self.rel) <= tol
 
 
