@@ -194,6 +194,13 @@ def test_torch_backend_reaches_reference_optimum(name, solver):
     assert again.cost == pytest.approx(res.cost, rel=1e-13)
 
 
+@pytest.mark.parametrize("name", NAMES)
+def test_finite_difference_backend_reaches_reference_optimum_with_ilqr(name):
+    res = occore.ILQR().solve(problem(name, "finite_difference"))
+    assert res.converged, res.summary()
+    assert abs(res.cost - OPTIMA[name]) / OPTIMA[name] <= 1e-7
+
+
 # -- bad input --------------------------------------------------------------------------------------
 def _f(x, u):
     return x + 0.1 * u
