@@ -139,49 +139,48 @@ class DDPNOpt(CurvatureOptimizer):
         rec.check_complete(super()._recorded_modules() + [v.module for v in self._views[1:]])
 
     # -- the update ------------------------------------------------------------------------------
-    def _factors(self, view, steps):
+    def _factors(self, view, updated):
         group = self.param_groups[0]
-        if not all(b in steps for b in view.blocks):
+        if not all(b in updated for b in view.blocks):
             return None
         return [self.curvature.factors(b, group, [self.state[p] for p in b.params])
                 for b in view.blocks]
 
     def _update(self, rec: Recorder) -> None:
-        steps = self._block_steps(rec)
         if not self.feedback:
-            for block, ks in steps.items():
-                for p, k in zip(block.params, ks):
-                    p.add_(k)
-            return
+            return super()._update(rec)
+        updated = self._update_curvature(rec)
         views = self._views
         n = rec.inputs[views[0].module].shape[0]
-        scales = self._value_scales(rec, steps, n)
+        scales = self._value_scales(rec, updated, n)
         xhat = rec.inputs[views[0].module]
         for t, view in enumerate(views):
             x = rec.inputs.pop(view.module)
+            g = rec.out_grads.pop(view.module, None)
+            v_next = rec.out_grads.pop(self._last_modules[t], g) if self.second_order else None
+            factors = self._factors(view, updated)
             delta = None
-            if t > 0 and scales[t + 1] is not None:
-                g = rec.out_grads[view.module]
+            if t > 0 and scales[t + 1] is not None and factors is not None:
+                v_next = v_next * n if v_next is not None else None
                 g.mul_(n * _bcast(scales[t + 1], g))    # the recorded tensor is ours
-                delta = self._stage_feedback(t, view, x, xhat - x, g, rec, n)
-                delta = precondition(view, self._factors(view, steps), delta)
-                del g
-            rec.out_grads.pop(view.module, None)
-            rec.out_grads.pop(self._last_modules[t], None)
+                delta = self._stage_feedback(t, view, x, xhat, g, v_next)
+                delta = precondition(view, factors, delta)
+            del g, v_next
             i = 0
-            for block in view.blocks:
+            for b, block in enumerate(view.blocks):
+                ks = self._direction(block, factors[b]) if factors is not None else None
                 for j, p in enumerate(block.params):
-                    if block in steps:
-                        p.add_(steps[block][j])
+                    if ks is not None:
+                        p.add_(ks[j])
                     if delta is not None:
                         p.sub_(delta[i])
                     i += 1
-            del x, delta
+            del x, delta, factors
             if t < len(views) - 1:
                 for m in (view.module, *view.followers):
                     xhat = m(xhat)
 
-    def _value_scales(self, rec, steps, n) -> list:
+    def _value_scales(self, rec, updated, n) -> list:
         """S_t = s_t s_{t+1} ... s_{T-1} per sample (S_T = 1), s^2 = max(0, 1 - q_u^T P q_u).
 
         ``None`` marks stages without a step (no gradient), whose feedback is skipped.
@@ -192,7 +191,7 @@ class DDPNOpt(CurvatureOptimizer):
         scales[T] = torch.ones(n, dtype=rec.inputs[views[0].module].dtype,
                                device=rec.inputs[views[0].module].device)
         for t in range(T - 1, 0, -1):
-            factors = self._factors(views[t], steps)
+            factors = self._factors(views[t], updated)
             if factors is None or scales[t + 1] is None or not self.vxx_update:
                 scales[t] = scales[t + 1]
                 continue
@@ -201,14 +200,16 @@ class DDPNOpt(CurvatureOptimizer):
             scales[t] = scales[t + 1] * (1.0 - rho).clamp_(min=0.0).sqrt_()
         return scales
 
-    def _stage_feedback(self, t, view, x, dx, gs, rec, n) -> list:
-        """(1/B) sum_i Q_ux^(i) dx^(i) of stage t (not yet preconditioned)."""
-        total = feedback_grads(view, x, dx, gs)
+    def _stage_feedback(self, t, view, x, xhat, g, v_next) -> list:
+        """(1/B) sum_i Q_ux^(i) dx^(i) of stage t (not yet preconditioned); overwrites g."""
+        extra = []
         if self.eps_vxx > 0 and t < len(self._views) - 1:
-            total = [a + b for a, b in zip(total, tikhonov_grads(view, x, dx, self.eps_vxx))]
+            extra.append(tikhonov_grads(view, x, xhat - x, self.eps_vxx))
         if self.second_order:
-            v_next = rec.out_grads[self._last_modules[t]] * n
-            total = [a + b for a, b in zip(total, second_order_grads(view, x, dx, v_next))]
+            extra.append(second_order_grads(view, x, xhat - x, v_next))
+        total = feedback_grads(view, x, xhat, g, overwrite=True)
+        for more in extra:
+            total = [a + b for a, b in zip(total, more)]
         return total
 
 

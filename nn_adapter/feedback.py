@@ -129,10 +129,17 @@ def quad_form(view: StageView, factors: list, x: torch.Tensor, g: torch.Tensor) 
     if view.structured:
         block, (q_g, q_a, d) = view.blocks[0], factors[0]
         if block.kind == "linear" and x.dim() == 2:   # rank-one per-sample gradients
+            g2 = (g @ q_g if q_g is not None else g).square()
+            if isinstance(d, list):   # diagonal: no bias column needed
+                rho = ((g2 @ d[0].expand_as(block.weight)) * x.square()).sum(1)
+                if block.has_bias:
+                    rho += g2 @ d[1].expand_as(block.params[1])
+                return rho
             a = patches(block, x)[:, 0]
             a = a @ q_a if q_a is not None else a
-            gg = g @ q_g if q_g is not None else g
-            return ((gg.square() @ d) * a.square()).sum(1)
+            return ((g2 @ d) * a.square()).sum(1)
+        if isinstance(d, list):
+            d = as_matrix(block, [s.expand_as(p) for s, p in zip(d, block.params)])
         rho = x.new_empty(x.shape[0])
         for sl, grads in per_sample_grads(block, x, g, q_g, q_a):
             rho[sl] = (grads.square() * d).sum((1, 2))
@@ -147,12 +154,13 @@ def quad_form(view: StageView, factors: list, x: torch.Tensor, g: torch.Tensor) 
     rho = x.new_zeros(x.shape[0])
     for block, (q_g, q_a, d) in zip(view.blocks, factors):
         part = [grads.pop(0) for _ in block.params]
-        if block.structured:
-            mat = as_matrix(block, part)
-            mat = q_g.mT @ mat if q_g is not None else mat
-            mat = mat @ q_a if q_a is not None else mat
-        else:
-            mat = part[0]
+        if isinstance(d, list):
+            for gr, s in zip(part, d):
+                rho += (gr.square() * s).flatten(1).sum(1)
+            continue
+        mat = as_matrix(block, part)
+        mat = q_g.mT @ mat if q_g is not None else mat
+        mat = mat @ q_a if q_a is not None else mat
         rho += (mat.square() * d).flatten(1).sum(1)
     return rho
 
@@ -163,40 +171,44 @@ def precondition(view: StageView, factors: list, grads: list) -> list[torch.Tens
     for block, fac in zip(view.blocks, factors):
         n = len(block.params)
         part = grads[i:i + n]
-        if block.structured:
-            out += from_matrix(block, apply_factors(fac, as_matrix(block, part)))
+        if isinstance(fac[2], list):
+            out += [v * s for v, s in zip(part, fac[2])]
         else:
-            out.append(part[0] * fac[2])
+            out += from_matrix(block, apply_factors(fac, as_matrix(block, part)))
         i += n
     return out
 
 
 # -- the feedback sums ---------------------------------------------------------------------------
-def feedback_grads(view: StageView, x: torch.Tensor, dx: torch.Tensor, g: torch.Tensor
-                   ) -> list[torch.Tensor]:
+def feedback_grads(view: StageView, x: torch.Tensor, xhat: torch.Tensor, g: torch.Tensor,
+                   overwrite: bool = False) -> list[torch.Tensor]:
     """(1/B) sum_i q_u^(i) (q_x^(i) . dx^(i)), the factorised Q_ux dx averaged over the batch.
 
     Args:
         view: the stage (its parameters are the nominal u_t).
         x: nominal module inputs x_t, (B, ...).
-        dx: state deviations xhat_t - x_t, (B, ...).
+        xhat: states of the additional forward pass, (B, ...); dx = xhat - x.
         g: per-sample cotangents at the module output, h-space image of z_{t+1}, (B, ...).
+        overwrite: allow ``g`` to be overwritten (saves one activation-sized buffer).
 
     Returns:
         one tensor per stage parameter (block order), shaped like it.
     """
     n = x.shape[0]
+    params = [p.detach() for p in view.params]
+    dx = xhat - x
     if view.structured:
         block = view.blocks[0]
         dh = _linear_part(block, block.weight, dx)
-        c = torch.bmm(g.reshape(n, 1, -1), dh.reshape(n, -1, 1)).reshape(n)
-        del dh
-        cot = g * (c / n).reshape((n,) + (1,) * (g.dim() - 1))
-        return _weight_grads(block, x, cot)
-    params = [p.detach() for p in view.params]
-    _, dh = jvp(lambda xx: view.module_fn(params, xx), (x,), (dx,))
-    c = (g * dh).flatten(1).sum(1)
-    cot = g * (c / n).reshape((n,) + (1,) * (g.dim() - 1))
+    else:
+        _, dh = jvp(lambda xx: view.module_fn(params, xx), (x,), (dx,))
+    del dx
+    c = torch.bmm(g.reshape(n, 1, -1), dh.reshape(n, -1, 1)).reshape(n)
+    del dh
+    c = (c / n).reshape((n,) + (1,) * (g.dim() - 1))
+    cot = g.mul_(c) if overwrite else g * c
+    if view.structured:
+        return _weight_grads(view.blocks[0], x, cot)
     _, pull = vjp(lambda ps: view.module_fn(ps, x), params)
     return list(pull(cot)[0])
 

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import math
 
-import torch
+import torch  # noqa: F401
 
 from .base import DiagonalCurvature, with_weight_decay
 
@@ -19,10 +19,12 @@ class AdamCurvature(DiagonalCurvature):
 
     Example:
         >>> import torch
+        >>> from nn_adapter.curvature import Block
         >>> c = AdamCurvature()
-        >>> group = dict(c.defaults, lr=0.1); state = {}
-        >>> k = c.param_step(torch.zeros(1), torch.full((1,), 3.0), group, state)
-        >>> round(float(k), 6)   # Adam's first step is -lr sign(g)
+        >>> p = torch.zeros(1)
+        >>> k = c.step(Block("diagonal", (p,)), [torch.full((1,), 3.0)], dict(c.defaults, lr=0.1),
+        ...            [{}])
+        >>> round(float(k[0]), 6)   # Adam's first step is -lr sign(g)
         -0.1
     """
 
@@ -43,7 +45,7 @@ class AdamCurvature(DiagonalCurvature):
         sq = state["max_exp_avg_sq"] if group["amsgrad"] else state["exp_avg_sq"]
         return (sq.sqrt() / math.sqrt(bc2)).add_(group["eps"])
 
-    def param_step(self, p, grad, group, state):
+    def param_update(self, p, grad, group, state):
         if "exp_avg" not in state:
             state["step"] = 0
             state["exp_avg"] = torch.zeros_like(p)
@@ -58,8 +60,10 @@ class AdamCurvature(DiagonalCurvature):
         if group["amsgrad"]:
             torch.maximum(state["max_exp_avg_sq"], state["exp_avg_sq"],
                           out=state["max_exp_avg_sq"])
-        step_size = group["lr"] / (1 - beta1 ** state["step"])
-        return state["exp_avg"].div(self._denom(group, state)).mul_(-step_size)
 
     def param_scale(self, p, group, state):
         return self._denom(group, state).reciprocal_().mul_(group["lr"])
+
+    def param_direction(self, p, grad, group, state, scale):
+        bc1 = 1 - group["betas"][0] ** state["step"]
+        return state["exp_avg"].mul(scale).mul_(-1.0 / bc1)

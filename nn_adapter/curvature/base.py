@@ -63,7 +63,8 @@ class Block:
 def _structured_kind(module: nn.Module) -> Optional[str]:
     if type(module) is nn.Linear:
         return "linear"
-    if type(module) is nn.Conv2d and module.groups == 1 and module.padding_mode == "zeros":
+    if (type(module) is nn.Conv2d and module.groups == 1 and module.padding_mode == "zeros"
+            and not isinstance(module.padding, str)):
         return "conv2d"
     return None
 
@@ -125,6 +126,8 @@ def from_matrix(block: Block, mat: torch.Tensor) -> list[torch.Tensor]:
 def apply_factors(factors, mat: torch.Tensor) -> torch.Tensor:
     """``Q_G ((Q_G^T M Q_A) * D) Q_A^T`` for factors ``(Q_G, Q_A, D)``; M may have leading dims."""
     q_g, q_a, d = factors
+    if isinstance(d, list):
+        raise TypeError("apply_factors: per-parameter scalings act on parameters, not matrices")
     if q_g is not None:
         mat = q_g.mT @ mat
     if q_a is not None:
@@ -146,8 +149,8 @@ class Curvature:
     """Base class: hyperparameters and the two operations every curvature offers.
 
     Subclasses set ``name`` and ``defaults`` (hyperparameters named as torch names them) and
-    implement :meth:`step` (the base optimizer's step k for one block, updating its state) and
-    :meth:`factors` (the inverse curvature P of the last step in factored form).
+    implement :meth:`update` (the curvature state), :meth:`factors` (the inverse curvature P
+    after the update, in factored form) and :meth:`direction` (the base optimizer's step k).
 
     Hyperparameters live in the optimizer's param group (so LR schedulers work); state tensors
     live in the optimizer's per-parameter ``state`` dicts (so ``state_dict`` round-trips).
@@ -175,10 +178,10 @@ class Curvature:
         """Raise ``ValueError("invalid <name>: ...")`` unless ``ok``."""
         _check(name, value, ok, expected)
 
-    # -- the two operations ----------------------------------------------------------------
-    def step(self, block: Block, grads: list, group: dict, states: list[dict],
-             record=None) -> list[torch.Tensor]:
-        """Update the block's state with its gradients and return the steps k (one per param).
+    # -- the operations --------------------------------------------------------------------
+    def update(self, block: Block, grads: list, group: dict, states: list[dict],
+               record=None) -> None:
+        """Update the block's curvature state (moments, factors...) with this batch.
 
         Args:
             block: the parameter block.
@@ -190,37 +193,55 @@ class Curvature:
         raise NotImplementedError
 
     def factors(self, block: Block, group: dict, states: list[dict]):
-        """Inverse curvature of the last step: ``(Q_G, Q_A, D)``, see the module docstring.
+        """Inverse curvature P after :meth:`update`: ``(Q_G, Q_A, D)``, see the module docstring.
 
-        For structured blocks ``D`` has the shape of the matrix view; for diagonal blocks
-        ``Q_G = Q_A = None`` and ``D`` has the parameter's shape.
+        ``D`` is either a tensor shaped like the block's matrix view (with the bases), or a list
+        of per-parameter scalings, one tensor per parameter broadcastable to its shape (then
+        ``Q_G = Q_A = None``).
         """
         raise NotImplementedError
+
+    def direction(self, block: Block, grads: list, group: dict, states: list[dict],
+                  factors) -> list[torch.Tensor]:
+        """The base optimizer's step k after :meth:`update` (one tensor per parameter)."""
+        raise NotImplementedError
+
+    def step(self, block: Block, grads: list, group: dict, states: list[dict],
+             record=None) -> list[torch.Tensor]:
+        """``update`` then ``direction``: the base optimizer's step k for one block."""
+        self.update(block, grads, group, states, record)
+        return self.direction(block, grads, group, states, self.factors(block, group, states))
 
 
 class DiagonalCurvature(Curvature):
     """A curvature that treats every parameter on its own with a diagonal P.
 
-    Subclasses implement :meth:`param_step` and :meth:`param_scale` for one parameter.
+    Subclasses implement, for one parameter, :meth:`param_update` (the state),
+    :meth:`param_scale` (the diagonal of P) and :meth:`param_direction` (k given that diagonal).
     """
 
-    def param_step(self, p: torch.Tensor, grad: torch.Tensor, group: dict,
-                   state: dict) -> torch.Tensor:
+    def param_update(self, p: torch.Tensor, grad: torch.Tensor, group: dict,
+                     state: dict) -> None:
         raise NotImplementedError
 
     def param_scale(self, p: torch.Tensor, group: dict, state: dict) -> torch.Tensor:
         """The diagonal of P for one parameter (a tensor of p's shape, or a 0-dim tensor)."""
         raise NotImplementedError
 
-    def step(self, block, grads, group, states, record=None):
-        return [self.param_step(p, g, group, s) for p, g, s in zip(block.params, grads, states)]
+    def param_direction(self, p: torch.Tensor, grad: torch.Tensor, group: dict, state: dict,
+                        scale: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def update(self, block, grads, group, states, record=None):
+        for p, g, s in zip(block.params, grads, states):
+            self.param_update(p, g, group, s)
 
     def factors(self, block, group, states):
-        scales = [self.param_scale(p, group, s).expand_as(p)
-                  for p, s in zip(block.params, states)]
-        if block.structured:
-            return None, None, as_matrix(block, scales)
-        return None, None, scales[0]
+        return None, None, [self.param_scale(p, group, s) for p, s in zip(block.params, states)]
+
+    def direction(self, block, grads, group, states, factors):
+        return [self.param_direction(p, g, group, s, d)
+                for p, g, s, d in zip(block.params, grads, states, factors[2])]
 
 
 def with_weight_decay(p: torch.Tensor, grad: torch.Tensor, group: dict) -> torch.Tensor:

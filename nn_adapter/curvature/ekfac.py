@@ -91,19 +91,22 @@ class EKFACCurvature(Curvature):
             total = part if total is None else total + part
         return total / n
 
-    # -- the step --------------------------------------------------------------------------------
-    def step(self, block, grads, group, states, record=None):
-        grads = [with_weight_decay(p, gr, group) for p, gr in zip(block.params, grads)]
-        if not block.structured:
-            return [self._diagonal_step(block.params[0], grads[0], group, states[0])]
+    # -- the operations ----------------------------------------------------------------------------
+    def update(self, block, grads, group, states, record=None):
         st = states[0]
-        x, g = record.inputs[block.module], record.out_grads[block.module]
         st["step"] = st.get("step", 0) + 1
         decay = group["stat_decay"]
-        first = st["step"] == 1
+        if not block.structured:
+            sq = with_weight_decay(block.params[0], grads[0], group).square()
+            if st["step"] == 1:
+                st["scale"] = sq
+            else:
+                st["scale"].mul_(decay).add_(sq, alpha=1 - decay)
+            return
+        x, g = record.inputs[block.module], record.out_grads[block.module]
         if (st["step"] - 1) % group["factor_update_freq"] == 0:
             a_b, g_b = self.batch_factors(block, x, g)
-            if first:
+            if "A" not in st:
                 st["A"], st["G"] = a_b, g_b
             else:
                 st["A"].mul_(decay).add_(a_b, alpha=1 - decay)
@@ -117,25 +120,16 @@ class EKFACCurvature(Curvature):
             st["scale"] = s_b
         else:
             st["scale"].mul_(decay).add_(s_b, alpha=1 - decay)
-        step = apply_factors(self.factors(block, group, states), as_matrix(block, grads))
-        return [-s for s in from_matrix(block, step)]
-
-    def _diagonal_step(self, p, grad, group, st):
-        st["step"] = st.get("step", 0) + 1
-        sq = grad.square()
-        if st["step"] == 1:
-            st["scale"] = sq
-        else:
-            st["scale"].mul_(group["stat_decay"]).add_(sq, alpha=1 - group["stat_decay"])
-        return grad * self._diag_scale(group, st).neg_()
-
-    @staticmethod
-    def _diag_scale(group, st):
-        return (st["scale"] + group["damping"]).reciprocal_().mul_(group["lr"])
 
     def factors(self, block, group, states):
         st = states[0]
-        d = self._diag_scale(group, st)
+        d = (st["scale"] + group["damping"]).reciprocal_().mul_(group["lr"])
         if not block.structured:
-            return None, None, d
+            return None, None, [d]
         return st["QG"], st["QA"], d
+
+    def direction(self, block, grads, group, states, factors):
+        grads = [with_weight_decay(p, gr, group) for p, gr in zip(block.params, grads)]
+        if not block.structured:
+            return [grads[0] * factors[2][0].neg()]
+        return [-s for s in from_matrix(block, apply_factors(factors, as_matrix(block, grads)))]

@@ -15,11 +15,11 @@ class IdentityCurvature(DiagonalCurvature):
 
     Example:
         >>> import torch
+        >>> from nn_adapter.curvature import Block
         >>> c = IdentityCurvature()
-        >>> p = torch.zeros(2); state = {}
-        >>> group = dict(c.defaults, lr=0.1)
-        >>> c.param_step(p, torch.ones(2), group, state)
-        tensor([-0.1000, -0.1000])
+        >>> p = torch.zeros(2)
+        >>> c.step(Block("diagonal", (p,)), [torch.ones(2)], dict(c.defaults, lr=0.1), [{}])
+        [tensor([-0.1000, -0.1000])]
     """
 
     name = "identity"
@@ -36,17 +36,26 @@ class IdentityCurvature(DiagonalCurvature):
             self.check("nesterov", True, m > 0 and d == 0,
                        "momentum > 0 and dampening == 0 with nesterov=True")
 
-    def param_step(self, p, grad, group, state):
-        d_p = with_weight_decay(p, grad, group)
+    def param_update(self, p, grad, group, state):
         momentum = group["momentum"]
-        if momentum != 0:
-            buf = state.get("momentum_buffer")
-            if buf is None:
-                buf = state["momentum_buffer"] = torch.clone(d_p).detach()
-            else:
-                buf.mul_(momentum).add_(d_p, alpha=1 - group["dampening"])
-            d_p = d_p.add(buf, alpha=momentum) if group["nesterov"] else buf
-        return d_p * (-group["lr"])
+        if momentum == 0:
+            return
+        d_p = with_weight_decay(p, grad, group)
+        buf = state.get("momentum_buffer")
+        if buf is None:
+            state["momentum_buffer"] = torch.clone(d_p).detach()
+        else:
+            buf.mul_(momentum).add_(d_p, alpha=1 - group["dampening"])
 
     def param_scale(self, p, group, state):
         return torch.as_tensor(group["lr"], dtype=p.dtype, device=p.device)
+
+    def param_direction(self, p, grad, group, state, scale):
+        momentum = group["momentum"]
+        if momentum == 0:
+            d_p = with_weight_decay(p, grad, group)
+        elif group["nesterov"]:
+            d_p = with_weight_decay(p, grad, group).add(state["momentum_buffer"], alpha=momentum)
+        else:
+            d_p = state["momentum_buffer"]
+        return d_p * (-scale)

@@ -49,6 +49,35 @@ def chunks(block: Block, x: torch.Tensor) -> Iterator[slice]:
         yield slice(start, min(n, start + size))
 
 
+def _sample_slices(n: int, size: int) -> Iterator[slice]:
+    for start in range(0, n, size):
+        yield slice(start, min(n, start + size))
+
+
+def _conv_grads_shifted(m, x: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+    """Per-sample weight gradients of a stride-1 Conv2d without an unfold, (b, out, C kh kw).
+
+    With the input padded and flattened row by row (row length Wp), the input patch entry at
+    kernel offset (u, v) of every output position is one contiguous slice of length Ho * Wp
+    (the Wp - Wo extra columns of each row meet zero output gradients). So each of the kh * kw
+    offsets is one batched matrix product (out, Ho Wp) x (Ho Wp, C), on views.
+    """
+    (ph, pw), (dh, dw), (kh, kw) = m.padding, m.dilation, m.kernel_size
+    b, c = x.shape[:2]
+    ho, wo = g.shape[2:]
+    wp = x.shape[3] + 2 * pw
+    extra = -(-((kw - 1) * dw) // wp) if kw > 1 else 0
+    xp = F.pad(x, (pw, pw, ph, ph + extra)).flatten(2)          # (b, C, rows * Wp)
+    ge = F.pad(g, (0, wp - wo)).flatten(2)                      # (b, out, Ho * Wp)
+    length = ho * wp
+    grads = x.new_empty(b, g.shape[1], c, kh * kw)
+    for u in range(kh):
+        for v in range(kw):
+            off = u * dh * wp + v * dw
+            grads[..., u * kw + v] = torch.bmm(ge, xp[:, :, off:off + length].transpose(1, 2))
+    return grads.flatten(2)
+
+
 def per_sample_grads(block: Block, x: torch.Tensor, g: torch.Tensor, q_g=None, q_a=None
                      ) -> Iterator[tuple[slice, torch.Tensor]]:
     """Per-sample gradient matrices ``sum_l g_l a_l^T`` in the bases (Q_G, Q_A), chunk by chunk.
@@ -63,15 +92,22 @@ def per_sample_grads(block: Block, x: torch.Tensor, g: torch.Tensor, q_g=None, q
         ``(slice, G)`` with G of shape (b, out, in[+1]) for the samples in ``slice``.
     """
     m = block.module
-    for sl in chunks(block, x):
-        gg = positions(block, g[sl])                      # (b, L, out)
-        if block.kind == "linear":
-            a = x[sl].reshape(gg.shape[0], -1, x.shape[-1])
+    shifted = block.kind == "conv2d" and tuple(m.stride) == (1, 1)
+    for sl in (_sample_slices(x.shape[0], 16) if shifted else chunks(block, x)):
+        if shifted:
+            grads = _conv_grads_shifted(m, x[sl], g[sl])
+            bias = g[sl].sum((2, 3)) if block.has_bias else None
         else:
-            a = F.unfold(x[sl], m.kernel_size, m.dilation, m.padding, m.stride).transpose(1, 2)
-        grads = gg.transpose(1, 2) @ a                    # (b, out, in)
-        if block.has_bias:
-            grads = torch.cat([grads, gg.sum(1).unsqueeze(2)], dim=2)
+            gg = positions(block, g[sl])                      # (b, L, out)
+            if block.kind == "linear":
+                a = x[sl].reshape(gg.shape[0], -1, x.shape[-1])
+            else:
+                a = F.unfold(x[sl], m.kernel_size, m.dilation, m.padding, m.stride)
+                a = a.transpose(1, 2)
+            grads = gg.transpose(1, 2) @ a                    # (b, out, in)
+            bias = gg.sum(1) if block.has_bias else None
+        if bias is not None:
+            grads = torch.cat([grads, bias.unsqueeze(2)], dim=2)
         if q_a is not None:
             grads = grads @ q_a
         if q_g is not None:

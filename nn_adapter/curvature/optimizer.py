@@ -106,11 +106,10 @@ class CurvatureOptimizer(torch.optim.Optimizer):
             raise InputError("closure: returned None; it must return the loss")
         value = float(loss.detach()) if isinstance(loss, torch.Tensor) else float(loss)
         bad = "loss" if not math.isfinite(value) else None
-        if bad is None:
-            for p in self._params_with_grad():
-                if not torch.isfinite(p.grad).all():
-                    bad = "a gradient"
-                    break
+        grads = [p.grad for p in self._params_with_grad()]
+        if bad is None and grads and not math.isfinite(
+                float(torch.stack(torch._foreach_norm(grads)).sum())):
+            bad = "a gradient"
         if bad is not None:
             msg = (f"{type(self).__name__}: {bad} is not finite (loss {value}); step refused, "
                    "parameters and optimizer state unchanged")
@@ -125,19 +124,29 @@ class CurvatureOptimizer(torch.optim.Optimizer):
                 if p.grad is not None:
                     yield p
 
-    def _block_steps(self, rec: Recorder) -> dict[Block, list]:
-        """k for every block that has gradients (updates the curvature state)."""
-        group = self.param_groups[0]
-        steps = {}
+    def _grads_states(self, block: Block):
+        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in block.params]
+        return grads, [self.state[p] for p in block.params]
+
+    def _update_curvature(self, rec: Recorder) -> set:
+        """Update the curvature state of every block that has gradients; return those blocks."""
+        group, done = self.param_groups[0], set()
         for block in self._blocks:
-            if block.weight.grad is None:
-                continue
-            grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in block.params]
-            states = [self.state[p] for p in block.params]
-            steps[block] = self.curvature.step(block, grads, group, states, rec)
-        return steps
+            if block.weight.grad is not None:
+                grads, states = self._grads_states(block)
+                self.curvature.update(block, grads, group, states, rec)
+                done.add(block)
+        return done
+
+    def _direction(self, block: Block, factors=None) -> list:
+        """k of a block whose curvature is up to date (``factors`` computed if not given)."""
+        group = self.param_groups[0]
+        grads, states = self._grads_states(block)
+        if factors is None:
+            factors = self.curvature.factors(block, group, states)
+        return self.curvature.direction(block, grads, group, states, factors)
 
     def _update(self, rec: Recorder) -> None:
-        for block, ks in self._block_steps(rec).items():
-            for p, k in zip(block.params, ks):
+        for block in self._update_curvature(rec):
+            for p, k in zip(block.params, self._direction(block)):
                 p.add_(k)

@@ -16,10 +16,11 @@ class RMSpropCurvature(DiagonalCurvature):
 
     Example:
         >>> import torch
+        >>> from nn_adapter.curvature import Block
         >>> c = RMSpropCurvature()
-        >>> group = dict(c.defaults, lr=0.01); state = {}
-        >>> k = c.param_step(torch.zeros(1), torch.ones(1), group, state)
-        >>> round(float(k), 4)
+        >>> p = torch.zeros(1)
+        >>> k = c.step(Block("diagonal", (p,)), [torch.ones(1)], dict(c.defaults, lr=0.01), [{}])
+        >>> round(float(k[0]), 4)
         -0.1
     """
 
@@ -42,7 +43,7 @@ class RMSpropCurvature(DiagonalCurvature):
             return sq.addcmul(ga, ga, value=-1).sqrt_().add_(group["eps"])
         return sq.sqrt().add_(group["eps"])
 
-    def param_step(self, p, grad, group, state):
+    def param_update(self, p, grad, group, state):
         if "square_avg" not in state:
             state["step"] = 0
             state["square_avg"] = torch.zeros_like(p)
@@ -56,12 +57,14 @@ class RMSpropCurvature(DiagonalCurvature):
         state["square_avg"].mul_(alpha).addcmul_(grad, grad, value=1 - alpha)
         if group["centered"]:
             state["grad_avg"].lerp_(grad, 1 - alpha)
-        avg = self._avg(group, state)
         if group["momentum"] > 0:
-            buf = state["momentum_buffer"]
-            buf.mul_(group["momentum"]).addcdiv_(grad, avg)
-            return buf * (-group["lr"])
-        return grad.div(avg).mul_(-group["lr"])
+            state["momentum_buffer"].mul_(group["momentum"]).addcdiv_(grad,
+                                                                     self._avg(group, state))
 
     def param_scale(self, p, group, state):
         return self._avg(group, state).reciprocal_().mul_(group["lr"])
+
+    def param_direction(self, p, grad, group, state, scale):
+        if group["momentum"] > 0:
+            return state["momentum_buffer"] * (-group["lr"])
+        return with_weight_decay(p, grad, group) * scale.neg()

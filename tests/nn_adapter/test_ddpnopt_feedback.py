@@ -141,7 +141,7 @@ def test_first_order_check(stage_index):
     errs = {}
     for scale in (1e-2, 1e-3):
         d = dx * scale
-        fb = feedback_grads(view, x, d, g_h)
+        fb = feedback_grads(view, x, x + d, g_h)
         fb2 = second_order_grads(view, x, d, g_next)
         pred = torch.cat([(a + b + c).reshape(-1) for a, b, c in zip(q_u, fb, fb2)])
         zeroth = torch.cat([a.reshape(-1) for a in q_u])
