@@ -23,12 +23,12 @@ def _spd(rng, n, scale=1.0, shift=0.5):
     return scale * (A @ A.T / n + shift * np.eye(n))
 
 
-def random_model(rng, T, nx, nu, second_order=False, hess_scale=0.02):
+def random_model(rng, T, nx, nu, second_order=False, hess_scale=0.01):
     """A random, well-posed local model (cost Hessians positive definite)."""
     fx = 0.9 * np.eye(nx) + 0.2 / np.sqrt(nx) * rng.standard_normal((T, nx, nx))
     fu = rng.standard_normal((T, nx, nu))
     lxx = np.stack([_spd(rng, nx) for _ in range(T + 1)])
-    luu = np.stack([_spd(rng, nu, 0.5) for _ in range(T)])
+    luu = np.stack([_spd(rng, nu, 1.0) for _ in range(T)])
     lux = 0.1 * rng.standard_normal((T, nu, nx))
     kw = {}
     if second_order:
@@ -68,7 +68,7 @@ def assert_same(d, mu, second_order, us=None, lower=None, upper=None, k_warm=Non
     return ref
 
 
-SIZES = [(1, 1), (2, 1), (3, 2), (4, 1), (4, 2), (6, 3), (5, 5)]
+SIZES = [(1, 1), (2, 1), (3, 2), (4, 1), (4, 2), (6, 3), (5, 5), (2, 4), (12, 4)]
 
 
 @needs_c
