@@ -17,6 +17,9 @@ whose cost "grows cubic w.r.t. BX"; Liu et al. 2021, digest sections A-B):
   -Q_ux^(i)T Q_uu^-1 Q_ux^(j); the per-sample V_xx^(i) of DDPNOpt's Algorithm 3 is the diagonal
   block (i, i), and DDPNOpt's approximation is to drop the rest. ``value_hessian="per_sample"``
   drops them here too (V_xx block diagonal), to serve as the dense oracle of that approximation.
+  V_xx is held exactly but factored, per-sample blocks plus a coupling of rank sum_{s>=t} m_s
+  (:class:`~nn_adapter.value_hessian.ValueHessian`), and stored densely once that rank reaches
+  B n_t; a loss that couples samples starts it dense.
 - Q_u = l_u + sum_i f_u^(i)T V_x^(i), Q_uu = l_uu + sum_{i,j} f_u^(i)T V_xx^(ij) f_u^(j) (dense,
   m_t x m_t), Q_ux (m_t, B n_t), Q_xx (B n_t, B n_t). With ``second_order=True`` the dynamics'
   second derivatives enter contracted with V_x: per sample, V_x^(i) . f_xx^(i), f_ux^(i), f_uu^(i)
@@ -27,7 +30,8 @@ whose cost "grows cubic w.r.t. BX"; Liu et al. 2021, digest sections A-B):
   V_x = Q_x + K^T Q_uu k + K^T Q_u + Q_ux^T k, V_xx = Q_xx + K^T Q_uu K + K^T Q_ux + Q_ux^T K.
 
 x_0 (the inputs) is fixed, so V_xx and Q_xx of stage 0 are computed only when recorded.
-Memory is estimated before anything large is allocated (:func:`memory_estimate`).
+Memory is estimated before anything large is allocated (:func:`memory_estimate`); beyond the
+problem's ``memory_limit`` a :class:`~nn_adapter.errors.MemoryLimitError` names the estimate.
 """
 from __future__ import annotations
 
@@ -40,22 +44,25 @@ from occore.errors import NotPositiveDefinite
 from occore.types import Policy
 
 from .errors import MemoryLimitError
+from .value_hessian import ValueHessian
 
 __all__ = ["NetworkLocalModel", "memory_estimate"]
 
 
 def memory_estimate(batch: int, state_sizes, control_sizes, itemsize: int,
                     second_order: bool = False, value_hessian: str = "batch") -> int:
-    """Bytes the dense backward pass needs at its peak (stored Jacobians and gains plus the
-    largest per-stage temporaries).
+    """Bytes the backward pass needs at its peak: the stored Jacobians and gains plus the largest
+    per-stage temporaries, with the value Hessians in factored form
+    (:class:`~nn_adapter.value_hessian.ValueHessian`, coupling rank r_t = sum_{s >= t} m_s, dense
+    once that reaches B n_t) and a separable loss.
 
     Args:
         batch: B.
         state_sizes: n_0..n_T (per-sample state sizes).
         control_sizes: m_0..m_{T-1}.
         itemsize: bytes per number (8 for float64).
-        second_order: include the per-sample dynamics Hessians.
-        value_hessian: "batch" (dense V_xx) or "per_sample" (block-diagonal V_xx).
+        second_order: include the dynamics second derivatives.
+        value_hessian: "batch" (with the coupling) or "per_sample" (blocks only).
 
     Example:
         >>> memory_estimate(2, [3, 2], [8], 8) > 0
@@ -64,16 +71,19 @@ def memory_estimate(batch: int, state_sizes, control_sizes, itemsize: int,
     B, n, m = batch, list(state_sizes), list(control_sizes)
     T = len(m)
 
-    def vxx(t):   # numbers of a value Hessian at boundary t
-        return (B * n[t]) ** 2 if value_hessian == "batch" else B * n[t] ** 2
+    def value(t):   # numbers of the value Hessian at boundary t
+        size = B * n[t] ** 2
+        if value_hessian == "batch" and t < T:
+            r = sum(m[t:])
+            size += (B * n[t]) ** 2 if r >= B * n[t] else r * (B * n[t] + r)
+        return size
 
     stored = sum(B * n[t + 1] * (n[t] + m[t]) + m[t] * B * n[t] + m[t] for t in range(T))
-    peak = vxx(T)
+    peak = value(T) + B * n[T]
     for t in range(T):
-        tmp = (vxx(t + 1) + B * n[t + 1] * B * n[t] + 2 * vxx(t) + 2 * m[t] * B * n[t]
-               + 3 * m[t] ** 2 + 2 * B * n[t + 1] * m[t])
+        tmp = value(t + 1) + 2 * value(t) + 2 * m[t] * B * n[t] + 4 * m[t] ** 2 + 2 * B * n[t + 1] * m[t]
         if second_order:
-            tmp += B * (n[t] + m[t]) ** 2
+            tmp += B * n[t] ** 2 + m[t] * B * n[t] + m[t] ** 2
         peak = max(peak, tmp)
     return int((stored + peak) * itemsize)
 
@@ -93,9 +103,10 @@ class NetworkLocalModel:
 
     Attributes:
         record: after ``backward(..., record=True)``, one dict per stage t = 0..T-1 with
-            Qx (B, n_t), Qu (m_t,), Qxx (B n_t, B n_t) (None at t = 0 unless recorded),
-            Qux (m_t, B n_t), Quu (m_t, m_t), and Vx (B, n_{t+1}), Vxx of the next boundary;
-            ``values`` holds (Vx, Vxx) at every boundary t = 0..T.
+            Qx (B, n_t), Qu (m_t,), Qxx (B n_t, B n_t), Qux (m_t, B n_t), Quu (m_t, m_t), and
+            Vx (B, n_{t+1}), Vxx of the next boundary (for tests and small problems: the value
+            Hessians are materialised, densely, or as (B, n, n) blocks with "per_sample").
+        values: after ``record=True``, (Vx, Vxx) at every boundary t = 0..T.
 
     Example:
         >>> import torch
@@ -192,18 +203,45 @@ class NetworkLocalModel:
         return self._jac
 
     def _terminal_derivatives(self):
-        """V_x (B n_T,) and V_xx of the terminal cost (dense, or per-sample blocks)."""
+        """V_x (B n_T,) and the :class:`ValueHessian` of the terminal cost.
+
+        The per-sample blocks come from n_T Hessian-vector products (direction a in every sample
+        at once), which is exact when the loss is a sum over samples; one more product with a
+        random direction checks that. A loss that couples samples gets its dense Hessian.
+        """
         if self._terminal is None:
             prob, xT = self.problem, self.traj.xs[-1].detach()
-            shape = xT.shape
+            B, nT, shape = self.B, self.n[-1], xT.shape
 
             def phi(z):
                 return prob.loss_fn(z.view(shape), prob.targets)
-            z = xT.reshape(-1)
-            Vx = torch.func.grad(phi)(z)
-            Vxx = jacrev(jacrev(phi))(z)     # reverse over reverse: no forward-mode AD needed
-            self._terminal = (Vx, Vxx)
+            z = xT.reshape(B, nT)
+            Vx, hvp = torch.func.vjp(torch.func.grad(phi), z)     # hvp(v) = (H v,) (H symmetric)
+            eye = torch.eye(nT, dtype=z.dtype, device=z.device)
+            gen = torch.Generator(device=z.device).manual_seed(0)
+            r = torch.randn(z.shape, generator=gen, dtype=z.dtype, device=z.device)
+            dirs = torch.cat([eye[:, None, :].expand(nT, B, nT), r[None]])
+            Hd = vmap(hvp)(dirs)[0]                               # (nT + 1, B, nT)
+            D = Hd[:nT].permute(1, 2, 0).contiguous()             # D[i, b, a] = H[(i, b), (i, a)]
+            Hr, Dr = Hd[nT], torch.bmm(D, r[:, :, None])[:, :, 0]
+            tol = 10 * torch.finfo(z.dtype).eps ** 0.5
+            separable = bool(torch.linalg.norm(Hr - Dr) <= tol * (torch.linalg.norm(Hr) + 1e-300))
+            if separable:
+                V = ValueHessian(0.5 * (D + D.transpose(1, 2)))
+            else:
+                self._check_memory((B * nT) ** 2 * z.element_size(), "a dense loss Hessian")
+                S = jacrev(jacrev(phi))(z.reshape(-1))
+                V = ValueHessian(torch.zeros_like(D), None, 0.5 * (S + S.T))
+                if self.value_hessian == "per_sample":
+                    V = ValueHessian(V.blocks())
+            self._terminal = (Vx.reshape(-1), V)
         return self._terminal
+
+    def _check_memory(self, estimate: int, what: str) -> None:
+        limit = self.problem.memory_limit
+        if limit is not None and estimate > limit:
+            raise MemoryLimitError(estimate, limit, f"{what}; batch {self.B}, states {self.n}, "
+                                   f"controls {self.m}")
 
     def _second_order_terms(self, t, Vx_next, need_xx):
         """Dynamics second derivatives contracted with V_x': with H(X, u) = sum_i V_x'^(i) . f(x^(i), u),
@@ -247,56 +285,41 @@ class NetworkLocalModel:
             NotPositiveDefinite: Q_uu + mu I of some stage is not positive definite.
             MemoryLimitError: the estimate exceeds the problem's ``memory_limit``.
         """
-        limit = self.problem.memory_limit
-        est = self.memory_estimate(second_order)
-        if limit is not None and est > limit:
-            raise MemoryLimitError(est, limit, f"batch {self.B}, states {self.n}, controls {self.m}")
+        self._check_memory(self.memory_estimate(second_order), "the network local model")
         with torch.no_grad():
             return self._sweep(float(mu), bool(second_order), record)
 
     def _sweep(self, mu, second_order, record):
         B, per_sample = self.B, self.value_hessian == "per_sample"
         jac = self._jacobians()
-        Vx, Vxx = self._terminal_derivatives()
-        if per_sample:   # keep only the diagonal blocks (B, n, n)
-            n = self.n[-1]
-            Vxx = Vxx.view(B, n, B, n).diagonal(dim1=0, dim2=2).permute(2, 0, 1)
+        Vx, V = self._terminal_derivatives()
         wd = self.problem.weight_decay
         T = len(self.m)
         ks, Ks = [None] * T, [None] * T
         d1 = d2 = 0.0
-        records = [None] * T
-        values = [None] * (T + 1)
-        values[T] = (Vx.view(B, -1), Vxx)
+        records, values = [None] * T, [None] * (T + 1)
+        if record:
+            values[T] = (Vx.view(B, -1), self._materialise(V))
         for t in range(T - 1, -1, -1):
             fx, fu = jac[t]                       # (B, n', n), (B, n', m)
             n1, n, m = fx.shape[1], fx.shape[2], fu.shape[2]
             eye = torch.eye(m, dtype=fu.dtype, device=fu.device)
-            Vx2 = Vx.view(B, n1)
-            # V' F_u, (B, n', m): one matmul (dense V') or B small ones (per-sample blocks)
-            VFu = torch.bmm(Vxx, fu) if per_sample else (Vxx @ fu.reshape(B * n1, m)).view(B, n1, m)
-            Qx = torch.einsum("ian,ia->in", fx, Vx2)
-            Qu = fu.reshape(B * n1, m).T @ Vx.reshape(-1)
-            Quu = fu.reshape(B * n1, m).T @ VFu.reshape(B * n1, m)
+            Fu = fu.reshape(B * n1, m)
+            VFu = V.apply(fu)                     # V' F_u, (B, n', m)
+            Qx = torch.einsum("ian,ia->in", fx, Vx.view(B, n1))
+            Qu = Fu.T @ Vx
+            Quu = Fu.T @ VFu.reshape(B * n1, m)
             Qux = torch.einsum("iam,ian->min", VFu, fx).reshape(m, B * n)   # (V' F_u)^T F_x
-            Qxx = None
-            if t > 0 or record:                   # x_0 is fixed: V_xx(0) is never needed
-                if per_sample:
-                    Qxx = torch.bmm(fx.transpose(1, 2), torch.bmm(Vxx, fx))
-                else:
-                    A = torch.einsum("pjd,jdb->pjb", Vxx.view(B * n1, B, n1), fx)  # V' F_x
-                    Qxx = torch.einsum("iac,iajb->icjb", fx, A.view(B, n1, B, n)).reshape(B * n, B * n)
-                    del A
             del VFu
             if wd:
                 Qu = Qu + wd * self.flat_controls(t)
                 Quu = Quu + wd * eye
+            need_xx = t > 0 or record             # x_0 is fixed: V_xx(0) is never needed
+            hxx = None
             if second_order:
-                hxx, hux, huu = self._second_order_terms(t, Vx2, Qxx is not None)
+                hxx, hux, huu = self._second_order_terms(t, Vx, need_xx)
                 Quu = Quu + huu
                 Qux = Qux + hux
-                if Qxx is not None:
-                    Qxx = Qxx + (hxx if per_sample else torch.block_diag(*hxx))
             Quu = 0.5 * (Quu + Quu.T)
             L, info = torch.linalg.cholesky_ex(Quu + mu * eye)
             if int(info) != 0:
@@ -308,20 +331,22 @@ class NetworkLocalModel:
             d2 += float(k @ Quu_k)
             ks[t], Ks[t] = k, K
             Vx_new = Qx.reshape(-1) + K.T @ (Quu_k + Qu) + Qux.T @ k
-            Vxx_new = None
-            if Qxx is not None:
-                if per_sample:
-                    K3, Qux3 = K.view(m, B, n), Qux.view(m, B, n)
-                    cross = torch.einsum("mia,mib->iab", K3, Qux3 + 0.5 * torch.einsum("mk,kib->mib", Quu, K3))
-                    Vxx_new = Qxx + cross + cross.transpose(1, 2)
-                else:
-                    cross = K.T @ (Qux + 0.5 * (Quu @ K))       # K'Quu K/2 + K'Qux
-                    Vxx_new = Qxx + cross + cross.T
-            if record:
-                records[t] = dict(Qx=Qx, Qu=Qu, Qxx=Qxx, Qux=Qux, Quu=Quu, Vx=Vx2, Vxx=Vxx)
-                values[t] = (Vx_new.view(B, n), Vxx_new)
-            Vx, Vxx = Vx_new, Vxx_new
+            V_new = None
+            if need_xx:
+                Hinv = torch.cholesky_inverse(L)
+                M = Hinv @ Quu @ Hinv - 2 * Hinv   # K'Quu K + K'Qux + Qux'K = Qux' M Qux
+                Qxx = V.pullback(fx, hxx)
+                V_new = Qxx.add_low_rank(Qux, 0.5 * (M + M.T), per_sample)
+                if record:
+                    records[t] = dict(Qx=Qx, Qu=Qu, Qxx=self._materialise(Qxx), Qux=Qux, Quu=Quu,
+                                      Vx=Vx.view(B, n1), Vxx=self._materialise(V))
+                    values[t] = (Vx_new.view(B, n), self._materialise(V_new))
+            Vx, V = Vx_new, V_new
         if record:
             self.record, self.values = records, values
         k_dicts = [self.problem.unflatten(t, ks[t]) for t in range(T)]
         return Policy(k=k_dicts, K=Ks), (d1, d2)
+
+    def _materialise(self, V):
+        """A recorded value Hessian: dense (B n, B n), or its blocks (B, n, n) per sample."""
+        return V.blocks() if self.value_hessian == "per_sample" else V.dense()

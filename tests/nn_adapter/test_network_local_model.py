@@ -58,6 +58,21 @@ def resnet():
     return net.double().eval(), nn.CrossEntropyLoss(), x.double(), y
 
 
+def wide():
+    """B n larger than the coupling rank at every boundary: the factored V_xx path."""
+    torch.manual_seed(4)
+    net = nn.Sequential(nn.Linear(2, 3), nn.Tanh(), nn.Linear(3, 3), nn.Tanh(), nn.Linear(3, 2))
+    x, y = torch.randn(8, 2), torch.randint(0, 2, (8,))
+    return net.double(), nn.CrossEntropyLoss(), x.double(), y
+
+
+def coupled():
+    """A loss that couples the samples (centred outputs): a dense terminal Hessian."""
+    net, _, x, _ = wide()
+    y = torch.randn(8, 2, dtype=torch.float64)
+    return net, lambda out, target: ((out - out.mean(0) - target) ** 2).mean() + out.sum() ** 2 / 50, x, y
+
+
 class Dense:
     """Oracle A: flattened batched problem, torch.func derivatives, dense recursion."""
 
@@ -148,7 +163,7 @@ def compare_record(lm, oracle, second_order):
         assert Vx.shape == (B, lm.n[t])
 
 
-@pytest.mark.parametrize("make", [mlp, cnn, resnet])
+@pytest.mark.parametrize("make", [mlp, cnn, resnet, wide, coupled])
 @pytest.mark.parametrize("second_order", [False, True])
 @pytest.mark.parametrize("value_hessian", ["batch", "per_sample"])
 def test_backward_matches_dense_oracle(make, second_order, value_hessian):
@@ -156,7 +171,7 @@ def test_backward_matches_dense_oracle(make, second_order, value_hessian):
     prob = NetworkProblem(net, loss, x, y, weight_decay=0.05, value_hessian=value_hessian)
     traj = prob.rollout(prob.initial_controls())
     lm = prob.local_model(traj, second_order)
-    mu = 0.3 if make is mlp else 3.0   # second-order Q_uu of the CNN is indefinite below ~1
+    mu = 0.3 if make is mlp else 10.0   # some second-order Q_uu are indefinite below ~1
     policy, (d1, d2) = lm.backward(mu, second_order, record=True)
     oracle = Dense(prob, traj).sweep(mu, second_order, per_sample=value_hessian == "per_sample")
     compare_record(lm, oracle, second_order)
@@ -169,7 +184,7 @@ def test_backward_matches_dense_oracle(make, second_order, value_hessian):
         torch.testing.assert_close(policy.K[t], o["K"], **TOL)
 
 
-@pytest.mark.parametrize("make", [mlp, cnn, resnet])
+@pytest.mark.parametrize("make", [mlp, cnn, resnet, wide, coupled])
 def test_gauss_newton_value_is_the_batched_lq_value_function(make):
     """Oracle B: V_x, V_xx at every boundary = Schur complement of the condensed tail problem."""
     net, loss, x, y = make()
@@ -289,3 +304,12 @@ def test_not_positive_definite_and_memory_limit():
     with pytest.raises(MemoryLimitError, match="DDPNOpt") as err:
         small.local_model(small.rollout(small.initial_controls())).backward(1.0)
     assert err.value.estimate > 1000 and err.value.limit == 1000
+
+
+def test_terminal_hessian_is_blocks_for_a_separable_loss_and_dense_otherwise():
+    for make, dense in ((wide, False), (coupled, True)):
+        net, loss, x, y = make()
+        prob = NetworkProblem(net, loss, x, y)
+        lm = prob.local_model(prob.rollout(prob.initial_controls()))
+        _, V = lm._terminal_derivatives()
+        assert (V.S is not None) == dense

