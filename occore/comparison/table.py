@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import math
 
-__all__ = ["format_table", "format_reached"]
+__all__ = ["format_table", "format_reached", "format_seconds"]
 
 _COLUMNS = ("problem", "solver", "status", "iters", "final cost", "gap", "box viol", "time [ms]", "ms/iter")
 
@@ -13,7 +13,12 @@ def format_reached(value, iterations: int) -> str:
     if value is None:
         return f"not reached in {iterations}"
     k, seconds = value
-    return f"{k} it, {seconds * 1e3:.3g} ms"
+    return f"{k} it, {format_seconds(seconds)}"
+
+
+def format_seconds(seconds: float) -> str:
+    """'0.42 ms', '53.5 ms', '1.11 s'."""
+    return f"{seconds * 1e3:.3g} ms" if seconds < 1.0 else f"{seconds:.3g} s"
 
 
 def _num(x: float, fmt: str) -> str:

@@ -88,6 +88,15 @@ def test_unknown_names_list_the_valid_ones():
         occore.compare("lqr,acrobot", "ddp")
     with pytest.raises(occore.InputError, match="max_iter"):
         occore.compare("lqr", "ddp", max_iter=0)
+    with pytest.raises(occore.InputError, match="repeat"):
+        occore.compare("lqr", "ddp", repeat=0)
+
+
+def test_repeat_and_warmup_change_only_the_times():
+    a = occore.compare("unicycle", "ilqr,ipopt", repeat=2).records
+    b = occore.compare("unicycle", "ilqr,ipopt", warmup=False).records
+    for x, y in zip(a, b):
+        assert (x.status, x.iterations, x.cost, x.iteration_costs) == (y.status, y.iterations, y.cost, y.iteration_costs)
 
 
 PROBLEM_FILE = '''
