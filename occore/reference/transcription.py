@@ -5,6 +5,8 @@
 
 The user's callables are called once more on fresh CasADi SX symbols (independently of the
 problem's derivative backend), so the referee shares nothing with the solvers but the declaration.
+Callables written with casadi operations transcribe, and so do numpy ones where casadi implements
+the numpy functions used (``np.sin`` ...); torch callables do not (a clear InputError).
 IPOPT starts from the same initial guess as the solvers: the controls ``us0`` (default
 ``problem.initial_controls()``) and the states of their rollout. The returned :class:`Result` is
 scored like every solver's: its controls are rolled out through the problem and J is evaluated.
@@ -13,6 +15,7 @@ from __future__ import annotations
 
 import math
 import time
+import warnings
 
 import numpy as np
 
@@ -36,7 +39,9 @@ IPOPT_STATUS = {
 def _symbolic(ca, problem, argument, fn, *args):
     """``fn(*args)`` on SX symbols as an SX column, or an InputError saying why it cannot be."""
     try:
-        out = fn(*args)
+        with warnings.catch_warnings():   # numpy functions on casadi symbols (finite_difference
+            warnings.simplefilter("ignore", FutureWarning)   # callables) work, with a notice
+            out = fn(*args)
         if isinstance(out, (list, tuple)):
             out = ca.vertcat(*out)
         out = out if isinstance(out, ca.SX) else ca.SX(out)

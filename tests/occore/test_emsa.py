@@ -88,6 +88,18 @@ def test_rho_zero_with_one_exact_maximisation_is_basic_msa(zoo):
     assert info.accepted and info.regularization == 0.0
 
 
+def test_basic_msa_on_the_pendulum(zoo):
+    """H is quadratic in u (f affine in u, l quadratic): argmax_u H = fu' p_{t+1} / (0.1 dt)."""
+    prob, dt = zoo["pendulum"], 0.05
+    traj, lm = _random_iterate(prob, seed=4)
+    ps = lm.costates()
+    us_before = traj.us.copy()
+    new = prob.maximize_hamiltonian(traj, ps, 0.0, InnerSolver("newton", iterations=1))
+    np.testing.assert_array_equal(traj.us, us_before)          # the trajectory is not modified
+    fu = np.array([3 * dt * dt, 3 * dt])
+    np.testing.assert_allclose(new[:, 0], ps[1:] @ fu / (0.1 * dt), rtol=1e-12)
+
+
 def test_lqr_converges_to_the_riccati_optimum(zoo):
     res = EMSA().solve(zoo["lqr"])
     ref = occore.ILQR().solve(zoo["lqr"])

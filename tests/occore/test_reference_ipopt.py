@@ -97,6 +97,12 @@ def test_iteration_limit_gives_max_iter():
     assert np.isfinite(res.cost)
 
 
+def test_numpy_callables_transcribe_where_casadi_implements_them():
+    prob = occore.problems.make("cartpole", backend="finite_difference")
+    res = occore.reference.ipopt(prob)
+    assert res.converged and abs(res.cost - OPTIMA["cartpole"]) / OPTIMA["cartpole"] <= 1e-8
+
+
 def test_torch_problem_cannot_be_transcribed():
     pytest.importorskip("torch")
     prob = occore.problems.make("lqr", backend="torch")
