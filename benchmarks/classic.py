@@ -43,21 +43,27 @@ def _ipopt():
 SOLVERS = {"ilqr": occore.ILQR, "ddp": occore.DDP}
 
 
-def _time_runs(problem, repeats: int):
-    """Alternating warm runs of iLQR, DDP and IPOPT. Returns {solver: (Result, [seconds])}."""
+def _time_runs(problems, repeats: int):
+    """Warm runs of iLQR, DDP and IPOPT on each problem, alternating over solvers and problems, so
+    that changes in the machine's load hit every entry alike. Returns, per problem,
+    {solver: (Result, [seconds])}."""
     ipopt = _ipopt()
-    runs = {name: (cls().solve(problem), []) for name, cls in SOLVERS.items()}   # warm-up
-    runs["ipopt"] = (ipopt(problem, record=False), [])
+    runs = []
+    for problem in problems:   # warm-up
+        r = {name: (cls().solve(problem), []) for name, cls in SOLVERS.items()}
+        r["ipopt"] = (ipopt(problem, record=False), [])
+        runs.append(r)
     for _ in range(repeats):
-        for name, cls in SOLVERS.items():
-            solver = cls()
-            t0 = time.perf_counter()
-            res = solver.solve(problem)
-            runs[name][1].append(time.perf_counter() - t0)
-            runs[name] = (res, runs[name][1])
-        res = ipopt(problem, record=False)
-        runs["ipopt"][1].append(res.wall_time)
-        runs["ipopt"] = (res, runs["ipopt"][1])
+        for problem, r in zip(problems, runs):
+            for name, cls in SOLVERS.items():
+                solver = cls()
+                t0 = time.perf_counter()
+                res = solver.solve(problem)
+                r[name][1].append(time.perf_counter() - t0)
+                r[name] = (res, r[name][1])
+            res = ipopt(problem, record=False)
+            r["ipopt"][1].append(res.wall_time)
+            r["ipopt"] = (res, r["ipopt"][1])
     return runs
 
 
@@ -94,7 +100,7 @@ def benchmark(names, repeats):
         t0 = time.perf_counter()
         prob = occore.problems.make(name)
         build = time.perf_counter() - t0
-        runs = _time_runs(prob, repeats)
+        runs = _time_runs([prob], repeats)[0]
         ref_t = statistics.median(runs["ipopt"][1])
         optimum = occore.problems.OPTIMA[name]
         for solver in ("ilqr", "ddp", "ipopt"):
@@ -108,9 +114,8 @@ def long_horizon(repeats, horizons=(100, 1000)):
     """Pendulum at several horizons: time per iteration should grow (at most) linearly in T. The gap
     column is relative to the best cost any of the three solvers reached at that T."""
     rows = []
-    for T in horizons:
-        prob = occore.problems.make("pendulum", horizon=T)
-        runs = _time_runs(prob, repeats)
+    probs = [occore.problems.make("pendulum", horizon=T) for T in horizons]
+    for T, runs in zip(horizons, _time_runs(probs, repeats)):
         ref_t = statistics.median(runs["ipopt"][1])
         best = min(res.cost for res, _ in runs.values() if np.isfinite(res.cost))
         for solver in ("ilqr", "ddp", "ipopt"):
