@@ -117,8 +117,8 @@ class NetworkLocalModel:
         ...                       torch.randn(5, 1, dtype=torch.float64))
         >>> lm = prob.local_model(prob.rollout(prob.initial_controls()))
         >>> policy, (d1, d2) = lm.backward(mu=1e-3)
-        >>> [tuple(K.shape) for K in policy.K], d1 < 0
-        ([(9, 10), (4, 15)], True)
+        >>> policy.K[0] is None, tuple(policy.K[1].shape), d1 < 0    # x_0 is fixed: no K_0
+        (True, (4, 15), True)
     """
 
     def __init__(self, problem, traj, value_hessian: str = "batch"):
@@ -243,10 +243,10 @@ class NetworkLocalModel:
             raise MemoryLimitError(estimate, limit, f"{what}; batch {self.B}, states {self.n}, "
                                    f"controls {self.m}")
 
-    def _second_order_terms(self, t, Vx_next, need_xx):
+    def _second_order_terms(self, t, Vx_next, need_x):
         """Dynamics second derivatives contracted with V_x': with H(X, u) = sum_i V_x'^(i) . f(x^(i), u),
         Huu = d2H/du2 (m, m) and Hux = d2H/du dX (m, B n) from m double-backward passes over the
-        batch; per-sample Hxx^(i) (B, n, n) only when needed (x_0 is fixed)."""
+        batch, and per-sample Hxx^(i) (B, n, n); the x terms only when ``need_x`` (x_0 is fixed)."""
         f = self._flat_stage(t)
         x = self.traj.xs[t].detach().reshape(self.B, -1)
         u = self.flat_controls(t).detach()
@@ -257,8 +257,10 @@ class NetworkLocalModel:
 
         def grad_u(X, u1):                       # dH/du of the batch, (m,)
             return vmap(jacrev(h, argnums=1), in_dims=(0, None, 0))(X, u1, v).sum(0)
+        if not need_x:
+            return None, None, jacrev(grad_u, argnums=1)(x, u)
         hux, huu = jacrev(grad_u, argnums=(0, 1))(x, u)
-        hxx = vmap(jacrev(jacrev(h)), in_dims=(0, None, 0))(x, u, v) if need_xx else None
+        hxx = vmap(jacrev(jacrev(h)), in_dims=(0, None, 0))(x, u, v)
         return hxx, hux.reshape(hux.shape[0], -1), huu
 
     def memory_estimate(self, second_order: bool = False) -> int:
@@ -278,7 +280,8 @@ class NetworkLocalModel:
 
         Returns:
             (Policy, (d1, d2)): k is a list of parameter dicts, K a list of (m_t, B n_t) matrices
-            (rows: the flattened parameters; columns: the flattened batch state); d1 = sum Q_u.k,
+            (rows: the flattened parameters; columns: the flattened batch state) whose first
+            entry is None unless recorded (x_0 = the inputs never deviates); d1 = sum Q_u.k,
             d2 = sum k.Q_uu.k (unregularised).
 
         Raises:
@@ -306,36 +309,38 @@ class NetworkLocalModel:
             eye = torch.eye(m, dtype=fu.dtype, device=fu.device)
             Fu = fu.reshape(B * n1, m)
             VFu = V.apply(fu)                     # V' F_u, (B, n', m)
-            Qx = torch.einsum("ian,ia->in", fx, Vx.view(B, n1))
+            need_x = t > 0 or record              # x_0 is fixed: K_0, V_x(0), V_xx(0) unused
             Qu = Fu.T @ Vx
             Quu = Fu.T @ VFu.reshape(B * n1, m)
-            Qux = torch.einsum("iam,ian->min", VFu, fx).reshape(m, B * n)   # (V' F_u)^T F_x
+            if need_x:
+                Qx = torch.einsum("ian,ia->in", fx, Vx.view(B, n1))
+                Qux = torch.einsum("iam,ian->min", VFu, fx).reshape(m, B * n)   # (V' F_u)^T F_x
             del VFu
             if wd:
                 Qu = Qu + wd * self.flat_controls(t)
                 Quu = Quu + wd * eye
-            need_xx = t > 0 or record             # x_0 is fixed: V_xx(0) is never needed
-            hxx = None
             if second_order:
-                hxx, hux, huu = self._second_order_terms(t, Vx, need_xx)
+                hxx, hux, huu = self._second_order_terms(t, Vx, need_x)
                 Quu = Quu + huu
-                Qux = Qux + hux
+                if need_x:
+                    Qux = Qux + hux
             Quu = 0.5 * (Quu + Quu.T)
             L, info = torch.linalg.cholesky_ex(Quu + mu * eye)
             if int(info) != 0:
                 raise NotPositiveDefinite(t)
-            sol = -torch.cholesky_solve(torch.cat([Qu[:, None], Qux], dim=1), L)
-            k, K = sol[:, 0], sol[:, 1:]
+            k = -torch.cholesky_solve(Qu[:, None], L)[:, 0]
             Quu_k = Quu @ k
             d1 += float(Qu @ k)
             d2 += float(k @ Quu_k)
-            ks[t], Ks[t] = k, K
-            Vx_new = Qx.reshape(-1) + K.T @ (Quu_k + Qu) + Qux.T @ k
-            V_new = None
-            if need_xx:
+            ks[t] = k
+            Vx_new = V_new = None
+            if need_x:
+                K = -torch.cholesky_solve(Qux, L)
+                Ks[t] = K
+                Vx_new = Qx.reshape(-1) + K.T @ (Quu_k + Qu) + Qux.T @ k
                 Hinv = torch.cholesky_inverse(L)
                 M = Hinv @ Quu @ Hinv - 2 * Hinv   # K'Quu K + K'Qux + Qux'K = Qux' M Qux
-                Qxx = V.pullback(fx, hxx)
+                Qxx = V.pullback(fx, hxx if second_order else None)
                 V_new = Qxx.add_low_rank(Qux, 0.5 * (M + M.T), per_sample)
                 if record:
                     records[t] = dict(Qx=Qx, Qu=Qu, Qxx=self._materialise(Qxx), Qux=Qux, Quu=Quu,

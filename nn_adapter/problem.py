@@ -178,15 +178,19 @@ class NetworkProblem:
         return Trajectory(xs=xs, us=list(us), cost=cost)
 
     def rollout_policy(self, ref: Trajectory, policy: Policy, alpha: float) -> Trajectory:
-        """Layer-by-layer feedback pass u_t = ref.us_t + alpha k_t + K_t (x_t - ref.xs_t)."""
+        """Layer-by-layer feedback pass u_t = ref.us_t + alpha k_t + K_t (x_t - ref.xs_t).
+
+        ``policy.K[t]`` is an (m_t, B n_t) matrix, a callable of the flat dx_t, or None (no
+        feedback)."""
         xs, us = [self.x0], []
         with torch.no_grad():
             for t, stage in enumerate(self.stages):
-                dx = (xs[t] - ref.xs[t]).reshape(-1)
                 K = policy.K[t]
-                du = K(dx) if callable(K) else K @ dx
-                fb = self.unflatten(t, du)
-                u = {k: v + alpha * policy.k[t][k] + fb[k] for k, v in ref.us[t].items()}
+                u = {k: v + alpha * policy.k[t][k] for k, v in ref.us[t].items()}
+                if K is not None:                 # None: no feedback (K_0, x_0 being fixed)
+                    dx = (xs[t] - ref.xs[t]).reshape(-1)
+                    fb = self.unflatten(t, K(dx) if callable(K) else K @ dx)
+                    u = {k: v + fb[k] for k, v in u.items()}
                 us.append(u)
                 xs.append(stage.forward(u, xs[t]))
             cost = float(self._cost(xs[-1], us).item())

@@ -222,7 +222,11 @@ def test_policy_on_linearised_dynamics_is_the_joint_gauss_newton_step():
     step = -torch.linalg.solve(G.T @ HT @ G + 0.1 * torch.eye(w.numel(), dtype=w.dtype), G.T @ gT + 0.1 * w)
     dx, dus = torch.zeros_like(traj.xs[0].reshape(-1)), []
     for t in range(prob.horizon):
-        du = torch.cat([v.reshape(-1) for v in policy.k[t].values()]) + policy.K[t] @ dx
+        du = torch.cat([v.reshape(-1) for v in policy.k[t].values()])
+        if t > 0:
+            du = du + policy.K[t] @ dx
+        else:
+            assert policy.K[0] is None       # x_0 never deviates
         Fx, Fu = jacrev(dense.F(t), argnums=(0, 1))(traj.xs[t].reshape(-1), dense.flat_u(t))
         dx = Fx @ dx + Fu @ du
         dus.append(du)

@@ -93,6 +93,8 @@ def test_rollout_policy_applies_feedforward_and_feedback():
     # operator form of K gives the same trajectory
     op = Policy(k=k, K=[(lambda dx, M=M: M @ dx) for M in K])
     assert prob.rollout_policy(ref, op, 0.5).cost == new.cost
+    # K_0 = None (no feedback): dx_0 is zero anyway
+    assert prob.rollout_policy(ref, Policy(k=k, K=[None] + K[1:]), 0.5).cost == new.cost
 
 
 class Pair(nn.Module):
