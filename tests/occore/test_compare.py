@@ -1,6 +1,5 @@
 """occore.compare: records, best cost and gaps, levels reached, variants, user files, outputs."""
 import json
-import textwrap
 
 import numpy as np
 import pytest

@@ -251,3 +251,26 @@ def test_disabled_by_environment_falls_back_in_a_fresh_process():
     assert out.returncode == 0, out.stderr
     assert out.stderr.count("compiled backward sweep unavailable") == 1, out.stderr
     assert "OCCORE_NO_CSWEEP" in out.stderr
+
+
+@pytest.mark.parametrize("case", ["missing", "stale"])
+def test_missing_or_stale_library_is_reported(case, monkeypatch, tmp_path):
+    for name in ("_lib", "_riccati", "_adjoint", "_error"):
+        monkeypatch.setattr(csweep, name, None)
+    monkeypatch.setattr(csweep, "_tried", False)
+    monkeypatch.delenv("OCCORE_NO_CSWEEP", raising=False)
+    if case == "missing":
+        monkeypatch.setattr(csweep, "library_path", lambda: None)
+        expected = "not built"
+    else:
+        if csweep.library_path() is None:
+            pytest.skip("no compiled library to copy")
+        lib = tmp_path / csweep.library_path().name
+        lib.write_bytes(csweep.library_path().read_bytes())
+        (tmp_path / "_sweep.c").write_text("/* another version */\n")
+        monkeypatch.setattr(csweep, "library_path", lambda: lib)
+        expected = "stale build"
+    assert not csweep.available()
+    assert expected in csweep.load_error()
+    with pytest.raises(RuntimeError, match="unavailable"):
+        csweep.riccati_sweep(None, 0.0, False)

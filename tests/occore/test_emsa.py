@@ -6,7 +6,7 @@ import pytest
 
 import occore
 from occore import EMSA, InnerSolver, Status
-from occore.problems import LQR_A, LQR_B, OPTIMA
+from occore.problems import LQR_B, OPTIMA
 
 EPS = 1e-6
 

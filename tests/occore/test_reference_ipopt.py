@@ -1,11 +1,11 @@
 """occore.reference.ipopt: the optima of REFERENCE.md, bounds, stage parameters, clear errors."""
-import casadi as ca
+from types import SimpleNamespace
+
 import numpy as np
 import pytest
 
 import occore
 from occore.problems import OPTIMA
-
 
 
 @pytest.mark.parametrize("name", occore.problems.NAMES)
@@ -113,16 +113,14 @@ def test_torch_problem_cannot_be_transcribed():
 def test_callable_that_does_not_take_casadi_symbols_is_named():
     prob = occore.problems.make("pendulum")
 
-    class NumpyOnly:   # what a numpy-only cost would do with a symbol
-        def __call__(self, x, u):
-            return float(np.asarray(x, dtype=float)[0] ** 2)
+    def numpy_only(x, u):            # float() of a symbol fails
+        return float(np.asarray(x, dtype=float)[0] ** 2)
 
-    stand_in = type("StandIn", (), dict(vars(prob)))()
-    for k, v in vars(prob).items():
-        setattr(stand_in, k, v)
-    stand_in.stage_cost = NumpyOnly()
-    stand_in.rollout = prob.rollout
-    stand_in.initial_controls = prob.initial_controls
+    # a stand-in with the Problem's attributes: Problem itself would reject the callable at
+    # construction with backend "casadi"
+    stand_in = SimpleNamespace(**vars(prob))
+    stand_in.stage_cost = numpy_only
+    stand_in.rollout, stand_in.initial_controls, stand_in.clamp = prob.rollout, prob.initial_controls, prob.clamp
     with pytest.raises(occore.InputError, match="stage_cost"):
         occore.reference.ipopt(stand_in)
 
