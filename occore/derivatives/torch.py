@@ -6,7 +6,7 @@ Per evaluation the derivatives of the whole horizon come from ONE vmapped call: 
 all Jacobians, and the cost gradient) and that Jacobian once more in forward mode (``jacfwd``: the
 Hessians; ``jacfwd(jacrev(.))`` is what ``torch.func.hessian`` computes), and the result is
 ``vmap``-ed over the T stages. The same call gives the Hessians of every dynamics output, so both
-orders share it (first order just leaves them out). The terminal cost is one more (unmapped) call.
+orders share it (first order just leaves them out); the terminal cost (unmapped) is in the same call.
 
 Compiled path: after :attr:`TorchBackend.trace_after` eager evaluations, that function is traced
 once with ``make_fx`` into an FX graph of plain aten operations (specialised to this horizon),
