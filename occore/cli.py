@@ -75,6 +75,9 @@ def _compare(args, out) -> int:
     cmp = compare(args.problems, args.solvers, max_iter=args.max_iter, backend=args.backend,
                   progress=not args.no_progress, repeat=args.repeat)
     print(cmp.table(markdown=args.markdown), file=out)
+    for r in cmp.records:
+        if r.status == "ERROR":
+            print(f"{r.problem} / {r.solver}: {r.message}", file=out)
     if args.plot:
         cmp.plot(args.plot)
         print(f"plot written to {args.plot}", file=out)

@@ -9,7 +9,7 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
-from ..errors import InputError
+from ..errors import InputError, OccoreError
 from .problems import resolve_problems
 from .solvers import SOLVERS, make_runner
 
@@ -199,12 +199,23 @@ def run_one(problem_name: str, problem, solver, max_iter=None, warmup: bool = Tr
 
     With ``warmup`` a named solver first runs one untimed iteration, so one-time costs (lazily
     built functions, first calls) do not land in the timed solve. With ``repeat`` > 1 the solve is
-    repeated and the fastest run is kept (the machine's noise only ever adds time)."""
+    repeated and the fastest run is kept (the machine's noise only ever adds time). A solver that
+    refuses the problem (an :class:`occore.OccoreError`) gives a record with status "ERROR"."""
     name = solver if isinstance(solver, str) else getattr(solver, "name", type(solver).__name__)
     runner = make_runner(solver, max_iter) if isinstance(solver, str) else solver
+    initial = problem.rollout(problem.initial_controls()).cost
+    try:
+        return _timed(problem_name, problem, name, runner, solver, initial, warmup, repeat)
+    except OccoreError as err:   # e.g. IPOPT refusing a torch problem: record it, go on with the rest
+        logger.warning("compare: %s / %s failed: %s", problem_name, name, err)
+        return Record(problem=problem_name, solver=name, status="ERROR", message=str(err), iterations=0,
+                      cost=float("nan"), wall_time=0.0, box_violation=float("nan"),
+                      iteration_costs=[initial], iteration_times=[0.0])
+
+
+def _timed(problem_name, problem, name, runner, solver, initial, warmup, repeat) -> Record:
     if warmup and isinstance(solver, str):
         make_runner(solver, 1).solve(problem)
-    initial = problem.rollout(problem.initial_controls()).cost
     res = None
     for _ in range(repeat):
         start = time.perf_counter()

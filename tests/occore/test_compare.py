@@ -70,6 +70,15 @@ def test_variants_and_solver_objects():
     assert by["emsa-gradient"].cost < by["emsa-gradient"].iteration_costs[0]
 
 
+def test_a_solver_refusing_a_problem_is_recorded_not_fatal():
+    pytest.importorskip("torch")
+    res = occore.compare("lqr", "ilqr,ipopt", backend="torch")
+    ilqr, ipopt = res.records
+    assert ilqr.status == "CONVERGED" and ilqr.gap == 0.0
+    assert ipopt.status == "ERROR" and "torch" in ipopt.message and np.isnan(ipopt.gap)
+    assert "ERROR" in res.table()
+
+
 def test_box_violation_is_measured():
     prob = occore.problems.make("pendulum_box")
     us = np.zeros((100, 1))
