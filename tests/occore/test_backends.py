@@ -88,6 +88,15 @@ def test_torch_traced_graph_equals_eager():
     assert traced._backend._compiled is not traced._backend._derivs   # really the FX graph
 
 
+def test_torch_traced_graph_with_params_equals_casadi():
+    pc, pt = _tracking("casadi"), _tracking("torch")
+    pt._backend.trace_after = 0
+    traj = random_trajectory(pc, seed=7)
+    assert_fields_close(pt.evaluate_derivatives(traj.xs, traj.us, True),
+                        pc.evaluate_derivatives(traj.xs, traj.us, True), 1e-12)
+    assert pt._backend._compiled is not pt._backend._derivs
+
+
 def _tracking(backend):
     """A problem with stage parameters (a time-varying reference), written for each backend."""
     T = 12
