@@ -3,6 +3,7 @@
     occore solve cartpole --solver ddp            per-iteration table, then the result's summary
     occore compare --problems all --solvers ddp,ilqr,emsa,ipopt --plot compare.png --json runs.json
     occore list                                   the problems and solvers known by name
+    occore train --dataset digits ...             network training, delegated to ``nn_adapter.cli.main``
 """
 from __future__ import annotations
 
@@ -19,7 +20,7 @@ def build_parser() -> argparse.ArgumentParser:
     from .derivatives import BACKENDS
 
     parser = argparse.ArgumentParser(prog="occore", description="Trajectory optimisation: DDP, iLQR, E-MSA, IPOPT.")
-    sub = parser.add_subparsers(dest="command", metavar="{solve,compare,list}")
+    sub = parser.add_subparsers(dest="command", metavar="{solve,compare,list,train}")
     sub.required = True
 
     p = sub.add_parser("solve", help="solve one problem, printing the per-iteration table and a summary")
@@ -43,7 +44,16 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--no-progress", action="store_true", help="no progress bar")
 
     sub.add_parser("list", help="list the problems and solvers known by name")
+    sub.add_parser("train", help="train networks through nn_adapter (options: occore train --help)")
     return parser
+
+
+def _train(rest) -> int:
+    try:
+        from nn_adapter.cli import main as train_main
+    except ImportError as err:
+        raise OccoreError(f"occore train needs nn_adapter.cli ({err})") from err
+    return int(train_main(rest) or 0)
 
 
 def _solve(args, out) -> int:
@@ -101,6 +111,13 @@ def _list(out) -> int:
 
 def main(argv=None) -> int:
     """Entry point of the ``occore`` console script; returns the exit status (2 on bad input)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["train"]:       # everything after "train" belongs to nn_adapter's parser
+        try:
+            return _train(argv[1:])
+        except OccoreError as err:
+            print(f"occore: error: {err}", file=sys.stderr)
+            return 2
     args = build_parser().parse_args(argv)
     out = sys.stdout
     try:
@@ -115,6 +132,9 @@ def main(argv=None) -> int:
     except KeyboardInterrupt:  # pragma: no cover
         print("occore: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # pragma: no cover - e.g. `occore list | head`
+        sys.stdout = None
+        return 0
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -77,3 +77,24 @@ def test_python_dash_m():
     assert proc.returncode == 0 and "pendulum_box" in proc.stdout
     proc = subprocess.run([sys.executable, "-m", "occore", "solve"], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and "problem" in proc.stderr     # argparse: the problem is required
+
+
+def test_solve_a_user_file(tmp_path, capsys):
+    path = tmp_path / "mine.py"
+    path.write_text("import casadi as ca\nimport occore\n\nPROBLEMS = [occore.Problem(lambda x, u: x + 0.1 * u, "
+                    "lambda x, u: ca.sumsqr(x) + ca.sumsqr(u), lambda x: 10 * ca.sumsqr(x), x0=[1.0], nu=1, "
+                    "horizon=20, name='scalar')]\n")
+    assert main(["solve", str(path), "--solver", "ilqr"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("scalar: Problem(scalar") and "ilqr: CONVERGED" in out
+
+
+def test_train_is_delegated_to_nn_adapter(capsys, monkeypatch):
+    import types
+
+    seen = []
+    fake = types.ModuleType("nn_adapter.cli")
+    fake.main = lambda argv: seen.append(argv) or 0
+    monkeypatch.setitem(sys.modules, "nn_adapter.cli", fake)
+    assert main(["train", "--dataset", "digits", "--plot", "t.png"]) == 0
+    assert seen == [["--dataset", "digits", "--plot", "t.png"]]
