@@ -126,7 +126,11 @@ def maximize(evaluate, xs, us, ps, rho: float, inner, lower=None, upper=None):
         alpha = np.ones(vs.shape[0])
         for _ in range(int(inner.iterations)):
             if method == "newton":
-                dirs = _newton_directions(grads, hess, vs, lower, upper)
+                # a stage whose derivatives are not finite gets no step (it keeps its control)
+                bad = ~(np.isfinite(grads).all(axis=1) & np.isfinite(hess).all(axis=(1, 2)))
+                g_ok = np.where(bad[:, None], 0.0, grads)
+                h_ok = np.where(bad[:, None, None], -np.eye(grads.shape[1]), hess)
+                dirs = _newton_directions(g_ok, h_ok, vs, lower, upper)
             else:
                 dirs = float(inner.step_size) * grads
             dirs = np.where(np.isfinite(dirs), dirs, 0.0)

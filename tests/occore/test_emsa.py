@@ -277,3 +277,26 @@ def test_loop_talks_only_to_the_protocol(zoo):
     a = EMSA(max_iter=20).solve(Opaque())
     b = EMSA(max_iter=20).solve(prob)
     np.testing.assert_array_equal(a.us, b.us)
+
+
+def test_non_finite_stage_derivatives_keep_their_controls(zoo):
+    """A stage whose derivatives are NaN keeps its control (bounded, two controls: the per-stage
+    box QP path) instead of raising."""
+    import dataclasses
+
+    from occore.lq.hamiltonian import maximize
+
+    prob = zoo["lqr"]
+    traj, lm = _random_iterate(prob, seed=5)
+
+    def evaluate(vs):
+        d = prob.evaluate_derivatives(traj.xs, vs, second_order=True)
+        fuu = d.fuu.copy()
+        fuu[3] = np.nan
+        return dataclasses.replace(d, fuu=fuu)
+
+    lower, upper = np.full((100, 2), -0.5), np.full((100, 2), 0.5)
+    new = maximize(evaluate, traj.xs, traj.us, lm.costates(), 1.0, InnerSolver("newton"), lower, upper)
+    assert np.all(np.isfinite(new)) and np.all(new >= lower) and np.all(new <= upper)
+    np.testing.assert_array_equal(new[3], np.clip(traj.us[3], -0.5, 0.5))
+    assert np.abs(new - np.clip(traj.us, -0.5, 0.5)).max() > 1e-3
