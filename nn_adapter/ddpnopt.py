@@ -127,7 +127,7 @@ class DDPNOpt(CurvatureOptimizer):
         mods = super()._recorded_modules()
         return list({id(m): m for m in mods + [v.module for v in self._views]}.values())
 
-    def _recorder(self) -> Recorder:
+    def _make_recorder(self) -> Recorder:
         inputs = self._recorded_modules()
         grads = super()._recorded_modules() + [v.module for v in self._views[1:]]
         if self.second_order:
@@ -151,18 +151,17 @@ class DDPNOpt(CurvatureOptimizer):
             return super()._update(rec)
         updated = self._update_curvature(rec)
         views = self._views
-        n = rec.inputs[views[0].module].shape[0]
-        scales = self._value_scales(rec, updated, n)
+        weights, cached = self._value_weights(rec, updated)
         xhat = rec.inputs[views[0].module]
         for t, view in enumerate(views):
             x = rec.inputs.pop(view.module)
             g = rec.out_grads.pop(view.module, None)
             v_next = rec.out_grads.pop(self._last_modules[t], g) if self.second_order else None
-            factors = self._factors(view, updated)
+            factors = cached.pop(t, None) or self._factors(view, updated)
             delta = None
-            if t > 0 and scales[t + 1] is not None and factors is not None:
-                v_next = v_next * n if v_next is not None else None
-                g.mul_(n * _bcast(scales[t + 1], g))    # the recorded tensor is ours
+            if t > 0 and factors is not None:
+                v_next = v_next * x.shape[0] if v_next is not None else None
+                g.mul_(_bcast(weights[t + 1], g))    # the recorded tensor is ours
                 delta = self._stage_feedback(t, view, x, xhat, g, v_next)
                 delta = precondition(view, factors, delta)
             del g, v_next
@@ -180,25 +179,28 @@ class DDPNOpt(CurvatureOptimizer):
                 for m in (view.module, *view.followers):
                     xhat = m(xhat)
 
-    def _value_scales(self, rec, updated, n) -> list:
-        """S_t = s_t s_{t+1} ... s_{T-1} per sample (S_T = 1), s^2 = max(0, 1 - q_u^T P q_u).
+    def _value_weights(self, rec, updated):
+        """Per-sample weights w_t = B S_t of the recorded gradients, S_t = s_t ... s_{T-1}.
 
-        ``None`` marks stages without a step (no gradient), whose feedback is skipped.
+        z_t = w_t dL/dx_t with s^2 = max(0, 1 - q_u^T P q_u) (S_T = 1; a plain number while all
+        factors are one). Only t >= 2 matter (stage 0 has no feedback). Also returns the factors
+        computed on the way, by stage, for reuse in the forward pass.
         """
         views = self._views
-        T = len(views)
-        scales = [None] * (T + 1)
-        scales[T] = torch.ones(n, dtype=rec.inputs[views[0].module].dtype,
-                               device=rec.inputs[views[0].module].device)
-        for t in range(T - 1, 0, -1):
-            factors = self._factors(views[t], updated)
-            if factors is None or scales[t + 1] is None or not self.vxx_update:
-                scales[t] = scales[t + 1]
+        T, n = len(views), rec.inputs[views[0].module].shape[0]
+        weights: list = [float(n)] * (T + 1)
+        cached = {}
+        for t in range(T - 1, 1, -1):
+            if not self.vxx_update:
+                break
+            factors = cached[t] = self._factors(views[t], updated)
+            if factors is None:
+                weights[t] = weights[t + 1]
                 continue
             x, g = rec.inputs[views[t].module], rec.out_grads[views[t].module]
-            rho = quad_form(views[t], factors, x, g * (n * _bcast(scales[t + 1], g)))
-            scales[t] = scales[t + 1] * (1.0 - rho).clamp_(min=0.0).sqrt_()
-        return scales
+            rho = quad_form(views[t], factors, x, g * _bcast(weights[t + 1], g))
+            weights[t] = (1.0 - rho).clamp_(min=0.0).sqrt_().mul_(weights[t + 1])
+        return weights, cached
 
     def _stage_feedback(self, t, view, x, xhat, g, v_next) -> list:
         """(1/B) sum_i Q_ux^(i) dx^(i) of stage t (not yet preconditioned); overwrites g."""
@@ -213,5 +215,8 @@ class DDPNOpt(CurvatureOptimizer):
         return total
 
 
-def _bcast(s: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+def _bcast(s, like: torch.Tensor):
+    """A per-sample (B,) tensor shaped to broadcast against ``like`` (numbers pass through)."""
+    if not isinstance(s, torch.Tensor):
+        return s
     return s.reshape((s.shape[0],) + (1,) * (like.dim() - 1))

@@ -69,6 +69,11 @@ class CurvatureOptimizer(torch.optim.Optimizer):
 
     # -- recording -------------------------------------------------------------------------------
     def _recorder(self) -> Recorder:
+        if getattr(self, "_rec", None) is None:
+            self._rec = self._make_recorder()
+        return self._rec
+
+    def _make_recorder(self) -> Recorder:
         mods = self._recorded_modules()
         return Recorder(mods, mods)
 
@@ -89,13 +94,17 @@ class CurvatureOptimizer(torch.optim.Optimizer):
             raise InputError(f"closure: {type(self).__name__}.step needs a closure that runs "
                              "zero_grad, the forward pass, the loss and loss.backward() and "
                              "returns the loss")
-        with self._recorder() as rec, torch.enable_grad():
-            loss = closure()
-        if not self._finite(loss):
-            return loss
-        self._check_records(rec)
-        with torch.no_grad():
-            self._update(rec)
+        rec = self._recorder()
+        try:
+            with rec, torch.enable_grad():
+                loss = closure()
+            if not self._finite(loss):
+                return loss
+            self._check_records(rec)
+            with torch.no_grad():
+                self._update(rec)
+        finally:
+            rec.release()
         return loss
 
     def _check_records(self, rec: Recorder) -> None:

@@ -33,38 +33,50 @@ class Recorder:
     """
 
     def __init__(self, input_of: Iterable[nn.Module] = (), grad_of: Iterable[nn.Module] = ()):
-        self._input_of = list(input_of)
-        self._grad_of = list(grad_of)
+        input_of, grad_of = list(input_of), list(grad_of)
+        want_input = {id(m) for m in input_of}
+        want_grad = {id(m) for m in grad_of}
+        self._grad_of = grad_of
+        self._modules = list({id(m): m for m in input_of + grad_of}.values())
         self.inputs: dict[nn.Module, torch.Tensor] = {}
         self.out_grads: dict[nn.Module, torch.Tensor] = {}
         self.calls: dict[nn.Module, int] = {}
+        self._hooks = [self._make_hook(m, id(m) in want_input, id(m) in want_grad)
+                       for m in self._modules]
         self._handles: list = []
 
     def __enter__(self) -> "Recorder":
-        want_input = set(map(id, self._input_of))
-        want_grad = set(map(id, self._grad_of))
-        for module in {id(m): m for m in self._input_of + self._grad_of}.values():
-            self._handles.append(module.register_forward_hook(
-                self._make_hook(id(module) in want_input, id(module) in want_grad)))
+        self.inputs.clear()
+        self.out_grads.clear()
+        self.calls.clear()
+        self._handles = [m.register_forward_hook(h) for m, h in zip(self._modules, self._hooks)]
         return self
 
-    def _make_hook(self, keep_input: bool, keep_grad: bool):
-        def hook(module, inputs, output):
+    def _make_hook(self, module: nn.Module, keep_input: bool, keep_grad: bool):
+        calls, inputs, out_grads = self.calls, self.inputs, self.out_grads
+
+        def save(grad):
+            out_grads[module] = grad.detach()
+
+        def hook(mod, args, output):
             if not torch.is_grad_enabled():
                 return
-            self.calls[module] = self.calls.get(module, 0) + 1
-            if keep_input and inputs:
-                self.inputs[module] = inputs[0].detach()
+            calls[mod] = calls.get(mod, 0) + 1
+            if keep_input and args:
+                inputs[mod] = args[0].detach()
             if keep_grad and isinstance(output, torch.Tensor) and output.requires_grad:
-                def save(grad, module=module):
-                    self.out_grads[module] = grad.detach()
                 output.register_hook(save)
         return hook
 
     def __exit__(self, *exc) -> None:
         for h in self._handles:
             h.remove()
-        self._handles.clear()
+        self._handles = []
+
+    def release(self) -> None:
+        """Drop the recorded tensors (call when the step is done with them)."""
+        self.inputs.clear()
+        self.out_grads.clear()
 
     def check_complete(self, modules: Iterable[nn.Module], need_grads: bool = True) -> None:
         """Raise ``InputError`` unless each module ran exactly once and, if asked, got a gradient."""
