@@ -118,8 +118,8 @@ def ipopt(problem, us0=None, *, tol: float = 1e-10, max_iter: int = 3000, record
     Args:
         problem: an :class:`occore.Problem` whose callables use casadi operations (bounds and stage
             parameters are transcribed).
-        us0: (T, nu) initial controls (default ``problem.initial_controls()``); the initial states
-            are their rollout. Not modified.
+        us0: (T, nu) initial controls (default ``problem.initial_controls()``) or a
+            :class:`occore.Result` (its controls); the initial states are their rollout. Not modified.
         tol: IPOPT's ``tol``.
         max_iter: IPOPT's ``max_iter``.
         record: record every IPOPT iterate's controls and score them by a rollout, giving a
@@ -177,6 +177,8 @@ def ipopt(problem, us0=None, *, tol: float = 1e-10, max_iter: int = 3000, record
     if problem.u_lower is not None:
         lbw[nx * (T + 1):] = np.asarray(problem.u_lower, dtype=float).ravel()
         ubw[nx * (T + 1):] = np.asarray(problem.u_upper, dtype=float).ravel()
+    if isinstance(us0, Result):       # warm start from another solver's result: its controls
+        us0 = us0.us
     guess = problem.rollout(problem.initial_controls() if us0 is None else us0)
     w0 = np.concatenate([np.nan_to_num(guess.xs).ravel(), guess.us.ravel()])
 

@@ -89,6 +89,8 @@ def test_initial_guess_is_used_and_not_modified():
     res = occore.reference.ipopt(prob, us0)
     np.testing.assert_array_equal(us0, copy)
     assert res.converged and res.cost == pytest.approx(OPTIMA["unicycle"], rel=1e-8)
+    again = occore.reference.ipopt(prob, occore.DDP().solve(prob))     # warm start from a Result
+    assert again.converged and again.iterations <= 3
 
 
 def test_iteration_limit_gives_max_iter():
