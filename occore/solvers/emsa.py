@@ -13,7 +13,10 @@ not lower J is rejected and rho raised; an accepted one lowers rho. There is no 
 expected decrease: the stop value is the norm of the control gradient of J.
 
 E-MSA is a first-order-like method: on swing-ups it creeps. Use DDP/iLQR to converge; use E-MSA to
-compare, or where only per-stage maximisations are cheap.
+compare, or where only per-stage maximisations are cheap. Measured with the defaults from the zero
+guess: the LQR converges (|dJ/du| < 1e-4) in 1611 iterations, 1.3e-9 from the Riccati optimum
+(within 1e-6 after 918); after 3000 iterations the pendulum swing-up is at 7.5x its optimal cost,
+the cart-pole at 6.3x, the boxed pendulum at 2.1x and the unicycle 4e-4 above its optimum.
 """
 from __future__ import annotations
 
