@@ -42,6 +42,11 @@ class _Evaluator:
     def __call__(self, *inputs):
         for a, v in zip(self.args, inputs):
             a.reshape(-1)[...] = np.ravel(v)
+        return self.evaluate()
+
+    def evaluate(self):
+        """Evaluates on the inputs already in ``self.args`` (a caller may fill them block by block)
+        and returns copies of the outputs."""
         if self._buffer is None:  # casadi without the buffer interface
             outs = self._fn(*[a.T for a in self.args])
             outs = outs if isinstance(outs, (list, tuple)) else [outs]
@@ -186,12 +191,21 @@ class CasadiBackend(Backend):
         return X, float(J[0, 0])
 
     def rollout_policy(self, xs_ref, us_ref, k, K, alpha, lower, upper):
-        T, nu = self.T, self.nu
-        if lower is None:
-            lower = np.full((T, nu), -np.inf)
-            upper = np.full((T, nu), np.inf)
-        Z = np.concatenate([xs_ref[:T], us_ref, k, K.reshape(T, -1), lower, upper], axis=1)
-        X, U, J = self._rollout_cl(self.problem.x0, Z, self.P_stage, self.p_final, alpha)
+        T, nx, nu = self.T, self.nx, self.nu
+        ev = self._rollout_cl
+        x0, Z, P, pT, a = ev.args   # filled in place: Z = [xs_ref, us_ref, k, K, lower, upper] per stage
+        o, q = nx + 2 * nu, nx + 2 * nu + nu * nx
+        x0.reshape(-1)[...] = self.problem.x0
+        Z[:, :nx] = xs_ref[:T]
+        Z[:, nx:nx + nu] = us_ref
+        Z[:, nx + nu:o] = k
+        Z[:, o:q] = K.reshape(T, nu * nx)
+        Z[:, q:q + nu] = -np.inf if lower is None else lower
+        Z[:, q + nu:] = np.inf if upper is None else upper
+        P[...] = self.P_stage
+        pT.reshape(-1)[...] = self.p_final
+        a[...] = alpha
+        X, U, J = ev.evaluate()
         return X, U, float(J[0, 0])
 
     # -- derivatives ----------------------------------------------------------------------------
