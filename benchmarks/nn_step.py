@@ -183,6 +183,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--rounds", type=int, default=5, help="interleaved rounds")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--quick", action="store_true", help="2 steps x 2 rounds (smoke test)")
+    ap.add_argument("--only", choices=("mlp", "cnn"), help="run one network only")
     args = ap.parse_args(argv)
     if args.quick:
         args.steps, args.rounds = 2, 2
@@ -190,10 +191,13 @@ def main(argv=None) -> dict:
     print(f"torch {torch.__version__}, {args.threads} thread(s), float32, "
           f"{args.steps} steps x {args.rounds} rounds per optimizer, median time per step")
     out = {}
-    res, note = bench("mlp", args.steps, args.rounds, 32)
-    out["mlp"] = report("(a) MLP 5 x Linear (width 32, Tanh) on DIGITS, batch 32", res, note)
-    res, note = bench("cnn", args.steps, args.rounds, 128)
-    out["cnn"] = report("(b) CNN 4 x Conv2d(3x3, 32) + 2 x Linear on 28x28, batch 128", res, note)
+    if args.only in (None, "mlp"):
+        res, note = bench("mlp", args.steps, args.rounds, 32)
+        out["mlp"] = report("(a) MLP 5 x Linear (width 32, Tanh) on DIGITS, batch 32", res, note)
+    if args.only in (None, "cnn"):
+        res, note = bench("cnn", args.steps, args.rounds, 128)
+        out["cnn"] = report("(b) CNN 4 x Conv2d(3x3, 32) + 2 x Linear on 28x28, batch 128",
+                            res, note)
     return out
 
 

@@ -27,8 +27,7 @@ from occore.errors import InputError
 
 from .curvature.optimizer import CurvatureOptimizer
 from .curvature.records import Recorder
-from .feedback import (StageView, feedback_grads, precondition, quad_form, second_order_grads,
-                       tikhonov_grads)
+from .feedback import StageView, feedback_grads, quad_form, second_order_grads, tikhonov_grads
 
 __all__ = ["DDPNOpt"]
 
@@ -139,68 +138,64 @@ class DDPNOpt(CurvatureOptimizer):
         rec.check_complete(super()._recorded_modules() + [v.module for v in self._views[1:]])
 
     # -- the update ------------------------------------------------------------------------------
-    def _factors(self, view, updated):
-        group = self.param_groups[0]
-        if not all(b in updated for b in view.blocks):
+    @staticmethod
+    def _factors(view, factors: dict):
+        """The stage's factors (one per block), or None when a block got no gradient."""
+        if not all(b in factors for b in view.blocks):
             return None
-        return [self.curvature.factors(b, group, [self.state[p] for p in b.params])
-                for b in view.blocks]
+        return [factors[b] for b in view.blocks]
 
     def _update(self, rec: Recorder) -> None:
         if not self.feedback:
             return super()._update(rec)
-        updated = self._update_curvature(rec)
+        all_factors = self._update_curvature(rec)
         views = self._views
-        weights, cached = self._value_weights(rec, updated)
+        weights = self._value_weights(rec, all_factors)
         xhat = rec.inputs[views[0].module]
         for t, view in enumerate(views):
             x = rec.inputs.pop(view.module)
             g = rec.out_grads.pop(view.module, None)
             v_next = rec.out_grads.pop(self._last_modules[t], g) if self.second_order else None
-            factors = cached.pop(t, None) or self._factors(view, updated)
+            factors = self._factors(view, all_factors)
             delta = None
             if t > 0 and factors is not None:
                 v_next = v_next * x.shape[0] if v_next is not None else None
                 g.mul_(_bcast(weights[t + 1], g))    # the recorded tensor is ours
                 delta = self._stage_feedback(t, view, x, xhat, g, v_next)
-                delta = precondition(view, factors, delta)
             del g, v_next
-            i = 0
-            for b, block in enumerate(view.blocks):
-                ks = self._direction(block, factors[b]) if factors is not None else None
-                for j, p in enumerate(block.params):
-                    if ks is not None:
-                        p.add_(ks[j])
-                    if delta is not None:
-                        p.sub_(delta[i])
-                    i += 1
+            if factors is not None:
+                i = 0
+                for block, fac in zip(view.blocks, factors):
+                    n = len(block.params)
+                    extra = delta[i:i + n] if delta is not None else None
+                    for p, k in zip(block.params, self._direction(block, fac, extra)):
+                        p.add_(k)
+                    i += n
             del x, delta, factors
             if t < len(views) - 1:
                 for m in (view.module, *view.followers):
                     xhat = m(xhat)
 
-    def _value_weights(self, rec, updated):
+    def _value_weights(self, rec, all_factors):
         """Per-sample weights w_t = B S_t of the recorded gradients, S_t = s_t ... s_{T-1}.
 
         z_t = w_t dL/dx_t with s^2 = max(0, 1 - q_u^T P q_u) (S_T = 1; a plain number while all
-        factors are one). Only t >= 2 matter (stage 0 has no feedback). Also returns the factors
-        computed on the way, by stage, for reuse in the forward pass.
+        factors are one). Only t >= 2 matter (stage 0 has no feedback).
         """
         views = self._views
         T, n = len(views), rec.inputs[views[0].module].shape[0]
         weights: list = [float(n)] * (T + 1)
-        cached = {}
         for t in range(T - 1, 1, -1):
             if not self.vxx_update:
                 break
-            factors = cached[t] = self._factors(views[t], updated)
+            factors = self._factors(views[t], all_factors)
             if factors is None:
                 weights[t] = weights[t + 1]
                 continue
             x, g = rec.inputs[views[t].module], rec.out_grads[views[t].module]
             rho = quad_form(views[t], factors, x, g * _bcast(weights[t + 1], g))
             weights[t] = (1.0 - rho).clamp_(min=0.0).sqrt_().mul_(weights[t + 1])
-        return weights, cached
+        return weights
 
     def _stage_feedback(self, t, view, x, xhat, g, v_next) -> list:
         """(1/B) sum_i Q_ux^(i) dx^(i) of stage t (not yet preconditioned); overwrites g."""

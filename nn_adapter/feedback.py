@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call, jvp, vjp, vmap
 
-from .curvature.base import Block, apply_factors, as_matrix, from_matrix
+from .curvature.base import Block, apply_p, as_matrix
 from .curvature.kron import patches, per_sample_grads
 
 __all__ = ["StageView", "quad_form", "precondition", "feedback_grads", "tikhonov_grads",
@@ -170,11 +170,7 @@ def precondition(view: StageView, factors: list, grads: list) -> list[torch.Tens
     out, i = [], 0
     for block, fac in zip(view.blocks, factors):
         n = len(block.params)
-        part = grads[i:i + n]
-        if isinstance(fac[2], list):
-            out += [v * s for v, s in zip(part, fac[2])]
-        else:
-            out += from_matrix(block, apply_factors(fac, as_matrix(block, part)))
+        out += apply_p(block, fac, grads[i:i + n])
         i += n
     return out
 

@@ -61,8 +61,46 @@ class AdamCurvature(DiagonalCurvature):
             torch.maximum(state["max_exp_avg_sq"], state["exp_avg_sq"],
                           out=state["max_exp_avg_sq"])
 
+    def params_update(self, params, grads, group, states):
+        """All parameters at once with ``torch._foreach_*`` (same arithmetic as one by one)."""
+        for p, st in zip(params, states):
+            if "exp_avg" not in st:
+                st["step"] = 0
+                st["exp_avg"] = torch.zeros_like(p)
+                st["exp_avg_sq"] = torch.zeros_like(p)
+                if group["amsgrad"]:
+                    st["max_exp_avg_sq"] = torch.zeros_like(p)
+            st["step"] += 1
+        beta1, beta2 = group["betas"]
+        if group["weight_decay"] != 0:
+            grads = torch._foreach_add(grads, params, alpha=group["weight_decay"])
+        avgs = [st["exp_avg"] for st in states]
+        sqs = [st["exp_avg_sq"] for st in states]
+        torch._foreach_lerp_(avgs, grads, 1 - beta1)
+        torch._foreach_mul_(sqs, beta2)
+        torch._foreach_addcmul_(sqs, grads, grads, value=1 - beta2)
+        if group["amsgrad"]:
+            maxes = [st["max_exp_avg_sq"] for st in states]
+            torch._foreach_maximum_(maxes, sqs)
+
+    def params_scale(self, params, group, states):
+        steps = {st["step"] for st in states}
+        if len(steps) != 1:
+            return super().params_scale(params, group, states)
+        bc2 = 1 - group["betas"][1] ** steps.pop()
+        key = "max_exp_avg_sq" if group["amsgrad"] else "exp_avg_sq"
+        scale = list(torch._foreach_sqrt([st[key] for st in states]))
+        torch._foreach_div_(scale, math.sqrt(bc2))
+        torch._foreach_add_(scale, group["eps"])
+        torch._foreach_reciprocal_(scale)
+        torch._foreach_mul_(scale, group["lr"])
+        return scale
+
     def param_scale(self, p, group, state):
         return self._denom(group, state).reciprocal_().mul_(group["lr"])
+
+    def param_effective_gradient(self, p, grad, group, state):
+        return state["exp_avg"].mul(1.0 / (1 - group["betas"][0] ** state["step"]))
 
     def param_direction(self, p, grad, group, state, scale):
         bc1 = 1 - group["betas"][0] ** state["step"]

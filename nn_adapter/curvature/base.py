@@ -21,7 +21,8 @@ from typing import Any, Callable, Optional
 import torch
 from torch import nn
 
-__all__ = ["Block", "Curvature", "find_blocks", "as_matrix", "from_matrix", "apply_factors"]
+__all__ = ["Block", "Curvature", "find_blocks", "as_matrix", "from_matrix", "apply_factors",
+           "apply_p"]
 
 BLOCK_KINDS = ("linear", "conv2d", "diagonal")
 
@@ -206,11 +207,28 @@ class Curvature:
         """The base optimizer's step k after :meth:`update` (one tensor per parameter)."""
         raise NotImplementedError
 
+    def direction_with(self, block: Block, grads: list, group: dict, states: list[dict],
+                       factors, extra: list) -> list[torch.Tensor]:
+        """``k - P extra``: the step plus the preconditioned feedback ``extra`` (per parameter)."""
+        ks = self.direction(block, grads, group, states, factors)
+        return [k.sub_(e) for k, e in zip(ks, apply_p(block, factors, extra))]
+
     def step(self, block: Block, grads: list, group: dict, states: list[dict],
              record=None) -> list[torch.Tensor]:
         """``update`` then ``direction``: the base optimizer's step k for one block."""
         self.update(block, grads, group, states, record)
         return self.direction(block, grads, group, states, self.factors(block, group, states))
+
+    # -- many blocks at once (subclasses may batch these with torch._foreach_* ops) ----------
+    def update_all(self, blocks: list, grads: list, group: dict, states: list,
+                   record=None) -> None:
+        """:meth:`update` for several blocks; ``grads`` and ``states`` are lists per block."""
+        for b, g, s in zip(blocks, grads, states):
+            self.update(b, g, group, s, record)
+
+    def factors_all(self, blocks: list, group: dict, states: list) -> list:
+        """:meth:`factors` for several blocks."""
+        return [self.factors(b, group, s) for b, s in zip(blocks, states)]
 
 
 class DiagonalCurvature(Curvature):
@@ -232,16 +250,59 @@ class DiagonalCurvature(Curvature):
                         scale: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
-    def update(self, block, grads, group, states, record=None):
-        for p, g, s in zip(block.params, grads, states):
+    def param_effective_gradient(self, p: torch.Tensor, grad: torch.Tensor, group: dict,
+                                 state: dict):
+        """d with k = -P d (a new tensor), or None where k is not of that form."""
+        return None
+
+    def direction_with(self, block, grads, group, states, factors, extra):
+        out = []
+        for p, g, st, scale, e in zip(block.params, grads, states, factors[2], extra):
+            d = self.param_effective_gradient(p, g, group, st)
+            if d is None:
+                out.append(self.param_direction(p, g, group, st, scale).sub_(e * scale))
+            else:
+                out.append(d.add_(e).mul_(scale).neg_())
+        return out
+
+    def params_update(self, params: list, grads: list, group: dict, states: list) -> None:
+        """:meth:`param_update` for a flat list of parameters (override to batch it)."""
+        for p, g, s in zip(params, grads, states):
             self.param_update(p, g, group, s)
 
+    def params_scale(self, params: list, group: dict, states: list) -> list:
+        """:meth:`param_scale` for a flat list of parameters (override to batch it)."""
+        return [self.param_scale(p, group, s) for p, s in zip(params, states)]
+
+    def update(self, block, grads, group, states, record=None):
+        self.params_update(list(block.params), grads, group, states)
+
     def factors(self, block, group, states):
-        return None, None, [self.param_scale(p, group, s) for p, s in zip(block.params, states)]
+        return None, None, self.params_scale(list(block.params), group, states)
+
+    def update_all(self, blocks, grads, group, states, record=None):
+        self.params_update([p for b in blocks for p in b.params], [g for gs in grads for g in gs],
+                           group, [s for ss in states for s in ss])
+
+    def factors_all(self, blocks, group, states):
+        scales = self.params_scale([p for b in blocks for p in b.params], group,
+                                   [s for ss in states for s in ss])
+        out, i = [], 0
+        for b in blocks:
+            out.append((None, None, scales[i:i + len(b.params)]))
+            i += len(b.params)
+        return out
 
     def direction(self, block, grads, group, states, factors):
         return [self.param_direction(p, g, group, s, d)
                 for p, g, s, d in zip(block.params, grads, states, factors[2])]
+
+
+def apply_p(block: Block, factors, tensors: list) -> list[torch.Tensor]:
+    """P applied to one block's parameter-shaped tensors (new tensors)."""
+    if isinstance(factors[2], list):
+        return [v * d for v, d in zip(tensors, factors[2])]
+    return from_matrix(block, apply_factors(factors, as_matrix(block, tensors)))
 
 
 def with_weight_decay(p: torch.Tensor, grad: torch.Tensor, group: dict) -> torch.Tensor:

@@ -50,6 +50,14 @@ class IdentityCurvature(DiagonalCurvature):
     def param_scale(self, p, group, state):
         return torch.as_tensor(group["lr"], dtype=p.dtype, device=p.device)
 
+    def param_effective_gradient(self, p, grad, group, state):
+        momentum = group["momentum"]
+        if momentum == 0:
+            return grad.add(p, alpha=group["weight_decay"])
+        if group["nesterov"]:
+            return with_weight_decay(p, grad, group).add(state["momentum_buffer"], alpha=momentum)
+        return state["momentum_buffer"].clone()
+
     def param_direction(self, p, grad, group, state, scale):
         momentum = group["momentum"]
         if momentum == 0:

@@ -137,25 +137,24 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in block.params]
         return grads, [self.state[p] for p in block.params]
 
-    def _update_curvature(self, rec: Recorder) -> set:
-        """Update the curvature state of every block that has gradients; return those blocks."""
-        group, done = self.param_groups[0], set()
-        for block in self._blocks:
-            if block.weight.grad is not None:
-                grads, states = self._grads_states(block)
-                self.curvature.update(block, grads, group, states, rec)
-                done.add(block)
-        return done
-
-    def _direction(self, block: Block, factors=None) -> list:
-        """k of a block whose curvature is up to date (``factors`` computed if not given)."""
+    def _update_curvature(self, rec: Recorder) -> dict:
+        """Update the curvature of every block that has gradients; return their factors P."""
         group = self.param_groups[0]
+        blocks = [b for b in self._blocks if b.weight.grad is not None]
+        pairs = [self._grads_states(b) for b in blocks]
+        grads, states = [g for g, _ in pairs], [s for _, s in pairs]
+        self.curvature.update_all(blocks, grads, group, states, rec)
+        return dict(zip(blocks, self.curvature.factors_all(blocks, group, states)))
+
+    def _direction(self, block: Block, factors, extra=None) -> list:
+        """k (or k - P extra) of a block whose curvature is up to date."""
         grads, states = self._grads_states(block)
-        if factors is None:
-            factors = self.curvature.factors(block, group, states)
-        return self.curvature.direction(block, grads, group, states, factors)
+        if extra is None:
+            return self.curvature.direction(block, grads, self.param_groups[0], states, factors)
+        return self.curvature.direction_with(block, grads, self.param_groups[0], states,
+                                             factors, extra)
 
     def _update(self, rec: Recorder) -> None:
-        for block in self._update_curvature(rec):
-            for p, k in zip(block.params, self._direction(block)):
+        for block, factors in self._update_curvature(rec).items():
+            for p, k in zip(block.params, self._direction(block, factors)):
                 p.add_(k)

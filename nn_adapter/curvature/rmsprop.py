@@ -64,6 +64,11 @@ class RMSpropCurvature(DiagonalCurvature):
     def param_scale(self, p, group, state):
         return self._avg(group, state).reciprocal_().mul_(group["lr"])
 
+    def param_effective_gradient(self, p, grad, group, state):
+        if group["momentum"] > 0:
+            return None
+        return grad.add(p, alpha=group["weight_decay"])
+
     def param_direction(self, p, grad, group, state, scale):
         if group["momentum"] > 0:
             return state["momentum_buffer"] * (-group["lr"])
