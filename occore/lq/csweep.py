@@ -110,11 +110,6 @@ def load_error() -> str | None:
     return _error
 
 
-def _c(a):
-    """``a`` as a C-contiguous float64 array (no copy when it already is one)."""
-    return np.ascontiguousarray(a, dtype=np.float64)
-
-
 def _pack(arrays, shapes):
     """Copies ``arrays`` into one new float64 block, each into a view of the shape in ``shapes`` (numpy
     raises when one does not fit, so the C code never reads out of bounds). Returns the block (keep it
@@ -160,10 +155,9 @@ def riccati_sweep(d, mu: float, second_order: bool, us=None, lower=None, upper=N
             arrays.append(k_warm)
             shapes.append((T, nu))
     block, p = _pack(arrays, shapes)
-    p2 = p[7:10] if hess else (None, None, None)
-    pb = p[-4:] if k_warm is not None and lower is not None else p[-3:] + [None]
-    if lower is None:
-        pb = (None, None, None, None)
+    p2 = p[7:10] if hess else [None] * 3                     # fxx, fux, fuu
+    # us, lower, upper and k_warm (None when not given), or no bounds at all
+    pb = (p[10 if hess else 7:] + [None])[:4] if lower is not None else [None] * 4
     nk, nK, nV = T * nu, T * nu * nx, (T + 1) * nx
     out = np.empty(nk + nK + nV + (T + 1) * nx * nx + 2)
     o = out.ctypes.data
@@ -186,9 +180,9 @@ def adjoint_sweep(d):
     if _adjoint is None and not available():
         raise RuntimeError(f"compiled sweep unavailable: {_error}")
     T, nx, nu = d.fu.shape
-    fx, fu, lx, lu = _c(d.fx), _c(d.fu), _c(d.lx), _c(d.lu)
+    block, p = _pack([d.fx, d.fu, d.lx, d.lu], [(T, nx, nx), (T, nx, nu), (T + 1, nx), (T, nu)])
     lam = np.empty((T + 1, nx))
     grad = np.empty((T, nu))
-    _adjoint(T, nx, nu, fx.ctypes.data, fu.ctypes.data, lx.ctypes.data, lu.ctypes.data,
-             lam.ctypes.data, grad.ctypes.data)
+    _adjoint(T, nx, nu, *p, lam.ctypes.data, grad.ctypes.data)
+    del block
     return lam, grad

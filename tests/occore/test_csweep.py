@@ -274,3 +274,19 @@ def test_missing_or_stale_library_is_reported(case, monkeypatch, tmp_path):
     assert expected in csweep.load_error()
     with pytest.raises(RuntimeError, match="unavailable"):
         csweep.riccati_sweep(None, 0.0, False)
+
+
+@needs_c
+def test_wrong_shapes_raise_before_the_c_code_runs():
+    rng = np.random.default_rng(2)
+    d = random_model(rng, 10, 3, 2, second_order=True)
+    bad = DenseDerivatives(**{**d.__dict__, "fx": d.fx[:, :2, :]})
+    with pytest.raises(ValueError):
+        csweep.riccati_sweep(bad, 1e-3, False)
+    with pytest.raises(ValueError):
+        csweep.adjoint_sweep(bad)
+    short = DenseDerivatives(**{**d.__dict__, "fxx": d.fxx[:5]})
+    with pytest.raises(ValueError):
+        csweep.riccati_sweep(short, 1e-3, True)
+    with pytest.raises(ValueError):
+        csweep.riccati_sweep(d, 1e-3, False, np.zeros((10, 2)), np.zeros((9, 2)), np.ones((10, 2)))
