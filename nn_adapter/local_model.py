@@ -78,12 +78,16 @@ def memory_estimate(batch: int, state_sizes, control_sizes, itemsize: int,
             size += (B * n[t]) ** 2 if r >= B * n[t] else r * (B * n[t] + r)
         return size
 
-    stored = sum(B * n[t + 1] * (n[t] + m[t]) + m[t] * B * n[t] + m[t] for t in range(T))
-    peak = value(T) + B * n[T]
+    # Jacobians, gains (no K_0: x_0 is fixed) and the terminal derivatives
+    stored = sum(B * n[t + 1] * (n[t] + m[t]) + m[t] for t in range(T))
+    stored += sum(m[t] * B * n[t] for t in range(1, T)) + value(T) + B * n[T]
+    peak = 0
     for t in range(T):
-        tmp = value(t + 1) + 2 * value(t) + 2 * m[t] * B * n[t] + 4 * m[t] ** 2 + 2 * B * n[t + 1] * m[t]
+        tmp = value(t + 1) + 3 * B * n[t + 1] * m[t] + 4 * m[t] ** 2   # + Jacobian temporaries
+        if t > 0:
+            tmp += 2 * value(t) + 2 * m[t] * B * n[t]
         if second_order:
-            tmp += B * n[t] ** 2 + m[t] * B * n[t] + m[t] ** 2
+            tmp += m[t] ** 2 + m[t] * B * n[t + 1] + (B * n[t] ** 2 + 2 * m[t] * B * n[t] if t > 0 else 0)
         peak = max(peak, tmp)
     return int((stored + peak) * itemsize)
 
@@ -245,21 +249,27 @@ class NetworkLocalModel:
 
     def _second_order_terms(self, t, Vx_next, need_x):
         """Dynamics second derivatives contracted with V_x': with H(X, u) = sum_i V_x'^(i) . f(x^(i), u),
-        Huu = d2H/du2 (m, m) and Hux = d2H/du dX (m, B n) from m double-backward passes over the
-        batch, and per-sample Hxx^(i) (B, n, n); the x terms only when ``need_x`` (x_0 is fixed)."""
-        f = self._flat_stage(t)
+        Huu = d2H/du2 (m, m) and Hux = d2H/du dX (m, B n) from m double-backward passes through
+        the batched stage, and per-sample Hxx^(i) (B, n, n); the x terms only when ``need_x``
+        (x_0 is fixed)."""
+        stage, us = self.problem.stages[t], self.traj.us[t]
+        names, shape = list(us), self.traj.xs[t].shape
+        sizes = [us[k].numel() for k in names]
         x = self.traj.xs[t].detach().reshape(self.B, -1)
         u = self.flat_controls(t).detach()
         v = Vx_next.reshape(self.B, -1)
 
-        def h(x1, u1, v1):                       # one sample
-            return torch.dot(v1, f(x1, u1))
-
-        def grad_u(X, u1):                       # dH/du of the batch, (m,)
-            return vmap(jacrev(h, argnums=1), in_dims=(0, None, 0))(X, u1, v).sum(0)
+        def H(X, u1):                            # the whole batch at once
+            params = {k: c.view(us[k].shape) for k, c in zip(names, torch.split(u1, sizes))}
+            return (v * stage.forward(params, X.view(shape)).reshape(self.B, -1)).sum()
+        grad_u = jacrev(H, argnums=1)
         if not need_x:
             return None, None, jacrev(grad_u, argnums=1)(x, u)
         hux, huu = jacrev(grad_u, argnums=(0, 1))(x, u)
+        f = self._flat_stage(t)
+
+        def h(x1, u1, v1):                       # one sample
+            return torch.dot(v1, f(x1, u1))
         hxx = vmap(jacrev(jacrev(h)), in_dims=(0, None, 0))(x, u, v)
         return hxx, hux.reshape(hux.shape[0], -1), huu
 
