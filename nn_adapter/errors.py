@@ -17,7 +17,7 @@ class UnsupportedModuleError(OccoreError, TypeError):
         >>> try:
         ...     split_stages(nn.Sequential(nn.Linear(2, 2), nn.Dropout()))   # training mode
         ... except UnsupportedModuleError as err:
-        ...     print(str(err)[:42])
+        ...     print(str(err)[:41])
         module '1' (Dropout) is in training mode,
     """
 
