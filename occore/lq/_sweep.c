@@ -114,9 +114,9 @@ static int box_qp(const double *H, const double *g, const double *lo, const doub
     double fk = qp_value(H, g, k, n);
     for (int it = 0; it < max_iter; ++it) {
         for (int i = 0; i < n; ++i) {
-            double s = g[i];
+            double s = 0.0;   /* g + H k, summed as numpy does */
             for (int j = 0; j < n; ++j) s += H[i * n + j] * k[j];
-            grad[i] = s;
+            grad[i] = g[i] + s;
         }
         nf = free_set(k, grad, lo, hi, n, idx);
         if (nf == 0) { *nf_out = 0; return 0; }
@@ -151,9 +151,9 @@ static int box_qp(const double *H, const double *g, const double *lo, const doub
     }
     /* the free set and its factor at the returned point */
     for (int i = 0; i < n; ++i) {
-        double s = g[i];
+        double s = 0.0;
         for (int j = 0; j < n; ++j) s += H[i * n + j] * k[j];
-        grad[i] = s;
+        grad[i] = g[i] + s;
     }
     nf = free_set(k, grad, lo, hi, n, idx);
     *nf_out = nf;
