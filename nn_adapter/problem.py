@@ -32,9 +32,8 @@ class NetworkProblem:
             dropout and batch norm must be in eval mode. Never modified (until :meth:`load_into`).
         loss_fn: ``loss_fn(outputs, targets) -> scalar tensor`` (e.g. ``nn.CrossEntropyLoss()``),
             written with torch operations that ``torch.func`` can differentiate.
-        inputs: (B, ...) the batch; floating inputs are cast (copied) to the model's dtype and
-            device.
-        targets: (B, ...) what ``loss_fn`` compares the outputs with (moved to the model's device).
+        inputs: (B, ...) the batch; copied to the model's device (floating inputs in its dtype).
+        targets: (B, ...) what ``loss_fn`` compares the outputs with; copied likewise.
         weight_decay: wd >= 0 of the running cost wd/2 |u_t|^2 (torch's ``weight_decay``).
         memory_limit: bytes the dense local model may use (None: no limit); beyond it
             :meth:`local_model`'s backward pass raises :class:`nn_adapter.errors.MemoryLimitError`.
@@ -88,6 +87,11 @@ class NetworkProblem:
         self.x0 = self._pre(self.inputs)
         self._check_forward()
 
+    def __repr__(self) -> str:
+        return (f"NetworkProblem(horizon={self.horizon}, batch={self.batch_size}, "
+                f"controls={[s.numel for s in self.stages]}, stages={[s.names for s in self.stages]}, "
+                f"weight_decay={self.weight_decay:g}, dtype={self.dtype}, device={self.device})")
+
     # -- validation ---------------------------------------------------------------------------
     def _check_data(self, inputs, targets):
         for name, v in (("inputs", inputs), ("targets", targets)):
@@ -98,15 +102,14 @@ class NetworkProblem:
         if inputs.shape[0] != targets.shape[0]:
             raise ShapeError("targets", f"({inputs.shape[0]}, ...) (one per input)",
                              tuple(targets.shape))
-        if inputs.is_floating_point():
-            inputs = inputs.to(device=self.device, dtype=self.dtype)
-            if not torch.isfinite(inputs).all():
-                raise InputError("inputs: contains NaN or inf")
-        else:
-            inputs = inputs.to(device=self.device)
-        targets = targets.to(device=self.device)
-        if targets.is_floating_point():
-            targets = targets.to(dtype=self.dtype)
+        # private copies (on the model's device, floating inputs in its dtype): trajectories and
+        # results hand x_0 out, and nothing handed out may alias the user's tensors
+        dtype = self.dtype if inputs.is_floating_point() else inputs.dtype
+        inputs = inputs.detach().to(device=self.device, dtype=dtype, copy=True)
+        if inputs.is_floating_point() and not torch.isfinite(inputs).all():
+            raise InputError("inputs: contains NaN or inf")
+        dtype = self.dtype if targets.is_floating_point() else targets.dtype
+        targets = targets.detach().to(device=self.device, dtype=dtype, copy=True)
         return inputs, targets
 
     def _pre(self, x):

@@ -147,6 +147,7 @@ def test_a_solve_modifies_nothing_the_user_passed():
     assert res.cost < prob.rollout(prob.initial_controls()).cost
     assert all(torch.equal(state[k], v) for k, v in net.state_dict().items())
     assert torch.equal(x, x0) and torch.equal(y, y0)
+    assert all(xt.data_ptr() != x.data_ptr() for xt in res.xs)      # nothing handed out aliases x
     assert all(isinstance(p, nn.Parameter) and p.grad is None for p in net.parameters())
 
 
