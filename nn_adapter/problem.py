@@ -11,7 +11,7 @@ import logging
 import math
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from occore.errors import InputError, ShapeError
 from occore.types import Policy, Trajectory

@@ -31,7 +31,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import NamedTuple, Sequence
 
-import torch
+import torch  # noqa: F401  (used by the doctests)
 from torch import Tensor, nn
 from torch.func import functional_call
 
