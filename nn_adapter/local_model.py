@@ -35,6 +35,7 @@ problem's ``memory_limit`` a :class:`~nn_adapter.errors.MemoryLimitError` names 
 """
 from __future__ import annotations
 
+import logging
 import math
 
 import torch
@@ -45,6 +46,8 @@ from occore.types import Policy
 
 from .errors import MemoryLimitError
 from .value_hessian import ValueHessian
+
+logger = logging.getLogger("nn_adapter")
 
 __all__ = ["NetworkLocalModel", "memory_estimate"]
 
@@ -298,7 +301,10 @@ class NetworkLocalModel:
             NotPositiveDefinite: Q_uu + mu I of some stage is not positive definite.
             MemoryLimitError: the estimate exceeds the problem's ``memory_limit``.
         """
-        self._check_memory(self.memory_estimate(second_order), "the network local model")
+        estimate = self.memory_estimate(second_order)
+        logger.debug("network local model: about %.1f MiB (batch %d, states %s, controls %s)",
+                     estimate / 2**20, self.B, self.n, self.m)
+        self._check_memory(estimate, "the network local model")
         with torch.no_grad():
             return self._sweep(float(mu), bool(second_order), record)
 

@@ -35,7 +35,7 @@ class NetworkProblem:
         inputs: (B, ...) the batch; copied to the model's device (floating inputs in its dtype).
         targets: (B, ...) what ``loss_fn`` compares the outputs with; copied likewise.
         weight_decay: wd >= 0 of the running cost wd/2 |u_t|^2 (torch's ``weight_decay``).
-        memory_limit: bytes the dense local model may use (None: no limit); beyond it
+        memory_limit: bytes the DDP local model may use (None: no limit); beyond its estimate
             :meth:`local_model`'s backward pass raises :class:`nn_adapter.errors.MemoryLimitError`.
         value_hessian: "batch" (exact batched DDP) or "per_sample" (DDPNOpt's block-diagonal V_xx);
             see :mod:`nn_adapter.local_model`.
@@ -86,6 +86,7 @@ class NetworkProblem:
         self.batch_size = self.inputs.shape[0]
         self.x0 = self._pre(self.inputs)
         self._check_forward()
+        logger.debug("%r", self)
 
     def __repr__(self) -> str:
         return (f"NetworkProblem(horizon={self.horizon}, batch={self.batch_size}, "
