@@ -236,7 +236,7 @@ class NetworkLocalModel:
             if separable:
                 V = ValueHessian(0.5 * (D + D.transpose(1, 2)))
             else:
-                self._check_memory((B * nT) ** 2 * z.element_size(), "a dense loss Hessian")
+                self._check_memory((B * nT) ** 2 * z.element_size(), "the loss couples the samples: dense Hessian")
                 S = jacrev(jacrev(phi))(z.reshape(-1))
                 V = ValueHessian(torch.zeros_like(D), None, 0.5 * (S + S.T))
                 if self.value_hessian == "per_sample":
@@ -304,7 +304,7 @@ class NetworkLocalModel:
         estimate = self.memory_estimate(second_order)
         logger.debug("network local model: about %.1f MiB (batch %d, states %s, controls %s)",
                      estimate / 2**20, self.B, self.n, self.m)
-        self._check_memory(estimate, "the network local model")
+        self._check_memory(estimate, "exact batched DDP")
         with torch.no_grad():
             return self._sweep(float(mu), bool(second_order), record)
 
