@@ -236,7 +236,8 @@ class NetworkLocalModel:
             if separable:
                 V = ValueHessian(0.5 * (D + D.transpose(1, 2)))
             else:
-                self._check_memory((B * nT) ** 2 * z.element_size(), "the loss couples the samples: dense Hessian")
+                self._check_memory((B * nT) ** 2 * z.element_size(),
+                                   "the loss couples the samples: dense Hessian")
                 S = jacrev(jacrev(phi))(z.reshape(-1))
                 V = ValueHessian(torch.zeros_like(D), None, 0.5 * (S + S.T))
                 if self.value_hessian == "per_sample":
