@@ -317,3 +317,33 @@ def test_terminal_hessian_is_blocks_for_a_separable_loss_and_dense_otherwise():
         lm = prob.local_model(prob.rollout(prob.initial_controls()))
         _, V = lm._terminal_derivatives()
         assert (V.S is not None) == dense
+
+
+@pytest.mark.parametrize("make", [mlp, cnn, resnet])
+def test_last_stage_q_terms_are_the_second_derivatives_of_J(make):
+    """At t = T-1, Q(x, u) = l(u) + Phi(f(x, u)) exactly: its torch.func Hessian (second order)
+    or J_f^T Hess(Phi) J_f + wd I (Gauss-Newton)."""
+    net, loss, x, y = make()
+    prob = NetworkProblem(net, loss, x, y, weight_decay=0.05)
+    traj = prob.rollout(prob.initial_controls())
+    dense = Dense(prob, traj)
+    T = prob.horizon
+    X, u = traj.xs[T - 1].reshape(-1), dense.flat_u(T - 1)
+    f = dense.F(T - 1)
+
+    def Q(X1, u1):
+        return dense.phi(f(X1, u1)) + 0.025 * (u1 * u1).sum()
+    (hxx, hxu), (hux, huu) = hessian(Q, argnums=(0, 1))(X, u)
+    Fx, Fu = jacrev(f, argnums=(0, 1))(X, u)
+    HT = hessian(dense.phi)(f(X, u))
+    eye = torch.eye(u.numel(), dtype=u.dtype)
+    for second_order, ref in ((True, (huu, hux, hxx)), (False, (Fu.T @ HT @ Fu + 0.05 * eye, Fu.T @ HT @ Fx,
+                                                               Fx.T @ HT @ Fx))):
+        lm = prob.local_model(traj, second_order)
+        lm.backward(10.0, second_order, record=True)
+        r = lm.record[T - 1]
+        for got, want in zip((r["Quu"], r["Qux"], r["Qxx"]), ref):
+            torch.testing.assert_close(got, want, **TOL)
+        gx, gu = torch.func.grad(Q, argnums=(0, 1))(X, u)
+        torch.testing.assert_close(r["Qx"].reshape(-1), gx, **TOL)
+        torch.testing.assert_close(r["Qu"], gu, **TOL)
