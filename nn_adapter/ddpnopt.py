@@ -27,7 +27,8 @@ from occore.errors import InputError
 
 from .curvature.optimizer import CurvatureOptimizer
 from .curvature.records import Recorder
-from .feedback import StageView, feedback_grads, quad_form, second_order_grads, tikhonov_grads
+from .feedback import (CompactStage, StageView, feedback_grads, quad_form, second_order_grads,
+                       tikhonov_grads)
 
 __all__ = ["DDPNOpt"]
 
@@ -128,10 +129,11 @@ class DDPNOpt(CurvatureOptimizer):
 
     def _make_recorder(self) -> Recorder:
         inputs = self._recorded_modules()
-        grads = super()._recorded_modules() + [v.module for v in self._views[1:]]
+        heads = [v.module for v in self._views[1:]]
+        grads = super()._recorded_modules() + heads
         if self.second_order:
             grads += self._last_modules[1:]
-        return Recorder(inputs, list({id(m): m for m in grads}.values()))
+        return Recorder(inputs, list({id(m): m for m in grads}.values()), heads)
 
     def _check_records(self, rec: Recorder) -> None:
         rec.check_complete([v.module for v in self._views], need_grads=False)
@@ -150,18 +152,24 @@ class DDPNOpt(CurvatureOptimizer):
             return super()._update(rec)
         all_factors = self._update_curvature(rec)
         views = self._views
-        weights = self._value_weights(rec, all_factors)
+        compact: dict[int, CompactStage] = {}
+        weights = self._backward_sweep(rec, all_factors, compact)
         xhat = rec.inputs[views[0].module]
         for t, view in enumerate(views):
-            x = rec.inputs.pop(view.module)
+            x = rec.inputs.pop(view.module, None)
             g = rec.out_grads.pop(view.module, None)
             v_next = rec.out_grads.pop(self._last_modules[t], g) if self.second_order else None
             factors = self._factors(view, all_factors)
             delta = None
-            if t > 0 and factors is not None:
+            if t in compact:
+                delta = compact.pop(t).feedback(xhat, weights[t + 1])
+            elif t > 0 and factors is not None:
                 v_next = v_next * x.shape[0] if v_next is not None else None
-                g.mul_(_bcast(weights[t + 1], g))    # the recorded tensor is ours
-                delta = self._stage_feedback(t, view, x, xhat, g, v_next)
+                g.mul_(_bcast(weights[t + 1], g))    # the recorded tensors are ours
+                q_x = rec.in_grads.pop(view.module, None)
+                if q_x is not None:
+                    q_x.mul_(_bcast(weights[t + 1], q_x))
+                delta = self._stage_feedback(t, view, x, xhat, g, q_x, v_next)
             del g, v_next
             if factors is not None:
                 i = 0
@@ -176,35 +184,49 @@ class DDPNOpt(CurvatureOptimizer):
                 for m in (view.module, *view.followers):
                     xhat = m(xhat)
 
-    def _value_weights(self, rec, all_factors):
+    def _compactable(self, view: StageView, rec: Recorder) -> bool:
+        return (view.structured and view.blocks[0].kind == "conv2d" and self.eps_vxx == 0
+                and not self.second_order and view.module in rec.in_grads)
+
+    def _backward_sweep(self, rec, all_factors, compact) -> list:
         """Per-sample weights w_t = B S_t of the recorded gradients, S_t = s_t ... s_{T-1}.
 
         z_t = w_t dL/dx_t with s^2 = max(0, 1 - q_u^T P q_u) (S_T = 1; a plain number while all
-        factors are one). Only t >= 2 matter (stage 0 has no feedback).
+        factors are one). Only t >= 2 matter (stage 0 has no feedback). Convolution stages are
+        turned into :class:`CompactStage` on the way (their inputs and cotangents released).
         """
         views = self._views
         T, n = len(views), rec.inputs[views[0].module].shape[0]
         weights: list = [float(n)] * (T + 1)
-        for t in range(T - 1, 1, -1):
-            if not self.vxx_update:
-                break
-            factors = self._factors(views[t], all_factors)
+        for t in range(T - 1, 0, -1):
+            view = views[t]
+            factors = self._factors(view, all_factors)
+            weights[t] = weights[t + 1]
             if factors is None:
-                weights[t] = weights[t + 1]
                 continue
-            x, g = rec.inputs[views[t].module], rec.out_grads[views[t].module]
-            rho = quad_form(views[t], factors, x, g * _bcast(weights[t + 1], g))
-            weights[t] = (1.0 - rho).clamp_(min=0.0).sqrt_().mul_(weights[t + 1])
+            need_rho = t >= 2 and self.vxx_update
+            if self._compactable(view, rec):
+                cs = compact[t] = CompactStage.build(
+                    view.blocks[0], rec.inputs.pop(view.module), rec.out_grads.pop(view.module),
+                    rec.in_grads.pop(view.module))
+                if need_rho:
+                    w = weights[t + 1]
+                    rho = cs.quad_form(factors[0]) * (w * w if isinstance(w, float) else w.square())
+            elif need_rho:
+                x, g = rec.inputs[view.module], rec.out_grads[view.module]
+                rho = quad_form(view, factors, x, g * _bcast(weights[t + 1], g))
+            if need_rho:
+                weights[t] = (1.0 - rho).clamp_(min=0.0).sqrt_().mul_(weights[t + 1])
         return weights
 
-    def _stage_feedback(self, t, view, x, xhat, g, v_next) -> list:
+    def _stage_feedback(self, t, view, x, xhat, g, q_x, v_next) -> list:
         """(1/B) sum_i Q_ux^(i) dx^(i) of stage t (not yet preconditioned); overwrites g."""
         extra = []
         if self.eps_vxx > 0 and t < len(self._views) - 1:
             extra.append(tikhonov_grads(view, x, xhat - x, self.eps_vxx))
         if self.second_order:
             extra.append(second_order_grads(view, x, xhat - x, v_next))
-        total = feedback_grads(view, x, xhat, g, overwrite=True)
+        total = feedback_grads(view, x, xhat, g, q_x, overwrite=True)
         for more in extra:
             total = [a + b for a, b in zip(total, more)]
         return total

@@ -31,11 +31,11 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call, jvp, vjp, vmap
 
-from .curvature.base import Block, apply_p, as_matrix
+from .curvature.base import Block, apply_p, as_matrix, from_matrix
 from .curvature.kron import patches, per_sample_grads
 
 __all__ = ["StageView", "quad_form", "precondition", "feedback_grads", "tikhonov_grads",
-           "second_order_grads"]
+           "second_order_grads", "CompactStage"]
 
 
 @dataclass(eq=False)
@@ -177,7 +177,7 @@ def precondition(view: StageView, factors: list, grads: list) -> list[torch.Tens
 
 # -- the feedback sums ---------------------------------------------------------------------------
 def feedback_grads(view: StageView, x: torch.Tensor, xhat: torch.Tensor, g: torch.Tensor,
-                   overwrite: bool = False) -> list[torch.Tensor]:
+                   q_x: torch.Tensor = None, overwrite: bool = False) -> list[torch.Tensor]:
     """(1/B) sum_i q_u^(i) (q_x^(i) . dx^(i)), the factorised Q_ux dx averaged over the batch.
 
     Args:
@@ -185,6 +185,9 @@ def feedback_grads(view: StageView, x: torch.Tensor, xhat: torch.Tensor, g: torc
         x: nominal module inputs x_t, (B, ...).
         xhat: states of the additional forward pass, (B, ...); dx = xhat - x.
         g: per-sample cotangents at the module output, h-space image of z_{t+1}, (B, ...).
+        q_x: optional ``h_x^T g`` (B, ...), the same cotangents pulled back to the module input
+            (backpropagation already computed them); without it a Jacobian-vector product
+            ``h_x dx`` is evaluated instead.
         overwrite: allow ``g`` to be overwritten (saves one activation-sized buffer).
 
     Returns:
@@ -192,21 +195,76 @@ def feedback_grads(view: StageView, x: torch.Tensor, xhat: torch.Tensor, g: torc
     """
     n = x.shape[0]
     params = [p.detach() for p in view.params]
-    dx = xhat - x
-    if view.structured:
-        block = view.blocks[0]
-        dh = _linear_part(block, block.weight, dx)
+    if q_x is not None:   # c_i = q_x^(i) . (xhat_i - x_i), no temporary dx
+        qv = q_x.reshape(n, 1, -1)
+        c = (torch.bmm(qv, xhat.reshape(n, -1, 1)) - torch.bmm(qv, x.reshape(n, -1, 1)))
+        c = c.reshape(n)
     else:
-        _, dh = jvp(lambda xx: view.module_fn(params, xx), (x,), (dx,))
-    del dx
-    c = torch.bmm(g.reshape(n, 1, -1), dh.reshape(n, -1, 1)).reshape(n)
-    del dh
+        dx = xhat - x
+        if view.structured:
+            block = view.blocks[0]
+            dh = _linear_part(block, block.weight, dx)
+        else:
+            _, dh = jvp(lambda xx: view.module_fn(params, xx), (x,), (dx,))
+        del dx
+        c = torch.bmm(g.reshape(n, 1, -1), dh.reshape(n, -1, 1)).reshape(n)
+        del dh
     c = (c / n).reshape((n,) + (1,) * (g.dim() - 1))
     cot = g.mul_(c) if overwrite else g * c
     if view.structured:
         return _weight_grads(view.blocks[0], x, cot)
     _, pull = vjp(lambda ps: view.module_fn(ps, x), params)
     return list(pull(cot)[0])
+
+
+@dataclass(eq=False)
+class CompactStage:
+    """A Conv2d stage kept as per-sample gradients instead of its inputs and cotangents.
+
+    For a convolution the per-sample gradients (B, out, C k k [+1]) are several times smaller
+    than the layer's input and output activations, and q_u^T P q_u needs them anyway; keeping
+    them (plus q_x and q_x . x) lets the step drop x and g right after the backward sweep.
+
+    Attributes:
+        block: the Conv2d block.
+        grads: per-sample gradients of the recorded cotangents g, (B, out, in[+1]).
+        q_x: h_x^T g, the recorded gradients at the module input, (B, C, H, W).
+        qx_dot_x: per-sample q_x . x, (B,).
+    """
+
+    block: Block
+    grads: torch.Tensor
+    q_x: torch.Tensor
+    qx_dot_x: torch.Tensor
+
+    @classmethod
+    def build(cls, block: Block, x: torch.Tensor, g: torch.Tensor, q_x: torch.Tensor):
+        grads = torch.cat([gr for _, gr in per_sample_grads(block, x, g)])
+        n = x.shape[0]
+        dot = torch.bmm(q_x.reshape(n, 1, -1), x.reshape(n, -1, 1)).reshape(n)
+        return cls(block, grads, q_x, dot)
+
+    def quad_form(self, factors) -> torch.Tensor:
+        """q_u^T P q_u per sample for the recorded cotangents (scale by w^2 for w g)."""
+        q_g, q_a, d = factors
+        if isinstance(d, list):
+            d = as_matrix(self.block, [s.expand_as(p) for s, p in zip(d, self.block.params)])
+        rho = self.grads.new_empty(self.grads.shape[0])
+        step = 16
+        for i in range(0, len(rho), step):
+            gr = self.grads[i:i + step]
+            gr = q_g.mT @ gr if q_g is not None else gr
+            gr = gr @ q_a if q_a is not None else gr
+            rho[i:i + step] = (gr.square() * d).sum((1, 2))
+        return rho
+
+    def feedback(self, xhat: torch.Tensor, w) -> list[torch.Tensor]:
+        """(1/B) sum_i c_i q_u^(i), c_i = q_x^(i) . dx^(i), for cotangents w_i g_i."""
+        n = xhat.shape[0]
+        c = torch.bmm(self.q_x.reshape(n, 1, -1), xhat.reshape(n, -1, 1)).reshape(n)
+        c = (c - self.qx_dot_x) * (w * w / n if isinstance(w, float) else w.square() / n)
+        mat = torch.einsum("i,iab->ab", c, self.grads)
+        return from_matrix(self.block, mat)
 
 
 def tikhonov_grads(view: StageView, x: torch.Tensor, dx: torch.Tensor, eps: float

@@ -18,11 +18,13 @@ __all__ = ["Recorder"]
 
 
 class Recorder:
-    """Context manager recording ``inputs[m]`` and ``out_grads[m]`` for chosen modules.
+    """Context manager recording ``inputs[m]``, ``out_grads[m]``, ``in_grads[m]`` of modules.
 
     Args:
         input_of: modules whose first positional input is recorded (detached).
         grad_of: modules whose output gradient is recorded (when the output requires grad).
+        in_grad_of: modules whose gradient with respect to their first input is recorded
+            (when that input requires grad).
 
     Example:
         >>> lin = nn.Linear(3, 2)
@@ -32,31 +34,40 @@ class Recorder:
         (torch.Size([4, 3]), torch.Size([4, 2]))
     """
 
-    def __init__(self, input_of: Iterable[nn.Module] = (), grad_of: Iterable[nn.Module] = ()):
-        input_of, grad_of = list(input_of), list(grad_of)
+    def __init__(self, input_of: Iterable[nn.Module] = (), grad_of: Iterable[nn.Module] = (),
+                 in_grad_of: Iterable[nn.Module] = ()):
+        input_of, grad_of, in_grad_of = list(input_of), list(grad_of), list(in_grad_of)
         want_input = {id(m) for m in input_of}
         want_grad = {id(m) for m in grad_of}
+        want_in_grad = {id(m) for m in in_grad_of}
         self._grad_of = grad_of
-        self._modules = list({id(m): m for m in input_of + grad_of}.values())
+        self._modules = list({id(m): m for m in input_of + grad_of + in_grad_of}.values())
         self.inputs: dict[nn.Module, torch.Tensor] = {}
         self.out_grads: dict[nn.Module, torch.Tensor] = {}
+        self.in_grads: dict[nn.Module, torch.Tensor] = {}
         self.calls: dict[nn.Module, int] = {}
-        self._hooks = [self._make_hook(m, id(m) in want_input, id(m) in want_grad)
-                       for m in self._modules]
+        self._hooks = [self._make_hook(m, id(m) in want_input, id(m) in want_grad,
+                                       id(m) in want_in_grad) for m in self._modules]
         self._handles: list = []
 
     def __enter__(self) -> "Recorder":
         self.inputs.clear()
         self.out_grads.clear()
+        self.in_grads.clear()
+        self.in_grads.clear()
         self.calls.clear()
         self._handles = [m.register_forward_hook(h) for m, h in zip(self._modules, self._hooks)]
         return self
 
-    def _make_hook(self, module: nn.Module, keep_input: bool, keep_grad: bool):
-        calls, inputs, out_grads = self.calls, self.inputs, self.out_grads
+    def _make_hook(self, module: nn.Module, keep_input: bool, keep_grad: bool,
+                   keep_in_grad: bool):
+        calls, inputs, out_grads, in_grads = self.calls, self.inputs, self.out_grads, self.in_grads
 
         def save(grad):
             out_grads[module] = grad.detach()
+
+        def save_in(grad):
+            in_grads[module] = grad.detach()
 
         def hook(mod, args, output):
             if not torch.is_grad_enabled():
@@ -66,6 +77,9 @@ class Recorder:
                 inputs[mod] = args[0].detach()
             if keep_grad and isinstance(output, torch.Tensor) and output.requires_grad:
                 output.register_hook(save)
+            if keep_in_grad and args and isinstance(args[0], torch.Tensor) \
+                    and args[0].requires_grad:
+                args[0].register_hook(save_in)
         return hook
 
     def __exit__(self, *exc) -> None:
@@ -77,6 +91,7 @@ class Recorder:
         """Drop the recorded tensors (call when the step is done with them)."""
         self.inputs.clear()
         self.out_grads.clear()
+        self.in_grads.clear()
 
     def check_complete(self, modules: Iterable[nn.Module], need_grads: bool = True) -> None:
         """Raise ``InputError`` unless each module ran exactly once and, if asked, got a gradient."""
