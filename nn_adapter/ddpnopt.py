@@ -27,8 +27,8 @@ from occore.errors import InputError
 
 from .curvature.optimizer import CurvatureOptimizer
 from .curvature.records import Recorder
-from .feedback import (CompactStage, StageView, feedback_grads, quad_form, second_order_grads,
-                       tikhonov_grads)
+from .feedback import (CompactStage, StageView, feedback_grads, quad_form, run_module,
+                       second_order_grads, tikhonov_grads)
 
 __all__ = ["DDPNOpt"]
 
@@ -182,7 +182,7 @@ class DDPNOpt(CurvatureOptimizer):
             del x, delta, factors
             if t < len(views) - 1:
                 for m in (view.module, *view.followers):
-                    xhat = m(xhat)
+                    xhat = run_module(m, xhat)
 
     def _compactable(self, view: StageView, rec: Recorder) -> bool:
         return (view.structured and view.blocks[0].kind == "conv2d" and self.eps_vxx == 0
