@@ -133,33 +133,37 @@ class DDPNOpt(CurvatureOptimizer):
         grads = super()._recorded_modules() + heads
         if self.second_order:
             grads += self._last_modules[1:]
-        return Recorder(inputs, list({id(m): m for m in grads}.values()), heads)
+        # q_x = h_x^T g is recorded where it saves a Jacobian-vector product (not for Linear)
+        in_grads = [v.module for v in self._views[1:]
+                    if not (v.structured and v.blocks[0].kind == "linear")]
+        return Recorder(inputs, list({id(m): m for m in grads}.values()), in_grads)
 
     def _check_records(self, rec: Recorder) -> None:
         rec.check_complete([v.module for v in self._views], need_grads=False)
         rec.check_complete(super()._recorded_modules() + [v.module for v in self._views[1:]])
 
     # -- the update ------------------------------------------------------------------------------
-    @staticmethod
-    def _factors(view, factors: dict):
-        """The stage's factors (one per block), or None when a block got no gradient."""
-        if not all(b in factors for b in view.blocks):
+    def _factors(self, view, updated: set):
+        """The stage's factors P (one per block, computed now), or None when a block got no
+        gradient. Computed per stage so that P is never held for the whole network at once."""
+        if not all(b in updated for b in view.blocks):
             return None
-        return [factors[b] for b in view.blocks]
+        return self._factors_of(view.blocks)
 
     def _update(self, rec: Recorder) -> None:
         if not self.feedback:
             return super()._update(rec)
-        all_factors = self._update_curvature(rec)
+        updated = self._update_curvature(rec, factors=False)
         views = self._views
         compact: dict[int, CompactStage] = {}
-        weights = self._backward_sweep(rec, all_factors, compact)
+        cached: dict[int, list] = {}
+        weights = self._backward_sweep(rec, updated, compact, cached)
         xhat = rec.inputs[views[0].module]
         for t, view in enumerate(views):
             x = rec.inputs.pop(view.module, None)
             g = rec.out_grads.pop(view.module, None)
             v_next = rec.out_grads.pop(self._last_modules[t], g) if self.second_order else None
-            factors = self._factors(view, all_factors)
+            factors = cached.pop(t) if t in cached else self._factors(view, updated)
             delta = None
             if t in compact:
                 delta = compact.pop(t).feedback(xhat, weights[t + 1])
@@ -188,23 +192,25 @@ class DDPNOpt(CurvatureOptimizer):
         return (view.structured and view.blocks[0].kind == "conv2d" and self.eps_vxx == 0
                 and not self.second_order and view.module in rec.in_grads)
 
-    def _backward_sweep(self, rec, all_factors, compact) -> list:
+    def _backward_sweep(self, rec, updated, compact, cached) -> list:
         """Per-sample weights w_t = B S_t of the recorded gradients, S_t = s_t ... s_{T-1}.
 
         z_t = w_t dL/dx_t with s^2 = max(0, 1 - q_u^T P q_u) (S_T = 1; a plain number while all
         factors are one). Only t >= 2 matter (stage 0 has no feedback). Convolution stages are
-        turned into :class:`CompactStage` on the way (their inputs and cotangents released).
+        turned into :class:`CompactStage` on the way (their inputs and cotangents released), and
+        the factors P computed here are kept in ``cached`` for the forward pass.
         """
         views = self._views
         T, n = len(views), rec.inputs[views[0].module].shape[0]
         weights: list = [float(n)] * (T + 1)
         for t in range(T - 1, 0, -1):
             view = views[t]
-            factors = self._factors(view, all_factors)
             weights[t] = weights[t + 1]
-            if factors is None:
+            if not all(b in updated for b in view.blocks):
                 continue
             need_rho = t >= 2 and self.vxx_update
+            if need_rho:
+                factors = cached[t] = self._factors(view, updated)
             if self._compactable(view, rec):
                 cs = compact[t] = CompactStage.build(
                     view.blocks[0], rec.inputs.pop(view.module), rec.out_grads.pop(view.module),

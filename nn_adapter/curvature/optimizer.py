@@ -137,14 +137,25 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in block.params]
         return grads, [self.state[p] for p in block.params]
 
-    def _update_curvature(self, rec: Recorder) -> dict:
-        """Update the curvature of every block that has gradients; return their factors P."""
+    def _update_curvature(self, rec: Recorder, factors: bool = True):
+        """Update the curvature of every block that has gradients.
+
+        Returns:
+            ``{block: factors P}`` for those blocks, or (``factors=False``) the set of them.
+        """
         group = self.param_groups[0]
         blocks = [b for b in self._blocks if b.weight.grad is not None]
         pairs = [self._grads_states(b) for b in blocks]
         grads, states = [g for g, _ in pairs], [s for _, s in pairs]
         self.curvature.update_all(blocks, grads, group, states, rec)
+        if not factors:
+            return set(blocks)
         return dict(zip(blocks, self.curvature.factors_all(blocks, group, states)))
+
+    def _factors_of(self, blocks: list) -> list:
+        """Factors P of up-to-date blocks (computed now, batched)."""
+        return self.curvature.factors_all(
+            blocks, self.param_groups[0], [[self.state[p] for p in b.params] for b in blocks])
 
     def _direction(self, block: Block, factors, extra=None) -> list:
         """k (or k - P extra) of a block whose curvature is up to date."""
