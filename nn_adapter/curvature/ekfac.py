@@ -13,6 +13,10 @@ restarts from the current batch, since the old s belongs to the old basis). The 
 be the batch mean of per-sample losses (torch's default reduction), so a per-sample gradient is B
 times the recorded one. Parameters of other modules get a diagonal curvature: P = lr / (v + damping)
 with v the running average of the squared batch gradient.
+
+Where a factor is singular (fewer samples than inputs, or the cross-entropy gradient's null
+direction), its eigenbasis is not unique inside the null space and neither is EKFAC's step once
+the batch changes; every implementation shares this.
 """
 from __future__ import annotations
 
