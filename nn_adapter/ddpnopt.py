@@ -169,10 +169,10 @@ class DDPNOpt(CurvatureOptimizer):
                 delta = compact.pop(t).feedback(xhat, weights[t + 1])
             elif t > 0 and factors is not None:
                 v_next = v_next * x.shape[0] if v_next is not None else None
-                g.mul_(_bcast(weights[t + 1], g))    # the recorded tensors are ours
+                g = g * _bcast(weights[t + 1], g)   # out of place: a user may hold these grads
                 q_x = rec.in_grads.pop(view.module, None)
                 if q_x is not None:
-                    q_x.mul_(_bcast(weights[t + 1], q_x))
+                    q_x = q_x * _bcast(weights[t + 1], q_x)
                 delta = self._stage_feedback(t, view, x, xhat, g, q_x, v_next)
             del g, v_next
             if factors is not None:

@@ -24,9 +24,15 @@ def _cnn():
                          nn.ReLU(), nn.Flatten(), nn.Linear(8, 3)).double()
 
 
+def _generic():
+    """Heads without a structured path (LayerNorm, Conv1d): the torch.func route."""
+    return nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.LayerNorm(6), nn.Unflatten(1, (2, 3)),
+                         nn.Conv1d(2, 2, 2), nn.Tanh(), nn.Flatten(), nn.Linear(4, 3)).double()
+
+
 def _batch(make, seed):
     g = torch.Generator().manual_seed(seed)
-    shape = (4,) if make is _mlp else (1, 5, 5)
+    shape = (1, 5, 5) if make is _cnn else (4,)
     return (torch.randn(B, *shape, generator=g, dtype=torch.float64),
             torch.randint(0, 3, (B,), generator=g))
 
@@ -45,7 +51,8 @@ def _stage_controls(net):
             for s in split_stages(net).stages]
 
 
-def _compare(make, curvature, lr, terminal="gauss-newton", warmup=2, **hp):
+def _compare(make, curvature, lr, terminal="gauss-newton", warmup=2, vxx_update=True, **hp):
+    hp = dict(hp, vxx_update=vxx_update)
     torch.manual_seed(3)
     net = make()
     opt = DDPNOpt(net, lr=lr, curvature=curvature, **hp)
@@ -54,7 +61,8 @@ def _compare(make, curvature, lr, terminal="gauss-newton", warmup=2, **hp):
     x, y = _batch(make, 7)
     u_nominal = _stage_controls(net)
     twin = copy.deepcopy(net)
-    twin_opt = DDPNOpt(twin, lr=lr, curvature=curvature, feedback=False, **hp)
+    twin_opt = DDPNOpt(twin, lr=lr, curvature=curvature, feedback=False,
+                       **{k: v for k, v in hp.items() if k != "vxx_update"})
     twin_opt.load_state_dict(copy.deepcopy(opt.state_dict()))
     twin_opt.step(_closure(twin, twin_opt, x, y))
     u_base = _stage_controls(twin)
@@ -69,9 +77,8 @@ def _compare(make, curvature, lr, terminal="gauss-newton", warmup=2, **hp):
     def phi(out, i):
         return nn.functional.cross_entropy(out[None], y[i:i + 1])
 
-    with torch.no_grad():
-        pass
-    u_dense = dense_step(stages, pre, u_nominal, u_base, P, x, phi, terminal=terminal)
+    u_dense = dense_step(stages, pre, u_nominal, u_base, P, x, phi, terminal=terminal,
+                         vxx_update=vxx_update)
     fb = max((a - b).abs().max().item() for a, b in zip(u_fact, u_base))
     diff = max((a - b).abs().max().item() for a, b in zip(u_fact, u_dense))
     fb_dense = torch.cat([a - b for a, b in zip(u_dense, u_base)])
@@ -80,12 +87,38 @@ def _compare(make, curvature, lr, terminal="gauss-newton", warmup=2, **hp):
     return fb, diff, rel
 
 
-@pytest.mark.parametrize("make", [_mlp, _cnn], ids=["mlp", "cnn"])
-@pytest.mark.parametrize("curvature,lr", [("identity", 0.3), ("adam", 0.02), ("ekfac", 0.05)])
+@pytest.mark.parametrize("make", [_mlp, _cnn, _generic], ids=["mlp", "cnn", "generic"])
+@pytest.mark.parametrize("curvature,lr", [("identity", 0.3), ("adam", 0.02), ("ekfac", 0.05),
+                                          ("rmsprop", 0.01)])
 def test_factorised_equals_dense_gauss_newton(make, curvature, lr):
     fb, diff, _ = _compare(make, curvature, lr)
     assert fb > 1e-6            # the feedback did change the step
     assert diff <= 1e-10
+
+
+@pytest.mark.parametrize("make", [_mlp, _cnn], ids=["mlp", "cnn"])
+def test_without_vxx_update_equals_dense_with_vxx_equal_qxx(make):
+    fb, diff, _ = _compare(make, "adam", 0.05, vxx_update=False)
+    assert fb > 1e-6 and diff <= 1e-10
+
+
+def test_value_scale_is_active_in_these_tests():
+    """The s factors (clamped or not) matter here: with and without the V_xx update differ."""
+    a = _compare(_mlp, "adam", 0.05)
+    b = _compare(_mlp, "adam", 0.05, vxx_update=False)
+    assert a[1] <= 1e-10 and b[1] <= 1e-10
+    assert abs(a[0] - b[0]) > 1e-8
+
+
+def test_run_module_max_pool_fast_path_is_exact():
+    from nn_adapter.feedback import run_module
+    x = torch.randn(2, 3, 11, 13, dtype=torch.float64)
+    x[0, 0, 0, 0] = float("nan")
+    for k, s in [(2, None), (3, 3), ((2, 3), (2, 3)), (2, 1)]:
+        m = nn.MaxPool2d(k, s)
+        a, b = m(x), run_module(m, x)
+        assert a.shape == b.shape
+        assert torch.equal(torch.nan_to_num(a, 7.0), torch.nan_to_num(b, 7.0))
 
 
 @pytest.mark.parametrize("make", [_mlp, _cnn], ids=["mlp", "cnn"])

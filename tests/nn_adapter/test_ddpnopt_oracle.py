@@ -42,7 +42,7 @@ def stage_fn(stage, names, flat_u, shapes, x):
 
 
 def dense_step(stages, pre, u_nominal, u_base, P, inputs, per_sample_loss, terminal="gauss-newton",
-               eps_vxx=0.0):
+               eps_vxx=0.0, vxx_update=True):
     """Parameters after one DDPNOpt step computed densely, per sample.
 
     Args:
@@ -80,7 +80,7 @@ def dense_step(stages, pre, u_nominal, u_base, P, inputs, per_sample_loss, termi
             fu = jacrev(f, 1)(xs[t], u_nominal[t])
             qxx, qux = fx.T @ vxx @ fx, fu.T @ vxx @ fx
             gains[t][i] = -P[t] @ qux
-            vxx = qxx - qux.T @ P[t] @ qux
+            vxx = qxx - qux.T @ P[t] @ qux if vxx_update else qxx
             vxx = 0.5 * (vxx + vxx.T)
             evals, evecs = torch.linalg.eigh(vxx)
             vxx = (evecs * evals.clamp(min=0.0)) @ evecs.T
