@@ -1,0 +1,228 @@
+"""DDPNOpt as a torch optimizer: state_dict, LR schedulers, dtype, options, bad input."""
+import copy
+import math
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+from nn_adapter import DDPNOpt
+from nn_adapter.errors import UnsupportedModuleError
+from occore.errors import InputError
+
+
+def _net(dtype=torch.float64):
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(1, 3, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(),
+                         nn.Linear(18, 5), nn.Tanh(), nn.Linear(5, 3)).to(dtype)
+
+
+def _data(n, seed=0, dtype=torch.float64):
+    g = torch.Generator().manual_seed(seed)
+    return [(torch.randn(8, 1, 4, 6, generator=g, dtype=dtype),
+             torch.randint(0, 3, (8,), generator=g)) for _ in range(n)]
+
+
+def _step(net, opt, x, y):
+    def closure():
+        opt.zero_grad()
+        loss = nn.functional.cross_entropy(net(x), y)
+        loss.backward()
+        return loss
+    return opt.step(closure)
+
+
+def _flat(net):
+    return torch.cat([p.detach().flatten() for p in net.parameters()])
+
+
+@pytest.mark.parametrize("curvature,hp", [("adam", {}), ("ekfac", dict(eigen_update_freq=2)),
+                                          ("identity", dict(momentum=0.9)),
+                                          ("rmsprop", dict(centered=True))])
+def test_state_dict_round_trip_resumes_identically(curvature, hp):
+    data = _data(6)
+    net = _net()
+    opt = DDPNOpt(net, lr=0.01, curvature=curvature, **hp)
+    for x, y in data[:3]:
+        _step(net, opt, x, y)
+    saved_opt = copy.deepcopy(opt.state_dict())
+    saved_net = copy.deepcopy(net.state_dict())
+    for x, y in data[3:]:
+        _step(net, opt, x, y)
+    net2 = _net()
+    net2.load_state_dict(saved_net)
+    opt2 = DDPNOpt(net2, lr=0.01, curvature=curvature, **hp)
+    opt2.load_state_dict(saved_opt)
+    for x, y in data[3:]:
+        _step(net2, opt2, x, y)
+    assert torch.equal(_flat(net), _flat(net2))
+
+
+def test_lr_scheduler_works_through_param_groups():
+    data = _data(5)
+    ref_net, net = _net(), _net()
+    ref = torch.optim.SGD(ref_net.parameters(), lr=0.1, momentum=0.5)
+    opt = DDPNOpt(net, lr=0.1, curvature="identity", momentum=0.5, feedback=False)
+    scheds = [torch.optim.lr_scheduler.StepLR(o, step_size=2, gamma=0.3) for o in (ref, opt)]
+    for x, y in data:
+        _step(ref_net, ref, x, y)
+        _step(net, opt, x, y)
+        for s in scheds:
+            s.step()
+    assert math.isclose(opt.param_groups[0]["lr"], 0.1 * 0.3 ** 2)
+    assert (_flat(net) - _flat(ref_net)).abs().max() <= 1e-12
+
+
+def test_float32_model_and_state_follow_the_model():
+    net = _net(torch.float32)
+    opt = DDPNOpt(net, lr=0.01, curvature="ekfac")
+    for x, y in _data(2, dtype=torch.float32):
+        loss = _step(net, opt, x, y)
+    assert loss.dtype == torch.float32
+    assert all(p.dtype == torch.float32 for p in net.parameters())
+    st = opt.state[net[0].weight]
+    assert st["QA"].dtype == torch.float32 and st["scale"].dtype == torch.float32
+
+
+@pytest.mark.parametrize("options", [dict(eps_vxx=0.1), dict(second_order=True),
+                                     dict(eps_vxx=0.1, second_order=True)])
+def test_options_change_the_step_and_stay_finite(options):
+    data = _data(3)
+    base, net = _net(), _net()
+    opt_b = DDPNOpt(base, lr=0.05, curvature="adam")
+    opt = DDPNOpt(net, lr=0.05, curvature="adam", **options)
+    for x, y in data:
+        _step(base, opt_b, x, y)
+        _step(net, opt, x, y)
+    assert torch.isfinite(_flat(net)).all()
+    assert (_flat(net) - _flat(base)).abs().max() > 1e-8
+
+
+def test_user_inputs_are_not_modified():
+    net = _net()
+    opt = DDPNOpt(net, lr=0.05, curvature="adam")
+    x, y = _data(1)[0]
+    x0, y0 = x.clone(), y.clone()
+    retained = {}
+
+    def closure():
+        opt.zero_grad()
+        out = net(x)
+        out.retain_grad()
+        retained["out"] = out
+        loss = nn.functional.cross_entropy(out, y)
+        loss.backward()
+        retained["grad"] = out.grad.clone()
+        return loss
+    opt.step(closure)
+    assert torch.equal(x, x0) and torch.equal(y, y0)
+    assert torch.equal(retained["out"].grad, retained["grad"])
+
+
+# -- bad input ------------------------------------------------------------------------------------
+def test_step_without_closure_is_a_clear_error():
+    opt = DDPNOpt(_net(), lr=0.01)
+    with pytest.raises(InputError, match="closure"):
+        opt.step()
+    with pytest.raises(InputError, match="closure"):
+        opt.step(lambda: None)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_non_finite_loss_refuses_the_step(bad):
+    net = _net()
+    opt = DDPNOpt(net, lr=0.01, curvature="adam")
+    x, y = _data(1)[0]
+    _step(net, opt, x, y)
+    before_params = _flat(net).clone()
+    before_state = copy.deepcopy(opt.state_dict())
+
+    def closure():
+        opt.zero_grad()
+        loss = nn.functional.cross_entropy(net(x), y) * bad
+        loss.backward()
+        return loss
+    with pytest.warns(RuntimeWarning, match="not finite"):
+        loss = opt.step(closure)
+    assert not math.isfinite(float(loss.detach()))
+    assert torch.equal(_flat(net), before_params)
+    after = opt.state_dict()
+    for k, st in before_state["state"].items():
+        for name, v in st.items():
+            assert torch.equal(torch.as_tensor(v), torch.as_tensor(after["state"][k][name]))
+
+
+def test_non_finite_gradient_refuses_the_step():
+    net = _net()
+    opt = DDPNOpt(net, lr=0.01)
+    x, y = _data(1)[0]
+    before = _flat(net).clone()
+
+    def closure():
+        opt.zero_grad()
+        loss = nn.functional.cross_entropy(net(x), y)
+        loss.backward()
+        net[4].bias.grad[0] = float("inf")
+        return loss
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        opt.step(closure)
+    assert any("gradient is not finite" in str(w.message) for w in caught)
+    assert torch.equal(_flat(net), before)
+    assert len(opt.state) == 0
+
+
+@pytest.mark.parametrize("kwargs,name", [
+    (dict(lr=-1.0), "lr"),
+    (dict(curvature="newton"), "curvature"),
+    (dict(feedback="yes"), "feedback"),
+    (dict(eps_vxx=-1.0), "eps_vxx"),
+    (dict(second_order=1), "second_order"),
+    (dict(vxx_update="no"), "vxx_update"),
+    (dict(curvature="adam", betas=(1.0, 0.9)), "betas"),
+    (dict(curvature="adam", eps=0.0), "eps"),
+    (dict(curvature="adam", beta1=0.9), "beta1"),
+    (dict(curvature="identity", momentum=-0.1), "momentum"),
+    (dict(curvature="identity", nesterov=True), "nesterov"),
+    (dict(curvature="rmsprop", alpha=1.5), "alpha"),
+    (dict(curvature="ekfac", damping=-1.0), "damping"),
+    (dict(curvature="adam", weight_decay=-1.0), "weight_decay"),
+])
+def test_invalid_hyperparameters_name_themselves(kwargs, name):
+    with pytest.raises(ValueError, match=name):
+        DDPNOpt(_net(), **{"lr": 0.01, **kwargs})
+
+
+def test_models_whose_stages_cannot_be_found():
+    class Branchy(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Linear(3, 2), nn.Linear(3, 2)
+
+        def forward(self, x):
+            return self.a(x) + self.b(x)
+
+    with pytest.raises(UnsupportedModuleError, match="Branchy"):
+        DDPNOpt(Branchy(), lr=0.01)
+    DDPNOpt(Branchy(), lr=0.01, feedback=False)        # the base optimizer needs no stages
+    with pytest.raises(TypeError, match="model"):
+        DDPNOpt([nn.Linear(2, 2)], lr=0.01)
+    with pytest.raises(ValueError, match="trainable"):
+        DDPNOpt(nn.Sequential(nn.ReLU()), lr=0.01, feedback=False)
+
+
+def test_module_called_twice_in_the_closure_is_refused():
+    net = nn.Sequential(nn.Linear(3, 3), nn.Tanh(), nn.Linear(3, 2)).double()
+    opt = DDPNOpt(net, lr=0.01)
+    x, y = torch.randn(4, 3, dtype=torch.float64), torch.randint(0, 2, (4,))
+    before = _flat(net).clone()
+
+    def closure():
+        opt.zero_grad()
+        loss = nn.functional.cross_entropy(net(x), y) + nn.functional.cross_entropy(net(x), y)
+        loss.backward()
+        return loss
+    with pytest.raises(InputError, match="ran 2 times"):
+        opt.step(closure)
+    assert torch.equal(_flat(net), before)
