@@ -27,6 +27,7 @@ from occore.errors import InputError
 
 from .curvature.optimizer import CurvatureOptimizer
 from .curvature.records import Recorder
+from .feedback_dense import apply_gains, dense_gains
 from .feedback import (CompactStage, StageView, feedback_grads, quad_form, run_module,
                        second_order_grads, tikhonov_grads)
 
@@ -49,7 +50,8 @@ class DDPNOpt(CurvatureOptimizer):
             ``eps``, ``amsgrad``) or ``"ekfac"`` (``damping``, ``stat_decay``,
             ``factor_update_freq``, ``eigen_update_freq``); all take ``weight_decay``.
         feedback: ``True`` / ``"factorised"`` (Proposition 3, the default), ``False`` (the base
-            optimizer exactly) or ``"dense"`` (exact per-sample gains; small networks only).
+            optimizer exactly) or ``"dense"`` (per-sample gains materialised, see
+            :mod:`nn_adapter.feedback_dense`; small networks only).
         eps_vxx: Tikhonov term added to the value Hessians V_xx (>= 0).
         second_order: also expand the dynamics to second order (adds V_x . f_ux dx).
         vxx_update: carry V_xx = Q_xx - Q_ux^T Q_uu^-1 Q_ux back (the default, Proposition 3). With
@@ -102,8 +104,6 @@ class DDPNOpt(CurvatureOptimizer):
         self._last_modules: list[nn.Module] = []
         if self.feedback:
             self._views, self._last_modules = self._find_stages(model)
-        if self.feedback == "dense":
-            from .dense_feedback import DenseFeedback   # noqa: F401  (raises until it exists)
 
     # -- stages ----------------------------------------------------------------------------------
     def _find_stages(self, model):
@@ -133,6 +133,8 @@ class DDPNOpt(CurvatureOptimizer):
         grads = super()._recorded_modules() + heads
         if self.second_order:
             grads += self._last_modules[1:]
+        if self.feedback == "dense":
+            grads += self._last_modules[-1:]
         # q_x = h_x^T g is recorded where it saves a Jacobian-vector product (not for Linear)
         in_grads = [v.module for v in self._views[1:]
                     if not (v.structured and v.blocks[0].kind == "linear")]
@@ -153,6 +155,8 @@ class DDPNOpt(CurvatureOptimizer):
     def _update(self, rec: Recorder) -> None:
         if not self.feedback:
             return super()._update(rec)
+        if self.feedback == "dense":
+            return self._update_dense(rec)
         updated = self._update_curvature(rec, factors=False)
         views = self._views
         compact: dict[int, CompactStage] = {}
@@ -184,6 +188,33 @@ class DDPNOpt(CurvatureOptimizer):
                         p.add_(k)
                     i += n
             del x, delta, factors
+            if t < len(views) - 1:
+                for m in (view.module, *view.followers):
+                    xhat = run_module(m, xhat)
+
+    def _update_dense(self, rec: Recorder) -> None:
+        """``feedback="dense"``: per-sample gains materialised (:mod:`nn_adapter.feedback_dense`)."""
+        updated = self._update_curvature(rec, factors=False)
+        views = self._views
+        if not all(b in updated for v in views for b in v.blocks):
+            raise InputError("feedback='dense' needs gradients for every stage's parameters")
+        factors = [self._factors(v, updated) for v in views]
+        inputs = [rec.inputs[v.module] for v in views]
+        n = inputs[0].shape[0]
+        stage_out = ([None] + [rec.out_grads[m] * n for m in self._last_modules[1:]]
+                     if self.second_order else None)
+        gains = dense_gains(views, factors, inputs, rec.out_grads[self._last_modules[-1]] * n,
+                            self.vxx_update, self.eps_vxx, self.second_order, stage_out)
+        xhat = inputs[0]
+        for t, view in enumerate(views):
+            delta = apply_gains(view, gains[t], xhat - inputs[t]) if t > 0 else None
+            i = 0
+            for block, fac in zip(view.blocks, factors[t]):
+                for p, k in zip(block.params, self._direction(block, fac)):
+                    p.add_(k)
+                    if delta is not None:
+                        p.add_(delta[i])
+                    i += 1
             if t < len(views) - 1:
                 for m in (view.module, *view.followers):
                     xhat = run_module(m, xhat)

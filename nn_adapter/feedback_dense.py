@@ -1,0 +1,99 @@
+"""Dense per-sample feedback gains of DDPNOpt (``feedback="dense"``): small networks and tests.
+
+The same backward recursion as :mod:`nn_adapter.feedback`, with every matrix materialised per
+sample instead of factorised: the stage Jacobians f_x^(i), f_u^(i) (one ``vmap(jacrev)`` per
+stage), Q_xx^(i) = f_x^T V' f_x, Q_ux^(i) = f_u^T V' f_x (+ V_x' . f_ux with second-order
+dynamics), the gains K^(i) = -P Q_ux^(i), and V_xx^(i) = Q_xx - Q_ux^T P Q_ux with its negative
+eigenvalues clamped at zero, + eps I carried back exactly (the factorised form keeps only its
+first stage, eps f_u^T f_x dx). P is the curvature's inverse, materialised as an
+(m_t, m_t) matrix. The terminal value Hessian is the Gauss-Newton outer product V_x V_x^T (the
+only one a closure reveals), so with the same options the result equals the factorised one.
+
+Memory grows like B (n_t^2 + m_t n_t) + m_t^2 per stage; :func:`dense_gains` refuses networks
+where that exceeds ``max_elements``.
+"""
+from __future__ import annotations
+
+import torch
+from torch.func import jacrev, vmap
+
+from .feedback import StageView, precondition
+
+__all__ = ["dense_gains", "apply_gains"]
+
+
+def _unflatten(vec: torch.Tensor, like: list) -> list:
+    out, i = [], 0
+    for t in like:
+        out.append(vec[i:i + t.numel()].reshape(t.shape))
+        i += t.numel()
+    return out
+
+
+def _dense_P(view: StageView, factors: list) -> torch.Tensor:
+    params = view.params
+    m = sum(p.numel() for p in params)
+    eye = torch.eye(m, dtype=params[0].dtype, device=params[0].device)
+    return torch.stack([torch.cat([v.reshape(-1) for v in precondition(
+        view, factors, _unflatten(eye[j], params))]) for j in range(m)], 1)
+
+
+def dense_gains(views: list, factors: list, inputs: list, v_out: torch.Tensor,
+                vxx_update: bool = True, eps_vxx: float = 0.0, second_order: bool = False,
+                v_stage_out: list = None, max_elements: int = 50_000_000) -> list:
+    """Per-sample gains K_t^(i) of every stage t >= 1, (B, m_t, n_t) each (None for t = 0).
+
+    Args:
+        views: the stages.
+        factors: the curvature factors of each stage (list per stage).
+        inputs: nominal stage inputs x_t, (B, ...) each.
+        v_out: per-sample value gradients at the network output (B, ...), V_x^T.
+        vxx_update, eps_vxx, second_order: as in :class:`nn_adapter.DDPNOpt`.
+        v_stage_out: per-sample value gradients at each stage output (second order only).
+        max_elements: refuse (``ValueError``) beyond this many numbers in one stage's matrices.
+    """
+    T, B = len(views), v_out.shape[0]
+    z = v_out.reshape(B, -1)
+    V = z[:, :, None] * z[:, None, :]
+    gains: list = [None] * T
+    for t in range(T - 1, 0, -1):
+        view, x = views[t], inputs[t]
+        params = [p.detach() for p in view.params]
+        n_in, m = x[0].numel(), sum(p.numel() for p in params)
+        if B * (n_in * n_in + m * n_in + V.shape[1] * (n_in + m)) + m * m > max_elements:
+            raise ValueError(f"feedback='dense': stage {t} needs more than {max_elements} "
+                             "numbers; use the factorised feedback for networks of this size")
+        u = torch.cat([p.reshape(-1) for p in params])
+
+        def f(xi, uu, view=view, params=params):
+            return view.stage_fn(_unflatten(uu, params), xi[None])[0].reshape(-1)
+
+        fx = vmap(jacrev(f, 0), in_dims=(0, None))(x, u).reshape(B, -1, n_in)
+        fu = vmap(jacrev(f, 1), in_dims=(0, None))(x, u)
+        Vfx = V @ fx
+        qxx, qux = fx.mT @ Vfx, fu.mT @ Vfx
+        if second_order:
+            v_next = v_stage_out[t].reshape(B, -1)
+
+            def vfx(xi, uu, vi, f=f):   # V_x' . f_x, its u-Jacobian is V_x' . f_ux
+                return jacrev(f, 0)(xi, uu).reshape(-1, n_in).T @ vi
+
+            qux = qux + vmap(jacrev(vfx, 1), in_dims=(0, None, 0))(x, u, v_next).mT
+        P = _dense_P(view, factors[t])
+        gains[t] = -(P @ qux)
+        if vxx_update:
+            V = qxx - qux.mT @ (P @ qux)
+        else:
+            V = qxx
+        V = 0.5 * (V + V.mT)
+        evals, evecs = torch.linalg.eigh(V)
+        V = (evecs * evals.clamp(min=0.0)[:, None, :]) @ evecs.mT
+        if eps_vxx:   # Algorithm 3, line 12: V_xx^t + eps I (carried back from here on)
+            V = V + eps_vxx * torch.eye(n_in, dtype=V.dtype, device=V.device)
+    return gains
+
+
+def apply_gains(view: StageView, gain: torch.Tensor, dx: torch.Tensor) -> list:
+    """(1/B) sum_i K^(i) dx^(i) as one tensor per stage parameter."""
+    du = (gain @ dx.reshape(dx.shape[0], -1, 1)).mean(0).reshape(-1)
+    return _unflatten(du, view.params)
