@@ -216,3 +216,37 @@ def test_first_order_check(stage_index):
     assert errs[1e-3][0] < errs[1e-2][0] / 50
     assert errs[1e-3][1] > errs[1e-2][1] / 20
     assert errs[1e-3][0] < 1e-3 * errs[1e-3][1]
+
+
+def test_tikhonov_term_is_eps_fu_fx_dx():
+    from torch.func import jacrev
+
+    from nn_adapter.feedback import tikhonov_grads
+    torch.manual_seed(0)
+    net = _generic()
+    opt = DDPNOpt(net, lr=0.1)
+    view = opt._views[0]
+    x = torch.randn(B, 4, dtype=torch.float64)
+    dx = torch.randn_like(x)
+    got = torch.cat([t.reshape(-1) for t in tikhonov_grads(view, x, dx, 0.3)])
+    params = [p.detach() for p in view.params]
+    sizes = [p.numel() for p in params]
+
+    def f(xi, u):
+        ps = [c.reshape(p.shape) for c, p in zip(torch.split(u, sizes), params)]
+        return view.stage_fn(ps, xi[None])[0]
+    u = torch.cat([p.reshape(-1) for p in params])
+    want = sum(jacrev(f, 1)(x[i], u).T @ (jacrev(f, 0)(x[i], u) @ dx[i]) for i in range(B))
+    assert torch.allclose(got, 0.3 * want / B, atol=1e-12)
+
+
+def test_dense_feedback_refuses_large_networks():
+    from nn_adapter.feedback_dense import dense_gains
+    torch.manual_seed(0)
+    net = _mlp()
+    opt = DDPNOpt(net, lr=0.1, feedback="dense")
+    x = torch.randn(B, 4, dtype=torch.float64)
+    inputs = [x, torch.tanh(net[0](x)).detach(), torch.tanh(net[2](torch.tanh(net[0](x)))).detach()]
+    with pytest.raises(ValueError, match="dense"):
+        dense_gains(opt._views, [None] * 3, inputs, torch.randn(B, 3, dtype=torch.float64),
+                    max_elements=10)
