@@ -183,9 +183,7 @@ class DDPNOpt(CurvatureOptimizer):
                 i = 0
                 for block, fac in zip(view.blocks, factors):
                     n = len(block.params)
-                    extra = delta[i:i + n] if delta is not None else None
-                    for p, k in zip(block.params, self._direction(block, fac, extra)):
-                        p.add_(k)
+                    self._apply(block, fac, delta[i:i + n] if delta is not None else None)
                     i += n
             del x, delta, factors
             if t < len(views) - 1:
@@ -210,11 +208,11 @@ class DDPNOpt(CurvatureOptimizer):
             delta = apply_gains(view, gains[t], xhat - inputs[t]) if t > 0 else None
             i = 0
             for block, fac in zip(view.blocks, factors[t]):
-                for p, k in zip(block.params, self._direction(block, fac)):
-                    p.add_(k)
-                    if delta is not None:
+                self._apply(block, fac)
+                if delta is not None:
+                    for p in block.params:
                         p.add_(delta[i])
-                    i += 1
+                        i += 1
             if t < len(views) - 1:
                 for m in (view.module, *view.followers):
                     xhat = run_module(m, xhat)

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import math
 
-import torch  # noqa: F401
+import torch
 
 from .base import DiagonalCurvature, with_weight_decay
 
@@ -99,8 +99,11 @@ class AdamCurvature(DiagonalCurvature):
     def param_scale(self, p, group, state):
         return self._denom(group, state).reciprocal_().mul_(group["lr"])
 
-    def param_effective_gradient(self, p, grad, group, state):
-        return state["exp_avg"].mul(1.0 / (1 - group["betas"][0] ** state["step"]))
+    def param_effective_gradient(self, p, grad, group, state, extra=None):
+        inv_bc1 = 1.0 / (1 - group["betas"][0] ** state["step"])
+        if extra is None:
+            return state["exp_avg"].mul(inv_bc1)
+        return torch.add(extra, state["exp_avg"], alpha=inv_bc1)
 
     def param_direction(self, p, grad, group, state, scale):
         bc1 = 1 - group["betas"][0] ** state["step"]

@@ -213,6 +213,14 @@ class Curvature:
         ks = self.direction(block, grads, group, states, factors)
         return [k.sub_(e) for k, e in zip(ks, apply_p(block, factors, extra))]
 
+    def apply(self, block: Block, grads: list, group: dict, states: list[dict], factors,
+              extra: list = None) -> None:
+        """``u <- u + k - P extra`` in place (``extra``: feedback sums per parameter, or None)."""
+        ks = (self.direction(block, grads, group, states, factors) if extra is None else
+              self.direction_with(block, grads, group, states, factors, extra))
+        for p, k in zip(block.params, ks):
+            p.add_(k)
+
     def step(self, block: Block, grads: list, group: dict, states: list[dict],
              record=None) -> list[torch.Tensor]:
         """``update`` then ``direction``: the base optimizer's step k for one block."""
@@ -251,19 +259,29 @@ class DiagonalCurvature(Curvature):
         raise NotImplementedError
 
     def param_effective_gradient(self, p: torch.Tensor, grad: torch.Tensor, group: dict,
-                                 state: dict):
-        """d with k = -P d (a new tensor), or None where k is not of that form."""
+                                 state: dict, extra=None):
+        """d + extra (a new tensor) with k = -P d, or None where k is not of that form."""
         return None
 
     def direction_with(self, block, grads, group, states, factors, extra):
         out = []
         for p, g, st, scale, e in zip(block.params, grads, states, factors[2], extra):
-            d = self.param_effective_gradient(p, g, group, st)
+            d = self.param_effective_gradient(p, g, group, st, e)
             if d is None:
                 out.append(self.param_direction(p, g, group, st, scale).sub_(e * scale))
             else:
-                out.append(d.add_(e).mul_(scale).neg_())
+                out.append(d.mul_(scale).neg_())
         return out
+
+    def apply(self, block, grads, group, states, factors, extra=None):
+        extra = extra if extra is not None else [None] * len(block.params)
+        for p, g, st, scale, e in zip(block.params, grads, states, factors[2], extra):
+            d = self.param_effective_gradient(p, g, group, st, e)
+            if d is None:
+                k = self.param_direction(p, g, group, st, scale)
+                p.add_(k if e is None else k.sub_(e * scale))
+            else:
+                p.addcmul_(d, scale, value=-1)
 
     def params_update(self, params: list, grads: list, group: dict, states: list) -> None:
         """:meth:`param_update` for a flat list of parameters (override to batch it)."""

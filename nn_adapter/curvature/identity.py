@@ -50,13 +50,15 @@ class IdentityCurvature(DiagonalCurvature):
     def param_scale(self, p, group, state):
         return torch.as_tensor(group["lr"], dtype=p.dtype, device=p.device)
 
-    def param_effective_gradient(self, p, grad, group, state):
+    def param_effective_gradient(self, p, grad, group, state, extra=None):
         momentum = group["momentum"]
-        if momentum == 0:
-            return grad.add(p, alpha=group["weight_decay"])
-        if group["nesterov"]:
-            return with_weight_decay(p, grad, group).add(state["momentum_buffer"], alpha=momentum)
-        return state["momentum_buffer"].clone()
+        if momentum != 0 and not group["nesterov"]:
+            d = state["momentum_buffer"]
+        else:
+            d = grad if group["weight_decay"] == 0 else grad.add(p, alpha=group["weight_decay"])
+            if momentum != 0:
+                d = d.add(state["momentum_buffer"], alpha=momentum)
+        return d.clone() if extra is None else torch.add(extra, d)
 
     def param_direction(self, p, grad, group, state, scale):
         momentum = group["momentum"]

@@ -157,15 +157,11 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         return self.curvature.factors_all(
             blocks, self.param_groups[0], [[self.state[p] for p in b.params] for b in blocks])
 
-    def _direction(self, block: Block, factors, extra=None) -> list:
-        """k (or k - P extra) of a block whose curvature is up to date."""
+    def _apply(self, block: Block, factors, extra=None) -> None:
+        """u <- u + k - P extra for a block whose curvature is up to date."""
         grads, states = self._grads_states(block)
-        if extra is None:
-            return self.curvature.direction(block, grads, self.param_groups[0], states, factors)
-        return self.curvature.direction_with(block, grads, self.param_groups[0], states,
-                                             factors, extra)
+        self.curvature.apply(block, grads, self.param_groups[0], states, factors, extra)
 
     def _update(self, rec: Recorder) -> None:
         for block, factors in self._update_curvature(rec).items():
-            for p, k in zip(block.params, self._direction(block, factors)):
-                p.add_(k)
+            self._apply(block, factors)

@@ -64,10 +64,11 @@ class RMSpropCurvature(DiagonalCurvature):
     def param_scale(self, p, group, state):
         return self._avg(group, state).reciprocal_().mul_(group["lr"])
 
-    def param_effective_gradient(self, p, grad, group, state):
+    def param_effective_gradient(self, p, grad, group, state, extra=None):
         if group["momentum"] > 0:
             return None
-        return grad.add(p, alpha=group["weight_decay"])
+        d = grad if group["weight_decay"] == 0 else grad.add(p, alpha=group["weight_decay"])
+        return d.clone() if extra is None else torch.add(extra, d)
 
     def param_direction(self, p, grad, group, state, scale):
         if group["momentum"] > 0:
