@@ -145,11 +145,12 @@ class DDPNOpt(CurvatureOptimizer):
         rec.check_complete(super()._recorded_modules() + [v.module for v in self._views[1:]])
 
     # -- the update ------------------------------------------------------------------------------
-    def _factors(self, view, updated: set):
-        """The stage's factors P (one per block, computed now), or None when a block got no
-        gradient. Computed per stage so that P is never held for the whole network at once."""
+    def _factors(self, view, updated):
+        """The stage's factors P (one per block), or None when a block got no gradient."""
         if not all(b in updated for b in view.blocks):
             return None
+        if isinstance(updated, dict):
+            return [updated[b] for b in view.blocks]
         return self._factors_of(view.blocks)
 
     def _update(self, rec: Recorder) -> None:
@@ -157,7 +158,7 @@ class DDPNOpt(CurvatureOptimizer):
             return super()._update(rec)
         if self.feedback == "dense":
             return self._update_dense(rec)
-        updated = self._update_curvature(rec, factors=False)
+        updated = self._update_curvature(rec)      # {block: factors}, batched over the net
         views = self._views
         compact: dict[int, CompactStage] = {}
         cached: dict[int, list] = {}
@@ -247,9 +248,10 @@ class DDPNOpt(CurvatureOptimizer):
                 if need_rho:
                     w = weights[t + 1]
                     rho = cs.quad_form(factors[0]) * (w * w if isinstance(w, float) else w.square())
-            elif need_rho:
-                x, g = rec.inputs[view.module], rec.out_grads[view.module]
-                rho = quad_form(view, factors, x, g * _bcast(weights[t + 1], g))
+            elif need_rho:   # rho(w g) = w^2 rho(g)
+                w = weights[t + 1]
+                rho = quad_form(view, factors, rec.inputs[view.module], rec.out_grads[view.module])
+                rho = rho.mul_(w * w if isinstance(w, float) else w.square())
             if need_rho:
                 weights[t] = (1.0 - rho).clamp_(min=0.0).sqrt_().mul_(weights[t + 1])
         return weights

@@ -131,9 +131,9 @@ def quad_form(view: StageView, factors: list, x: torch.Tensor, g: torch.Tensor) 
         if block.kind == "linear" and x.dim() == 2:   # rank-one per-sample gradients
             g2 = (g @ q_g if q_g is not None else g).square()
             if isinstance(d, list):   # diagonal: no bias column needed
-                rho = ((g2 @ d[0].expand_as(block.weight)) * x.square()).sum(1)
+                rho = (g2 @ d[0].expand_as(block.weight)).mul_(x * x).sum(1)
                 if block.has_bias:
-                    rho += g2 @ d[1].expand_as(block.params[1])
+                    rho = torch.addmv(rho, g2, d[1].expand_as(block.params[1]))
                 return rho
             a = patches(block, x)[:, 0]
             a = a @ q_a if q_a is not None else a
