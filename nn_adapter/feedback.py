@@ -239,8 +239,11 @@ class CompactStage:
 
     @classmethod
     def build(cls, block: Block, x: torch.Tensor, g: torch.Tensor, q_x: torch.Tensor):
-        grads = torch.cat([gr for _, gr in per_sample_grads(block, x, g)])
         n = x.shape[0]
+        w = block.weight
+        grads = x.new_empty(n, w.shape[0], w[0].numel() + block.has_bias)
+        for _ in per_sample_grads(block, x, g, out=grads):
+            pass
         dot = torch.bmm(q_x.reshape(n, 1, -1), x.reshape(n, -1, 1)).reshape(n)
         return cls(block, grads, q_x, dot)
 

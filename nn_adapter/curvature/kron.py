@@ -54,8 +54,9 @@ def _sample_slices(n: int, size: int) -> Iterator[slice]:
         yield slice(start, min(n, start + size))
 
 
-def _conv_grads_shifted(m, x: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
-    """Per-sample weight gradients of a stride-1 Conv2d without an unfold, (b, out, C kh kw).
+def _conv_grads_shifted(m, x: torch.Tensor, g: torch.Tensor, out=None) -> torch.Tensor:
+    """Per-sample weight gradients of a stride-1 Conv2d without an unfold, (b, out, C kh kw [+1])
+    (the bias column, if any, is left for the caller to fill).
 
     With the input padded and flattened row by row (row length Wp), the input patch entry at
     kernel offset (u, v) of every output position is one contiguous slice of length Ho * Wp
@@ -70,16 +71,19 @@ def _conv_grads_shifted(m, x: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
     xp = F.pad(x, (pw, pw, ph, ph + extra)).flatten(2)          # (b, C, rows * Wp)
     ge = F.pad(g, (0, wp - wo)).flatten(2)                      # (b, out, Ho * Wp)
     length = ho * wp
-    grads = x.new_empty(b, g.shape[1], c, kh * kw)
+    n_w = c * kh * kw
+    if out is None:
+        out = x.new_empty(b, g.shape[1], n_w + (m.bias is not None))
+    view = out[:, :, :n_w].unflatten(2, (c, kh * kw))
     for u in range(kh):
         for v in range(kw):
             off = u * dh * wp + v * dw
-            grads[..., u * kw + v] = torch.bmm(ge, xp[:, :, off:off + length].transpose(1, 2))
-    return grads.flatten(2)
+            view[..., u * kw + v] = torch.bmm(ge, xp[:, :, off:off + length].transpose(1, 2))
+    return out
 
 
-def per_sample_grads(block: Block, x: torch.Tensor, g: torch.Tensor, q_g=None, q_a=None
-                     ) -> Iterator[tuple[slice, torch.Tensor]]:
+def per_sample_grads(block: Block, x: torch.Tensor, g: torch.Tensor, q_g=None, q_a=None,
+                     out: torch.Tensor = None) -> Iterator[tuple[slice, torch.Tensor]]:
     """Per-sample gradient matrices ``sum_l g_l a_l^T`` in the bases (Q_G, Q_A), chunk by chunk.
 
     Args:
@@ -87,6 +91,7 @@ def per_sample_grads(block: Block, x: torch.Tensor, g: torch.Tensor, q_g=None, q
         x: recorded inputs of the module, (B, ...).
         g: output gradients of the module, (B, ...) (already scaled as the caller wants).
         q_g, q_a: optional orthogonal bases (out, out) and (in[+1], in[+1]).
+        out: optional (B, out, in[+1]) buffer that receives all chunks (no bases then).
 
     Yields:
         ``(slice, G)`` with G of shape (b, out, in[+1]) for the samples in ``slice``.
@@ -95,8 +100,12 @@ def per_sample_grads(block: Block, x: torch.Tensor, g: torch.Tensor, q_g=None, q
     shifted = block.kind == "conv2d" and tuple(m.stride) == (1, 1)
     for sl in (_sample_slices(x.shape[0], 16) if shifted else chunks(block, x)):
         if shifted:
-            grads = _conv_grads_shifted(m, x[sl], g[sl])
-            bias = g[sl].sum((2, 3)) if block.has_bias else None
+            dest = out[sl] if out is not None else None
+            grads = _conv_grads_shifted(m, x[sl], g[sl], dest)
+            if block.has_bias:
+                torch.sum(g[sl], (2, 3), out=grads[:, :, -1])
+            yield sl, _rotate(grads, q_g, q_a)
+            continue
         else:
             gg = positions(block, g[sl])                      # (b, L, out)
             if block.kind == "linear":
@@ -108,8 +117,14 @@ def per_sample_grads(block: Block, x: torch.Tensor, g: torch.Tensor, q_g=None, q
             bias = gg.sum(1) if block.has_bias else None
         if bias is not None:
             grads = torch.cat([grads, bias.unsqueeze(2)], dim=2)
-        if q_a is not None:
-            grads = grads @ q_a
-        if q_g is not None:
-            grads = q_g.mT @ grads
-        yield sl, grads
+        if out is not None:
+            out[sl] = grads
+        yield sl, _rotate(grads, q_g, q_a)
+
+
+def _rotate(grads, q_g, q_a):
+    if q_a is not None:
+        grads = grads @ q_a
+    if q_g is not None:
+        grads = q_g.mT @ grads
+    return grads

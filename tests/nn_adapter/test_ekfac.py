@@ -137,3 +137,23 @@ def test_ekfac_bad_input():
         EKFAC(net, stat_decay=1.0)
     with pytest.raises(ValueError, match="closure"):
         EKFAC(net).step()
+
+
+@pytest.mark.parametrize("kw", [dict(kernel_size=3, padding=1), dict(kernel_size=(3, 2),
+                                padding=(0, 2), dilation=(1, 2)), dict(kernel_size=3, stride=2),
+                                dict(kernel_size=1, bias=False)])
+def test_per_sample_conv_gradients_match_autograd(kw):
+    from nn_adapter.curvature import find_blocks
+    from nn_adapter.curvature.kron import per_sample_grads
+    torch.manual_seed(0)
+    conv = nn.Conv2d(3, 4, **kw).double()
+    x = torch.randn(5, 3, 7, 6, dtype=torch.float64)
+    g = torch.randn_like(conv(x))
+    block = find_blocks(conv)[0]
+    ref = []
+    for i in range(5):
+        grads = torch.autograd.grad(conv(x[i:i + 1]), block.params, g[i:i + 1])
+        ref.append(torch.cat([grads[0].reshape(4, -1)] + ([grads[1][:, None]]
+                                                            if len(grads) > 1 else []), 1))
+    got = torch.cat([G for _, G in per_sample_grads(block, x, g)])
+    assert torch.allclose(got, torch.stack(ref), atol=1e-12)
