@@ -13,7 +13,19 @@ the control u_t. One ``step(closure)``:
    dx_t = xhat_t - x_t, u_t <- u_t + k_t + (1/B) sum_i K_t^(i) dx_t^(i), xhat_{t+1} = f_t(xhat_t, u_t),
    with K_t^(i) dx^(i) = -P_t q_u^(i) (q_x^(i) . dx^(i)).
 
+Cost (factorised feedback): the closure, one extra forward pass, and per stage a weight-gradient-
+sized product; q_x . dx uses the gradients backpropagation already computed at each stage input
+(no Jacobian-vector product), and a convolution stage is kept as its per-sample gradients
+(needed for s anyway; smaller than its activations), so its inputs and cotangents are released
+right after the backward sweep. ``s`` needs q_u^T P q_u per sample: free for Linear layers on
+(B, n) inputs (rank one), the cost of per-sample gradients for convolutions.
+
 The closure's loss must be the batch mean of per-sample losses (torch's default reduction).
+Modules are recorded with hooks that exist only while the closure runs; each parametrised module
+must run exactly once in it.
+
+Reference: G.-H. Liu, T. Chen, E. A. Theodorou, "DDPNOpt: Differential Dynamic Programming
+Neural Optimizer", ICLR 2021 (Algorithm 3, Propositions 2 and 3).
 """
 from __future__ import annotations
 
@@ -27,9 +39,9 @@ from occore.errors import InputError
 
 from .curvature.optimizer import CurvatureOptimizer
 from .curvature.records import Recorder
-from .feedback_dense import apply_gains, dense_gains
 from .feedback import (CompactStage, StageView, feedback_grads, quad_form, run_module,
                        second_order_grads, tikhonov_grads)
+from .feedback_dense import apply_gains, dense_gains
 
 __all__ = ["DDPNOpt"]
 
@@ -253,6 +265,9 @@ class DDPNOpt(CurvatureOptimizer):
                 rho = quad_form(view, factors, rec.inputs[view.module], rec.out_grads[view.module])
                 rho = rho.mul_(w * w if isinstance(w, float) else w.square())
             if need_rho:
+                if log.isEnabledFor(logging.DEBUG):
+                    log.debug("DDPNOpt stage %d: q_u'P q_u max %.3g, %d/%d samples with s = 0",
+                              t, float(rho.max()), int((rho >= 1).sum()), len(rho))
                 weights[t] = (1.0 - rho).clamp_(min=0.0).sqrt_().mul_(weights[t + 1])
         return weights
 
