@@ -30,6 +30,14 @@ def _generic():
                          nn.Conv1d(2, 2, 2), nn.Tanh(), nn.Flatten(), nn.Linear(4, 3)).double()
 
 
+def _nested():
+    """A BatchNorm head (eval mode) and a nested head with two Linear layers inside."""
+    bn = nn.BatchNorm1d(5).eval()
+    return nn.Sequential(nn.Linear(4, 5), nn.Tanh(), bn,
+                         nn.Sequential(nn.Linear(5, 5), nn.Tanh(), nn.Linear(5, 4)), nn.ReLU(),
+                         nn.Linear(4, 3)).double()
+
+
 def _batch(make, seed):
     g = torch.Generator().manual_seed(seed)
     shape = (1, 5, 5) if make is _cnn else (4,)
@@ -87,7 +95,8 @@ def _compare(make, curvature, lr, terminal="gauss-newton", warmup=2, vxx_update=
     return fb, diff, rel
 
 
-@pytest.mark.parametrize("make", [_mlp, _cnn, _generic], ids=["mlp", "cnn", "generic"])
+@pytest.mark.parametrize("make", [_mlp, _cnn, _generic, _nested],
+                         ids=["mlp", "cnn", "generic", "nested"])
 @pytest.mark.parametrize("curvature,lr", [("identity", 0.3), ("adam", 0.02), ("ekfac", 0.05),
                                           ("rmsprop", 0.01)])
 def test_factorised_equals_dense_gauss_newton(make, curvature, lr):
