@@ -20,6 +20,9 @@
 #include <stdlib.h>
 #include <string.h>
 
+/* Share of the control-space term in the state-form regularisation (see riccati.py). */
+#define CONTROL_REG 1e-6
+
 #if defined(_WIN32)
 #define OCC_EXPORT __declspec(dllexport)
 #else
@@ -254,7 +257,7 @@ OCC_EXPORT int occ_riccati_sweep(
                 Quu[m] += s;
             }
         }
-        /* symmetrise Quu; H = Quu + mu fu'fu; Qux_reg = Qux + mu fu'fx */
+        /* symmetrise Quu; H = Quu + mu (fu'fu + CONTROL_REG I); Qux_reg = Qux + mu fu'fx */
         for (int a = 0; a < nu; ++a)
             for (int b = a + 1; b < nu; ++b) {
                 double s = 0.5 * (Quu[a * nu + b] + Quu[b * nu + a]);
@@ -264,6 +267,7 @@ OCC_EXPORT int occ_riccati_sweep(
             for (int b = 0; b < nu; ++b) {
                 double s = 0.0;
                 for (int p = 0; p < nx; ++p) s += B[p * nu + a] * B[p * nu + b];
+                if (a == b) s += CONTROL_REG;
                 H[a * nu + b] = Quu[a * nu + b] + mu * s;
             }
             for (int j = 0; j < nx; ++j) {

@@ -11,7 +11,9 @@ gains of every stage from the last to the first:
     Vxx = Qxx + K' Quu K + K' Qux + Qux' K
 
 Regularisation is the state form of Tassa, Erez & Todorov 2012 (their eq. 10): mu is added to Vxx'
-where it enters the gains, Quu~ = Quu + mu fu' fu and Qux~ = Qux + mu fu' fx. It penalises the
+where it enters the gains, Quu~ = Quu + mu (fu' fu + c I) and Qux~ = Qux + mu fu' fx, with a small
+control share c = CONTROL_REG (1e-6) so that Quu~ becomes positive definite for a large mu even where
+fu is rank deficient (a control with no immediate effect on the state). It penalises the
 deviation of the next state rather than of the control, so a large mu keeps the new trajectory
 near the old one (a trust region in state space); measured on the reference set it is what makes
 full second-order DDP converge where the control form (Quu + mu I) stalls or hits the
@@ -26,7 +28,10 @@ import numpy as np
 from ..errors import NotPositiveDefinite
 from .box_qp import box_qp
 
-__all__ = ["riccati_sweep"]
+__all__ = ["riccati_sweep", "CONTROL_REG"]
+
+#: Share of the control-space term in the state-form regularisation (the C sweep uses the same).
+CONTROL_REG = 1e-6
 
 
 def riccati_sweep(d, mu: float, second_order: bool, us=None, lower=None, upper=None, k_warm=None):
@@ -68,7 +73,7 @@ def riccati_sweep(d, mu: float, second_order: bool, us=None, lower=None, upper=N
             Qux = Qux + np.tensordot(Vx, d.fux[t], axes=1)
             Quu = Quu + np.tensordot(Vx, d.fuu[t], axes=1)
         Quu = 0.5 * (Quu + Quu.T)
-        H = Quu + mu * (fu.T @ fu)
+        H = Quu + mu * (fu.T @ fu + CONTROL_REG * np.eye(nu))
         Qux_reg = Qux + mu * (fu.T @ fx)
         if lower is None:
             try:

@@ -186,7 +186,7 @@ def test_casadi_and_torch_give_the_same_iterates(name, solver):
         # test_torch_backend_reaches_reference_optimum).
         _assert_same_iterates(a, b, n=20)
         assert b.cost == pytest.approx(a.cost, rel=1e-9)
-        np.testing.assert_allclose(b.us, a.us, rtol=0, atol=1e-6)
+        np.testing.assert_allclose(b.us, a.us, rtol=1e-6, atol=1e-6)  # controls up to ~30
     else:
         _assert_same_iterates(a, b)
 

@@ -182,3 +182,17 @@ def test_history_records_every_field(zoo):
 def test_line_search_free_variant_still_converges_on_lqr(zoo):
     res = occore.ILQR(line_search=occore.LineSearch(steps=(1.0,))).solve(zoo["lqr"])
     assert res.converged and res.cost == pytest.approx(OPTIMA["lqr"], rel=1e-12)
+
+
+@pytest.mark.parametrize("solver", SOLVERS, ids=lambda s: s.name)
+def test_control_without_effect_on_the_state_and_concave_cost(solver):
+    """fu has a zero column (u1 moves nothing) and the cost is concave in u1 at 0.5: the state-form
+    regularisation alone cannot make Quu positive definite; its small control share does."""
+    import casadi as ca
+
+    prob = occore.Problem(lambda x, u: x + 0.1 * u[0], lambda x, u: ca.sumsqr(x) + 0.1 * u[0] ** 2 + (u[1] ** 2 - 1) ** 2,
+                          lambda x: 10 * ca.sumsqr(x), x0=[1.0], nu=2, horizon=10)
+    us0 = np.tile([0.0, 0.5], (10, 1))
+    res = solver().solve(prob, us0=us0)
+    assert res.converged, res.summary()
+    np.testing.assert_allclose(res.us[:, 1], 1.0, atol=1e-6)
