@@ -1,0 +1,96 @@
+"""``occore train``: DDPNOpt and torch's optimizers side by side on a classification data set.
+
+    occore train --dataset digits --optimizers ddpnopt,adam,sgd --plot train.png
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+
+from .training import DEFAULT_LR, OPTIMIZERS, compare_optimizers, mlp
+
+DATASETS = ("digits", "wine", "fashion-mnist")
+
+
+def _load(name: str, data_dir: str | None):
+    from . import data
+
+    if name == "digits":
+        return data.load_digits()
+    if name == "wine":
+        return data.load_wine()
+    return data.load_fashion_mnist(data_dir)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="occore train", description=__doc__.splitlines()[0])
+    p.add_argument("--dataset", default="digits", choices=DATASETS)
+    p.add_argument("--data-dir", default=None, help="folder of the Fashion-MNIST IDX files")
+    p.add_argument("--optimizers", default="ddpnopt,adam,sgd",
+                   help=f"comma-separated, from: {', '.join(OPTIMIZERS)}")
+    p.add_argument("--epochs", type=int, default=8)
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--lr", type=float, default=None, help="one learning rate for all (default: per optimizer)")
+    p.add_argument("--width", type=int, default=32)
+    p.add_argument("--depth", type=int, default=5)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=1, help="torch threads (small nets: 1 is fastest)")
+    p.add_argument("--plot", default=None, help="PNG of training loss and test accuracy per epoch")
+    return p
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    names = [n.strip() for n in args.optimizers.split(",") if n.strip()]
+    bad = [n for n in names if n not in DEFAULT_LR]
+    if bad or not names:
+        print(f"occore train: unknown optimizer(s) {bad}; valid optimizers are {', '.join(OPTIMIZERS)}",
+              file=sys.stderr)
+        return 2
+    import torch
+
+    torch.set_num_threads(args.threads)
+    try:
+        data = _load(args.dataset, args.data_dir)
+    except (OSError, ValueError) as err:
+        print(f"occore train: cannot load {args.dataset}: {err}", file=sys.stderr)
+        return 2
+    x = data.x_train.reshape(len(data.x_train), -1)
+    flat = type(data)(x, data.y_train, data.x_test.reshape(len(data.x_test), -1), data.y_test)
+    records = compare_optimizers(lambda: mlp(x.shape[1], data.num_classes, args.width, args.depth), flat,
+                                 names, args.epochs, args.batch_size, args.lr, args.seed)
+    print(f"{args.dataset}: MLP {x.shape[1]}-{'-'.join([str(args.width)] * (args.depth - 1))}-"
+          f"{data.num_classes} (tanh), batch {args.batch_size}, {args.epochs} epochs, same initial weights")
+    print(f"{'optimizer':16s} {'lr':>8s} {'train loss':>11s} {'test acc':>9s} {'time [s]':>9s}")
+    for name, rec in records.items():
+        lr = DEFAULT_LR[name] if args.lr is None else args.lr
+        loss = rec.train_loss[-1] if rec.train_loss else float("nan")
+        acc = rec.test_accuracy[-1] if rec.test_accuracy else float("nan")
+        print(f"{name:16s} {lr:8.2g} {loss:11.4f} {100 * acc:8.2f}% {rec.seconds:9.2f}")
+    if args.plot:
+        _plot(records, args.plot, args.dataset)
+        print(f"plot: {args.plot}")
+    return 0
+
+
+def _plot(records, path, title):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (a, b) = plt.subplots(1, 2, figsize=(10, 4))
+    for name, rec in records.items():
+        epochs = range(1, len(rec.train_loss) + 1)
+        a.plot(epochs, rec.train_loss, label=name)
+        b.plot(epochs, rec.test_accuracy, label=name)
+    a.set(xlabel="epoch", ylabel="training loss", yscale="log", title=title)
+    b.set(xlabel="epoch", ylabel="test accuracy", title=title)
+    a.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,52 @@
+"""nn_adapter.training and `occore train`."""
+import copy
+
+import pytest
+import torch
+
+from nn_adapter import cli, data
+from nn_adapter.training import compare_optimizers, make_optimizer, mlp, train_classifier
+
+
+@pytest.fixture(scope="module")
+def wine():
+    return data.load_wine(dtype=torch.float64)
+
+
+def test_training_loop_lowers_the_loss_and_records_every_epoch(wine):
+    torch.manual_seed(0)
+    model = mlp(13, 3, width=8, depth=2).double()
+    rec = train_classifier(model, wine, make_optimizer("adam", model, 0.01), epochs=3, batch_size=16)
+    assert len(rec.train_loss) == len(rec.test_accuracy) == 3
+    assert rec.train_loss[-1] < rec.train_loss[0] and rec.test_accuracy[-1] > 0.8 and rec.seconds > 0
+
+
+def test_same_start_and_minibatches_for_every_optimizer(wine):
+    """DDPNOpt without feedback is Adam: the comparison harness must then report identical runs."""
+    make = lambda: mlp(13, 3, width=8, depth=2).double()  # noqa: E731
+    torch.manual_seed(0)
+    init = make()
+    a, b = copy.deepcopy(init), copy.deepcopy(init)
+    from nn_adapter import DDPNOpt
+
+    ra = train_classifier(a, wine, torch.optim.Adam(a.parameters(), lr=1e-2), epochs=2, batch_size=16)
+    rb = train_classifier(b, wine, DDPNOpt(b, lr=1e-2, curvature="adam", feedback=False), epochs=2, batch_size=16)
+    assert ra.train_loss == pytest.approx(rb.train_loss, rel=1e-12)
+    recs = compare_optimizers(make, wine, ["adam", "sgd"], epochs=2, batch_size=16)
+    assert list(recs) == ["adam", "sgd"] and all(len(r.train_loss) == 2 for r in recs.values())
+    assert recs["adam"].train_loss != recs["sgd"].train_loss
+
+
+def test_unknown_optimizer_lists_the_valid_ones():
+    with pytest.raises(ValueError, match="ddpnopt.*adam"):
+        make_optimizer("lbfgs", mlp(2, 2))
+    assert cli.main(["--optimizers", "adamw"]) == 2
+
+
+def test_cli_trains_and_plots(tmp_path, capsys):
+    png = tmp_path / "train.png"
+    assert cli.main(["--dataset", "wine", "--optimizers", "ddpnopt,sgd", "--epochs", "2", "--depth", "2",
+                     "--plot", str(png)]) == 0
+    out = capsys.readouterr().out
+    assert "ddpnopt" in out and "sgd" in out and "test acc" in out
+    assert png.stat().st_size > 1000
