@@ -190,6 +190,8 @@ def main(argv=None) -> dict:
     torch.set_num_threads(args.threads)
     print(f"torch {torch.__version__}, {args.threads} thread(s), float32, "
           f"{args.steps} steps x {args.rounds} rounds per optimizer, median time per step")
+    print("fb = DDPNOpt's layer-wise feedback; s=1: vxx_update=False (V_xx = Q_xx). Peak memory: "
+          "parameters, gradients and optimizer state + the peak allocated during one step.")
     out = {}
     if args.only in (None, "mlp"):
         res, note = bench("mlp", args.steps, args.rounds, 32)
