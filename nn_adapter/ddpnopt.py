@@ -158,7 +158,10 @@ class DDPNOpt(CurvatureOptimizer):
 
     # -- the update ------------------------------------------------------------------------------
     def _factors(self, view, updated):
-        """The stage's factors P (one per block), or None when a block got no gradient."""
+        """The stage's factors P (one per block), or None when a block got no gradient.
+
+        ``updated`` maps blocks to their factors, or is the set of updated blocks (then the
+        factors are computed now)."""
         if not all(b in updated for b in view.blocks):
             return None
         if isinstance(updated, dict):
@@ -173,14 +176,13 @@ class DDPNOpt(CurvatureOptimizer):
         updated = self._update_curvature(rec)      # {block: factors}, batched over the net
         views = self._views
         compact: dict[int, CompactStage] = {}
-        cached: dict[int, list] = {}
-        weights = self._backward_sweep(rec, updated, compact, cached)
+        weights = self._backward_sweep(rec, updated, compact)
         xhat = rec.inputs[views[0].module]
         for t, view in enumerate(views):
             x = rec.inputs.pop(view.module, None)
             g = rec.out_grads.pop(view.module, None)
             v_next = rec.out_grads.pop(self._last_modules[t], g) if self.second_order else None
-            factors = cached.pop(t) if t in cached else self._factors(view, updated)
+            factors = self._factors(view, updated)
             delta = None
             if t in compact:
                 delta = compact.pop(t).feedback(xhat, weights[t + 1])
@@ -234,13 +236,12 @@ class DDPNOpt(CurvatureOptimizer):
         return (view.structured and view.blocks[0].kind == "conv2d" and self.eps_vxx == 0
                 and not self.second_order and view.module in rec.in_grads)
 
-    def _backward_sweep(self, rec, updated, compact, cached) -> list:
+    def _backward_sweep(self, rec, updated, compact) -> list:
         """Per-sample weights w_t = B S_t of the recorded gradients, S_t = s_t ... s_{T-1}.
 
         z_t = w_t dL/dx_t with s^2 = max(0, 1 - q_u^T P q_u) (S_T = 1; a plain number while all
         factors are one). Only t >= 2 matter (stage 0 has no feedback). Convolution stages are
-        turned into :class:`CompactStage` on the way (their inputs and cotangents released), and
-        the factors P computed here are kept in ``cached`` for the forward pass.
+        turned into :class:`CompactStage` on the way (their inputs and cotangents released).
         """
         views = self._views
         T, n = len(views), rec.inputs[views[0].module].shape[0]
@@ -252,7 +253,7 @@ class DDPNOpt(CurvatureOptimizer):
                 continue
             need_rho = t >= 2 and self.vxx_update
             if need_rho:
-                factors = cached[t] = self._factors(view, updated)
+                factors = self._factors(view, updated)
             if self._compactable(view, rec):
                 cs = compact[t] = CompactStage.build(
                     view.blocks[0], rec.inputs.pop(view.module), rec.out_grads.pop(view.module),
