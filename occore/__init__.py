@@ -7,12 +7,15 @@ from __future__ import annotations
 
 import logging
 
-from . import problems
+from . import problems, reference
 from .callbacks import Logger, Verbose
+from .comparison import compare
+from .derivatives.check import DerivativeReport, check_derivatives
 from .errors import DerivativeError, InputError, OccoreError, ShapeError
 from .problem import Problem
 from .result import IterationInfo, Result, Status
 from .solvers.ddp import DDP, ILQR
+from .solvers.emsa import EMSA, EMSAOptions, InnerSolver
 from .solvers.options import DDPOptions, LineSearch, Regularization
 from .types import ControlProblem, LocalModel, Policy, Trajectory
 
@@ -21,15 +24,8 @@ logging.getLogger("occore").addHandler(logging.NullHandler())
 __version__ = "0.1.0"
 
 __all__ = [
-    "DDP", "ILQR", "Problem", "Result", "Status", "IterationInfo", "Trajectory", "Policy",
-    "ControlProblem", "LocalModel", "DDPOptions", "LineSearch", "Regularization", "Logger", "Verbose",
-    "OccoreError", "ShapeError", "InputError", "DerivativeError", "problems",
+    "DDP", "ILQR", "EMSA", "Problem", "Result", "Status", "IterationInfo", "Trajectory", "Policy",
+    "ControlProblem", "LocalModel", "DDPOptions", "EMSAOptions", "InnerSolver", "LineSearch",
+    "Regularization", "Logger", "Verbose", "OccoreError", "ShapeError", "InputError", "DerivativeError",
+    "problems", "reference", "compare", "check_derivatives", "DerivativeReport",
 ]
-
-from . import reference  # noqa: E402  (E-MSA, the IPOPT reference and the comparison: issue 6)
-from .solvers.emsa import EMSA, EMSAOptions, InnerSolver  # noqa: E402
-from .comparison import compare  # noqa: E402  (a function; the package is occore.comparison)
-
-__all__ += ["EMSA", "EMSAOptions", "InnerSolver", "reference", "compare"]
-from .derivatives.check import check_derivatives, DerivativeReport  # noqa: E402
-__all__ += ["check_derivatives", "DerivativeReport"]
