@@ -23,7 +23,7 @@ logger = logging.getLogger("nn_adapter")
 
 #: Learning rates that work for the small classification problems of the demo and the CLI.
 DEFAULT_LR = {"ddpnopt": 3e-3, "ddpnopt-sgd": 0.05, "ddpnopt-rmsprop": 1e-3, "ddpnopt-ekfac": 3e-3,
-              "adam": 3e-3, "sgd": 0.05, "rmsprop": 1e-3, "ekfac": 0.01}
+              "adam": 3e-3, "sgd": 0.05, "rmsprop": 1e-3, "ekfac": 3e-3}
 OPTIMIZERS = tuple(DEFAULT_LR)
 
 
