@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .lq.adjoint import adjoint_sweep
+from .lq.compiled import best_adjoint
 from .lq.riccati import riccati_sweep
 from .types import Policy
 
@@ -46,7 +46,7 @@ class DenseLocalModel:
 
     def _adjoint_sweep(self):
         if self._adjoint is None:
-            self._adjoint = adjoint_sweep(self.derivs)
+            self._adjoint = best_adjoint()(self.derivs)
         return self._adjoint
 
     def costates(self) -> np.ndarray:
