@@ -196,7 +196,9 @@ class FiniteDifferenceBackend(Backend):
             with np.errstate(all="ignore"):
                 F = np.asarray(self._raw("dynamics", X, U, P), dtype=np.float64)
                 L = np.asarray(self._raw("stage_cost", X, U, P), dtype=np.float64)
-        except Exception:  # noqa: BLE001 - a function that does not vectorise: evaluate point by point
+        except Exception as err:  # noqa: BLE001 - a function that does not vectorise: point by point
+            log.debug("finite_difference backend: functions do not take batches (%s: %s); "
+                      "evaluating point by point", type(err).__name__, err)
             return None
         if F.shape != (self.nx, N) or L.shape != (N,):
             return None

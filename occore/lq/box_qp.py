@@ -5,10 +5,11 @@
 from __future__ import annotations
 
 import numpy as np
+from scipy.linalg import cho_solve
 
 from ..errors import NotPositiveDefinite
 
-__all__ = ["box_qp"]
+__all__ = ["box_qp", "chol_solve"]
 
 
 def box_qp(H, g, lower, upper, k0=None, max_iter: int = 100, tol: float = 1e-13, stage: int = -1):
@@ -59,7 +60,7 @@ def box_qp(H, g, lower, upper, k0=None, max_iter: int = 100, tol: float = 1e-13,
         if np.linalg.norm(gf) < tol:
             break
         step = np.zeros(n)
-        step[free] = -_chol_solve(L, gf)
+        step[free] = -chol_solve(L, gf)
         expected = grad @ step
         if expected >= -tol * max(1.0, abs(fk)):
             break
@@ -89,6 +90,6 @@ def box_qp(H, g, lower, upper, k0=None, max_iter: int = 100, tol: float = 1e-13,
     return k, free, L
 
 
-def _chol_solve(L, b):
-    y = np.linalg.solve(L, b)
-    return np.linalg.solve(L.T, y)
+def chol_solve(L, b):
+    """(L L')^-1 b for a lower Cholesky factor L (two triangular solves)."""
+    return cho_solve((L, True), b, check_finite=False)

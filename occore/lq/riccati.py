@@ -26,7 +26,7 @@ from __future__ import annotations
 import numpy as np
 
 from ..errors import NotPositiveDefinite
-from .box_qp import box_qp
+from .box_qp import box_qp, chol_solve
 
 __all__ = ["riccati_sweep", "CONTROL_REG"]
 
@@ -80,14 +80,14 @@ def riccati_sweep(d, mu: float, second_order: bool, us=None, lower=None, upper=N
                 L = np.linalg.cholesky(H)
             except np.linalg.LinAlgError as err:
                 raise NotPositiveDefinite(t) from err
-            sol = -np.linalg.solve(L.T, np.linalg.solve(L, np.column_stack([Qu, Qux_reg])))
+            sol = -chol_solve(L, np.column_stack([Qu, Qux_reg]))
             kt, Kt = sol[:, 0], sol[:, 1:]
         else:
             kt, free, L = box_qp(H, Qu, lower[t] - us[t], upper[t] - us[t],
                                  None if k_warm is None else k_warm[t], stage=t)
             Kt = np.zeros((nu, nx))
             if L is not None:
-                Kt[free] = -np.linalg.solve(L.T, np.linalg.solve(L, Qux_reg[free]))
+                Kt[free] = -chol_solve(L, Qux_reg[free])
         k[t], K[t] = kt, Kt
         d1 += Qu @ kt
         d2 += kt @ Quu @ kt

@@ -168,7 +168,8 @@ def test_factorised_vs_dense_exact_terminal_hessian(make, capsys):
     with capsys.disabled():
         print(f"\n[{make.__name__}] feedback |.|max {fb:.3e}; factorised (GN terminal) vs dense "
               f"(exact terminal Hessian): relative difference of the feedback {rel:.3f}")
-    assert fb > 1e-6 and 0.0 <= rel < 10.0
+    # measured 0.74 (MLP) and 0.75 (CNN): the approximations differ, by the same order as the feedback
+    assert fb > 1e-6 and 0.05 < rel < 1.5
 
 
 # -- first-order check: Q_u + Q_ux dx = d/du J_t(x + dx, u) + O(|dx|^2) ----------------------------
