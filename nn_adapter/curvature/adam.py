@@ -45,13 +45,17 @@ class AdamCurvature(DiagonalCurvature):
         sq = state["max_exp_avg_sq"] if group["amsgrad"] else state["exp_avg_sq"]
         return (sq.sqrt() / math.sqrt(bc2)).add_(group["eps"])
 
-    def param_update(self, p, grad, group, state):
+    @staticmethod
+    def _init_state(p, group, state):
         if "exp_avg" not in state:
             state["step"] = 0
             state["exp_avg"] = torch.zeros_like(p)
             state["exp_avg_sq"] = torch.zeros_like(p)
             if group["amsgrad"]:
                 state["max_exp_avg_sq"] = torch.zeros_like(p)
+
+    def param_update(self, p, grad, group, state):
+        self._init_state(p, group, state)
         beta1, beta2 = group["betas"]
         state["step"] += 1
         grad = with_weight_decay(p, grad, group)
@@ -64,12 +68,7 @@ class AdamCurvature(DiagonalCurvature):
     def params_update(self, params, grads, group, states):
         """All parameters at once with ``torch._foreach_*`` (same arithmetic as one by one)."""
         for p, st in zip(params, states):
-            if "exp_avg" not in st:
-                st["step"] = 0
-                st["exp_avg"] = torch.zeros_like(p)
-                st["exp_avg_sq"] = torch.zeros_like(p)
-                if group["amsgrad"]:
-                    st["max_exp_avg_sq"] = torch.zeros_like(p)
+            self._init_state(p, group, st)
             st["step"] += 1
         beta1, beta2 = group["betas"]
         if group["weight_decay"] != 0:
