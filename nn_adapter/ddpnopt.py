@@ -29,6 +29,8 @@ Neural Optimizer", ICLR 2021 (Algorithm 3, Propositions 2 and 3).
 """
 from __future__ import annotations
 
+import math
+
 import logging
 from typing import Union
 
@@ -101,8 +103,9 @@ class DDPNOpt(CurvatureOptimizer):
                    for m in FEEDBACK_MODES):
             raise ValueError(f"invalid feedback: {feedback!r} (expected True, False, "
                              "'factorised' or 'dense')")
-        if not isinstance(eps_vxx, (int, float)) or isinstance(eps_vxx, bool) or not eps_vxx >= 0:
-            raise ValueError(f"invalid eps_vxx: {eps_vxx!r} (expected a number >= 0)")
+        if (not isinstance(eps_vxx, (int, float)) or isinstance(eps_vxx, bool) or not eps_vxx >= 0
+                or not math.isfinite(eps_vxx)):
+            raise ValueError(f"invalid eps_vxx: {eps_vxx!r} (expected a finite number >= 0)")
         if not isinstance(second_order, bool):
             raise ValueError(f"invalid second_order: {second_order!r} (expected a bool)")
         if not isinstance(vxx_update, bool):

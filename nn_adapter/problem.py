@@ -179,7 +179,8 @@ class NetworkProblem:
             for stage, u in zip(self.stages, us):
                 xs.append(stage.forward(u, xs[-1]))
             cost = float(self._cost(xs[-1], us).item())
-        return Trajectory(xs=xs, us=list(us), cost=cost)
+        # own copies: a Result must not alias the caller's tensors
+        return Trajectory(xs=xs, us=[{k: v.detach().clone() for k, v in u.items()} for u in us], cost=cost)
 
     def rollout_policy(self, ref: Trajectory, policy: Policy, alpha: float) -> Trajectory:
         """Layer-by-layer feedback pass u_t = ref.us_t + alpha k_t + K_t (x_t - ref.xs_t).

@@ -166,7 +166,9 @@ def _check(module: nn.Module, name: str, check_mode: bool = True) -> None:
 
 def _items(model) -> list[tuple[str, object]]:
     if isinstance(model, nn.Sequential):
-        return list(model.named_children())
+        # _modules keeps a module that appears twice (a shared activation); named_children() would
+        # drop the repeat and silently change the network
+        return list(model._modules.items())
     if isinstance(model, (list, tuple)) and not isinstance(model, nn.Module):
         return [(str(i), item) for i, item in enumerate(model)]
     raise UnsupportedModuleError(

@@ -78,8 +78,8 @@ class EMSAOptions:
         max_iter: iteration limit (rejected trials count as iterations).
         tol: stop (CONVERGED) when the norm of dJ/du over all stages is below this (with bounds,
             of its projection).
-        ftol: also stop (CONVERGED) when a trial changes J by at most ``ftol * max(1, |J|)``: no
-            progress is measurable any more (a fixed point of the iteration up to rounding). On
+        ftol: also stop (CONVERGED) when a trial changes J by at most ``ftol * max(1, |J|)`` (default
+            1e-14, about 45 rounding units of J): no progress is measurable any more (a fixed point of the iteration up to rounding). On
             stiff problems (swing-ups) dJ/du stays far from 0 at the optimum DDP finds, since
             rounding the controls at 1e-9 moves it by ~0.1; this rule is what stops there.
         rho: initial penalty weight of the feasibility terms (>= 0; 0 with one exact inner
@@ -101,7 +101,7 @@ class EMSAOptions:
 
     max_iter: int = 3000
     tol: float = 1e-4
-    ftol: float = 1e-12
+    ftol: float = 1e-14
     rho: float = 1.0
     adaptive_rho: bool = True
     rho_increase: float = 10.0
@@ -124,7 +124,8 @@ class EMSAOptions:
         _check("adaptive_rho", self.adaptive_rho, isinstance(self.adaptive_rho, bool), "True or False")
         for name in ("rho_increase", "rho_decrease"):
             v = getattr(self, name)
-            _check(name, v, _number(v) and v >= 1, "a finite number >= 1")
+            _check(name, v, _number(v) and (v > 1 if name == "rho_increase" else v >= 1),
+                   "a finite number > 1" if name == "rho_increase" else "a finite number >= 1")
         _check("rho_min", self.rho_min, _number(self.rho_min) and self.rho_min > 0, "a finite number > 0")
         _check("rho_max", self.rho_max, _number(self.rho_max) and self.rho_max >= max(self.rho, self.rho_min),
                ">= rho and >= rho_min")

@@ -226,3 +226,13 @@ def test_module_called_twice_in_the_closure_is_refused():
     with pytest.raises(InputError, match="ran 2 times"):
         opt.step(closure)
     assert torch.equal(_flat(net), before)
+
+
+def test_infinite_eps_vxx_is_refused():
+    import pytest as _pytest
+    from torch import nn as _nn
+
+    from nn_adapter import DDPNOpt as _DDPNOpt
+
+    with _pytest.raises(ValueError, match="eps_vxx"):
+        _DDPNOpt(_nn.Sequential(_nn.Linear(2, 2)), lr=0.1, eps_vxx=float("inf"))

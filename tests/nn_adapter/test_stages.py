@@ -101,3 +101,18 @@ def test_shared_and_partly_frozen_parameters():
     frozen = nn.Linear(2, 2).requires_grad_(False)
     split = split_stages(nn.Sequential(nn.Linear(2, 2), frozen))
     assert len(split.stages) == 1 and split.stages[0].modules[1] is frozen
+
+
+def test_a_shared_activation_instance_counts_at_every_place():
+    """nn.Sequential(L1, act, L2, act, L3) with one Tanh object: both places are in the stages."""
+    import torch
+    from nn_adapter import NetworkProblem
+
+    act = nn.Tanh()
+    net = nn.Sequential(nn.Linear(3, 4), act, nn.Linear(4, 4), act, nn.Linear(4, 2)).double()
+    pre, stages = split_stages(net)
+    assert [len(s.modules) for s in stages] == [2, 2, 1]
+    x, y = torch.randn(5, 3, dtype=torch.float64), torch.randn(5, 2, dtype=torch.float64)
+    prob = NetworkProblem(net, nn.MSELoss(), x, y)
+    traj = prob.rollout(prob.initial_controls())
+    assert torch.equal(traj.xs[-1], net(x))

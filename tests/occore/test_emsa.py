@@ -300,3 +300,8 @@ def test_non_finite_stage_derivatives_keep_their_controls(zoo):
     assert np.all(np.isfinite(new)) and np.all(new >= lower) and np.all(new <= upper)
     np.testing.assert_array_equal(new[3], np.clip(traj.us[3], -0.5, 0.5))
     assert np.abs(new - np.clip(traj.us, -0.5, 0.5)).max() > 1e-3
+
+
+def test_rho_increase_must_raise_rho():
+    with pytest.raises(ValueError, match="rho_increase"):
+        occore.EMSA(rho_increase=1.0)
