@@ -88,6 +88,21 @@ class StageView:
 
 
 # -- pieces of a structured (Linear / Conv2d) module ------------------------------------------------
+def sample_dots(q: torch.Tensor, x: torch.Tensor, chunk: int = 16) -> torch.Tensor:
+    """Per-sample dot products q^(i) . x^(i) accumulated in float64, (B,) float64.
+
+    The feedback coefficient q_x . dx is formed as q_x . xhat - q_x . x (so no activation-sized dx is
+    kept); in float32 that difference of two large numbers would lose most digits when dx is small,
+    so both dots are accumulated in float64, a few samples at a time (bounded extra memory).
+    """
+    n = x.shape[0]
+    q2, x2 = q.reshape(n, -1), x.reshape(n, -1)
+    out = torch.empty(n, dtype=torch.float64, device=x.device)
+    for i in range(0, n, chunk):
+        out[i:i + chunk] = (q2[i:i + chunk].double() * x2[i:i + chunk].double()).sum(1)
+    return out
+
+
 def _linear_part(block: Block, weight: torch.Tensor, dx: torch.Tensor) -> torch.Tensor:
     """h_x dx: the layer applied to dx without its bias."""
     m = block.module
@@ -196,9 +211,7 @@ def feedback_grads(view: StageView, x: torch.Tensor, xhat: torch.Tensor, g: torc
     n = x.shape[0]
     params = [p.detach() for p in view.params]
     if q_x is not None:   # c_i = q_x^(i) . (xhat_i - x_i), no temporary dx
-        qv = q_x.reshape(n, 1, -1)
-        c = (torch.bmm(qv, xhat.reshape(n, -1, 1)) - torch.bmm(qv, x.reshape(n, -1, 1)))
-        c = c.reshape(n)
+        c = (sample_dots(q_x, xhat) - sample_dots(q_x, x)).to(x.dtype)
     else:
         dx = xhat - x
         if view.structured:
@@ -229,7 +242,7 @@ class CompactStage:
         block: the Conv2d block.
         grads: per-sample gradients of the recorded cotangents g, (B, out, in[+1]).
         q_x: h_x^T g, the recorded gradients at the module input, (B, C, H, W).
-        qx_dot_x: per-sample q_x . x, (B,).
+        qx_dot_x: per-sample q_x . x, (B,) float64 (see :func:`sample_dots`).
     """
 
     block: Block
@@ -244,8 +257,7 @@ class CompactStage:
         grads = x.new_empty(n, w.shape[0], w[0].numel() + block.has_bias)
         for _ in per_sample_grads(block, x, g, out=grads):
             pass
-        dot = torch.bmm(q_x.reshape(n, 1, -1), x.reshape(n, -1, 1)).reshape(n)
-        return cls(block, grads, q_x, dot)
+        return cls(block, grads, q_x, sample_dots(q_x, x))
 
     def quad_form(self, factors) -> torch.Tensor:
         """q_u^T P q_u per sample for the recorded cotangents (scale by w^2 for w g)."""
@@ -264,8 +276,8 @@ class CompactStage:
     def feedback(self, xhat: torch.Tensor, w) -> list[torch.Tensor]:
         """(1/B) sum_i c_i q_u^(i), c_i = q_x^(i) . dx^(i), for cotangents w_i g_i."""
         n = xhat.shape[0]
-        c = torch.bmm(self.q_x.reshape(n, 1, -1), xhat.reshape(n, -1, 1)).reshape(n)
-        c = (c - self.qx_dot_x) * (w * w / n if isinstance(w, float) else w.square() / n)
+        c = (sample_dots(self.q_x, xhat) - self.qx_dot_x).to(xhat.dtype)
+        c = c * (w * w / n if isinstance(w, float) else w.square() / n)
         mat = torch.einsum("i,iab->ab", c, self.grads)
         return from_matrix(self.block, mat)
 

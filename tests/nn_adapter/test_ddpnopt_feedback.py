@@ -260,3 +260,19 @@ def test_dense_feedback_refuses_large_networks():
     with pytest.raises(ValueError, match="dense"):
         dense_gains(opt._views, [None] * 3, inputs, torch.randn(B, 3, dtype=torch.float64),
                     max_elements=10)
+
+
+def test_feedback_coefficient_keeps_its_digits_in_float32():
+    """c = q . xhat - q . x with a tiny dx: float64 accumulation keeps ~7 digits (plain float32 bmm
+    lost 1-15% here)."""
+    from nn_adapter.feedback import sample_dots
+    torch.manual_seed(0)
+    q = torch.randn(32, 2048)
+    x = torch.randn(32, 2048) + 3.0
+    dx = 1e-5 * torch.randn(32, 2048)
+    xhat = x + dx
+    exact = (q.double() * (xhat.double() - x.double())).sum(1)
+    c = sample_dots(q, xhat) - sample_dots(q, x)
+    assert torch.allclose(c, exact, rtol=1e-9, atol=1e-12)
+    naive = (q * xhat).sum(1) - (q * x).sum(1)
+    assert ((naive.double() - exact).abs() / exact.abs()).max() > 1e-3   # what float32 alone loses
