@@ -66,7 +66,10 @@ class DDPNOpt(CurvatureOptimizer):
         feedback: ``True`` / ``"factorised"`` (Proposition 3, the default), ``False`` (the base
             optimizer exactly) or ``"dense"`` (per-sample gains materialised, see
             :mod:`nn_adapter.feedback_dense`; small networks only).
-        eps_vxx: Tikhonov term added to the value Hessians V_xx (>= 0).
+        eps_vxx: Tikhonov term added to the value Hessians V_xx (finite, >= 0). In the factorised
+            feedback it enters each stage's gain once (the eps f_u^T f_x dx term of the issue) and is
+            not carried further back; ``feedback="dense"`` carries eps I back through every stage,
+            so the two differ when eps_vxx > 0 (they agree exactly at 0).
         second_order: also expand the dynamics to second order (adds V_x . f_ux dx).
         vxx_update: carry V_xx = Q_xx - Q_ux^T Q_uu^-1 Q_ux back (the default, Proposition 3). With
             False, V_xx = Q_xx (s = 1): this skips the per-sample q_u^T P q_u, whose cost for a
