@@ -155,8 +155,14 @@ class NetworkProblem:
                 raise ShapeError(f"{name}[{stage.index}]", f"a dict with keys {sorted(ref)}",
                                  sorted(u) if isinstance(u, dict) else type(u).__name__)
             for k, v in ref.items():
+                where = f"{name}[{stage.index}][{k!r}]"
+                if not isinstance(u[k], Tensor):
+                    raise InputError(f"{where}: expected a tensor, got {type(u[k]).__name__}")
                 if tuple(u[k].shape) != tuple(v.shape):
-                    raise ShapeError(f"{name}[{stage.index}][{k!r}]", tuple(v.shape), tuple(u[k].shape))
+                    raise ShapeError(where, tuple(v.shape), tuple(u[k].shape))
+                if u[k].dtype != v.dtype or u[k].device != v.device:
+                    raise InputError(f"{where}: expected dtype {v.dtype} on {v.device} (the model's), "
+                                     f"got {u[k].dtype} on {u[k].device}")
 
     # -- the protocol -------------------------------------------------------------------------
     def initial_controls(self) -> list[dict[str, Tensor]]:

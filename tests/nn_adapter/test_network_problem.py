@@ -162,3 +162,21 @@ def test_follows_the_model_to_cuda():
         assert torch.equal(traj.xs[-1], net(x.cuda()))
     res = occore.ILQR(max_iter=2).solve(prob)
     assert res.cost < traj.cost and res.us[0]["weight"].is_cuda
+
+
+def test_controls_of_the_wrong_type_or_dtype_get_typed_errors():
+    import torch as _torch
+    from torch import nn as _nn
+
+    from nn_adapter import NetworkProblem as _NP
+    from occore.errors import InputError as _IE
+
+    net = _nn.Sequential(_nn.Linear(2, 3), _nn.Tanh(), _nn.Linear(3, 1)).double()
+    prob = _NP(net, _nn.MSELoss(), _torch.randn(4, 2, dtype=_torch.float64), _torch.randn(4, 1, dtype=_torch.float64))
+    us = prob.initial_controls()
+    bad = [dict(us[0]), {k: v.float() for k, v in us[1].items()}]
+    with pytest.raises(_IE, match=r"us\[1\]\['weight'\].*float64"):
+        prob.rollout(bad)
+    bad = [dict(us[0]), {k: v.tolist() for k, v in us[1].items()}]
+    with pytest.raises(_IE, match="expected a tensor"):
+        prob.rollout(bad)
