@@ -116,7 +116,7 @@ def test_ddp_solution_is_a_fixed_point(zoo, name):
     ddp = occore.DDP().solve(prob)
     res = EMSA().solve(prob, us0=ddp.us)
     assert res.status is Status.CONVERGED, res.summary()
-    assert res.iterations <= 20            # measured: 1 (lqr, cartpole, unicycle), 10, 15
+    assert res.iterations <= 20            # measured: 1 (lqr, unicycle), 11 (pendulum_box), 14 (cartpole), 16 (pendulum): rejected trials while rho rises
     assert np.abs(res.us - ddp.us).max() < 1e-8
     assert res.cost <= ddp.cost
 
