@@ -35,6 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from nn_adapter import EKFAC, DDPNOpt  # noqa: E402
 from nn_adapter.data import load_digits, load_fashion_mnist  # noqa: E402
+from nn_adapter.training import make_closure  # noqa: E402
 
 OPTIMIZERS = {
     "SGD-m (torch)": lambda net: torch.optim.SGD(net.parameters(), lr=0.05, momentum=0.9),
@@ -91,15 +92,6 @@ def batches(name: str, batch: int, n: int):
         idx = torch.randint(0, len(x), (batch,), generator=g)
         out.append((x[idx], y[idx]))
     return out, note
-
-
-def make_closure(net, opt, xb, yb):
-    def closure():
-        opt.zero_grad()
-        loss = nn.functional.cross_entropy(net(xb), yb)
-        loss.backward()
-        return loss
-    return closure
 
 
 def _resident_bytes(net, opt) -> int:

@@ -16,8 +16,8 @@ from torch import nn
 
 from .data import Split
 
-__all__ = ["OPTIMIZERS", "DEFAULT_LR", "TrainRecord", "make_optimizer", "train_classifier",
-           "compare_optimizers", "mlp"]
+__all__ = ["OPTIMIZERS", "DEFAULT_LR", "TrainRecord", "make_closure", "make_optimizer",
+           "train_classifier", "compare_optimizers", "mlp"]
 
 logger = logging.getLogger("nn_adapter")
 
@@ -25,6 +25,30 @@ logger = logging.getLogger("nn_adapter")
 DEFAULT_LR = {"ddpnopt": 3e-3, "ddpnopt-sgd": 0.05, "ddpnopt-rmsprop": 1e-3, "ddpnopt-ekfac": 3e-3,
               "adam": 3e-3, "sgd": 0.05, "rmsprop": 1e-3, "ekfac": 3e-3}
 OPTIMIZERS = tuple(DEFAULT_LR)
+
+
+def make_closure(model: nn.Module, optimizer: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor,
+                 loss_fn: Callable | None = None) -> Callable[[], torch.Tensor]:
+    """The usual closure for ``optimizer.step(closure)``: zero_grad, forward, loss, backward.
+
+    ``loss_fn`` defaults to cross-entropy.
+
+    Example:
+        >>> net = nn.Linear(2, 3)
+        >>> opt = torch.optim.SGD(net.parameters(), lr=0.1)
+        >>> loss = opt.step(make_closure(net, opt, torch.randn(4, 2), torch.tensor([0, 1, 2, 0])))
+        >>> loss.shape
+        torch.Size([])
+    """
+    loss_fn = loss_fn or nn.functional.cross_entropy
+
+    def closure():
+        optimizer.zero_grad()
+        loss = loss_fn(model(x), y)
+        loss.backward()
+        return loss
+
+    return closure
 
 
 def make_optimizer(name: str, model: nn.Module, lr: float | None = None) -> torch.optim.Optimizer:
@@ -115,15 +139,8 @@ def train_classifier(model: nn.Module, data: Split, optimizer: torch.optim.Optim
         start = time.perf_counter()
         for i in range(0, n - batch_size + 1, batch_size):
             idx = order[i:i + batch_size]
-            xb, yb = data.x_train[idx], data.y_train[idx]
-
-            def closure():
-                optimizer.zero_grad()
-                loss = loss_fn(model(xb), yb)
-                loss.backward()
-                return loss
-
-            loss = optimizer.step(closure)
+            loss = optimizer.step(make_closure(model, optimizer, data.x_train[idx], data.y_train[idx],
+                                               loss_fn))
             loss = float(loss.detach() if torch.is_tensor(loss) else loss)
             if loss != loss or abs(loss) == float("inf"):
                 logger.warning("%s: non-finite loss, training stopped", record.optimizer)

@@ -9,6 +9,7 @@ from torch import nn
 
 from nn_adapter import DDPNOpt
 from nn_adapter.errors import UnsupportedModuleError
+from nn_adapter.training import make_closure
 from occore.errors import InputError
 
 
@@ -25,12 +26,7 @@ def _data(n, seed=0, dtype=torch.float64):
 
 
 def _step(net, opt, x, y):
-    def closure():
-        opt.zero_grad()
-        loss = nn.functional.cross_entropy(net(x), y)
-        loss.backward()
-        return loss
-    return opt.step(closure)
+    return opt.step(make_closure(net, opt, x, y))
 
 
 def _flat(net):

@@ -8,6 +8,7 @@ from torch import nn
 from nn_adapter import DDPNOpt
 from nn_adapter.feedback import feedback_grads, second_order_grads
 from nn_adapter.stages import split_stages
+from nn_adapter.training import make_closure
 
 from test_ddpnopt_oracle import dense_P, dense_step
 
@@ -46,12 +47,7 @@ def _batch(make, seed):
 
 
 def _closure(net, opt, x, y):
-    def closure():
-        opt.zero_grad()
-        loss = nn.functional.cross_entropy(net(x), y)
-        loss.backward()
-        return loss
-    return closure
+    return make_closure(net, opt, x, y)
 
 
 def _stage_controls(net):
