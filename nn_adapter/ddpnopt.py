@@ -29,9 +29,10 @@ Neural Optimizer", ICLR 2021 (Algorithm 3, Propositions 2 and 3).
 """
 from __future__ import annotations
 
-import math
-
+import copy
 import logging
+import math
+import warnings
 from typing import Union
 
 import torch
@@ -39,11 +40,15 @@ from torch import nn
 
 from occore.errors import InputError
 
+from .curvature.base import apply_p
 from .curvature.optimizer import CurvatureOptimizer
 from .curvature.records import Recorder
 from .feedback import (CompactStage, StageView, feedback_grads, quad_form, run_module,
                        second_order_grads, tikhonov_grads)
+from .feedback_columns import (column_feedback, column_quad_forms, gram, next_weights,
+                               pull_columns)
 from .feedback_dense import apply_gains, dense_gains
+from .terminal import LOSSES, TERMINAL_HESSIANS, LossResolver, terminal_factor
 
 __all__ = ["DDPNOpt"]
 
@@ -101,7 +106,9 @@ class DDPNOpt(CurvatureOptimizer):
 
     def __init__(self, model: nn.Module, lr: float = 1e-3, curvature: str = "adam",
                  feedback: Union[bool, str] = True, eps_vxx: float = 0.0,
-                 second_order: bool = False, vxx_update: bool = True, **hyperparameters):
+                 second_order: bool = False, vxx_update: bool = True,
+                 terminal_hessian: str = "projected", loss: str = "auto", diagnostics: bool = False,
+                 seed: int = 0, **hyperparameters):
         if not any(feedback is m or (isinstance(m, str) and feedback == m)
                    for m in FEEDBACK_MODES):
             raise ValueError(f"invalid feedback: {feedback!r} (expected True, False, "
@@ -113,7 +120,22 @@ class DDPNOpt(CurvatureOptimizer):
             raise ValueError(f"invalid second_order: {second_order!r} (expected a bool)")
         if not isinstance(vxx_update, bool):
             raise ValueError(f"invalid vxx_update: {vxx_update!r} (expected a bool)")
+        if terminal_hessian not in TERMINAL_HESSIANS:
+            raise ValueError(f"invalid terminal_hessian: {terminal_hessian!r} (expected one of "
+                             f"{', '.join(TERMINAL_HESSIANS)})")
+        if loss not in LOSSES:
+            raise ValueError(f"invalid loss: {loss!r} (expected one of {', '.join(LOSSES)})")
+        if not isinstance(diagnostics, bool):
+            raise ValueError(f"invalid diagnostics: {diagnostics!r} (expected a bool)")
+        if not isinstance(seed, int) or isinstance(seed, bool):
+            raise ValueError(f"invalid seed: {seed!r} (expected an int)")
         super().__init__(model, curvature, lr, **hyperparameters)
+        self.terminal_hessian = terminal_hessian
+        self.record_diagnostics = diagnostics
+        self.diagnostics = None
+        self._clamped: dict = {}
+        self._loss = LossResolver(loss)
+        self._generator = torch.Generator().manual_seed(seed)
         self.feedback = "factorised" if feedback is True else feedback
         self.eps_vxx = float(eps_vxx)
         self.second_order = second_order
@@ -151,12 +173,13 @@ class DDPNOpt(CurvatureOptimizer):
         grads = super()._recorded_modules() + heads
         if self.second_order:
             grads += self._last_modules[1:]
-        if self.feedback == "dense":
+        if self.feedback == "dense" or self.terminal_hessian != "gradient":
             grads += self._last_modules[-1:]
+        outputs = self._last_modules[-1:] if self.terminal_hessian != "gradient" else []
         # q_x = h_x^T g is recorded where it saves a Jacobian-vector product (not for Linear)
         in_grads = [v.module for v in self._views[1:]
                     if not (v.structured and v.blocks[0].kind == "linear")]
-        return Recorder(inputs, list({id(m): m for m in grads}.values()), in_grads)
+        return Recorder(inputs, list({id(m): m for m in grads}.values()), in_grads, outputs)
 
     def _check_records(self, rec: Recorder) -> None:
         rec.check_complete([v.module for v in self._views], need_grads=False)
@@ -177,39 +200,157 @@ class DDPNOpt(CurvatureOptimizer):
     def _update(self, rec: Recorder) -> None:
         if not self.feedback:
             return super()._update(rec)
+        saved = self._snapshot()
+        self.diagnostics = [] if self.record_diagnostics else None
+        self._clamped = {}
         if self.feedback == "dense":
-            return self._update_dense(rec)
+            self._update_dense(rec)
+        else:
+            self._update_factorised(rec)
+        params = [p for b in self._blocks for p in b.params]
+        if not math.isfinite(float(torch.stack(torch._foreach_norm(params)).sum())):
+            self._restore(saved)
+            msg = ("DDPNOpt: the feedback pass gave a non-finite parameter; step refused, "
+                   "parameters and optimizer state unchanged")
+            log.warning(msg)
+            warnings.warn(msg, RuntimeWarning, stacklevel=4)
+
+    def _snapshot(self):
+        """Copies of the parameters and the optimizer state (restored if the step is refused)."""
+        params = [p for b in self._blocks for p in b.params]
+        state = {p: {k: (v.clone() if isinstance(v, torch.Tensor) else copy.deepcopy(v))
+                     for k, v in self.state[p].items()} for p in params if p in self.state}
+        return [p.detach().clone() for p in params], state
+
+    def _restore(self, saved) -> None:
+        values, state = saved
+        params = [p for b in self._blocks for p in b.params]
+        for p, v in zip(params, values):
+            p.copy_(v)
+        for p in params:
+            if p in state:
+                self.state[p] = state[p]
+            else:
+                self.state.pop(p, None)
+
+    def _terminal(self, rec: Recorder):
+        """``(Y, W)`` of :func:`nn_adapter.terminal.terminal_factor` for this batch."""
+        if self.terminal_hessian == "gradient":
+            return None, None
+        out_mod = self._last_modules[-1]
+        out, g = rec.outputs.get(out_mod), rec.out_grads.get(out_mod)
+        if out is None or g is None:
+            raise InputError("closure: the network output got no gradient; the closure must "
+                             "call loss.backward() on a loss of the model's output")
+        loss = self._loss(out, g)
+        return terminal_factor(self.terminal_hessian, loss, out, g * out.shape[0], self._generator)
+
+    def _update_factorised(self, rec: Recorder) -> None:
         updated = self._update_curvature(rec)      # {block: factors}, batched over the net
+        y_out, w_out = self._terminal(rec)
+        if y_out is None:
+            feedback_of = self._recorded_feedback(rec, updated, w_out)
+        else:
+            feedback_of = self._column_feedback(rec, updated, y_out)
+        self._forward_pass(rec, updated, feedback_of)
+
+    def _forward_pass(self, rec: Recorder, updated, feedback_of) -> None:
+        """Algorithm 3's additional forward pass: u_t <- u_t + k_t + P_t feedback_of(t, xhat_t)."""
         views = self._views
-        compact: dict[int, CompactStage] = {}
-        weights = self._backward_sweep(rec, updated, compact)
         xhat = rec.inputs[views[0].module]
         for t, view in enumerate(views):
-            x = rec.inputs.pop(view.module, None)
-            g = rec.out_grads.pop(view.module, None)
-            v_next = rec.out_grads.pop(self._last_modules[t], g) if self.second_order else None
             factors = self._factors(view, updated)
-            delta = None
-            if t in compact:
-                delta = compact.pop(t).feedback(xhat, weights[t + 1])
-            elif t > 0 and factors is not None:
-                v_next = v_next * x.shape[0] if v_next is not None else None
-                g = g * _bcast(weights[t + 1], g)   # out of place: a user may hold these grads
-                q_x = rec.in_grads.pop(view.module, None)
-                if q_x is not None:
-                    q_x = q_x * _bcast(weights[t + 1], q_x)
-                delta = self._stage_feedback(t, view, x, xhat, g, q_x, v_next)
-            del g, v_next
+            delta = feedback_of(t, view, xhat, factors)
             if factors is not None:
                 i = 0
                 for block, fac in zip(view.blocks, factors):
                     n = len(block.params)
-                    self._apply(block, fac, delta[i:i + n] if delta is not None else None)
+                    part = delta[i:i + n] if delta is not None else None
+                    if self.diagnostics is not None:
+                        self._diagnose(t, block, fac, part)
+                    self._apply(block, fac, part)
                     i += n
-            del x, delta, factors
+            del delta, factors
             if t < len(views) - 1:
                 for m in (view.module, *view.followers):
                     xhat = run_module(m, xhat)
+
+    def _diagnose(self, t, block, factors, extra) -> None:
+        """Record ||P feedback|| and ||k|| of one block (``diagnostics=True``)."""
+        grads, states = self._grads_states(block)
+        k = self.curvature.direction(block, grads, self.param_groups[0], states, factors)
+        k2 = float(sum(v.double().square().sum() for v in k))
+        f2 = 0.0 if extra is None else float(sum(
+            v.double().square().sum() for v in apply_p(block, factors, extra)))
+        while len(self.diagnostics) <= t:
+            self.diagnostics.append({"stage": len(self.diagnostics), "k_norm": 0.0,
+                                     "feedback_norm": 0.0, "clamped": 0.0})
+        d = self.diagnostics[t]
+        d["k_norm"] = math.sqrt(d["k_norm"] ** 2 + k2)
+        d["feedback_norm"] = math.sqrt(d["feedback_norm"] ** 2 + f2)
+        d["ratio"] = d["feedback_norm"] / d["k_norm"] if d["k_norm"] > 0 else 0.0
+        d["clamped"] = self._clamped.get(t, 0.0)
+
+    def _recorded_feedback(self, rec, updated, w_out):
+        """The rank-one feedback on the gradients backpropagation recorded (terminal columns =
+        the value gradient; ``w_out``: per-sample terminal weight, None for 1)."""
+        views = self._views
+        n = rec.inputs[views[0].module].shape[0]
+        compact: dict[int, CompactStage] = {}
+        weights = self._backward_sweep(rec, updated, compact,
+                                       float(n) if w_out is None else w_out.sqrt() * n)
+
+        def feedback_of(t, view, xhat, factors):
+            x = rec.inputs.pop(view.module, None)
+            g = rec.out_grads.pop(view.module, None)
+            v_next = rec.out_grads.pop(self._last_modules[t], g) if self.second_order else None
+            if t in compact:
+                return compact.pop(t).feedback(xhat, weights[t + 1])
+            if t == 0 or factors is None:
+                return None
+            v_next = v_next * x.shape[0] if v_next is not None else None
+            g = g * _bcast(weights[t + 1], g)   # out of place: a user may hold these grads
+            q_x = rec.in_grads.pop(view.module, None)
+            if q_x is not None:
+                q_x = q_x * _bcast(weights[t + 1], q_x)
+            total = feedback_grads(view, x, xhat, g, q_x, overwrite=True)
+            return self._add_extras(t, view, x, xhat, v_next, total)
+        return feedback_of
+
+    def _column_feedback(self, rec, updated, y_out):
+        """The r-column feedback (:mod:`nn_adapter.feedback_columns`) for terminal columns y_out."""
+        views = self._views
+        T = len(views)
+        inputs = [rec.inputs[v.module] for v in views]
+        cols = pull_columns(views, inputs, y_out)
+        ws: list = [None] * (T + 1)          # W at the output of stage t is ws[t + 1]
+        for t in range(T - 1, 1, -1):
+            ws[t] = ws[t + 1]
+            factors = self._factors(views[t], updated)
+            if self.vxx_update and factors is not None:
+                nq = column_quad_forms(views[t], factors, inputs[t], cols[t].g)
+                ws[t], clamped = next_weights(ws[t + 1], nq, gram(cols[t].q_x))
+                if self.diagnostics is not None:
+                    self._clamped[t] = float(clamped.double().mean())
+        stage_out = {}
+        if self.second_order:
+            n = inputs[0].shape[0]
+            stage_out = {t: rec.out_grads[self._last_modules[t]] * n for t in range(1, T)}
+
+        def feedback_of(t, view, xhat, factors):
+            if t == 0 or factors is None:
+                return None
+            total = column_feedback(view, inputs[t], xhat, cols[t], ws[t + 1])
+            return self._add_extras(t, view, inputs[t], xhat, stage_out.get(t), total)
+        return feedback_of
+
+    def _add_extras(self, t, view, x, xhat, v_next, total) -> list:
+        """Add the Tikhonov (eps_vxx) and second-order dynamics terms of stage t's feedback."""
+        if self.eps_vxx > 0 and t < len(self._views) - 1:
+            total = [a + b for a, b in zip(total, tikhonov_grads(view, x, xhat - x, self.eps_vxx))]
+        if self.second_order:
+            total = [a + b for a, b in zip(total, second_order_grads(view, x, xhat - x, v_next))]
+        return total
 
     def _update_dense(self, rec: Recorder) -> None:
         """``feedback="dense"``: per-sample gains materialised (:mod:`nn_adapter.feedback_dense`)."""
@@ -222,8 +363,16 @@ class DDPNOpt(CurvatureOptimizer):
         n = inputs[0].shape[0]
         stage_out = ([None] + [rec.out_grads[m] * n for m in self._last_modules[1:]]
                      if self.second_order else None)
-        gains = dense_gains(views, factors, inputs, rec.out_grads[self._last_modules[-1]] * n,
-                            self.vxx_update, self.eps_vxx, self.second_order, stage_out)
+        g_out = rec.out_grads[self._last_modules[-1]] * n
+        y_out, w_out = self._terminal(rec)
+        y = (g_out[:, None] if y_out is None else y_out).reshape(n, -1, g_out[0].numel())
+        v_term = y.mT @ y if w_out is None else w_out[:, None, None] * (y.mT @ y)
+        gains = dense_gains(views, factors, inputs, v_term, self.vxx_update, self.eps_vxx,
+                            self.second_order, stage_out)
+        self._dense_pass(inputs, factors, gains)
+
+    def _dense_pass(self, inputs, factors, gains) -> None:
+        views = self._views
         xhat = inputs[0]
         for t, view in enumerate(views):
             delta = apply_gains(view, gains[t], xhat - inputs[t]) if t > 0 else None
@@ -242,16 +391,17 @@ class DDPNOpt(CurvatureOptimizer):
         return (view.structured and view.blocks[0].kind == "conv2d" and self.eps_vxx == 0
                 and not self.second_order and view.module in rec.in_grads)
 
-    def _backward_sweep(self, rec, updated, compact) -> list:
-        """Per-sample weights w_t = B S_t of the recorded gradients, S_t = s_t ... s_{T-1}.
+    def _backward_sweep(self, rec, updated, compact, w_out) -> list:
+        """Per-sample weights w_t = B S_t of the recorded gradients, S_t = s_t ... s_{T-1} S_T.
 
-        z_t = w_t dL/dx_t with s^2 = max(0, 1 - q_u^T P q_u) (S_T = 1; a plain number while all
-        factors are one). Only t >= 2 matter (stage 0 has no feedback). Convolution stages are
-        turned into :class:`CompactStage` on the way (their inputs and cotangents released).
+        z_t = w_t dL/dx_t with s^2 = max(0, 1 - q_u^T P q_u) and S_T^2 the terminal weight (a
+        plain number while all factors are one). Only t >= 2 matter (stage 0 has no feedback).
+        Convolution stages are turned into :class:`CompactStage` on the way (their inputs and
+        cotangents released).
         """
         views = self._views
-        T, n = len(views), rec.inputs[views[0].module].shape[0]
-        weights: list = [float(n)] * (T + 1)
+        T = len(views)
+        weights: list = [w_out] * (T + 1)
         for t in range(T - 1, 0, -1):
             view = views[t]
             weights[t] = weights[t + 1]
@@ -272,23 +422,10 @@ class DDPNOpt(CurvatureOptimizer):
                 rho = quad_form(view, factors, rec.inputs[view.module], rec.out_grads[view.module])
                 rho = rho.mul_(w * w if isinstance(w, float) else w.square())
             if need_rho:
-                if log.isEnabledFor(logging.DEBUG):
-                    log.debug("DDPNOpt stage %d: q_u'P q_u max %.3g, %d/%d samples with s = 0",
-                              t, float(rho.max()), int((rho >= 1).sum()), len(rho))
+                if self.diagnostics is not None:
+                    self._clamped[t] = float((rho > 1).double().mean())
                 weights[t] = (1.0 - rho).clamp_(min=0.0).sqrt_().mul_(weights[t + 1])
         return weights
-
-    def _stage_feedback(self, t, view, x, xhat, g, q_x, v_next) -> list:
-        """(1/B) sum_i Q_ux^(i) dx^(i) of stage t (not yet preconditioned); overwrites g."""
-        extra = []
-        if self.eps_vxx > 0 and t < len(self._views) - 1:
-            extra.append(tikhonov_grads(view, x, xhat - x, self.eps_vxx))
-        if self.second_order:
-            extra.append(second_order_grads(view, x, xhat - x, v_next))
-        total = feedback_grads(view, x, xhat, g, q_x, overwrite=True)
-        for more in extra:
-            total = [a + b for a, b in zip(total, more)]
-        return total
 
 
 def _bcast(s, like: torch.Tensor):

@@ -6,8 +6,9 @@ stage), Q_xx^(i) = f_x^T V' f_x, Q_ux^(i) = f_u^T V' f_x (+ V_x' . f_ux with sec
 dynamics), the gains K^(i) = -P Q_ux^(i), and V_xx^(i) = Q_xx - Q_ux^T P Q_ux with its negative
 eigenvalues clamped at zero, + eps I carried back exactly (the factorised form keeps only its
 first stage, eps f_u^T f_x dx). P is the curvature's inverse, materialised as an
-(m_t, m_t) matrix. The terminal value Hessian is the Gauss-Newton outer product V_x V_x^T (the
-only one a closure reveals), so with the same options the result equals the factorised one.
+(m_t, m_t) matrix. The terminal value Hessian is the optimizer's choice
+(:mod:`nn_adapter.terminal`) materialised, so with the same options the result equals the
+factorised one.
 
 Memory grows like B (n_t^2 + m_t n_t) + m_t^2 per stage; :func:`dense_gains` refuses networks
 where that exceeds ``max_elements``.
@@ -38,7 +39,7 @@ def _dense_P(view: StageView, factors: list) -> torch.Tensor:
         view, factors, _unflatten(eye[j], params))]) for j in range(m)], 1)
 
 
-def dense_gains(views: list, factors: list, inputs: list, v_out: torch.Tensor,
+def dense_gains(views: list, factors: list, inputs: list, v_term: torch.Tensor,
                 vxx_update: bool = True, eps_vxx: float = 0.0, second_order: bool = False,
                 v_stage_out: list = None, max_elements: int = 50_000_000) -> list:
     """Per-sample gains K_t^(i) of every stage t >= 1, (B, m_t, n_t) each (None for t = 0).
@@ -47,14 +48,14 @@ def dense_gains(views: list, factors: list, inputs: list, v_out: torch.Tensor,
         views: the stages.
         factors: the curvature factors of each stage (list per stage).
         inputs: nominal stage inputs x_t, (B, ...) each.
-        v_out: per-sample value gradients at the network output (B, ...), V_x^T.
+        v_term: per-sample terminal value Hessians V_xx^T (B, n_T, n_T) (see
+            :mod:`nn_adapter.terminal`).
         vxx_update, eps_vxx, second_order: as in :class:`nn_adapter.DDPNOpt`.
         v_stage_out: per-sample value gradients at each stage output (second order only).
         max_elements: refuse (``ValueError``) beyond this many numbers in one stage's matrices.
     """
-    T, B = len(views), v_out.shape[0]
-    z = v_out.reshape(B, -1)
-    V = z[:, :, None] * z[:, None, :]
+    T, B = len(views), v_term.shape[0]
+    V = v_term
     gains: list = [None] * T
     for t in range(T - 1, 0, -1):
         view, x = views[t], inputs[t]

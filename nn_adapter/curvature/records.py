@@ -18,7 +18,7 @@ __all__ = ["Recorder"]
 
 
 class Recorder:
-    """Context manager recording ``inputs[m]``, ``out_grads[m]``, ``in_grads[m]`` of modules.
+    """Context manager recording ``inputs``, ``outputs``, ``out_grads``, ``in_grads`` of modules.
 
     Args:
         input_of: modules whose first positional input is recorded (detached).
@@ -35,33 +35,36 @@ class Recorder:
     """
 
     def __init__(self, input_of: Iterable[nn.Module] = (), grad_of: Iterable[nn.Module] = (),
-                 in_grad_of: Iterable[nn.Module] = ()):
+                 in_grad_of: Iterable[nn.Module] = (), output_of: Iterable[nn.Module] = ()):
         input_of, grad_of, in_grad_of = list(input_of), list(grad_of), list(in_grad_of)
+        output_of = list(output_of)
         want_input = {id(m) for m in input_of}
         want_grad = {id(m) for m in grad_of}
         want_in_grad = {id(m) for m in in_grad_of}
+        want_output = {id(m) for m in output_of}
         self._grad_of = grad_of
-        self._modules = list({id(m): m for m in input_of + grad_of + in_grad_of}.values())
+        self._modules = list({id(m): m for m in input_of + grad_of + in_grad_of + output_of}
+                             .values())
         self.inputs: dict[nn.Module, torch.Tensor] = {}
+        self.outputs: dict[nn.Module, torch.Tensor] = {}
         self.out_grads: dict[nn.Module, torch.Tensor] = {}
         self.in_grads: dict[nn.Module, torch.Tensor] = {}
         self.calls: dict[nn.Module, int] = {}
         self._hooks = [self._make_hook(m, id(m) in want_input, id(m) in want_grad,
-                                       id(m) in want_in_grad) for m in self._modules]
+                                       id(m) in want_in_grad, id(m) in want_output)
+                       for m in self._modules]
         self._handles: list = []
 
     def __enter__(self) -> "Recorder":
-        self.inputs.clear()
-        self.out_grads.clear()
-        self.in_grads.clear()
-        self.in_grads.clear()
+        self.release()
         self.calls.clear()
         self._handles = [m.register_forward_hook(h) for m, h in zip(self._modules, self._hooks)]
         return self
 
     def _make_hook(self, module: nn.Module, keep_input: bool, keep_grad: bool,
-                   keep_in_grad: bool):
+                   keep_in_grad: bool, keep_output: bool = False):
         calls, inputs, out_grads, in_grads = self.calls, self.inputs, self.out_grads, self.in_grads
+        outputs = self.outputs
 
         def save(grad):
             out_grads[module] = grad.detach()
@@ -75,6 +78,8 @@ class Recorder:
             calls[mod] = calls.get(mod, 0) + 1
             if keep_input and args:
                 inputs[mod] = args[0].detach()
+            if keep_output and isinstance(output, torch.Tensor):
+                outputs[mod] = output.detach()
             if keep_grad and isinstance(output, torch.Tensor) and output.requires_grad:
                 output.register_hook(save)
             if keep_in_grad and args and isinstance(args[0], torch.Tensor) \
@@ -90,6 +95,7 @@ class Recorder:
     def release(self) -> None:
         """Drop the recorded tensors (call when the step is done with them)."""
         self.inputs.clear()
+        self.outputs.clear()
         self.out_grads.clear()
         self.in_grads.clear()
 

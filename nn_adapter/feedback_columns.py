@@ -1,0 +1,193 @@
+"""DDPNOpt's factorised feedback with an r-column terminal factor (Gauss-Newton exact or sampled).
+
+With V_xx^T(i) = Y_T W_T Y_T^T (columns Y_T (C, r) per sample, see :mod:`nn_adapter.terminal`) and
+the layer-wise Gauss-Newton expansion f = sigma o h, every value Hessian keeps the form
+V_xx^{t+1}(i) = Y' W' Y'^T, where Y' = (d x_T / d x_{t+1})^T Y_T are the terminal columns pulled
+back by backpropagation and W' is an (r, r) matrix per sample. With G = f_u^T Y' (m, r) and
+Y = f_x^T Y' (the columns one stage further back)::
+
+    Q_xx = Y W' Y^T,   Q_ux = G W' Y^T,   K^(i) dx = -P G W' (Y^T dx)
+    V_xx = Q_xx - Q_ux^T P Q_ux = Y (W' - W' N W') Y^T,   N = G^T P G   (r, r)
+
+so the stage's feedback is one weight gradient with cotangent sum_a e_a (f-space column a), with
+e = W' (Y^T dx), and W = W' - W' N W' is projected onto the positive semi-definite cone (its
+negative eigenvalues set to zero: where the sample's local model [[Q_xx, Q_xu], [Q_ux, P^-1]] is not
+convex along a direction, that direction gets no value curvature instead of a negative one).
+W_T = I. With one column this is the recursion of :mod:`nn_adapter.feedback` (W = S^2).
+
+The columns need one extra backward pass of r cotangents through the network (no weight
+gradients): :func:`pull_columns`.
+"""
+from __future__ import annotations
+
+import torch
+from torch.func import vjp, vmap
+
+from .curvature.kron import per_sample_grads
+from .feedback import StageView, _weight_grads, sample_dots
+
+__all__ = ["StageColumns", "pull_columns", "column_quad_forms", "column_feedback",
+           "next_weights", "gram"]
+
+
+class StageColumns:
+    """The columns of one stage: at its module output (``g``, (B, r, *h)) and input (``q_x``)."""
+
+    def __init__(self, g: torch.Tensor, q_x: torch.Tensor):
+        self.g = g
+        self.q_x = q_x
+
+
+def _followers_fn(view: StageView):
+    def fn(h):
+        for m in view.followers:
+            h = m(h)
+        return h
+    return fn
+
+
+def pull_columns(views: list, inputs: list, y_out: torch.Tensor) -> list:
+    """Pull the terminal columns back through stages T-1 .. 1, (B, r, ...) at each.
+
+    Args:
+        views: the stages.
+        inputs: the recorded module inputs x_t (B, ...) of every stage.
+        y_out: terminal columns at the network output (B, r, ...).
+
+    Returns:
+        a list with ``None`` at t = 0 and a :class:`StageColumns` for t >= 1.
+    """
+    T = len(views)
+    out: list = [None] * T
+    y = y_out.transpose(0, 1)            # (r, B, ...): vmap over the columns
+    for t in range(T - 1, 0, -1):
+        view, x = views[t], inputs[t]
+        params = [p.detach() for p in view.params]
+        h, pull_f = vjp(_followers_fn(view), view.module_fn(params, x))
+        g = vmap(lambda c: pull_f(c)[0])(y)                              # (r, B, *h)
+        _, pull_h = vjp(lambda xx: view.module_fn(params, xx), x)
+        y = vmap(lambda c: pull_h(c)[0])(g)                              # (r, B, *x)
+        out[t] = StageColumns(g.transpose(0, 1), y.transpose(0, 1))
+        del h
+    return out
+
+
+def column_quad_forms(view: StageView, factors: list, x: torch.Tensor, g: torch.Tensor,
+                      chunk: int = 8) -> torch.Tensor:
+    """N^(i) = G^(i)T P G^(i) per sample, (B, r, r), for G^(i) = h_u^T g^(i) (columns of g).
+
+    Args:
+        view: the stage; factors: its blocks' ``(Q_G, Q_A, D)``.
+        x: module inputs (B, ...); g: column cotangents at the module output (B, r, *h).
+    """
+    n, r = g.shape[:2]
+    out = x.new_zeros(n, r, r)
+    if view.structured and view.blocks[0].kind == "linear" and x.dim() == 2:
+        block, (q_g, q_a, d) = view.blocks[0], factors[0]
+        gg = g @ q_g if q_g is not None else g                       # (B, r, out)
+        xa = torch.cat([x, x.new_ones(n, 1)], 1) if block.has_bias else x
+        if isinstance(d, list):
+            dw = d[0].expand_as(block.weight)
+            dmat = torch.cat([dw, d[1].expand_as(block.params[1])[:, None]], 1) \
+                if block.has_bias else dw
+        else:
+            dmat = d
+            xa = xa @ q_a if q_a is not None else xa
+        s = xa.square() @ dmat.mT                                    # (B, out)
+        return torch.einsum("iaj,ibj,ij->iab", gg, gg, s)
+    for i0 in range(0, n, chunk):
+        sl = slice(i0, min(n, i0 + chunk))
+        xs = x[sl].repeat_interleave(r, 0)
+        gs = g[sl].flatten(0, 1)
+        k = xs.shape[0]
+        rows = _whitened_rows(view, factors, xs, gs).reshape(sl.stop - sl.start, r, -1)
+        out[sl] = rows @ rows.mT
+        del xs, gs, k
+    return out
+
+
+def _whitened_rows(view: StageView, factors: list, x: torch.Tensor, g: torch.Tensor):
+    """Per-sample gradients h_u^T g_i in P's eigenbasis times sqrt(D), flattened: (B, m)."""
+    parts = []
+    if view.structured:
+        block, (q_g, q_a, d) = view.blocks[0], factors[0]
+        if isinstance(d, list):
+            from .curvature.base import as_matrix
+            d = as_matrix(block, [s.expand_as(p) for s, p in zip(d, block.params)])
+            q_g = q_a = None
+        grads = torch.cat([gr for _, gr in per_sample_grads(block, x, g, q_g, q_a)])
+        return (grads * d.sqrt()).flatten(1)
+    params = [p.detach() for p in view.params]
+
+    def one(xi, gi):
+        _, pull = vjp(lambda ps: view.module_fn(ps, xi[None]), params)
+        return pull(gi[None])[0]
+
+    grads = list(vmap(one)(x, g))
+    from .curvature.base import as_matrix
+    for block, (q_g, q_a, d) in zip(view.blocks, factors):
+        part = [grads.pop(0) for _ in block.params]
+        if isinstance(d, list):
+            parts += [(gr * s.sqrt()).flatten(1) for gr, s in zip(part, d)]
+            continue
+        mat = as_matrix(block, part)
+        mat = q_g.mT @ mat if q_g is not None else mat
+        mat = mat @ q_a if q_a is not None else mat
+        parts.append((mat * d.sqrt()).flatten(1))
+    return torch.cat(parts, 1)
+
+
+def gram(q_x: torch.Tensor) -> torch.Tensor:
+    """G = Y^T Y per sample for columns (B, r, ...), (B, r, r)."""
+    y = q_x.flatten(2)
+    return y @ y.mT
+
+
+def next_weights(w_next, n: torch.Tensor, gram: torch.Tensor):
+    """W = W' - W' N W', projected so that V = Y W Y^T is the PSD projection of Y W Y^T.
+
+    The nearest PSD matrix to V = Y W Y^T (its negative eigenvalues set to zero, as the dense
+    recursion does) is Y W+ Y^T with W+ = G^+1/2 [G^1/2 W G^1/2]_+ G^+1/2, G = Y^T Y: the
+    eigenvalues of V on range(Y) are those of G^1/2 W G^1/2.
+
+    Args:
+        w_next: W' (B, r, r), or None for the identity.
+        n: N = G_u^T P G_u (B, r, r).
+        gram: G = Y^T Y of the stage's input columns (B, r, r).
+
+    Returns:
+        ``(W, clamped)``: W (B, r, r) and, per sample, whether a negative eigenvalue was removed.
+    """
+    if w_next is None:
+        w = torch.eye(n.shape[-1], dtype=n.dtype, device=n.device) - n
+    else:
+        w = w_next - w_next @ n @ w_next
+    lam, u = torch.linalg.eigh(0.5 * (gram + gram.mT))
+    keep = lam > lam.amax(-1, keepdim=True).clamp(min=0) * 1e-12
+    root = torch.where(keep, lam.clamp(min=0).sqrt(), torch.zeros_like(lam))
+    inv = torch.where(keep, 1.0 / root.clamp(min=torch.finfo(lam.dtype).tiny), torch.zeros_like(lam))
+    half, half_inv = (u * root[:, None, :]) @ u.mT, (u * inv[:, None, :]) @ u.mT
+    m = half @ w @ half
+    evals, evecs = torch.linalg.eigh(0.5 * (m + m.mT))
+    clamped = (evals < 0).any(-1)
+    m = (evecs * evals.clamp(min=0.0)[:, None, :]) @ evecs.mT
+    return half_inv @ m @ half_inv, clamped
+
+
+def column_feedback(view: StageView, x: torch.Tensor, xhat: torch.Tensor, cols: StageColumns,
+                    w_next) -> list:
+    """(1/B) sum_i Q_ux^(i) dx^(i) = (1/B) h_u^T [sum_a e_a g_a], e = W' (Y^T dx), per parameter.
+
+    Args:
+        w_next: W' of the stage output (B, r, r), or None (identity: the last stage).
+    """
+    n, r = cols.q_x.shape[:2]
+    c = torch.stack([sample_dots(cols.q_x[:, a], xhat) - sample_dots(cols.q_x[:, a], x)
+                     for a in range(r)], 1).to(x.dtype)                 # (B, r)
+    e = c if w_next is None else (w_next @ c[:, :, None])[:, :, 0]
+    cot = torch.einsum("ia,ia...->i...", e / n, cols.g)
+    if view.structured:
+        return _weight_grads(view.blocks[0], x, cot)
+    params = [p.detach() for p in view.params]
+    _, pull = vjp(lambda ps: view.module_fn(ps, x), params)
+    return list(pull(cot)[0])

@@ -1,0 +1,156 @@
+"""The terminal value Hessian of DDPNOpt: a curvature of the loss that does not grow with the loss.
+
+DDPNOpt starts its backward Bellman pass from per-sample terminal value derivatives
+V_x^T = grad phi (phi: one sample's loss, B times its share of the batch-mean loss) and
+V_xx^T = a positive semi-definite matrix held in factored form::
+
+    V_xx^T(i) = Y^(i) W^(i) Y^(i)T,      Y^(i): (C, r) columns,  W^(i): (r, r) (or a scalar when r = 1)
+
+The factor's columns are carried back through the stages by vector-Jacobian products and W by the
+small (r, r) recursion of :mod:`nn_adapter.feedback`. The choices (``terminal_hessian=``):
+
+``"gauss_newton"``
+    The Gauss-Newton Hessian of the loss with respect to the network output, exactly, as r
+    columns per sample: softmax cross-entropy H = diag(p) - p p^T = A A^T with columns
+    a_c = sqrt(p_c) (e_c - p) (r = C); mean squared error H = (2/d) I (r = d). Costs one extra
+    backward pass of r cotangents through the network (no weight gradients).
+``"sampled"``
+    An unbiased rank-one sample of it, as in K-FAC's Monte-Carlo Fisher: y = grad_out of
+    -log p(y_hat | out) with y_hat drawn from the model's own prediction (cross-entropy:
+    p - e_yhat; mean squared error: sqrt(2/d) eps, eps ~ N(0, I)); E[y y^T] = H. One extra
+    backward pass of one cotangent.
+``"projected"`` (the default)
+    The Gauss-Newton Hessian restricted to the direction of the value gradient g = V_x^T:
+    (g^T H g / |g|^4) g g^T, the rank-one matrix along g with H's curvature along g. Its columns
+    are the gradients backpropagation already computed, so it costs nothing beyond today's
+    rank-one feedback; its norm is g^T H g / |g|^2 <= ||H|| (<= 1/2 for cross-entropy) whatever the
+    loss, where the gradient outer product's is |g|^2.
+``"gradient"``
+    The outer product g g^T of the paper's Proposition 3 ("z = grad phi for GN"). It grows with the
+    loss's gradient, and with it the feedback: kept as an option for comparison.
+
+The loss is recognised from what the closure reveals (the network output and the gradient at
+it): softmax cross-entropy on logits when B * dL/dout = softmax(out) - onehot for every sample
+(``loss="auto"``, the default), else it must be named (``loss="cross_entropy"`` / ``"mse"``). An
+unrecognised loss with ``"auto"`` is taken as mean squared error (a bounded curvature), with a
+warning once per optimizer.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import warnings
+from typing import Optional
+
+import torch
+
+__all__ = ["TERMINAL_HESSIANS", "LOSSES", "detect_loss", "terminal_factor", "loss_hessian_factor"]
+
+log = logging.getLogger("nn_adapter")
+
+TERMINAL_HESSIANS = ("projected", "gauss_newton", "sampled", "gradient")
+LOSSES = ("auto", "cross_entropy", "mse")
+
+
+def detect_loss(out: torch.Tensor, grad: torch.Tensor) -> Optional[str]:
+    """``"cross_entropy"`` when ``B grad = softmax(out) - onehot`` row by row, else None.
+
+    Args:
+        out: network outputs (B, C).
+        grad: the gradient of the batch-mean loss at ``out`` (B, C).
+    """
+    if out.dim() != 2 or out.shape != grad.shape or out.shape[1] < 2:
+        return None
+    p = torch.softmax(out.double(), 1)
+    resid = grad.double() * out.shape[0] - p       # = -onehot for cross-entropy
+    label = resid.argmin(1)
+    resid[torch.arange(len(label), device=label.device), label] += 1.0
+    tol = 1e-3 if out.dtype in (torch.float16, torch.bfloat16) else 1e-4
+    return "cross_entropy" if float(resid.abs().max()) <= tol else None
+
+
+def loss_hessian_factor(loss: str, out: torch.Tensor) -> torch.Tensor:
+    """Columns A of the per-sample Gauss-Newton Hessian H = A A^T of the loss, (B, r, *out[1:]).
+
+    cross-entropy: a_c = sqrt(p_c) (e_c - p), r = C; mean squared error: sqrt(2/d) e_k, r = d.
+    """
+    n = out.shape[0]
+    if loss == "cross_entropy":
+        p = torch.softmax(out, 1)
+        sq = p.sqrt()
+        eye = torch.eye(out.shape[1], dtype=out.dtype, device=out.device)
+        return sq[:, :, None] * (eye[None] - p[:, None, :])         # (B, C, C): row c = a_c
+    d = out[0].numel()
+    eye = torch.eye(d, dtype=out.dtype, device=out.device) * math.sqrt(2.0 / d)
+    return eye.reshape(1, d, *out.shape[1:]).expand(n, d, *out.shape[1:]).clone()
+
+
+def _sample(loss: str, out: torch.Tensor, generator) -> torch.Tensor:
+    """One Monte-Carlo column per sample, (B, 1, *out[1:]), with E[y y^T] = H."""
+    if loss == "cross_entropy":
+        p = torch.softmax(out, 1)
+        draw = torch.multinomial(p.double().cpu(), 1, generator=generator).to(out.device)
+        y = p.clone()
+        y.scatter_add_(1, draw, -torch.ones_like(y[:, :1]))
+        return y[:, None]
+    eps = torch.randn(out.shape, dtype=out.dtype, generator=generator, device="cpu").to(out.device)
+    return (eps * math.sqrt(2.0 / out[0].numel()))[:, None]
+
+
+def _rayleigh(loss: str, out: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+    """Per-sample g^T H g / |g|^4 (0 where g = 0), (B,)."""
+    g2 = g.reshape(g.shape[0], -1)
+    norm2 = g2.square().sum(1)
+    if loss == "cross_entropy":
+        p = torch.softmax(out, 1)
+        ghg = (p * g2.square()).sum(1) - (p * g2).sum(1).square()
+    else:
+        ghg = norm2 * (2.0 / g2.shape[1])
+    return torch.where(norm2 > 0, ghg / norm2.square().clamp(min=torch.finfo(g.dtype).tiny),
+                       torch.zeros_like(norm2))
+
+
+def terminal_factor(kind: str, loss: str, out: torch.Tensor, g: torch.Tensor, generator=None):
+    """The terminal factor of ``kind`` for outputs ``out`` and per-sample value gradients ``g``.
+
+    Args:
+        kind: one of :data:`TERMINAL_HESSIANS`.
+        loss: ``"cross_entropy"`` or ``"mse"`` (unused for ``"gradient"``).
+        out: network outputs (B, ...).
+        g: per-sample value gradients at the output, B dL/dout, (B, ...).
+        generator: a ``torch.Generator`` (CPU) for ``"sampled"``.
+
+    Returns:
+        ``(Y, W)``: ``Y`` is None when the columns are the recorded gradients themselves (r = 1),
+        else (B, r, *out[1:]); ``W`` is a per-sample (B,) weight (r = 1) or None (identity).
+    """
+    if kind == "gradient":
+        return None, None
+    if kind == "projected":
+        return None, _rayleigh(loss, out, g)
+    if kind == "gauss_newton":
+        return loss_hessian_factor(loss, out), None
+    return _sample(loss, out, generator), None
+
+
+class LossResolver:
+    """Resolves ``loss="auto"`` once per optimizer from the first recorded output and gradient."""
+
+    def __init__(self, loss: str):
+        self.loss = loss
+        self._warned = False
+
+    def __call__(self, out: torch.Tensor, g_mean: torch.Tensor) -> str:
+        if self.loss != "auto":
+            return self.loss
+        found = detect_loss(out, g_mean)
+        if found is not None:
+            return found
+        if not self._warned:
+            self._warned = True
+            msg = ("DDPNOpt: the loss is not softmax cross-entropy on the network output; its "
+                   "terminal Gauss-Newton curvature is taken as mean squared error's (2/d) I. Pass "
+                   "loss='mse' or loss='cross_entropy' to say which, or terminal_hessian='gradient'")
+            log.warning(msg)
+            warnings.warn(msg, RuntimeWarning, stacklevel=4)
+        return "mse"
