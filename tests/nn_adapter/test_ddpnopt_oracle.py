@@ -41,7 +41,7 @@ def stage_fn(stage, names, flat_u, shapes, x):
     return y[0]
 
 
-def dense_step(stages, pre, u_nominal, u_base, P, inputs, per_sample_loss, terminal="gauss-newton",
+def dense_step(stages, pre, u_nominal, u_base, P, inputs, per_sample_loss, terminal="gradient",
                eps_vxx=0.0, vxx_update=True):
     """Parameters after one DDPNOpt step computed densely, per sample.
 
@@ -52,7 +52,10 @@ def dense_step(stages, pre, u_nominal, u_base, P, inputs, per_sample_loss, termi
         P: list of dense (m_t, m_t) inverse curvatures.
         inputs: the batch (B, ...).
         per_sample_loss: phi(y_T, i) for one sample's output and its index.
-        terminal: "gauss-newton" (V_xx^T = V_x V_x^T) or "exact" (the loss Hessian).
+        terminal: the terminal value Hessian, from the loss Hessian H (for cross-entropy on the
+            output, its Gauss-Newton matrix): "gradient" (V_x V_x^T), "exact" / "gauss_newton"
+            (H), "projected" ((V_x^T H V_x / |V_x|^4) V_x V_x^T), or a callable
+            ``(vx, H, i) -> V_xx^T``.
     Returns:
         list of flattened new controls per stage.
     """
@@ -70,8 +73,13 @@ def dense_step(stages, pre, u_nominal, u_base, P, inputs, per_sample_loss, termi
             xs.append(stage_fn(s, names[t], u_nominal[t], shapes[t], xs[-1]).detach())
         phi = lambda y: per_sample_loss(y, i)  # noqa: E731
         vx = jacrev(phi)(xs[-1]).reshape(-1)
-        if terminal == "exact":
-            vxx = hessian(phi)(xs[-1]).reshape(vx.numel(), vx.numel())
+        H = hessian(phi)(xs[-1]).reshape(vx.numel(), vx.numel())
+        if callable(terminal):
+            vxx = terminal(vx, H, i)
+        elif terminal in ("exact", "gauss_newton"):
+            vxx = H
+        elif terminal == "projected":
+            vxx = (vx @ H @ vx) / (vx @ vx) ** 2 * torch.outer(vx, vx)
         else:
             vxx = torch.outer(vx, vx)
         for t in range(T - 1, -1, -1):
