@@ -344,12 +344,7 @@ def _split_opts(opts: Optional[dict], bases) -> dict:
                 per[b][k] = value
         else:
             for b in per:
-                per[b].setdefault(key, value)
-    for key, value in (opts or {}).items():     # a prefixed option wins over a global one
-        if ":" in key:
-            b, k = key.split(":", 1)
-            if b in per:
-                per[b][k] = value
+                per[b].setdefault(key, value)   # a prefixed option wins over a global one
     return per
 
 
@@ -600,7 +595,8 @@ def _markdown(result: dict, command: str) -> str:
           "counted, not shown), summed over the seeds, base / DDPNOpt.",
           "- verdict: *worse* when DDPNOpt's mean train loss exceeds the base's by more than one "
           "std of the base, *better* symmetrically, *same* otherwise (needs non-diverged seeds "
-          "on both sides); **⚠** marks a cell where DDPNOpt diverged in more seeds than its base.",
+          "on both sides; the base's std is 0 with a single non-diverged seed, so any difference "
+          "counts then); **⚠** marks a cell where DDPNOpt diverged in more seeds than its base.",
           ""]
     errors = [r for r in result["records"] if r["error"]]
     for ds in result["datasets"]:
@@ -647,8 +643,7 @@ def _heatmap(result: dict, path: Path) -> None:
     if not dsets:
         axes[0][0].axis("off")
         axes[0][0].text(0.5, 0.5, "no data set could be run", ha="center", va="center")
-    cmap = plt.get_cmap("RdBu_r").copy()
-    cmap.set_bad("#d9d9d9")
+    cmap = plt.get_cmap("RdBu_r").with_extremes(bad="#d9d9d9")
     for ax, ds in zip(axes[:, 0], dsets):
         rows = {(r["base"], r["lr_factor"]): r for r in result["rows"] if r["dataset"] == ds}
         diff = np.full((len(bases), len(factors)), np.nan)

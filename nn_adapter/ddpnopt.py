@@ -108,7 +108,7 @@ class DDPNOpt(CurvatureOptimizer):
                  feedback: Union[bool, str] = True, eps_vxx: float = 0.0,
                  second_order: bool = False, vxx_update: bool = True,
                  terminal_hessian: str = "projected", loss: str = "auto", diagnostics: bool = False,
-                 seed: int = 0, **hyperparameters):
+                 seed: int = 0, feedback_bound: float = math.inf, **hyperparameters):
         if not any(feedback is m or (isinstance(m, str) and feedback == m)
                    for m in FEEDBACK_MODES):
             raise ValueError(f"invalid feedback: {feedback!r} (expected True, False, "
@@ -127,10 +127,15 @@ class DDPNOpt(CurvatureOptimizer):
             raise ValueError(f"invalid loss: {loss!r} (expected one of {', '.join(LOSSES)})")
         if not isinstance(diagnostics, bool):
             raise ValueError(f"invalid diagnostics: {diagnostics!r} (expected a bool)")
+        if (not isinstance(feedback_bound, (int, float)) or isinstance(feedback_bound, bool)
+                or not feedback_bound > 0):
+            raise ValueError(f"invalid feedback_bound: {feedback_bound!r} (expected a number > 0, "
+                             "or math.inf for no bound)")
         if not isinstance(seed, int) or isinstance(seed, bool):
             raise ValueError(f"invalid seed: {seed!r} (expected an int)")
         super().__init__(model, curvature, lr, **hyperparameters)
         self.terminal_hessian = terminal_hessian
+        self.feedback_bound = float(feedback_bound)
         self.record_diagnostics = diagnostics
         self.diagnostics = None
         self._clamped: dict = {}
@@ -261,7 +266,9 @@ class DDPNOpt(CurvatureOptimizer):
         for t, view in enumerate(views):
             factors = self._factors(view, updated)
             delta = feedback_of(t, view, xhat, factors)
-            if factors is not None:
+            if factors is not None and delta is not None and math.isfinite(self.feedback_bound):
+                self._apply_bounded(t, view, factors, delta)
+            elif factors is not None:
                 i = 0
                 for block, fac in zip(view.blocks, factors):
                     n = len(block.params)
@@ -274,6 +281,36 @@ class DDPNOpt(CurvatureOptimizer):
             if t < len(views) - 1:
                 for m in (view.module, *view.followers):
                     xhat = run_module(m, xhat)
+
+    def _apply_bounded(self, t, view, factors, delta) -> None:
+        """u <- u + k - s P feedback with s = min(1, bound ||k|| / ||P feedback||) over the stage."""
+        group = self.param_groups[0]
+        ks, pes, i = [], [], 0
+        for block, fac in zip(view.blocks, factors):
+            n = len(block.params)
+            grads, states = self._grads_states(block)
+            ks.append(self.curvature.direction(block, grads, group, states, fac))
+            pes.append(apply_p(block, fac, delta[i:i + n]))
+            i += n
+        flat_k = [v for vs in ks for v in vs]
+        flat_p = [v for vs in pes for v in vs]
+        k_norm = torch.stack(torch._foreach_norm(flat_k)).norm()
+        p_norm = torch.stack(torch._foreach_norm(flat_p)).norm()
+        scale = torch.where(p_norm > self.feedback_bound * k_norm,
+                            self.feedback_bound * k_norm / p_norm.clamp(min=1e-300),
+                            torch.ones_like(p_norm))
+        if self.diagnostics is not None:
+            while len(self.diagnostics) <= t:
+                self.diagnostics.append({"stage": len(self.diagnostics), "k_norm": 0.0,
+                                         "feedback_norm": 0.0, "clamped": 0.0})
+            fb = float(p_norm * scale)
+            self.diagnostics[t].update(k_norm=float(k_norm), feedback_norm=fb,
+                                       ratio=fb / float(k_norm) if float(k_norm) > 0 else 0.0,
+                                       bounded=bool(scale < 1),
+                                       clamped=self._clamped.get(t, 0.0))
+        for block, k, pe in zip(view.blocks, ks, pes):
+            for param, kk, e in zip(block.params, k, pe):
+                param.add_(kk.sub_(e.mul_(scale.to(e.dtype))))
 
     def _diagnose(self, t, block, factors, extra) -> None:
         """Record ||P feedback|| and ||k|| of one block (``diagnostics=True``)."""
