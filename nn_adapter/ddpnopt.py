@@ -45,8 +45,7 @@ from .curvature.optimizer import CurvatureOptimizer
 from .curvature.records import Recorder
 from .feedback import (CompactStage, StageView, feedback_grads, quad_form, run_module,
                        second_order_grads, tikhonov_grads)
-from .feedback_columns import (column_feedback, column_quad_forms, gram, next_weights,
-                               pull_columns)
+from .feedback_columns import column_feedback, column_quad_forms, next_weights, pull_columns
 from .feedback_dense import apply_gains, dense_gains
 from .terminal import LOSSES, TERMINAL_HESSIANS, LossResolver, terminal_factor
 
@@ -334,15 +333,16 @@ class DDPNOpt(CurvatureOptimizer):
         views = self._views
         n = rec.inputs[views[0].module].shape[0]
         compact: dict[int, CompactStage] = {}
-        weights = self._backward_sweep(rec, updated, compact,
-                                       float(n) if w_out is None else w_out.sqrt() * n)
+        weights, mus = self._backward_sweep(rec, updated, compact,
+                                            float(n) if w_out is None else w_out.sqrt() * n)
+        scales = [None if mu is None else mu.reciprocal() for mu in mus]
 
         def feedback_of(t, view, xhat, factors):
             x = rec.inputs.pop(view.module, None)
             g = rec.out_grads.pop(view.module, None)
             v_next = rec.out_grads.pop(self._last_modules[t], g) if self.second_order else None
             if t in compact:
-                return compact.pop(t).feedback(xhat, weights[t + 1])
+                return compact.pop(t).feedback(xhat, weights[t + 1], scales[t])
             if t == 0 or factors is None:
                 return None
             v_next = v_next * x.shape[0] if v_next is not None else None
@@ -350,8 +350,8 @@ class DDPNOpt(CurvatureOptimizer):
             q_x = rec.in_grads.pop(view.module, None)
             if q_x is not None:
                 q_x = q_x * _bcast(weights[t + 1], q_x)
-            total = feedback_grads(view, x, xhat, g, q_x, overwrite=True)
-            return self._add_extras(t, view, x, xhat, v_next, total)
+            total = feedback_grads(view, x, xhat, g, q_x, overwrite=True, sample_scale=scales[t])
+            return self._add_extras(t, view, x, xhat, v_next, total, mus[t])
         return feedback_of
 
     def _column_feedback(self, rec, updated, y_out):
@@ -361,14 +361,15 @@ class DDPNOpt(CurvatureOptimizer):
         inputs = [rec.inputs[v.module] for v in views]
         cols = pull_columns(views, inputs, y_out)
         ws: list = [None] * (T + 1)          # W at the output of stage t is ws[t + 1]
-        for t in range(T - 1, 1, -1):
+        mus: list = [None] * T
+        for t in range(T - 1, 0, -1):
             ws[t] = ws[t + 1]
             factors = self._factors(views[t], updated)
             if self.vxx_update and factors is not None:
                 nq = column_quad_forms(views[t], factors, inputs[t], cols[t].g)
-                ws[t], clamped = next_weights(ws[t + 1], nq, gram(cols[t].q_x))
+                mus[t], ws[t] = next_weights(ws[t + 1], nq)
                 if self.diagnostics is not None:
-                    self._clamped[t] = float(clamped.double().mean())
+                    self._clamped[t] = float((mus[t] > 1).double().mean())
         stage_out = {}
         if self.second_order:
             n = inputs[0].shape[0]
@@ -377,16 +378,22 @@ class DDPNOpt(CurvatureOptimizer):
         def feedback_of(t, view, xhat, factors):
             if t == 0 or factors is None:
                 return None
-            total = column_feedback(view, inputs[t], xhat, cols[t], ws[t + 1])
-            return self._add_extras(t, view, inputs[t], xhat, stage_out.get(t), total)
+            total = column_feedback(view, inputs[t], xhat, cols[t], ws[t + 1], mus[t])
+            return self._add_extras(t, view, inputs[t], xhat, stage_out.get(t), total, mus[t])
         return feedback_of
 
-    def _add_extras(self, t, view, x, xhat, v_next, total) -> list:
-        """Add the Tikhonov (eps_vxx) and second-order dynamics terms of stage t's feedback."""
+    def _add_extras(self, t, view, x, xhat, v_next, total, mu=None) -> list:
+        """Add the Tikhonov (eps_vxx) and second-order dynamics terms of stage t's feedback
+        (per sample divided by the regularisation ``mu``, as the Gauss-Newton part is)."""
+        if not (self.eps_vxx > 0 and t < len(self._views) - 1) and not self.second_order:
+            return total
+        dx = xhat - x
+        if mu is not None:
+            dx = dx / _bcast(mu, dx)
         if self.eps_vxx > 0 and t < len(self._views) - 1:
-            total = [a + b for a, b in zip(total, tikhonov_grads(view, x, xhat - x, self.eps_vxx))]
+            total = [a + b for a, b in zip(total, tikhonov_grads(view, x, dx, self.eps_vxx))]
         if self.second_order:
-            total = [a + b for a, b in zip(total, second_order_grads(view, x, xhat - x, v_next))]
+            total = [a + b for a, b in zip(total, second_order_grads(view, x, dx, v_next))]
         return total
 
     def _update_dense(self, rec: Recorder) -> None:
@@ -428,23 +435,28 @@ class DDPNOpt(CurvatureOptimizer):
         return (view.structured and view.blocks[0].kind == "conv2d" and self.eps_vxx == 0
                 and not self.second_order and view.module in rec.in_grads)
 
-    def _backward_sweep(self, rec, updated, compact, w_out) -> list:
-        """Per-sample weights w_t = B S_t of the recorded gradients, S_t = s_t ... s_{T-1} S_T.
+    def _backward_sweep(self, rec, updated, compact, w_out):
+        """Per-sample weights w_t = B S_t of the recorded gradients and regularisations mu_t.
 
-        z_t = w_t dL/dx_t with s^2 = max(0, 1 - q_u^T P q_u) and S_T^2 the terminal weight (a
-        plain number while all factors are one). Only t >= 2 matter (stage 0 has no feedback).
-        Convolution stages are turned into :class:`CompactStage` on the way (their inputs and
-        cotangents released).
+        z_t = w_t dL/dx_t, S_t = s_t ... s_{T-1} S_T (S_T^2: the terminal weight; a plain number
+        while all factors are one). With rho = q_u^T P q_u of z_{t+1}, the sample's local model is
+        convex iff rho <= 1; mu = max(1, rho) regularises its Q_uu to mu P^-1 (its gain is
+        divided by mu) and s^2 = 1 - rho / mu >= 0. Convolution stages are turned into
+        :class:`CompactStage` on the way (their inputs and cotangents released).
+
+        Returns:
+            ``(weights, mus)``: weights[t] for t = 0..T, mus[t] a (B,) tensor or None (mu = 1).
         """
         views = self._views
         T = len(views)
         weights: list = [w_out] * (T + 1)
+        mus: list = [None] * T
         for t in range(T - 1, 0, -1):
             view = views[t]
             weights[t] = weights[t + 1]
             if not all(b in updated for b in view.blocks):
                 continue
-            need_rho = t >= 2 and self.vxx_update
+            need_rho = self.vxx_update
             if need_rho:
                 factors = self._factors(view, updated)
             if self._compactable(view, rec):
@@ -461,8 +473,10 @@ class DDPNOpt(CurvatureOptimizer):
             if need_rho:
                 if self.diagnostics is not None:
                     self._clamped[t] = float((rho > 1).double().mean())
-                weights[t] = (1.0 - rho).clamp_(min=0.0).sqrt_().mul_(weights[t + 1])
-        return weights
+                mu = rho.clamp(min=1.0)
+                mus[t] = mu
+                weights[t] = (1.0 - rho / mu).clamp_(min=0.0).sqrt_().mul_(weights[t + 1])
+        return weights, mus
 
 
 def _bcast(s, like: torch.Tensor):

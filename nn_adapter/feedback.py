@@ -192,7 +192,8 @@ def precondition(view: StageView, factors: list, grads: list) -> list[torch.Tens
 
 # -- the feedback sums ---------------------------------------------------------------------------
 def feedback_grads(view: StageView, x: torch.Tensor, xhat: torch.Tensor, g: torch.Tensor,
-                   q_x: torch.Tensor = None, overwrite: bool = False) -> list[torch.Tensor]:
+                   q_x: torch.Tensor = None, overwrite: bool = False,
+                   sample_scale: torch.Tensor = None) -> list[torch.Tensor]:
     """(1/B) sum_i q_u^(i) (q_x^(i) . dx^(i)), the factorised Q_ux dx averaged over the batch.
 
     Args:
@@ -204,6 +205,8 @@ def feedback_grads(view: StageView, x: torch.Tensor, xhat: torch.Tensor, g: torc
             (backpropagation already computed them); without it a Jacobian-vector product
             ``h_x dx`` is evaluated instead.
         overwrite: allow ``g`` to be overwritten (saves one activation-sized buffer).
+        sample_scale: optional per-sample factors (B,) of the terms (1 / mu_i of the per-sample
+            regularisation).
 
     Returns:
         one tensor per stage parameter (block order), shaped like it.
@@ -222,6 +225,8 @@ def feedback_grads(view: StageView, x: torch.Tensor, xhat: torch.Tensor, g: torc
         del dx
         c = torch.bmm(g.reshape(n, 1, -1), dh.reshape(n, -1, 1)).reshape(n)
         del dh
+    if sample_scale is not None:
+        c = c * sample_scale.to(c.dtype)
     c = (c / n).reshape((n,) + (1,) * (g.dim() - 1))
     cot = g.mul_(c) if overwrite else g * c
     if view.structured:
@@ -273,11 +278,15 @@ class CompactStage:
             rho[i:i + step] = (gr.square() * d).sum((1, 2))
         return rho
 
-    def feedback(self, xhat: torch.Tensor, w) -> list[torch.Tensor]:
-        """(1/B) sum_i c_i q_u^(i), c_i = q_x^(i) . dx^(i), for cotangents w_i g_i."""
+    def feedback(self, xhat: torch.Tensor, w, sample_scale: torch.Tensor = None
+                 ) -> list[torch.Tensor]:
+        """(1/B) sum_i c_i q_u^(i), c_i = q_x^(i) . dx^(i), for cotangents w_i g_i (each term
+        times ``sample_scale[i]`` when given)."""
         n = xhat.shape[0]
         c = (sample_dots(self.q_x, xhat) - self.qx_dot_x).to(xhat.dtype)
         c = c * (w * w / n if isinstance(w, float) else w.square() / n)
+        if sample_scale is not None:
+            c = c * sample_scale.to(c.dtype)
         mat = torch.einsum("i,iab->ab", c, self.grads)
         return from_matrix(self.block, mat)
 

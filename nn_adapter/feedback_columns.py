@@ -10,10 +10,10 @@ Y = f_x^T Y' (the columns one stage further back)::
     V_xx = Q_xx - Q_ux^T P Q_ux = Y (W' - W' N W') Y^T,   N = G^T P G   (r, r)
 
 so the stage's feedback is one weight gradient with cotangent sum_a e_a (f-space column a), with
-e = W' (Y^T dx), and W = W' - W' N W' is projected onto the positive semi-definite cone (its
-negative eigenvalues set to zero: where the sample's local model [[Q_xx, Q_xu], [Q_ux, P^-1]] is not
-convex along a direction, that direction gets no value curvature instead of a negative one).
-W_T = I. With one column this is the recursion of :mod:`nn_adapter.feedback` (W = S^2).
+e = W' (Y^T dx). Where a sample's local model [[Q_xx, Q_xu], [Q_ux, P^-1]] is not convex
+(lambda_max(W'^1/2 N W'^1/2) > 1), its Q_uu is regularised to mu P^-1 (see :func:`next_weights`):
+its gain is divided by mu and W = W' - W' N W' / mu stays positive semi-definite. W_T = I. With
+one column this is the recursion of :mod:`nn_adapter.feedback` (W = S^2, mu = max(1, rho)).
 
 The columns need one extra backward pass of r cotangents through the network (no weight
 gradients): :func:`pull_columns`.
@@ -27,7 +27,7 @@ from .curvature.kron import per_sample_grads
 from .feedback import StageView, _weight_grads, sample_dots
 
 __all__ = ["StageColumns", "pull_columns", "column_quad_forms", "column_feedback",
-           "next_weights", "gram"]
+           "next_weights"]
 
 
 class StageColumns:
@@ -137,54 +137,46 @@ def _whitened_rows(view: StageView, factors: list, x: torch.Tensor, g: torch.Ten
     return torch.cat(parts, 1)
 
 
-def gram(q_x: torch.Tensor) -> torch.Tensor:
-    """G = Y^T Y per sample for columns (B, r, ...), (B, r, r)."""
-    y = q_x.flatten(2)
-    return y @ y.mT
+def next_weights(w_next, n: torch.Tensor):
+    """The per-sample regularisation mu and W = W' - W' N W' / mu, (B,) and (B, r, r).
 
-
-def next_weights(w_next, n: torch.Tensor, gram: torch.Tensor):
-    """W = W' - W' N W', projected so that V = Y W Y^T is the PSD projection of Y W Y^T.
-
-    The nearest PSD matrix to V = Y W Y^T (its negative eigenvalues set to zero, as the dense
-    recursion does) is Y W+ Y^T with W+ = G^+1/2 [G^1/2 W G^1/2]_+ G^+1/2, G = Y^T Y: the
-    eigenvalues of V on range(Y) are those of G^1/2 W G^1/2.
+    The sample's local model [[Q_xx, Q_xu], [Q_ux, P^-1]] with Q_xx = Y W' Y^T, Q_ux = G W' Y^T is
+    convex iff lambda_max(W'^1/2 N W'^1/2) <= 1 (N = G^T P G); mu = max(1, lambda_max) is the
+    smallest multiple of P^-1 that makes it so (Levenberg-Marquardt per sample), its gain is
+    K = -P Q_ux / mu and W is positive semi-definite by construction.
 
     Args:
         w_next: W' (B, r, r), or None for the identity.
-        n: N = G_u^T P G_u (B, r, r).
-        gram: G = Y^T Y of the stage's input columns (B, r, r).
-
-    Returns:
-        ``(W, clamped)``: W (B, r, r) and, per sample, whether a negative eigenvalue was removed.
+        n: N (B, r, r).
     """
     if w_next is None:
-        w = torch.eye(n.shape[-1], dtype=n.dtype, device=n.device) - n
+        lam = torch.linalg.eigvalsh(0.5 * (n + n.mT))[:, -1]
+        mu = lam.clamp(min=1.0)
+        w = torch.eye(n.shape[-1], dtype=n.dtype, device=n.device) - n / mu[:, None, None]
     else:
-        w = w_next - w_next @ n @ w_next
-    lam, u = torch.linalg.eigh(0.5 * (gram + gram.mT))
-    keep = lam > lam.amax(-1, keepdim=True).clamp(min=0) * 1e-12
-    root = torch.where(keep, lam.clamp(min=0).sqrt(), torch.zeros_like(lam))
-    inv = torch.where(keep, 1.0 / root.clamp(min=torch.finfo(lam.dtype).tiny), torch.zeros_like(lam))
-    half, half_inv = (u * root[:, None, :]) @ u.mT, (u * inv[:, None, :]) @ u.mT
-    m = half @ w @ half
-    evals, evecs = torch.linalg.eigh(0.5 * (m + m.mT))
-    clamped = (evals < 0).any(-1)
-    m = (evecs * evals.clamp(min=0.0)[:, None, :]) @ evecs.mT
-    return half_inv @ m @ half_inv, clamped
+        evals, evecs = torch.linalg.eigh(0.5 * (w_next + w_next.mT))
+        half = (evecs * evals.clamp(min=0.0).sqrt()[:, None, :]) @ evecs.mT
+        m = half @ n @ half
+        lam = torch.linalg.eigvalsh(0.5 * (m + m.mT))[:, -1]
+        mu = lam.clamp(min=1.0)
+        w = w_next - w_next @ n @ w_next / mu[:, None, None]
+    return mu, 0.5 * (w + w.mT)
 
 
 def column_feedback(view: StageView, x: torch.Tensor, xhat: torch.Tensor, cols: StageColumns,
-                    w_next) -> list:
-    """(1/B) sum_i Q_ux^(i) dx^(i) = (1/B) h_u^T [sum_a e_a g_a], e = W' (Y^T dx), per parameter.
+                    w_next, mu: torch.Tensor = None) -> list:
+    """(1/B) sum_i Q_ux^(i) dx^(i) / mu_i = (1/B) h_u^T [sum_a e_a g_a], e = W' (Y^T dx) / mu.
 
     Args:
         w_next: W' of the stage output (B, r, r), or None (identity: the last stage).
+        mu: the per-sample regularisation (B,), or None (1).
     """
     n, r = cols.q_x.shape[:2]
     c = torch.stack([sample_dots(cols.q_x[:, a], xhat) - sample_dots(cols.q_x[:, a], x)
                      for a in range(r)], 1).to(x.dtype)                 # (B, r)
     e = c if w_next is None else (w_next @ c[:, :, None])[:, :, 0]
+    if mu is not None:
+        e = e / mu[:, None]
     cot = torch.einsum("ia,ia...->i...", e / n, cols.g)
     if view.structured:
         return _weight_grads(view.blocks[0], x, cot)

@@ -3,8 +3,9 @@
 The same backward recursion as :mod:`nn_adapter.feedback`, with every matrix materialised per
 sample instead of factorised: the stage Jacobians f_x^(i), f_u^(i) (one ``vmap(jacrev)`` per
 stage), Q_xx^(i) = f_x^T V' f_x, Q_ux^(i) = f_u^T V' f_x (+ V_x' . f_ux with second-order
-dynamics), the gains K^(i) = -P Q_ux^(i), and V_xx^(i) = Q_xx - Q_ux^T P Q_ux with its negative
-eigenvalues clamped at zero, + eps I carried back exactly (the factorised form keeps only its
+dynamics), the gains K^(i) = -P Q_ux^(i) / mu_i and V_xx^(i) = Q_xx - Q_ux^T P Q_ux / mu_i, where
+mu_i >= 1 is the per-sample regularisation Q_uu = mu_i P^-1 that keeps the sample's local model
+convex (:func:`regularisation`, computed from the Gauss-Newton part of Q_ux), + eps I carried back exactly (the factorised form keeps only its
 first stage, eps f_u^T f_x dx). P is the curvature's inverse, materialised as an
 (m_t, m_t) matrix. The terminal value Hessian is the optimizer's choice
 (:mod:`nn_adapter.terminal`) materialised, so with the same options the result equals the
@@ -73,6 +74,8 @@ def dense_gains(views: list, factors: list, inputs: list, v_term: torch.Tensor,
         fu = vmap(jacrev(f, 1), in_dims=(0, None))(x, u)
         Vfx = V @ fx
         qxx, qux = fx.mT @ Vfx, fu.mT @ Vfx
+        P = _dense_P(view, factors[t])
+        mu = regularisation(P, qxx, qux)[:, None, None] if vxx_update else 1.0
         if second_order:
             v_next = v_stage_out[t].reshape(B, -1)
 
@@ -80,18 +83,24 @@ def dense_gains(views: list, factors: list, inputs: list, v_term: torch.Tensor,
                 return jacrev(f, 0)(xi, uu).reshape(-1, n_in).T @ vi
 
             qux = qux + vmap(jacrev(vfx, 1), in_dims=(0, None, 0))(x, u, v_next).mT
-        P = _dense_P(view, factors[t])
-        gains[t] = -(P @ qux)
-        if vxx_update:
-            V = qxx - qux.mT @ (P @ qux)
-        else:
-            V = qxx
+        gains[t] = -(P @ qux) / mu
+        V = qxx - qux.mT @ (P @ qux) / mu if vxx_update else qxx
         V = 0.5 * (V + V.mT)
         evals, evecs = torch.linalg.eigh(V)
         V = (evecs * evals.clamp(min=0.0)[:, None, :]) @ evecs.mT
         if eps_vxx:   # Algorithm 3, line 12: V_xx^t + eps I (carried back from here on)
             V = V + eps_vxx * torch.eye(n_in, dtype=V.dtype, device=V.device)
     return gains
+
+
+def regularisation(P: torch.Tensor, qxx: torch.Tensor, qux: torch.Tensor) -> torch.Tensor:
+    """mu_i = max(1, lambda_max(P^1/2 Q_ux Q_xx^+ Q_xu P^1/2)) per sample, (B,): the smallest
+    multiple of P^-1 for which [[Q_xx, Q_xu], [Q_ux, mu P^-1]] is positive semi-definite."""
+    evals, evecs = torch.linalg.eigh(0.5 * (P + P.mT))
+    half = (evecs * evals.clamp(min=0.0).sqrt()) @ evecs.mT
+    pinv = torch.linalg.pinv(0.5 * (qxx + qxx.mT), hermitian=True, rtol=1e-10)
+    m = half @ qux @ pinv @ qux.mT @ half
+    return torch.linalg.eigvalsh(0.5 * (m + m.mT))[:, -1].clamp(min=1.0)
 
 
 def apply_gains(view: StageView, gain: torch.Tensor, dx: torch.Tensor) -> list:

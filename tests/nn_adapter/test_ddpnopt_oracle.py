@@ -1,9 +1,10 @@
 """A dense per-sample DDP oracle for DDPNOpt's feedback, written with torch.func (tests only).
 
 For every sample it materialises the stage Jacobians f_x, f_u, the Q terms, the gains
-K^(i) = -P Q_ux^(i) and the value Hessians V_xx = Q_xx - Q_ux^T P Q_ux (negative eigenvalues
-clamped at zero), P being the optimizer's inverse curvature materialised as a dense matrix. Then
-it runs Algorithm 3's additional forward pass. Independent of nn_adapter.feedback except for P.
+K^(i) = -P Q_ux^(i) / mu_i and the value Hessians V_xx = Q_xx - Q_ux^T P Q_ux / mu_i, with mu_i
+the smallest factor >= 1 that makes the sample's local model convex (its Q_uu = mu_i P^-1), P
+being the optimizer's inverse curvature materialised as a dense matrix. Then it runs Algorithm 3's
+additional forward pass. Independent of nn_adapter.feedback except for P.
 """
 import torch
 from torch.func import functional_call, jacrev, hessian
@@ -30,6 +31,13 @@ def dense_P(view, factors):
     eye = torch.eye(m, dtype=params[0].dtype)
     cols = [_flat(precondition(view, factors, _unflat(eye[j], params))) for j in range(m)]
     return torch.stack(cols, 1)
+
+
+def convexifying_mu(P, qxx, qux):
+    """The smallest mu >= 1 with [[Q_xx, Q_xu], [Q_ux, mu P^-1]] positive semi-definite:
+    mu = lambda_max(Q_ux Q_xx^+ Q_xu P) (the Schur complement in u must be >= 0)."""
+    m = qux @ torch.linalg.pinv(qxx, hermitian=True, rtol=1e-10) @ qux.T @ P
+    return max(1.0, torch.linalg.eigvals(m).real.max().item())
 
 
 def stage_fn(stage, names, flat_u, shapes, x):
@@ -87,8 +95,9 @@ def dense_step(stages, pre, u_nominal, u_base, P, inputs, per_sample_loss, termi
             fx = jacrev(f, 0)(xs[t], u_nominal[t]).reshape(-1, xs[t].numel())
             fu = jacrev(f, 1)(xs[t], u_nominal[t])
             qxx, qux = fx.T @ vxx @ fx, fu.T @ vxx @ fx
-            gains[t][i] = -P[t] @ qux
-            vxx = qxx - qux.T @ P[t] @ qux if vxx_update else qxx
+            mu = convexifying_mu(P[t], qxx, qux) if vxx_update else 1.0
+            gains[t][i] = -P[t] @ qux / mu
+            vxx = qxx - qux.T @ P[t] @ qux / mu if vxx_update else qxx
             vxx = 0.5 * (vxx + vxx.T)
             evals, evecs = torch.linalg.eigh(vxx)
             vxx = (evecs * evals.clamp(min=0.0)) @ evecs.T
