@@ -8,10 +8,13 @@ the control u_t. One ``step(closure)``:
 2. takes the base optimizer's step k_t = -P_t Q_u for every stage from the curvature
    (``identity`` = SGD(-momentum), ``rmsprop``, ``adam``, ``ekfac``), P_t = E[Q_uu]^-1 with the
    learning rate included; with ``feedback=False`` that is all, and DDPNOpt *is* that optimizer;
-3. with feedback, sweeps back the per-sample factors of the rank-one value Hessians (see
-   :mod:`nn_adapter.feedback`) and runs Algorithm 3's additional forward pass: for t = 0..T-1,
-   dx_t = xhat_t - x_t, u_t <- u_t + k_t + (1/B) sum_i K_t^(i) dx_t^(i), xhat_{t+1} = f_t(xhat_t, u_t),
-   with K_t^(i) dx^(i) = -P_t q_u^(i) (q_x^(i) . dx^(i)).
+3. with feedback, starts from a terminal value Hessian that does not grow with the loss (the
+   Gauss-Newton Hessian of the loss, :mod:`nn_adapter.terminal`), sweeps back the per-sample
+   factors of the value Hessians (:mod:`nn_adapter.feedback`, :mod:`nn_adapter.feedback_columns`)
+   and runs Algorithm 3's additional forward pass: for t = 0..T-1, dx_t = xhat_t - x_t,
+   u_t <- u_t + k_t + (1/B) sum_i K_t^(i) dx_t^(i), xhat_{t+1} = f_t(xhat_t, u_t), with
+   K_t^(i) dx^(i) = -(P_t / mu_i) q_u^(i) (q_x^(i) . dx^(i)) and mu_i >= 1 the per-sample
+   regularisation that keeps the sample's local model convex.
 
 Cost (factorised feedback): the closure, one extra forward pass, and per stage a weight-gradient-
 sized product; q_x . dx uses the gradients backpropagation already computed at each stage input
@@ -70,15 +73,45 @@ class DDPNOpt(CurvatureOptimizer):
         feedback: ``True`` / ``"factorised"`` (Proposition 3, the default), ``False`` (the base
             optimizer exactly) or ``"dense"`` (per-sample gains materialised, see
             :mod:`nn_adapter.feedback_dense`; small networks only).
-        eps_vxx: Tikhonov term added to the value Hessians V_xx (finite, >= 0). In the factorised
-            feedback it enters each stage's gain once (the eps f_u^T f_x dx term of the issue) and is
-            not carried further back; ``feedback="dense"`` carries eps I back through every stage,
-            so the two differ when eps_vxx > 0 (they agree exactly at 0).
-        second_order: also expand the dynamics to second order (adds V_x . f_ux dx).
-        vxx_update: carry V_xx = Q_xx - Q_ux^T Q_uu^-1 Q_ux back (the default, Proposition 3). With
-            False, V_xx = Q_xx (s = 1): this skips the per-sample q_u^T P q_u, whose cost for a
-            convolution is that of per-sample gradients.
+        eps_vxx: Tikhonov term added to the value Hessians V_xx (finite, >= 0), Algorithm 3
+            line 12. In the factorised feedback it enters each stage's gain as the state cost it
+            amounts to, eps f_u^T f_x dx (the eps I of the next stage's V_xx pulled back one
+            stage), and is not carried further back: carrying eps I through the Schur
+            complements makes V_xx dense (n_t x n_t per sample). ``feedback="dense"`` carries
+            it back exactly, so the two differ when eps_vxx > 0 (they agree exactly at 0).
+        second_order: also expand the dynamics to second order (adds V_x . f_ux dx, the
+            first-order change of the layer's own gradient, g dx^T for a Linear layer).
+        vxx_update: carry V_xx = Q_xx - Q_ux^T Q_uu^-1 Q_ux back (the default, Proposition 3),
+            with the per-sample regularisation mu_i below. With False, V_xx = Q_xx and no
+            per-sample quadratic forms q_u^T P q_u are formed (for a convolution they cost as
+            much as per-sample gradients), so there is no mu either.
+        terminal_hessian: the terminal value Hessian V_xx^T, see :mod:`nn_adapter.terminal`:
+            ``"projected"`` (default: the Gauss-Newton Hessian of the loss along the value
+            gradient, no extra cost), ``"gauss_newton"`` (exact, C columns per sample: one extra
+            backward of C cotangents), ``"sampled"`` (its Monte-Carlo rank-one sample, one extra
+            backward) or ``"gradient"`` (the outer product V_x V_x^T of Proposition 3, which
+            grows with the loss's gradient).
+        loss: ``"auto"`` (softmax cross-entropy is recognised from the recorded output and
+            gradient; anything else is taken as mean squared error, with a warning),
+            ``"cross_entropy"`` or ``"mse"``: which loss's Gauss-Newton Hessian to use.
+        feedback_bound: trust region of the feedback: per stage, ||P Q_ux dx|| is scaled down to
+            at most ``feedback_bound`` times the open-loop step ||k|| (``math.inf``: no bound).
+        diagnostics: record, at every step, ``optimizer.diagnostics``: one dict per stage with
+            ``k_norm`` (||k||), ``feedback_norm`` (||P Q_ux dx|| as applied), ``ratio`` (their
+            quotient) and ``clamped`` (the share of samples whose local model was not convex,
+            mu_i > 1). Costs a few reductions and a host synchronisation per stage.
+        seed: seed of the generator of ``terminal_hessian="sampled"``.
         **hyperparameters: the curvature's hyperparameters, named as torch names them.
+
+    Each stage's gain is K^(i) = -(P / mu_i) Q_ux^(i) with mu_i = max(1, q_u^T P q_u) (rank one;
+    lambda_max of the sample's Schur form with r columns): the smallest Levenberg-Marquardt factor
+    that makes the sample's local model [[Q_xx, Q_xu], [Q_ux, mu P^-1]] convex, as mu makes Q_uu
+    positive definite in classic DDP. V_x is the backpropagated gradient (not Eq. 5's
+    Q_x - Q_ux^T Q_uu^-1 Q_u): the open-loop step k is then exactly the base optimizer's, so the
+    feedback is the only difference from it (Proposition 2), and the feedback does not enter the
+    base optimizer's moments or normaliser (it is a correction to this step, not a gradient).
+    A step whose feedback would write a non-finite parameter is refused: parameters and
+    optimizer state are restored and a ``RuntimeWarning`` is issued.
 
     Raises:
         ValueError: an invalid or unknown hyperparameter, named in the message.
@@ -220,22 +253,49 @@ class DDPNOpt(CurvatureOptimizer):
             warnings.warn(msg, RuntimeWarning, stacklevel=4)
 
     def _snapshot(self):
-        """Copies of the parameters and the optimizer state (restored if the step is refused)."""
+        """The parameters and the optimizer state, packed into one flat buffer per dtype and
+        device (restored if the step is refused)."""
         params = [p for b in self._blocks for p in b.params]
-        state = {p: {k: (v.clone() if isinstance(v, torch.Tensor) else copy.deepcopy(v))
-                     for k, v in self.state[p].items()} for p in params if p in self.state}
-        return [p.detach().clone() for p in params], state
+        tensors, layout = [p.detach() for p in params], []
+        for p in params:
+            entry = {}
+            for k, v in self.state.get(p, {}).items():
+                if isinstance(v, torch.Tensor):
+                    entry[k] = ("t", len(tensors), v.shape, v.dtype)
+                    tensors.append(v.detach())
+                else:
+                    entry[k] = ("v", copy.deepcopy(v))
+            layout.append(entry if p in self.state else None)
+        groups: dict = {}
+        for i, v in enumerate(tensors):
+            groups.setdefault((v.dtype, v.device), []).append(i)
+        packed = {key: (idx, torch.cat([tensors[i].reshape(-1) for i in idx]))
+                  for key, idx in groups.items()}
+        return params, layout, packed
 
     def _restore(self, saved) -> None:
-        values, state = saved
-        params = [p for b in self._blocks for p in b.params]
-        for p, v in zip(params, values):
-            p.copy_(v)
-        for p in params:
-            if p in state:
-                self.state[p] = state[p]
-            else:
+        params, layout, packed = saved
+        values: dict = {}
+        sizes = {}
+        for entry in layout:
+            for spec in (entry or {}).values():
+                if spec[0] == "t":
+                    sizes[spec[1]] = (spec[2], spec[3])
+        for idx, buf in packed.values():
+            offset = 0
+            for i in idx:
+                shape = params[i].shape if i < len(params) else sizes[i][0]
+                n = math.prod(shape)
+                values[i] = buf[offset:offset + n].reshape(shape)
+                offset += n
+        for i, p in enumerate(params):
+            p.copy_(values[i])
+        for p, entry in zip(params, layout):
+            if entry is None:
                 self.state.pop(p, None)
+                continue
+            self.state[p] = {k: (values[spec[1]].clone() if spec[0] == "t" else spec[1])
+                             for k, spec in entry.items()}
 
     def _terminal(self, rec: Recorder):
         """``(Y, W)`` of :func:`nn_adapter.terminal.terminal_factor` for this batch."""

@@ -1,23 +1,30 @@
 """Factorised layer-wise feedback of DDPNOpt (Liu, Chen & Theodorou, ICLR 2021, Proposition 3).
 
-With a rank-one terminal value Hessian V_xx^T = z_T z_T^T (z_T = V_x at the output, the Gauss-Newton
-outer product), every value Hessian stays rank one along the backward pass::
+With a rank-one terminal value Hessian V_xx^T = w_T z_T z_T^T (z_T = V_x at the output, and w_T the
+terminal weight of :mod:`nn_adapter.terminal`: 1 for the gradient outer product, the Gauss-Newton
+Rayleigh quotient for ``"projected"``), every value Hessian stays rank one along the backward
+pass::
 
-    q_x = f_x^T z',  q_u = f_u^T z',  Q_ux = q_u q_x^T,  V_xx = s^2 q_x q_x^T,
-    s^2 = max(0, 1 - q_u^T P q_u),   z = s q_x
+    q_x = f_x^T z',  q_u = f_u^T z',  Q_ux = q_u q_x^T,  rho = q_u^T P q_u,
+    mu = max(1, rho),  K dx = -(P / mu) q_u (q_x . dx),  V_xx = (1 - rho / mu) q_x q_x^T
 
-(P = E[Q_uu]^-1, learning rate included). Because z' enters linearly, z_t = S_t (B dL/dx_t) with
-S_t = s_t s_{t+1} ... s_{T-1} a per-sample scalar and dL/dx_t the gradient the closure's backward
-already computed (the loss is a batch mean, so the per-sample value gradient is B times it). The
-feedback of one stage is then
+(P = E[Q_uu]^-1, learning rate included). The sample's local model [[Q_xx, Q_xu], [Q_ux, P^-1]] is
+convex iff rho <= 1; where it is not, its Q_uu is regularised to mu P^-1 with the smallest mu that
+restores convexity (per-sample Levenberg-Marquardt): the sample's gain is divided by mu and its
+value Hessian is zero instead of negative. Because z' enters linearly, z_t = S_t (B dL/dx_t) with
+S_t = s_t s_{t+1} ... s_{T-1} sqrt(w_T) a per-sample scalar (s^2 = 1 - rho / mu) and dL/dx_t the
+gradient the closure's backward already computed (the loss is a batch mean, so the per-sample value
+gradient is B times it). The feedback of one stage is then
 
-    (1/B) sum_i Q_ux^(i) dx^(i) = (1/B) f_u^T [c * g],  c_i = g_i . (h_x dx_i),  g = S B dL/dh
+    (1/B) sum_i Q_ux^(i) dx^(i) / mu_i = (1/B) f_u^T [c * g],  c_i = g_i . (h_x dx_i) / mu_i,
+    g = S B dL/dh
 
 with h the stage's parametrised module (its output gradient dL/dh is recorded by a hook): one
 Jacobian-vector product h_x dx (for Linear and Conv2d the layer itself without its bias) and one
 vector-Jacobian product with per-sample weighted cotangents (a weight gradient). Options add
 ``eps_vxx f_u^T f_x dx`` (Tikhonov term on V_xx) and ``V_x . f_ux dx`` (second-order dynamics,
-one double-backward through the whole stage).
+one double-backward through the whole stage). :mod:`nn_adapter.feedback_columns` is the same
+recursion for an r-column terminal factor.
 
 Everything here works on one stage and returns *unpreconditioned* sums shaped like the
 parameters; DDPNOpt applies P.
