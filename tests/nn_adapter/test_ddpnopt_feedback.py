@@ -1,5 +1,6 @@
 """Factorised feedback against a dense per-sample oracle, and the first-order check."""
 import copy
+import math
 
 import pytest
 import torch
@@ -57,7 +58,7 @@ def _stage_controls(net):
 
 def _compare(make, curvature, lr, terminal="projected", warmup=2, vxx_update=True, regression=False,
              **hp):
-    hp = dict(hp, vxx_update=vxx_update, terminal_hessian=terminal)
+    hp = dict(hp, vxx_update=vxx_update, terminal_hessian=terminal, feedback_bound=math.inf)
     torch.manual_seed(3)
     net = make()
     opt = DDPNOpt(net, lr=lr, curvature=curvature, **hp)
@@ -78,7 +79,8 @@ def _compare(make, curvature, lr, terminal="projected", warmup=2, vxx_update=Tru
     twin = copy.deepcopy(net)
     twin_opt = DDPNOpt(twin, lr=lr, curvature=curvature, feedback=False,
                        **{k: v for k, v in hp.items() if k not in ("vxx_update",
-                                                                   "terminal_hessian")})
+                                                                   "terminal_hessian",
+                                                                   "feedback_bound")})
     twin_opt.load_state_dict(copy.deepcopy(opt.state_dict()))
     twin_opt.step(make_closure(twin, twin_opt, x, y, loss_fn))
     u_base = _stage_controls(twin)
@@ -134,7 +136,8 @@ def test_factorised_equals_feedback_dense(make, curvature, lr, options):
         torch.manual_seed(3)
         net = make()
         nets.append(net)
-        opts.append(DDPNOpt(net, lr=lr, curvature=curvature, feedback=mode, **options))
+        opts.append(DDPNOpt(net, lr=lr, curvature=curvature, feedback=mode,
+                            **{"feedback_bound": math.inf, **options}))
     for x, y in data:
         for net, opt in zip(nets, opts):
             opt.step(_closure(net, opt, x, y))
@@ -194,6 +197,7 @@ def test_clamped_value_hessians_match_the_dense_projection():
     torch.manual_seed(3)
     net = _mlp()
     opt = DDPNOpt(net, lr=2.0, curvature="identity", terminal_hessian="gauss_newton",
+                  feedback_bound=math.inf,
                   diagnostics=True)
     opt.step(_closure(net, opt, *_batch(_mlp, 5)))
     assert max(d["clamped"] for d in opt.diagnostics) > 0
@@ -213,6 +217,7 @@ def test_sampled_terminal_averages_to_the_gauss_newton_one():
     def after(terminal, seed=0, feedback=True):
         twin = copy.deepcopy(net)
         opt = DDPNOpt(twin, lr=0.05, curvature="adam", vxx_update=False, feedback=feedback,
+                      feedback_bound=math.inf,
                       terminal_hessian=terminal, seed=seed)
         opt.load_state_dict(copy.deepcopy(base.state_dict()))
         opt.step(_closure(twin, opt, x, y))
@@ -240,7 +245,7 @@ def test_first_order_check(stage_index):
     torch.manual_seed(0)
     net = nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 3)).double()
     x0 = torch.randn(B, 4, dtype=torch.float64)
-    opt = DDPNOpt(net, lr=1.0, curvature="identity", second_order=True)
+    opt = DDPNOpt(net, lr=1.0, curvature="identity", second_order=True, feedback_bound=math.inf)
     view = opt._views[stage_index]
     stages = split_stages(net).stages
     states = [x0]
@@ -331,3 +336,24 @@ def test_feedback_coefficient_keeps_its_digits_in_float32():
     assert torch.allclose(c, exact, rtol=1e-9, atol=1e-12)
     naive = (q * xhat).sum(1) - (q * x).sum(1)
     assert ((naive.double() - exact).abs() / exact.abs()).max() > 1e-3   # what float32 alone loses
+
+
+@pytest.mark.parametrize("bound", [0.01, 0.001])
+def test_feedback_bound_caps_the_feedback_and_dense_agrees(bound):
+    """||P Q_ux dx|| <= bound ||k|| per stage (diagnostics), the same in the dense mode."""
+    data = [_batch(_mlp, s) for s in (21, 22, 23)]
+    nets, opts = [], []
+    for mode in ("factorised", "dense"):
+        torch.manual_seed(3)
+        nets.append(_mlp())
+        opts.append(DDPNOpt(nets[-1], lr=0.3, curvature="identity", feedback=mode,
+                            feedback_bound=bound, diagnostics=True))
+    d = []
+    for x, y in data:
+        for net, opt in zip(nets, opts):
+            opt.step(_closure(net, opt, x, y))
+        d += opts[0].diagnostics
+    assert all(s["ratio"] <= bound * (1 + 1e-9) for s in d)
+    assert any(s.get("bounded") for s in d)
+    a, b = (torch.cat([p.detach().flatten() for p in n.parameters()]) for n in nets)
+    assert (a - b).abs().max() <= 1e-10
