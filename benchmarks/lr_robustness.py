@@ -60,7 +60,7 @@ if str(ROOT) not in sys.path:
 
 from nn_adapter import EKFAC, DDPNOpt  # noqa: E402
 from nn_adapter import data as nn_data  # noqa: E402
-from nn_adapter.training import make_closure, mlp  # noqa: E402
+from nn_adapter.training import make_closure, mlp, paper_cnn  # noqa: E402
 
 __all__ = ["BASES", "REFERENCE_LR", "LR_FACTORS", "DATASETS", "run_grid", "train_run",
            "divergence_reason", "summarise", "write_report", "build_parser", "main"]
@@ -102,23 +102,13 @@ DEFAULT_DATASETS = ("digits", "wine", "fmnist")
 QUICK_DATASETS = ("digits", "wine")
 
 
-def cnn() -> nn.Module:
-    """The paper's CNN for 28x28 inputs (as in ``benchmarks/nn_step.py``)."""
-    c = 32
-    return nn.Sequential(
-        nn.Conv2d(1, c, 3, padding=1), nn.ReLU(), nn.Conv2d(c, c, 3, padding=1), nn.ReLU(),
-        nn.MaxPool2d(2), nn.Conv2d(c, c, 3, padding=1), nn.ReLU(),
-        nn.Conv2d(c, c, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(),
-        nn.Linear(c * 7 * 7, 128), nn.ReLU(), nn.Linear(128, 10))
-
-
 def build_model(dataset: str) -> nn.Module:
     if dataset == "digits":
         return mlp(64, 10, width=32, depth=5, activation=nn.Tanh)
     if dataset == "wine":
         return mlp(13, 3, width=10, depth=5, activation=nn.Tanh)
     if dataset == "fmnist":
-        return cnn()
+        return paper_cnn()
     raise ValueError(f"unknown dataset {dataset!r}")
 
 

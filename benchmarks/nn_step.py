@@ -35,7 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from nn_adapter import EKFAC, DDPNOpt  # noqa: E402
 from nn_adapter.data import load_digits, load_fashion_mnist  # noqa: E402
-from nn_adapter.training import make_closure  # noqa: E402
+from nn_adapter.training import make_closure, paper_cnn  # noqa: E402
 
 OPTIMIZERS = {
     "SGD-m (torch)": lambda net: torch.optim.SGD(net.parameters(), lr=0.05, momentum=0.9),
@@ -64,13 +64,7 @@ def mlp() -> nn.Module:
     return nn.Sequential(*layers, nn.Linear(32, 10))
 
 
-def cnn() -> nn.Module:
-    c = 32
-    return nn.Sequential(
-        nn.Conv2d(1, c, 3, padding=1), nn.ReLU(), nn.Conv2d(c, c, 3, padding=1), nn.ReLU(),
-        nn.MaxPool2d(2), nn.Conv2d(c, c, 3, padding=1), nn.ReLU(),
-        nn.Conv2d(c, c, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(),
-        nn.Linear(c * 7 * 7, 128), nn.ReLU(), nn.Linear(128, 10))
+cnn = paper_cnn
 
 
 def batches(name: str, batch: int, n: int):

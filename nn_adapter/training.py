@@ -17,7 +17,7 @@ from torch import nn
 from .data import Split
 
 __all__ = ["OPTIMIZERS", "DEFAULT_LR", "TrainRecord", "make_closure", "make_optimizer",
-           "train_classifier", "compare_optimizers", "mlp"]
+           "train_classifier", "compare_optimizers", "mlp", "paper_cnn"]
 
 logger = logging.getLogger("nn_adapter")
 
@@ -96,6 +96,23 @@ def mlp(n_in: int, n_out: int, width: int = 32, depth: int = 3, activation=nn.Ta
         layers += [nn.Linear(width_in, width), activation()]
         width_in = width
     return nn.Sequential(*layers, nn.Linear(width_in, n_out))
+
+
+def paper_cnn(in_channels: int = 1, size: int = 28, classes: int = 10, channels: int = 32
+              ) -> nn.Sequential:
+    """The DDPNOpt paper's CNN: 4 conv 3x3 (``channels``, ReLU, 2x2 max-pooling after the 2nd and
+    4th), then Linear(channels * (size/4)^2, 128), ReLU, Linear(128, classes).
+
+    Example:
+        >>> paper_cnn()(torch.zeros(2, 1, 28, 28)).shape
+        torch.Size([2, 10])
+    """
+    c, s = channels, size // 4
+    return nn.Sequential(
+        nn.Conv2d(in_channels, c, 3, padding=1), nn.ReLU(), nn.Conv2d(c, c, 3, padding=1),
+        nn.ReLU(), nn.MaxPool2d(2), nn.Conv2d(c, c, 3, padding=1), nn.ReLU(),
+        nn.Conv2d(c, c, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(),
+        nn.Linear(c * s * s, 128), nn.ReLU(), nn.Linear(128, classes))
 
 
 @dataclass
