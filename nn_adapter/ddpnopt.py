@@ -356,12 +356,9 @@ class DDPNOpt(CurvatureOptimizer):
             pes.append(apply_p(block, fac, delta[i:i + n]))
             i += n
         flat_k = [v for vs in ks for v in vs]
-        flat_p = [v for vs in pes for v in vs]
-        k_norm = torch.stack(torch._foreach_norm(flat_k)).norm()
-        p_norm = torch.stack(torch._foreach_norm(flat_p)).norm()
-        scale = torch.where(p_norm > self.feedback_bound * k_norm,
-                            self.feedback_bound * k_norm / p_norm.clamp(min=1e-300),
-                            torch.ones_like(p_norm))
+        norms = torch.stack(torch._foreach_norm(flat_k + [v for vs in pes for v in vs]))
+        k_norm, p_norm = norms[:len(flat_k)].norm(), norms[len(flat_k):].norm()
+        scale = (self.feedback_bound * k_norm / p_norm.clamp(min=1e-300)).clamp(max=1.0)
         if self.diagnostics is not None:
             while len(self.diagnostics) <= t:
                 self.diagnostics.append({"stage": len(self.diagnostics), "k_norm": 0.0,
@@ -371,9 +368,10 @@ class DDPNOpt(CurvatureOptimizer):
                                        ratio=fb / float(k_norm) if float(k_norm) > 0 else 0.0,
                                        bounded=bool(scale < 1),
                                        clamped=self._clamped.get(t, 0.0))
-        for block, k, pe in zip(view.blocks, ks, pes):
-            for param, kk, e in zip(block.params, k, pe):
-                param.add_(kk.sub_(e.mul_(scale.to(e.dtype))))
+        flat_p = [v for vs in pes for v in vs]
+        torch._foreach_mul_(flat_p, scale.to(flat_p[0].dtype))
+        torch._foreach_sub_(flat_k, flat_p)
+        torch._foreach_add_([p for b in view.blocks for p in b.params], flat_k)
 
     def _diagnose(self, t, block, factors, extra) -> None:
         """Record ||P feedback|| and ||k|| of one block (``diagnostics=True``)."""

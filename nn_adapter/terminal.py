@@ -145,6 +145,7 @@ class LossResolver:
             return self.loss
         found = detect_loss(out, g_mean)
         if found is not None:
+            self.loss = found          # recognised once: later steps skip the check
             return found
         if not self._warned:
             self._warned = True
