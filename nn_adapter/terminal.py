@@ -134,7 +134,8 @@ def terminal_factor(kind: str, loss: str, out: torch.Tensor, g: torch.Tensor, ge
 
 
 class LossResolver:
-    """Resolves ``loss="auto"`` once per optimizer from the first recorded output and gradient."""
+    """Resolves ``loss="auto"``: cross-entropy once recognised stays recognised; an unrecognised
+    loss is checked again at the next step (and taken as mean squared error, warned once)."""
 
     def __init__(self, loss: str):
         self.loss = loss
