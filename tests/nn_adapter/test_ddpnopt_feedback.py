@@ -190,6 +190,14 @@ def test_mean_squared_error_terminal_equals_its_dense_definition(terminal):
     assert fb > 1e-6 and diff <= 1e-10
 
 
+@pytest.mark.parametrize("make", [_generic, _nested], ids=["generic", "nested"])
+@pytest.mark.parametrize("terminal", ["gauss_newton", "projected"])
+def test_terminal_hessians_on_unstructured_heads(make, terminal):
+    """LayerNorm, Conv1d, BatchNorm (eval) and nested heads: the torch.func routes."""
+    fb, diff, _ = _compare(make, "adam", 0.05, terminal=terminal)
+    assert fb > 1e-6 and diff <= 1e-10
+
+
 def test_clamped_value_hessians_match_the_dense_projection():
     """At a large learning rate the per-sample V_xx of the exact terminal factor loses negative
     eigenvalues (the local model is not convex there); the r-column recursion projects exactly as
