@@ -260,46 +260,40 @@ class DDPNOpt(CurvatureOptimizer):
         """The parameters and the optimizer state, packed into one flat buffer per dtype and
         device (restored if the step is refused)."""
         params = [p for b in self._blocks for p in b.params]
-        tensors, layout = [p.detach() for p in params], []
+        tensors = [p.detach() for p in params]
+        layout = []                       # per parameter: None (no state) or {key: index | value}
         for p in params:
+            if p not in self.state:
+                layout.append(None)
+                continue
             entry = {}
-            for k, v in self.state.get(p, {}).items():
+            for k, v in self.state[p].items():
                 if isinstance(v, torch.Tensor):
-                    entry[k] = ("t", len(tensors), v.shape, v.dtype)
+                    entry[k] = len(tensors)
                     tensors.append(v.detach())
                 else:
-                    entry[k] = ("v", copy.deepcopy(v))
-            layout.append(entry if p in self.state else None)
+                    entry[k] = ("value", copy.deepcopy(v))
+            layout.append(entry)
         groups: dict = {}
         for i, v in enumerate(tensors):
             groups.setdefault((v.dtype, v.device), []).append(i)
-        packed = {key: (idx, torch.cat([tensors[i].reshape(-1) for i in idx]))
-                  for key, idx in groups.items()}
-        return params, layout, packed
+        packed = [(idx, torch.cat([tensors[i].reshape(-1) for i in idx])) for idx in groups.values()]
+        return params, [v.shape for v in tensors], layout, packed
 
     def _restore(self, saved) -> None:
-        params, layout, packed = saved
+        params, shapes, layout, packed = saved
         values: dict = {}
-        sizes = {}
-        for entry in layout:
-            for spec in (entry or {}).values():
-                if spec[0] == "t":
-                    sizes[spec[1]] = (spec[2], spec[3])
-        for idx, buf in packed.values():
-            offset = 0
-            for i in idx:
-                shape = params[i].shape if i < len(params) else sizes[i][0]
-                n = math.prod(shape)
-                values[i] = buf[offset:offset + n].reshape(shape)
-                offset += n
+        for idx, buf in packed:
+            for i, part in zip(idx, buf.split([math.prod(shapes[i]) for i in idx])):
+                values[i] = part.reshape(shapes[i])
         for i, p in enumerate(params):
             p.copy_(values[i])
         for p, entry in zip(params, layout):
             if entry is None:
                 self.state.pop(p, None)
-                continue
-            self.state[p] = {k: (values[spec[1]].clone() if spec[0] == "t" else spec[1])
-                             for k, spec in entry.items()}
+            else:
+                self.state[p] = {k: values[v].clone() if isinstance(v, int) else v[1]
+                                 for k, v in entry.items()}
 
     def _terminal(self, rec: Recorder):
         """``(Y, W)`` of :func:`nn_adapter.terminal.terminal_factor` for this batch."""
@@ -323,71 +317,53 @@ class DDPNOpt(CurvatureOptimizer):
         self._forward_pass(rec, updated, feedback_of)
 
     def _forward_pass(self, rec: Recorder, updated, feedback_of) -> None:
-        """Algorithm 3's additional forward pass: u_t <- u_t + k_t + P_t feedback_of(t, xhat_t)."""
+        """Algorithm 3's additional forward pass: u_t <- u_t + k_t - P_t feedback_of(t, xhat_t)."""
         views = self._views
         xhat = rec.inputs[views[0].module]
         for t, view in enumerate(views):
             factors = self._factors(view, updated)
-            delta = feedback_of(t, view, xhat, factors)
-            if factors is not None and delta is not None and math.isfinite(self.feedback_bound):
-                self._apply_bounded(t, view, factors, delta)
-            elif factors is not None:
-                i = 0
-                for block, fac in zip(view.blocks, factors):
-                    n = len(block.params)
-                    part = delta[i:i + n] if delta is not None else None
-                    if self.diagnostics is not None:
-                        self._diagnose(t, block, fac, part)
-                    self._apply(block, fac, part)
-                    i += n
-            del delta, factors
+            if factors is not None:
+                self._apply_stage(t, view, factors, feedback_of(t, view, xhat, factors))
             if t < len(views) - 1:
                 for m in (view.module, *view.followers):
                     xhat = run_module(m, xhat)
 
-    def _apply_bounded(self, t, view, factors, delta) -> None:
-        """u <- u + k - s P feedback with s = min(1, bound ||k|| / ||P feedback||) over the stage."""
+    def _apply_stage(self, t, view, factors, delta) -> None:
+        """u <- u + k - s P delta for one stage, s = min(1, bound ||k|| / ||P delta||).
+
+        ``delta``: the stage's unpreconditioned feedback sums (per parameter), or None. Without a
+        bound and diagnostics the curvature applies k - P delta itself (fused where it can be)."""
+        bounded = delta is not None and math.isfinite(self.feedback_bound)
+        if not bounded and self.diagnostics is None:
+            i = 0
+            for block, fac in zip(view.blocks, factors):
+                n = len(block.params)
+                self._apply(block, fac, delta[i:i + n] if delta is not None else None)
+                i += n
+            return
         group = self.param_groups[0]
         ks, pes, i = [], [], 0
         for block, fac in zip(view.blocks, factors):
             n = len(block.params)
             grads, states = self._grads_states(block)
-            ks.append(self.curvature.direction(block, grads, group, states, fac))
-            pes.append(apply_p(block, fac, delta[i:i + n]))
+            ks += self.curvature.direction(block, grads, group, states, fac)
+            if delta is not None:
+                pes += apply_p(block, fac, delta[i:i + n])
             i += n
-        flat_k = [v for vs in ks for v in vs]
-        norms = torch.stack(torch._foreach_norm(flat_k + [v for vs in pes for v in vs]))
-        k_norm, p_norm = norms[:len(flat_k)].norm(), norms[len(flat_k):].norm()
-        scale = (self.feedback_bound * k_norm / p_norm.clamp(min=1e-300)).clamp(max=1.0)
+        norms = torch.stack(torch._foreach_norm(ks + pes))
+        k_norm, p_norm = norms[:len(ks)].norm(), norms[len(ks):].norm()
+        scale = ((self.feedback_bound * k_norm / p_norm.clamp(min=1e-300)).clamp(max=1.0)
+                 if bounded else torch.ones_like(k_norm))
         if self.diagnostics is not None:
-            while len(self.diagnostics) <= t:
-                self.diagnostics.append({"stage": len(self.diagnostics), "k_norm": 0.0,
-                                         "feedback_norm": 0.0, "clamped": 0.0})
-            fb = float(p_norm * scale)
-            self.diagnostics[t].update(k_norm=float(k_norm), feedback_norm=fb,
-                                       ratio=fb / float(k_norm) if float(k_norm) > 0 else 0.0,
-                                       bounded=bool(scale < 1),
-                                       clamped=self._clamped.get(t, 0.0))
-        flat_p = [v for vs in pes for v in vs]
-        torch._foreach_mul_(flat_p, scale.to(flat_p[0].dtype))
-        torch._foreach_sub_(flat_k, flat_p)
-        torch._foreach_add_([p for b in view.blocks for p in b.params], flat_k)
-
-    def _diagnose(self, t, block, factors, extra) -> None:
-        """Record ||P feedback|| and ||k|| of one block (``diagnostics=True``)."""
-        grads, states = self._grads_states(block)
-        k = self.curvature.direction(block, grads, self.param_groups[0], states, factors)
-        k2 = float(sum(v.double().square().sum() for v in k))
-        f2 = 0.0 if extra is None else float(sum(
-            v.double().square().sum() for v in apply_p(block, factors, extra)))
-        while len(self.diagnostics) <= t:
-            self.diagnostics.append({"stage": len(self.diagnostics), "k_norm": 0.0,
-                                     "feedback_norm": 0.0, "clamped": 0.0})
-        d = self.diagnostics[t]
-        d["k_norm"] = math.sqrt(d["k_norm"] ** 2 + k2)
-        d["feedback_norm"] = math.sqrt(d["feedback_norm"] ** 2 + f2)
-        d["ratio"] = d["feedback_norm"] / d["k_norm"] if d["k_norm"] > 0 else 0.0
-        d["clamped"] = self._clamped.get(t, 0.0)
+            fb, kn = float(p_norm * scale), float(k_norm)
+            self.diagnostics.append({"stage": t, "k_norm": kn, "feedback_norm": fb,
+                                     "ratio": fb / kn if kn > 0 else 0.0,
+                                     "bounded": bool(scale < 1),
+                                     "clamped": self._clamped.get(t, 0.0)})
+        if pes:
+            torch._foreach_mul_(pes, scale.to(pes[0].dtype))
+            torch._foreach_sub_(ks, pes)
+        torch._foreach_add_([p for b in view.blocks for p in b.params], ks)
 
     def _recorded_feedback(self, rec, updated, w_out):
         """The rank-one feedback on the gradients backpropagation recorded (terminal columns =
@@ -460,7 +436,7 @@ class DDPNOpt(CurvatureOptimizer):
 
     def _update_dense(self, rec: Recorder) -> None:
         """``feedback="dense"``: per-sample gains materialised (:mod:`nn_adapter.feedback_dense`)."""
-        updated = self._update_curvature(rec, factors=False)
+        updated = self._update_curvature(rec)
         views = self._views
         if not all(b in updated for v in views for b in v.blocks):
             raise InputError("feedback='dense' needs gradients for every stage's parameters")
@@ -475,34 +451,10 @@ class DDPNOpt(CurvatureOptimizer):
         v_term = y.mT @ y if w_out is None else w_out[:, None, None] * (y.mT @ y)
         gains = dense_gains(views, factors, inputs, v_term, self.vxx_update, self.eps_vxx,
                             self.second_order, stage_out)
-        self._dense_pass(inputs, factors, gains)
 
-    def _dense_pass(self, inputs, factors, gains) -> None:
-        views = self._views
-        xhat = inputs[0]
-        for t, view in enumerate(views):
-            delta = apply_gains(view, gains[t], xhat - inputs[t]) if t > 0 else None
-            scale = 1.0
-            if delta is not None and math.isfinite(self.feedback_bound):
-                group, ks = self.param_groups[0], []
-                for block, fac in zip(view.blocks, factors[t]):
-                    grads, states = self._grads_states(block)
-                    ks += self.curvature.direction(block, grads, group, states, fac)
-                k_norm = torch.stack(torch._foreach_norm(ks)).norm()
-                d_norm = torch.stack(torch._foreach_norm(delta)).norm()
-                scale = torch.where(d_norm > self.feedback_bound * k_norm,
-                                    self.feedback_bound * k_norm / d_norm.clamp(min=1e-300),
-                                    torch.ones_like(d_norm))
-            i = 0
-            for block, fac in zip(view.blocks, factors[t]):
-                self._apply(block, fac)
-                if delta is not None:
-                    for p in block.params:
-                        p.add_(delta[i] * scale)
-                        i += 1
-            if t < len(views) - 1:
-                for m in (view.module, *view.followers):
-                    xhat = run_module(m, xhat)
+        def feedback_of(t, view, xhat, fac):
+            return apply_gains(view, gains[t], xhat - inputs[t]) if t > 0 else None
+        self._forward_pass(rec, updated, feedback_of)
 
     def _compactable(self, view: StageView, rec: Recorder) -> bool:
         return (view.structured and view.blocks[0].kind == "conv2d" and self.eps_vxx == 0

@@ -20,9 +20,12 @@ gradients): :func:`pull_columns`.
 """
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 from torch.func import vjp, vmap
 
+from .curvature.base import as_matrix
 from .curvature.kron import per_sample_grads
 from .feedback import StageView, _weight_grads, sample_dots
 
@@ -30,12 +33,11 @@ __all__ = ["StageColumns", "pull_columns", "column_quad_forms", "column_feedback
            "next_weights"]
 
 
-class StageColumns:
+class StageColumns(NamedTuple):
     """The columns of one stage: at its module output (``g``, (B, r, *h)) and input (``q_x``)."""
 
-    def __init__(self, g: torch.Tensor, q_x: torch.Tensor):
-        self.g = g
-        self.q_x = q_x
+    g: torch.Tensor
+    q_x: torch.Tensor
 
 
 def _followers_fn(view: StageView):
@@ -63,12 +65,11 @@ def pull_columns(views: list, inputs: list, y_out: torch.Tensor) -> list:
     for t in range(T - 1, 0, -1):
         view, x = views[t], inputs[t]
         params = [p.detach() for p in view.params]
-        h, pull_f = vjp(_followers_fn(view), view.module_fn(params, x))
+        _, pull_f = vjp(_followers_fn(view), view.module_fn(params, x))
         g = vmap(lambda c: pull_f(c)[0])(y)                              # (r, B, *h)
         _, pull_h = vjp(lambda xx: view.module_fn(params, xx), x)
         y = vmap(lambda c: pull_h(c)[0])(g)                              # (r, B, *x)
         out[t] = StageColumns(g.transpose(0, 1), y.transpose(0, 1))
-        del h
     return out
 
 
@@ -99,10 +100,8 @@ def column_quad_forms(view: StageView, factors: list, x: torch.Tensor, g: torch.
         sl = slice(i0, min(n, i0 + chunk))
         xs = x[sl].repeat_interleave(r, 0)
         gs = g[sl].flatten(0, 1)
-        k = xs.shape[0]
         rows = _whitened_rows(view, factors, xs, gs).reshape(sl.stop - sl.start, r, -1)
         out[sl] = rows @ rows.mT
-        del xs, gs, k
     return out
 
 
@@ -112,7 +111,6 @@ def _whitened_rows(view: StageView, factors: list, x: torch.Tensor, g: torch.Ten
     if view.structured:
         block, (q_g, q_a, d) = view.blocks[0], factors[0]
         if isinstance(d, list):
-            from .curvature.base import as_matrix
             d = as_matrix(block, [s.expand_as(p) for s, p in zip(d, block.params)])
             q_g = q_a = None
         grads = torch.cat([gr for _, gr in per_sample_grads(block, x, g, q_g, q_a)])
@@ -124,7 +122,6 @@ def _whitened_rows(view: StageView, factors: list, x: torch.Tensor, g: torch.Ten
         return pull(gi[None])[0]
 
     grads = list(vmap(one)(x, g))
-    from .curvature.base import as_matrix
     for block, (q_g, q_a, d) in zip(view.blocks, factors):
         part = [grads.pop(0) for _ in block.params]
         if isinstance(d, list):

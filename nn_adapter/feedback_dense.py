@@ -43,7 +43,8 @@ def _dense_P(view: StageView, factors: list) -> torch.Tensor:
 def dense_gains(views: list, factors: list, inputs: list, v_term: torch.Tensor,
                 vxx_update: bool = True, eps_vxx: float = 0.0, second_order: bool = False,
                 v_stage_out: list = None, max_elements: int = 50_000_000) -> list:
-    """Per-sample gains K_t^(i) of every stage t >= 1, (B, m_t, n_t) each (None for t = 0).
+    """Per-sample Q_ux^(i) / mu_i of every stage t >= 1, (B, m_t, n_t) each (None for t = 0):
+    the gains without their preconditioner, K_t^(i) = -P_t Q_ux^(i) / mu_i.
 
     Args:
         views: the stages.
@@ -83,7 +84,7 @@ def dense_gains(views: list, factors: list, inputs: list, v_term: torch.Tensor,
                 return jacrev(f, 0)(xi, uu).reshape(-1, n_in).T @ vi
 
             qux = qux + vmap(jacrev(vfx, 1), in_dims=(0, None, 0))(x, u, v_next).mT
-        gains[t] = -(P @ qux) / mu
+        gains[t] = qux / mu
         V = qxx - qux.mT @ (P @ qux) / mu if vxx_update else qxx
         V = 0.5 * (V + V.mT)
         evals, evecs = torch.linalg.eigh(V)
@@ -104,6 +105,6 @@ def regularisation(P: torch.Tensor, qxx: torch.Tensor, qux: torch.Tensor) -> tor
 
 
 def apply_gains(view: StageView, gain: torch.Tensor, dx: torch.Tensor) -> list:
-    """(1/B) sum_i K^(i) dx^(i) as one tensor per stage parameter."""
+    """(1/B) sum_i G^(i) dx^(i) as one tensor per stage parameter (G: :func:`dense_gains`)."""
     du = (gain @ dx.reshape(dx.shape[0], -1, 1)).mean(0).reshape(-1)
     return _unflatten(du, view.params)
