@@ -1,18 +1,23 @@
 """DDPNOpt (Liu, Chen & Theodorou, ICLR 2021): DDP once per minibatch, as a torch optimizer.
 
-Layer t of the network is stage t, its input activation is the state x_t and its parameters are
-the control u_t. One ``step(closure)``:
+Stage t is the t-th module owning trainable parameters in the order the model's own ``forward``
+runs them (:mod:`nn_adapter.module_stages`: any module graph, custom ``forward``, skips); its input
+is the state x_t and its parameters are the control u_t. One ``step(closure)`` is one iteration of
+occore's DDP/iLQR loop (``stochastic=True``: one full step, no cost check) on the minibatch the
+closure recorded (:mod:`nn_adapter.minibatch`):
 
 1. runs the closure (forward, loss, backward) with hooks that record each stage's input x_t and
-   the gradient at its parametrised module's output (per sample: the value gradients);
+   the gradient at its module's output (per sample: the value gradients), and the model's call;
 2. takes the base optimizer's step k_t = -P_t Q_u for every stage from the curvature
    (``identity`` = SGD(-momentum), ``rmsprop``, ``adam``, ``ekfac``), P_t = E[Q_uu]^-1 with the
    learning rate included; with ``feedback=False`` that is all, and DDPNOpt *is* that optimizer;
 3. with feedback, starts from a terminal value Hessian that does not grow with the loss (the
    Gauss-Newton Hessian of the loss, :mod:`nn_adapter.terminal`), sweeps back the per-sample
    factors of the value Hessians (:mod:`nn_adapter.feedback`, :mod:`nn_adapter.feedback_columns`)
-   and runs Algorithm 3's additional forward pass: for t = 0..T-1, dx_t = xhat_t - x_t,
-   u_t <- u_t + k_t + (1/B) sum_i K_t^(i) dx_t^(i), xhat_{t+1} = f_t(xhat_t, u_t), with
+   and runs Algorithm 3's additional forward pass, the model's forward re-run on the closure's
+   inputs (same dropout masks, batch-norm running statistics advanced once per step): just before
+   stage t's module runs on xhat_t, dx_t = xhat_t - x_t and
+   u_t <- u_t + k_t + (1/B) sum_i K_t^(i) dx_t^(i), with
    K_t^(i) dx^(i) = -(P_t / mu_i) q_u^(i) (q_x^(i) . dx^(i)) and mu_i >= 1 the per-sample
    regularisation that keeps the sample's local model convex.
 
@@ -24,8 +29,10 @@ right after the backward sweep. ``s`` needs q_u^T P q_u per sample: free for Lin
 (B, n) inputs (rank one), the cost of per-sample gradients for convolutions.
 
 The closure's loss must be the batch mean of per-sample losses (torch's default reduction).
-Modules are recorded with hooks that exist only while the closure runs; each parametrised module
-must run exactly once in it.
+Modules are recorded with hooks that exist only while the closure runs; the closure must call the
+model once, and each parametrised module must run exactly once in it (weight sharing is refused
+with an error naming the module). A ``torch.compile``'d model is refused (pass the original
+module).
 
 Reference: G.-H. Liu, T. Chen, E. A. Theodorou, "DDPNOpt: Differential Dynamic Programming
 Neural Optimizer", ICLR 2021 (Algorithm 3, Propositions 2 and 3).
@@ -42,15 +49,13 @@ import torch
 from torch import nn
 
 from occore.errors import InputError
+from occore.solvers.ddp import DDP, ILQR
+from occore.solvers.options import Regularization
 
-from .curvature.base import apply_p
 from .curvature.optimizer import CurvatureOptimizer
-from .curvature.records import Recorder
-from .feedback import (CompactStage, StageView, feedback_grads, quad_form, run_module,
-                       second_order_grads, tikhonov_grads)
-from .feedback_columns import column_feedback, column_quad_forms, next_weights, pull_columns
-from .feedback_dense import apply_gains, dense_gains
-from .terminal import LOSSES, TERMINAL_HESSIANS, LossResolver, terminal_factor
+from .minibatch import MinibatchProblem
+from .module_stages import StageRecorder, _owners, module_stages
+from .terminal import LOSSES, TERMINAL_HESSIANS, LossResolver
 
 __all__ = ["DDPNOpt"]
 
@@ -181,73 +186,74 @@ class DDPNOpt(CurvatureOptimizer):
         self.eps_vxx = float(eps_vxx)
         self.second_order = second_order
         self.vxx_update = vxx_update
-        self._views: list[StageView] = []
-        self._last_modules: list[nn.Module] = []
-        if self.feedback:
-            self._views, self._last_modules = self._find_stages(model)
+        self._stage_cache = None
+        self._closure_result: dict = {}
+        self.last_iteration = None
+        # one iteration of occore's loop per step: a full step, no cost check, mu from 0
+        solver = DDP if second_order else ILQR
+        self._solver = solver(max_iter=1, stochastic=True,
+                              regularization=Regularization(initial=0.0, minimum=0.0))
 
-    # -- stages ----------------------------------------------------------------------------------
-    def _find_stages(self, model):
-        from .stages import split_stages
+    # -- recording --------------------------------------------------------------------------------
+    def _make_recorder(self):
+        if not self.feedback:
+            return super()._make_recorder()
+        params = {id(p) for b in self._blocks for p in b.params}
+        owners = [m for _, m in _owners(self._model, params)]
+        linear = {id(b.module) for b in self._blocks if b.kind == "linear"}
+        return StageRecorder(self._model, owners, [m for m in owners if id(m) not in linear])
 
-        _, stages = split_stages(model)   # raises UnsupportedModuleError naming the module
-        views, last, covered = [], [], set()
-        for stage in stages:
-            module = stage.modules[0]
-            own = {id(p) for p in module.parameters()}
-            blocks = [b for b in self._blocks if all(id(p) in own for p in b.params)]
-            views.append(StageView(module, list(stage.modules[1:]), blocks))
-            last.append(stage.modules[-1])
-            covered.update(id(p) for b in blocks for p in b.params)
-        missing = [p for b in self._blocks for p in b.params if id(p) not in covered]
-        if missing:
-            raise InputError(f"model: {len(missing)} trainable parameter(s) belong to no stage")
-        return views, last
+    def _check_records(self, rec) -> None:
+        if not self.feedback:
+            return super()._check_records(rec)
+        rec.check_model_call()
+        rec.check_complete(rec.order, need_grads=False)
+        rec.check_complete(super()._recorded_modules())
 
-    def _recorded_modules(self):
-        mods = super()._recorded_modules()
-        return list({id(m): m for m in mods + [v.module for v in self._views]}.values())
+    def _stages(self, rec) -> list:
+        """The stages of this step's forward (cached while the execution order stays the same)."""
+        key = tuple(id(m) for m in rec.order)
+        if self._stage_cache is None or self._stage_cache[0] != key:
+            self._stage_cache = (key, module_stages(self._model, self._blocks, rec.order))
+        stages = self._stage_cache[1]
+        rec.check_complete([s.module for s in stages[1:]])
+        for s in stages:
+            s.freeze_statistics(rec.inputs[s.module])
+        return stages
 
-    def _make_recorder(self) -> Recorder:
-        inputs = self._recorded_modules()
-        heads = [v.module for v in self._views[1:]]
-        grads = super()._recorded_modules() + heads
-        if self.second_order:
-            grads += self._last_modules[1:]
-        if self.feedback == "dense" or self.terminal_hessian != "gradient":
-            grads += self._last_modules[-1:]
-        outputs = self._last_modules[-1:] if self.terminal_hessian != "gradient" else []
-        # q_x = h_x^T g is recorded where it saves a Jacobian-vector product (not for Linear)
-        in_grads = [v.module for v in self._views[1:]
-                    if not (v.structured and v.blocks[0].kind == "linear")]
-        return Recorder(inputs, list({id(m): m for m in grads}.values()), in_grads, outputs)
+    # -- the step --------------------------------------------------------------------------------
+    def step(self, closure=None):
+        """One DDPNOpt step (see the class docstring); with feedback ``closure`` is required (it
+        clears the gradients, calls the model once, computes the loss, calls ``backward`` and
+        returns the loss). Returns the loss the closure returned."""
+        if not self.feedback:
+            return super().step(closure)
+        if closure is None or not callable(closure):
+            raise InputError("closure: DDPNOpt with feedback needs a closure that runs zero_grad, "
+                             "the model, the loss and loss.backward() and returns the loss")
+        box = {}
 
-    def _check_records(self, rec: Recorder) -> None:
-        rec.check_complete([v.module for v in self._views], need_grads=False)
-        rec.check_complete(super()._recorded_modules() + [v.module for v in self._views[1:]])
+        def recorded():
+            box["loss"] = closure()
+            return box["loss"]
+        self._closure_result = box
+        return super().step(recorded)
 
-    # -- the update ------------------------------------------------------------------------------
-    def _factors(self, view, updated):
-        """The stage's factors P (one per block), or None when a block got no gradient.
+    def _group_of(self, block) -> dict:
+        parent = getattr(super(), "_group_of", None)
+        return parent(block) if parent is not None else self.param_groups[0]
 
-        ``updated`` maps blocks to their factors, or is the set of updated blocks (then the
-        factors are computed now)."""
-        if not all(b in updated for b in view.blocks):
-            return None
-        if isinstance(updated, dict):
-            return [updated[b] for b in view.blocks]
-        return self._factors_of(view.blocks)
-
-    def _update(self, rec: Recorder) -> None:
+    def _update(self, rec) -> None:
         if not self.feedback:
             return super()._update(rec)
         saved = self._snapshot()
         self.diagnostics = [] if self.record_diagnostics else None
         self._clamped = {}
-        if self.feedback == "dense":
-            self._update_dense(rec)
-        else:
-            self._update_factorised(rec)
+        loss = self._closure_result.pop("loss")
+        cost = float(loss.detach()) if isinstance(loss, torch.Tensor) else float(loss)
+        problem = MinibatchProblem(self, rec, self._stages(rec), cost)
+        state = self._solver.init(problem, traj=problem.trajectory(), mu=0.0)
+        state, self.last_iteration = self._solver.step(problem, state)
         params = [p for b in self._blocks for p in b.params]
         if not math.isfinite(float(torch.stack(torch._foreach_norm(params)).sum())):
             self._restore(saved)
@@ -294,218 +300,3 @@ class DDPNOpt(CurvatureOptimizer):
             else:
                 self.state[p] = {k: values[v].clone() if isinstance(v, int) else v[1]
                                  for k, v in entry.items()}
-
-    def _terminal(self, rec: Recorder):
-        """``(Y, W)`` of :func:`nn_adapter.terminal.terminal_factor` for this batch."""
-        if self.terminal_hessian == "gradient":
-            return None, None
-        out_mod = self._last_modules[-1]
-        out, g = rec.outputs.get(out_mod), rec.out_grads.get(out_mod)
-        if out is None or g is None:
-            raise InputError("closure: the network output got no gradient; the closure must "
-                             "call loss.backward() on a loss of the model's output")
-        loss = self._loss(out, g)
-        return terminal_factor(self.terminal_hessian, loss, out, g * out.shape[0], self._generator)
-
-    def _update_factorised(self, rec: Recorder) -> None:
-        updated = self._update_curvature(rec)      # {block: factors}, batched over the net
-        y_out, w_out = self._terminal(rec)
-        if y_out is None:
-            feedback_of = self._recorded_feedback(rec, updated, w_out)
-        else:
-            feedback_of = self._column_feedback(rec, updated, y_out)
-        self._forward_pass(rec, updated, feedback_of)
-
-    def _forward_pass(self, rec: Recorder, updated, feedback_of) -> None:
-        """Algorithm 3's additional forward pass: u_t <- u_t + k_t - P_t feedback_of(t, xhat_t)."""
-        views = self._views
-        xhat = rec.inputs[views[0].module]
-        for t, view in enumerate(views):
-            factors = self._factors(view, updated)
-            if factors is not None:
-                self._apply_stage(t, view, factors, feedback_of(t, view, xhat, factors))
-            if t < len(views) - 1:
-                for m in (view.module, *view.followers):
-                    xhat = run_module(m, xhat)
-
-    def _apply_stage(self, t, view, factors, delta) -> None:
-        """u <- u + k - s P delta for one stage, s = min(1, bound ||k|| / ||P delta||).
-
-        ``delta``: the stage's unpreconditioned feedback sums (per parameter), or None. Without a
-        bound and diagnostics the curvature applies k - P delta itself (fused where it can be)."""
-        bounded = delta is not None and math.isfinite(self.feedback_bound)
-        if not bounded and self.diagnostics is None:
-            i = 0
-            for block, fac in zip(view.blocks, factors):
-                n = len(block.params)
-                self._apply(block, fac, delta[i:i + n] if delta is not None else None)
-                i += n
-            return
-        group = self.param_groups[0]
-        ks, pes, i = [], [], 0
-        for block, fac in zip(view.blocks, factors):
-            n = len(block.params)
-            grads, states = self._grads_states(block)
-            ks += self.curvature.direction(block, grads, group, states, fac)
-            if delta is not None:
-                pes += apply_p(block, fac, delta[i:i + n])
-            i += n
-        norms = torch.stack(torch._foreach_norm(ks + pes))
-        k_norm, p_norm = norms[:len(ks)].norm(), norms[len(ks):].norm()
-        scale = ((self.feedback_bound * k_norm / p_norm.clamp(min=1e-300)).clamp(max=1.0)
-                 if bounded else torch.ones_like(k_norm))
-        if self.diagnostics is not None:
-            fb, kn = float(p_norm * scale), float(k_norm)
-            self.diagnostics.append({"stage": t, "k_norm": kn, "feedback_norm": fb,
-                                     "ratio": fb / kn if kn > 0 else 0.0,
-                                     "bounded": bool(scale < 1),
-                                     "clamped": self._clamped.get(t, 0.0)})
-        if pes:
-            torch._foreach_mul_(pes, scale.to(pes[0].dtype))
-            torch._foreach_sub_(ks, pes)
-        torch._foreach_add_([p for b in view.blocks for p in b.params], ks)
-
-    def _recorded_feedback(self, rec, updated, w_out):
-        """The rank-one feedback on the gradients backpropagation recorded (terminal columns =
-        the value gradient; ``w_out``: per-sample terminal weight, None for 1)."""
-        views = self._views
-        n = rec.inputs[views[0].module].shape[0]
-        compact: dict[int, CompactStage] = {}
-        weights, mus = self._backward_sweep(rec, updated, compact,
-                                            float(n) if w_out is None else w_out.sqrt() * n)
-        scales = [None if mu is None else mu.reciprocal() for mu in mus]
-
-        def feedback_of(t, view, xhat, factors):
-            x = rec.inputs.pop(view.module, None)
-            g = rec.out_grads.pop(view.module, None)
-            v_next = rec.out_grads.pop(self._last_modules[t], g) if self.second_order else None
-            if t in compact:
-                return compact.pop(t).feedback(xhat, weights[t + 1], scales[t])
-            if t == 0 or factors is None:
-                return None
-            v_next = v_next * x.shape[0] if v_next is not None else None
-            g = g * _bcast(weights[t + 1], g)   # out of place: a user may hold these grads
-            q_x = rec.in_grads.pop(view.module, None)
-            if q_x is not None:
-                q_x = q_x * _bcast(weights[t + 1], q_x)
-            total = feedback_grads(view, x, xhat, g, q_x, overwrite=True, sample_scale=scales[t])
-            return self._add_extras(t, view, x, xhat, v_next, total, mus[t])
-        return feedback_of
-
-    def _column_feedback(self, rec, updated, y_out):
-        """The r-column feedback (:mod:`nn_adapter.feedback_columns`) for terminal columns y_out."""
-        views = self._views
-        T = len(views)
-        inputs = [rec.inputs[v.module] for v in views]
-        cols = pull_columns(views, inputs, y_out)
-        ws: list = [None] * (T + 1)          # W at the output of stage t is ws[t + 1]
-        mus: list = [None] * T
-        for t in range(T - 1, 0, -1):
-            ws[t] = ws[t + 1]
-            factors = self._factors(views[t], updated)
-            if self.vxx_update and factors is not None:
-                nq = column_quad_forms(views[t], factors, inputs[t], cols[t].g)
-                mus[t], ws[t] = next_weights(ws[t + 1], nq)
-                if self.diagnostics is not None:
-                    self._clamped[t] = float((mus[t] > 1).double().mean())
-        stage_out = {}
-        if self.second_order:
-            n = inputs[0].shape[0]
-            stage_out = {t: rec.out_grads[self._last_modules[t]] * n for t in range(1, T)}
-
-        def feedback_of(t, view, xhat, factors):
-            if t == 0 or factors is None:
-                return None
-            total = column_feedback(view, inputs[t], xhat, cols[t], ws[t + 1], mus[t])
-            return self._add_extras(t, view, inputs[t], xhat, stage_out.get(t), total, mus[t])
-        return feedback_of
-
-    def _add_extras(self, t, view, x, xhat, v_next, total, mu=None) -> list:
-        """Add the Tikhonov (eps_vxx) and second-order dynamics terms of stage t's feedback
-        (per sample divided by the regularisation ``mu``, as the Gauss-Newton part is)."""
-        if not (self.eps_vxx > 0 and t < len(self._views) - 1) and not self.second_order:
-            return total
-        dx = xhat - x
-        if mu is not None:
-            dx = dx / _bcast(mu, dx)
-        if self.eps_vxx > 0 and t < len(self._views) - 1:
-            total = [a + b for a, b in zip(total, tikhonov_grads(view, x, dx, self.eps_vxx))]
-        if self.second_order:
-            total = [a + b for a, b in zip(total, second_order_grads(view, x, dx, v_next))]
-        return total
-
-    def _update_dense(self, rec: Recorder) -> None:
-        """``feedback="dense"``: per-sample gains materialised (:mod:`nn_adapter.feedback_dense`)."""
-        updated = self._update_curvature(rec)
-        views = self._views
-        if not all(b in updated for v in views for b in v.blocks):
-            raise InputError("feedback='dense' needs gradients for every stage's parameters")
-        factors = [self._factors(v, updated) for v in views]
-        inputs = [rec.inputs[v.module] for v in views]
-        n = inputs[0].shape[0]
-        stage_out = ([None] + [rec.out_grads[m] * n for m in self._last_modules[1:]]
-                     if self.second_order else None)
-        g_out = rec.out_grads[self._last_modules[-1]] * n
-        y_out, w_out = self._terminal(rec)
-        y = (g_out[:, None] if y_out is None else y_out).reshape(n, -1, g_out[0].numel())
-        v_term = y.mT @ y if w_out is None else w_out[:, None, None] * (y.mT @ y)
-        gains = dense_gains(views, factors, inputs, v_term, self.vxx_update, self.eps_vxx,
-                            self.second_order, stage_out)
-
-        def feedback_of(t, view, xhat, fac):
-            return apply_gains(view, gains[t], xhat - inputs[t]) if t > 0 else None
-        self._forward_pass(rec, updated, feedback_of)
-
-    def _compactable(self, view: StageView, rec: Recorder) -> bool:
-        return (view.structured and view.blocks[0].kind == "conv2d" and self.eps_vxx == 0
-                and not self.second_order and view.module in rec.in_grads)
-
-    def _backward_sweep(self, rec, updated, compact, w_out):
-        """Per-sample weights w_t = B S_t of the recorded gradients and regularisations mu_t.
-
-        z_t = w_t dL/dx_t, S_t = s_t ... s_{T-1} S_T (S_T^2: the terminal weight; a plain number
-        while all factors are one). With rho = q_u^T P q_u of z_{t+1}, the sample's local model is
-        convex iff rho <= 1; mu = max(1, rho) regularises its Q_uu to mu P^-1 (its gain is
-        divided by mu) and s^2 = 1 - rho / mu >= 0. Convolution stages are turned into
-        :class:`CompactStage` on the way (their inputs and cotangents released).
-
-        Returns:
-            ``(weights, mus)``: weights[t] for t = 0..T, mus[t] a (B,) tensor or None (mu = 1).
-        """
-        views = self._views
-        T = len(views)
-        weights: list = [w_out] * (T + 1)
-        mus: list = [None] * T
-        for t in range(T - 1, 0, -1):
-            view = views[t]
-            weights[t] = weights[t + 1]
-            if not all(b in updated for b in view.blocks):
-                continue
-            need_rho = self.vxx_update
-            if need_rho:
-                factors = self._factors(view, updated)
-            if self._compactable(view, rec):
-                cs = compact[t] = CompactStage.build(
-                    view.blocks[0], rec.inputs.pop(view.module), rec.out_grads.pop(view.module),
-                    rec.in_grads.pop(view.module))
-                if need_rho:
-                    w = weights[t + 1]
-                    rho = cs.quad_form(factors[0]) * (w * w if isinstance(w, float) else w.square())
-            elif need_rho:   # rho(w g) = w^2 rho(g)
-                w = weights[t + 1]
-                rho = quad_form(view, factors, rec.inputs[view.module], rec.out_grads[view.module])
-                rho = rho.mul_(w * w if isinstance(w, float) else w.square())
-            if need_rho:
-                if self.diagnostics is not None:
-                    self._clamped[t] = float((rho > 1).double().mean())
-                mu = rho.clamp(min=1.0)
-                mus[t] = mu
-                weights[t] = (1.0 - rho / mu).clamp_(min=0.0).sqrt_().mul_(weights[t + 1])
-        return weights, mus
-
-
-def _bcast(s, like: torch.Tensor):
-    """A per-sample (B,) tensor shaped to broadcast against ``like`` (numbers pass through)."""
-    if not isinstance(s, torch.Tensor):
-        return s
-    return s.reshape((s.shape[0],) + (1,) * (like.dim() - 1))

@@ -22,8 +22,10 @@ gradient is B times it). The feedback of one stage is then
 with h the stage's parametrised module (its output gradient dL/dh is recorded by a hook): one
 Jacobian-vector product h_x dx (for Linear and Conv2d the layer itself without its bias) and one
 vector-Jacobian product with per-sample weighted cotangents (a weight gradient). Options add
-``eps_vxx f_u^T f_x dx`` (Tikhonov term on V_xx) and ``V_x . f_ux dx`` (second-order dynamics,
-one double-backward through the whole stage). :mod:`nn_adapter.feedback_columns` is the same
+``eps_vxx h_u^T h_x dx`` (Tikhonov term on the value Hessian at the module output) and
+``V_x . h_ux dx`` (second-order term of the module, one double-backward through it). The stage
+is the module alone (:class:`~nn_adapter.module_stages.ModuleStage`): whatever runs between two
+modules (activations, skips) enters through the recorded gradients and the measured inputs. :mod:`nn_adapter.feedback_columns` is the same
 recursion for an r-column terminal factor.
 
 Everything here works on one stage and returns *unpreconditioned* sums shaped like the
@@ -40,58 +42,10 @@ from torch.func import functional_call, jvp, vjp, vmap
 
 from .curvature.base import Block, apply_p, as_matrix, from_matrix
 from .curvature.kron import patches, per_sample_grads
+from .module_stages import ModuleStage
 
-__all__ = ["StageView", "quad_form", "precondition", "feedback_grads", "tikhonov_grads",
-           "second_order_grads", "CompactStage", "run_module"]
-
-
-@dataclass(eq=False)
-class StageView:
-    """What the feedback needs of one stage: its parametrised module, followers and blocks.
-
-    Attributes:
-        module: the parametrised module h (first module of the stage).
-        followers: the parameter-free modules after it (the stage is followers(h(x, u))).
-        blocks: the curvature blocks of ``module``'s parameters (one structured block for Linear
-            and Conv2d, else one diagonal block per parameter).
-        names: ``module``'s parameter names, in block order.
-
-    Example:
-        >>> from nn_adapter.curvature import find_blocks
-        >>> lin = nn.Linear(3, 2)
-        >>> view = StageView(lin, [nn.Tanh()], find_blocks(lin))
-        >>> view.names, view.structured
-        (['weight', 'bias'], True)
-    """
-
-    module: nn.Module
-    followers: list
-    blocks: list
-    names: list = field(default_factory=list)
-
-    def __post_init__(self):
-        if not self.names:
-            ids = {id(p): n for n, p in self.module.named_parameters()}
-            self.names = [ids[id(p)] for b in self.blocks for p in b.params]
-
-    @property
-    def structured(self) -> bool:
-        return len(self.blocks) == 1 and self.blocks[0].structured
-
-    @property
-    def params(self) -> list:
-        return [p for b in self.blocks for p in b.params]
-
-    def module_fn(self, params: list, x: torch.Tensor) -> torch.Tensor:
-        """h(x; params) with the given parameter tensors (in block order)."""
-        return functional_call(self.module, dict(zip(self.names, params)), (x,))
-
-    def stage_fn(self, params: list, x: torch.Tensor) -> torch.Tensor:
-        """f(x; params) = followers(h(x; params))."""
-        y = self.module_fn(params, x)
-        for m in self.followers:
-            y = m(y)
-        return y
+__all__ = ["quad_form", "precondition", "feedback_grads", "tikhonov_grads",
+           "second_order_grads", "CompactStage"]
 
 
 # -- pieces of a structured (Linear / Conv2d) module ------------------------------------------------
@@ -136,11 +90,11 @@ def _weight_grads(block: Block, x: torch.Tensor, cot: torch.Tensor) -> list[torc
 
 
 # -- the per-sample quadratic form q_u^T P q_u -----------------------------------------------------
-def quad_form(view: StageView, factors: list, x: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+def quad_form(stage: ModuleStage, factors: list, x: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
     """rho_i = q_u^(i)T P q_u^(i) for q_u^(i) = h_u^T g_i, per sample.
 
     Args:
-        view: the stage.
+        stage: the stage.
         factors: the curvature's ``(Q_G, Q_A, D)`` of each block of the stage.
         x: the module's inputs, (B, ...).
         g: per-sample output cotangents of the module, (B, ...).
@@ -148,8 +102,8 @@ def quad_form(view: StageView, factors: list, x: torch.Tensor, g: torch.Tensor) 
     Returns:
         (B,) tensor.
     """
-    if view.structured:
-        block, (q_g, q_a, d) = view.blocks[0], factors[0]
+    if stage.structured:
+        block, (q_g, q_a, d) = stage.blocks[0], factors[0]
         if block.kind == "linear" and x.dim() == 2:   # rank-one per-sample gradients
             g2 = (g @ q_g if q_g is not None else g).square()
             if isinstance(d, list):   # diagonal: no bias column needed
@@ -166,15 +120,15 @@ def quad_form(view: StageView, factors: list, x: torch.Tensor, g: torch.Tensor) 
         for sl, grads in per_sample_grads(block, x, g, q_g, q_a):
             rho[sl] = (grads.square() * d).sum((1, 2))
         return rho
-    params = [p.detach() for p in view.params]
+    params = [p.detach() for p in stage.params]
 
     def one(xi, gi):
-        _, pull = vjp(lambda ps: view.module_fn(ps, xi[None]), params)
+        _, pull = vjp(lambda ps: stage.module_fn(ps, xi[None]), params)
         return pull(gi[None])[0]
 
     grads = list(vmap(one)(x, g))   # per-sample gradients of every parameter, (B, *p.shape)
     rho = x.new_zeros(x.shape[0])
-    for block, (q_g, q_a, d) in zip(view.blocks, factors):
+    for block, (q_g, q_a, d) in zip(stage.blocks, factors):
         part = [grads.pop(0) for _ in block.params]
         if isinstance(d, list):
             for gr, s in zip(part, d):
@@ -187,10 +141,10 @@ def quad_form(view: StageView, factors: list, x: torch.Tensor, g: torch.Tensor) 
     return rho
 
 
-def precondition(view: StageView, factors: list, grads: list) -> list[torch.Tensor]:
+def precondition(stage: ModuleStage, factors: list, grads: list) -> list[torch.Tensor]:
     """P applied to a stage's parameter-shaped tensors (one per parameter, block order)."""
     out, i = [], 0
-    for block, fac in zip(view.blocks, factors):
+    for block, fac in zip(stage.blocks, factors):
         n = len(block.params)
         out += apply_p(block, fac, grads[i:i + n])
         i += n
@@ -198,13 +152,13 @@ def precondition(view: StageView, factors: list, grads: list) -> list[torch.Tens
 
 
 # -- the feedback sums ---------------------------------------------------------------------------
-def feedback_grads(view: StageView, x: torch.Tensor, xhat: torch.Tensor, g: torch.Tensor,
+def feedback_grads(stage: ModuleStage, x: torch.Tensor, xhat: torch.Tensor, g: torch.Tensor,
                    q_x: torch.Tensor = None, overwrite: bool = False,
                    sample_scale: torch.Tensor = None) -> list[torch.Tensor]:
     """(1/B) sum_i q_u^(i) (q_x^(i) . dx^(i)), the factorised Q_ux dx averaged over the batch.
 
     Args:
-        view: the stage (its parameters are the nominal u_t).
+        stage: the stage (its parameters are the nominal u_t).
         x: nominal module inputs x_t, (B, ...).
         xhat: states of the additional forward pass, (B, ...); dx = xhat - x.
         g: per-sample cotangents at the module output, h-space image of z_{t+1}, (B, ...).
@@ -219,16 +173,16 @@ def feedback_grads(view: StageView, x: torch.Tensor, xhat: torch.Tensor, g: torc
         one tensor per stage parameter (block order), shaped like it.
     """
     n = x.shape[0]
-    params = [p.detach() for p in view.params]
+    params = [p.detach() for p in stage.params]
     if q_x is not None:   # c_i = q_x^(i) . (xhat_i - x_i), no temporary dx
         c = (sample_dots(q_x, xhat) - sample_dots(q_x, x)).to(x.dtype)
     else:
         dx = xhat - x
-        if view.structured:
-            block = view.blocks[0]
+        if stage.structured:
+            block = stage.blocks[0]
             dh = _linear_part(block, block.weight, dx)
         else:
-            _, dh = jvp(lambda xx: view.module_fn(params, xx), (x,), (dx,))
+            _, dh = jvp(lambda xx: stage.module_fn(params, xx), (x,), (dx,))
         del dx
         c = torch.bmm(g.reshape(n, 1, -1), dh.reshape(n, -1, 1)).reshape(n)
         del dh
@@ -236,9 +190,9 @@ def feedback_grads(view: StageView, x: torch.Tensor, xhat: torch.Tensor, g: torc
         c = c * sample_scale.to(c.dtype)
     c = (c / n).reshape((n,) + (1,) * (g.dim() - 1))
     cot = g.mul_(c) if overwrite else g * c
-    if view.structured:
-        return _weight_grads(view.blocks[0], x, cot)
-    _, pull = vjp(lambda ps: view.module_fn(ps, x), params)
+    if stage.structured:
+        return _weight_grads(stage.blocks[0], x, cot)
+    _, pull = vjp(lambda ps: stage.module_fn(ps, x), params)
     return list(pull(cot)[0])
 
 
@@ -298,52 +252,27 @@ class CompactStage:
         return from_matrix(self.block, mat)
 
 
-def _pair(v):
-    return tuple(v) if isinstance(v, (tuple, list)) else (v, v)
-
-
-def run_module(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """``module(x)`` for the additional forward pass (no autograd).
-
-    ``MaxPool2d`` with kernel == stride (no padding, dilation or ceil mode) and no hooks is
-    evaluated as a maximum over the k*k strided slices: the same values (NaN included) several
-    times faster than torch's CPU pooling kernel. Everything else is a plain call.
-    """
-    if (type(module) is nn.MaxPool2d and not module._forward_hooks
-            and not module._forward_pre_hooks and not module.ceil_mode
-            and not module.return_indices and x.dim() == 4):
-        k, st = _pair(module.kernel_size), _pair(module.stride or module.kernel_size)
-        if k == st and _pair(module.padding) == (0, 0) and _pair(module.dilation) == (1, 1):
-            h, w = (x.shape[2] // k[0]) * k[0], (x.shape[3] // k[1]) * k[1]
-            if h and w:
-                out = None
-                for i in range(k[0]):
-                    for j in range(k[1]):
-                        part = x[:, :, i:h:k[0], j:w:k[1]]
-                        out = part.clone() if out is None else torch.maximum(out, part, out=out)
-                return out
-    return module(x)
-
-
-def tikhonov_grads(view: StageView, x: torch.Tensor, dx: torch.Tensor, eps: float
+def tikhonov_grads(stage: ModuleStage, x: torch.Tensor, dx: torch.Tensor, eps: float
                    ) -> list[torch.Tensor]:
-    """(eps/B) sum_i f_u^(i)T f_x^(i) dx^(i): the Q_ux dx term of V_xx' + eps I."""
-    params = [p.detach() for p in view.params]
-    _, fdx = jvp(lambda xx: view.stage_fn(params, xx), (x,), (dx,))
-    _, pull = vjp(lambda ps: view.stage_fn(ps, x), params)
-    return [t * (eps / x.shape[0]) for t in pull(fdx)[0]]
+    """(eps/B) sum_i h_u^(i)T h_x^(i) dx^(i): the Q_ux dx term of V_xx + eps I at the module's
+    output (Algorithm 3, line 12, at the stage where it is added)."""
+    params = [p.detach() for p in stage.params]
+    _, hdx = jvp(lambda xx: stage.module_fn(params, xx), (x,), (dx,))
+    _, pull = vjp(lambda ps: stage.module_fn(ps, x), params)
+    return [t * (eps / x.shape[0]) for t in pull(hdx)[0]]
 
 
-def second_order_grads(view: StageView, x: torch.Tensor, dx: torch.Tensor, v_next: torch.Tensor
+def second_order_grads(stage: ModuleStage, x: torch.Tensor, dx: torch.Tensor, v_out: torch.Tensor
                        ) -> list[torch.Tensor]:
-    """(1/B) sum_i V_x'^(i) . f_ux^(i) dx^(i) (a double-backward through the stage).
+    """(1/B) sum_i V_x^(i) . h_ux^(i) dx^(i): the first-order change of the module's own gradient
+    (g dx^T for a Linear layer), one double-backward through the module.
 
     Args:
-        v_next: per-sample value gradients at the stage output x_{t+1}, (B, ...).
+        v_out: per-sample value gradients at the module output, (B, ...).
     """
-    params = [p.detach().requires_grad_(True) for p in view.params]
+    params = [p.detach().requires_grad_(True) for p in stage.params]
     with torch.enable_grad():
-        _, fdx = jvp(lambda xx: view.stage_fn(params, xx), (x,), (dx,))
-        total = (v_next * fdx).sum() / x.shape[0]
+        _, hdx = jvp(lambda xx: stage.module_fn(params, xx), (x,), (dx,))
+        total = (v_out * hdx).sum() / x.shape[0]
         grads = torch.autograd.grad(total, params, allow_unused=True)
     return [torch.zeros_like(p) if gr is None else gr.detach() for p, gr in zip(params, grads)]

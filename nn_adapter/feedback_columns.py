@@ -27,7 +27,8 @@ from torch.func import vjp, vmap
 
 from .curvature.base import as_matrix
 from .curvature.kron import per_sample_grads
-from .feedback import StageView, _weight_grads, sample_dots
+from .feedback import _weight_grads, sample_dots
+from .module_stages import ModuleStage, replay
 
 __all__ = ["StageColumns", "pull_columns", "column_quad_forms", "column_feedback",
            "next_weights"]
@@ -40,51 +41,76 @@ class StageColumns(NamedTuple):
     q_x: torch.Tensor
 
 
-def _followers_fn(view: StageView):
-    def fn(h):
-        for m in view.followers:
-            h = m(h)
-        return h
-    return fn
+def pull_columns(rec, stages: list, y_out: torch.Tensor) -> list:
+    """Pull the terminal columns back through the model to every stage t >= 1.
 
-
-def pull_columns(views: list, inputs: list, y_out: torch.Tensor) -> list:
-    """Pull the terminal columns back through stages T-1 .. 1, (B, r, ...) at each.
+    One forward pass of the model on the closure's inputs (replayed: same dropout masks, running
+    statistics untouched) and one backward pass of the r columns as a batch of cotangents
+    (``is_grads_batched``); no weight gradients.
 
     Args:
-        views: the stages.
-        inputs: the recorded module inputs x_t (B, ...) of every stage.
-        y_out: terminal columns at the network output (B, r, ...).
+        rec: the :class:`~nn_adapter.module_stages.StageRecorder` of the closure.
+        stages: the stages, in execution order.
+        y_out: terminal columns at the model's output (B, r, ...).
 
     Returns:
-        a list with ``None`` at t = 0 and a :class:`StageColumns` for t >= 1.
+        a list with ``None`` at t = 0 and a :class:`StageColumns` for t >= 1: the columns at the
+        module's output (B, r, *h) and at its input through this module only (B, r, *x).
     """
-    T = len(views)
-    out: list = [None] * T
-    y = y_out.transpose(0, 1)            # (r, B, ...): vmap over the columns
-    for t in range(T - 1, 0, -1):
-        view, x = views[t], inputs[t]
-        params = [p.detach() for p in view.params]
-        _, pull_f = vjp(_followers_fn(view), view.module_fn(params, x))
-        g = vmap(lambda c: pull_f(c)[0])(y)                              # (r, B, *h)
-        _, pull_h = vjp(lambda xx: view.module_fn(params, xx), x)
-        y = vmap(lambda c: pull_h(c)[0])(g)                              # (r, B, *x)
-        out[t] = StageColumns(g.transpose(0, 1), y.transpose(0, 1))
-    return out
+    T = len(stages)
+    want = {id(s.module): t for t, s in enumerate(stages) if t > 0}
+    ins: dict = {}
+    outs: dict = {}
+
+    def pre(module, args):
+        x = args[0].view_as(args[0])          # consumed by this module only
+        ins[want[id(module)]] = x
+        return (x,) + tuple(args[1:])
+
+    def post(module, args, output):
+        outs[want[id(module)]] = output
+
+    handles = []
+    for s in stages[1:]:
+        handles += [s.module.register_forward_pre_hook(pre), s.module.register_forward_hook(post)]
+    idx = sorted(want.values())
+    y = y_out.transpose(0, 1)                                       # (r, B, ...)
+    try:
+        # backward inside the replay: a training-mode batch norm saved its running statistics,
+        # which the replay restores in place only afterwards
+        with torch.enable_grad(), replay(rec):
+            out = rec.model(*rec.model_args, **(rec.model_kwargs or {}))
+            # the gradient at a module's output is the column pulled back through everything
+            # after it (skips included); at the view of its input, through the module alone
+            pairs = [(t, v) for t in idx for v in (outs[t], ins[t])]
+            live = [v for _, v in pairs if v.requires_grad]
+            grads = iter(torch.autograd.grad(out, live, y, is_grads_batched=True,
+                                             allow_unused=True, materialize_grads=True)
+                         if live else ())
+            got = [next(grads) if v.requires_grad else v.new_zeros((y.shape[0],) + v.shape)
+                   for _, v in pairs]
+    finally:
+        for h in handles:
+            h.remove()
+    res: list = [None] * T
+    for j, t in enumerate(idx):
+        res[t] = StageColumns(got[2 * j].transpose(0, 1).detach(),
+                              got[2 * j + 1].transpose(0, 1).detach())
+    return res
 
 
-def column_quad_forms(view: StageView, factors: list, x: torch.Tensor, g: torch.Tensor,
+def column_quad_forms(stage: ModuleStage, factors: list, x: torch.Tensor, g: torch.Tensor,
                       chunk: int = 8) -> torch.Tensor:
     """N^(i) = G^(i)T P G^(i) per sample, (B, r, r), for G^(i) = h_u^T g^(i) (columns of g).
 
     Args:
-        view: the stage; factors: its blocks' ``(Q_G, Q_A, D)``.
+        stage: the stage; factors: its blocks' ``(Q_G, Q_A, D)``.
         x: module inputs (B, ...); g: column cotangents at the module output (B, r, *h).
     """
     n, r = g.shape[:2]
     out = x.new_zeros(n, r, r)
-    if view.structured and view.blocks[0].kind == "linear" and x.dim() == 2:
-        block, (q_g, q_a, d) = view.blocks[0], factors[0]
+    if stage.structured and stage.blocks[0].kind == "linear" and x.dim() == 2:
+        block, (q_g, q_a, d) = stage.blocks[0], factors[0]
         gg = g @ q_g if q_g is not None else g                       # (B, r, out)
         xa = torch.cat([x, x.new_ones(n, 1)], 1) if block.has_bias else x
         if isinstance(d, list):
@@ -100,29 +126,29 @@ def column_quad_forms(view: StageView, factors: list, x: torch.Tensor, g: torch.
         sl = slice(i0, min(n, i0 + chunk))
         xs = x[sl].repeat_interleave(r, 0)
         gs = g[sl].flatten(0, 1)
-        rows = _whitened_rows(view, factors, xs, gs).reshape(sl.stop - sl.start, r, -1)
+        rows = _whitened_rows(stage, factors, xs, gs).reshape(sl.stop - sl.start, r, -1)
         out[sl] = rows @ rows.mT
     return out
 
 
-def _whitened_rows(view: StageView, factors: list, x: torch.Tensor, g: torch.Tensor):
+def _whitened_rows(stage: ModuleStage, factors: list, x: torch.Tensor, g: torch.Tensor):
     """Per-sample gradients h_u^T g_i in P's eigenbasis times sqrt(D), flattened: (B, m)."""
     parts = []
-    if view.structured:
-        block, (q_g, q_a, d) = view.blocks[0], factors[0]
+    if stage.structured:
+        block, (q_g, q_a, d) = stage.blocks[0], factors[0]
         if isinstance(d, list):
             d = as_matrix(block, [s.expand_as(p) for s, p in zip(d, block.params)])
             q_g = q_a = None
         grads = torch.cat([gr for _, gr in per_sample_grads(block, x, g, q_g, q_a)])
         return (grads * d.sqrt()).flatten(1)
-    params = [p.detach() for p in view.params]
+    params = [p.detach() for p in stage.params]
 
     def one(xi, gi):
-        _, pull = vjp(lambda ps: view.module_fn(ps, xi[None]), params)
+        _, pull = vjp(lambda ps: stage.module_fn(ps, xi[None]), params)
         return pull(gi[None])[0]
 
     grads = list(vmap(one)(x, g))
-    for block, (q_g, q_a, d) in zip(view.blocks, factors):
+    for block, (q_g, q_a, d) in zip(stage.blocks, factors):
         part = [grads.pop(0) for _ in block.params]
         if isinstance(d, list):
             parts += [(gr * s.sqrt()).flatten(1) for gr, s in zip(part, d)]
@@ -160,7 +186,7 @@ def next_weights(w_next, n: torch.Tensor):
     return mu, 0.5 * (w + w.mT)
 
 
-def column_feedback(view: StageView, x: torch.Tensor, xhat: torch.Tensor, cols: StageColumns,
+def column_feedback(stage: ModuleStage, x: torch.Tensor, xhat: torch.Tensor, cols: StageColumns,
                     w_next, mu: torch.Tensor = None) -> list:
     """(1/B) sum_i Q_ux^(i) dx^(i) / mu_i = (1/B) h_u^T [sum_a e_a g_a], e = W' (Y^T dx) / mu.
 
@@ -175,8 +201,8 @@ def column_feedback(view: StageView, x: torch.Tensor, xhat: torch.Tensor, cols: 
     if mu is not None:
         e = e / mu[:, None]
     cot = torch.einsum("ia,ia...->i...", e / n, cols.g)
-    if view.structured:
-        return _weight_grads(view.blocks[0], x, cot)
-    params = [p.detach() for p in view.params]
-    _, pull = vjp(lambda ps: view.module_fn(ps, x), params)
+    if stage.structured:
+        return _weight_grads(stage.blocks[0], x, cot)
+    params = [p.detach() for p in stage.params]
+    _, pull = vjp(lambda ps: stage.module_fn(ps, x), params)
     return list(pull(cot)[0])

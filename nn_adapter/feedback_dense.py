@@ -1,15 +1,13 @@
 """Dense per-sample feedback gains of DDPNOpt (``feedback="dense"``): small networks and tests.
 
-The same backward recursion as :mod:`nn_adapter.feedback`, with every matrix materialised per
-sample instead of factorised: the stage Jacobians f_x^(i), f_u^(i) (one ``vmap(jacrev)`` per
-stage), Q_xx^(i) = f_x^T V' f_x, Q_ux^(i) = f_u^T V' f_x (+ V_x' . f_ux with second-order
-dynamics), the gains K^(i) = -P Q_ux^(i) / mu_i and V_xx^(i) = Q_xx - Q_ux^T P Q_ux / mu_i, where
-mu_i >= 1 is the per-sample regularisation Q_uu = mu_i P^-1 that keeps the sample's local model
-convex (:func:`regularisation`, computed from the Gauss-Newton part of Q_ux), + eps I carried back exactly (the factorised form keeps only its
-first stage, eps f_u^T f_x dx). P is the curvature's inverse, materialised as an
-(m_t, m_t) matrix. The terminal value Hessian is the optimizer's choice
-(:mod:`nn_adapter.terminal`) materialised, so with the same options the result equals the
-factorised one.
+The same recursion as the factorised feedback (:mod:`nn_adapter.feedback`,
+:mod:`nn_adapter.feedback_columns`) with every matrix materialised per sample instead of using the
+structured kernels: the module Jacobians h_x^(i), h_u^(i) (``vmap(jacrev)``), the value Hessian at
+the module output V^(i) = Y W' Y^T from its terminal columns Y and weights W' (dense r x r),
+Q_xx = h_x^T V h_x, Q_ux = h_u^T V h_x (+ eps h_u^T h_x, + V_x . h_ux with second order), the
+per-sample regularisation mu_i from the dense Schur complement (:func:`regularisation`), the gains
+K^(i) = -P Q_ux^(i) / mu_i and W = W' - W' N W' / mu with N = G^T P G, G = h_u^T Y. P is the
+curvature's inverse materialised as an (m_t, m_t) matrix.
 
 Memory grows like B (n_t^2 + m_t n_t) + m_t^2 per stage; :func:`dense_gains` refuses networks
 where that exceeds ``max_elements``.
@@ -19,9 +17,10 @@ from __future__ import annotations
 import torch
 from torch.func import jacrev, vmap
 
-from .feedback import StageView, precondition
+from .feedback import precondition
+from .module_stages import ModuleStage
 
-__all__ = ["dense_gains", "apply_gains"]
+__all__ = ["dense_gains", "apply_gains", "regularisation"]
 
 
 def _unflatten(vec: torch.Tensor, like: list) -> list:
@@ -32,65 +31,73 @@ def _unflatten(vec: torch.Tensor, like: list) -> list:
     return out
 
 
-def _dense_P(view: StageView, factors: list) -> torch.Tensor:
-    params = view.params
+def _dense_P(stage: ModuleStage, factors: list) -> torch.Tensor:
+    params = stage.params
     m = sum(p.numel() for p in params)
     eye = torch.eye(m, dtype=params[0].dtype, device=params[0].device)
     return torch.stack([torch.cat([v.reshape(-1) for v in precondition(
-        view, factors, _unflatten(eye[j], params))]) for j in range(m)], 1)
+        stage, factors, _unflatten(eye[j], params))]) for j in range(m)], 1)
 
 
-def dense_gains(views: list, factors: list, inputs: list, v_term: torch.Tensor,
+def dense_gains(stages: list, factors: list, inputs: list, cols: list, w_term=None,
                 vxx_update: bool = True, eps_vxx: float = 0.0, second_order: bool = False,
-                v_stage_out: list = None, max_elements: int = 50_000_000) -> list:
+                v_out: list = None, max_elements: int = 50_000_000) -> list:
     """Per-sample Q_ux^(i) / mu_i of every stage t >= 1, (B, m_t, n_t) each (None for t = 0):
     the gains without their preconditioner, K_t^(i) = -P_t Q_ux^(i) / mu_i.
 
     Args:
-        views: the stages.
+        stages: the stages, in execution order.
         factors: the curvature factors of each stage (list per stage).
-        inputs: nominal stage inputs x_t, (B, ...) each.
-        v_term: per-sample terminal value Hessians V_xx^T (B, n_T, n_T) (see
-            :mod:`nn_adapter.terminal`).
+        inputs: nominal module inputs x_t, (B, ...) each.
+        cols: per stage t >= 1, the terminal columns at the module output (B, r, ...).
+        w_term: the terminal weights W_T (B, r, r), or None (identity).
         vxx_update, eps_vxx, second_order: as in :class:`nn_adapter.DDPNOpt`.
-        v_stage_out: per-sample value gradients at each stage output (second order only).
+        v_out: per-sample value gradients at each module output (second order only).
         max_elements: refuse (``ValueError``) beyond this many numbers in one stage's matrices.
     """
-    T, B = len(views), v_term.shape[0]
-    V = v_term
+    T = len(stages)
+    B = inputs[0].shape[0]
+    W = w_term
     gains: list = [None] * T
     for t in range(T - 1, 0, -1):
-        view, x = views[t], inputs[t]
-        params = [p.detach() for p in view.params]
-        n_in, m = x[0].numel(), sum(p.numel() for p in params)
-        if B * (n_in * n_in + m * n_in + V.shape[1] * (n_in + m)) + m * m > max_elements:
+        stage, x = stages[t], inputs[t]
+        params = [p.detach() for p in stage.params]
+        y = cols[t].reshape(B, cols[t].shape[1], -1).mT                   # (B, n_out, r)
+        n_in, n_out, m = x[0].numel(), y.shape[1], sum(p.numel() for p in params)
+        if B * (n_in * n_in + (m + n_out) * (n_in + n_out)) + m * m > max_elements:
             raise ValueError(f"feedback='dense': stage {t} needs more than {max_elements} "
                              "numbers; use the factorised feedback for networks of this size")
         u = torch.cat([p.reshape(-1) for p in params])
+        shape = x.shape[1:]
 
-        def f(xi, uu, view=view, params=params):
-            return view.stage_fn(_unflatten(uu, params), xi[None])[0].reshape(-1)
+        def h(xi, uu, stage=stage, params=params, shape=shape):
+            return stage.module_fn(_unflatten(uu, params), xi.reshape(shape)[None])[0].reshape(-1)
 
-        fx = vmap(jacrev(f, 0), in_dims=(0, None))(x, u).reshape(B, -1, n_in)
-        fu = vmap(jacrev(f, 1), in_dims=(0, None))(x, u)
-        Vfx = V @ fx
-        qxx, qux = fx.mT @ Vfx, fu.mT @ Vfx
-        P = _dense_P(view, factors[t])
-        mu = regularisation(P, qxx, qux)[:, None, None] if vxx_update else 1.0
+        xf = x.reshape(B, -1)
+        hx = vmap(jacrev(h, 0), in_dims=(0, None))(xf, u)                # (B, n_out, n_in)
+        hu = vmap(jacrev(h, 1), in_dims=(0, None))(xf, u)                # (B, n_out, m)
+        yw = y if W is None else y @ W
+        V = yw @ y.mT                                                    # Y W' Y^T
+        qxx, qux = hx.mT @ V @ hx, hu.mT @ V @ hx
+        P = _dense_P(stage, factors[t])
+        if vxx_update:
+            mu = regularisation(P, qxx, qux)[:, None, None]
+            G = hu.mT @ y                                                # (B, m, r)
+            Wn = torch.eye(y.shape[2], dtype=y.dtype, device=y.device) if W is None else W
+            W = Wn - Wn @ (G.mT @ P @ G) @ Wn / mu
+            W = 0.5 * (W + W.mT)
+        else:
+            mu = 1.0
+        if eps_vxx and t < T - 1:
+            qux = qux + eps_vxx * hu.mT @ hx
         if second_order:
-            v_next = v_stage_out[t].reshape(B, -1)
+            v = v_out[t].reshape(B, -1)
 
-            def vfx(xi, uu, vi, f=f):   # V_x' . f_x, its u-Jacobian is V_x' . f_ux
-                return jacrev(f, 0)(xi, uu).reshape(-1, n_in).T @ vi
+            def vhx(xi, uu, vi, h=h):   # V_x . h_x, its u-Jacobian is V_x . h_ux
+                return jacrev(h, 0)(xi, uu).T @ vi
 
-            qux = qux + vmap(jacrev(vfx, 1), in_dims=(0, None, 0))(x, u, v_next).mT
+            qux = qux + vmap(jacrev(vhx, 1), in_dims=(0, None, 0))(xf, u, v).mT
         gains[t] = qux / mu
-        V = qxx - qux.mT @ (P @ qux) / mu if vxx_update else qxx
-        V = 0.5 * (V + V.mT)
-        evals, evecs = torch.linalg.eigh(V)
-        V = (evecs * evals.clamp(min=0.0)[:, None, :]) @ evecs.mT
-        if eps_vxx:   # Algorithm 3, line 12: V_xx^t + eps I (carried back from here on)
-            V = V + eps_vxx * torch.eye(n_in, dtype=V.dtype, device=V.device)
     return gains
 
 
@@ -104,7 +111,7 @@ def regularisation(P: torch.Tensor, qxx: torch.Tensor, qux: torch.Tensor) -> tor
     return torch.linalg.eigvalsh(0.5 * (m + m.mT))[:, -1].clamp(min=1.0)
 
 
-def apply_gains(view: StageView, gain: torch.Tensor, dx: torch.Tensor) -> list:
+def apply_gains(stage: ModuleStage, gain: torch.Tensor, dx: torch.Tensor) -> list:
     """(1/B) sum_i G^(i) dx^(i) as one tensor per stage parameter (G: :func:`dense_gains`)."""
     du = (gain @ dx.reshape(dx.shape[0], -1, 1)).mean(0).reshape(-1)
-    return _unflatten(du, view.params)
+    return _unflatten(du, stage.params)

@@ -19,7 +19,8 @@ lxx...     cost Hessians (T+1, nx, nx), lux (T, nu, nx), luu (T, nu, nu)
 Vx, Vxx    value function gradient and Hessian at a stage boundary
 Qx...      Q-function derivatives: Qx, Qu, Qxx, Qux, Quu
 k, K       feedforward (T, nu) and feedback (T, nu, nx) gains: u = u_ref + alpha k + K dx
-mu         Levenberg-Marquardt regularisation added to Quu
+mu         Levenberg-Marquardt regularisation: the backward pass uses Quu + mu I (same meaning for
+           networks: Q_uu = P^-1 + mu I, with P a curvature's inverse)
 alpha      line-search step length
 p          costates (E-MSA): p_t = dH/dx_t, p_T = -dlf/dx
 =========  ==============================================================================
@@ -68,9 +69,11 @@ class LocalModel(Protocol):
     """Linear-quadratic model of a problem around one trajectory."""
 
     def backward(self, mu: float, second_order: bool = False) -> tuple[Policy, tuple[float, float]]:
-        """Riccati sweep with Quu + mu I. Returns the policy and (d1, d2) with
-        d1 = sum_t Qu.k, d2 = sum_t k.Quu.k, so the expected decrease of step alpha is
-        -(alpha d1 + alpha^2 d2 / 2). Raises :class:`occore.errors.NotPositiveDefinite`."""
+        """Riccati sweep with Quu + mu I (mu >= 0, Levenberg-Marquardt on the controls, the same
+        meaning for every problem). Returns the policy and (d1, d2) with d1 = sum_t Qu.k,
+        d2 = sum_t k.Quu.k, so the expected decrease of step alpha is -(alpha d1 + alpha^2 d2 / 2)
+        (NaN where a model does not compute it; only the stochastic step accepts that).
+        Raises :class:`occore.errors.NotPositiveDefinite`."""
 
     def costates(self) -> Any:
         """Costates p_0..p_T of the adjoint sweep (p_T = -dlf/dx, p_t = fx' p_{t+1} - lx)."""

@@ -75,14 +75,23 @@ class Solver:
         return f"{type(self).__name__}({self.options})"
 
     # -- the iteration API ----------------------------------------------------------------------
-    def init(self, problem, us0=None) -> SolverState:
+    def init(self, problem, us0=None, *, traj: Trajectory | None = None, mu: float | None = None
+             ) -> SolverState:
         """Initial state: rollout of ``us0`` (default ``problem.initial_controls()``).
 
         ``us0`` may also be a previous :class:`Result`: its controls are used, and where it has a
         policy the first rollout is closed-loop, u_t = us_t + K_t (x_t - xs_t) (warm start from a
-        moved initial state, as in MPC).
+        moved initial state, as in MPC). ``traj``: a :class:`Trajectory` of ``problem`` the
+        caller already rolled out (then ``us0`` must be None and nothing is rolled out; a
+        minibatch's trajectory is the closure's forward pass). ``mu``: the initial
+        regularisation (default: the options').
         """
-        if isinstance(us0, Result):
+        if traj is not None:
+            if us0 is not None:
+                raise TypeError("init: give us0 or traj, not both")
+            if not isinstance(traj, Trajectory):
+                raise TypeError(f"traj: expected an occore.Trajectory, got {type(traj).__name__}")
+        elif isinstance(us0, Result):
             prev = us0
             if prev.policy is not None:
                 ref = Trajectory(prev.xs, prev.us, prev.cost)
@@ -91,7 +100,7 @@ class Solver:
                 traj = problem.rollout(prev.us)
         else:
             traj = problem.rollout(problem.initial_controls() if us0 is None else us0)
-        state = SolverState(traj=traj, mu=self._initial_mu())
+        state = SolverState(traj=traj, mu=self._initial_mu() if mu is None else float(mu))
         if not math.isfinite(traj.cost):
             return replace(state, status=Status.NON_FINITE, message="initial rollout cost is not finite")
         return self._first_state(problem, state)

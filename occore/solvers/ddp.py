@@ -3,7 +3,8 @@
 Each iteration: the local model of the current trajectory (derivatives of the whole horizon in one
 call), a Riccati sweep with Levenberg-Marquardt regularisation of Quu (raised on a failed
 factorisation), then a backtracking line search on the expected decrease, rolling out the feedback
-policy u = u_ref + alpha k + K (x - x_ref). Control bounds are handled by the problem's local model
+policy u = u_ref + alpha k + K (x - x_ref); with ``stochastic=True`` (minibatch training, DDPNOpt) the
+full step is taken without a cost check. Control bounds are handled by the problem's local model
 (projected-Newton box QP, Tassa, Mansard & Todorov 2014) and its clamped rollouts.
 """
 from __future__ import annotations
@@ -43,6 +44,8 @@ class _RiccatiSolver(Solver):
                 if mu > reg.maximum:
                     return self._stop(state, lm, Status.REG_LIMIT,
                                       f"regularisation above {reg.maximum:g} ({err})", mu)
+        if self.options.stochastic:
+            return self._full_step(problem, state, policy, mu, -(d1 + 0.5 * d2))
         if not (math.isfinite(d1) and math.isfinite(d2)):
             return self._stop(state, lm, Status.NON_FINITE, "non-finite derivatives in the backward pass", mu)
         full = -(d1 + 0.5 * d2)
@@ -86,6 +89,14 @@ class _RiccatiSolver(Solver):
         new = replace(state, mu=mu, policy=policy, cache=lm)
         return new, self._info(state, cost=traj.cost, expected_decrease=expected, actual_decrease=actual,
                                step=0.0, regularization=mu, stop=full, accepted=False)
+
+    def _full_step(self, problem, state, policy, mu, expected):
+        """``stochastic=True``: the full step, taken without looking at its cost."""
+        trial = problem.rollout_policy(state.traj, policy, 1.0)
+        new = replace(state, traj=trial, mu=mu, policy=policy, cache=None)
+        return new, self._info(state, cost=trial.cost, expected_decrease=expected,
+                               actual_decrease=state.traj.cost - trial.cost, step=1.0,
+                               regularization=mu, stop=expected)
 
     def _stop(self, state, lm, status, message, mu, policy=None, stop=float("nan")):
         new = replace(state, mu=mu, cache=lm, status=status, message=message,

@@ -26,7 +26,7 @@ class Regularization:
     """Levenberg-Marquardt regularisation of Quu (Tassa, Erez & Todorov 2012).
 
     Attributes:
-        initial: mu of the first backward pass.
+        initial: mu of the first backward pass (0: none until a factorisation fails).
         minimum: mu never goes below this.
         maximum: the solve stops (REG_LIMIT / LINE_SEARCH_FAILED) when mu would exceed it.
         factor: multiplier applied on increase, divisor on decrease.
@@ -48,8 +48,9 @@ class Regularization:
     fixed: bool = False
 
     def __post_init__(self):
-        for name in ("initial", "maximum"):
-            _positive(name, getattr(self, name))
+        _check("initial", self.initial, isinstance(self.initial, (int, float)) and math.isfinite(
+            self.initial) and self.initial >= 0, "a finite number >= 0")
+        _positive("maximum", self.maximum)
         _check("minimum", self.minimum, isinstance(self.minimum, (int, float)) and 0 <= self.minimum
                <= self.initial, "0 <= minimum <= initial")
         _check("factor", self.factor, isinstance(self.factor, (int, float)) and self.factor > 1, "> 1")
@@ -113,16 +114,23 @@ class DDPOptions:
         tol: stop (CONVERGED) when the expected decrease of a full step is below this.
         regularization: see :class:`Regularization`.
         line_search: see :class:`LineSearch`.
+        stochastic: every iteration takes the full step of its policy, with no cost check, no
+            line search and no convergence test: the iteration of stochastic training, where the
+            problem changes (a new minibatch) at every step and its cost is not evaluated
+            (DDPNOpt). The regularisation is still raised until the backward pass succeeds.
 
     Example:
         >>> DDPOptions(max_iter=50).tol
         1e-09
+        >>> DDPOptions(stochastic=True).stochastic
+        True
     """
 
     max_iter: int = 500
     tol: float = 1e-9
     regularization: Regularization = field(default_factory=Regularization)
     line_search: LineSearch = field(default_factory=LineSearch)
+    stochastic: bool = False
 
     def __post_init__(self):
         _check("max_iter", self.max_iter, isinstance(self.max_iter, int) and not isinstance(
@@ -132,6 +140,7 @@ class DDPOptions:
                "an occore.solvers.options.Regularization")
         _check("line_search", self.line_search, isinstance(self.line_search, LineSearch),
                "an occore.solvers.options.LineSearch")
+        _check("stochastic", self.stochastic, isinstance(self.stochastic, bool), "a bool")
 
 
 def build_options(cls, options, kwargs: dict):

@@ -8,10 +8,10 @@ from torch import nn
 
 from nn_adapter import DDPNOpt
 from nn_adapter.feedback import feedback_grads, second_order_grads
-from nn_adapter.stages import split_stages
+from nn_adapter.module_stages import ModuleStage
 from nn_adapter.training import make_closure
 
-from test_ddpnopt_oracle import dense_P, dense_step
+from test_ddpnopt_oracle import dense_P, dense_step, stage_controls, stage_modules
 
 B = 6
 
@@ -27,22 +27,71 @@ def _cnn():
 
 
 def _generic():
-    """Heads without a structured path (LayerNorm, Conv1d): the torch.func route."""
+    """Modules without a structured path (LayerNorm, Conv1d): the torch.func route."""
     return nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.LayerNorm(6), nn.Unflatten(1, (2, 3)),
                          nn.Conv1d(2, 2, 2), nn.Tanh(), nn.Flatten(), nn.Linear(4, 3)).double()
 
 
 def _nested():
-    """A BatchNorm head (eval mode) and a nested head with two Linear layers inside."""
+    """A BatchNorm (eval mode) and a nested Sequential: each parametrised module is a stage."""
     bn = nn.BatchNorm1d(5).eval()
     return nn.Sequential(nn.Linear(4, 5), nn.Tanh(), bn,
                          nn.Sequential(nn.Linear(5, 5), nn.Tanh(), nn.Linear(5, 4)), nn.ReLU(),
                          nn.Linear(4, 3)).double()
 
 
+class Scale(nn.Module):
+    """A module owning a parameter of its own (per-channel scale): a diagonal-block stage."""
+
+    def __init__(self, channels):
+        super().__init__()
+        self.gain = nn.Parameter(torch.linspace(0.5, 1.5, channels)[:, None, None])
+
+    def forward(self, x):
+        return x * self.gain
+
+
+class ResidualCNN(nn.Module):
+    """A custom forward with a residual block (conv, tanh, conv, scale + identity skip)."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(1, 2, 3, padding=1)
+        self.c1 = nn.Conv2d(2, 2, 3, padding=1)
+        self.c2 = nn.Conv2d(2, 2, 3, padding=1)
+        self.scale = Scale(2)
+        self.fc = nn.Linear(50, 3)
+
+    def forward(self, x):
+        h = torch.tanh(self.stem(x))
+        h = torch.tanh(h + self.scale(self.c2(torch.tanh(self.c1(h)))))
+        return self.fc(h.flatten(1))
+
+
+class SkipMLP(nn.Module):
+    """Linear layers whose inputs also feed a skip connection, and a LayerNorm."""
+
+    def __init__(self):
+        super().__init__()
+        self.l1, self.l2, self.l3 = nn.Linear(4, 5), nn.Linear(5, 5), nn.Linear(5, 3)
+        self.norm = nn.LayerNorm(5)
+
+    def forward(self, x):
+        a = torch.tanh(self.l1(x))
+        return self.l3(self.norm(a + torch.tanh(self.l2(a))))
+
+
+def _residual():
+    return ResidualCNN().double()
+
+
+def _skip():
+    return SkipMLP().double()
+
+
 def _batch(make, seed):
     g = torch.Generator().manual_seed(seed)
-    shape = (1, 5, 5) if make is _cnn else (4,)
+    shape = (1, 5, 5) if make in (_cnn, _residual) else (4,)
     return (torch.randn(B, *shape, generator=g, dtype=torch.float64),
             torch.randint(0, 3, (B,), generator=g))
 
@@ -51,14 +100,23 @@ def _closure(net, opt, x, y):
     return make_closure(net, opt, x, y)
 
 
-def _stage_controls(net):
-    return [torch.cat([p.detach().reshape(-1) for p in s.params().values()])
-            for s in split_stages(net).stages]
+def _stage_P(opt, net, x):
+    """Dense P of every stage (from the optimizer's curvature after its last update)."""
+    out = []
+    for m in stage_modules(net, x):
+        own = {id(p) for p in m.parameters(recurse=False)}
+        blocks = [b for b in opt._blocks if all(id(p) in own for p in b.params)]
+        stage = ModuleStage(m, "", blocks)
+        out.append(dense_P(stage, [opt.curvature.factors(b, opt.param_groups[0],
+                                                         [opt.state[p] for p in b.params])
+                                   for b in blocks]))
+    return out
 
 
 def _compare(make, curvature, lr, terminal="projected", warmup=2, vxx_update=True, regression=False,
-             **hp):
-    hp = dict(hp, vxx_update=vxx_update, terminal_hessian=terminal, feedback_bound=math.inf)
+             eps_vxx=0.0, second_order=False, **hp):
+    hp = dict(hp, vxx_update=vxx_update, terminal_hessian=terminal, feedback_bound=math.inf,
+              eps_vxx=eps_vxx, second_order=second_order)
     torch.manual_seed(3)
     net = make()
     opt = DDPNOpt(net, lr=lr, curvature=curvature, **hp)
@@ -75,28 +133,24 @@ def _compare(make, curvature, lr, terminal="projected", warmup=2, vxx_update=Tru
     for s in range(warmup):
         opt.step(make_closure(net, opt, *batch(100 + s), loss_fn))
     x, y = batch(7)
-    u_nominal = _stage_controls(net)
     twin = copy.deepcopy(net)
     twin_opt = DDPNOpt(twin, lr=lr, curvature=curvature, feedback=False,
-                       **{k: v for k, v in hp.items() if k not in ("vxx_update",
-                                                                   "terminal_hessian",
-                                                                   "feedback_bound")})
+                       **{k: v for k, v in hp.items() if k not in (
+                           "vxx_update", "terminal_hessian", "feedback_bound", "eps_vxx",
+                           "second_order")})
     twin_opt.load_state_dict(copy.deepcopy(opt.state_dict()))
     twin_opt.step(make_closure(twin, twin_opt, x, y, loss_fn))
-    u_base = _stage_controls(twin)
+    u_base = stage_controls(twin, x)
     nominal = copy.deepcopy(net)
     opt.step(make_closure(net, opt, x, y, loss_fn))
-    u_fact = _stage_controls(net)
-    group = opt.param_groups[0]
-    P = [dense_P(v, [opt.curvature.factors(b, group, [opt.state[p] for p in b.params])
-                     for b in v.blocks]) for v in opt._views]
-    pre, stages = split_stages(nominal)
+    u_fact = stage_controls(net, x)
+    P = _stage_P(opt, net, x)
 
     def phi(out, i):
         return (loss_fn or nn.functional.cross_entropy)(out[None], y[i:i + 1])
 
-    u_dense = dense_step(stages, pre, u_nominal, u_base, P, x, phi, terminal=terminal,
-                         vxx_update=vxx_update)
+    u_dense = dense_step(nominal, x, u_base, P, phi, terminal=terminal, eps_vxx=eps_vxx,
+                         vxx_update=vxx_update, second_order=second_order)
     fb = max((a - b).abs().max().item() for a, b in zip(u_fact, u_base))
     diff = max((a - b).abs().max().item() for a, b in zip(u_fact, u_dense))
     fb_dense = torch.cat([a - b for a, b in zip(u_dense, u_base)])
@@ -105,8 +159,11 @@ def _compare(make, curvature, lr, terminal="projected", warmup=2, vxx_update=Tru
     return fb, diff, rel
 
 
-@pytest.mark.parametrize("make", [_mlp, _cnn, _generic, _nested],
-                         ids=["mlp", "cnn", "generic", "nested"])
+MODELS = [_mlp, _cnn, _generic, _nested, _residual, _skip]
+IDS = ["mlp", "cnn", "generic", "nested", "residual", "skip"]
+
+
+@pytest.mark.parametrize("make", MODELS, ids=IDS)
 @pytest.mark.parametrize("curvature,lr", [("identity", 0.3), ("adam", 0.02), ("ekfac", 0.05),
                                           ("rmsprop", 0.01)])
 def test_factorised_equals_dense_gauss_newton(make, curvature, lr):
@@ -160,17 +217,6 @@ def test_value_scale_is_active_in_these_tests():
     b = _compare(_mlp, "adam", 0.05, vxx_update=False)
     assert a[1] <= 1e-10 and b[1] <= 1e-10
     assert abs(a[0] - b[0]) > 1e-8
-
-
-def test_run_module_max_pool_fast_path_is_exact():
-    from nn_adapter.feedback import run_module
-    x = torch.randn(2, 3, 11, 13, dtype=torch.float64)
-    x[0, 0, 0, 0] = float("nan")
-    for k, s in [(2, None), (3, 3), ((2, 3), (2, 3)), (2, 1)]:
-        m = nn.MaxPool2d(k, s)
-        a, b = m(x), run_module(m, x)
-        assert a.shape == b.shape
-        assert torch.equal(torch.nan_to_num(a, 7.0), torch.nan_to_num(b, 7.0))
 
 
 @pytest.mark.parametrize("make", [_mlp, _cnn], ids=["mlp", "cnn"])
@@ -248,44 +294,51 @@ class NegLog(nn.Module):
         return -torch.log(y @ torch.tensor([0.3, -0.2, 0.5], dtype=y.dtype) + 4.0)
 
 
+class TanhLinear(nn.Module):
+    """tanh(x W^T + b) as one module: its own second derivatives include tanh''."""
+
+    def __init__(self, n_in, n_out):
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(n_out, n_in) * 0.5)
+        self.bias = nn.Parameter(torch.randn(n_out) * 0.1)
+
+    def forward(self, x):
+        return torch.tanh(x @ self.weight.T + self.bias)
+
+
 @pytest.mark.parametrize("stage_index", [0, 1])
 def test_first_order_check(stage_index):
+    """With the exact terminal Hessian and the module's own second derivatives, the feedback sums
+    are the exact first-order change of the stage's gradient (here nothing lies between modules)."""
+    from nn_adapter.curvature import find_blocks
     torch.manual_seed(0)
-    net = nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 3)).double()
+    net = nn.Sequential(TanhLinear(4, 5), nn.Linear(5, 3)).double()
     x0 = torch.randn(B, 4, dtype=torch.float64)
-    opt = DDPNOpt(net, lr=1.0, curvature="identity", second_order=True, feedback_bound=math.inf)
-    view = opt._views[stage_index]
-    stages = split_stages(net).stages
+    module = net[stage_index]
+    stage = ModuleStage(module, str(stage_index), find_blocks(module))
     states = [x0]
-    for s in stages:
-        states.append(s.forward(s.params(), states[-1]).detach())
+    for m in net:
+        states.append(m(states[-1]).detach())
     x = states[stage_index]
 
     def mean_loss_from(t, xt):
         out = xt
-        for s in stages[t:]:
-            out = s.forward(s.params(), out)
+        for m in list(net)[t:]:
+            out = m(out)
         return NegLog()(out).mean()
 
     def grad_u(xt):
-        return torch.autograd.grad(mean_loss_from(stage_index, xt), view.params)
+        return torch.autograd.grad(mean_loss_from(stage_index, xt), stage.params)
 
-    # value gradients at the stage (per sample: B x the batch-mean gradient)
-    out = view.module_fn(view.params, x)
-    h = out.detach().requires_grad_(True)
-    y = h
-    for m in view.followers:
-        y = m(y)
-    y_leaf = y.detach().requires_grad_(True)
-    g_next = torch.autograd.grad(mean_loss_from(stage_index + 1, y_leaf), y_leaf)[0] * B
-    g_h = torch.autograd.grad(y, h, g_next)[0]
+    h = stage.module_fn(stage.params, x).detach().requires_grad_(True)
+    g_h = torch.autograd.grad(mean_loss_from(stage_index + 1, h), h)[0] * B
     q_u = grad_u(x)
     dx = torch.randn_like(x)
     errs = {}
     for scale in (1e-2, 1e-3):
         d = dx * scale
-        fb = feedback_grads(view, x, x + d, g_h)
-        fb2 = second_order_grads(view, x, d, g_next)
+        fb = feedback_grads(stage, x, x + d, g_h)
+        fb2 = second_order_grads(stage, x, d, g_h)
         pred = torch.cat([(a + b + c).reshape(-1) for a, b, c in zip(q_u, fb, fb2)])
         zeroth = torch.cat([a.reshape(-1) for a in q_u])
         true = torch.cat([a.reshape(-1) for a in grad_u(x + d)])
@@ -296,38 +349,52 @@ def test_first_order_check(stage_index):
     assert errs[1e-3][0] < 1e-3 * errs[1e-3][1]
 
 
-def test_tikhonov_term_is_eps_fu_fx_dx():
+@pytest.mark.parametrize("make", [_mlp, _residual, _skip], ids=["mlp", "residual", "skip"])
+@pytest.mark.parametrize("options", [dict(eps_vxx=0.01), dict(second_order=True)],
+                         ids=["eps_vxx", "second_order"])
+def test_tikhonov_and_second_order_terms_equal_the_dense_oracle(make, options):
+    """The eps term is not damped by mu (Q_uu stays the curvature's), so it can be large: the
+    comparison is relative to the feedback."""
+    fb, diff, rel = _compare(make, "adam", 0.05, **options)
+    assert fb > 1e-6 and rel <= 1e-10 and diff <= 1e-10 * max(1.0, fb)
+
+
+def test_tikhonov_term_is_eps_hu_hx_dx():
     from torch.func import jacrev
 
+    from nn_adapter.curvature import find_blocks
     from nn_adapter.feedback import tikhonov_grads
     torch.manual_seed(0)
-    net = _generic()
-    opt = DDPNOpt(net, lr=0.1)
-    view = opt._views[0]
+    norm = nn.LayerNorm(4).double()
+    with torch.no_grad():
+        norm.weight.uniform_(0.5, 1.5)
+    stage = ModuleStage(norm, "norm", find_blocks(norm))
     x = torch.randn(B, 4, dtype=torch.float64)
     dx = torch.randn_like(x)
-    got = torch.cat([t.reshape(-1) for t in tikhonov_grads(view, x, dx, 0.3)])
-    params = [p.detach() for p in view.params]
+    got = torch.cat([t.reshape(-1) for t in tikhonov_grads(stage, x, dx, 0.3)])
+    params = [p.detach() for p in stage.params]
     sizes = [p.numel() for p in params]
 
     def f(xi, u):
         ps = [c.reshape(p.shape) for c, p in zip(torch.split(u, sizes), params)]
-        return view.stage_fn(ps, xi[None])[0]
+        return stage.module_fn(ps, xi[None])[0]
     u = torch.cat([p.reshape(-1) for p in params])
     want = sum(jacrev(f, 1)(x[i], u).T @ (jacrev(f, 0)(x[i], u) @ dx[i]) for i in range(B))
     assert torch.allclose(got, 0.3 * want / B, atol=1e-12)
 
 
 def test_dense_feedback_refuses_large_networks():
+    from nn_adapter.curvature import find_blocks
     from nn_adapter.feedback_dense import dense_gains
     torch.manual_seed(0)
     net = _mlp()
-    opt = DDPNOpt(net, lr=0.1, feedback="dense")
+    stages = [ModuleStage(m, str(i), find_blocks(m)) for i, m in enumerate(net) if
+              isinstance(m, nn.Linear)]
     x = torch.randn(B, 4, dtype=torch.float64)
     inputs = [x, torch.tanh(net[0](x)).detach(), torch.tanh(net[2](torch.tanh(net[0](x)))).detach()]
+    cols = [None, torch.randn(B, 1, 4, dtype=torch.float64), torch.randn(B, 1, 3, dtype=torch.float64)]
     with pytest.raises(ValueError, match="dense"):
-        dense_gains(opt._views, [None] * 3, inputs, torch.randn(B, 3, 3, dtype=torch.float64),
-                    max_elements=10)
+        dense_gains(stages, [None] * 3, inputs, cols, max_elements=10)
 
 
 def test_feedback_coefficient_keeps_its_digits_in_float32():

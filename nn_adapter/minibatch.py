@@ -1,0 +1,404 @@
+"""The minibatch a closure recorded, as an occore control problem: DDPNOpt's one DDP iteration.
+
+:class:`MinibatchProblem` implements :class:`occore.types.ControlProblem` for one minibatch: the
+closure's forward pass is the rollout (states x_t = the inputs each stage's module saw, controls
+u_t = its parameters, cost = the closure's loss), :meth:`MinibatchProblem.local_model` updates the
+optimizer's curvature with the batch gradient (the derivatives at the trajectory) and returns a
+:class:`MinibatchLocalModel`, whose ``backward(mu)`` is the layer-wise Bellman sweep of DDPNOpt's
+Algorithm 3 with Q_uu = P^-1 + mu I (P: the curvature's inverse, learning rate included), and
+:meth:`MinibatchProblem.rollout_policy` is Algorithm 3's additional forward pass: the model's own
+``forward`` re-run on the closure's inputs (same dropout masks; batch-norm running statistics
+untouched), each stage's parameters updated, just before its module runs, from the measured
+deviation of its input. occore's solver runs these in its ``step`` with ``stochastic=True`` (one
+full step, no cost check).
+
+The Bellman sweep (per sample i, stages in execution order, value Hessians factorised as
+V_xx = Y W Y^T with columns Y pulled back by backpropagation; see :mod:`nn_adapter.feedback` and
+:mod:`nn_adapter.feedback_columns` for the derivation and the kernels):
+
+- k_t = -P_t Q_u: the base optimizer's step (momentum and bias corrections included);
+- K_t^(i) dx = -(P_t / mu_i) Q_ux^(i) dx with mu_i >= 1 the per-sample factor that keeps the
+  sample's local model convex (its Q_uu is mu_i P^-1 where q_u^T P q_u > 1);
+- V_x is the backpropagated gradient (so k is exactly the base optimizer's step).
+
+In a model that is not a chain (skip connections), the value Hessian at a module's output is its
+terminal columns pulled back through the whole graph, weighted by the per-sample factors of the
+stages that run after it; for a chain this is the exact per-sample recursion.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from occore.errors import InputError
+from occore.types import Policy, Trajectory
+
+from .curvature.base import apply_p
+from .feedback import (CompactStage, feedback_grads, quad_form, second_order_grads,
+                       tikhonov_grads)
+from .feedback_columns import column_feedback, column_quad_forms, next_weights, pull_columns
+from .feedback_dense import apply_gains, dense_gains
+from .module_stages import replay
+from .terminal import terminal_factor
+
+__all__ = ["MinibatchProblem", "MinibatchLocalModel", "regularised"]
+
+
+def regularised(factors, mu: float):
+    """The factors of (P^-1 + mu I)^-1 for P's factors ``(Q_G, Q_A, D)`` (D -> D / (1 + mu D))."""
+    if not mu:
+        return factors
+    q_g, q_a, d = factors
+    if isinstance(d, list):
+        return q_g, q_a, [s / (1.0 + mu * s) for s in d]
+    return q_g, q_a, d / (1.0 + mu * d)
+
+
+class _Done(Exception):
+    """Raised by the last stage's hook: the rest of the model's forward is not needed."""
+
+
+class StageStep:
+    """The open-loop step of one stage, applied with its feedback: u <- u + k - s P delta.
+
+    ``s = min(1, bound ||k|| / ||P delta||)`` (the optimizer's ``feedback_bound``). Without a
+    bound and diagnostics the curvature applies ``k - P delta`` itself (fused where it can)."""
+
+    def __init__(self, opt, t: int, stage, factors):
+        self.opt, self.t, self.stage, self.factors = opt, t, stage, factors
+
+    def apply(self, delta) -> None:
+        opt, stage, factors = self.opt, self.stage, self.factors
+        bounded = delta is not None and math.isfinite(opt.feedback_bound)
+        if not bounded and opt.diagnostics is None:
+            i = 0
+            for block, fac in zip(stage.blocks, factors):
+                n = len(block.params)
+                opt._apply(block, fac, delta[i:i + n] if delta is not None else None)
+                i += n
+            return
+        ks, pes, i = [], [], 0
+        for block, fac in zip(stage.blocks, factors):
+            n = len(block.params)
+            grads, states = opt._grads_states(block)
+            ks += opt.curvature.direction(block, grads, opt._group_of(block), states, fac)
+            if delta is not None:
+                pes += apply_p(block, fac, delta[i:i + n])
+            i += n
+        norms = torch.stack(torch._foreach_norm(ks + pes))
+        k_norm, p_norm = norms[:len(ks)].norm(), norms[len(ks):].norm()
+        scale = ((opt.feedback_bound * k_norm / p_norm.clamp(min=1e-300)).clamp(max=1.0)
+                 if bounded else torch.ones_like(k_norm))
+        if opt.diagnostics is not None:
+            fb, kn = float(p_norm * scale), float(k_norm)
+            opt.diagnostics.append({"stage": self.t, "module": stage.name, "k_norm": kn,
+                                    "feedback_norm": fb, "ratio": fb / kn if kn > 0 else 0.0,
+                                    "bounded": bool(scale < 1),
+                                    "clamped": opt._clamped.get(self.t, 0.0)})
+        if pes:
+            torch._foreach_mul_(pes, scale.to(pes[0].dtype))
+            torch._foreach_sub_(ks, pes)
+        torch._foreach_add_(stage.params, ks)
+
+
+class MinibatchProblem:
+    """One recorded minibatch as a :class:`occore.types.ControlProblem` (see the module docstring).
+
+    Args:
+        opt: the :class:`nn_adapter.DDPNOpt` (curvature, state, options).
+        rec: its :class:`~nn_adapter.module_stages.StageRecorder` after the closure.
+        stages: the :class:`~nn_adapter.module_stages.ModuleStage` list, in execution order.
+        loss: the closure's loss (a float).
+
+    Attributes:
+        horizon: T, the number of stages.
+    """
+
+    def __init__(self, opt, rec, stages: list, loss: float):
+        self.opt, self.rec, self.stages = opt, rec, stages
+        self.horizon = len(stages)
+        self.loss = loss
+        self.batch_size = rec.inputs[stages[0].module].shape[0]
+
+    def initial_controls(self) -> list:
+        """The live parameters of every stage (block order); the step updates them in place."""
+        return [s.params for s in self.stages]
+
+    def trajectory(self) -> Trajectory:
+        """The closure's rollout: x_t the recorded stage inputs, u_t the parameters, its loss."""
+        return Trajectory(xs=[self.rec.inputs[s.module] for s in self.stages],
+                          us=self.initial_controls(), cost=self.loss)
+
+    def rollout(self, us) -> Trajectory:
+        """Not available: the loss of a minibatch is known only through the closure."""
+        raise InputError("a minibatch problem has no loss function of its own: its rollout is the "
+                         "closure's forward pass (MinibatchProblem.trajectory)")
+
+    def local_model(self, traj: Trajectory, second_order: bool = False) -> "MinibatchLocalModel":
+        """Update the curvature with the batch gradient; the local model at the recorded batch."""
+        return MinibatchLocalModel(self, self.opt._update_curvature(self.rec))
+
+    def rollout_policy(self, ref: Trajectory, policy: Policy, alpha: float) -> Trajectory:
+        """Algorithm 3's additional forward pass (full steps only, ``alpha`` = 1): the model's
+        forward re-run on the closure's inputs, stage t's parameters set to
+        u_t + k_t - P_t K_t(xhat_t) just before its module runs on xhat_t. The parameters are
+        updated in place; the returned cost is NaN (the closure's loss function is not known)."""
+        if alpha != 1.0:
+            raise InputError(f"alpha={alpha!r}: a minibatch step is a full step (alpha = 1)")
+        rec, stages = self.rec, self.stages
+        index = {id(s.module): t for t, s in enumerate(stages)}
+        state = {"next": 0, "busy": False}
+        last = len(stages) - 1
+
+        def pre(module, args):
+            if state["busy"]:          # the module evaluated inside a stage's own update
+                return
+            t = index[id(module)]
+            if t != state["next"]:
+                raise InputError(
+                    f"model: stage {stages[t].name!r} ran out of order in the feedback pass (the "
+                    "model's forward took another path on the same inputs)")
+            state["next"] = t + 1
+            step, op = policy.k[t], policy.K[t]
+            if step is not None:
+                state["busy"] = True
+                try:
+                    step.apply(op(args[0]) if op is not None else None)
+                finally:
+                    state["busy"] = False
+            if t == last:
+                raise _Done
+
+        handles = [s.module.register_forward_pre_hook(pre) for s in stages]
+        try:
+            with torch.no_grad(), replay(rec):
+                rec.model(*rec.model_args, **(rec.model_kwargs or {}))
+        except _Done:
+            pass
+        finally:
+            for h in handles:
+                h.remove()
+        if state["next"] != len(stages):
+            raise InputError(f"model: only {state['next']} of {len(stages)} stages ran in the "
+                             "feedback pass (the model's forward took another path)")
+        return Trajectory(xs=None, us=self.initial_controls(), cost=float("nan"))
+
+
+class MinibatchLocalModel:
+    """The local model of one minibatch (implements :class:`occore.types.LocalModel`).
+
+    ``backward(mu)`` returns the policy of Algorithm 3 with Q_uu = P^-1 + mu I: ``k`` holds one
+    :class:`StageStep` per stage (None for a stage without gradient), ``K`` one operator per stage
+    of the measured input xhat_t, giving the unpreconditioned feedback sum
+    (1/B) sum_i Q_ux^(i) dx^(i) / mu_i (None where there is no feedback: stage 0, whose input is
+    the data). The expected decrease is not computed (NaN): the stochastic step does not use it.
+    """
+
+    def __init__(self, problem: MinibatchProblem, updated: dict):
+        self.problem, self.updated = problem, updated
+        self.second_order = False
+
+    # -- the protocol -----------------------------------------------------------------------------
+    def backward(self, mu: float, second_order: bool = False):
+        """The policy with Q_uu = P^-1 + mu I; ``second_order`` adds the modules' own second
+        derivatives contracted with V_x (DDP rather than iLQR)."""
+        self.second_order = second_order
+        opt, stages = self.problem.opt, self.problem.stages
+        factors = [self._factors(s, mu) for s in stages]
+        steps = [None if f is None else StageStep(opt, t, s, f)
+                 for t, (s, f) in enumerate(zip(stages, factors))]
+        if not opt.feedback:
+            ops = [None] * len(stages)
+        elif opt.feedback == "dense":
+            ops = self._dense(factors)
+        else:
+            y_out, w_out = self._terminal()
+            ops = (self._recorded(factors, w_out) if y_out is None
+                   else self._columns(factors, y_out))
+        return Policy(k=steps, K=ops), (float("nan"), float("nan"))
+
+    def control_gradient(self) -> list:
+        """dJ/du_t per stage (the recorded gradients, block order)."""
+        return [[p.grad for p in s.params] for s in self.problem.stages]
+
+    def gradient_norm(self) -> float:
+        grads = [g for gs in self.control_gradient() for g in gs if g is not None]
+        return float(torch.stack(torch._foreach_norm(grads)).norm()) if grads else 0.0
+
+    def costates(self):
+        raise InputError("a minibatch local model has no costates (E-MSA runs on NetworkProblem)")
+
+    # -- pieces -------------------------------------------------------------------------------------
+    def _factors(self, stage, mu):
+        if not all(b in self.updated for b in stage.blocks):
+            return None
+        return [regularised(self.updated[b], mu) for b in stage.blocks]
+
+    def _terminal(self):
+        """``(Y, W)`` of :func:`nn_adapter.terminal.terminal_factor` for this batch."""
+        opt, rec = self.problem.opt, self.problem.rec
+        if opt.terminal_hessian == "gradient":
+            return None, None
+        out, g = rec.model_output, rec.model_grad
+        if out is None or g is None:
+            raise InputError("closure: the model's output got no gradient; the closure must call "
+                             "loss.backward() on a loss of the model's output (a tensor)")
+        loss = opt._loss(out, g)
+        return terminal_factor(opt.terminal_hessian, loss, out, g * out.shape[0], opt._generator)
+
+    def _extras(self, t, stage, x, xhat, v_out, total, mu=None) -> list:
+        """Add the Tikhonov (eps_vxx) and second-order terms of stage t's feedback (per sample
+        divided by the regularisation ``mu``, as the Gauss-Newton part is)."""
+        opt = self.problem.opt
+        eps = opt.eps_vxx > 0 and t < self.problem.horizon - 1   # V_xx^T is not regularised
+        if not eps and not self.second_order:
+            return total
+        dx = xhat - x
+        if mu is not None:
+            dx = dx / _bcast(mu, dx)
+        if eps:
+            total = [a + b for a, b in zip(total, tikhonov_grads(stage, x, dx, opt.eps_vxx))]
+        if self.second_order:
+            total = [a + b for a, b in zip(total, second_order_grads(stage, x, dx, v_out))]
+        return total
+
+    def _compactable(self, stage) -> bool:
+        opt, rec = self.problem.opt, self.problem.rec
+        return (stage.structured and stage.blocks[0].kind == "conv2d" and opt.eps_vxx == 0
+                and not self.second_order and stage.module in rec.in_grads)
+
+    def _recorded(self, factors, w_out) -> list:
+        """The rank-one feedback on the recorded gradients (columns = the value gradient;
+        ``w_out``: per-sample terminal weight, None for 1)."""
+        problem, opt = self.problem, self.problem.opt
+        rec, stages = problem.rec, problem.stages
+        n = problem.batch_size
+        compact: dict = {}
+        weights, mus = self._sweep(factors, compact, float(n) if w_out is None else w_out.sqrt() * n)
+        scales = [None if mu is None else mu.reciprocal() for mu in mus]
+        ops: list = [None] * len(stages)
+        for t in range(1, len(stages)):
+            if factors[t] is None:
+                continue
+            stage = stages[t]
+
+            def op(xhat, t=t, stage=stage):
+                if t in compact:
+                    return compact.pop(t).feedback(xhat, weights[t + 1], scales[t])
+                x = rec.inputs.pop(stage.module)
+                g = rec.out_grads.pop(stage.module)
+                v_out = g * n if self.second_order else None
+                g = g * _bcast(weights[t + 1], g)   # out of place: a user may hold these grads
+                q_x = rec.in_grads.pop(stage.module, None)
+                if q_x is not None:
+                    q_x = q_x * _bcast(weights[t + 1], q_x)
+                total = feedback_grads(stage, x, xhat, g, q_x, overwrite=True,
+                                       sample_scale=scales[t])
+                return self._extras(t, stage, x, xhat, v_out, total, mus[t])
+            ops[t] = op
+        return ops
+
+    def _sweep(self, factors, compact, w_out):
+        """Per-sample weights w_t = B S_t of the recorded gradients and regularisations mu_t.
+
+        z_t = w_t dL/dh_t, S_t = s_t ... s_{T-1} S_T (S_T^2: the terminal weight; a plain number
+        while all factors are one). With rho = q_u^T P q_u of z_{t+1}, the sample's local model is
+        convex iff rho <= 1; mu = max(1, rho) regularises its Q_uu to mu P^-1 (its gain is
+        divided by mu) and s^2 = 1 - rho / mu >= 0. Convolution stages are turned into
+        :class:`~nn_adapter.feedback.CompactStage` on the way (their inputs and cotangents
+        released).
+
+        Returns:
+            ``(weights, mus)``: weights[t] for t = 0..T, mus[t] a (B,) tensor or None (mu = 1).
+        """
+        opt, rec, stages = self.problem.opt, self.problem.rec, self.problem.stages
+        T = len(stages)
+        weights: list = [w_out] * (T + 1)
+        mus: list = [None] * T
+        for t in range(T - 1, 0, -1):
+            stage = stages[t]
+            weights[t] = weights[t + 1]
+            if factors[t] is None:
+                continue
+            w = weights[t + 1]
+            if self._compactable(stage):
+                cs = compact[t] = CompactStage.build(
+                    stage.blocks[0], rec.inputs.pop(stage.module),
+                    rec.out_grads.pop(stage.module), rec.in_grads.pop(stage.module))
+                if opt.vxx_update:
+                    rho = cs.quad_form(factors[t][0]) * (w * w if isinstance(w, float) else w.square())
+            elif opt.vxx_update:   # rho(w g) = w^2 rho(g)
+                rho = quad_form(stage, factors[t], rec.inputs[stage.module],
+                                rec.out_grads[stage.module])
+                rho = rho.mul_(w * w if isinstance(w, float) else w.square())
+            if opt.vxx_update:
+                if opt.diagnostics is not None:
+                    opt._clamped[t] = float((rho > 1).double().mean())
+                mu = rho.clamp(min=1.0)
+                mus[t] = mu
+                weights[t] = (1.0 - rho / mu).clamp_(min=0.0).sqrt_().mul_(weights[t + 1])
+        return weights, mus
+
+    def _columns(self, factors, y_out) -> list:
+        """The r-column feedback (:mod:`nn_adapter.feedback_columns`) for terminal columns y_out."""
+        problem, opt = self.problem, self.problem.opt
+        rec, stages = problem.rec, problem.stages
+        T = len(stages)
+        inputs = [rec.inputs[s.module] for s in stages]
+        cols = pull_columns(rec, stages, y_out)
+        ws: list = [None] * (T + 1)          # W at the output of stage t is ws[t + 1]
+        mus: list = [None] * T
+        for t in range(T - 1, 0, -1):
+            ws[t] = ws[t + 1]
+            if opt.vxx_update and factors[t] is not None:
+                nq = column_quad_forms(stages[t], factors[t], inputs[t], cols[t].g)
+                mus[t], ws[t] = next_weights(ws[t + 1], nq)
+                if opt.diagnostics is not None:
+                    opt._clamped[t] = float((mus[t] > 1).double().mean())
+        n = problem.batch_size
+        ops: list = [None] * T
+        for t in range(1, T):
+            if factors[t] is None:
+                continue
+
+            def op(xhat, t=t):
+                total = column_feedback(stages[t], inputs[t], xhat, cols[t], ws[t + 1], mus[t])
+                v_out = rec.out_grads[stages[t].module] * n if self.second_order else None
+                return self._extras(t, stages[t], inputs[t], xhat, v_out, total, mus[t])
+            ops[t] = op
+        return ops
+
+    def _dense(self, factors) -> list:
+        """``feedback="dense"``: per-sample gains materialised (:mod:`nn_adapter.feedback_dense`)."""
+        problem, opt = self.problem, self.problem.opt
+        rec, stages = problem.rec, problem.stages
+        if any(f is None for f in factors):
+            raise InputError("feedback='dense' needs gradients for every stage's parameters")
+        inputs = [rec.inputs[s.module] for s in stages]
+        n = problem.batch_size
+        y_out, w_out = self._terminal()
+        if y_out is None:
+            cols = [None] + [rec.out_grads[s.module][:, None] * n for s in stages[1:]]
+            w_term = (torch.ones(n, dtype=inputs[0].dtype, device=inputs[0].device)
+                      if w_out is None else w_out)
+            w_term = w_term[:, None, None]
+        else:
+            cols = [None] + [c.g for c in pull_columns(rec, stages, y_out)[1:]]
+            w_term = None
+        v_out = ([None] + [rec.out_grads[s.module] * n for s in stages[1:]]
+                 if self.second_order else None)
+        gains = dense_gains(stages, factors, inputs, cols, w_term, opt.vxx_update, opt.eps_vxx,
+                            self.second_order, v_out)
+        ops: list = [None] * len(stages)
+        for t in range(1, len(stages)):
+            ops[t] = (lambda xhat, t=t: apply_gains(stages[t], gains[t], xhat - inputs[t]))
+        return ops
+
+
+def _bcast(s, like: torch.Tensor):
+    """A per-sample (B,) tensor shaped to broadcast against ``like`` (numbers pass through)."""
+    if not isinstance(s, torch.Tensor):
+        return s
+    return s.reshape((s.shape[0],) + (1,) * (like.dim() - 1))

@@ -1,0 +1,322 @@
+"""Stages of any torch model, as the model itself runs them (DDPNOpt on a minibatch).
+
+Stage t is the t-th module, in the order the model's own ``forward`` calls them, that *owns*
+trainable parameters (``named_parameters(recurse=False)``): a ``Linear``, a ``Conv2d``, a
+``BatchNorm``, a user module with an ``nn.Parameter`` of its own. Its input is the state x_t (the
+first positional argument it was called with), its parameters are the control u_t. Whatever runs
+between two stages (activations, pooling, skip connections, a custom ``forward``'s arithmetic) is
+part of the dynamics; nothing needs to be an ``nn.Sequential``.
+
+What each stage records during the closure (:class:`StageRecorder`): its input x_t, the gradient
+of the loss at its output (the value gradient, per sample) and, for modules without a closed form,
+the gradient at its input *through this module only* (q_x = h_x^T g; the input is replaced by a
+view of itself that only this module consumes, so a skip connection's share is not included).
+The model's own call is recorded too (its arguments, output and the RNG state before it), so the
+additional forward pass can re-run the model's forward with the same dropout masks
+(:func:`replay`).
+
+Per-sample quantities of a stage treat the module as a function of one sample: a training-mode
+batch norm is then evaluated with the statistics of the recorded batch held fixed
+(:meth:`ModuleStage.module_fn`). A module that runs twice in one forward (weight sharing) is refused
+with an error naming it.
+"""
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.func import functional_call
+
+from occore.errors import InputError
+
+from .errors import UnsupportedModuleError
+
+__all__ = ["ModuleStage", "module_stages", "StageRecorder", "replay"]
+
+
+@dataclass(eq=False)
+class ModuleStage:
+    """One stage: a module owning trainable parameters, and its curvature blocks.
+
+    Attributes:
+        module: the module h_t (its own parameters are the control u_t).
+        name: its name in the model (``named_modules``), for messages.
+        blocks: the curvature blocks of its parameters (one structured block for ``Linear`` and
+            ``Conv2d``, else one diagonal block per parameter).
+        names: the module's parameter names, in block order.
+        stats: for a training-mode batch norm, the (mean, var) of the recorded batch, held fixed
+            in :meth:`module_fn` (None otherwise).
+
+    Example:
+        >>> from nn_adapter.curvature import find_blocks
+        >>> lin = nn.Linear(3, 2)
+        >>> stage = ModuleStage(lin, "fc", find_blocks(lin))
+        >>> stage.names, stage.structured
+        (['weight', 'bias'], True)
+        >>> x = torch.randn(4, 3)
+        >>> torch.allclose(stage.module_fn(stage.params, x), lin(x))
+        True
+    """
+
+    module: nn.Module
+    name: str
+    blocks: list
+    names: list = field(default_factory=list)
+    stats: tuple = None
+
+    def __post_init__(self):
+        if not self.names:
+            ids = {id(p): n for n, p in self.module.named_parameters()}
+            self.names = [ids[id(p)] for b in self.blocks for p in b.params]
+
+    @property
+    def structured(self) -> bool:
+        """True for a ``Linear`` or ``Conv2d`` stage (closed-form per-sample products)."""
+        return len(self.blocks) == 1 and self.blocks[0].structured
+
+    @property
+    def params(self) -> list:
+        """The live parameters, in block order."""
+        return [p for b in self.blocks for p in b.params]
+
+    def freeze_statistics(self, x: torch.Tensor) -> None:
+        """Hold a training-mode batch norm's statistics at those of the batch ``x`` (B, C, ...)."""
+        m = self.module
+        if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training:
+            dims = [0] + list(range(2, x.dim()))
+            self.stats = (x.mean(dims), x.var(dims, unbiased=False))
+        else:
+            self.stats = None
+
+    def module_fn(self, params: list, x: torch.Tensor) -> torch.Tensor:
+        """h(x; params) with the given parameter tensors (block order); x may be any batch,
+        including one sample (a batch norm then uses the frozen statistics of the recorded batch).
+        """
+        if self.stats is not None:
+            p = dict(zip(self.names, params))
+            m = self.module
+            return F.batch_norm(x, self.stats[0], self.stats[1], p.get("weight"), p.get("bias"),
+                                False, 0.0, m.eps)
+        return functional_call(self.module, dict(zip(self.names, params)), (x,))
+
+
+def _owners(model: nn.Module, params: set) -> list:
+    """(name, module) of the modules that own (directly) some of ``params``."""
+    out = []
+    for name, module in model.named_modules(remove_duplicate=False):
+        own = [p for p in module.parameters(recurse=False) if id(p) in params]
+        if own and all(module is not m for _, m in out):
+            out.append((name, module))
+    return out
+
+
+def module_stages(model: nn.Module, blocks: list, order: list) -> list:
+    """The stages of ``model`` in execution order.
+
+    Args:
+        model: the network.
+        blocks: the optimizer's curvature blocks (every trainable parameter in exactly one).
+        order: the modules with parameters, in the order they first ran (a recorder's
+            ``order``).
+
+    Returns:
+        a :class:`ModuleStage` per module that owns a parameter of ``blocks`` and ran (the
+        parameters of modules that did not run get no gradient and are not updated, as in
+        torch.optim).
+    """
+    names = {id(m): n for n, m in model.named_modules(remove_duplicate=False)}
+    stages = []
+    for module in order:
+        own = {id(p) for p in module.parameters(recurse=False)}
+        mine = [b for b in blocks if all(id(p) in own for p in b.params)]
+        if mine:
+            stages.append(ModuleStage(module, names.get(id(module), type(module).__name__), mine))
+    return stages
+
+
+def _check_model(model: nn.Module) -> None:
+    compiled = getattr(torch, "_dynamo", None)
+    opt_mod = getattr(getattr(compiled, "eval_frame", None), "OptimizedModule", None)
+    if opt_mod is not None and isinstance(model, opt_mod):
+        raise UnsupportedModuleError(
+            "model: a torch.compile'd module cannot be recorded stage by stage (its forward runs "
+            "as one compiled graph, without module hooks); pass the original module as model= "
+            "(model._orig_mod) and use it, uncompiled, in the closure")
+
+
+class StageRecorder:
+    """Records, while the closure runs, what DDPNOpt's feedback needs of the model and its stages.
+
+    Attributes (filled inside ``with``):
+        order: the modules owning parameters, in the order they first ran.
+        inputs, out_grads, in_grads, outputs: per module (``Recorder``'s names, so curvatures can
+            read them): the input x_t, the gradient at the output, the gradient at the input
+            through this module only (modules in ``in_grad_of``), the output (``output_of``).
+        calls: how many times each module ran.
+        model_args, model_kwargs, rng: the model's call and the RNG states just before it.
+        model_output, model_grad: the model's output and the gradient of the loss at it.
+
+    Args:
+        model: the network (its call is recorded).
+        modules: the modules owning trainable parameters (the candidate stages).
+        in_grad_of: modules whose gradient at the input is recorded (through them only).
+
+    Example:
+        >>> net = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2))
+        >>> with StageRecorder(net, [net[2], net[0]], [net[2]]) as rec:
+        ...     net(torch.randn(5, 3)).sum().backward()
+        >>> rec.order == [net[0], net[2]], rec.in_grads[net[2]].shape
+        (True, torch.Size([5, 4]))
+    """
+
+    def __init__(self, model: nn.Module, modules, in_grad_of=()):
+        _check_model(model)
+        self.model = model
+        self._modules = list({id(m): m for m in modules}.values())
+        self._in_grad = {id(m) for m in in_grad_of}
+        self.order: list = []
+        self.inputs: dict = {}
+        self.outputs: dict = {}
+        self.out_grads: dict = {}
+        self.in_grads: dict = {}
+        self.calls: dict = {}
+        self.model_args = self.model_kwargs = self.rng = None
+        self.model_output = self.model_grad = None
+        self.model_calls = 0
+        self._handles: list = []
+
+    # -- hooks -----------------------------------------------------------------------------------
+    def _pre(self, module, args):
+        if not torch.is_grad_enabled():
+            return None
+        n = self.calls.get(module, 0)
+        self.calls[module] = n + 1
+        if n:
+            return None
+        self.order.append(module)
+        if not args or not isinstance(args[0], torch.Tensor):
+            return None
+        x = args[0]
+        self.inputs[module] = x.detach()
+        if id(module) in self._in_grad and x.requires_grad:
+            x = x.view_as(x)              # consumed by this module only: its grad is h_x^T g
+
+            def save_in(grad, module=module):
+                self.in_grads[module] = grad.detach()
+            x.register_hook(save_in)
+            return (x,) + tuple(args[1:])
+        return None
+
+    def _post(self, module, args, output):
+        if not torch.is_grad_enabled() or self.calls.get(module, 0) != 1:
+            return
+        if isinstance(output, torch.Tensor) and output.requires_grad:
+            def save(grad, module=module):
+                self.out_grads[module] = grad.detach()
+            output.register_hook(save)
+
+    def _model_pre(self, module, args, kwargs):
+        if not torch.is_grad_enabled():
+            return
+        self.model_calls += 1
+        self.model_args, self.model_kwargs = args, kwargs
+        self.rng = _rng_state(args, kwargs)
+
+    def _model_post(self, module, args, kwargs, output):
+        if not torch.is_grad_enabled():
+            return
+        if isinstance(output, torch.Tensor):
+            self.model_output = output.detach()
+            if output.requires_grad:
+                def save(grad):
+                    self.model_grad = grad.detach()
+                output.register_hook(save)
+
+    def __enter__(self) -> "StageRecorder":
+        self.release()
+        h = [self.model.register_forward_pre_hook(self._model_pre, with_kwargs=True),
+             self.model.register_forward_hook(self._model_post, with_kwargs=True)]
+        for m in self._modules:
+            h.append(m.register_forward_pre_hook(self._pre))
+            h.append(m.register_forward_hook(self._post))
+        self._handles = h
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles = []
+
+    def release(self) -> None:
+        """Drop everything recorded."""
+        self.order = []
+        for d in (self.inputs, self.outputs, self.out_grads, self.in_grads, self.calls):
+            d.clear()
+        self.model_args = self.model_kwargs = self.rng = None
+        self.model_output = self.model_grad = None
+        self.model_calls = 0
+
+    def check_complete(self, modules, need_grads: bool = True) -> None:
+        """Raise ``InputError`` unless each module ran exactly once (and got a gradient)."""
+        for m in modules:
+            n = self.calls.get(m, 0)
+            if n != 1:
+                raise InputError(
+                    f"model: module {type(m).__name__} ran {n} times in the closure's forward "
+                    "pass; the optimizer needs each parametrised module to run exactly once "
+                    "(a module used twice shares its parameters between two stages)")
+            if need_grads and m not in self.out_grads:
+                raise InputError(
+                    f"closure: no gradient reached the output of {type(m).__name__}; the "
+                    "closure must call loss.backward()")
+
+    def check_model_call(self) -> None:
+        """Raise ``InputError`` unless the model was called exactly once in the closure."""
+        if self.model_calls != 1:
+            raise InputError(
+                f"model: was called {self.model_calls} times in the closure; DDPNOpt's feedback "
+                "re-runs the model's forward on the closure's inputs, so the closure must call "
+                "the model (the module given as model=) exactly once")
+
+
+def _devices(args, kwargs) -> list:
+    seen = []
+    for v in list(args) + list(kwargs.values()):
+        if isinstance(v, torch.Tensor) and v.device.type == "cuda" and v.device not in seen:
+            seen.append(v.device)
+    return seen
+
+
+def _rng_state(args, kwargs):
+    cuda = [(d, torch.cuda.get_rng_state(d)) for d in _devices(args, kwargs)]
+    return torch.get_rng_state(), cuda
+
+
+@contextlib.contextmanager
+def replay(rec: StageRecorder):
+    """Run a block with the RNG states the closure's forward started from (same dropout masks),
+    and the batch norms' running statistics unchanged (they advance once per step, in the
+    closure); afterwards the RNG states are what they were before the block."""
+    cpu_now = torch.get_rng_state()
+    cuda_now = [(d, torch.cuda.get_rng_state(d)) for d, _ in rec.rng[1]]
+    norms = [m for m in rec.model.modules()
+             if isinstance(m, nn.modules.batchnorm._NormBase) and m.training
+             and m.track_running_stats]
+    saved = [[b.clone() if b is not None else None
+              for b in (m.running_mean, m.running_var, m.num_batches_tracked)] for m in norms]
+    torch.set_rng_state(rec.rng[0])
+    for d, s in rec.rng[1]:
+        torch.cuda.set_rng_state(s, d)
+    try:
+        yield
+    finally:
+        torch.set_rng_state(cpu_now)
+        for d, s in cuda_now:
+            torch.cuda.set_rng_state(s, d)
+        for m, bufs in zip(norms, saved):
+            for name, b in zip(("running_mean", "running_var", "num_batches_tracked"), bufs):
+                if b is not None:
+                    getattr(m, name).copy_(b)

@@ -1,0 +1,175 @@
+"""DDPNOpt with feedback on real models: custom forward, residual blocks, dropout and batch norm in
+training mode, weight sharing, torch.compile, data-dependent paths."""
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from nn_adapter import DDPNOpt
+from nn_adapter.errors import UnsupportedModuleError
+from nn_adapter.training import make_closure
+from occore.errors import InputError
+
+
+class DropNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.l1, self.l2, self.l3 = nn.Linear(6, 16), nn.Linear(16, 16), nn.Linear(16, 3)
+        self.drop = nn.Dropout(0.5)
+
+    def forward(self, x):
+        return self.l3(self.drop(torch.tanh(self.l2(self.drop(torch.tanh(self.l1(x)))))))
+
+
+def _data(n=32, d=6, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, d, generator=g, dtype=torch.float64), torch.randint(0, 3, (n,), generator=g)
+
+
+def test_feedback_pass_sees_the_closures_dropout_masks():
+    """The feedback pass re-runs the model's forward with the RNG state of the closure's forward:
+    the stage inputs it measures differ from the recorded ones only through the updated
+    parameters (so with lr = 0 they are identical), and the global RNG stream is unchanged."""
+    torch.manual_seed(0)
+    net = DropNet().double().train()
+    opt = DDPNOpt(net, lr=0.0, curvature="identity")
+    x, y = _data()
+    seen = {}
+
+    def spy(mod, args):
+        if not torch.is_grad_enabled():
+            seen.setdefault(mod, []).append(args[0].clone())
+    recorded = {}
+
+    def rec(mod, args):
+        if torch.is_grad_enabled():
+            recorded[mod] = args[0].detach().clone()
+    hooks = [m.register_forward_pre_hook(spy) for m in (net.l2, net.l3)]
+    hooks += [m.register_forward_pre_hook(rec) for m in (net.l2, net.l3)]
+    torch.manual_seed(5)
+    opt.step(make_closure(net, opt, x, y))
+    after_step = torch.rand(3)
+    torch.manual_seed(5)
+    with torch.enable_grad():
+        nn.functional.cross_entropy(net(x), y)
+    after_forward = torch.rand(3)
+    for h in hooks:
+        h.remove()
+    assert torch.equal(after_step, after_forward)          # the RNG stream moved once
+    for m in (net.l2,):
+        assert torch.equal(seen[m][0], recorded[m])      # same masks: identical inputs at lr = 0
+        assert (recorded[m] == 0).float().mean() > 0.3   # dropout was active
+
+
+def test_dropout_model_trains_with_feedback():
+    """Training-mode dropout: DDPNOpt's loss falls as its base optimizer's does."""
+    x, y = _data(64)
+    final = {}
+    for feedback in (True, False):
+        torch.manual_seed(0)
+        net = DropNet().double().train()
+        opt = DDPNOpt(net, lr=0.01, curvature="adam", feedback=feedback)
+        closure = make_closure(net, opt, x, y)
+        losses = [float(opt.step(closure)) for _ in range(80)]
+        final[feedback] = sum(losses[-10:]) / 10
+        assert final[feedback] < 0.85 * sum(losses[:5]) / 5
+    assert final[True] < 1.1 * final[False]
+
+
+class BNNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.l1, self.bn, self.l2 = nn.Linear(6, 8), nn.BatchNorm1d(8), nn.Linear(8, 3)
+
+    def forward(self, x):
+        return self.l2(torch.tanh(self.bn(self.l1(x))))
+
+
+def test_batch_norm_running_statistics_advance_once_per_step():
+    torch.manual_seed(0)
+    net = BNNet().double().train()
+    twin = BNNet().double().train()
+    twin.load_state_dict(net.state_dict())
+    opt = DDPNOpt(net, lr=0.01, curvature="adam", terminal_hessian="gauss_newton")
+    x, y = _data()
+    opt.step(make_closure(net, opt, x, y))
+    assert int(net.bn.num_batches_tracked) == 1
+    with torch.no_grad():
+        twin(x)                                   # one training-mode forward from the same start
+    assert torch.allclose(net.bn.running_mean, twin.bn.running_mean, atol=0, rtol=0)
+    assert torch.allclose(net.bn.running_var, twin.bn.running_var, atol=0, rtol=0)
+    assert not torch.equal(net.bn.weight, twin.bn.weight)     # the affine parameters were trained
+
+
+def test_batch_norm_model_trains_with_feedback():
+    torch.manual_seed(0)
+    net = BNNet().double().train()
+    opt = DDPNOpt(net, lr=0.02, curvature="adam")
+    x, y = _data(64)
+    closure = make_closure(net, opt, x, y)
+    losses = [float(opt.step(closure)) for _ in range(40)]
+    assert math.isfinite(losses[-1]) and losses[-1] < 0.7 * losses[0]
+
+
+def test_weight_sharing_is_refused_naming_the_module():
+    class Shared(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.inner = nn.Linear(4, 4)
+            self.out = nn.Linear(4, 2)
+
+        def forward(self, x):
+            return self.out(torch.tanh(self.inner(torch.tanh(self.inner(x)))))
+
+    net = Shared().double()
+    opt = DDPNOpt(net, lr=0.01)
+    x = torch.randn(8, 4, dtype=torch.float64)
+    y = torch.randint(0, 2, (8,))
+    before = [p.detach().clone() for p in net.parameters()]
+    with pytest.raises(InputError, match="Linear ran 2 times"):
+        opt.step(make_closure(net, opt, x, y))
+    assert all(torch.equal(a, b) for a, b in zip(before, net.parameters()))
+
+
+def test_a_compiled_model_gets_a_clear_error():
+    net = nn.Sequential(nn.Linear(3, 2))
+    compiled = torch.compile(net)
+    with pytest.raises(UnsupportedModuleError, match="_orig_mod"):
+        opt = DDPNOpt(compiled, lr=0.01)
+        opt.step(make_closure(compiled, opt, torch.randn(4, 3), torch.randint(0, 2, (4,))))
+
+
+def test_a_forward_that_changes_path_in_the_feedback_pass_is_an_error():
+    class Gate(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b, self.out = nn.Linear(3, 3), nn.Linear(3, 3), nn.Linear(3, 2)
+            self.calls = 0
+
+        def forward(self, x):
+            self.calls += 1
+            h = self.a(x) if self.calls % 2 else self.b(x)
+            return self.out(torch.tanh(h))
+
+    net = Gate().double()
+    opt = DDPNOpt(net, lr=0.01)
+    x, y = torch.randn(4, 3, dtype=torch.float64), torch.randint(0, 2, (4,))
+    with pytest.raises(InputError, match="another path"):
+        opt.step(make_closure(net, opt, x, y))
+
+
+def test_the_model_must_be_called_once_in_the_closure():
+    net = nn.Sequential(nn.Linear(3, 2)).double()
+    opt = DDPNOpt(net, lr=0.01)
+    x = torch.randn(4, 3, dtype=torch.float64)
+
+    def closure():
+        opt.zero_grad()
+        with torch.no_grad():
+            pass
+        loss = net[0](x).square().mean()      # the model itself is never called
+        loss.backward()
+        return loss
+    with pytest.raises(InputError, match="called 0 times"):
+        opt.step(closure)
