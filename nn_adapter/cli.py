@@ -1,13 +1,21 @@
 """``occore train``: DDPNOpt and torch's optimizers side by side on a classification data set.
 
     occore train --dataset digits --optimizers ddpnopt,adam,sgd --plot train.png
+
+The command is a plugin of the ``occore`` command line: ``pyproject.toml`` declares
+:data:`COMMAND` in the entry-point group ``occore.commands`` under the name ``train``, and
+``occore train ...`` hands every argument after ``train`` to :func:`main`.
 """
 from __future__ import annotations
 
 import argparse
 import sys
 
+from occore.cli import Command
+
 from .training import DEFAULT_LR, OPTIMIZERS, compare_optimizers, mlp
+
+__all__ = ["main", "build_parser", "COMMAND"]
 
 DATASETS = ("digits", "wine", "fashion-mnist")
 
@@ -71,6 +79,10 @@ def main(argv=None) -> int:
         _plot(records, args.plot, args.dataset)
         print(f"plot: {args.plot}")
     return 0
+
+
+COMMAND = Command(help="train networks: DDPNOpt beside torch's optimizers (options: occore train --help)",
+                  main=main)
 
 
 def _plot(records, path, title):

@@ -3,24 +3,114 @@
     occore solve cartpole --solver ddp            per-iteration table, then the result's summary
     occore compare --problems all --solvers ddp,ilqr,emsa,ipopt --plot compare.png --json runs.json
     occore list                                   the problems and solvers known by name
-    occore train --dataset digits ...             network training, delegated to ``nn_adapter.cli.main``
+    occore train --dataset digits ...             network training, a plugin command (below)
+
+Plugin commands. Other packages add commands through the entry-point group ``occore.commands``
+(:data:`PLUGIN_GROUP`): the entry point's name is the command, its value names either a
+:class:`Command` (help text and main) or a plain ``main(argv) -> int``. The ``train`` command is
+declared so by nn_adapter in ``pyproject.toml``::
+
+    [project.entry-points."occore.commands"]
+    train = "nn_adapter.cli:COMMAND"
+
+Discovery reads the installed metadata only; a plugin is imported when its command runs (every
+argument after the command name is handed to its main) or when ``occore --help`` asks for its help
+text, so ``occore solve`` and :func:`build_parser` never import a plugin. A plugin that fails to
+import is a one-line error naming it (exit status 2). Plugin names that clash with a built-in
+command are ignored.
 """
 from __future__ import annotations
 
 import argparse
 import sys
+from dataclasses import dataclass
+from typing import Callable, Sequence
 
 from .errors import OccoreError
 
-__all__ = ["main", "build_parser"]
+__all__ = ["main", "build_parser", "Command", "PLUGIN_GROUP", "plugin_commands"]
+
+PLUGIN_GROUP = "occore.commands"
+BUILTIN_COMMANDS = ("solve", "compare", "list")
 
 
-def build_parser() -> argparse.ArgumentParser:
+@dataclass(frozen=True)
+class Command:
+    """A plugin command, the object an ``occore.commands`` entry point names.
+
+    Attributes:
+        help: one line for ``occore --help``.
+        main: ``main(argv) -> int``, called with every argument after the command name; returns the
+            exit status (2 on bad input, as for the built-in commands).
+
+    Example:
+        >>> Command("say hello", lambda argv: 0).main(["--loud"])
+        0
+    """
+
+    help: str
+    main: Callable[[Sequence[str]], int]
+
+
+def _entry_points():
+    from importlib.metadata import entry_points
+
+    return entry_points(group=PLUGIN_GROUP)
+
+
+def plugin_commands() -> dict:
+    """The installed plugin commands, ``{name: importlib.metadata.EntryPoint}``, without importing them.
+
+    The first entry point of a name wins (an editable install may list its metadata twice); names of
+    built-in commands are skipped.
+    """
+    found = {}
+    for ep in _entry_points():
+        if ep.name not in BUILTIN_COMMANDS and ep.name not in found:
+            found[ep.name] = ep
+    return found
+
+
+def _load(name: str, ep) -> Command:
+    """Import the plugin behind ``ep``; an :class:`OccoreError` naming it when that fails."""
+    try:
+        obj = ep.load()
+    except Exception as err:  # any failure of a third-party import is the plugin's, reported in one line
+        detail = str(err).splitlines()[0] if str(err) else ""
+        raise OccoreError(f"plugin command '{name}' ({ep.value}) failed to load: "
+                          f"{type(err).__name__}{': ' + detail if detail else ''}") from err
+    if isinstance(obj, Command):
+        return obj
+    if callable(obj):
+        doc = (getattr(obj, "__doc__", None) or "").strip()
+        return Command(doc.splitlines()[0] if doc else f"provided by {ep.value}", obj)
+    raise OccoreError(f"plugin command '{name}' ({ep.value}) is neither an occore.cli.Command nor callable")
+
+
+def _plugin_help(name: str, ep, describe: bool) -> str:
+    if describe:
+        try:
+            return _load(name, ep).help
+        except OccoreError as err:
+            return f"(unavailable: {err})"
+    return f"provided by {ep.module} (options: occore {name} --help)"
+
+
+def build_parser(plugins: dict | None = None, describe_plugins: bool = False) -> argparse.ArgumentParser:
+    """The top-level parser: the built-in commands, then one entry per plugin command.
+
+    Args:
+        plugins: ``{name: EntryPoint}`` (default: :func:`plugin_commands`).
+        describe_plugins: import the plugins to show their own help text (for ``occore --help``);
+            otherwise no plugin is imported and the help line names the providing module.
+    """
     from .comparison.runner import DEFAULT_SOLVERS
     from .derivatives import BACKENDS
 
+    plugins = plugin_commands() if plugins is None else plugins
+    names = list(BUILTIN_COMMANDS) + list(plugins)
     parser = argparse.ArgumentParser(prog="occore", description="Trajectory optimisation: DDP, iLQR, E-MSA, IPOPT.")
-    sub = parser.add_subparsers(dest="command", metavar="{solve,compare,list,train}")
+    sub = parser.add_subparsers(dest="command", metavar="{" + ",".join(names) + "}")
     sub.required = True
 
     p = sub.add_parser("solve", help="solve one problem, printing the per-iteration table and a summary")
@@ -44,16 +134,13 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--no-progress", action="store_true", help="no progress bar")
 
     sub.add_parser("list", help="list the problems and solvers known by name")
-    sub.add_parser("train", help="train networks through nn_adapter (options: occore train --help)")
+    for name, ep in plugins.items():   # parsed by the plugin itself: main() hands it the arguments
+        sub.add_parser(name, help=_plugin_help(name, ep, describe_plugins).replace("%", "%%"), add_help=False)
     return parser
 
 
-def _train(rest) -> int:
-    try:
-        from nn_adapter.cli import main as train_main
-    except ImportError as err:
-        raise OccoreError(f"occore train needs nn_adapter.cli ({err})") from err
-    return int(train_main(rest) or 0)
+def _run_plugin(name: str, ep, rest) -> int:
+    return int(_load(name, ep).main(list(rest)) or 0)
 
 
 def _solve(args, out) -> int:
@@ -112,20 +199,23 @@ def _list(out) -> int:
 def main(argv=None) -> int:
     """Entry point of the ``occore`` console script; returns the exit status (2 on bad input)."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    if argv[:1] == ["train"]:       # everything after "train" belongs to nn_adapter's parser
-        try:
-            return _train(argv[1:])
-        except OccoreError as err:
-            print(f"occore: error: {err}", file=sys.stderr)
-            return 2
-    args = build_parser().parse_args(argv)
+    try:
+        plugins = plugin_commands()
+        if argv[:1] and argv[0] in plugins:     # everything after the name belongs to the plugin's parser
+            return _run_plugin(argv[0], plugins[argv[0]], argv[1:])
+    except OccoreError as err:
+        print(f"occore: error: {err}", file=sys.stderr)
+        return 2
+    args = build_parser(plugins, describe_plugins=argv[:1] in (["-h"], ["--help"])).parse_args(argv)
     out = sys.stdout
     try:
         if args.command == "solve":
             return _solve(args, out)
         if args.command == "compare":
             return _compare(args, out)
-        return _list(out)
+        if args.command == "list":
+            return _list(out)
+        raise OccoreError(f"unknown command {args.command!r}")   # a plugin command reaches its main first
     except OccoreError as err:
         print(f"occore: error: {err}", file=sys.stderr)
         return 2

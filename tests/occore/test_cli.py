@@ -87,14 +87,3 @@ def test_solve_a_user_file(tmp_path, capsys):
     assert main(["solve", str(path), "--solver", "ilqr"]) == 0
     out = capsys.readouterr().out
     assert out.startswith("scalar: Problem(scalar") and "ilqr: CONVERGED" in out
-
-
-def test_train_is_delegated_to_nn_adapter(capsys, monkeypatch):
-    import types
-
-    seen = []
-    fake = types.ModuleType("nn_adapter.cli")
-    fake.main = lambda argv: seen.append(argv) or 0
-    monkeypatch.setitem(sys.modules, "nn_adapter.cli", fake)
-    assert main(["train", "--dataset", "digits", "--plot", "t.png"]) == 0
-    assert seen == [["--dataset", "digits", "--plot", "t.png"]]

@@ -1,0 +1,46 @@
+"""benchmarks/nn_step.py: the residual CNN rows (feedback rows may refuse the model, the others run)."""
+import importlib.util
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "nn_step.py"
+
+
+@pytest.fixture(scope="module")
+def nn_step():
+    spec = importlib.util.spec_from_file_location("nn_step_bench", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_residual_cnn_is_a_module_with_skips():
+    from nn_adapter.training import ResidualBlock, residual_cnn
+
+    net = residual_cnn()
+    assert not isinstance(net, torch.nn.Sequential) and len(net.blocks) == 3
+    block = ResidualBlock(2)
+    for p in block.parameters():
+        torch.nn.init.zeros_(p)
+    x = torch.rand(1, 2, 4, 4)
+    assert torch.equal(block(x), x)             # zero convolutions: relu(x + 0) = x, the identity skip
+
+
+def test_residual_rows_run_or_say_unsupported(nn_step, capsys):
+    torch.set_num_threads(1)
+    result, note, refused = nn_step.bench("resnet", steps=1, rounds=1, batch=4, warmup=1)
+    assert "CIFAR-like" in note and list(result) == list(nn_step.OPTIMIZERS)
+    for label, row in result.items():
+        if label in nn_step.FEEDBACK_ROWS and row is None:
+            assert label in refused
+        else:
+            assert row is not None and row[0] > 0 and row[1] > 0, label
+    ratios = nn_step.report("(c)", result, note, refused)
+    out = capsys.readouterr().out
+    assert "Adam (torch)" in out and "DDPNOpt-adam fb=off" in out
+    assert (ratios["DDPNOpt-adam fb=on"] is None) == ("DDPNOpt-adam fb=on" in refused)
+    if refused:
+        assert nn_step.UNSUPPORTED in out
