@@ -1,4 +1,9 @@
 """nn_adapter: neural networks as occore control problems, and the DDPNOpt optimizer."""
+import logging
+
+# library code logs to "nn_adapter" and never prints; the application decides where logs go
+logging.getLogger("nn_adapter").addHandler(logging.NullHandler())
+
 # issue 4 (stages, NetworkProblem, network local model, E-MSA hooks)
 from .errors import MemoryLimitError, UnsupportedModuleError
 from .local_model import NetworkLocalModel

@@ -1,6 +1,8 @@
 """EKFAC (George et al., NeurIPS 2018) as a torch optimizer: the baseline and DDPNOpt's ``ekfac``."""
 from __future__ import annotations
 
+from typing import Optional
+
 from torch import nn
 
 from .curvature.optimizer import CurvatureOptimizer
@@ -11,19 +13,29 @@ __all__ = ["EKFAC"]
 class EKFAC(CurvatureOptimizer):
     """Eigenvalue-corrected K-FAC; see :mod:`nn_adapter.curvature.ekfac` for the exact definition.
 
-    Linear and Conv2d layers get the Kronecker-factored eigenbasis with corrected diagonal; other
-    parameters a diagonal curvature. ``step`` needs a closure (the hooks that record the layer
-    inputs and output gradients are active only while it runs). The closure's loss must be the
-    batch mean of per-sample losses.
+    Linear and Conv2d layers of ``model`` get the Kronecker-factored eigenbasis with corrected
+    diagonal; other parameters a diagonal curvature. The loss must be the batch mean of
+    per-sample losses. ``step(closure)`` records the layer inputs and output gradients while the
+    closure runs; ``step()`` without a closure uses those of the user's own forward and backward
+    pass since the last step (each layer must run once in it; evaluate under
+    ``torch.no_grad()``). Param groups, ``add_param_group``, ``state_dict`` and LR schedulers
+    work as in ``torch.optim``; a layer's weight and bias must be in the same group.
 
     Args:
-        model: the network.
+        params: the parameters (tensors or param-group dicts), or the model itself.
         lr: learning rate.
         damping: added to the corrected eigenvalues.
         stat_decay: running-average decay of the factors and of the corrected eigenvalues.
         factor_update_freq: steps between updates of the Kronecker factors.
         eigen_update_freq: steps between eigendecompositions of the factors.
-        weight_decay: L2 penalty added to the gradient.
+        weight_decay: L2 penalty added to the gradient (or, decoupled, to the parameters).
+        decoupled_weight_decay: True: ``p <- p (1 - lr weight_decay)`` before the step instead
+            (as ``torch.optim.AdamW``).
+        model: the network whose layers are preconditioned (required unless ``params`` is it).
+
+    Raises:
+        TypeError: no model.
+        ValueError: an invalid hyperparameter (named), or a layer split over two groups.
 
     Example:
         >>> import torch
@@ -38,11 +50,20 @@ class EKFAC(CurvatureOptimizer):
         >>> loss = opt.step(closure)
         >>> sorted(opt.state[net[0].weight])
         ['A', 'G', 'QA', 'QG', 'scale', 'step']
+        >>> opt = EKFAC([{"params": net[0].parameters(), "lr": 0.01},
+        ...              {"params": net[2].parameters()}], lr=0.1, model=net)
+        >>> opt.zero_grad()
+        >>> nn.functional.cross_entropy(net(x), y).backward()
+        >>> opt.step()                      # the records of that forward and backward pass
+        >>> opt.state[net[2].weight]["step"]
+        1
     """
 
-    def __init__(self, model: nn.Module, lr: float = 0.01, damping: float = 1e-3,
+    def __init__(self, params, lr: float = 0.01, damping: float = 1e-3,
                  stat_decay: float = 0.95, factor_update_freq: int = 1,
-                 eigen_update_freq: int = 100, weight_decay: float = 0.0):
-        super().__init__(model, "ekfac", lr, damping=damping, stat_decay=stat_decay,
+                 eigen_update_freq: int = 100, weight_decay: float = 0.0,
+                 decoupled_weight_decay: bool = False, *, model: Optional[nn.Module] = None):
+        super().__init__(params, "ekfac", lr, model=model, damping=damping, stat_decay=stat_decay,
                          factor_update_freq=factor_update_freq,
-                         eigen_update_freq=eigen_update_freq, weight_decay=weight_decay)
+                         eigen_update_freq=eigen_update_freq, weight_decay=weight_decay,
+                         decoupled_weight_decay=decoupled_weight_decay)

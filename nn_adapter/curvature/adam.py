@@ -5,7 +5,7 @@ import math
 
 import torch
 
-from .base import DiagonalCurvature, with_weight_decay
+from .base import DiagonalCurvature, is_finite_number, l2_coefficient, with_weight_decay
 
 __all__ = ["AdamCurvature"]
 
@@ -15,7 +15,8 @@ class AdamCurvature(DiagonalCurvature):
 
     k is ``torch.optim.Adam``'s step ``-P m / (1 - beta1^t)``; the feedback is preconditioned by
     the same P (the first-moment average is the step direction, not part of the curvature).
-    Hyperparameters (torch's names): ``betas``, ``eps``, ``weight_decay``, ``amsgrad``.
+    Hyperparameters (torch's names): ``betas``, ``eps``, ``weight_decay``, ``amsgrad``,
+    ``decoupled_weight_decay`` (True: AdamW, ``torch.optim.AdamW``'s step exactly).
 
     Example:
         >>> import torch
@@ -29,7 +30,8 @@ class AdamCurvature(DiagonalCurvature):
     """
 
     name = "adam"
-    defaults = dict(betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, amsgrad=False)
+    defaults = dict(betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, amsgrad=False,
+                    decoupled_weight_decay=False)
 
     def validate(self, hp):
         super().validate(hp)
@@ -37,7 +39,7 @@ class AdamCurvature(DiagonalCurvature):
         ok = (isinstance(b, (tuple, list)) and len(b) == 2
               and all(isinstance(x, (int, float)) and 0.0 <= x < 1.0 for x in b))
         self.check("betas", b, ok, "a pair of numbers in [0, 1)")
-        self.check("eps", e, isinstance(e, (int, float)) and e > 0.0, "eps > 0")
+        self.check("eps", e, is_finite_number(e, strict=True), "a finite number > 0")
         self.check("amsgrad", hp["amsgrad"], isinstance(hp["amsgrad"], bool), "a bool")
 
     def _denom(self, group, state):
@@ -71,8 +73,9 @@ class AdamCurvature(DiagonalCurvature):
             self._init_state(p, group, st)
             st["step"] += 1
         beta1, beta2 = group["betas"]
-        if group["weight_decay"] != 0:
-            grads = torch._foreach_add(grads, params, alpha=group["weight_decay"])
+        wd = l2_coefficient(group)
+        if wd != 0:
+            grads = torch._foreach_add(grads, params, alpha=wd)
         avgs = [st["exp_avg"] for st in states]
         sqs = [st["exp_avg_sq"] for st in states]
         torch._foreach_lerp_(avgs, grads, 1 - beta1)

@@ -21,8 +21,10 @@ from typing import Any, Callable, Optional
 import torch
 from torch import nn
 
+from occore.errors import InputError
+
 __all__ = ["Block", "Curvature", "find_blocks", "as_matrix", "from_matrix", "apply_factors",
-           "apply_p"]
+           "apply_p", "l2_coefficient", "with_weight_decay"]
 
 BLOCK_KINDS = ("linear", "conv2d", "diagonal")
 
@@ -143,7 +145,19 @@ def apply_factors(factors, mat: torch.Tensor) -> torch.Tensor:
 
 def _check(name: str, value, ok: bool, expected: str) -> None:
     if not ok:
-        raise ValueError(f"invalid {name}: {value!r} (expected {expected})")
+        raise InputError(f"invalid {name}: {value!r} (expected {expected})")
+
+
+def is_finite_number(value, minimum: float = 0.0, strict: bool = False) -> bool:
+    """True for a finite real number (an int, a float or a one-element tensor, not a bool) that is
+    ``>= minimum`` (``> minimum`` when ``strict``)."""
+    if isinstance(value, torch.Tensor):
+        if value.numel() != 1 or value.is_complex():
+            return False
+        value = float(value)
+    elif isinstance(value, bool) or not isinstance(value, (int, float)):
+        return False
+    return math.isfinite(value) and (value > minimum if strict else value >= minimum)
 
 
 class Curvature:
@@ -168,11 +182,17 @@ class Curvature:
 
     # -- hyperparameters -------------------------------------------------------------------
     def validate(self, hp: dict) -> None:
-        """Raise ``ValueError`` naming the first invalid hyperparameter."""
-        _check("lr", hp.get("lr"), isinstance(hp.get("lr"), (float, int, torch.Tensor))
-               and float(hp["lr"]) >= 0.0, "a number >= 0")
+        """Raise ``InputError`` (a ``ValueError``) naming the first invalid hyperparameter.
+
+        ``lr`` and ``weight_decay`` must be finite and >= 0, ``decoupled_weight_decay`` a bool
+        (True: ``p <- p (1 - lr weight_decay)`` before the step, as ``torch.optim.AdamW``, and
+        no decay in the gradient; see :func:`l2_coefficient`).
+        """
+        _check("lr", hp.get("lr"), is_finite_number(hp.get("lr")), "a finite number >= 0")
         wd = hp.get("weight_decay", 0.0)
-        _check("weight_decay", wd, isinstance(wd, (float, int)) and wd >= 0.0, "a number >= 0")
+        _check("weight_decay", wd, is_finite_number(wd), "a finite number >= 0")
+        dec = hp.get("decoupled_weight_decay", False)
+        _check("decoupled_weight_decay", dec, isinstance(dec, bool), "a bool")
 
     @staticmethod
     def check(name: str, value, ok: bool, expected: str) -> None:
@@ -323,9 +343,25 @@ def apply_p(block: Block, factors, tensors: list) -> list[torch.Tensor]:
     return from_matrix(block, apply_factors(factors, as_matrix(block, tensors)))
 
 
+def l2_coefficient(group: dict):
+    """The weight decay a curvature adds to the gradient: ``weight_decay``, or 0 when the group's
+    decay is decoupled (``decoupled_weight_decay=True``: the optimizer then shrinks the
+    parameters itself before the step, as ``torch.optim.AdamW``).
+
+    Example:
+        >>> l2_coefficient(dict(weight_decay=0.1)), l2_coefficient(
+        ...     dict(weight_decay=0.1, decoupled_weight_decay=True))
+        (0.1, 0.0)
+    """
+    if group.get("decoupled_weight_decay", False):
+        return 0.0
+    return group.get("weight_decay", 0.0)
+
+
 def with_weight_decay(p: torch.Tensor, grad: torch.Tensor, group: dict) -> torch.Tensor:
-    """``grad + weight_decay * p`` (a new tensor when weight decay is on), as torch does."""
-    wd = group.get("weight_decay", 0.0)
+    """``grad + weight_decay * p`` (a new tensor when an L2 decay is on), as torch does; ``grad``
+    itself when the decay is off or decoupled (:func:`l2_coefficient`)."""
+    wd = l2_coefficient(group)
     return grad.add(p, alpha=wd) if wd != 0 else grad
 
 

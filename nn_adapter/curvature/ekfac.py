@@ -23,7 +23,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .base import Curvature, apply_factors, as_matrix, from_matrix, with_weight_decay
+from .base import (Curvature, apply_factors, as_matrix, from_matrix, is_finite_number,
+                   with_weight_decay)
 from .kron import chunks, patches, per_sample_grads, positions  # noqa: F401
 
 __all__ = ["EKFACCurvature"]
@@ -33,7 +34,7 @@ class EKFACCurvature(Curvature):
     """Eigenvalue-corrected Kronecker-factored curvature; needs recorded inputs/output grads.
 
     Hyperparameters: ``damping``, ``stat_decay``, ``factor_update_freq``, ``eigen_update_freq``,
-    ``weight_decay``.
+    ``weight_decay``, ``decoupled_weight_decay``.
 
     Example:
         >>> EKFACCurvature().defaults["damping"]
@@ -42,13 +43,13 @@ class EKFACCurvature(Curvature):
 
     name = "ekfac"
     defaults = dict(damping=1e-3, stat_decay=0.95, factor_update_freq=1, eigen_update_freq=100,
-                    weight_decay=0.0)
+                    weight_decay=0.0, decoupled_weight_decay=False)
     needs_records = True
 
     def validate(self, hp):
         super().validate(hp)
         d, s = hp["damping"], hp["stat_decay"]
-        self.check("damping", d, isinstance(d, (int, float)) and d > 0.0, "damping > 0")
+        self.check("damping", d, is_finite_number(d, strict=True), "a finite number > 0")
         self.check("stat_decay", s, isinstance(s, (int, float)) and 0.0 <= s < 1.0,
                    "0 <= stat_decay < 1")
         for name in ("factor_update_freq", "eigen_update_freq"):

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from .base import DiagonalCurvature, with_weight_decay
+from .base import DiagonalCurvature, l2_coefficient, with_weight_decay
 
 __all__ = ["IdentityCurvature"]
 
@@ -11,7 +11,8 @@ __all__ = ["IdentityCurvature"]
 class IdentityCurvature(DiagonalCurvature):
     """SGD's curvature: P = lr I; k is exactly ``torch.optim.SGD``'s step.
 
-    Hyperparameters (torch's names): ``momentum``, ``dampening``, ``nesterov``, ``weight_decay``.
+    Hyperparameters (torch's names): ``momentum``, ``dampening``, ``nesterov``, ``weight_decay``
+    (``decoupled_weight_decay=True``: SGDW, the decay applied to the parameters, not the gradient).
 
     Example:
         >>> import torch
@@ -23,7 +24,8 @@ class IdentityCurvature(DiagonalCurvature):
     """
 
     name = "identity"
-    defaults = dict(momentum=0.0, dampening=0.0, nesterov=False, weight_decay=0.0)
+    defaults = dict(momentum=0.0, dampening=0.0, nesterov=False, weight_decay=0.0,
+                    decoupled_weight_decay=False)
 
     def validate(self, hp):
         super().validate(hp)
@@ -55,7 +57,8 @@ class IdentityCurvature(DiagonalCurvature):
         if momentum != 0 and not group["nesterov"]:
             d = state["momentum_buffer"]
         else:
-            d = grad if group["weight_decay"] == 0 else grad.add(p, alpha=group["weight_decay"])
+            wd = l2_coefficient(group)
+            d = grad if wd == 0 else grad.add(p, alpha=wd)
             if momentum != 0:
                 d = d.add(state["momentum_buffer"], alpha=momentum)
         return d.clone() if extra is None else torch.add(extra, d)

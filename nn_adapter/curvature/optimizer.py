@@ -1,8 +1,17 @@
 """A ``torch.optim.Optimizer`` that takes each block's step from a curvature (the k of DDPNOpt).
 
-Shared by :class:`nn_adapter.EKFAC` and :class:`nn_adapter.DDPNOpt`: it validates the
-hyperparameters, runs the user's closure with the curvature's hooks, refuses non-finite steps and
-applies ``u <- u + k``. DDPNOpt extends :meth:`_update` with the feedback pass.
+Shared by :class:`nn_adapter.EKFAC` and :class:`nn_adapter.DDPNOpt`: it builds the parameter
+blocks of every param group, validates each group's hyperparameters, runs the user's closure with
+the curvature's hooks (or, without a closure, uses the gradients and the layer records of the
+user's own forward and backward pass), refuses non-finite steps and applies ``u <- u + k`` with
+each block's own group. DDPNOpt extends :meth:`CurvatureOptimizer._update` with the feedback pass.
+
+Blocks and groups. With a ``model``, a ``Linear`` or ``Conv2d`` layer whose weight (and bias, if
+optimised) are in one param group is one structured block; every other parameter (not in such a
+layer, or without a model) is a diagonal block of its own. A layer whose weight and bias are in
+different groups is split into two diagonal blocks by the diagonal curvatures (identity, rmsprop,
+adam: the arithmetic is the same per parameter) and refused by ``ekfac`` (its Kronecker factors
+cover weight and bias together), with an error naming the layer.
 """
 from __future__ import annotations
 
@@ -16,28 +25,67 @@ from torch import nn
 
 from occore.errors import InputError
 
-from . import make_curvature
-from .base import Block, find_blocks
-from .records import Recorder
+from . import CURVATURES, make_curvature
+from .base import Block, _structured_kind, find_blocks
+from .records import LiveRecorder, Recorder
 
 __all__ = ["CurvatureOptimizer"]
 
 log = logging.getLogger("nn_adapter")
 
+_CLOSURE_HELP = ("a closure that runs zero_grad, the forward pass, the loss and loss.backward() "
+                 "and returns the loss")
+
+
+def _structured_layers(model: nn.Module) -> dict:
+    """``{id(param): (name, module, kind)}`` for the weight and bias of every Linear/Conv2d of
+    ``model`` that can be a structured block (trainable or not: a frozen layer may be added to
+    the optimizer later). A parameter already owned by an earlier module keeps its first owner."""
+    layers, seen = {}, set()
+    for name, module in model.named_modules():
+        kind = _structured_kind(module)
+        if kind is not None:
+            params = [module.weight] + ([module.bias] if module.bias is not None else [])
+            if all(id(p) not in seen for p in params):
+                for p in params:
+                    layers[id(p)] = (name, module, kind)
+        seen.update(id(p) for p in module.parameters(recurse=False))
+    return layers
+
 
 class CurvatureOptimizer(torch.optim.Optimizer):
-    """Base optimizer: ``u <- u + k`` with k the curvature's step, over all trainable parameters.
+    """Base optimizer: ``u <- u + k`` with k the curvature's step, block by block, group by group.
 
     Args:
-        model: the network (its trainable parameters are optimised).
+        params: an iterable of tensors or of param-group dicts (as every torch optimizer takes),
+            or an ``nn.Module``: then it is also the ``model`` and its trainable parameters are
+            optimised (one group).
         curvature: a name of ``nn_adapter.curvature.CURVATURES``.
-        lr: learning rate (in the param group, so LR schedulers work).
-        **hyperparameters: the curvature's hyperparameters, as torch names them.
+        lr: learning rate (in the param groups, so LR schedulers work).
+        model: the module whose ``Linear``/``Conv2d`` layers give structured blocks (see the module
+            docstring). Optional for the diagonal curvatures (without it every parameter is a
+            diagonal block, which changes nothing for them); needed by ``ekfac``. Parameters that
+            are not in the model get diagonal blocks.
+        **hyperparameters: the curvature's hyperparameters, as torch names them (defaults of
+            every group; a group dict may override any of them). All curvatures take
+            ``weight_decay`` and ``decoupled_weight_decay`` (True: ``p <- p (1 - lr wd)`` before
+            the step and no decay in the gradient, as ``torch.optim.AdamW``).
+
+    Each group's hyperparameters are validated when the group is added (at construction, by
+    :meth:`add_param_group` and by :meth:`load_state_dict`). ``step`` takes an optional closure:
+    without one it uses the gradients left by the user's own backward pass and, for ``ekfac``,
+    the layer inputs and output gradients of that forward and backward pass (recorded by a
+    :class:`~nn_adapter.curvature.records.LiveRecorder` that lives as long as the optimizer).
+    ``state_dict`` stores the curvature's name; loading one saved with another curvature is
+    refused.
+
+    For subclasses (DDPNOpt): the blocks are ``self._blocks``, :meth:`_group_of` gives a block's
+    param group, and :meth:`_update_curvature`, :meth:`_factors_of`, :meth:`_apply` use it.
 
     Raises:
-        TypeError: ``model`` is not an ``nn.Module``.
-        ValueError: an unknown or invalid hyperparameter (named in the message), or a model
-            without trainable parameters.
+        TypeError: ``params`` or ``model`` of the wrong type, or ``ekfac`` without a model.
+        ValueError: an unknown or invalid hyperparameter (named in the message; in any group),
+            no parameters, or (``ekfac``) a layer split over two groups.
 
     Example:
         >>> net = nn.Linear(2, 1)
@@ -47,28 +95,169 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         ...     return loss
         >>> float(opt.step(closure).detach()) >= 0.0
         True
+        >>> opt = CurvatureOptimizer([{"params": [net.weight]}, {"params": [net.bias], "lr": 0.0}],
+        ...                          "adam", lr=0.1, model=net)
+        >>> bias = net.bias.detach().clone()
+        >>> opt.zero_grad(); net(torch.ones(3, 2)).pow(2).mean().backward(); opt.step()
+        >>> torch.equal(net.bias.detach(), bias)     # its group has lr 0
+        True
     """
 
-    def __init__(self, model: nn.Module, curvature: str, lr: float, **hyperparameters):
-        if not isinstance(model, nn.Module):
-            raise TypeError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
+    def __init__(self, params, curvature: str, lr: float, *, model: Optional[nn.Module] = None,
+                 **hyperparameters):
+        if isinstance(params, nn.Module):
+            if model is not None and model is not params:
+                raise TypeError("model: params is already a module (the model); pass either the "
+                                "model alone or params=model.parameters() with model=model")
+            model = params
+            blocks = find_blocks(model)
+            if not blocks:
+                raise InputError("model: has no trainable parameters")
+            params = [p for b in blocks for p in b.params]
+        elif model is not None and not isinstance(model, nn.Module):
+            raise TypeError(f"model: expected a torch.nn.Module or None, got "
+                            f"{type(model).__name__}")
+        if isinstance(params, torch.Tensor) or isinstance(params, (str, bytes, dict)) \
+                or not hasattr(params, "__iter__"):
+            raise TypeError(f"params: expected an iterable of tensors or of param-group dicts, or "
+                            f"the model (an nn.Module), got {type(params).__name__}")
+        params = list(params)
+        if not params:
+            raise InputError("params: is empty; there is nothing to optimise")
         curv = make_curvature(curvature)
         unknown = sorted(set(hyperparameters) - set(curv.defaults))
         if unknown:
-            raise ValueError(f"invalid hyperparameter(s) {unknown} for curvature {curvature!r} "
+            raise InputError(f"invalid hyperparameter(s) {unknown} for curvature {curvature!r} "
                              f"(known: {sorted(curv.defaults)})")
+        if curv.needs_records and model is None:
+            raise TypeError(
+                f"model: the {curvature!r} curvature preconditions the Linear/Conv2d layers from "
+                "their recorded inputs and output gradients, so it needs the model: pass "
+                "model=net together with params (for example net.parameters() or param-group "
+                "dicts), or the model itself as params")
         defaults = dict(curv.defaults, lr=lr, **hyperparameters)
         curv.validate(defaults)
-        blocks = find_blocks(model)
-        if not blocks:
-            raise ValueError("model: has no trainable parameters")
-        super().__init__([p for b in blocks for p in b.params], defaults)
         self.curvature = curv
         self._model = model
-        self._blocks: list[Block] = blocks
+        self._layers = _structured_layers(model) if model is not None else {}
+        self._blocks: list[Block] = []
+        self._block_group: dict[Block, int] = {}
+        self._rec = None
+        self._live: Optional[LiveRecorder] = None
+        self._ready = False
+        super().__init__(params, defaults)
+        self._ready = True
+        self._refresh_recording()
+
+    # -- param groups and blocks -------------------------------------------------------------------
+    def add_param_group(self, param_group: dict) -> None:
+        """Add a param group (as ``torch.optim.Optimizer.add_param_group``) and its blocks.
+
+        Missing hyperparameters take the constructor's values; the group's values are validated
+        (a ``ValueError`` naming the hyperparameter and the group). Parameters of a Linear/Conv2d
+        layer of the model get a structured block. ``param_group`` itself is not modified.
+
+        Raises:
+            TypeError: ``param_group`` is not a dict of parameters.
+            ValueError: an invalid hyperparameter, a parameter already in a group, or (``ekfac``)
+                a layer whose weight and bias would be in different groups.
+        """
+        if not isinstance(param_group, dict) or "params" not in param_group:
+            raise TypeError(f"param_group: expected a dict with a 'params' entry, got "
+                            f"{type(param_group).__name__}")
+        group = dict(param_group)
+        params = group["params"]
+        if isinstance(params, torch.Tensor):
+            params = [params]
+        elif not isinstance(params, set):        # (torch refuses sets)
+            params = [params] if isinstance(params, nn.Module) else list(params)
+            for p in params:
+                if isinstance(p, nn.Module):
+                    raise TypeError(
+                        f"params: got a module ({type(p).__name__}) where tensors were expected; "
+                        "pass model.parameters() (with model=model for structured blocks) or "
+                        "the model itself")
+        group["params"] = params
+        index = len(self.param_groups)
+        self._validate_group(group, f"param group {index}")
+        super().add_param_group(group)
+        try:
+            blocks, block_group = self._make_blocks([g["params"] for g in self.param_groups])
+        except Exception:
+            self.param_groups.pop()
+            raise
+        self._blocks, self._block_group = blocks, block_group
+        if self._ready:
+            self._refresh_recording()
+
+    def _validate_group(self, group: dict, where: str) -> None:
+        """Raise ``InputError`` naming ``where`` and the hyperparameter unless the group (its
+        missing values taken from the defaults) is valid for the curvature."""
+        own = set(self.curvature.defaults) | {"lr"}
+        others = {k for c in CURVATURES.values() for k in c.defaults} - own
+        wrong = sorted(k for k in group if k in others)
+        if wrong:
+            raise InputError(f"{where}: invalid hyperparameter(s) {wrong} for curvature "
+                             f"{self.curvature.name!r} (known: {sorted(own)})")
+        merged = dict(self.defaults)
+        merged.update((k, v) for k, v in group.items() if k != "params")
+        try:
+            self.curvature.validate(merged)
+        except ValueError as err:
+            raise InputError(f"{where}: {err}") from None
+
+    def _make_blocks(self, groups: list) -> tuple[list, dict]:
+        """Blocks of the parameters of ``groups`` (lists of tensors) and each block's group index.
+
+        Blocks that are unchanged keep their identity (subclasses may hold them)."""
+        where: dict[int, int] = {}
+        for i, ps in enumerate(groups):
+            for p in ps:
+                where.setdefault(id(p), i)
+        old = {(b.kind, tuple(id(p) for p in b.params)): b for b in self._blocks}
+        blocks, block_group, done = [], {}, set()
+        for i, ps in enumerate(groups):
+            for p in ps:
+                if id(p) in done:
+                    continue
+                kind, members, module = "diagonal", (p,), None
+                layer = self._layers.get(id(p))
+                if layer is not None and id(layer[1].weight) in where:
+                    name, mod, structured = layer
+                    own = [mod.weight] + ([mod.bias] if mod.bias is not None else [])
+                    inside = [q for q in own if id(q) in where]
+                    if len({where[id(q)] for q in inside}) == 1:
+                        kind, members, module = structured, tuple(inside), mod
+                    elif self.curvature.needs_records:
+                        raise InputError(
+                            f"params: the weight and bias of layer {name or '<model>'!r} "
+                            f"({type(mod).__name__}) are in different param groups; the "
+                            f"{self.curvature.name!r} curvature preconditions them as one block, "
+                            "so put both in the same group (or leave the bias out)")
+                key = (kind, tuple(id(q) for q in members))
+                block = old.get(key) or Block(kind, members, module)
+                blocks.append(block)
+                block_group[block] = where[id(members[0])]
+                done.update(id(q) for q in members)
+        return blocks, block_group
+
+    def _group_of(self, block: Block) -> dict:
+        """The param group of ``block``: its ``lr``, ``weight_decay`` and curvature
+        hyperparameters (the live dict in ``self.param_groups``, so schedulers' changes show).
+
+        Every block lies in one group (a layer split over groups is two diagonal blocks)."""
+        return self.param_groups[self._block_group[block]]
+
+    def _by_group(self, blocks: list) -> list:
+        """``[(group, blocks of that group)]`` in the order the groups first appear."""
+        parts: dict[int, list] = {}
+        for b in blocks:
+            parts.setdefault(self._block_group[b], []).append(b)
+        return [(self.param_groups[i], bs) for i, bs in parts.items()]
 
     # -- recording -------------------------------------------------------------------------------
     def _recorder(self) -> Recorder:
+        """The recorder of the closure path (built once by :meth:`_make_recorder`)."""
         if getattr(self, "_rec", None) is None:
             self._rec = self._make_recorder()
         return self._rec
@@ -81,21 +270,58 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         return [b.module for b in self._blocks if b.structured] if self.curvature.needs_records \
             else []
 
+    def _refresh_recording(self) -> None:
+        """(Re)build the recorders after the blocks changed: the closure recorder lazily, the
+        live recorder of closure-less steps now (only when the curvature needs records)."""
+        self._rec = None
+        mods = CurvatureOptimizer._recorded_modules(self)
+        live = self._live
+        if live is not None and [id(m) for m in live._modules] == [id(m) for m in mods]:
+            return
+        if live is not None:
+            live.detach()
+        self._live = LiveRecorder(mods, mods).attach() if mods else None
+
+    def _closure_free_reason(self) -> Optional[str]:
+        """None when :meth:`step` can run without a closure, else the reason it cannot.
+
+        Without a closure the step has the gradients of the user's backward pass and what the
+        live recorder kept (the curvature's layer inputs and output gradients); that suffices
+        when the closure recorder (:meth:`_make_recorder`) asks for nothing more. Subclasses may
+        override this."""
+        kept = self._live.wants if self._live is not None else Recorder().wants
+        if getattr(self._recorder(), "wants", None) != kept:
+            return (f"{type(self).__name__}.step records more of the forward pass than its "
+                    f"layer inputs and output gradients here, so it needs {_CLOSURE_HELP}")
+        return None
+
     # -- the step ----------------------------------------------------------------------------------
     def step(self, closure: Optional[Callable[[], torch.Tensor]] = None):
-        """One step. ``closure`` clears the gradients, computes the loss, calls ``backward`` and
-        returns the loss (as for ``torch.optim.LBFGS``); the step is refused (parameters and state
-        unchanged, a ``RuntimeWarning``) when the loss or a gradient is not finite.
+        """One step, with every block's own param group.
+
+        ``closure`` (optional, as for ``torch.optim.LBFGS``) clears the gradients, computes the
+        loss, calls ``backward`` and returns the loss. Without it the step uses the ``.grad``
+        of the user's own backward pass and, where the curvature needs them (``ekfac``), the
+        layer inputs and output gradients of the forward pass that backward went through (each
+        layer exactly once since the last step: evaluate under ``torch.no_grad()`` or without a
+        backward in between). Parameters without a gradient are left alone.
+
+        The step is refused (parameters and state unchanged, a ``RuntimeWarning``) when the loss
+        or a gradient is not finite.
 
         Returns:
-            the loss the closure returned.
+            the loss the closure returned (None without a closure).
         """
-        if closure is None or not callable(closure):
-            raise InputError(f"closure: {type(self).__name__}.step needs a closure that runs "
-                             "zero_grad, the forward pass, the loss and loss.backward() and "
-                             "returns the loss")
+        if closure is None:
+            return self._step_recorded()
+        if not callable(closure):
+            raise InputError(f"closure: expected None or {_CLOSURE_HELP}, got "
+                             f"{type(closure).__name__}")
         rec = self._recorder()
+        live = self._live
         try:
+            if live is not None:
+                live.paused = True
             with rec, torch.enable_grad():
                 loss = closure()
             if not self._finite(loss):
@@ -105,7 +331,26 @@ class CurvatureOptimizer(torch.optim.Optimizer):
                 self._update(rec)
         finally:
             rec.release()
+            if live is not None:
+                live.paused = False
+                live.release()
         return loss
+
+    def _step_recorded(self) -> None:
+        """``step()`` without a closure: the user's gradients and the live recorder's records."""
+        reason = self._closure_free_reason()
+        if reason is not None:
+            raise InputError(f"closure: {reason}")
+        rec = self._live if self._live is not None else Recorder()
+        try:
+            if next(self._params_with_grad(), None) is None or not self._finite_grads():
+                return None
+            self._check_records(rec)
+            with torch.no_grad():
+                self._update(rec)
+        finally:
+            rec.release()
+        return None
 
     def _check_records(self, rec: Recorder) -> None:
         rec.check_complete(self._recorded_modules())
@@ -114,18 +359,23 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         if loss is None:
             raise InputError("closure: returned None; it must return the loss")
         value = float(loss.detach()) if isinstance(loss, torch.Tensor) else float(loss)
-        bad = "loss" if not math.isfinite(value) else None
+        if not math.isfinite(value):
+            return self._refuse("loss", value)
+        return self._finite_grads(value)
+
+    def _finite_grads(self, loss=None) -> bool:
         grads = [p.grad for p in self._params_with_grad()]
-        if bad is None and grads and not math.isfinite(
-                float(torch.stack(torch._foreach_norm(grads)).sum())):
-            bad = "a gradient"
-        if bad is not None:
-            msg = (f"{type(self).__name__}: {bad} is not finite (loss {value}); step refused, "
-                   "parameters and optimizer state unchanged")
-            log.warning(msg)
-            warnings.warn(msg, RuntimeWarning, stacklevel=3)
-            return False
+        if grads and not math.isfinite(float(torch.stack(torch._foreach_norm(grads)).sum())):
+            return self._refuse("a gradient", loss)
         return True
+
+    def _refuse(self, what: str, loss) -> bool:
+        shown = f" (loss {loss})" if loss is not None else ""
+        msg = (f"{type(self).__name__}: {what} is not finite{shown}; step refused, "
+               "parameters and optimizer state unchanged")
+        log.warning(msg)
+        warnings.warn(msg, RuntimeWarning, stacklevel=4)
+        return False
 
     def _params_with_grad(self):
         for group in self.param_groups:
@@ -134,34 +384,83 @@ class CurvatureOptimizer(torch.optim.Optimizer):
                     yield p
 
     def _grads_states(self, block: Block):
+        """``(grads, states)`` of a block: one gradient (zeros where missing) and one optimizer
+        state dict per parameter; its hyperparameters are :meth:`_group_of` the block."""
         grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in block.params]
         return grads, [self.state[p] for p in block.params]
 
+    def _decoupled_decay(self, group: dict, blocks: list) -> None:
+        """``p <- p (1 - lr weight_decay)`` for the parameters with a gradient of ``blocks`` when
+        the group's decay is decoupled (AdamW); the curvature then adds no decay itself."""
+        wd = group["weight_decay"]
+        if not group.get("decoupled_weight_decay", False) or wd == 0:
+            return
+        params = [p for b in blocks for p in b.params if p.grad is not None]
+        if params:
+            torch._foreach_mul_(params, 1 - group["lr"] * wd)
+
     def _update_curvature(self, rec: Recorder, factors: bool = True):
-        """Update the curvature of every block that has gradients.
+        """Update the curvature of every block that has gradients, each with its own group
+        (batched per group), after the group's decoupled weight decay.
 
         Returns:
-            ``{block: factors P}`` for those blocks, or (``factors=False``) the set of them.
+            ``{block: factors P}`` for those blocks (in block order), or (``factors=False``) the
+            set of them.
         """
-        group = self.param_groups[0]
         blocks = [b for b in self._blocks if b.weight.grad is not None]
-        pairs = [self._grads_states(b) for b in blocks]
-        grads, states = [g for g, _ in pairs], [s for _, s in pairs]
-        self.curvature.update_all(blocks, grads, group, states, rec)
+        out = {}
+        for group, part in self._by_group(blocks):
+            pairs = [self._grads_states(b) for b in part]
+            grads, states = [g for g, _ in pairs], [s for _, s in pairs]
+            self._decoupled_decay(group, part)
+            self.curvature.update_all(part, grads, group, states, rec)
+            if factors:
+                out.update(zip(part, self.curvature.factors_all(part, group, states)))
         if not factors:
             return set(blocks)
-        return dict(zip(blocks, self.curvature.factors_all(blocks, group, states)))
+        return {b: out[b] for b in blocks}
 
     def _factors_of(self, blocks: list) -> list:
-        """Factors P of up-to-date blocks (computed now, batched)."""
-        return self.curvature.factors_all(
-            blocks, self.param_groups[0], [[self.state[p] for p in b.params] for b in blocks])
+        """Factors P of up-to-date blocks (computed now, batched per group), in ``blocks`` order."""
+        out = {}
+        for group, part in self._by_group(blocks):
+            states = [[self.state[p] for p in b.params] for b in part]
+            out.update(zip(part, self.curvature.factors_all(part, group, states)))
+        return [out[b] for b in blocks]
 
     def _apply(self, block: Block, factors, extra=None) -> None:
-        """u <- u + k - P extra for a block whose curvature is up to date."""
+        """u <- u + k - P extra for a block whose curvature is up to date (with its group)."""
         grads, states = self._grads_states(block)
-        self.curvature.apply(block, grads, self.param_groups[0], states, factors, extra)
+        self.curvature.apply(block, grads, self._group_of(block), states, factors, extra)
 
     def _update(self, rec: Recorder) -> None:
         for block, factors in self._update_curvature(rec).items():
             self._apply(block, factors)
+
+    # -- state ---------------------------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        """``torch.optim.Optimizer.state_dict`` plus ``"curvature"``: the curvature's name."""
+        state = super().state_dict()
+        state["curvature"] = self.curvature.name
+        return state
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        """Load a :meth:`state_dict` (as torch does), after checking it.
+
+        Raises:
+            ValueError: it was saved with another curvature (both named), one of its groups has
+                an invalid hyperparameter, or its groups do not match this optimizer's.
+        """
+        if not isinstance(state_dict, dict) or "param_groups" not in state_dict:
+            raise TypeError("state_dict: expected a dict returned by an optimizer's state_dict()")
+        saved = state_dict.get("curvature")
+        if saved is not None and saved != self.curvature.name:
+            raise InputError(f"state_dict: saved by an optimizer with curvature {saved!r}, but "
+                             f"this one uses curvature {self.curvature.name!r}; their states "
+                             f"differ, so load it into a {saved!r} optimizer")
+        for i, group in enumerate(state_dict["param_groups"]):
+            self._validate_group(group, f"state_dict: param group {i}")
+        super().load_state_dict({k: v for k, v in state_dict.items() if k != "curvature"})
+        for group in self.param_groups:       # a state_dict of an older version lacks new keys
+            for k in self.curvature.defaults:
+                group.setdefault(k, self.defaults[k])

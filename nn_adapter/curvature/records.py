@@ -1,20 +1,34 @@
-"""Forward/backward hooks that record module inputs and output gradients during a closure.
+"""Hooks that record module inputs and output gradients for the curvatures and DDPNOpt's feedback.
 
 K-FAC style curvatures and DDPNOpt's feedback need, for some modules, the input each one saw in
-the forward pass of the user's closure and the gradient of the loss with respect to its output.
-:class:`Recorder` registers the hooks for the duration of a ``with`` block only, so nothing stays
-alive between steps. The recorded tensors are detached references (no copies).
+the forward pass and the gradient of the loss with respect to its output. Two recorders:
+
+- :class:`Recorder` registers per-module hooks for the duration of a ``with`` block only (the
+  user's closure), so nothing stays alive between steps;
+- :class:`LiveRecorder` records for the optimizer's lifetime, for ``step()`` without a closure: it
+  keeps the forward passes that a backward pass went through since it was last released.
+
+The recorded tensors are detached references (no copies). Both refer to the modules they record
+by identity: a ``copy.deepcopy`` of the model never writes into the original's records.
 """
 from __future__ import annotations
 
+import weakref
 from typing import Iterable
 
 import torch
 from torch import nn
+from torch.nn.modules.module import register_module_forward_hook
 
 from occore.errors import InputError
 
-__all__ = ["Recorder"]
+__all__ = ["Recorder", "LiveRecorder"]
+
+
+def _functorch_wrapped(t) -> bool:
+    """True for a tensor of a ``torch.func`` transform (vmap, grad...): never recorded."""
+    check = getattr(torch._C._functorch, "is_functorch_wrapped_tensor", None)
+    return isinstance(t, torch.Tensor) and check is not None and check(t)
 
 
 class Recorder:
@@ -25,6 +39,13 @@ class Recorder:
         grad_of: modules whose output gradient is recorded (when the output requires grad).
         in_grad_of: modules whose gradient with respect to their first input is recorded
             (when that input requires grad).
+        output_of: modules whose output is recorded (detached).
+
+    Attributes:
+        inputs, outputs, out_grads, in_grads: ``{module: tensor}`` of the last recorded pass.
+        calls: ``{module: n}``, how often each module ran with grad enabled inside the block.
+        wants: what is recorded, four frozensets of module ids (input_of, grad_of, in_grad_of,
+            output_of): two recorders with equal ``wants`` record the same things.
 
     Example:
         >>> lin = nn.Linear(3, 2)
@@ -34,6 +55,9 @@ class Recorder:
         (torch.Size([4, 3]), torch.Size([4, 2]))
     """
 
+    #: where the recorded passes ran, for the messages of :meth:`check_complete`
+    context = "in the closure's forward pass"
+
     def __init__(self, input_of: Iterable[nn.Module] = (), grad_of: Iterable[nn.Module] = (),
                  in_grad_of: Iterable[nn.Module] = (), output_of: Iterable[nn.Module] = ()):
         input_of, grad_of, in_grad_of = list(input_of), list(grad_of), list(in_grad_of)
@@ -42,6 +66,8 @@ class Recorder:
         want_grad = {id(m) for m in grad_of}
         want_in_grad = {id(m) for m in in_grad_of}
         want_output = {id(m) for m in output_of}
+        self.wants = tuple(frozenset(w) for w in (want_input, want_grad, want_in_grad,
+                                                  want_output))
         self._grad_of = grad_of
         self._modules = list({id(m): m for m in input_of + grad_of + in_grad_of + output_of}
                              .values())
@@ -66,14 +92,10 @@ class Recorder:
         calls, inputs, out_grads, in_grads = self.calls, self.inputs, self.out_grads, self.in_grads
         outputs = self.outputs
 
-        def save(grad):
-            out_grads[module] = grad.detach()
-
-        def save_in(grad):
-            in_grads[module] = grad.detach()
-
         def hook(mod, args, output):
-            if not torch.is_grad_enabled():
+            # ``mod is not module``: a deep copy of the model made while the hooks were registered
+            # (it shares this function); it must not write into these records
+            if mod is not module or not torch.is_grad_enabled():
                 return
             calls[mod] = calls.get(mod, 0) + 1
             if keep_input and args:
@@ -81,10 +103,10 @@ class Recorder:
             if keep_output and isinstance(output, torch.Tensor):
                 outputs[mod] = output.detach()
             if keep_grad and isinstance(output, torch.Tensor) and output.requires_grad:
-                output.register_hook(save)
+                output.register_hook(lambda grad: out_grads.__setitem__(mod, grad.detach()))
             if keep_in_grad and args and isinstance(args[0], torch.Tensor) \
                     and args[0].requires_grad:
-                args[0].register_hook(save_in)
+                args[0].register_hook(lambda grad: in_grads.__setitem__(mod, grad.detach()))
         return hook
 
     def __exit__(self, *exc) -> None:
@@ -105,9 +127,146 @@ class Recorder:
             n = self.calls.get(m, 0)
             if n != 1:
                 raise InputError(
-                    f"model: module {m.__class__.__name__} ran {n} times in the closure's forward "
-                    "pass; the optimizer needs each parametrised module to run exactly once")
+                    f"model: module {m.__class__.__name__} ran {n} times {self.context}; "
+                    "the optimizer needs each parametrised module to run exactly once")
             if need_grads and m in self._grad_of and m not in self.out_grads:
                 raise InputError(
                     f"closure: no gradient reached the output of {m.__class__.__name__}; "
                     "the closure must call loss.backward()")
+
+
+# -- the live recorders: one global forward hook, filtered by module identity ---------------------
+_LIVE: "weakref.WeakSet[LiveRecorder]" = weakref.WeakSet()
+_WATCHED: dict[int, int] = {}   # id(module) -> number of attached recorders that record it
+_GLOBAL_HOOK = None             # the handle of the global hook while a module is watched
+
+
+def _global_forward_hook(mod, args, output):
+    if id(mod) in _WATCHED:     # the fast path for every other module of the process
+        for rec in _LIVE:
+            rec._forward(mod, args, output)
+
+
+def _unwatch(ids) -> None:
+    """Forget the modules of a detached (or collected) recorder; drop the hook when none is left."""
+    global _GLOBAL_HOOK
+    for i in ids:
+        n = _WATCHED.get(i, 0) - 1
+        if n > 0:
+            _WATCHED[i] = n
+        else:
+            _WATCHED.pop(i, None)
+    if _GLOBAL_HOOK is not None and not _WATCHED:
+        _GLOBAL_HOOK.remove()
+        _GLOBAL_HOOK = None
+
+
+class LiveRecorder(Recorder):
+    """Records the inputs and output gradients of modules for as long as it is attached.
+
+    For ``optimizer.step()`` without a closure: the optimizer attaches one at construction, the
+    user runs the forward and backward passes, and the step reads what was recorded. A module's
+    record is kept when a backward pass reaches its output: the input of that forward and the
+    gradient at its output, and ``calls`` counts such passes. A forward whose output no backward
+    reaches (an evaluation with grad enabled) is not recorded; two backpropagated forwards of
+    one module since the last :meth:`release` are (and :meth:`check_complete` refuses them).
+
+    It hooks no module: one global forward hook (``torch.nn.modules.module
+    .register_module_forward_hook``) serves every attached recorder and ignores modules it was not
+    built for, so the model still pickles (``torch.save(model)``) and a ``copy.deepcopy`` of it
+    is not recorded. The hook exists while some LiveRecorder is attached; a recorder is detached
+    by :meth:`detach` or when it is garbage-collected. ``paused`` stops the recording (the
+    optimizer pauses it while a closure runs under its own :class:`Recorder`).
+
+    Args:
+        input_of: modules whose first positional input is recorded.
+        grad_of: modules whose output gradient is recorded.
+
+    Example:
+        >>> lin = nn.Linear(3, 2)
+        >>> rec = LiveRecorder([lin], [lin]).attach()
+        >>> with torch.no_grad():
+        ...     _ = lin(torch.ones(5, 3))          # not recorded: no gradient
+        >>> lin(torch.ones(4, 3)).sum().backward()
+        >>> rec.calls[lin], rec.inputs[lin].shape, rec.out_grads[lin].shape
+        (1, torch.Size([4, 3]), torch.Size([4, 2]))
+        >>> rec.detach()
+    """
+
+    context = "in the forward passes that a backward pass went through since the last step"
+
+    def __init__(self, input_of: Iterable[nn.Module] = (), grad_of: Iterable[nn.Module] = ()):
+        super().__init__(input_of, grad_of)
+        self._by_id = {id(m): m for m in self._modules}
+        self._want_input, self._want_grad = self.wants[0], self.wants[1]
+        self.paused = False
+        self._finalizer = None
+
+    def attach(self) -> "LiveRecorder":
+        """Start recording (idempotent); returns self."""
+        global _GLOBAL_HOOK
+        if self._modules and self._finalizer is None:
+            ids = list(self._by_id)
+            for i in ids:
+                _WATCHED[i] = _WATCHED.get(i, 0) + 1
+            _LIVE.add(self)
+            self._finalizer = weakref.finalize(self, _unwatch, ids)
+            if _GLOBAL_HOOK is None:
+                _GLOBAL_HOOK = register_module_forward_hook(_global_forward_hook)
+        return self
+
+    def detach(self) -> None:
+        """Stop recording and drop what was recorded."""
+        _LIVE.discard(self)
+        if self._finalizer is not None:
+            self._finalizer()          # runs _unwatch once
+            self._finalizer = None
+        self.release()
+
+    @property
+    def attached(self) -> bool:
+        """True while recording (between :meth:`attach` and :meth:`detach`)."""
+        return self._finalizer is not None
+
+    def __enter__(self):
+        raise TypeError("LiveRecorder: records while attached; use attach() / detach()")
+
+    def release(self) -> None:
+        """Drop the recorded tensors and the pass counts."""
+        super().release()
+        self.calls.clear()
+
+    def _forward(self, mod, args, output) -> None:
+        key = id(mod)
+        if self.paused or self._by_id.get(key) is not mod or not torch.is_grad_enabled():
+            return
+        if not (isinstance(output, torch.Tensor) and output.requires_grad) \
+                or _functorch_wrapped(output):
+            return
+        x = args[0].detach() if key in self._want_input and args \
+            and isinstance(args[0], torch.Tensor) else None
+        keep_grad = key in self._want_grad
+        ref = weakref.ref(self)
+
+        def commit(grad):
+            rec = ref()
+            if rec is None or rec.paused:
+                return
+            rec.calls[mod] = rec.calls.get(mod, 0) + 1
+            if x is not None:
+                rec.inputs[mod] = x
+            if keep_grad:
+                rec.out_grads[mod] = grad.detach()
+        output.register_hook(commit)
+
+    def check_complete(self, modules: Iterable[nn.Module], need_grads: bool = True) -> None:
+        """Raise ``InputError`` unless each module went through exactly one forward and backward
+        pass since the last release."""
+        for m in modules:
+            n = self.calls.get(m, 0)
+            if n != 1:
+                raise InputError(
+                    f"model: module {m.__class__.__name__} ran {n} times {self.context}; "
+                    "step() without a closure needs exactly one forward and backward pass of "
+                    "each parametrised module per step (run evaluation passes under "
+                    "torch.no_grad(), or pass a closure)")

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from .base import DiagonalCurvature, with_weight_decay
+from .base import DiagonalCurvature, is_finite_number, l2_coefficient, with_weight_decay
 
 __all__ = ["RMSpropCurvature"]
 
@@ -12,7 +12,7 @@ class RMSpropCurvature(DiagonalCurvature):
     """RMSprop's adaptive diagonal: P = lr / (sqrt(v) + eps); k is ``torch.optim.RMSprop``'s step.
 
     Hyperparameters (torch's names): ``alpha``, ``eps``, ``weight_decay``, ``momentum``,
-    ``centered`` (then v is the running variance).
+    ``centered`` (then v is the running variance), ``decoupled_weight_decay``.
 
     Example:
         >>> import torch
@@ -25,13 +25,14 @@ class RMSpropCurvature(DiagonalCurvature):
     """
 
     name = "rmsprop"
-    defaults = dict(alpha=0.99, eps=1e-8, weight_decay=0.0, momentum=0.0, centered=False)
+    defaults = dict(alpha=0.99, eps=1e-8, weight_decay=0.0, momentum=0.0, centered=False,
+                    decoupled_weight_decay=False)
 
     def validate(self, hp):
         super().validate(hp)
         a, e, m = hp["alpha"], hp["eps"], hp["momentum"]
         self.check("alpha", a, isinstance(a, (int, float)) and 0.0 <= a < 1.0, "0 <= alpha < 1")
-        self.check("eps", e, isinstance(e, (int, float)) and e > 0.0, "eps > 0")
+        self.check("eps", e, is_finite_number(e, strict=True), "a finite number > 0")
         self.check("momentum", m, isinstance(m, (int, float)) and 0.0 <= m < 1.0,
                    "0 <= momentum < 1")
         self.check("centered", hp["centered"], isinstance(hp["centered"], bool), "a bool")
@@ -67,7 +68,8 @@ class RMSpropCurvature(DiagonalCurvature):
     def param_effective_gradient(self, p, grad, group, state, extra=None):
         if group["momentum"] > 0:
             return None
-        d = grad if group["weight_decay"] == 0 else grad.add(p, alpha=group["weight_decay"])
+        wd = l2_coefficient(group)
+        d = grad if wd == 0 else grad.add(p, alpha=wd)
         return d.clone() if extra is None else torch.add(extra, d)
 
     def param_direction(self, p, grad, group, state, scale):

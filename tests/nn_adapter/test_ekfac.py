@@ -60,8 +60,9 @@ def _dense_statistics(net, x, y):
     return stats
 
 
-def _dense_run(net, batches, lr, damping, decay, eig_every):
-    """EKFAC by its definition, with explicit Kronecker matrices on vec(W|b)."""
+def _dense_run(net, batches, lr, damping, decay, eig_every, decoupled_wd=0.0):
+    """EKFAC by its definition, with explicit Kronecker matrices on vec(W|b) (``decoupled_wd``:
+    the parameters shrink by 1 - lr wd before each update, as AdamW)."""
     run = {}
     for step, (x, y) in enumerate(batches, start=1):
         net.zero_grad()
@@ -83,6 +84,8 @@ def _dense_run(net, batches, lr, damping, decay, eig_every):
             updates.append((m, (-P @ mean_grad).reshape(Gi.shape[1:])))
         with torch.no_grad():
             for m, upd in updates:
+                m.weight *= 1 - lr * decoupled_wd
+                m.bias *= 1 - lr * decoupled_wd
                 m.weight += upd[:, :-1].reshape(m.weight.shape)
                 m.bias += upd[:, -1]
     return torch.cat([p.detach().flatten() for p in net.parameters()])
@@ -105,6 +108,27 @@ def test_ekfac_equals_dense_definition(steps, eig_every):
     got = torch.cat([p.detach().flatten() for p in ours.parameters()])
     start = torch.cat([p.detach().flatten() for p in _net().parameters()])
     assert (ref - start).abs().max() > 1e-3
+    assert (got - ref).abs().max() <= 1e-10
+
+
+@pytest.mark.parametrize("decoupled_wd", [0.0, 0.3])
+def test_ekfac_params_style_groups_and_closure_free_steps_equal_dense_definition(decoupled_wd):
+    """EKFAC(params, model=...) with one group per layer, stepped without a closure (the records
+    of the user's own forward and backward pass), with and without decoupled weight decay."""
+    batches = _batches(4)
+    hp = dict(lr=0.1, damping=1e-2, stat_decay=0.8)
+    ours = _net()
+    layers = [m for m in ours if isinstance(m, (nn.Linear, nn.Conv2d))]
+    opt = EKFAC([{"params": m.parameters()} for m in layers], model=ours, eigen_update_freq=2,
+                weight_decay=decoupled_wd, decoupled_weight_decay=True, **hp)
+    assert len(opt.param_groups) == 3
+    for x, y in batches:
+        opt.zero_grad()
+        F.cross_entropy(ours(x), y).backward()
+        opt.step()
+    ref = _dense_run(_net(), batches, hp["lr"], hp["damping"], hp["stat_decay"], 2,
+                     decoupled_wd)
+    got = torch.cat([p.detach().flatten() for p in ours.parameters()])
     assert (got - ref).abs().max() <= 1e-10
 
 
@@ -135,8 +159,13 @@ def test_ekfac_bad_input():
         EKFAC(net, eigen_update_freq=0)
     with pytest.raises(ValueError, match="stat_decay"):
         EKFAC(net, stat_decay=1.0)
+    opt = EKFAC(net)
+    assert opt.step() is None                # no gradients yet: nothing to do, as torch
+    assert len(opt.state) == 0
     with pytest.raises(ValueError, match="closure"):
-        EKFAC(net).step()
+        opt.step("not a closure")
+    with pytest.raises(TypeError, match="model"):
+        EKFAC(net.parameters())
 
 
 @pytest.mark.parametrize("kw", [dict(kernel_size=3, padding=1), dict(kernel_size=(3, 2),
