@@ -68,9 +68,10 @@ class DDPNOpt(CurvatureOptimizer):
     """Differential Dynamic Programming Neural Optimizer with layer-wise feedback policies.
 
     Args:
-        model: the network; with feedback, a chain of stages ``nn_adapter.stages.split_stages``
-            can split (each parametrised module followed by its parameter-free modules).
-        lr: learning rate (part of P; in the param group, so LR schedulers work).
+        params: the parameters to optimise: an iterable of tensors or of param-group dicts (each
+            group with its own ``lr``, ``weight_decay`` and curvature hyperparameters, as in
+            torch.optim), or the model itself (then it is also ``model``).
+        lr: learning rate (part of P; in the param groups, so LR schedulers work).
         curvature: ``"identity"`` (SGD, with ``momentum``/``dampening``/``nesterov``),
             ``"rmsprop"`` (``alpha``, ``eps``, ``momentum``, ``centered``), ``"adam"`` (``betas``,
             ``eps``, ``amsgrad``) or ``"ekfac"`` (``damping``, ``stat_decay``,
@@ -110,7 +111,11 @@ class DDPNOpt(CurvatureOptimizer):
             quotient) and ``clamped`` (the share of samples whose local model was not convex,
             mu_i > 1). Costs a few reductions and a host synchronisation per stage.
         seed: seed of the generator of ``terminal_hessian="sampled"``.
-        **hyperparameters: the curvature's hyperparameters, named as torch names them.
+        model: the module the closure calls (keyword). Needed with feedback (its forward is
+            recorded and re-run) and by ``ekfac`` (its Linear/Conv2d layers); any module graph
+            whose parametrised modules each run once per forward.
+        **hyperparameters: the curvature's hyperparameters, named as torch names them; all
+            curvatures take ``weight_decay`` and ``decoupled_weight_decay`` (as AdamW).
 
     Each stage's gain is K^(i) = -(P / mu_i) Q_ux^(i) with mu_i = max(1, q_u^T P q_u) (rank one;
     lambda_max of the sample's Schur form with r columns): the smallest Levenberg-Marquardt factor
@@ -123,15 +128,19 @@ class DDPNOpt(CurvatureOptimizer):
     optimizer state are restored and a ``RuntimeWarning`` is issued.
 
     Raises:
-        ValueError: an invalid or unknown hyperparameter, named in the message.
-        nn_adapter.errors.UnsupportedModuleError: a model whose stages cannot be found (with
-            feedback on).
+        ValueError: an invalid or unknown hyperparameter, named in the message (in any group).
+        TypeError: feedback (or ``ekfac``) without a model, or params / model of the wrong type.
+        nn_adapter.errors.UnsupportedModuleError: a ``torch.compile``'d model (with feedback).
+
+    At ``step``, with feedback: an ``InputError`` when the closure does not call the model
+    exactly once, a parametrised module runs more than once (weight sharing, named), or the
+    feedback pass's forward takes another path than the closure's.
 
     Example:
         >>> import torch
         >>> torch.manual_seed(0) and None
         >>> net = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 3))
-        >>> opt = DDPNOpt(net, lr=0.01, curvature="adam")
+        >>> opt = DDPNOpt(net.parameters(), lr=0.01, curvature="adam", model=net)
         >>> x, y = torch.randn(16, 4), torch.randint(0, 3, (16,))
         >>> def closure():
         ...     opt.zero_grad()
@@ -145,11 +154,12 @@ class DDPNOpt(CurvatureOptimizer):
         True
     """
 
-    def __init__(self, model: nn.Module, lr: float = 1e-3, curvature: str = "adam",
+    def __init__(self, params, lr: float = 1e-3, curvature: str = "adam",
                  feedback: Union[bool, str] = True, eps_vxx: float = 0.0,
                  second_order: bool = False, vxx_update: bool = True,
                  terminal_hessian: str = "projected", loss: str = "auto", diagnostics: bool = False,
-                 seed: int = 0, feedback_bound: float = 0.3, **hyperparameters):
+                 seed: int = 0, feedback_bound: float = 0.3, *, model: nn.Module = None,
+                 **hyperparameters):
         if not any(feedback is m or (isinstance(m, str) and feedback == m)
                    for m in FEEDBACK_MODES):
             raise ValueError(f"invalid feedback: {feedback!r} (expected True, False, "
@@ -174,7 +184,12 @@ class DDPNOpt(CurvatureOptimizer):
                              "or math.inf for no bound)")
         if not isinstance(seed, int) or isinstance(seed, bool):
             raise ValueError(f"invalid seed: {seed!r} (expected an int)")
-        super().__init__(model, curvature, lr, **hyperparameters)
+        super().__init__(params, curvature, lr, model=model, **hyperparameters)
+        if feedback is not False and self._model is None:
+            raise TypeError("model: DDPNOpt's feedback re-runs the model's forward, so it needs "
+                            "the model: pass model=net together with params (for example "
+                            "net.parameters() or param-group dicts), or the model itself as "
+                            "params; feedback=False needs no model")
         self.terminal_hessian = terminal_hessian
         self.feedback_bound = float(feedback_bound)
         self.record_diagnostics = diagnostics
@@ -212,7 +227,7 @@ class DDPNOpt(CurvatureOptimizer):
 
     def _stages(self, rec) -> list:
         """The stages of this step's forward (cached while the execution order stays the same)."""
-        key = tuple(id(m) for m in rec.order)
+        key = (tuple(id(m) for m in rec.order), tuple(id(b) for b in self._blocks))
         if self._stage_cache is None or self._stage_cache[0] != key:
             self._stage_cache = (key, module_stages(self._model, self._blocks, rec.order))
         stages = self._stage_cache[1]
@@ -239,10 +254,6 @@ class DDPNOpt(CurvatureOptimizer):
         self._closure_result = box
         return super().step(recorded)
 
-    def _group_of(self, block) -> dict:
-        parent = getattr(super(), "_group_of", None)
-        return parent(block) if parent is not None else self.param_groups[0]
-
     def _update(self, rec) -> None:
         if not self.feedback:
             return super()._update(rec)
@@ -251,9 +262,13 @@ class DDPNOpt(CurvatureOptimizer):
         self._clamped = {}
         loss = self._closure_result.pop("loss")
         cost = float(loss.detach()) if isinstance(loss, torch.Tensor) else float(loss)
-        problem = MinibatchProblem(self, rec, self._stages(rec), cost)
-        state = self._solver.init(problem, traj=problem.trajectory(), mu=0.0)
-        state, self.last_iteration = self._solver.step(problem, state)
+        try:
+            problem = MinibatchProblem(self, rec, self._stages(rec), cost)
+            state = self._solver.init(problem, traj=problem.trajectory(), mu=0.0)
+            state, self.last_iteration = self._solver.step(problem, state)
+        except BaseException:
+            self._restore(saved)         # an error mid-step (a bad closure) changes nothing
+            raise
         params = [p for b in self._blocks for p in b.params]
         if not math.isfinite(float(torch.stack(torch._foreach_norm(params)).sum())):
             self._restore(saved)

@@ -239,9 +239,11 @@ class MinibatchLocalModel:
     def _terminal(self):
         """``(Y, W)`` of :func:`nn_adapter.terminal.terminal_factor` for this batch."""
         opt, rec = self.problem.opt, self.problem.rec
-        if opt.terminal_hessian == "gradient":
-            return None, None
         out, g = rec.model_output, rec.model_grad
+        if opt.terminal_hessian == "gradient":
+            if out is not None and g is not None:
+                opt._loss.check_mean(out, g)
+            return None, None
         if out is None or g is None:
             raise InputError("closure: the model's output got no gradient; the closure must call "
                              "loss.backward() on a loss of the model's output (a tensor)")

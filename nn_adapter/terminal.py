@@ -44,6 +44,8 @@ from typing import Optional
 
 import torch
 
+from occore.errors import InputError
+
 __all__ = ["TERMINAL_HESSIANS", "LOSSES", "detect_loss", "terminal_factor", "loss_hessian_factor"]
 
 log = logging.getLogger("nn_adapter")
@@ -53,20 +55,24 @@ LOSSES = ("auto", "cross_entropy", "mse")
 
 
 def detect_loss(out: torch.Tensor, grad: torch.Tensor) -> Optional[str]:
-    """``"cross_entropy"`` when ``B grad = softmax(out) - onehot`` row by row, else None.
+    """``"cross_entropy"`` when ``B grad = softmax(out) - onehot`` row by row, ``"sum"`` when
+    ``grad`` itself is (cross-entropy summed over the batch, ``reduction="sum"``), else None.
 
     Args:
         out: network outputs (B, C).
-        grad: the gradient of the batch-mean loss at ``out`` (B, C).
+        grad: the gradient of the batch loss at ``out`` (B, C).
     """
     if out.dim() != 2 or out.shape != grad.shape or out.shape[1] < 2:
         return None
     p = torch.softmax(out.double(), 1)
-    resid = grad.double() * out.shape[0] - p       # = -onehot for cross-entropy
-    label = resid.argmin(1)
-    resid[torch.arange(len(label), device=label.device), label] += 1.0
     tol = 1e-3 if out.dtype in (torch.float16, torch.bfloat16) else 1e-4
-    return "cross_entropy" if float(resid.abs().max()) <= tol else None
+    for scale, name in ((out.shape[0], "cross_entropy"), (1, "sum")):
+        resid = grad.double() * scale - p       # = -onehot for cross-entropy
+        label = resid.argmin(1)
+        resid[torch.arange(len(label), device=label.device), label] += 1.0
+        if float(resid.abs().max()) <= tol:
+            return name
+    return None
 
 
 def loss_hessian_factor(loss: str, out: torch.Tensor) -> torch.Tensor:
@@ -135,17 +141,34 @@ def terminal_factor(kind: str, loss: str, out: torch.Tensor, g: torch.Tensor, ge
 
 class LossResolver:
     """Resolves ``loss="auto"``: cross-entropy once recognised stays recognised; an unrecognised
-    loss is checked again at the next step (and taken as mean squared error, warned once)."""
+    loss is checked again at the next step (and taken as mean squared error, warned once). A
+    cross-entropy summed over the batch is refused (:meth:`check_mean`)."""
 
     def __init__(self, loss: str):
         self.loss = loss
         self._warned = False
+        self._recognised = False
 
-    def __call__(self, out: torch.Tensor, g_mean: torch.Tensor) -> str:
-        if self.loss != "auto":
+    def check_mean(self, out: torch.Tensor, g_mean: torch.Tensor):
+        """Raise ``InputError`` for a cross-entropy summed over the batch; returns what
+        :func:`detect_loss` found (checked until cross-entropy is recognised)."""
+        if self._recognised:
             return self.loss
         found = detect_loss(out, g_mean)
-        if found is not None:
+        if found == "sum" and out.shape[0] > 1:
+            raise InputError(
+                "closure: the loss is summed over the batch (reduction='sum'); DDPNOpt needs the "
+                "batch mean of per-sample losses (reduction='mean', torch's default): its "
+                "per-sample value gradients are B times the gradients of the mean")
+        if found == "cross_entropy":
+            self._recognised = True
+        return found
+
+    def __call__(self, out: torch.Tensor, g_mean: torch.Tensor) -> str:
+        found = self.check_mean(out, g_mean)
+        if self.loss != "auto":
+            return self.loss
+        if found == "cross_entropy":
             self.loss = found          # recognised once: later steps skip the check
             return found
         if not self._warned:

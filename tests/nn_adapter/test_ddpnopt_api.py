@@ -244,3 +244,112 @@ def test_infinite_eps_vxx_is_refused():
 
     with _pytest.raises(ValueError, match="eps_vxx"):
         _DDPNOpt(_nn.Sequential(_nn.Linear(2, 2)), lr=0.1, eps_vxx=float("inf"))
+
+
+# -- torch.optim conventions with feedback ------------------------------------------------------
+def _three():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 5), nn.Tanh(),
+                         nn.Linear(5, 3)).double()
+
+
+def _xy(seed=0, n=16):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, 4, generator=g, dtype=torch.float64), torch.randint(0, 3, (n,), generator=g)
+
+
+def test_feedback_without_a_model_is_a_type_error_naming_model():
+    net = _three()
+    with pytest.raises(TypeError, match="model"):
+        DDPNOpt(net.parameters(), lr=0.01)
+    DDPNOpt(net.parameters(), lr=0.01, feedback=False)          # the base optimizer needs none
+
+
+def test_passing_the_model_or_its_parameters_gives_the_same_steps():
+    nets = [_three(), _three()]
+    opts = [DDPNOpt(nets[0], lr=0.02), DDPNOpt(nets[1].parameters(), lr=0.02, model=nets[1])]
+    for s in range(3):
+        x, y = _xy(s)
+        for net, opt in zip(nets, opts):
+            opt.step(make_closure(net, opt, x, y))
+    assert torch.equal(_flat(nets[0]), _flat(nets[1]))
+
+
+def test_a_group_added_later_is_updated_and_becomes_a_stage():
+    net = _three()
+    first = list(net[0].parameters()) + list(net[2].parameters())
+    opt = DDPNOpt(first, lr=0.02, model=net, diagnostics=True)
+    last = [p.detach().clone() for p in net[4].parameters()]
+    x, y = _xy()
+    opt.step(make_closure(net, opt, x, y))
+    assert all(torch.equal(a, b) for a, b in zip(last, net[4].parameters()))
+    assert [d["module"] for d in opt.diagnostics] == ["0", "2"]
+    opt.add_param_group({"params": net[4].parameters(), "lr": 0.05})
+    opt.step(make_closure(net, opt, x, y))
+    assert not any(torch.equal(a, b) for a, b in zip(last, net[4].parameters()))
+    assert [d["module"] for d in opt.diagnostics] == ["0", "2", "4"]
+
+
+@pytest.mark.parametrize("curvature", ["adam", "ekfac"])
+def test_state_dict_with_groups_resumes_bit_identically_with_feedback(curvature):
+    def make(net):
+        return DDPNOpt([{"params": net[0].parameters(), "lr": 0.03},
+                        {"params": list(net[2].parameters()) + list(net[4].parameters()),
+                         "weight_decay": 0.01, "decoupled_weight_decay": True}],
+                       lr=0.01, curvature=curvature, model=net)
+    net = _three()
+    opt = make(net)
+    for s in range(3):
+        opt.step(make_closure(net, opt, *_xy(s)))
+    saved_net, saved = copy.deepcopy(net.state_dict()), copy.deepcopy(opt.state_dict())
+    for s in range(3, 6):
+        opt.step(make_closure(net, opt, *_xy(s)))
+    fresh = _three()
+    fresh.load_state_dict(saved_net)
+    fresh_opt = make(fresh)
+    fresh_opt.load_state_dict(saved)
+    for s in range(3, 6):
+        fresh_opt.step(make_closure(fresh, fresh_opt, *_xy(s)))
+    assert torch.equal(_flat(net), _flat(fresh))
+
+
+def test_state_dict_of_another_curvature_is_refused():
+    net = _three()
+    opt = DDPNOpt(net, lr=0.01, curvature="adam")
+    opt.step(make_closure(net, opt, *_xy()))
+    other = DDPNOpt(net, lr=0.01, curvature="rmsprop")
+    with pytest.raises(ValueError, match="adam"):
+        other.load_state_dict(opt.state_dict())
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -1.0])
+def test_non_finite_or_negative_group_values_are_refused(bad):
+    net = _three()
+    with pytest.raises(ValueError, match="lr"):
+        DDPNOpt([{"params": net[0].parameters(), "lr": bad}], lr=0.01, model=net)
+    opt = DDPNOpt(net[0].parameters(), lr=0.01, model=net)
+    with pytest.raises(ValueError, match="weight_decay"):
+        opt.add_param_group({"params": net[2].parameters(), "weight_decay": bad})
+    with pytest.raises(ValueError, match="eps"):
+        DDPNOpt(net, lr=0.01, eps=bad)
+
+
+@pytest.mark.parametrize("terminal", ["projected", "gradient"])
+def test_a_summed_cross_entropy_is_refused_before_any_change(terminal):
+    net = _three()
+    opt = DDPNOpt(net, lr=0.01, terminal_hessian=terminal)
+    x, y = _xy()
+    opt.step(make_closure(net, opt, x, y))
+    before, state = _flat(net).clone(), copy.deepcopy(opt.state_dict())
+
+    def closure():
+        opt.zero_grad()
+        loss = nn.functional.cross_entropy(net(x), y, reduction="sum")
+        loss.backward()
+        return loss
+    fresh = DDPNOpt(net, lr=0.01, terminal_hessian=terminal)
+    fresh.load_state_dict(copy.deepcopy(state))      # (torch's load_state_dict may alias)
+    with pytest.raises(InputError, match="reduction='sum'"):
+        fresh.step(closure)
+    assert torch.equal(_flat(net), before)
+    assert torch.equal(fresh.state_dict()["state"][0]["exp_avg"], state["state"][0]["exp_avg"])
