@@ -161,7 +161,7 @@ def _whitened_rows(stage: ModuleStage, factors: list, x: torch.Tensor, g: torch.
 
 
 def next_weights(w_next, n: torch.Tensor):
-    """The per-sample regularisation mu and W = W' - W' N W' / mu, (B,) and (B, r, r).
+    """The per-sample regularisation mu and W = W' - W' N W' / mu.
 
     The sample's local model [[Q_xx, Q_xu], [Q_ux, P^-1]] with Q_xx = Y W' Y^T, Q_ux = G W' Y^T is
     convex iff lambda_max(W'^1/2 N W'^1/2) <= 1 (N = G^T P G); mu = max(1, lambda_max) is the
@@ -169,9 +169,16 @@ def next_weights(w_next, n: torch.Tensor):
     K = -P Q_ux / mu and W is positive semi-definite by construction.
 
     Args:
-        w_next: W' (B, r, r), or None for the identity.
-        n: N (B, r, r).
+        w_next: W': (B, r, r) or None (the identity); with one column a number or (B,) tensor.
+        n: N: (B, r, r), or (B,) with one column (rho = q_u^T P q_u).
+
+    Returns:
+        ``(mu, W)``: (B,) and W shaped like ``w_next`` ((B, r, r) for None; (B,) with one column).
     """
+    if n.dim() == 1:                          # one column: closed form
+        lam = n * w_next
+        mu = lam.clamp(min=1.0)
+        return mu, (1.0 - lam / mu).clamp_(min=0.0).mul_(w_next)
     if w_next is None:
         lam = torch.linalg.eigvalsh(0.5 * (n + n.mT))[:, -1]
         mu = lam.clamp(min=1.0)

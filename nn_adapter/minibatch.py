@@ -209,14 +209,7 @@ class MinibatchLocalModel:
         factors = [self._factors(s, mu) for s in stages]
         steps = [None if f is None else StageStep(opt, t, s, f)
                  for t, (s, f) in enumerate(zip(stages, factors))]
-        if not opt.feedback:
-            ops = [None] * len(stages)
-        elif opt.feedback == "dense":
-            ops = self._dense(factors)
-        else:
-            y_out, w_out = self._terminal()
-            ops = (self._recorded(factors, w_out) if y_out is None
-                   else self._columns(factors, y_out))
+        ops = self._feedback(factors) if opt.feedback else [None] * len(stages)
         return Policy(k=steps, K=ops), (float("nan"), float("nan"))
 
     def control_gradient(self) -> list:
@@ -268,100 +261,113 @@ class MinibatchLocalModel:
 
     def _compactable(self, stage) -> bool:
         opt, rec = self.problem.opt, self.problem.rec
-        return (stage.structured and stage.blocks[0].kind == "conv2d" and opt.eps_vxx == 0
-                and not self.second_order and stage.module in rec.in_grads)
+        return (opt.feedback != "dense" and stage.structured and stage.blocks[0].kind == "conv2d"
+                and opt.eps_vxx == 0 and not self.second_order and stage.module in rec.in_grads)
 
-    def _recorded(self, factors, w_out) -> list:
-        """The rank-one feedback on the recorded gradients (columns = the value gradient;
-        ``w_out``: per-sample terminal weight, None for 1)."""
+    def _feedback(self, factors) -> list:
+        """The value sweep and the feedback operators of every stage.
+
+        The terminal factor gives the columns of the value Hessians at every module output:
+        the recorded gradients themselves (rank one: ``projected``, ``gradient``) or the terminal
+        columns pulled back through the model (``gauss_newton``, ``sampled``). One backward
+        recursion (:meth:`_sweep`) gives each stage's per-sample weights W and regularisation mu;
+        the gains are then held factorised (one weight-gradient-sized product per stage) or,
+        with ``feedback="dense"``, materialised per sample (:mod:`nn_adapter.feedback_dense`)."""
         problem, opt = self.problem, self.problem.opt
-        rec, stages = problem.rec, problem.stages
-        n = problem.batch_size
+        rec, stages, n = problem.rec, problem.stages, problem.batch_size
+        T = len(stages)
+        y_out, w_out = self._terminal()
         compact: dict = {}
-        weights, mus = self._sweep(factors, compact, float(n) if w_out is None else w_out.sqrt() * n)
-        scales = [None if mu is None else mu.reciprocal() for mu in mus]
+        if y_out is None:
+            # columns = the recorded mean-loss gradients; W_T = (B S_T)^2 per sample
+            w_term = float(n * n) if w_out is None else w_out * (n * n)
+            for t in range(1, T):
+                if factors[t] is not None and self._compactable(stages[t]):
+                    compact[t] = CompactStage.build(
+                        stages[t].blocks[0], rec.inputs.pop(stages[t].module),
+                        rec.out_grads.pop(stages[t].module), rec.in_grads.pop(stages[t].module))
+
+            def forms(t):                  # rho = q_u^T P q_u of the recorded gradients
+                if t in compact:
+                    return compact[t].quad_form(factors[t][0])
+                s = stages[t]
+                return quad_form(s, factors[t], rec.inputs[s.module], rec.out_grads[s.module])
+            cols = None
+        else:
+            w_term = None
+            cols = pull_columns(rec, stages, y_out)
+
+            def forms(t):                  # N = G^T P G of the columns
+                return column_quad_forms(stages[t], factors[t], rec.inputs[stages[t].module],
+                                         cols[t].g)
+        ws, mus = self._sweep(factors, forms, w_term)
+        if opt.feedback == "dense":
+            return self._dense_ops(factors, cols, ws, mus)
+        if cols is None:
+            return self._rank_one_ops(factors, compact, ws, mus)
+        return self._column_ops(factors, cols, ws, mus)
+
+    def _sweep(self, factors, forms, w_term):
+        """The backward recursion of the value Hessians' weights, for stages T-1 .. 1.
+
+        With V_xx at a module output = Y W' Y^T (columns Y at that output, W' the weights of the
+        stages after it) and N = G^T P G (G = h_u^T Y), the sample's local model is convex iff
+        lambda_max(W'^1/2 N W'^1/2) <= 1; mu = max(1, lambda_max) regularises its Q_uu to
+        mu P^-1 (its gain is divided by mu) and W = W' - W' N W' / mu
+        (:func:`~nn_adapter.feedback_columns.next_weights`; r = 1: W = W' (1 - rho W' / mu)).
+
+        Returns:
+            ``(ws, mus)``: ws[t + 1] the weights at stage t's output (t = 0..T-1; a number, a
+            (B,) tensor for rank one, (B, r, r) or None for the identity), mus[t] a (B,) tensor
+            or None (mu = 1).
+        """
+        opt, T = self.problem.opt, self.problem.horizon
+        ws: list = [w_term] * (T + 1)
+        mus: list = [None] * T
+        for t in range(T - 1, 0, -1):
+            ws[t] = ws[t + 1]
+            if factors[t] is None or not opt.vxx_update:
+                continue
+            mus[t], ws[t] = next_weights(ws[t + 1], forms(t))
+            if opt.diagnostics is not None:
+                opt._clamped[t] = float((mus[t] > 1).double().mean())
+        return ws, mus
+
+    def _rank_one_ops(self, factors, compact, ws, mus) -> list:
+        """Feedback operators of the rank-one sweep: (1/B) sum_i w_i^2 q_u (q_x . dx) / mu_i."""
+        problem, opt = self.problem, self.problem.opt
+        rec, stages, n = problem.rec, problem.stages, problem.batch_size
         ops: list = [None] * len(stages)
         for t in range(1, len(stages)):
             if factors[t] is None:
                 continue
             stage = stages[t]
+            w = ws[t + 1]
+            w = math.sqrt(w) if isinstance(w, float) else w.sqrt()
+            scale = None if mus[t] is None else mus[t].reciprocal()
 
-            def op(xhat, t=t, stage=stage):
+            def op(xhat, t=t, stage=stage, w=w, scale=scale):
                 if t in compact:
-                    return compact.pop(t).feedback(xhat, weights[t + 1], scales[t])
+                    return compact.pop(t).feedback(xhat, w, scale)
                 x = rec.inputs.pop(stage.module)
                 g = rec.out_grads.pop(stage.module)
                 v_out = g * n if self.second_order else None
-                g = g * _bcast(weights[t + 1], g)   # out of place: a user may hold these grads
+                g = g * _bcast(w, g)   # out of place: a user may hold these grads
                 q_x = rec.in_grads.pop(stage.module, None)
                 if q_x is not None:
-                    q_x = q_x * _bcast(weights[t + 1], q_x)
-                total = feedback_grads(stage, x, xhat, g, q_x, overwrite=True,
-                                       sample_scale=scales[t])
+                    q_x = q_x * _bcast(w, q_x)
+                total = feedback_grads(stage, x, xhat, g, q_x, overwrite=True, sample_scale=scale)
                 return self._extras(t, stage, x, xhat, v_out, total, mus[t])
             ops[t] = op
         return ops
 
-    def _sweep(self, factors, compact, w_out):
-        """Per-sample weights w_t = B S_t of the recorded gradients and regularisations mu_t.
-
-        z_t = w_t dL/dh_t, S_t = s_t ... s_{T-1} S_T (S_T^2: the terminal weight; a plain number
-        while all factors are one). With rho = q_u^T P q_u of z_{t+1}, the sample's local model is
-        convex iff rho <= 1; mu = max(1, rho) regularises its Q_uu to mu P^-1 (its gain is
-        divided by mu) and s^2 = 1 - rho / mu >= 0. Convolution stages are turned into
-        :class:`~nn_adapter.feedback.CompactStage` on the way (their inputs and cotangents
-        released).
-
-        Returns:
-            ``(weights, mus)``: weights[t] for t = 0..T, mus[t] a (B,) tensor or None (mu = 1).
-        """
-        opt, rec, stages = self.problem.opt, self.problem.rec, self.problem.stages
-        T = len(stages)
-        weights: list = [w_out] * (T + 1)
-        mus: list = [None] * T
-        for t in range(T - 1, 0, -1):
-            stage = stages[t]
-            weights[t] = weights[t + 1]
-            if factors[t] is None:
-                continue
-            w = weights[t + 1]
-            if self._compactable(stage):
-                cs = compact[t] = CompactStage.build(
-                    stage.blocks[0], rec.inputs.pop(stage.module),
-                    rec.out_grads.pop(stage.module), rec.in_grads.pop(stage.module))
-                if opt.vxx_update:
-                    rho = cs.quad_form(factors[t][0]) * (w * w if isinstance(w, float) else w.square())
-            elif opt.vxx_update:   # rho(w g) = w^2 rho(g)
-                rho = quad_form(stage, factors[t], rec.inputs[stage.module],
-                                rec.out_grads[stage.module])
-                rho = rho.mul_(w * w if isinstance(w, float) else w.square())
-            if opt.vxx_update:
-                if opt.diagnostics is not None:
-                    opt._clamped[t] = float((rho > 1).double().mean())
-                mu = rho.clamp(min=1.0)
-                mus[t] = mu
-                weights[t] = (1.0 - rho / mu).clamp_(min=0.0).sqrt_().mul_(weights[t + 1])
-        return weights, mus
-
-    def _columns(self, factors, y_out) -> list:
-        """The r-column feedback (:mod:`nn_adapter.feedback_columns`) for terminal columns y_out."""
-        problem, opt = self.problem, self.problem.opt
-        rec, stages = problem.rec, problem.stages
-        T = len(stages)
+    def _column_ops(self, factors, cols, ws, mus) -> list:
+        """Feedback operators of the r-column sweep (:func:`column_feedback`)."""
+        problem = self.problem
+        rec, stages, n = problem.rec, problem.stages, problem.batch_size
         inputs = [rec.inputs[s.module] for s in stages]
-        cols = pull_columns(rec, stages, y_out)
-        ws: list = [None] * (T + 1)          # W at the output of stage t is ws[t + 1]
-        mus: list = [None] * T
-        for t in range(T - 1, 0, -1):
-            ws[t] = ws[t + 1]
-            if opt.vxx_update and factors[t] is not None:
-                nq = column_quad_forms(stages[t], factors[t], inputs[t], cols[t].g)
-                mus[t], ws[t] = next_weights(ws[t + 1], nq)
-                if opt.diagnostics is not None:
-                    opt._clamped[t] = float((mus[t] > 1).double().mean())
-        n = problem.batch_size
-        ops: list = [None] * T
-        for t in range(1, T):
+        ops: list = [None] * len(stages)
+        for t in range(1, len(stages)):
             if factors[t] is None:
                 continue
 
@@ -372,27 +378,23 @@ class MinibatchLocalModel:
             ops[t] = op
         return ops
 
-    def _dense(self, factors) -> list:
-        """``feedback="dense"``: per-sample gains materialised (:mod:`nn_adapter.feedback_dense`)."""
+    def _dense_ops(self, factors, cols, ws, mus) -> list:
+        """``feedback="dense"``: the same sweep's gains materialised per sample."""
         problem, opt = self.problem, self.problem.opt
-        rec, stages = problem.rec, problem.stages
+        rec, stages, n = problem.rec, problem.stages, problem.batch_size
         if any(f is None for f in factors):
             raise InputError("feedback='dense' needs gradients for every stage's parameters")
         inputs = [rec.inputs[s.module] for s in stages]
-        n = problem.batch_size
-        y_out, w_out = self._terminal()
-        if y_out is None:
-            cols = [None] + [rec.out_grads[s.module][:, None] * n for s in stages[1:]]
-            w_term = (torch.ones(n, dtype=inputs[0].dtype, device=inputs[0].device)
-                      if w_out is None else w_out)
-            w_term = w_term[:, None, None]
+        like = inputs[0]
+        if cols is None:               # rank one: the recorded gradients, W a number or (B,)
+            g = [None] + [rec.out_grads[s.module][:, None] for s in stages[1:]]
+            w = [torch.as_tensor(v, dtype=like.dtype, device=like.device).expand(n)[:, None, None]
+                 for v in ws]
         else:
-            cols = [None] + [c.g for c in pull_columns(rec, stages, y_out)[1:]]
-            w_term = None
+            g, w = [None] + [c.g for c in cols[1:]], ws
         v_out = ([None] + [rec.out_grads[s.module] * n for s in stages[1:]]
                  if self.second_order else None)
-        gains = dense_gains(stages, factors, inputs, cols, w_term, opt.vxx_update, opt.eps_vxx,
-                            self.second_order, v_out)
+        gains = dense_gains(stages, inputs, g, w, mus, opt.eps_vxx, self.second_order, v_out)
         ops: list = [None] * len(stages)
         for t in range(1, len(stages)):
             ops[t] = (lambda xhat, t=t: apply_gains(stages[t], gains[t], xhat - inputs[t]))

@@ -32,6 +32,7 @@ from torch.func import functional_call
 
 from occore.errors import InputError
 
+from .curvature.records import Recorder
 from .errors import UnsupportedModuleError
 
 __all__ = ["ModuleStage", "module_stages", "StageRecorder", "replay"]
@@ -147,15 +148,18 @@ def _check_model(model: nn.Module) -> None:
             "(model._orig_mod) and use it, uncompiled, in the closure")
 
 
-class StageRecorder:
+class StageRecorder(Recorder):
     """Records, while the closure runs, what DDPNOpt's feedback needs of the model and its stages.
+
+    A :class:`~nn_adapter.curvature.records.Recorder` (same attributes, so curvatures read it)
+    whose hooks also record the order the modules ran in, the gradient at a module's input
+    *through that module only*, and the model's own call.
 
     Attributes (filled inside ``with``):
         order: the modules owning parameters, in the order they first ran.
-        inputs, out_grads, in_grads, outputs: per module (``Recorder``'s names, so curvatures can
-            read them): the input x_t, the gradient at the output, the gradient at the input
-            through this module only (modules in ``in_grad_of``), the output (``output_of``).
-        calls: how many times each module ran.
+        inputs, out_grads, in_grads, calls: per module (as ``Recorder``): the input x_t, the
+            gradient at the output, the gradient at the input through this module only (modules
+            in ``in_grad_of``), how many times it ran.
         model_args, model_kwargs, rng: the model's call and the RNG states just before it.
         model_output, model_grad: the model's output and the gradient of the loss at it.
 
@@ -174,23 +178,19 @@ class StageRecorder:
 
     def __init__(self, model: nn.Module, modules, in_grad_of=()):
         _check_model(model)
+        modules = list({id(m): m for m in modules}.values())
+        super().__init__(modules, modules, in_grad_of)
         self.model = model
-        self._modules = list({id(m): m for m in modules}.values())
         self._in_grad = {id(m) for m in in_grad_of}
+        self._ids = {id(m) for m in modules}
         self.order: list = []
-        self.inputs: dict = {}
-        self.outputs: dict = {}
-        self.out_grads: dict = {}
-        self.in_grads: dict = {}
-        self.calls: dict = {}
         self.model_args = self.model_kwargs = self.rng = None
         self.model_output = self.model_grad = None
         self.model_calls = 0
-        self._handles: list = []
 
     # -- hooks -----------------------------------------------------------------------------------
     def _pre(self, module, args):
-        if not torch.is_grad_enabled():
+        if not torch.is_grad_enabled() or id(module) not in self._ids:
             return None
         n = self.calls.get(module, 0)
         self.calls[module] = n + 1
@@ -203,37 +203,28 @@ class StageRecorder:
         self.inputs[module] = x.detach()
         if id(module) in self._in_grad and x.requires_grad:
             x = x.view_as(x)              # consumed by this module only: its grad is h_x^T g
-
-            def save_in(grad, module=module):
-                self.in_grads[module] = grad.detach()
-            x.register_hook(save_in)
+            x.register_hook(lambda grad: self.in_grads.__setitem__(module, grad.detach()))
             return (x,) + tuple(args[1:])
         return None
 
     def _post(self, module, args, output):
-        if not torch.is_grad_enabled() or self.calls.get(module, 0) != 1:
+        if (not torch.is_grad_enabled() or id(module) not in self._ids
+                or self.calls.get(module, 0) != 1):
             return
         if isinstance(output, torch.Tensor) and output.requires_grad:
-            def save(grad, module=module):
-                self.out_grads[module] = grad.detach()
-            output.register_hook(save)
+            output.register_hook(lambda grad: self.out_grads.__setitem__(module, grad.detach()))
 
     def _model_pre(self, module, args, kwargs):
-        if not torch.is_grad_enabled():
-            return
-        self.model_calls += 1
-        self.model_args, self.model_kwargs = args, kwargs
-        self.rng = _rng_state(args, kwargs)
+        if module is self.model and torch.is_grad_enabled():
+            self.model_calls += 1
+            self.model_args, self.model_kwargs = args, kwargs
+            self.rng = _rng_state(args, kwargs)
 
     def _model_post(self, module, args, kwargs, output):
-        if not torch.is_grad_enabled():
-            return
-        if isinstance(output, torch.Tensor):
+        if module is self.model and torch.is_grad_enabled() and isinstance(output, torch.Tensor):
             self.model_output = output.detach()
             if output.requires_grad:
-                def save(grad):
-                    self.model_grad = grad.detach()
-                output.register_hook(save)
+                output.register_hook(lambda grad: setattr(self, "model_grad", grad.detach()))
 
     def __enter__(self) -> "StageRecorder":
         self.release()
@@ -245,33 +236,14 @@ class StageRecorder:
         self._handles = h
         return self
 
-    def __exit__(self, *exc) -> None:
-        for h in self._handles:
-            h.remove()
-        self._handles = []
-
     def release(self) -> None:
         """Drop everything recorded."""
+        super().release()
+        self.calls.clear()
         self.order = []
-        for d in (self.inputs, self.outputs, self.out_grads, self.in_grads, self.calls):
-            d.clear()
         self.model_args = self.model_kwargs = self.rng = None
         self.model_output = self.model_grad = None
         self.model_calls = 0
-
-    def check_complete(self, modules, need_grads: bool = True) -> None:
-        """Raise ``InputError`` unless each module ran exactly once (and got a gradient)."""
-        for m in modules:
-            n = self.calls.get(m, 0)
-            if n != 1:
-                raise InputError(
-                    f"model: module {type(m).__name__} ran {n} times in the closure's forward "
-                    "pass; the optimizer needs each parametrised module to run exactly once "
-                    "(a module used twice shares its parameters between two stages)")
-            if need_grads and m not in self.out_grads:
-                raise InputError(
-                    f"closure: no gradient reached the output of {type(m).__name__}; the "
-                    "closure must call loss.backward()")
 
     def check_model_call(self) -> None:
         """Raise ``InputError`` unless the model was called exactly once in the closure."""

@@ -412,7 +412,7 @@ def test_dense_feedback_refuses_large_networks():
     inputs = [x, torch.tanh(net[0](x)).detach(), torch.tanh(net[2](torch.tanh(net[0](x)))).detach()]
     cols = [None, torch.randn(B, 1, 4, dtype=torch.float64), torch.randn(B, 1, 3, dtype=torch.float64)]
     with pytest.raises(ValueError, match="dense"):
-        dense_gains(stages, [None] * 3, inputs, cols, max_elements=10)
+        dense_gains(stages, inputs, cols, [None] * 4, [None] * 3, max_elements=10)
 
 
 def test_feedback_coefficient_keeps_its_digits_in_float32():
