@@ -80,13 +80,15 @@ class DDPNOpt(CurvatureOptimizer):
             optimizer exactly) or ``"dense"`` (per-sample gains materialised, see
             :mod:`nn_adapter.feedback_dense`; small networks only).
         eps_vxx: Tikhonov term added to the value Hessians V_xx (finite, >= 0), Algorithm 3
-            line 12. In the factorised feedback it enters each stage's gain as the state cost it
-            amounts to, eps f_u^T f_x dx (the eps I of the next stage's V_xx pulled back one
-            stage), and is not carried further back: carrying eps I through the Schur
-            complements makes V_xx dense (n_t x n_t per sample). ``feedback="dense"`` carries
-            it back exactly, so the two differ when eps_vxx > 0 (they agree exactly at 0).
-        second_order: also expand the dynamics to second order (adds V_x . f_ux dx, the
-            first-order change of the layer's own gradient, g dx^T for a Linear layer).
+            line 12: it is occore's regularisation mu in its state form (V_xx' + mu I where it
+            enters the gains, as in the dense Riccati sweep), the mu of this step's solver
+            iteration. Q_uu is the curvature's, so it enters the feedback gains only: each stage
+            gains eps h_u^T h_x dx (h: the stage's module, its output the next state); it is not
+            carried back through the Schur complements (that would make V_xx dense, n_t x n_t
+            per sample), in the dense mode neither.
+        second_order: also expand the modules to second order (adds V_x . h_ux dx, the
+            first-order change of the module's own gradient, g dx^T for a Linear layer; the
+            curvature of the activations between modules is not included).
         vxx_update: carry V_xx = Q_xx - Q_ux^T Q_uu^-1 Q_ux back (the default, Proposition 3),
             with the per-sample regularisation mu_i below. With False, V_xx = Q_xx and no
             per-sample quadratic forms q_u^T P q_u are formed (for a convolution they cost as
@@ -204,7 +206,8 @@ class DDPNOpt(CurvatureOptimizer):
         self._stage_cache = None
         self._closure_result: dict = {}
         self.last_iteration = None
-        # one iteration of occore's loop per step: a full step, no cost check, mu from 0
+        # one iteration of occore's loop per step: a full step, no cost check; its mu (state form)
+        # is eps_vxx
         solver = DDP if second_order else ILQR
         self._solver = solver(max_iter=1, stochastic=True,
                               regularization=Regularization(initial=0.0, minimum=0.0))
@@ -264,7 +267,7 @@ class DDPNOpt(CurvatureOptimizer):
         cost = float(loss.detach()) if isinstance(loss, torch.Tensor) else float(loss)
         try:
             problem = MinibatchProblem(self, rec, self._stages(rec), cost)
-            state = self._solver.init(problem, traj=problem.trajectory(), mu=0.0)
+            state = self._solver.init(problem, traj=problem.trajectory(), mu=self.eps_vxx)
             state, self.last_iteration = self._solver.step(problem, state)
         except BaseException:
             self._restore(saved)         # an error mid-step (a bad closure) changes nothing

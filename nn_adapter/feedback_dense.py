@@ -67,7 +67,7 @@ def dense_gains(stages: list, inputs: list, cols: list, ws: list, mus: list,
         qux = hu.mT @ V @ hx
         if mus[t] is not None:
             qux = qux / mus[t][:, None, None]
-        if eps_vxx and t < T - 1:
+        if eps_vxx:
             extra = eps_vxx * hu.mT @ hx
         else:
             extra = None

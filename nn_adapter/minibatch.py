@@ -5,7 +5,9 @@ closure's forward pass is the rollout (states x_t = the inputs each stage's modu
 u_t = its parameters, cost = the closure's loss), :meth:`MinibatchProblem.local_model` updates the
 optimizer's curvature with the batch gradient (the derivatives at the trajectory) and returns a
 :class:`MinibatchLocalModel`, whose ``backward(mu)`` is the layer-wise Bellman sweep of DDPNOpt's
-Algorithm 3 with Q_uu = P^-1 + mu I (P: the curvature's inverse, learning rate included), and
+Algorithm 3 with Q_uu = P^-1 (P: the curvature's inverse, learning rate included) and the core's
+regularisation mu in its state form (V_xx' + mu I where it enters the gains: here Q_ux only, Q_uu
+being the curvature's; DDPNOpt's ``eps_vxx``, Algorithm 3 line 12), and
 :meth:`MinibatchProblem.rollout_policy` is Algorithm 3's additional forward pass: the model's own
 ``forward`` re-run on the closure's inputs (same dropout masks; batch-norm running statistics
 untouched), each stage's parameters updated, just before its module runs, from the measured
@@ -43,17 +45,7 @@ from .feedback_dense import apply_gains, dense_gains
 from .module_stages import replay
 from .terminal import terminal_factor
 
-__all__ = ["MinibatchProblem", "MinibatchLocalModel", "regularised"]
-
-
-def regularised(factors, mu: float):
-    """The factors of (P^-1 + mu I)^-1 for P's factors ``(Q_G, Q_A, D)`` (D -> D / (1 + mu D))."""
-    if not mu:
-        return factors
-    q_g, q_a, d = factors
-    if isinstance(d, list):
-        return q_g, q_a, [s / (1.0 + mu * s) for s in d]
-    return q_g, q_a, d / (1.0 + mu * d)
+__all__ = ["MinibatchProblem", "MinibatchLocalModel"]
 
 
 class _Done(Exception):
@@ -189,7 +181,8 @@ class MinibatchProblem:
 class MinibatchLocalModel:
     """The local model of one minibatch (implements :class:`occore.types.LocalModel`).
 
-    ``backward(mu)`` returns the policy of Algorithm 3 with Q_uu = P^-1 + mu I: ``k`` holds one
+    ``backward(mu)`` returns the policy of Algorithm 3 (mu: the state-form regularisation, see
+    :meth:`backward`): ``k`` holds one
     :class:`StageStep` per stage (None for a stage without gradient), ``K`` one operator per stage
     of the measured input xhat_t, giving the unpreconditioned feedback sum
     (1/B) sum_i Q_ux^(i) dx^(i) / mu_i (None where there is no feedback: stage 0, whose input is
@@ -199,12 +192,16 @@ class MinibatchLocalModel:
     def __init__(self, problem: MinibatchProblem, updated: dict):
         self.problem, self.updated = problem, updated
         self.second_order = False
+        self.mu = 0.0
 
     # -- the protocol -----------------------------------------------------------------------------
     def backward(self, mu: float, second_order: bool = False):
-        """The policy with Q_uu = P^-1 + mu I; ``second_order`` adds the modules' own second
-        derivatives contracted with V_x (DDP rather than iLQR)."""
+        """The policy of Algorithm 3 with the state-form regularisation mu (V_xx' + mu I where it
+        enters the gains: the feedback gains gain mu h_u^T h_x; Q_uu stays P^-1, so k is the base
+        optimizer's step whatever mu); ``second_order`` adds the modules' own second derivatives
+        contracted with V_x (DDP rather than iLQR)."""
         self.second_order = second_order
+        self.mu = float(mu)
         opt, stages = self.problem.opt, self.problem.stages
         factors = [self._factors(s, mu) for s in stages]
         steps = [None if f is None else StageStep(opt, t, s, f)
@@ -227,7 +224,7 @@ class MinibatchLocalModel:
     def _factors(self, stage, mu):
         if not all(b in self.updated for b in stage.blocks):
             return None
-        return [regularised(self.updated[b], mu) for b in stage.blocks]
+        return [self.updated[b] for b in stage.blocks]
 
     def _terminal(self):
         """``(Y, W)`` of :func:`nn_adapter.terminal.terminal_factor` for this batch."""
@@ -244,17 +241,17 @@ class MinibatchLocalModel:
         return terminal_factor(opt.terminal_hessian, loss, out, g * out.shape[0], opt._generator)
 
     def _extras(self, t, stage, x, xhat, v_out, total, mu=None) -> list:
-        """Add the Tikhonov (eps_vxx) and second-order terms of stage t's feedback (per sample
+        """Add the regularisation (mu h_u^T h_x dx) and second-order terms of stage t's feedback (per sample
         divided by the regularisation ``mu``, as the Gauss-Newton part is)."""
         opt = self.problem.opt
-        eps = opt.eps_vxx > 0 and t < self.problem.horizon - 1   # V_xx^T is not regularised
+        eps = self.mu > 0
         if not eps and not self.second_order:
             return total
         dx = xhat - x
         if mu is not None:
             dx = dx / _bcast(mu, dx)
         if eps:
-            total = [a + b for a, b in zip(total, tikhonov_grads(stage, x, dx, opt.eps_vxx))]
+            total = [a + b for a, b in zip(total, tikhonov_grads(stage, x, dx, self.mu))]
         if self.second_order:
             total = [a + b for a, b in zip(total, second_order_grads(stage, x, dx, v_out))]
         return total
@@ -262,7 +259,7 @@ class MinibatchLocalModel:
     def _compactable(self, stage) -> bool:
         opt, rec = self.problem.opt, self.problem.rec
         return (opt.feedback != "dense" and stage.structured and stage.blocks[0].kind == "conv2d"
-                and opt.eps_vxx == 0 and not self.second_order and stage.module in rec.in_grads)
+                and self.mu == 0 and not self.second_order and stage.module in rec.in_grads)
 
     def _feedback(self, factors) -> list:
         """The value sweep and the feedback operators of every stage.
@@ -394,7 +391,7 @@ class MinibatchLocalModel:
             g, w = [None] + [c.g for c in cols[1:]], ws
         v_out = ([None] + [rec.out_grads[s.module] * n for s in stages[1:]]
                  if self.second_order else None)
-        gains = dense_gains(stages, inputs, g, w, mus, opt.eps_vxx, self.second_order, v_out)
+        gains = dense_gains(stages, inputs, g, w, mus, self.mu, self.second_order, v_out)
         ops: list = [None] * len(stages)
         for t in range(1, len(stages)):
             ops[t] = (lambda xhat, t=t: apply_gains(stages[t], gains[t], xhat - inputs[t]))

@@ -7,7 +7,9 @@ Two cases were re-recorded after the redesign, because their definition changed 
 a stage is the parametrised module alone, so the second-order term is the module's own
 V_x . h_ux dx and the Tikhonov term eps h_u^T h_x dx, no longer taken through the activation that
 follows the module (which only a chain of stages defines). Before the change they differed from
-the new values by 3.6e-3 and 1.9e-5 (parameters after 5 steps).
+the new values by 3.6e-3 and 1.9e-5 (parameters after 5 steps). ``eps_vxx`` then became the
+solver's mu in the state form, added at every stage's output including the last (it used to skip
+the last stage): ``mlp-identity-eps`` moved by a further 1.2e-4.
 """
 from __future__ import annotations
 

@@ -141,7 +141,7 @@ def dense_step(model, x, u_base, P, per_sample_loss, terminal="gradient", eps_vx
             Vh = J.T @ M @ J
             qxx, qux = hx.T @ Vh @ hx, hu.T @ Vh @ hx
             mu = convexifying_mu(P[t], qxx, qux) if vxx_update else 1.0
-            if eps_vxx and t < T - 1:
+            if eps_vxx:
                 qux = qux + eps_vxx * hu.T @ hx
             if second_order:
                 v = J.T @ vx
