@@ -55,7 +55,7 @@ from occore.solvers.options import Regularization
 from .curvature.optimizer import CurvatureOptimizer
 from .minibatch import MinibatchProblem
 from .module_stages import StageRecorder, _owners, module_stages
-from .terminal import LOSSES, TERMINAL_HESSIANS, LossResolver
+from .terminal import DETECT, LOSSES, TERMINAL_HESSIANS, LossResolver, detect_loss
 
 __all__ = ["DDPNOpt"]
 
@@ -115,7 +115,12 @@ class DDPNOpt(CurvatureOptimizer):
         seed: seed of the generator of ``terminal_hessian="sampled"``.
         model: the module the closure calls (keyword). Needed with feedback (its forward is
             recorded and re-run) and by ``ekfac`` (its Linear/Conv2d layers); any module graph
-            whose parametrised modules each run once per forward.
+            whose parametrised modules each run once per forward. A ``DistributedDataParallel``
+            makes the step data-parallel (its ``.module`` is recorded and re-run; see
+            :mod:`nn_adapter.distributed` for what is reduced and how many collectives a step
+            makes).
+        process_group: data-parallel over this ``torch.distributed`` group with a plain model
+            (the optimizer then averages the gradients too).
         **hyperparameters: the curvature's hyperparameters, named as torch names them; all
             curvatures take ``weight_decay`` and ``decoupled_weight_decay`` (as AdamW).
 
@@ -161,7 +166,7 @@ class DDPNOpt(CurvatureOptimizer):
                  second_order: bool = False, vxx_update: bool = True,
                  terminal_hessian: str = "projected", loss: str = "auto", diagnostics: bool = False,
                  seed: int = 0, feedback_bound: float = 0.3, *, model: nn.Module = None,
-                 **hyperparameters):
+                 process_group=None, **hyperparameters):
         if not any(feedback is m or (isinstance(m, str) and feedback == m)
                    for m in FEEDBACK_MODES):
             raise ValueError(f"invalid feedback: {feedback!r} (expected True, False, "
@@ -186,7 +191,8 @@ class DDPNOpt(CurvatureOptimizer):
                              "or math.inf for no bound)")
         if not isinstance(seed, int) or isinstance(seed, bool):
             raise ValueError(f"invalid seed: {seed!r} (expected an int)")
-        super().__init__(params, curvature, lr, model=model, **hyperparameters)
+        super().__init__(params, curvature, lr, model=model, process_group=process_group,
+                         **hyperparameters)
         if feedback is not False and self._model is None:
             raise TypeError("model: DDPNOpt's feedback re-runs the model's forward, so it needs "
                             "the model: pass model=net together with params (for example "
@@ -198,6 +204,7 @@ class DDPNOpt(CurvatureOptimizer):
         self.diagnostics = None
         self._clamped: dict = {}
         self._loss = LossResolver(loss)
+        self._agreed_loss = DETECT
         self._generator = torch.Generator().manual_seed(seed)
         self.feedback = "factorised" if feedback is True else feedback
         self.eps_vxx = float(eps_vxx)
@@ -227,6 +234,29 @@ class DDPNOpt(CurvatureOptimizer):
         rec.check_model_call()
         rec.check_complete(rec.order, need_grads=False)
         rec.check_complete(super()._recorded_modules())
+        if self.terminal_hessian != "gradient" and (rec.model_output is None
+                                                    or rec.model_grad is None):
+            raise InputError("closure: the model's output got no gradient; the closure must call "
+                             "loss.backward() on a loss of the model's output (a tensor)")
+
+    def _agreement_size(self) -> int:
+        return 2 if self.feedback else 0
+
+    def _agreement(self, rec) -> list:
+        """Data-parallel: whether this rank's shard shows a mean cross-entropy / a summed one
+        (the loss recognition must agree, :meth:`_agreed`)."""
+        if not self.feedback:
+            return []
+        found = None
+        if not self._loss.settled and rec.model_output is not None and rec.model_grad is not None:
+            found = detect_loss(rec.model_output, rec.model_grad)
+        return [float(found == "cross_entropy"), float(found == "sum")]
+
+    def _agreed(self, sums: list) -> None:
+        if self.feedback:
+            world = self.collectives.world_size
+            self._agreed_loss = ("sum" if sums[1] else
+                                 "cross_entropy" if sums[0] == world else None)
 
     def _stages(self, rec) -> list:
         """The stages of this step's forward (cached while the execution order stays the same)."""
@@ -279,6 +309,20 @@ class DDPNOpt(CurvatureOptimizer):
                    "parameters and optimizer state unchanged")
             log.warning(msg)
             warnings.warn(msg, RuntimeWarning, stacklevel=4)
+
+    # -- state ------------------------------------------------------------------------------------
+    def configuration(self) -> dict:
+        """The curvature and the feedback options (see :meth:`CurvatureOptimizer.configuration`)."""
+        return dict(super().configuration(), feedback=self.feedback, eps_vxx=self.eps_vxx,
+                    second_order=self.second_order, vxx_update=self.vxx_update,
+                    terminal_hessian=self.terminal_hessian, feedback_bound=self.feedback_bound)
+
+    @property
+    def generator(self) -> torch.Generator:
+        """The generator of ``terminal_hessian="sampled"`` (seeded by ``seed``; the same state on
+        every rank). Not in :meth:`state_dict` (an optimizer loading another's state keeps its own
+        seed); :func:`nn_adapter.checkpoint.save_checkpoint` saves it with the RNG states."""
+        return self._generator
 
     def _snapshot(self):
         """The parameters and the optimizer state, packed into one flat buffer per dtype and

@@ -31,7 +31,12 @@ class EKFAC(CurvatureOptimizer):
         weight_decay: L2 penalty added to the gradient (or, decoupled, to the parameters).
         decoupled_weight_decay: True: ``p <- p (1 - lr weight_decay)`` before the step instead
             (as ``torch.optim.AdamW``).
-        model: the network whose layers are preconditioned (required unless ``params`` is it).
+        model: the network whose layers are preconditioned (required unless ``params`` is it);
+            a ``DistributedDataParallel`` makes the step data-parallel: the Kronecker factors
+            and eigenvalue corrections are averaged over the ranks (one collective per step, two
+            on eigenbasis refreshes, and one agreement; :mod:`nn_adapter.distributed`).
+        process_group: data-parallel over this group with a plain model (the optimizer then
+            averages the gradients too).
 
     Raises:
         TypeError: no model.
@@ -62,8 +67,10 @@ class EKFAC(CurvatureOptimizer):
     def __init__(self, params, lr: float = 0.01, damping: float = 1e-3,
                  stat_decay: float = 0.95, factor_update_freq: int = 1,
                  eigen_update_freq: int = 100, weight_decay: float = 0.0,
-                 decoupled_weight_decay: bool = False, *, model: Optional[nn.Module] = None):
-        super().__init__(params, "ekfac", lr, model=model, damping=damping, stat_decay=stat_decay,
+                 decoupled_weight_decay: bool = False, *, model: Optional[nn.Module] = None,
+                 process_group=None):
+        super().__init__(params, "ekfac", lr, model=model, process_group=process_group,
+                         damping=damping, stat_decay=stat_decay,
                          factor_update_freq=factor_update_freq,
                          eigen_update_freq=eigen_update_freq, weight_decay=weight_decay,
                          decoupled_weight_decay=decoupled_weight_decay)

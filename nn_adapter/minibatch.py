@@ -140,6 +140,7 @@ class MinibatchProblem:
         if alpha != 1.0:
             raise InputError(f"alpha={alpha!r}: a minibatch step is a full step (alpha = 1)")
         rec, stages = self.rec, self.stages
+        col = self.opt.collectives
         index = {id(s.module): t for t, s in enumerate(stages)}
         state = {"next": 0, "busy": False}
         last = len(stages) - 1
@@ -157,7 +158,10 @@ class MinibatchProblem:
             if step is not None:
                 state["busy"] = True
                 try:
-                    step.apply(op(args[0]) if op is not None else None)
+                    delta = op(args[0]) if op is not None else None
+                    if delta is not None and col is not None:
+                        col.average_(delta)      # the batch mean over all ranks' samples
+                    step.apply(delta)
                 finally:
                     state["busy"] = False
             if t == last:
@@ -234,10 +238,17 @@ class MinibatchLocalModel:
             if out is not None and g is not None:
                 opt._loss.check_mean(out, g)
             return None, None
-        if out is None or g is None:
-            raise InputError("closure: the model's output got no gradient; the closure must call "
-                             "loss.backward() on a loss of the model's output (a tensor)")
-        loss = opt._loss(out, g)
+        loss = opt._loss(out, g, opt._agreed_loss)
+        col = opt.collectives
+        if opt.terminal_hessian == "sampled" and col is not None and col.world_size > 1:
+            # draw for the whole global batch (the same generator state on every rank) and keep
+            # this rank's rows: the samples of one process with the global batch
+            n = out.shape[0]
+            rows = slice(col.rank * n, (col.rank + 1) * n)
+            full = out.new_zeros((n * col.world_size,) + out.shape[1:])
+            full[rows] = out
+            y, w = terminal_factor("sampled", loss, full, None, opt._generator)
+            return y[rows], w
         return terminal_factor(opt.terminal_hessian, loss, out, g * out.shape[0], opt._generator)
 
     def _extras(self, t, stage, x, xhat, v_out, total, mu=None) -> list:
@@ -298,6 +309,10 @@ class MinibatchLocalModel:
                 return column_quad_forms(stages[t], factors[t], rec.inputs[stages[t].module],
                                          cols[t].g)
         ws, mus = self._sweep(factors, forms, w_term)
+        if opt._clamped and opt.collectives is not None:     # diagnostics: the global shares
+            keys = sorted(opt._clamped)
+            sums = opt.collectives.average_([], [opt._clamped[k] for k in keys])
+            opt._clamped = {k: v / opt.collectives.world_size for k, v in zip(keys, sums)}
         if opt.feedback == "dense":
             return self._dense_ops(factors, cols, ws, mus)
         if cols is None:

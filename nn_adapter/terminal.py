@@ -51,6 +51,7 @@ __all__ = ["TERMINAL_HESSIANS", "LOSSES", "detect_loss", "terminal_factor", "los
 log = logging.getLogger("nn_adapter")
 
 TERMINAL_HESSIANS = ("projected", "gauss_newton", "sampled", "gradient")
+DETECT = object()   # LossResolver: run detect_loss (no result given)
 LOSSES = ("auto", "cross_entropy", "mse")
 
 
@@ -149,12 +150,19 @@ class LossResolver:
         self._warned = False
         self._recognised = False
 
-    def check_mean(self, out: torch.Tensor, g_mean: torch.Tensor):
+    @property
+    def settled(self) -> bool:
+        """True once the loss is recognised (later steps skip :func:`detect_loss`)."""
+        return self._recognised
+
+    def check_mean(self, out: torch.Tensor, g_mean: torch.Tensor, found=DETECT):
         """Raise ``InputError`` for a cross-entropy summed over the batch; returns what
-        :func:`detect_loss` found (checked until cross-entropy is recognised)."""
+        :func:`detect_loss` found (checked until cross-entropy is recognised). ``found``: what
+        was found already (data-parallel: the ranks' agreed result), instead of detecting."""
         if self._recognised:
             return self.loss
-        found = detect_loss(out, g_mean)
+        if found is DETECT:
+            found = detect_loss(out, g_mean)
         if found == "sum" and out.shape[0] > 1:
             raise InputError(
                 "closure: the loss is summed over the batch (reduction='sum'); DDPNOpt needs the "
@@ -164,8 +172,8 @@ class LossResolver:
             self._recognised = True
         return found
 
-    def __call__(self, out: torch.Tensor, g_mean: torch.Tensor) -> str:
-        found = self.check_mean(out, g_mean)
+    def __call__(self, out: torch.Tensor, g_mean: torch.Tensor, found=DETECT) -> str:
+        found = self.check_mean(out, g_mean, found)
         if self.loss != "auto":
             return self.loss
         if found == "cross_entropy":

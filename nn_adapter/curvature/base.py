@@ -249,8 +249,17 @@ class Curvature:
 
     # -- many blocks at once (subclasses may batch these with torch._foreach_* ops) ----------
     def update_all(self, blocks: list, grads: list, group: dict, states: list,
-                   record=None) -> None:
-        """:meth:`update` for several blocks; ``grads`` and ``states`` are lists per block."""
+                   record=None, reduce=None) -> None:
+        """:meth:`update` for several blocks; ``grads`` and ``states`` are lists per block.
+
+        ``reduce``: data-parallel, a function that averages a list of tensors over the ranks in
+        place (:meth:`nn_adapter.distributed.Collectives.average_`), for statistics of the
+        recorded batch shard (the gradients are averaged already); None on one process. A
+        curvature whose :meth:`update` reads the records must override this method and reduce
+        its batch statistics with it."""
+        if reduce is not None and self.needs_records:
+            raise NotImplementedError(f"{type(self).__name__}: data-parallel updates of a "
+                                      "curvature that reads the records need update_all")
         for b, g, s in zip(blocks, grads, states):
             self.update(b, g, group, s, record)
 
@@ -318,7 +327,7 @@ class DiagonalCurvature(Curvature):
     def factors(self, block, group, states):
         return None, None, self.params_scale(list(block.params), group, states)
 
-    def update_all(self, blocks, grads, group, states, record=None):
+    def update_all(self, blocks, grads, group, states, record=None, reduce=None):
         self.params_update([p for b in blocks for p in b.params], [g for gs in grads for g in gs],
                            group, [s for ss in states for s in ss])
 

@@ -98,33 +98,61 @@ class EKFACCurvature(Curvature):
 
     # -- the operations ----------------------------------------------------------------------------
     def update(self, block, grads, group, states, record=None):
-        st = states[0]
-        st["step"] = st.get("step", 0) + 1
+        self.update_all([block], [grads], group, [states], record)
+
+    def update_all(self, blocks, grads, group, states, record=None, reduce=None):
+        """The running statistics of every block with this batch.
+
+        Data-parallel (``reduce`` averages tensors over the ranks in place), the batch statistics
+        of the rank's shard are averaged before they enter the running averages: A and G and s in
+        one collective, or, on a step that refreshes an eigenbasis, A and G first (the new bases
+        need them) and then s (formed in the new bases): one or two collectives per call. The
+        shards are equal, so the average of the shards' means is the global batch's mean.
+        """
         decay = group["stat_decay"]
-        if not block.structured:
-            sq = with_weight_decay(block.params[0], grads[0], group).square()
-            if st["step"] == 1:
-                st["scale"] = sq
-            else:
-                st["scale"].mul_(decay).add_(sq, alpha=1 - decay)
+        layers = []
+        for block, gr, sts in zip(blocks, grads, states):
+            st = sts[0]
+            st["step"] = st.get("step", 0) + 1
+            if not block.structured:        # the gradient is the global batch's already
+                sq = with_weight_decay(block.params[0], gr[0], group).square()
+                if st["step"] == 1:
+                    st["scale"] = sq
+                else:
+                    st["scale"].mul_(decay).add_(sq, alpha=1 - decay)
+                continue
+            x, g = record.inputs[block.module], record.out_grads[block.module]
+            factor = (st["step"] - 1) % group["factor_update_freq"] == 0
+            refresh = (st["step"] - 1) % group["eigen_update_freq"] == 0
+            layers.append((block, st, x, g, self.batch_factors(block, x, g) if factor else None,
+                           refresh))
+        if not layers:
             return
-        x, g = record.inputs[block.module], record.out_grads[block.module]
-        if (st["step"] - 1) % group["factor_update_freq"] == 0:
-            a_b, g_b = self.batch_factors(block, x, g)
-            if "A" not in st:
-                st["A"], st["G"] = a_b, g_b
+        refreshing = any(refresh for *_, refresh in layers)
+        factors = [t for *_, ab, _ in layers if ab is not None for t in ab]
+        scales = [] if refreshing else [self.batch_scale(b, x, g, st["QG"], st["QA"])
+                                        for b, st, x, g, _, _ in layers]
+        if reduce is not None and factors + scales:
+            reduce(factors + scales)
+        for block, st, x, g, ab, refresh in layers:
+            if ab is not None:
+                if "A" not in st:
+                    st["A"], st["G"] = ab
+                else:
+                    st["A"].mul_(decay).add_(ab[0], alpha=1 - decay)
+                    st["G"].mul_(decay).add_(ab[1], alpha=1 - decay)
+            if refresh:
+                st["QA"] = torch.linalg.eigh(st["A"]).eigenvectors
+                st["QG"] = torch.linalg.eigh(st["G"]).eigenvectors
+        if refreshing:
+            scales = [self.batch_scale(b, x, g, st["QG"], st["QA"]) for b, st, x, g, _, _ in layers]
+            if reduce is not None:
+                reduce(scales)
+        for (block, st, x, g, ab, refresh), s_b in zip(layers, scales):
+            if refresh:
+                st["scale"] = s_b
             else:
-                st["A"].mul_(decay).add_(a_b, alpha=1 - decay)
-                st["G"].mul_(decay).add_(g_b, alpha=1 - decay)
-        refresh = (st["step"] - 1) % group["eigen_update_freq"] == 0
-        if refresh:
-            st["QA"] = torch.linalg.eigh(st["A"]).eigenvectors
-            st["QG"] = torch.linalg.eigh(st["G"]).eigenvectors
-        s_b = self.batch_scale(block, x, g, st["QG"], st["QA"])
-        if refresh:
-            st["scale"] = s_b
-        else:
-            st["scale"].mul_(decay).add_(s_b, alpha=1 - decay)
+                st["scale"].mul_(decay).add_(s_b, alpha=1 - decay)
 
     def factors(self, block, group, states):
         st = states[0]

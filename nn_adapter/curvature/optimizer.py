@@ -65,7 +65,11 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         model: the module whose ``Linear``/``Conv2d`` layers give structured blocks (see the module
             docstring). Optional for the diagonal curvatures (without it every parameter is a
             diagonal block, which changes nothing for them); needed by ``ekfac``. Parameters that
-            are not in the model get diagonal blocks.
+            are not in the model get diagonal blocks. A ``DistributedDataParallel`` model makes
+            the optimizer data-parallel (:mod:`nn_adapter.distributed`): its ``.module`` is
+            recorded and what the step needs across ranks is reduced over its process group.
+        process_group: data-parallel over this ``torch.distributed`` group with a plain model:
+            the optimizer then averages the gradients too (one collective with the loss).
         **hyperparameters: the curvature's hyperparameters, as torch names them (defaults of
             every group; a group dict may override any of them). All curvatures take
             ``weight_decay`` and ``decoupled_weight_decay`` (True: ``p <- p (1 - lr wd)`` before
@@ -104,12 +108,14 @@ class CurvatureOptimizer(torch.optim.Optimizer):
     """
 
     def __init__(self, params, curvature: str, lr: float, *, model: Optional[nn.Module] = None,
-                 **hyperparameters):
+                 process_group=None, **hyperparameters):
+        from ..distributed import data_parallel
+
         if isinstance(params, nn.Module):
             if model is not None and model is not params:
                 raise TypeError("model: params is already a module (the model); pass either the "
                                 "model alone or params=model.parameters() with model=model")
-            model = params
+            model, collectives = data_parallel(params, process_group)
             blocks = find_blocks(model)
             if not blocks:
                 raise InputError("model: has no trainable parameters")
@@ -117,6 +123,8 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         elif model is not None and not isinstance(model, nn.Module):
             raise TypeError(f"model: expected a torch.nn.Module or None, got "
                             f"{type(model).__name__}")
+        else:
+            model, collectives = data_parallel(model, process_group)
         if isinstance(params, torch.Tensor) or isinstance(params, (str, bytes, dict)) \
                 or not hasattr(params, "__iter__"):
             raise TypeError(f"params: expected an iterable of tensors or of param-group dicts, or "
@@ -139,6 +147,7 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         curv.validate(defaults)
         self.curvature = curv
         self._model = model
+        self.collectives = collectives
         self._layers = _structured_layers(model) if model is not None else {}
         self._blocks: list[Block] = []
         self._block_group: dict[Block, int] = {}
@@ -324,9 +333,10 @@ class CurvatureOptimizer(torch.optim.Optimizer):
                 live.paused = True
             with rec, torch.enable_grad():
                 loss = closure()
-            if not self._finite(loss):
+            if loss is None:
+                raise InputError("closure: returned None; it must return the loss")
+            if not self._agree(loss, self._records_error(rec), rec):
                 return loss
-            self._check_records(rec)
             with torch.no_grad():
                 self._update(rec)
         finally:
@@ -343,9 +353,10 @@ class CurvatureOptimizer(torch.optim.Optimizer):
             raise InputError(f"closure: {reason}")
         rec = self._live if self._live is not None else Recorder()
         try:
-            if next(self._params_with_grad(), None) is None or not self._finite_grads():
+            if next(self._params_with_grad(), None) is None:
                 return None
-            self._check_records(rec)
+            if not self._agree(None, self._records_error(rec), rec):
+                return None
             with torch.no_grad():
                 self._update(rec)
         finally:
@@ -355,13 +366,67 @@ class CurvatureOptimizer(torch.optim.Optimizer):
     def _check_records(self, rec: Recorder) -> None:
         rec.check_complete(self._recorded_modules())
 
-    def _finite(self, loss) -> bool:
-        if loss is None:
-            raise InputError("closure: returned None; it must return the loss")
-        value = float(loss.detach()) if isinstance(loss, torch.Tensor) else float(loss)
-        if not math.isfinite(value):
-            return self._refuse("loss", value)
-        return self._finite_grads(value)
+    def _records_error(self, rec: Recorder) -> Optional[InputError]:
+        """The error :meth:`_check_records` raises for these records, or None."""
+        try:
+            self._check_records(rec)
+        except InputError as err:
+            return err
+        return None
+
+    def _agree(self, loss, error: Optional[InputError], rec: Recorder) -> bool:
+        """Whether to take the step, decided alike on every rank.
+
+        False (a refused step, warned) when the loss (None: not known) or a gradient is not
+        finite; ``error`` (the records' problem on this rank) is raised otherwise. Data-parallel,
+        one collective (:class:`~nn_adapter.distributed.Collectives`) carries the loss, whether
+        each rank's records are complete and :meth:`_agreement`'s numbers (and, with
+        ``process_group=``, the gradients, which it averages): a non-finite loss or gradient on
+        any rank refuses the step on all, records incomplete on any rank raise on all."""
+        value = None if loss is None else float(
+            loss.detach() if isinstance(loss, torch.Tensor) else loss)
+        col = self.collectives
+        if col is None:
+            if value is not None and not math.isfinite(value):
+                return self._refuse("loss", value)
+            if not self._finite_grads(value):
+                return False
+            if error is not None:
+                raise error
+            return True
+        grads = [p.grad for p in self._params_with_grad()] if col.average_gradients else []
+        own = self._agreement(rec) if error is None else None
+        sums = col.average_(grads, [0.0 if value is None else value, float(error is not None)]
+                            + (own if own is not None else self._agreement_size() * [0.0]))
+        total, failed = sums[0] / col.world_size, sums[1]
+        if value is not None and not math.isfinite(total):
+            return self._refuse("the loss of some rank", total)
+        if not self._finite_grads(None if value is None else total):
+            return False
+        if error is not None:
+            raise error
+        if failed:
+            raise InputError(f"model: the step was refused on {int(failed)} of "
+                             f"{col.world_size} ranks (their records of the forward and backward "
+                             "pass are incomplete; see their error)")
+        self._agreed(sums[2:])
+        return True
+
+    def _agreement(self, rec: Recorder) -> list:
+        """Numbers this rank adds to the agreement collective (summed over ranks, handed to
+        :meth:`_agreed`); always :meth:`_agreement_size` of them. None here."""
+        return []
+
+    def _agreement_size(self) -> int:
+        return 0
+
+    def _agreed(self, sums: list) -> None:
+        """Receives the sums of :meth:`_agreement` over the ranks."""
+
+    def _reduce(self):
+        """The in-place cross-rank average a curvature applies to its batch statistics, or None
+        on one process."""
+        return self.collectives.average_ if self.collectives is not None else None
 
     def _finite_grads(self, loss=None) -> bool:
         grads = [p.grad for p in self._params_with_grad()]
@@ -413,7 +478,7 @@ class CurvatureOptimizer(torch.optim.Optimizer):
             pairs = [self._grads_states(b) for b in part]
             grads, states = [g for g, _ in pairs], [s for _, s in pairs]
             self._decoupled_decay(group, part)
-            self.curvature.update_all(part, grads, group, states, rec)
+            self.curvature.update_all(part, grads, group, states, rec, self._reduce())
             if factors:
                 out.update(zip(part, self.curvature.factors_all(part, group, states)))
         if not factors:
@@ -438,6 +503,11 @@ class CurvatureOptimizer(torch.optim.Optimizer):
             self._apply(block, factors)
 
     # -- state ---------------------------------------------------------------------------------------
+    def configuration(self) -> dict:
+        """The options that define this optimizer beyond its param groups (a checkpoint of
+        another configuration is refused: :func:`nn_adapter.checkpoint.load_checkpoint`)."""
+        return {"curvature": self.curvature.name}
+
     def state_dict(self) -> dict:
         """``torch.optim.Optimizer.state_dict`` plus ``"curvature"``: the curvature's name."""
         state = super().state_dict()

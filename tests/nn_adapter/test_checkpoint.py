@@ -1,0 +1,201 @@
+"""Checkpoints: a run killed (SIGKILL) after an epoch and resumed ends with exactly the parameters
+of an uninterrupted run; bad checkpoints (missing, corrupted, truncated, of another model or
+optimizer) are typed errors naming the file and change nothing; a failed write never replaces a
+good checkpoint."""
+import copy
+import os
+import pathlib
+import random
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import checkpoint_run
+from nn_adapter import DDPNOpt, EKFAC
+from nn_adapter import checkpoint as ckpt
+from nn_adapter.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+
+SCRIPT = pathlib.Path(checkpoint_run.__file__)
+EPOCHS, KILL_AFTER = 60, 2
+
+
+@pytest.fixture
+def own_rng():
+    """The RNG states and thread count of this process, restored after the test."""
+    state = torch.get_rng_state(), random.getstate(), np.random.get_state()
+    threads = torch.get_num_threads()
+    yield
+    torch.set_rng_state(state[0])
+    random.setstate(state[1])
+    np.random.set_state(state[2])
+    torch.set_num_threads(threads)
+
+
+def _saved_epoch(folder: pathlib.Path):
+    try:
+        return torch.load(folder / ckpt.FILE_NAME, weights_only=True)["epoch"]
+    except (OSError, RuntimeError, EOFError, KeyError):
+        return None
+
+
+def test_a_killed_run_resumes_to_the_parameters_of_an_uninterrupted_run(tmp_path, own_rng):
+    folder = tmp_path / "run"
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    child = subprocess.Popen([sys.executable, str(SCRIPT), str(folder), str(EPOCHS)], env=env,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 120
+        while (_saved_epoch(folder) or 0) < KILL_AFTER:
+            assert child.poll() is None, child.stderr.read().decode()[-2000:]
+            assert time.monotonic() < deadline
+            time.sleep(0.002)
+        child.send_signal(signal.SIGKILL)        # a real kill, wherever the run is
+        child.wait(timeout=30)
+    finally:
+        if child.poll() is None:
+            child.kill()
+            child.wait()
+        child.stderr.close()
+    assert child.returncode == -signal.SIGKILL
+    killed_at = _saved_epoch(folder)
+    print("killed after epoch", killed_at)
+    assert KILL_AFTER <= killed_at < EPOCHS and not (folder / "final.npy").exists()
+    resumed = checkpoint_run.train(folder, EPOCHS, resume=True)
+    torch.manual_seed(1234)                      # the RNG states come from the checkpoint
+    uninterrupted = checkpoint_run.train(tmp_path / "whole", EPOCHS)
+    assert np.array_equal(resumed, uninterrupted)
+
+
+def _setup(width=5, curvature="adam", **options):
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(3, width), nn.Tanh(), nn.Linear(width, 2)).double()
+    return net, DDPNOpt(net, lr=0.01, curvature=curvature, **options)
+
+
+def _step(net, opt):
+    x = torch.randn(8, 3, dtype=torch.float64)
+    y = torch.randint(0, 2, (8,))
+
+    def closure():
+        opt.zero_grad()
+        loss = nn.functional.cross_entropy(net(x), y)
+        loss.backward()
+        return loss
+    opt.step(closure)
+
+
+@pytest.fixture
+def saved(tmp_path, own_rng):
+    net, opt = _setup()
+    _step(net, opt)
+    save_checkpoint(tmp_path, net, opt, epoch=3, data_order=torch.Generator().manual_seed(1),
+                    extra={"loss": [1.0, 0.5]})
+    return tmp_path
+
+
+def _flat(net):
+    return torch.cat([p.detach().reshape(-1) for p in net.parameters()]).clone()
+
+
+def test_a_checkpoint_round_trip_restores_everything(saved, own_rng):
+    torch.manual_seed(99)
+    net, opt = _setup()
+    order = torch.Generator()
+    state = load_checkpoint(saved, net, opt, order)
+    assert (state.epoch, state.world_size, state.extra) == (3, 1, {"loss": [1.0, 0.5]})
+    assert torch.equal(order.get_state(), torch.Generator().manual_seed(1).get_state())
+    assert opt.state_dict()["state"][0]["step"] == 1
+    assert state.path == str(saved / ckpt.FILE_NAME)
+
+
+def _refused(path, net, opt, match):
+    before = _flat(net)
+    opt_before = copy.deepcopy(opt.state_dict())
+    with pytest.raises(CheckpointError, match=match) as err:
+        load_checkpoint(path, net, opt)
+    assert str(path) in str(err.value)
+    assert torch.equal(_flat(net), before)                 # nothing changed
+    assert str(opt.state_dict()["state"]) == str(opt_before["state"])
+
+
+@pytest.mark.parametrize("other", [
+    dict(width=6), dict(curvature="ekfac"), dict(feedback=False), dict(terminal_hessian="sampled"),
+    dict(betas=(0.8, 0.999))])
+def test_a_checkpoint_of_another_model_or_optimizer_is_refused(saved, other):
+    net, opt = _setup(**other)
+    _refused(saved / ckpt.FILE_NAME, net, opt, "another model or optimizer configuration")
+
+
+def test_a_checkpoint_of_another_optimizer_class_is_refused(saved):
+    net, _ = _setup()
+    _refused(saved, net, EKFAC(net, lr=0.01), "class")
+    _refused(saved, net, torch.optim.Adam(net.parameters()), "class")
+
+
+def test_corrupted_truncated_and_missing_checkpoints_are_typed_errors_naming_the_file(saved):
+    path = saved / ckpt.FILE_NAME
+    net, opt = _setup()
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    _refused(path, net, opt, "corrupted or truncated")
+    path.write_bytes(b"not a checkpoint at all")
+    _refused(path, net, opt, "corrupted or truncated")
+    torch.save({"some": "dict"}, path)
+    _refused(path, net, opt, "entries missing")
+    path.unlink()
+    _refused(saved, net, opt, "does not exist")
+
+
+def test_a_failed_write_leaves_the_good_checkpoint(saved, monkeypatch):
+    path = saved / ckpt.FILE_NAME
+    good = path.read_bytes()
+
+    def broken(obj, fh):
+        fh.write(b"PK\x03\x04 half a file")
+        raise OSError("disk full")
+    monkeypatch.setattr(ckpt.torch, "save", broken)
+    net, opt = _setup()
+    with pytest.raises(OSError, match="disk full"):
+        save_checkpoint(saved, net, opt, epoch=4)
+    assert path.read_bytes() == good
+    assert [p.name for p in saved.iterdir()] == [ckpt.FILE_NAME]
+
+
+def test_save_refuses_bad_arguments_before_writing(tmp_path):
+    net, opt = _setup()
+    with pytest.raises(ValueError, match="epoch"):
+        save_checkpoint(tmp_path, net, opt, epoch=-1)
+    with pytest.raises(TypeError, match="optimizer"):
+        save_checkpoint(tmp_path, net, net, epoch=1)
+    with pytest.raises(TypeError, match="data_order"):
+        save_checkpoint(tmp_path, net, opt, epoch=1, data_order=3)
+    with pytest.raises(TypeError, match="model"):
+        load_checkpoint(tmp_path, opt, opt)
+    assert not list(tmp_path.iterdir())
+
+
+def test_a_data_order_asked_of_a_checkpoint_without_one_is_refused(tmp_path):
+    net, opt = _setup()
+    save_checkpoint(tmp_path, net, opt, epoch=1)
+    with pytest.raises(CheckpointError, match="no data order"):
+        load_checkpoint(tmp_path, net, opt, torch.Generator())
+
+
+def test_the_checkpoint_carries_the_generator_of_the_sampled_terminal(tmp_path, own_rng):
+    net, opt = _setup(terminal_hessian="sampled")
+    _step(net, opt)
+    save_checkpoint(tmp_path, net, opt, epoch=1)
+    twin_net, twin = _setup(terminal_hessian="sampled")
+    load_checkpoint(tmp_path, twin_net, twin)
+    assert torch.equal(twin.generator.get_state(), opt.generator.get_state())
+    torch.manual_seed(5)
+    _step(net, opt)
+    torch.manual_seed(5)
+    _step(twin_net, twin)
+    assert torch.equal(_flat(net), _flat(twin_net))
