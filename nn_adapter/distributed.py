@@ -290,9 +290,9 @@ def _worker_init(threads: int) -> None:
 def parallel_map(fn: Callable, items: Sequence, workers: int = 1, threads: int = 1) -> list:
     """``[fn(item) for item in items]``, in ``workers`` processes; the results in order.
 
-    Each call runs in a fresh spawned process (``torch.multiprocessing``'s spawn context) with
-    ``threads`` torch threads, so a run that seeds itself gives what it gives serially. With
-    ``workers=1`` the calls run here, one after another.
+    :func:`occore.comparison.parallel.parallel_map` (spawned processes) with ``threads`` torch
+    threads in each, so a run that seeds itself gives what it gives serially. With ``workers=1``
+    the calls run here, one after another.
 
     Args:
         fn: a module-level function (pickled); items: its arguments (pickled).
@@ -305,16 +305,8 @@ def parallel_map(fn: Callable, items: Sequence, workers: int = 1, threads: int =
         >>> parallel_map(math.sqrt, [1.0, 4.0, 9.0])
         [1.0, 2.0, 3.0]
     """
-    for name, v in (("workers", workers), ("threads", threads)):
-        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-            raise InputError(f"{name}: expected an int >= 1, got {v!r}")
-    items = list(items)
-    if workers == 1 or len(items) <= 1:
-        return [fn(item) for item in items]
-    from concurrent.futures import ProcessPoolExecutor
+    from occore.comparison.parallel import parallel_map as _map
 
-    import torch.multiprocessing as mp
-
-    with ProcessPoolExecutor(max_workers=min(workers, len(items)), mp_context=mp.get_context("spawn"),
-                             initializer=_worker_init, initargs=(threads,)) as pool:
-        return list(pool.map(fn, items))
+    if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
+        raise InputError(f"threads: expected an int >= 1, got {threads!r}")
+    return _map(fn, items, workers, _worker_init, (threads,))

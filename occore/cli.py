@@ -128,6 +128,8 @@ def build_parser(plugins: dict | None = None, describe_plugins: bool = False) ->
     c.add_argument("--backend", default="casadi", choices=BACKENDS, help="derivative backend of the reference problems")
     c.add_argument("--max-iter", type=int, default=None, metavar="N", help="iteration limit for every solver")
     c.add_argument("--repeat", type=int, default=1, metavar="N", help="solve each pair N times, keep the fastest")
+    c.add_argument("--workers", type=int, default=1, metavar="N",
+                   help="run the (problem, solver) pairs in N processes (same table as serial, times aside)")
     c.add_argument("--plot", metavar="FILE.png", help="draw cost minus best against iteration and wall time")
     c.add_argument("--json", metavar="FILE", help="write the raw records as JSON")
     c.add_argument("--markdown", action="store_true", help="print the table as Markdown")
@@ -170,7 +172,7 @@ def _compare(args, out) -> int:
     from .comparison.runner import compare
 
     cmp = compare(args.problems, args.solvers, max_iter=args.max_iter, backend=args.backend,
-                  progress=not args.no_progress, repeat=args.repeat)
+                  progress=not args.no_progress, repeat=args.repeat, workers=args.workers)
     print(cmp.table(markdown=args.markdown), file=out)
     for r in cmp.records:
         if r.status == "ERROR":

@@ -233,8 +233,22 @@ def _timed(problem_name, problem, name, runner, solver, initial, warmup, repeat)
                   box_violation=_box_violation(problem, res.us), iteration_costs=costs, iteration_times=times)
 
 
+_RESOLVED: dict = {}   # in a worker process: the problems of a spec, resolved once
+
+
+def _run_pair(task) -> Record:
+    """One (problem, solver) pair of a parallel comparison, in a worker process: the problems are
+    resolved there from the same spec (names or files), once per process."""
+    spec, backend, pname, solver, max_iter, warmup, repeat = task
+    key = (spec if isinstance(spec, str) else tuple(spec), backend)
+    if key not in _RESOLVED:
+        _RESOLVED[key] = resolve_problems(spec, backend=backend)
+    return run_one(pname, _RESOLVED[key][pname], solver, max_iter, warmup, repeat)
+
+
 def compare(problems="all", solvers=DEFAULT_SOLVERS, *, max_iter: int | None = None, levels=LEVELS,
-            progress: bool = False, backend: str = "casadi", warmup: bool = True, repeat: int = 1) -> Comparison:
+            progress: bool = False, backend: str = "casadi", warmup: bool = True, repeat: int = 1,
+            workers: int = 1) -> Comparison:
     """Run every solver on every problem, from the same initial guess (the problem's zeros).
 
     Args:
@@ -249,20 +263,38 @@ def compare(problems="all", solvers=DEFAULT_SOLVERS, *, max_iter: int | None = N
         backend: backend of the reference problems named.
         warmup: run one untimed iteration of each named solver first (see :func:`run_one`).
         repeat: solve each pair this many times and keep the fastest run.
+        workers: run the (problem, solver) pairs in this many processes
+            (:func:`occore.comparison.parallel.parallel_map`); the records are those of a serial
+            run (times aside). Needs problems and solvers given by name or file.
 
     Returns:
         A :class:`Comparison` (``.table()``, ``.plot(path)``, ``.to_json(path)``, ``.records``).
 
     Raises:
         InputError: unknown problem or solver names (the message lists the valid ones), a problem
-            file that fails to import (the message gives the file and line).
+            file that fails to import (the message gives the file and line), a bad ``workers``
+            or, with workers > 1, problems or solvers given as objects.
     """
     if max_iter is not None and (isinstance(max_iter, bool) or not isinstance(max_iter, int) or max_iter < 1):
         raise InputError(f"max_iter={max_iter!r} is invalid: expected an integer >= 1")
     if isinstance(repeat, bool) or not isinstance(repeat, int) or repeat < 1:
         raise InputError(f"repeat={repeat!r} is invalid: expected an integer >= 1")
+    if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
+        raise InputError(f"workers={workers!r} is invalid: expected an integer >= 1")
     solver_list = _solver_list(solvers)
+    if workers > 1 and (not all(isinstance(s, str) for s in solver_list) or not (
+            isinstance(problems, str) or all(isinstance(p, str) for p in problems))):
+        raise InputError("workers > 1 runs each pair in another process, which rebuilds the "
+                         "problems and solvers from their names or files: give them by name "
+                         "(or problem file), or use workers=1 for objects")
     probs = resolve_problems(problems, backend=backend)
+    if workers > 1:
+        from .parallel import parallel_map
+
+        spec = problems if isinstance(problems, str) else list(problems)
+        tasks = [(spec, backend, pname, s, max_iter, warmup, repeat)
+                 for pname in probs for s in solver_list]
+        return Comparison(parallel_map(_run_pair, tasks, workers), levels)
     bar = _progress(len(probs) * len(solver_list), progress)
     records = []
     try:
