@@ -33,12 +33,11 @@ parameters; DDPNOpt applies P.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from torch import nn
-from torch.func import functional_call, jvp, vjp, vmap
+from torch.func import jvp, vjp, vmap
 
 from .curvature.base import Block, apply_p, as_matrix, from_matrix
 from .curvature.kron import patches, per_sample_grads

@@ -32,7 +32,6 @@ from __future__ import annotations
 import math
 
 import torch
-from torch import nn
 
 from occore.errors import InputError
 from occore.types import Policy, Trajectory
@@ -254,7 +253,6 @@ class MinibatchLocalModel:
     def _extras(self, t, stage, x, xhat, v_out, total, mu=None) -> list:
         """Add the regularisation (mu h_u^T h_x dx) and second-order terms of stage t's feedback (per sample
         divided by the regularisation ``mu``, as the Gauss-Newton part is)."""
-        opt = self.problem.opt
         eps = self.mu > 0
         if not eps and not self.second_order:
             return total
@@ -347,7 +345,7 @@ class MinibatchLocalModel:
 
     def _rank_one_ops(self, factors, compact, ws, mus) -> list:
         """Feedback operators of the rank-one sweep: (1/B) sum_i w_i^2 q_u (q_x . dx) / mu_i."""
-        problem, opt = self.problem, self.problem.opt
+        problem = self.problem
         rec, stages, n = problem.rec, problem.stages, problem.batch_size
         ops: list = [None] * len(stages)
         for t in range(1, len(stages)):
@@ -392,7 +390,7 @@ class MinibatchLocalModel:
 
     def _dense_ops(self, factors, cols, ws, mus) -> list:
         """``feedback="dense"``: the same sweep's gains materialised per sample."""
-        problem, opt = self.problem, self.problem.opt
+        problem = self.problem
         rec, stages, n = problem.rec, problem.stages, problem.batch_size
         if any(f is None for f in factors):
             raise InputError("feedback='dense' needs gradients for every stage's parameters")

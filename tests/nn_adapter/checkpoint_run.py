@@ -13,6 +13,7 @@ import sys
 import numpy as np
 import torch
 import torch.distributed as dist
+from nn_adapter.training import make_closure
 from torch import nn
 
 N, BATCH = 128, 16
@@ -51,12 +52,7 @@ def train(folder, epochs: int, resume: bool = False, dropout: bool = True,
         for i in range(0, N, BATCH):
             xb, yb = shard(x[perm[i:i + BATCH]], y[perm[i:i + BATCH]])
 
-            def closure():
-                opt.zero_grad()
-                loss = nn.functional.cross_entropy(model(xb), yb)
-                loss.backward()
-                return loss
-            opt.step(closure)
+            opt.step(make_closure(model, opt, xb, yb))
         save_checkpoint(folder, model, opt, epoch, order)
     return torch.cat([p.detach().reshape(-1) for p in net.parameters()]).numpy().copy()
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 import torch.distributed as dist
+from nn_adapter.training import make_closure
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
@@ -75,12 +76,7 @@ def run_case(name: str) -> dict:
             nn.functional.cross_entropy(model(xb), yb).backward()
             opt.step()
         else:
-            def closure():
-                opt.zero_grad()
-                loss = nn.functional.cross_entropy(model(xb), yb)
-                loss.backward()
-                return loss
-            opt.step(closure)
+            opt.step(make_closure(model, opt, xb, yb))
         calls.append((opt.collectives.calls if opt.collectives is not None else 0) - before)
         params.append(flat(net))
         if getattr(opt, "diagnostics", None):

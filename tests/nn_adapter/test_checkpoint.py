@@ -20,6 +20,7 @@ import checkpoint_run
 from nn_adapter import DDPNOpt, EKFAC
 from nn_adapter import checkpoint as ckpt
 from nn_adapter.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from nn_adapter.training import make_closure
 
 SCRIPT = pathlib.Path(checkpoint_run.__file__)
 EPOCHS, KILL_AFTER = 60, 2
@@ -82,12 +83,7 @@ def _step(net, opt):
     x = torch.randn(8, 3, dtype=torch.float64)
     y = torch.randint(0, 2, (8,))
 
-    def closure():
-        opt.zero_grad()
-        loss = nn.functional.cross_entropy(net(x), y)
-        loss.backward()
-        return loss
-    opt.step(closure)
+    opt.step(make_closure(net, opt, x, y))
 
 
 @pytest.fixture
