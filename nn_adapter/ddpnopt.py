@@ -264,6 +264,7 @@ class DDPNOpt(CurvatureOptimizer):
         if self._stage_cache is None or self._stage_cache[0] != key:
             self._stage_cache = (key, module_stages(self._model, self._blocks, rec.order))
         stages = self._stage_cache[1]
+        rec.check_stages(stages)
         rec.check_complete([s.module for s in stages[1:]])
         for s in stages:
             s.freeze_statistics(rec.inputs[s.module])

@@ -187,6 +187,7 @@ class StageRecorder(Recorder):
         self.model_args = self.model_kwargs = self.rng = None
         self.model_output = self.model_grad = None
         self.model_calls = 0
+        self.unsupported: dict = {}
 
     # -- hooks -----------------------------------------------------------------------------------
     def _pre(self, module, args):
@@ -200,6 +201,10 @@ class StageRecorder(Recorder):
         if not args or not isinstance(args[0], torch.Tensor):
             return None
         x = args[0]
+        others = [a for a in args[1:] if isinstance(a, torch.Tensor) and a.requires_grad]
+        if others:
+            self.unsupported[module] = (f"takes {1 + len(others)} tensor inputs that depend on the "
+                                        "parameters (a stage's state is its first input only)")
         self.inputs[module] = x.detach()
         if id(module) in self._in_grad and x.requires_grad:
             x = x.view_as(x)              # consumed by this module only: its grad is h_x^T g
@@ -211,8 +216,11 @@ class StageRecorder(Recorder):
         if (not torch.is_grad_enabled() or id(module) not in self._ids
                 or self.calls.get(module, 0) != 1):
             return
-        if isinstance(output, torch.Tensor) and output.requires_grad:
-            output.register_hook(lambda grad: self.out_grads.__setitem__(module, grad.detach()))
+        if isinstance(output, torch.Tensor):
+            if output.requires_grad:
+                output.register_hook(lambda grad: self.out_grads.__setitem__(module, grad.detach()))
+        else:
+            self.unsupported.setdefault(module, f"returns a {type(output).__name__}, not one tensor")
 
     def _model_pre(self, module, args, kwargs):
         if module is self.model and torch.is_grad_enabled():
@@ -244,6 +252,19 @@ class StageRecorder(Recorder):
         self.model_args = self.model_kwargs = self.rng = None
         self.model_output = self.model_grad = None
         self.model_calls = 0
+        self.unsupported = {}
+
+    def check_stages(self, stages) -> None:
+        """Raise ``UnsupportedModuleError`` for a stage after the first whose call the feedback
+        cannot treat as x_{t+1} = h(x_t; u_t): one tensor in, one tensor out (the first stage's
+        input is fixed, so any module may come first)."""
+        for stage in stages[1:]:
+            why = self.unsupported.get(stage.module)
+            if why:
+                raise UnsupportedModuleError(
+                    f"model: module {stage.name!r} ({type(stage.module).__name__}) {why}; DDPNOpt's "
+                    "feedback needs each parametrised module after the first to map one tensor to "
+                    "one tensor (use feedback=False for this model)")
 
     def check_model_call(self) -> None:
         """Raise ``InputError`` unless the model was called exactly once in the closure."""

@@ -81,6 +81,28 @@ class SkipMLP(nn.Module):
         return self.l3(self.norm(a + torch.tanh(self.l2(a))))
 
 
+class GatedBlock(nn.Module):
+    """A module owning a parameter *and* a child stage (a container stage), not first."""
+
+    def __init__(self):
+        super().__init__()
+        self.inner = nn.Linear(5, 5)
+        self.gate = nn.Parameter(torch.linspace(0.5, 1.5, 5))
+
+    def forward(self, x):
+        return torch.tanh(self.inner(x)) * self.gate + x
+
+
+def _container():
+    return nn.Sequential(nn.Linear(4, 5), nn.Tanh(), GatedBlock(), nn.Linear(5, 3)).double()
+
+
+def _normalised():
+    """GroupNorm and PReLU: parametrised modules without a closed form, between two Linears."""
+    return nn.Sequential(nn.Linear(4, 8), nn.Unflatten(1, (4, 2)), nn.GroupNorm(2, 4), nn.PReLU(),
+                         nn.Flatten(), nn.Linear(8, 3)).double()
+
+
 def _residual():
     return ResidualCNN().double()
 
@@ -164,8 +186,8 @@ def _compare(make, curvature, lr, terminal="projected", warmup=2, vxx_update=Tru
     return fb, diff, rel
 
 
-MODELS = [_mlp, _cnn, _generic, _nested, _residual, _skip]
-IDS = ["mlp", "cnn", "generic", "nested", "residual", "skip"]
+MODELS = [_mlp, _cnn, _generic, _nested, _residual, _skip, _container, _normalised]
+IDS = ["mlp", "cnn", "generic", "nested", "residual", "skip", "container", "normalised"]
 
 
 @pytest.mark.parametrize("make", MODELS, ids=IDS)

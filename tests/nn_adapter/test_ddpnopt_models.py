@@ -1,6 +1,7 @@
 """DDPNOpt with feedback on real models: custom forward, residual blocks, dropout and batch norm in
 training mode, weight sharing, torch.compile, data-dependent paths."""
 import math
+import re
 
 import pytest
 import torch
@@ -130,6 +131,65 @@ def test_weight_sharing_is_refused_naming_the_module():
     with pytest.raises(InputError, match="Linear ran 2 times"):
         opt.step(make_closure(net, opt, x, y))
     assert all(torch.equal(a, b) for a, b in zip(before, net.parameters()))
+
+
+class _Recurrent(nn.Module):
+    """A Linear, then an LSTM (returns a tuple), then a Linear; or the LSTM first."""
+
+    def __init__(self, lstm_first=False):
+        super().__init__()
+        self.lstm_first = lstm_first
+        self.pre = nn.Linear(6, 6)
+        self.rnn = nn.LSTM(3, 4, batch_first=True)
+        self.out = nn.Linear(4, 2)
+
+    def forward(self, x):
+        if self.lstm_first:
+            return self.out(self.rnn(x.reshape(-1, 2, 3))[0][:, -1])
+        h = torch.tanh(self.pre(x)).reshape(-1, 2, 3)
+        return self.out(self.rnn(h)[0][:, -1])
+
+
+class _Attention(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.pre = nn.Linear(6, 8)
+        self.attn = nn.MultiheadAttention(4, 2, batch_first=True)
+        self.out = nn.Linear(4, 2)
+
+    def forward(self, x):
+        h = torch.tanh(self.pre(x)).reshape(-1, 2, 4)
+        return self.out(self.attn(h, h, h)[0].mean(1))
+
+
+@pytest.mark.parametrize("make,module,why", [
+    (lambda: _Recurrent(), "'rnn' (LSTM)", "returns a tuple"),
+    (_Attention, "'attn' (MultiheadAttention)", "takes 3 tensor inputs"),
+])
+def test_a_stage_that_is_not_one_tensor_to_one_tensor_is_refused_naming_it(make, module, why):
+    net = make().double()
+    opt = DDPNOpt(net.parameters(), model=net, lr=0.01)
+    x = torch.randn(8, 6, dtype=torch.float64)
+    y = torch.randint(0, 2, (8,))
+    before = [p.detach().clone() for p in net.parameters()]
+    with pytest.raises(UnsupportedModuleError, match=re.escape(module) + ".*" + why + ".*feedback=False"):
+        opt.step(make_closure(net, opt, x, y))
+    assert all(torch.equal(a, b) for a, b in zip(before, net.parameters()))
+    plain = DDPNOpt(net.parameters(), model=net, lr=0.01, feedback=False)   # the way out it names
+    plain.step(make_closure(net, plain, x, y))
+    assert not all(torch.equal(a, b) for a, b in zip(before, net.parameters()))
+
+
+def test_a_recurrent_first_stage_trains_with_feedback():
+    """The first stage's input is fixed (no feedback there), so any module may come first."""
+    torch.manual_seed(0)
+    net = _Recurrent(lstm_first=True).double()
+    opt = DDPNOpt(net.parameters(), model=net, lr=0.02, curvature="adam")
+    x = torch.randn(32, 6, dtype=torch.float64)
+    y = (x[:, 0] > 0).long()
+    closure = make_closure(net, opt, x, y)
+    losses = [float(opt.step(closure)) for _ in range(30)]
+    assert math.isfinite(losses[-1]) and losses[-1] < 0.8 * losses[0]
 
 
 def test_a_compiled_model_gets_a_clear_error():
