@@ -100,7 +100,7 @@ class Solver:
                 traj = problem.rollout(prev.us)
         else:
             traj = problem.rollout(problem.initial_controls() if us0 is None else us0)
-        state = SolverState(traj=traj, mu=self._initial_mu() if mu is None else float(mu))
+        state = SolverState(traj=traj, mu=self._initial_mu(problem) if mu is None else float(mu))
         if not math.isfinite(traj.cost):
             return replace(state, status=Status.NON_FINITE, message="initial rollout cost is not finite")
         return self._first_state(problem, state)
@@ -137,7 +137,7 @@ class Solver:
         return res
 
     # -- subclass hooks -------------------------------------------------------------------------
-    def _initial_mu(self) -> float:
+    def _initial_mu(self, problem) -> float:
         return 0.0
 
     def _first_state(self, problem, state: SolverState) -> SolverState:

@@ -26,7 +26,7 @@ class _RiccatiSolver(Solver):
     Options = DDPOptions
     second_order = False
 
-    def _initial_mu(self) -> float:
+    def _initial_mu(self, problem) -> float:
         return self.options.regularization.initial
 
     def _iterate(self, problem, state: SolverState) -> tuple[SolverState, IterationInfo]:

@@ -83,7 +83,10 @@ class EMSAOptions:
             stiff problems (swing-ups) dJ/du stays far from 0 at the optimum DDP finds, since
             rounding the controls at 1e-9 moves it by ~0.1; this rule is what stops there.
         rho: initial penalty weight of the feasibility terms (>= 0; 0 with one exact inner
-            maximisation is the basic MSA).
+            maximisation is the basic MSA). None (default): the problem's choice, its
+            ``emsa_rho`` attribute where it has one (a network with a mean loss over B samples
+            takes 1/B: its Hamiltonian carries 1/B per sample, the feasibility terms do not), else
+            1.0.
         adaptive_rho: reject a trial that does not lower J and raise rho; lower rho after an
             accepted one. Off: every trial is accepted.
         rho_increase: factor applied to rho on a rejected trial.
@@ -102,7 +105,7 @@ class EMSAOptions:
     max_iter: int = 3000
     tol: float = 1e-4
     ftol: float = 1e-14
-    rho: float = 1.0
+    rho: float | None = None
     adaptive_rho: bool = True
     rho_increase: float = 10.0
     rho_decrease: float = 1.1
@@ -120,14 +123,15 @@ class EMSAOptions:
             self.max_iter, bool) and self.max_iter >= 1, "an integer >= 1")
         _check("tol", self.tol, _number(self.tol) and self.tol > 0, "a finite number > 0")
         _check("ftol", self.ftol, _number(self.ftol) and self.ftol >= 0, "a finite number >= 0")
-        _check("rho", self.rho, _number(self.rho) and self.rho >= 0, "a finite number >= 0")
+        _check("rho", self.rho, self.rho is None or (_number(self.rho) and self.rho >= 0),
+               "None or a finite number >= 0")
         _check("adaptive_rho", self.adaptive_rho, isinstance(self.adaptive_rho, bool), "True or False")
         for name in ("rho_increase", "rho_decrease"):
             v = getattr(self, name)
             _check(name, v, _number(v) and (v > 1 if name == "rho_increase" else v >= 1),
                    "a finite number > 1" if name == "rho_increase" else "a finite number >= 1")
         _check("rho_min", self.rho_min, _number(self.rho_min) and self.rho_min > 0, "a finite number > 0")
-        _check("rho_max", self.rho_max, _number(self.rho_max) and self.rho_max >= max(self.rho, self.rho_min),
+        _check("rho_max", self.rho_max, _number(self.rho_max) and self.rho_max >= max(self.rho or 0.0, self.rho_min),
                ">= rho and >= rho_min")
 
 
@@ -153,8 +157,11 @@ class EMSA(Solver):
     name = "emsa"
     Options = EMSAOptions
 
-    def _initial_mu(self) -> float:
-        return float(self.options.rho)
+    def _initial_mu(self, problem) -> float:
+        if self.options.rho is not None:
+            return float(self.options.rho)
+        rho = getattr(problem, "emsa_rho", None)
+        return 1.0 if rho is None else float(rho)
 
     def _inner(self, problem) -> InnerSolver:
         inner = self.options.inner

@@ -35,3 +35,28 @@ def test_torch_backend_gives_the_same_iterates():
     b = occore.EMSA(max_iter=10).solve(occore.problems.make("unicycle", horizon=20))
     np.testing.assert_allclose(a.us, b.us, rtol=0, atol=1e-9)
     assert [h.accepted for h in a.history] == [h.accepted for h in b.history]
+
+
+def test_emsa_defaults_train_a_network_the_problem_chooses_rho():
+    """occore.EMSA() with its defaults takes rho from the problem (1/B for a mean loss): the
+    loss of the WINE network falls from about 1.05 to below 0.05 in 20 iterations (with rho = 1
+    it stays near 0.74)."""
+    nn_problem = pytest.importorskip("nn_adapter.problem")
+    from torch import nn
+
+    from nn_adapter.data import load_wine
+
+    torch.manual_seed(0)
+    d = load_wine()
+    net = nn.Sequential(nn.Linear(13, 10), nn.Tanh(), nn.Linear(10, 10), nn.Tanh(),
+                        nn.Linear(10, 3)).double()
+    prob = nn_problem.NetworkProblem(net, nn.CrossEntropyLoss(), d.x_train.double(), d.y_train)
+    assert prob.emsa_rho == pytest.approx(1.0 / prob.batch_size)
+    j0 = prob.rollout(prob.initial_controls()).cost
+    res = occore.EMSA(max_iter=20).solve(prob)
+    assert res.history[0].regularization <= prob.emsa_rho * 1.0001
+    assert j0 > 0.9 and res.cost < 0.05
+    fixed = occore.EMSA(max_iter=20, rho=1.0).solve(prob)      # an explicit rho wins
+    assert fixed.history[0].regularization >= 0.9 and fixed.cost > 10 * res.cost
+    assert occore.EMSA().init(prob).mu == pytest.approx(prob.emsa_rho)
+    assert occore.EMSA().init(occore.problems.make("lqr")).mu == 1.0   # dense problems: rho = 1
