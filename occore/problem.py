@@ -199,6 +199,19 @@ class Problem:
         new.x0 = _frozen(arr)
         return new
 
+    def transition(self, x, u, t: int = 0) -> np.ndarray:
+        """The next state f(x, u[, p_t]) (nx,) from one state x (nx,) and control u (nu,), the
+        control clamped into stage t's box (a plant for :func:`occore.simulate`)."""
+        x = np.array(x, dtype=float).reshape(-1)
+        u = np.array(u, dtype=float).reshape(-1)
+        if x.shape != (self.nx,):
+            raise ShapeError("x", (self.nx,), x.shape)
+        if u.shape != (self.nu,):
+            raise ShapeError("u", (self.nu,), u.shape)
+        if self.u_lower is not None:
+            u = np.minimum(np.maximum(u, self.u_lower[t]), self.u_upper[t])
+        return np.array(self._backend.step_values(x, u, t)[0], dtype=float).reshape(self.nx)
+
     def constraint_values(self, xs, us) -> ConstraintValues:
         """All constraint values along (xs (T+1, nx), us (T, nu)); see :class:`ConstraintValues`."""
         xs = np.asarray(xs, dtype=float)

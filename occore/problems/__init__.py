@@ -28,7 +28,7 @@ from ..errors import InputError
 from ..problem import Problem
 from .ops import ops_for
 
-__all__ = ["NAMES", "CONSTRAINED", "OPTIMA", "make"]
+__all__ = ["NAMES", "CONSTRAINED", "OPTIMA", "GOALS", "make"]
 
 #: Optimal costs from the zero guess (CasADi + IPOPT, tol 1e-10; REFERENCE.md for the classic set;
 #: the constrained ones: ``occore.reference.ipopt(make(name)).cost``, IPOPT's rolled-out controls).
@@ -47,6 +47,20 @@ OPTIMA = {
 NAMES = ("lqr", "pendulum", "cartpole", "unicycle", "pendulum_box")
 #: problems with state, path or terminal constraints (CDDP and IPOPT)
 CONSTRAINED = ("unicycle_obstacles", "cartpole_track", "pendulum_terminal", "quadrotor")
+
+#: the goal state x_g of each problem's tracking cost (for state guesses such as FDDP's linear
+#: interpolation x0 -> x_g, and for checking that closed-loop control reaches it)
+GOALS = {
+    "lqr": (0.0, 0.0, 0.0, 0.0),
+    "pendulum": (math.pi, 0.0),
+    "cartpole": (0.0, 0.0, math.pi, 0.0),
+    "unicycle": (0.0, 0.0, 0.0),
+    "pendulum_box": (math.pi, 0.0),
+    "unicycle_obstacles": (0.0, 0.0, 0.0),
+    "cartpole_track": (0.0, 0.0, math.pi, 0.0),
+    "pendulum_terminal": (math.pi, 0.0),
+    "quadrotor": (2.0, 1.0, 0.0, 0.0, 0.0, 0.0),
+}
 
 LQR_A = np.array([[0.0668, -0.0702, 0.3404, 0.0558],
                   [-0.2847, 0.1922, 0.6932, 0.5034],
@@ -77,7 +91,7 @@ def _lqr(ops):
     def f(x, u):
         return ops.matmul(LQR_A, x) + ops.matmul(LQR_B, u)
 
-    l, lf = _tracking([0.0] * 4, [1.0] * 4, [0.1, 0.1], [10.0] * 4)
+    l, lf = _tracking(GOALS["lqr"], [1.0] * 4, [0.1, 0.1], [10.0] * 4)
     return dict(dynamics=f, stage_cost=l, terminal_cost=lf, x0=[1.0, -1.0, 0.5, 2.0], nu=2, horizon=100)
 
 
@@ -89,7 +103,7 @@ def _pendulum(ops, bounded=False):
         w_next = w + dt * (-15.0 * ops.sin(th) + 3.0 * u[0])
         return ops.stack([th + dt * w_next, w_next])
 
-    l, lf = _tracking([math.pi, 0.0], [dt, 0.1 * dt], [0.1 * dt], [100.0, 10.0])
+    l, lf = _tracking(GOALS["pendulum"], [dt, 0.1 * dt], [0.1 * dt], [100.0, 10.0])
     extra = dict(u_lower=-2.0, u_upper=2.0) if bounded else {}
     return dict(dynamics=f, stage_cost=l, terminal_cost=lf, x0=[0.0, 0.0], nu=1, horizon=100, **extra)
 
@@ -106,7 +120,7 @@ def _cartpole(ops):
         xdd = temp - mp * hl * thdd * c / M
         return ops.stack([pos + dt * vel, vel + dt * xdd, th + dt * thd, thd + dt * thdd])
 
-    l, lf = _tracking([0.0, 0.0, math.pi, 0.0], [dt, 0.1 * dt, dt, 0.1 * dt], [0.01 * dt], [100.0, 10.0, 100.0, 10.0])
+    l, lf = _tracking(GOALS["cartpole"], [dt, 0.1 * dt, dt, 0.1 * dt], [0.01 * dt], [100.0, 10.0, 100.0, 10.0])
     return dict(dynamics=f, stage_cost=l, terminal_cost=lf, x0=[0.0] * 4, nu=1, horizon=100)
 
 
@@ -117,7 +131,7 @@ def _unicycle(ops):
         v, w = u[0], u[1]
         return ops.stack([x[0] + v * ops.cos(x[2]) * dt, x[1] + v * ops.sin(x[2]) * dt, x[2] + w * dt])
 
-    l, lf = _tracking([0.0] * 3, [1.0] * 3, [1.0, 1.0], [100.0] * 3)
+    l, lf = _tracking(GOALS["unicycle"], [1.0] * 3, [1.0, 1.0], [100.0] * 3)
     return dict(dynamics=f, stage_cost=l, terminal_cost=lf, x0=[-1.0, -1.0, 1.0], nu=2, horizon=50)
 
 
@@ -142,7 +156,7 @@ def _pendulum_terminal(ops):
     spec = _pendulum(ops)
 
     def h(x):
-        return ops.stack([x[0] - math.pi, x[1]])
+        return ops.stack([x[0] - GOALS["pendulum_terminal"][0], x[1] - GOALS["pendulum_terminal"][1]])
 
     return dict(spec, terminal_cost=lambda x: 0.0 * x[0], terminal_constraints=h, horizon=50)
 
@@ -159,7 +173,7 @@ def _quadrotor(ops):
     def tilt_limit(x, u):
         return ops.stack([math.cos(tilt) - ops.cos(x[2])])
 
-    l, lf = _tracking([2.0, 1.0, 0.0, 0.0, 0.0, 0.0], [10 * dt, 10 * dt, dt, dt, dt, dt], [0.1 * dt, 0.1 * dt],
+    l, lf = _tracking(GOALS["quadrotor"], [10 * dt, 10 * dt, dt, dt, dt, dt], [0.1 * dt, 0.1 * dt],
                       [100.0, 100.0, 10.0, 10.0, 10.0, 10.0])
     return dict(dynamics=f, stage_cost=l, terminal_cost=lf, x0=[0.0] * 6, nu=2, horizon=60,
                 u_lower=-m * g / 2, u_upper=m * g, path_constraints=tilt_limit)
