@@ -8,18 +8,15 @@ import pytest
 
 import occore
 from occore.lq import csweep, riccati
-from occore.problems import OPTIMA
+from occore.problems import GOALS, NAMES, OPTIMA
 from occore.solvers.fddp import _Shooting
-
-GOALS = {"pendulum": [math.pi, 0.0], "cartpole": [0.0, 0.0, math.pi, 0.0], "pendulum_box": [math.pi, 0.0],
-         "unicycle": [0.0, 0.0, 0.0], "lqr": [0.0] * 4}
 
 
 def interpolation(prob, goal):
     return np.linspace(prob.x0, goal, prob.horizon + 1)
 
 
-@pytest.mark.parametrize("name", list(GOALS))
+@pytest.mark.parametrize("name", NAMES)
 def test_from_a_linear_interpolation_guess_to_ddps_optimum(name):
     prob = occore.problems.make(name)
     solver, xs0 = occore.FDDP(), interpolation(prob, GOALS[name])
