@@ -1,7 +1,6 @@
 """occore.FDDP (multiple shooting): the swing-ups from a linear-interpolation state guess reach DDP's
 optimum; the expected change with gaps is exact on an LQ problem; gaps close by the fraction alpha;
 the compiled sweep with gaps equals the numpy one; bad guesses are refused."""
-import math
 
 import numpy as np
 import pytest
