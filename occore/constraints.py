@@ -39,6 +39,18 @@ def _frozen(a: np.ndarray) -> np.ndarray:
     return a
 
 
+class _Empty(dict):
+    """Read-only empty (n, 0) arrays by n (the values of an absent kind of constraint)."""
+
+    def __missing__(self, n):
+        a = self[n] = _frozen(np.zeros((n, 0)))
+        return a
+
+
+_NONE_T = _Empty()
+_EMPTY = _frozen(np.zeros(0))
+
+
 def state_bound(name: str, value, T: int, nx: int, missing: float) -> np.ndarray:
     """A state bound given as scalar, (nx,) or (T+1, nx), as a read-only (T+1, nx) float64 array.
 
@@ -146,10 +158,13 @@ class ConstraintSet:
         and stacked terminal values ``terminal`` (nh + nhi,) or None."""
         T1 = self.x_lower.shape[0]
         iu, il = self.upper_index, self.lower_index
-        with np.errstate(invalid="ignore"):
-            upper = xs[:, iu] - self.x_upper[:, iu]
-            lower = self.x_lower[:, il] - xs[:, il]
-        upper[0] = lower[0] = -np.inf
-        g = np.zeros((T1 - 1, 0)) if g is None else g
-        terminal = np.zeros(0) if terminal is None else terminal
+        if iu.size or il.size:
+            with np.errstate(invalid="ignore"):
+                upper = xs[:, iu] - self.x_upper[:, iu]
+                lower = self.x_lower[:, il] - xs[:, il]
+            upper[0] = lower[0] = -np.inf
+        else:
+            upper = lower = _NONE_T[T1]
+        g = _NONE_T[T1 - 1] if g is None else g
+        terminal = _EMPTY if terminal is None else terminal
         return ConstraintValues(g=g, upper=upper, lower=lower, h=terminal[:self.nh], hi=terminal[self.nh:])

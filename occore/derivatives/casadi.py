@@ -198,7 +198,7 @@ class CasadiBackend(Backend):
             nT = self.nterm
             terminal += [h, _row_major(ca, ca.jacobian(h, x)),
                          ca.vertcat(*[_row_major(ca, ca.hessian(h[i], x)[0]) for i in range(nT)])]
-            self._hvals = ca.Function("h", [x, p], [h])
+            self._hvals = _Evaluator(ca, ca.Function("h", [x, p], [h]))
         self._dT = _Evaluator(ca, ca.Function("dT", [x, p], [ca.vertcat(*terminal)]))
         self._n1 = len(self._sizes1)
         self._offsets = np.concatenate([[0], np.cumsum(self._sizes1 + self._sizes2)]).tolist()
@@ -227,7 +227,7 @@ class CasadiBackend(Backend):
         return np.asarray(self._gstep(x, u, self.P[t]).full()).ravel()
 
     def terminal_constraint_values(self, x):
-        return np.asarray(self._hvals(x, self.P[self.T]).full()).ravel()
+        return self._hvals(x, self.P[self.T])[0].ravel()
 
     def constraint_values(self, xs, us):
         G = self._gvals(xs[:self.T], us, self.P_stage)[0] if self.ng else None

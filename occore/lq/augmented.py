@@ -95,6 +95,8 @@ def _pairs(values, m: Multipliers):
 
 def _weights(c, lam, m: Multipliers):
     """(w, phi'') of inequality values c with multipliers lam (row 0 of the state bounds, -inf, gives 0)."""
+    if not c.size:
+        return c, c
     with np.errstate(invalid="ignore", over="ignore", divide="ignore"):
         if m.barrier:
             s = -c
