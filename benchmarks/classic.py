@@ -21,6 +21,7 @@ Single-threaded: set OMP_NUM_THREADS=1 (done below before numpy is imported).
 from __future__ import annotations
 
 import argparse
+import gc
 import os
 import statistics
 import sys
@@ -47,9 +48,23 @@ def _nlp(name: str):
     kw = {"record": False} if name == "ipopt" else {}
 
     def run(problem, _name):
-        res = solve(problem, **kw)
+        with _quiet_gc():
+            res = solve(problem, **kw)
         return res, res.wall_time
     return run
+
+
+class _quiet_gc:
+    """Collect garbage before a timed run and pause the collector during it (as ``timeit`` does):
+    the references build CasADi objects on every call, whose collection would otherwise land in
+    whichever run happens to come next."""
+
+    def __enter__(self):
+        gc.collect()
+        gc.disable()
+
+    def __exit__(self, *exc):
+        gc.enable()
 
 
 def _occore(cls, interpolate: bool = False):
@@ -60,9 +75,11 @@ def _occore(cls, interpolate: bool = False):
         if interpolate:
             kw["xs0"] = np.linspace(problem.x0, occore.problems.GOALS[name], problem.horizon + 1)
         solver = cls()
-        t0 = time.perf_counter()
-        res = solver.solve(problem, **kw)
-        return res, time.perf_counter() - t0
+        with _quiet_gc():
+            t0 = time.perf_counter()
+            res = solver.solve(problem, **kw)
+            seconds = time.perf_counter() - t0
+        return res, seconds
     return run
 
 
