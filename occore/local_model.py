@@ -81,11 +81,13 @@ class DenseLocalModel:
         Pg = np.einsum("tij,tj->ti", Vxx, gap)
         F1 = float(np.sum(Vx * gap))
         F2 = float(np.sum(gap * Pg))
-        dx = gap[0]
-        Fd = float(Pg[0] @ dx)
-        for t in range(k.shape[0]):                                          # the linear model's states
-            dx = d.fx[t] @ dx + d.fu[t] @ (k[t] + K[t] @ dx) + gap[t + 1]
-            Fd += float(Pg[t + 1] @ dx)
+        A = d.fx + d.fu @ K                                                  # closed-loop (T, nx, nx)
+        b = np.einsum("tij,tj->ti", d.fu, k) + gap[1:]
+        dx = np.empty_like(gap)                                              # the linear model's states
+        dx[0] = gap[0]
+        for t in range(k.shape[0]):
+            dx[t + 1] = A[t] @ dx[t] + b[t]
+        Fd = float(np.sum(Pg * dx))
         return d1 + F1 + F2 - Fd, d2 - F2 + 2.0 * Fd
 
     def _adjoint_sweep(self):
