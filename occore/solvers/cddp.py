@@ -111,6 +111,9 @@ class CDDP(_RiccatiSolver):
     def init(self, problem, us0=None, *, traj=None, mu=None) -> SolverState:
         """As :meth:`occore.solvers.base.Solver.init`; a :class:`Result` of CDDP as ``us0`` also
         gives its multipliers as the initial ones."""
+        if not hasattr(problem, "constraints") or not hasattr(problem, "constraint_values"):
+            raise InputError(f"cddp: expected an occore.Problem (its constraints are declared there), got "
+                             f"{type(problem).__name__}")
         state = super().init(problem, us0, traj=traj, mu=mu)
         warm = getattr(us0, "multipliers", None) if isinstance(us0, Result) else None
         if isinstance(warm, Multipliers) and state.multipliers is not None and _fits(warm, state.multipliers):

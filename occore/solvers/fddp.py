@@ -22,6 +22,7 @@ from dataclasses import replace
 
 import numpy as np
 
+from ..errors import InputError
 from ..result import IterationInfo, Result, Status
 from ..types import Trajectory
 from .base import SolverState
@@ -132,6 +133,8 @@ class FDDP(_RiccatiSolver):
         self.check_problem(problem)
         if traj is not None:
             raise TypeError("init: give xs0 or traj, not both")
+        if not hasattr(problem, "check_states"):
+            raise InputError(f"xs0: a state guess needs a dense occore.Problem, got {type(problem).__name__}")
         xs = problem.check_states(xs0, "xs0")
         if isinstance(us0, Result):
             us0 = us0.us

@@ -132,3 +132,13 @@ def test_inputs_are_not_modified(zoo):
     res = occore.CDDP().solve(prob, us0=us0)
     np.testing.assert_array_equal(us0, copy)
     assert res.converged and math.isclose(res.cost, OPTIMA["pendulum_terminal"], rel_tol=1e-6)
+
+
+def test_problems_without_a_constraint_declaration_are_refused():
+    class Bare:      # a ControlProblem that is not an occore.Problem (e.g. a network)
+        horizon = 3
+
+    with pytest.raises(occore.InputError, match="cddp: expected an occore.Problem"):
+        occore.CDDP().solve(Bare())
+    with pytest.raises(occore.InputError, match="xs0: a state guess needs a dense occore.Problem"):
+        occore.FDDP().solve(Bare(), xs0=np.zeros((4, 1)))
