@@ -11,7 +11,7 @@ from .result import IterationInfo
 
 __all__ = ["Logger", "Verbose", "format_header", "format_row"]
 
-_HEADER = f"{'iter':>5} {'cost':>16} {'expected':>10} {'actual':>10} {'step':>8} {'reg':>8} {'stop':>10} {'time[ms]':>9}"
+_HEADER = f"{'iter':>5} {'cost':>16} {'expected':>10} {'actual':>10} {'step':>8} {'reg':>8} {'stop':>10} {'viol':>8} {'gap':>8} {'time[ms]':>9}"
 
 
 def format_header() -> str:
@@ -20,12 +20,13 @@ def format_header() -> str:
 
 
 def format_row(info: IterationInfo) -> str:
-    """One line of the per-iteration table."""
+    """One line of the per-iteration table (viol: the constraint violation of the iterate, CDDP and
+    IPOPT; gap: its largest dynamics gap, FDDP)."""
     mark = "" if info.accepted else " *"
     return (
         f"{info.iteration:>5d} {info.cost:>16.10g} {info.expected_decrease:>10.3e} "
         f"{info.actual_decrease:>10.3e} {info.step:>8.4f} {info.regularization:>8.1e} "
-        f"{info.stop:>10.3e} {info.wall_time * 1e3:>9.2f}{mark}"
+        f"{info.stop:>10.3e} {info.constraint_violation:>8.1e} {info.gap:>8.1e} {info.wall_time * 1e3:>9.2f}{mark}"
     )
 
 

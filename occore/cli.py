@@ -3,6 +3,7 @@
     occore solve cartpole --solver ddp            per-iteration table, then the result's summary
     occore compare --problems all --solvers ddp,ilqr,emsa,ipopt --plot compare.png --json runs.json
     occore list                                   the problems and solvers known by name
+    occore mpc pendulum --x0 0.5,-1 --plot mpc.png  receding-horizon control in closed loop
     occore train --dataset digits ...             network training, a plugin command (below)
 
 Plugin commands. Other packages add commands through the entry-point group ``occore.commands``
@@ -31,7 +32,7 @@ from .errors import OccoreError
 __all__ = ["main", "build_parser", "Command", "PLUGIN_GROUP", "plugin_commands"]
 
 PLUGIN_GROUP = "occore.commands"
-BUILTIN_COMMANDS = ("solve", "compare", "list")
+BUILTIN_COMMANDS = ("solve", "compare", "list", "mpc")
 
 
 @dataclass(frozen=True)
@@ -136,6 +137,16 @@ def build_parser(plugins: dict | None = None, describe_plugins: bool = False) ->
     c.add_argument("--no-progress", action="store_true", help="no progress bar")
 
     sub.add_parser("list", help="list the problems and solvers known by name")
+
+    m = sub.add_parser("mpc", help="receding-horizon control of a problem in closed loop (its own dynamics as the plant)")
+    m.add_argument("problem", help="a reference problem name (see `occore list`) or a Python file defining one problem")
+    m.add_argument("--solver", default="ilqr", help="the solver re-solving at each step: ilqr (default), ddp, fddp, cddp")
+    m.add_argument("--steps", type=int, default=150, metavar="N", help="closed-loop steps (default 150)")
+    m.add_argument("--iterations", type=int, default=None, metavar="K",
+                   help="solver iterations per step (real-time iteration); default: solve to convergence")
+    m.add_argument("--x0", default=None, metavar="X", help="initial state, comma-separated (default: the problem's)")
+    m.add_argument("--backend", default="casadi", choices=BACKENDS, help="derivative backend of a reference problem")
+    m.add_argument("--plot", metavar="FILE.png", help="draw the closed-loop states and controls")
     for name, ep in plugins.items():   # parsed by the plugin itself: main() hands it the arguments
         sub.add_parser(name, help=_plugin_help(name, ep, describe_plugins).replace("%", "%%"), add_help=False)
     return parser
@@ -186,13 +197,62 @@ def _compare(args, out) -> int:
     return 0
 
 
+def _mpc(args, out) -> int:
+    import numpy as np
+
+    from .comparison.problems import resolve_problems
+    from .comparison.solvers import make_runner
+    from .mpc import MPC, plot_closed_loop, simulate
+    from .problems import GOALS
+    from .solvers.base import Solver
+
+    if args.steps < 1:
+        raise OccoreError(f"--steps {args.steps}: expected an integer >= 1")
+    if args.iterations is not None and args.iterations < 1:
+        raise OccoreError(f"--iterations {args.iterations}: expected an integer >= 1")
+    problems = resolve_problems(args.problem, backend=args.backend)
+    if len(problems) != 1:
+        raise OccoreError(f"mpc: expected one problem, got {len(problems)} ({', '.join(problems)})")
+    (name, prob), = problems.items()
+    solver = make_runner(args.solver)
+    if not isinstance(solver, Solver):
+        raise OccoreError(f"--solver {args.solver}: mpc needs an occore solver (ilqr, ddp, fddp, cddp, ...)")
+    x0 = prob.x0
+    if args.x0 is not None:
+        try:
+            x0 = [float(v) for v in args.x0.split(",")]
+        except ValueError:
+            raise OccoreError(f"--x0 {args.x0!r}: expected {prob.nx} comma-separated numbers") from None
+        if len(x0) != prob.nx:
+            raise OccoreError(f"--x0 {args.x0!r}: expected {prob.nx} comma-separated numbers, got {len(x0)}")
+    mpc = MPC(prob, solver, iterations=args.iterations)
+    run = simulate(mpc, prob, args.steps, x0=x0)
+    print(f"{name}: {prob!r}, solver {args.solver}, "
+          f"{'to convergence' if args.iterations is None else f'{args.iterations} iterations'} per step", file=out)
+    print(f"  x0      {np.array2string(np.asarray(x0, dtype=float), precision=4)}", file=out)
+    print(f"  x_final {np.array2string(run.xs[-1], precision=4)} after {args.steps} steps", file=out)
+    if name in GOALS:
+        print(f"  distance to the goal {float(np.max(np.abs(run.xs[-1] - np.array(GOALS[name])))):.3e} (max norm)",
+              file=out)
+    print(f"  latency per step: median {run.latency(50) * 1e3:.3f} ms, p99 {run.latency(99) * 1e3:.3f} ms, "
+          f"max {run.latencies.max() * 1e3:.3f} ms", file=out)
+    if args.plot:
+        plot_closed_loop(run, args.plot, title=f"{name}: MPC with {args.solver}",
+                         goal=GOALS.get(name))
+        print(f"plot written to {args.plot}", file=out)
+    return 0
+
+
 def _list(out) -> int:
     from .comparison.solvers import describe
-    from .problems import NAMES, OPTIMA
+    from .problems import CONSTRAINED, NAMES, OPTIMA
 
     print("problems (J* from REFERENCE.md):", file=out)
     for name in NAMES:
         print(f"  {name:<14} {OPTIMA[name]:.10g}", file=out)
+    print("constrained problems (J* from occore.reference.ipopt; `--problems constrained`):", file=out)
+    for name in CONSTRAINED:
+        print(f"  {name:<18} {OPTIMA[name]:.10g}", file=out)
     print("solvers:", file=out)
     print(describe(), file=out)
     return 0
@@ -217,6 +277,8 @@ def main(argv=None) -> int:
             return _compare(args, out)
         if args.command == "list":
             return _list(out)
+        if args.command == "mpc":
+            return _mpc(args, out)
         raise OccoreError(f"unknown command {args.command!r}")   # a plugin command reaches its main first
     except OccoreError as err:
         print(f"occore: error: {err}", file=sys.stderr)

@@ -1,4 +1,18 @@
-"""The local linear-quadratic model of a dense problem around one trajectory."""
+"""The local linear-quadratic model of a dense problem around one trajectory.
+
+With gaps (multiple shooting: states that are not a rollout of the controls, FDDP; Mastalli et al.
+2020) the sweep expands each next value at its stage's defect, and the expected change of the cost
+along the step alpha (feedforward alpha k, gaps closed by the fraction alpha) is
+alpha D1 + alpha^2 D2 / 2 with
+
+    D1 = d1 + F1 + F2 - Fd,    D2 = d2 - F2 + 2 Fd,
+    F1 = sum_t Vx_t . gap_t,   F2 = sum_t gap_t . Vxx_t gap_t,   Fd = sum_t gap_t . Vxx_t dx_t,
+
+where gap_0 = x0 - xs_0, gap_{t+1} the defect of stage t, and dx the states of the linear model
+under the new policy (dx_0 = gap_0, dx_{t+1} = fx dx_t + fu (k_t + K_t dx_t) + gap_{t+1}). It is
+exact for linear dynamics and quadratic costs (the LQ optimality conditions give
+sum_t nu_t . gap_t = D1 + D2 with nu_t = Vx_t + Vxx_t dx_t), and reduces to (d1, d2) without gaps.
+"""
 from __future__ import annotations
 
 import numpy as np
@@ -21,6 +35,8 @@ class DenseLocalModel:
         lower, upper: (T, nu) bounds or None.
         sweep: the backward-sweep function (defaults to the numpy reference
             :func:`occore.lq.riccati.riccati_sweep`; a compiled one has the same signature).
+        gaps: (T, nx) defects f(x_t, u_t) - x_{t+1} of a multiple-shooting trajectory, or None.
+        initial_gap: (nx,) x0 - xs_0, or None (zero).
 
     Example:
         >>> import occore
@@ -31,18 +47,48 @@ class DenseLocalModel:
         ((100, 2), (100, 2, 4))
     """
 
-    def __init__(self, derivs, us, lower=None, upper=None, sweep=None):
+    def __init__(self, derivs, us, lower=None, upper=None, sweep=None, gaps=None, initial_gap=None):
         self.derivs = derivs
         self.us = us
         self.lower, self.upper = lower, upper
         self._sweep = sweep or riccati_sweep
         self._adjoint = None
         self.value = None  # (Vx, Vxx) of the last backward pass
+        nx = derivs.fx.shape[1]
+        self.gaps = gaps
+        self.initial_gap = np.zeros(nx) if initial_gap is None else np.asarray(initial_gap, dtype=float)
+        #: largest defect |gap| (0.0 for a single-shooting trajectory)
+        self.max_gap = 0.0
+        if gaps is not None:
+            self.max_gap = float(max(np.max(np.abs(gaps), initial=0.0), np.max(np.abs(self.initial_gap), initial=0.0)))
+            if self.max_gap == 0.0:
+                self.gaps = None
 
     def backward(self, mu: float, second_order: bool = False):
-        k, K, d1, d2, Vx, Vxx = self._sweep(self.derivs, mu, second_order, self.us, self.lower, self.upper)
+        if self.gaps is None:
+            k, K, d1, d2, Vx, Vxx = self._sweep(self.derivs, mu, second_order, self.us, self.lower, self.upper)
+        else:
+            k, K, d1, d2, Vx, Vxx = self._sweep(self.derivs, mu, second_order, self.us, self.lower, self.upper,
+                                                gaps=self.gaps)
+            d1, d2 = self._gap_terms(k, K, d1, d2, Vx, Vxx)
         self.value = (Vx, Vxx)
         return Policy(k=k, K=K), (d1, d2)
+
+    def _gap_terms(self, k, K, d1, d2, Vx, Vxx):
+        """(D1, D2) of the expected change with gaps (module docstring)."""
+        d = self.derivs
+        gap = np.concatenate([self.initial_gap[None], self.gaps])            # (T+1, nx): gap_0..gap_T
+        Pg = np.einsum("tij,tj->ti", Vxx, gap)
+        F1 = float(np.sum(Vx * gap))
+        F2 = float(np.sum(gap * Pg))
+        A = d.fx + d.fu @ K                                                  # closed-loop (T, nx, nx)
+        b = np.einsum("tij,tj->ti", d.fu, k) + gap[1:]
+        dx = np.empty_like(gap)                                              # the linear model's states
+        dx[0] = gap[0]
+        for t in range(k.shape[0]):
+            dx[t + 1] = A[t] @ dx[t] + b[t]
+        Fd = float(np.sum(Pg * dx))
+        return d1 + F1 + F2 - Fd, d2 - F2 + 2.0 * Fd
 
     def _adjoint_sweep(self):
         if self._adjoint is None:

@@ -2,6 +2,8 @@
 
     minimise  J(U) = sum_{t<T} l(x_t, u_t[, p_t]) + lf(x_T[, p_T])
     subject to x_{t+1} = f(x_t, u_t[, p_t]),  x_0 given,  lower_t <= u_t <= upper_t
+               and optionally x_lower_t <= x_t <= x_upper_t (t >= 1), g(x_t, u_t[, p_t]) <= 0,
+               h(x_T[, p_T]) == 0, h_I(x_T[, p_T]) <= 0    (see :mod:`occore.constraints`)
 """
 from __future__ import annotations
 
@@ -9,6 +11,7 @@ import numbers
 
 import numpy as np
 
+from .constraints import ConstraintSet, ConstraintValues
 from .derivatives import BACKENDS, make_backend
 from .errors import InputError, ShapeError
 from .local_model import DenseLocalModel
@@ -47,7 +50,8 @@ def _bound(name: str, value, T: int, nu: int, missing: float) -> np.ndarray:
 
 
 class Problem:
-    """A dense optimal-control problem: dynamics, costs, initial state, horizon and optional bounds.
+    """A dense optimal-control problem: dynamics, costs, initial state, horizon, optional bounds and
+    constraints.
 
     Args:
         dynamics: f(x, u) -> x_next (f(x, u, p) with params), written with the backend's operations.
@@ -58,12 +62,22 @@ class Problem:
         horizon: number of stages T.
         u_lower, u_upper: control bounds: scalar, (nu,) or (T, nu), finite; None for no bound on
             that side.
+        x_lower, x_upper: state bounds on x_1..x_T: scalar, (nx,) or (T+1, nx) (row 0, x0's, is
+            ignored); -inf / inf (or None) for no bound.
+        path_constraints: g(x, u) -> vector (ng,) (g(x, u, p)); g <= 0 at every stage t < T.
+        terminal_constraints: h(x) -> vector (nh,) (h(x, p)); h == 0 at x_T.
         params: stage parameters (T+1, np): row t goes to stage t, row T to the terminal cost.
         backend: "casadi" (default), "torch" or "finite_difference" (numpy callables).
         name: optional label used in tables.
+        terminal_inequalities: h_I(x) -> vector (nhi,) (h_I(x, p)); h_I <= 0 at x_T (keyword only).
+
+    Constraint functions return a column (casadi) or a 1-D tensor / array; a scalar counts as one
+    value. Only :class:`occore.CDDP` (and the IPOPT reference) solve problems with state, path or
+    terminal constraints; the other solvers refuse them with an :class:`occore.InputError`.
 
     Raises:
-        ShapeError, InputError, DerivativeError: at construction, naming the argument.
+        ShapeError, InputError, DerivativeError: at construction, naming the argument (a constraint
+            function of the wrong shape, or non-finite at (x0, u = 0); infeasible bounds).
 
     Example:
         >>> import casadi as ca, occore
@@ -75,11 +89,19 @@ class Problem:
     """
 
     def __init__(self, dynamics, stage_cost, terminal_cost, x0, nu, horizon, u_lower=None, u_upper=None,
-                 params=None, backend="casadi", name=None):
+                 x_lower=None, x_upper=None, path_constraints=None, terminal_constraints=None,
+                 params=None, backend="casadi", name=None, *, terminal_inequalities=None):
         for arg, fn in (("dynamics", dynamics), ("stage_cost", stage_cost), ("terminal_cost", terminal_cost)):
             if not callable(fn):
                 raise InputError(f"{arg}: expected a callable, got {type(fn).__name__}")
+        for arg, fn in (("path_constraints", path_constraints), ("terminal_constraints", terminal_constraints),
+                        ("terminal_inequalities", terminal_inequalities)):
+            if fn is not None and not callable(fn):
+                raise InputError(f"{arg}: expected a callable or None, got {type(fn).__name__}")
         self.dynamics, self.stage_cost, self.terminal_cost = dynamics, stage_cost, terminal_cost
+        self.path_constraints = path_constraints
+        self.terminal_constraints = terminal_constraints
+        self.terminal_inequalities = terminal_inequalities
         try:
             x0 = np.array(x0, dtype=float)
         except (TypeError, ValueError) as err:
@@ -122,15 +144,88 @@ class Problem:
         self.backend = backend
         self.name = name
         self._backend = make_backend(backend, self)   # builds and checks the functions' shapes
+        b = self._backend
+        self.constraints = ConstraintSet.build(T, self.nx, x_lower, x_upper, b.ng, b.nh, b.nterm - b.nh)
+        self.x_lower, self.x_upper = self.constraints.x_lower, self.constraints.x_upper
+        self._check_constraints_at_x0()
+
+    def _check_constraints_at_x0(self) -> None:
+        """Constraint functions must be finite at (x0, initial control): InputError naming them."""
+        b, u0 = self._backend, self.initial_controls()[0]
+        checks = []
+        if b.ng:
+            checks.append(("path_constraints", lambda: b.constraint_step_values(self.x0, u0, 0)))
+        if b.nterm:
+            names = [n for n in ("terminal_constraints", "terminal_inequalities") if getattr(self, n) is not None]
+            checks.append((" / ".join(names), lambda: b.terminal_constraint_values(self.x0)))
+        for argument, call in checks:
+            with np.errstate(all="ignore"):
+                value = np.asarray(call(), dtype=float)
+            if not np.all(np.isfinite(value)):
+                raise InputError(f"{argument}: not finite at x0 = {self.x0.tolist()} (value {value.tolist()}); "
+                                 "constraint functions must be finite where the solve starts")
 
     def __repr__(self) -> str:
         box = ", bounded" if self.bounded else ""
+        cons = f", constraints: {', '.join(self.constraints.kinds)}" if self.constraints.any else ""
         return (f"Problem({self.name or 'unnamed'}: nx={self.nx}, nu={self.nu}, horizon={self.horizon}"
-                f"{box}, backend={self.backend!r})")
+                f"{box}{cons}, backend={self.backend!r})")
 
     @property
     def bounded(self) -> bool:
+        """True when the controls have bounds."""
         return self.u_lower is not None
+
+    @property
+    def constraint_kinds(self) -> tuple:
+        """The kinds of constraints beyond the control box (words of :data:`occore.constraints.KINDS`);
+        a solver that cannot honour one of them refuses the problem."""
+        return self.constraints.kinds
+
+    def with_initial_state(self, x0) -> "Problem":
+        """The same problem from another initial state (nx,), sharing the compiled functions (cheap:
+        no retracing; used by :class:`occore.MPC`)."""
+        import copy
+
+        try:
+            arr = np.array(x0, dtype=float)
+        except (TypeError, ValueError) as err:
+            raise InputError(f"x0: expected a vector of numbers, got {type(x0).__name__}") from err
+        if arr.shape != (self.nx,):
+            raise ShapeError("x0", (self.nx,), arr.shape)
+        if not np.all(np.isfinite(arr)):
+            raise InputError(f"x0: expected finite values, got {arr.tolist()}")
+        new = copy.copy(self)
+        new.x0 = _frozen(arr)
+        return new
+
+    def transition(self, x, u, t: int = 0) -> np.ndarray:
+        """The next state f(x, u[, p_t]) (nx,) from one state x (nx,) and control u (nu,), the
+        control clamped into stage t's box (a plant for :func:`occore.simulate`)."""
+        x = np.array(x, dtype=float).reshape(-1)
+        u = np.array(u, dtype=float).reshape(-1)
+        if x.shape != (self.nx,):
+            raise ShapeError("x", (self.nx,), x.shape)
+        if u.shape != (self.nu,):
+            raise ShapeError("u", (self.nu,), u.shape)
+        if self.u_lower is not None:
+            u = np.minimum(np.maximum(u, self.u_lower[t]), self.u_upper[t])
+        return np.array(self._backend.step_values(x, u, t)[0], dtype=float).reshape(self.nx)
+
+    def constraint_values(self, xs, us) -> ConstraintValues:
+        """All constraint values along (xs (T+1, nx), us (T, nu)); see :class:`ConstraintValues`."""
+        xs = np.asarray(xs, dtype=float)
+        with np.errstate(all="ignore"):
+            g, h = self._backend.constraint_values(xs, np.asarray(us, dtype=float))
+        return self.constraints.values(xs, g, h)
+
+    def constraint_violation(self, xs, us) -> float:
+        """Largest violation of any constraint along (xs, us), control bounds included (0.0: feasible)."""
+        viol = self.constraint_values(xs, us).violation() if self.constraints.any else 0.0
+        if self.u_lower is not None:
+            us = np.asarray(us, dtype=float)
+            viol = max(viol, float(np.max(self.u_lower - us, initial=0.0)), float(np.max(us - self.u_upper, initial=0.0)))
+        return viol
 
     # -- ControlProblem protocol ----------------------------------------------------------------
     def initial_controls(self) -> np.ndarray:
@@ -161,14 +256,17 @@ class Problem:
         """Open-loop rollout of ``us`` (T, nu), clamped into the box; ``us`` is not modified."""
         us = self.clamp(self.check_controls(us))
         with np.errstate(invalid="ignore", over="ignore"):
-            xs, cost = self._backend.rollout(us)
+            xs, cost = self._backend.rollout(us, self.x0)
         return Trajectory(xs=xs, us=us, cost=float(cost))
 
-    def rollout_policy(self, ref: Trajectory, policy: Policy, alpha: float) -> Trajectory:
-        """Closed-loop rollout u_t = clamp(ref.us_t + alpha k_t + K_t (x_t - ref.xs_t))."""
+    def rollout_policy(self, ref: Trajectory, policy: Policy, alpha: float, *, x0=None, shift=None) -> Trajectory:
+        """Closed-loop rollout u_t = clamp(ref.us_t + alpha k_t + K_t (x_t - ref.xs_t)),
+        x_{t+1} = f(x_t, u_t) + shift_t from x_0 = x0 (defaults: the problem's x0, no shift; a
+        multiple-shooting solver passes both to close its gaps partly)."""
         with np.errstate(invalid="ignore", over="ignore"):
             xs, us, cost = self._backend.rollout_policy(ref.xs, ref.us, policy.k, policy.K, alpha,
-                                                        self.u_lower, self.u_upper)
+                                                        self.u_lower, self.u_upper,
+                                                        self.x0 if x0 is None else x0, shift)
         return Trajectory(xs=xs, us=us, cost=float(cost))
 
     def evaluate_derivatives(self, xs, us, second_order: bool = False):
@@ -178,8 +276,28 @@ class Problem:
 
     def local_model(self, traj: Trajectory, second_order: bool = False) -> DenseLocalModel:
         """The local LQ model at ``traj`` (one derivative evaluation for the whole horizon)."""
-        d = self.evaluate_derivatives(traj.xs, traj.us, second_order)
-        return DenseLocalModel(d, traj.us, self.u_lower, self.u_upper, sweep=self._sweep())
+        return self.model_of(self.evaluate_derivatives(traj.xs, traj.us, second_order), traj.us)
+
+    def model_of(self, derivs, us, gaps=None, initial_gap=None) -> DenseLocalModel:
+        """The local LQ model of given derivatives (e.g. augmented by a constrained solver) at
+        controls ``us`` (T, nu), with this problem's control bounds and backward sweep; ``gaps``
+        (T, nx) and ``initial_gap`` (nx,) for a multiple-shooting trajectory (see DenseLocalModel)."""
+        return DenseLocalModel(derivs, us, self.u_lower, self.u_upper, sweep=self._sweep(), gaps=gaps,
+                               initial_gap=initial_gap)
+
+    def check_states(self, xs, name: str = "xs0") -> np.ndarray:
+        """``xs`` as a new (T+1, nx) float64 array; ShapeError/InputError otherwise."""
+        try:
+            arr = np.array(xs, dtype=float)
+        except (TypeError, ValueError) as err:
+            raise InputError(f"{name}: expected numbers, got {type(xs).__name__}") from err
+        if arr.shape == (self.horizon + 1,) and self.nx == 1:
+            arr = arr[:, None]
+        if arr.shape != (self.horizon + 1, self.nx):
+            raise ShapeError(name, (self.horizon + 1, self.nx), arr.shape)
+        if not np.all(np.isfinite(arr)):
+            raise InputError(f"{name}: expected finite values")
+        return arr
 
     def _sweep(self):
         from .lq import compiled

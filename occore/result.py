@@ -14,7 +14,9 @@ class Status(enum.Enum):
     CONVERGED: the stop rule held. MAX_ITER: the iteration limit was reached. REG_LIMIT: the
     regularisation needed exceeded its maximum. LINE_SEARCH_FAILED: no step length decreased the
     cost. NON_FINITE: NaN or inf appeared (derivatives or every trial). STOPPED_BY_CALLBACK: a callback
-    returned True. FAILED: an external solver (IPOPT) reported failure. RUNNING: not finished.
+    returned True. INFEASIBLE: the constraints could not be met (CDDP: the penalty reached its
+    maximum with the violation still above tolerance; IPOPT: infeasibility detected). FAILED: an
+    external solver (IPOPT) reported failure. RUNNING: not finished.
 
     Example:
         >>> Status.CONVERGED.name
@@ -27,6 +29,7 @@ class Status(enum.Enum):
     LINE_SEARCH_FAILED = "line_search_failed"
     NON_FINITE = "non_finite"
     STOPPED_BY_CALLBACK = "stopped_by_callback"
+    INFEASIBLE = "infeasible"
     FAILED = "failed"
     RUNNING = "running"
 
@@ -54,6 +57,10 @@ class IterationInfo:
         stop: the solver's stop value (DDP/iLQR: expected decrease of a full step; E-MSA: gradient norm).
         wall_time: seconds since the solve began.
         accepted: whether the iteration moved the iterate.
+        constraint_violation: largest violation of the problem's constraints (state bounds, path,
+            terminal) by the iterate after the iteration; 0.0 for problems without any.
+        gap: largest dynamics gap |f(x_t, u_t) - x_{t+1}| of the iterate (multiple shooting, FDDP);
+            0.0 for single-shooting solvers.
     """
 
     iteration: int
@@ -65,6 +72,8 @@ class IterationInfo:
     stop: float
     wall_time: float
     accepted: bool = True
+    constraint_violation: float = 0.0
+    gap: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -90,6 +99,9 @@ class Result:
         message: human-readable reason for the status.
         solver: the solver's name.
         wall_time: total seconds.
+        constraint_violation: largest violation of the constraints by (xs, us) (0.0 without any).
+        multipliers: the constraint multipliers where the solver has them (CDDP: an
+            :class:`occore.solvers.cddp.Multipliers`; IPOPT: a dict of its constraint duals), else None.
     """
 
     xs: Any
@@ -102,6 +114,8 @@ class Result:
     message: str = ""
     solver: str = ""
     wall_time: float = 0.0
+    constraint_violation: float = 0.0
+    multipliers: Any = field(default=None, repr=False)
 
     @property
     def converged(self) -> bool:
@@ -120,4 +134,6 @@ class Result:
         if self.history:
             last = self.history[-1]
             lines.append(f"  last stop   {last.stop:.3e}   regularization {last.regularization:.1e}")
+        if self.constraint_violation or self.multipliers is not None:
+            lines.append(f"  constraint violation {self.constraint_violation:.3e}")
         return "\n".join(lines)

@@ -13,7 +13,7 @@ import traceback
 
 from ..errors import InputError
 from ..problem import Problem
-from ..problems import NAMES, make
+from ..problems import CONSTRAINED, NAMES, make
 
 __all__ = ["resolve_problems", "load_file"]
 
@@ -58,7 +58,8 @@ def load_file(path: str) -> dict:
 
 
 def resolve_problems(spec, backend: str = "casadi") -> dict:
-    """{name: Problem} from ``spec``: "all", a name, a comma-separated string, a ``.py`` path, an
+    """{name: Problem} from ``spec``: "all" (the classic set), "constrained" (the problems with
+    state, path or terminal constraints), a name, a comma-separated string, a ``.py`` path, an
     :class:`occore.Problem`, or a list/dict of these."""
     if isinstance(spec, Problem):
         return {spec.name or "problem": spec}
@@ -79,13 +80,16 @@ def resolve_problems(spec, backend: str = "casadi") -> dict:
             out[item.name or f"problem{len(out)}"] = item
         elif item == "all":
             out.update({n: make(n, backend=backend) for n in NAMES})
+        elif item == "constrained":
+            out.update({n: make(n, backend=backend) for n in CONSTRAINED})
         elif isinstance(item, str) and (item.endswith(".py") or os.sep in item):
             out.update(load_file(item))
-        elif isinstance(item, str) and item in NAMES:
+        elif isinstance(item, str) and item in NAMES + CONSTRAINED:
             out[item] = make(item, backend=backend)
         else:
             raise InputError(f"unknown problem {item!r}; valid problems are all, {', '.join(NAMES)}, "
-                             "or a Python file (path ending in .py) defining occore.Problem objects")
+                             f"constrained, {', '.join(CONSTRAINED)}, or a Python file (path ending in .py) "
+                             "defining occore.Problem objects")
     if not out:
         raise InputError("problems: none given")
     return out

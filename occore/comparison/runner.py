@@ -32,6 +32,8 @@ class Record:
         iterations: iterations performed.  cost: final cost J (a rollout of the final controls).
         gap: (cost - best) / |best| with best the lowest final cost of any solver on the problem.
         box_violation: largest bound violation of the final controls (0 when unbounded).
+        constraint_violation: largest violation of any constraint (state bounds, path, terminal,
+            control bounds) by the rollout of the final controls (0 when there are none).
         wall_time: seconds of the solve.  time_per_iteration: wall_time / iterations.
         reached: {level: (iterations, seconds) of the first iterate within level of the best, or None}.
         iteration_costs: cost after each iteration, preceded by the initial cost (index = iterations done).
@@ -53,6 +55,7 @@ class Record:
     wall_time: float
     box_violation: float
     gap: float = float("nan")
+    constraint_violation: float = 0.0
     reached: dict = field(default_factory=dict)
     iteration_costs: list = field(default_factory=list, repr=False)
     iteration_times: list = field(default_factory=list, repr=False)
@@ -76,6 +79,15 @@ def _box_violation(problem, us) -> float:
     return float(max(0.0, np.max(problem.u_lower - us), np.max(us - problem.u_upper)))
 
 
+#: a record counts as feasible (a candidate for the best cost) when its constraint violation is at most this
+FEASIBLE = 1e-6
+
+
+def _constraint_violation(problem, xs, us) -> float:
+    measure = getattr(problem, "constraint_violation", None)
+    return float(measure(xs, us)) if measure is not None else 0.0
+
+
 def _finite(x) -> bool:
     return isinstance(x, (int, float)) and math.isfinite(x)
 
@@ -95,8 +107,11 @@ class Comparison:
     def __init__(self, records: list, levels=LEVELS):
         self.records = list(records)
         self.levels = tuple(levels)
-        self.best = {}
+        self.best = {}   # the lowest cost of a feasible record (of any record where none is feasible)
+        feasible = {r.problem for r in self.records if r.constraint_violation <= FEASIBLE and _finite(r.cost)}
         for r in self.records:
+            if r.problem in feasible and not r.constraint_violation <= FEASIBLE:
+                continue
             if _finite(r.cost) and r.cost < self.best.get(r.problem, math.inf):
                 self.best[r.problem] = r.cost
         for r in self.records:
@@ -209,7 +224,7 @@ def run_one(problem_name: str, problem, solver, max_iter=None, warmup: bool = Tr
     except OccoreError as err:   # e.g. IPOPT refusing a torch problem: record it, go on with the rest
         logger.warning("compare: %s / %s failed: %s", problem_name, name, err)
         return Record(problem=problem_name, solver=name, status="ERROR", message=str(err), iterations=0,
-                      cost=float("nan"), wall_time=0.0, box_violation=float("nan"),
+                      cost=float("nan"), wall_time=0.0, box_violation=float("nan"), constraint_violation=float("nan"),
                       iteration_costs=[initial], iteration_times=[0.0])
 
 
@@ -230,7 +245,9 @@ def _timed(problem_name, problem, name, runner, solver, initial, warmup, repeat)
                 res.iterations, res.cost, wall)
     return Record(problem=problem_name, solver=name, status=res.status.name, message=res.message,
                   iterations=res.iterations, cost=float(res.cost), wall_time=float(wall),
-                  box_violation=_box_violation(problem, res.us), iteration_costs=costs, iteration_times=times)
+                  box_violation=_box_violation(problem, res.us),
+                  constraint_violation=_constraint_violation(problem, res.xs, res.us),
+                  iteration_costs=costs, iteration_times=times)
 
 
 _RESOLVED: dict = {}   # in a worker process: the problems of a spec, resolved once

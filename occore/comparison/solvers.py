@@ -1,11 +1,13 @@
-"""The solvers ``occore compare`` knows by name: the four methods and the variants users tune."""
+"""The solvers ``occore compare`` knows by name: the methods, the NLP references and the variants users tune."""
 from __future__ import annotations
 
 from dataclasses import replace
 
 from ..errors import InputError
+from ..solvers.cddp import CDDP
 from ..solvers.ddp import DDP, ILQR
 from ..solvers.emsa import EMSA, InnerSolver
+from ..solvers.fddp import FDDP
 from ..solvers.options import LineSearch
 
 __all__ = ["SOLVERS", "describe", "make_runner"]
@@ -32,15 +34,19 @@ def _emsa(**changes):
     return build
 
 
-def _ipopt(max_iter):
-    from ..reference import ipopt
+def _nlp(name):
+    """A factory of the CasADi NLP reference ``name`` ("ipopt" or "fatrop", occore.reference)."""
+    def build(max_iter):
+        from .. import reference
 
-    class _Ipopt:
-        name = "ipopt"
+        solve_nlp = getattr(reference, name)
 
-        def solve(self, problem):
-            return ipopt(problem, **({"max_iter": max_iter} if max_iter else {}))
-    return _Ipopt()
+        class _Reference:
+            def solve(self, problem):
+                return solve_nlp(problem, **({"max_iter": max_iter} if max_iter else {}))
+        _Reference.name = name
+        return _Reference()
+    return build
 
 
 #: name -> (description, factory(max_iter or None) -> object with ``solve(problem) -> Result``)
@@ -48,7 +54,10 @@ SOLVERS = {
     "ddp": ("full second-order DDP (defaults)", _riccati(DDP)),
     "ilqr": ("iLQR (defaults)", _riccati(ILQR)),
     "emsa": ("E-MSA, adaptive rho, Newton inner maximisation", _emsa()),
-    "ipopt": ("CasADi multiple shooting + IPOPT (the reference)", _ipopt),
+    "ipopt": ("CasADi multiple shooting + IPOPT (the reference)", _nlp("ipopt")),
+    "fatrop": ("CasADi multiple shooting + FATROP (structure-exploiting interior point)", _nlp("fatrop")),
+    "cddp": ("constrained DDP, augmented Lagrangian (state, path, terminal constraints)", _riccati(CDDP)),
+    "fddp": ("feasibility-driven DDP (multiple shooting; here from the zero-control guess)", _riccati(FDDP)),
     "ddp-nols": ("DDP without line search (full steps only)", _riccati(DDP, line_search=LineSearch(steps=(1.0,)))),
     "ilqr-nols": ("iLQR without line search (full steps only)", _riccati(ILQR, line_search=LineSearch(steps=(1.0,)))),
     "ddp-fixedreg": ("DDP with fixed regularisation mu = 1e-6", _riccati(DDP, regularization=_fixed)),

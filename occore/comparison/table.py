@@ -5,7 +5,7 @@ import math
 
 __all__ = ["format_table", "format_reached", "format_seconds"]
 
-_COLUMNS = ("problem", "solver", "status", "iters", "final cost", "gap", "box viol", "time [ms]", "ms/iter")
+_COLUMNS = ("problem", "solver", "status", "iters", "final cost", "gap", "box viol", "constr viol", "time [ms]", "ms/iter")
 
 
 def format_reached(value, iterations: int) -> str:
@@ -31,6 +31,7 @@ def _rows(cmp) -> list:
         gap = "0" if r.gap == 0 else _num(r.gap, ".1e")
         rows.append([r.problem, r.solver, r.status, str(r.iterations), _num(r.cost, ".10g"), gap,
                      "0" if r.box_violation == 0 else _num(r.box_violation, ".1e"),
+                     "0" if r.constraint_violation == 0 else _num(r.constraint_violation, ".1e"),
                      _num(r.wall_time * 1e3, ".1f"), _num(r.time_per_iteration * 1e3, ".3f")]
                     + [format_reached(r.reached.get(lvl), r.iterations) for lvl in cmp.levels])
     return rows
@@ -40,7 +41,7 @@ def format_table(cmp, markdown: bool = False) -> str:
     """One row per (problem, solver) record of a :class:`occore.compare.Comparison`."""
     header = list(_COLUMNS) + [f"to {lvl:g} of best" for lvl in cmp.levels]
     rows = _rows(cmp)
-    right = {3, 4, 5, 6, 7, 8}
+    right = {3, 4, 5, 6, 7, 8, 9}
     if markdown:
         lines = ["| " + " | ".join(header) + " |",
                  "|" + "|".join("---:" if i in right else "---" for i in range(len(header))) + "|"]

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-__all__ = ["DenseDerivatives", "Backend"]
+__all__ = ["DenseDerivatives", "Backend", "from_stacked"]
 
 
 @dataclass(frozen=True)
@@ -24,6 +24,11 @@ class DenseDerivatives:
         lxx: (T+1, nx, nx).  lux: (T, nu, nx).  luu: (T, nu, nu).
         fxx: (T, nx, nx, nx), fux: (T, nx, nu, nx), fuu: (T, nx, nu, nu), or None (first order).
             fxx[t, i] is the Hessian of f_i in x; fux[t, i, a, b] = d2 f_i / du_a dx_b.
+        g: (T, ng) path constraint values, gx: (T, ng, nx), gu: (T, ng, nu); with second order
+            also gxx (T, ng, nx, nx), gux (T, ng, nu, nx), guu (T, ng, nu, nu). None without path
+            constraints.
+        h: (nh + nhi,) terminal constraint values [equalities; inequalities], hx: (nh + nhi, nx),
+            with second order hxx (nh + nhi, nx, nx). None without terminal constraints.
     """
 
     f: np.ndarray
@@ -39,18 +44,59 @@ class DenseDerivatives:
     fxx: np.ndarray | None = None
     fux: np.ndarray | None = None
     fuu: np.ndarray | None = None
+    g: np.ndarray | None = None
+    gx: np.ndarray | None = None
+    gu: np.ndarray | None = None
+    gxx: np.ndarray | None = None
+    gux: np.ndarray | None = None
+    guu: np.ndarray | None = None
+    h: np.ndarray | None = None
+    hx: np.ndarray | None = None
+    hxx: np.ndarray | None = None
 
     @property
     def second_order(self) -> bool:
         return self.fxx is not None
 
 
+def from_stacked(v, J, H, vT, gT, HT, nx: int, second_order: bool) -> DenseDerivatives:
+    """DenseDerivatives from the derivatives of the stacked stage function [f; l; g] of z = [x; u]
+    and terminal function [lf; h; h_I] of x: values v (T, nx+1+ng), Jacobians J (T, nx+1+ng, n),
+    Hessians H (T, nx+1+ng, n, n); terminal vT (1+nterm,), gT (1+nterm, nx), HT (1+nterm, nx, nx).
+    (The torch and finite-difference backends compute exactly these.)"""
+    def c(a):
+        return np.ascontiguousarray(a)
+
+    lx = np.concatenate([J[:, nx, :nx], gT[:1]])
+    lxx = np.concatenate([H[:, nx, :nx, :nx], HT[:1]])
+    kw = {}
+    if second_order:
+        kw = dict(fxx=c(H[:, :nx, :nx, :nx]), fux=c(H[:, :nx, nx:, :nx]), fuu=c(H[:, :nx, nx:, nx:]))
+    if v.shape[1] > nx + 1:      # path constraints
+        g = slice(nx + 1, None)
+        kw.update(g=c(v[:, g]), gx=c(J[:, g, :nx]), gu=c(J[:, g, nx:]))
+        if second_order:
+            kw.update(gxx=c(H[:, g, :nx, :nx]), gux=c(H[:, g, nx:, :nx]), guu=c(H[:, g, nx:, nx:]))
+    if vT.shape[0] > 1:          # terminal constraints
+        kw.update(h=c(vT[1:]), hx=c(gT[1:]))
+        if second_order:
+            kw.update(hxx=c(HT[1:]))
+    return DenseDerivatives(
+        f=c(v[:, :nx]), l=c(v[:, nx]), lf=float(vT[0]), fx=c(J[:, :nx, :nx]), fu=c(J[:, :nx, nx:]),
+        lx=lx, lu=c(J[:, nx, nx:]), lxx=lxx, lux=c(H[:, nx, nx:, :nx]), luu=c(H[:, nx, nx:, nx:]), **kw)
+
+
 class Backend:
     """Evaluates one :class:`occore.Problem`'s functions. Subclasses implement ``step_values``
     (one stage, for the generic rollouts), ``terminal_value`` and ``derivatives``; they may override
-    the rollouts with compiled versions.
+    the rollouts with compiled versions. With constraints they also implement
+    ``constraint_step_values`` and ``terminal_constraint_values`` (and may override
+    ``constraint_values``), and set ``ng`` and ``nterm`` (sizes of the path and the stacked terminal
+    constraint vectors, 0 when absent) while tracing the user's functions.
 
-    ``ps`` below is the (T+1, np) stage-parameter array (np = 0 when the problem has none).
+    ``ps`` below is the (T+1, np) stage-parameter array (np = 0 when the problem has none). Rollouts
+    take the initial state ``x0`` (nx,) as an argument, so problems that differ only in x0 share one
+    backend (:meth:`occore.Problem.with_initial_state`).
     """
 
     name = "base"
@@ -58,6 +104,9 @@ class Backend:
     def __init__(self, problem):
         self.problem = problem
         self.nx, self.nu, self.T = problem.nx, problem.nu, problem.horizon
+        self.ng = 0       # path constraints per stage
+        self.nterm = 0    # stacked terminal constraints [h; h_I]
+        self.nh = 0       # of which equalities
 
     # -- values ---------------------------------------------------------------------------------
     def step_values(self, x: np.ndarray, u: np.ndarray, t: int) -> tuple[np.ndarray, float]:
@@ -67,23 +116,41 @@ class Backend:
     def terminal_value(self, x: np.ndarray) -> float:
         raise NotImplementedError
 
-    def rollout(self, us: np.ndarray) -> tuple[np.ndarray, float]:
-        """States (T+1, nx) and total cost of the (already clamped) controls us (T, nu)."""
+    def constraint_step_values(self, x: np.ndarray, u: np.ndarray, t: int) -> np.ndarray:
+        """g(x, u, p_t), (ng,), for one stage."""
+        raise NotImplementedError
+
+    def terminal_constraint_values(self, x: np.ndarray) -> np.ndarray:
+        """[h(x, p_T); h_I(x, p_T)], (nterm,)."""
+        raise NotImplementedError
+
+    def constraint_values(self, xs: np.ndarray, us: np.ndarray):
+        """(G (T, ng) or None, terminal (nterm,) or None) along a trajectory (values only)."""
+        G = None
+        if self.ng:
+            G = np.array([self.constraint_step_values(xs[t], us[t], t) for t in range(self.T)]).reshape(self.T, self.ng)
+        H = self.terminal_constraint_values(xs[self.T]) if self.nterm else None
+        return G, H
+
+    def rollout(self, us: np.ndarray, x0: np.ndarray) -> tuple[np.ndarray, float]:
+        """States (T+1, nx) and total cost of the (already clamped) controls us (T, nu) from x0."""
         xs = np.empty((self.T + 1, self.nx))
-        xs[0] = self.problem.x0
+        xs[0] = x0
         cost = 0.0
         for t in range(self.T):
             xs[t + 1], lt = self.step_values(xs[t], us[t], t)
             cost += lt
         return xs, cost + self.terminal_value(xs[-1])
 
-    def rollout_policy(self, xs_ref, us_ref, k, K, alpha, lower, upper):
-        """Closed-loop rollout u_t = clip(us_ref_t + alpha k_t + K_t (x_t - xs_ref_t), lower_t, upper_t).
+    def rollout_policy(self, xs_ref, us_ref, k, K, alpha, lower, upper, x0, shift=None):
+        """Closed-loop rollout u_t = clip(us_ref_t + alpha k_t + K_t (x_t - xs_ref_t), lower_t, upper_t),
+        x_{t+1} = f(x_t, u_t) + shift_t from x_0 = x0 (``shift`` (T, nx): None for zeros; FDDP's
+        partly closed gaps).
 
         Returns (xs (T+1, nx), us (T, nu), cost)."""
         xs = np.empty((self.T + 1, self.nx))
         us = np.empty((self.T, self.nu))
-        xs[0] = self.problem.x0
+        xs[0] = x0
         cost = 0.0
         with np.errstate(invalid="ignore", over="ignore"):
             for t in range(self.T):
@@ -92,10 +159,13 @@ class Backend:
                     u = np.minimum(np.maximum(u, lower[t]), upper[t])
                 us[t] = u
                 xs[t + 1], lt = self.step_values(xs[t], u, t)
+                if shift is not None:
+                    xs[t + 1] += shift[t]
                 cost += lt
         return xs, us, cost + self.terminal_value(xs[-1])
 
     # -- derivatives ----------------------------------------------------------------------------
     def derivatives(self, xs: np.ndarray, us: np.ndarray, second_order: bool) -> DenseDerivatives:
-        """All derivatives at the points (xs[t], us[t]), t < T, and xs[T], in one call."""
+        """All derivatives at the points (xs[t], us[t]), t < T, and xs[T], in one call (with the
+        constraints' when the problem has any)."""
         raise NotImplementedError

@@ -17,6 +17,9 @@ __all__ = ["check_derivatives", "DerivativeReport", "FieldError"]
 
 #: the compared fields, in table order ("f" and "l": values of the derivative call vs step values)
 FIELDS = ("f", "l", "fx", "fu", "lx", "lu", "lxx", "lux", "luu", "fxx", "fux", "fuu")
+#: the constraint fields, compared when the problem has path (g) or terminal (h: [h; h_I]) constraints;
+#: the Hessians only with ``second_order``
+CONSTRAINT_FIELDS = ("g", "gx", "gu", "h", "hx", "gxx", "gux", "guu", "hxx")
 
 
 @dataclass(frozen=True)
@@ -125,7 +128,9 @@ def check_derivatives(problem, us=None, second_order: bool = True) -> Derivative
 
     Returns:
         A :class:`DerivativeReport` with the largest absolute and relative error of f, l (values),
-        fx, fu, lx, lu, lxx, lux, luu (and fxx, fux, fuu); ``report.ok(tol)``, ``print(report)``.
+        fx, fu, lx, lu, lxx, lux, luu (and fxx, fux, fuu); with path constraints also g, gx, gu
+        (gxx, gux, guu), with terminal constraints h, hx (hxx), h being [h; h_I];
+        ``report.ok(tol)``, ``print(report)``.
 
     Example:
         >>> import occore
@@ -142,20 +147,29 @@ def check_derivatives(problem, us=None, second_order: bool = True) -> Derivative
         raise InputError(f"problem: expected an occore.Problem (a dense problem with a derivative "
                          f"backend), got {type(problem).__name__}")
     T, nx = problem.horizon, problem.nx
+    ng, nT = backend.ng, backend.nterm
     us = problem.initial_controls() if us is None else problem.clamp(problem.check_controls(us))
     traj = problem.rollout(us)
     xs = np.asarray(traj.xs, dtype=np.float64)
     d = problem.evaluate_derivatives(xs, us, second_order)
 
-    def stage_values(points):                        # (T, K, n) -> (T, K, nx + 1)
-        V = np.empty(points.shape[:2] + (nx + 1,))
+    def stage_values(points):                        # (T, K, n) -> (T, K, nx + 1 + ng): [f; l; g]
+        V = np.empty(points.shape[:2] + (nx + 1 + ng,))
         for t in range(points.shape[0]):
             for k in range(points.shape[1]):
-                V[t, k, :nx], V[t, k, nx] = backend.step_values(points[t, k, :nx], points[t, k, nx:], t)
+                x, u = points[t, k, :nx], points[t, k, nx:]
+                V[t, k, :nx], V[t, k, nx] = backend.step_values(x, u, t)
+                if ng:
+                    V[t, k, nx + 1:] = backend.constraint_step_values(x, u, t)
         return V
 
-    def terminal_values(points):                     # (1, K, nx) -> (1, K, 1)
-        return np.array([[[backend.terminal_value(p)] for p in points[0]]])
+    def terminal_values(points):                     # (1, K, nx) -> (1, K, 1 + nT): [lf; h; h_I]
+        V = np.empty(points.shape[:2] + (1 + nT,))
+        for k, p in enumerate(points[0]):
+            V[0, k, 0] = backend.terminal_value(p)
+            if nT:
+                V[0, k, 1:] = backend.terminal_constraint_values(p)
+        return V
 
     with np.errstate(all="ignore"):
         v, J, H = central_differences(stage_values, np.concatenate([xs[:T], us], axis=1), hessian=True)
@@ -168,7 +182,17 @@ def check_derivatives(problem, us=None, second_order: bool = True) -> Derivative
         fxx=H[:, :nx, :nx, :nx], fux=H[:, :nx, nx:, :nx], fuu=H[:, :nx, nx:, nx:])
     got = dict(f=d.f, l=np.append(d.l, d.lf), fx=d.fx, fu=d.fu, lx=d.lx, lu=d.lu, lxx=d.lxx, lux=d.lux,
                luu=d.luu, fxx=d.fxx, fux=d.fux, fuu=d.fuu)
-    names = FIELDS if second_order else FIELDS[:-3]
+    names = list(FIELDS if second_order else FIELDS[:-3])
+    c = slice(nx + 1, None)
+    if ng:
+        ref.update(g=v[:, c], gx=J[:, c, :nx], gu=J[:, c, nx:], gxx=H[:, c, :nx, :nx], gux=H[:, c, nx:, :nx],
+                   guu=H[:, c, nx:, nx:])
+        got.update(g=d.g, gx=d.gx, gu=d.gu, gxx=d.gxx, gux=d.gux, guu=d.guu)
+        names += ["g", "gx", "gu"] + (["gxx", "gux", "guu"] if second_order else [])
+    if nT:
+        ref.update(h=vT[0, 1:], hx=gT[0, 1:], hxx=HT[0, 1:])
+        got.update(h=d.h, hx=d.hx, hxx=d.hxx)
+        names += ["h", "hx"] + (["hxx"] if second_order else [])
     errors = {}
     for name in names:
         if got[name] is None:

@@ -25,7 +25,7 @@ import logging
 import numpy as np
 
 from ..errors import DerivativeError, ShapeError
-from .base import Backend, DenseDerivatives
+from .base import Backend, from_stacked
 
 __all__ = ["FiniteDifferenceBackend", "central_differences", "JACOBIAN_STEP", "HESSIAN_STEP"]
 
@@ -125,6 +125,18 @@ def _as_values(argument: str, value, expected: tuple) -> np.ndarray:
     return arr.reshape(expected)
 
 
+def _as_vector(argument: str, value) -> np.ndarray:
+    """A constraint function's output as a 1-D float64 array with at least one value."""
+    try:
+        arr = np.asarray(value, dtype=np.float64)
+    except (TypeError, ValueError) as err:
+        raise DerivativeError(f"{argument} returned {type(value).__name__}, which is not numeric "
+                              f"(backend 'finite_difference' needs numpy operations)") from err
+    if arr.ndim > 1 or arr.size == 0:
+        raise ShapeError(argument, "(m,) with m >= 1", arr.shape, "constraints are a 1-D array")
+    return arr.reshape(-1)
+
+
 class FiniteDifferenceBackend(Backend):
     """Central finite differences of numpy callables (no symbolic or automatic differentiation).
 
@@ -160,10 +172,20 @@ class FiniteDifferenceBackend(Backend):
         if npar:
             self.P[:] = problem.params
         self._user = (problem.dynamics, problem.stage_cost, problem.terminal_cost)
+        self._constraints = {name: getattr(problem, name) for name in
+                             ("path_constraints", "terminal_constraints", "terminal_inequalities")
+                             if getattr(problem, name) is not None}
         x, u = np.array(problem.x0, dtype=np.float64), np.zeros(nu)
         self._eval("dynamics", (nx,), x, u, self.P[0])
         self._eval("stage_cost", (), x, u, self.P[0])
         self._eval("terminal_cost", (), x, None, self.P[T])
+        if "path_constraints" in self._constraints:
+            self.ng = self._eval("path_constraints", None, x, u, self.P[0]).size
+        for name in ("terminal_constraints", "terminal_inequalities"):
+            if name in self._constraints:
+                m = self._eval(name, None, x, None, self.P[T]).size
+                self.nterm += m
+                self.nh = m if name == "terminal_constraints" else self.nh
         self.batched = self._probe_batching()
         log.debug("finite_difference backend: %s evaluation", "batched" if self.batched else "point-by-point")
 
@@ -175,7 +197,11 @@ class FiniteDifferenceBackend(Backend):
             return f(x, u, *extra)
         if argument == "stage_cost":
             return l(x, u, *extra)
-        return lf(x, *extra)
+        if argument == "terminal_cost":
+            return lf(x, *extra)
+        if argument == "path_constraints":
+            return self._constraints[argument](x, u, *extra)
+        return self._constraints[argument](x, *extra)
 
     def _eval(self, argument, expected, x, u, p):
         """One call of a user function on copies of its arguments, checked."""
@@ -186,23 +212,26 @@ class FiniteDifferenceBackend(Backend):
         except Exception as err:  # noqa: BLE001 - report which user function failed and why
             raise DerivativeError(f"{argument} could not be evaluated on numpy arrays: "
                                   f"{type(err).__name__}: {err}") from err
+        if expected is None:       # a constraint vector: (m,) with m >= 1 (a scalar is one value)
+            return _as_vector(argument, value)
         return _as_values(argument, value, expected)
 
     def _batch(self, X, U, P):
-        """f and l at N points given as columns, X (nx, N), U (nu, N), P (np, N): (nx, N), (N,);
-        None when the functions do not vectorise this way."""
+        """f, l and g at N points given as columns, X (nx, N), U (nu, N), P (np, N): (nx, N), (N,),
+        (ng, N) (None without path constraints); None when the functions do not vectorise this way."""
         N = X.shape[1]
         try:
             with np.errstate(all="ignore"):
                 F = np.asarray(self._raw("dynamics", X, U, P), dtype=np.float64)
                 L = np.asarray(self._raw("stage_cost", X, U, P), dtype=np.float64)
+                G = np.asarray(self._raw("path_constraints", X, U, P), dtype=np.float64) if self.ng else None
         except Exception as err:  # noqa: BLE001 - a function that does not vectorise: point by point
             log.debug("finite_difference backend: functions do not take batches (%s: %s); "
                       "evaluating point by point", type(err).__name__, err)
             return None
-        if F.shape != (self.nx, N) or L.shape != (N,):
+        if F.shape != (self.nx, N) or L.shape != (N,) or (G is not None and G.shape != (self.ng, N)):
             return None
-        return F, L
+        return F, L, G
 
     def _probe_batching(self) -> bool:
         """Whether batched evaluation reproduces the one-point values on a few distinct points."""
@@ -220,29 +249,44 @@ class FiniteDifferenceBackend(Backend):
                 with np.errstate(all="ignore"):
                     f = self._eval("dynamics", (nx,), X[:, i], U[:, i], P[:, i])
                     l = self._eval("stage_cost", (), X[:, i], U[:, i], P[:, i])
+                    g = self._eval("path_constraints", None, X[:, i], U[:, i], P[:, i]) if self.ng else None
             except (ShapeError, DerivativeError):
                 return False
             if not (np.allclose(out[0][:, i], f, rtol=1e-12, atol=1e-300, equal_nan=True)
-                    and np.allclose(out[1][i], l, rtol=1e-12, atol=1e-300, equal_nan=True)):
+                    and np.allclose(out[1][i], l, rtol=1e-12, atol=1e-300, equal_nan=True)
+                    and (g is None or np.allclose(out[2][:, i], g, rtol=1e-12, atol=1e-300, equal_nan=True))):
                 return False
         return True
 
     def _stage_values(self, points):
-        """[f; l] at points (T, K, n) of the stages: (T, K, nx+1)."""
+        """[f; l; g] at points (T, K, n) of the stages: (T, K, nx+1+ng)."""
         T, K, n = points.shape
-        nx = self.nx
+        nx, ng = self.nx, self.ng
         if self.batched:
             flat = points.reshape(T * K, n).T
             P = np.repeat(self.P[:T], K, axis=0).T                      # (np, T*K)
             out = self._batch(np.ascontiguousarray(flat[:nx]), np.ascontiguousarray(flat[nx:]), P)
             if out is not None:
-                return np.concatenate([out[0].T, out[1][:, None]], axis=1).reshape(T, K, nx + 1)
+                parts = [out[0].T, out[1][:, None]] + ([out[2].T] if ng else [])
+                return np.concatenate(parts, axis=1).reshape(T, K, nx + 1 + ng)
             log.debug("finite_difference backend: batched evaluation failed; point by point from now on")
             self.batched = False
-        V = np.empty((T, K, nx + 1))
+        V = np.empty((T, K, nx + 1 + ng))
         for t in range(T):
             for i in range(K):
-                V[t, i, :nx], V[t, i, nx] = self.step_values(points[t, i, :nx], points[t, i, nx:], t)
+                x, u = points[t, i, :nx], points[t, i, nx:]
+                V[t, i, :nx], V[t, i, nx] = self.step_values(x, u, t)
+                if ng:
+                    V[t, i, nx + 1:] = self.constraint_step_values(x, u, t)
+        return V
+
+    def _terminal_values(self, points):
+        """[lf; h; h_I] at points (1, K, nx): (1, K, 1 + nterm)."""
+        V = np.empty(points.shape[:2] + (1 + self.nterm,))
+        for i, x in enumerate(points[0]):
+            V[0, i, 0] = self.terminal_value(x)
+            if self.nterm:
+                V[0, i, 1:] = self.terminal_constraint_values(x)
         return V
 
     # -- values -----------------------------------------------------------------------------------
@@ -258,6 +302,28 @@ class FiniteDifferenceBackend(Backend):
         return float(np.asarray(self._user[2](np.array(x, dtype=np.float64), *extra),
                                 dtype=np.float64).reshape(()))
 
+    def constraint_step_values(self, x, u, t):
+        extra = (self.P[t].copy(),) if self.npar else ()
+        x, u = np.array(x, dtype=np.float64), np.array(u, dtype=np.float64)
+        return np.asarray(self._constraints["path_constraints"](x, u, *extra), dtype=np.float64).reshape(self.ng)
+
+    def terminal_constraint_values(self, x):
+        extra = (self.P[self.T].copy(),) if self.npar else ()
+        out = [np.asarray(self._constraints[name](np.array(x, dtype=np.float64), *extra), dtype=np.float64).ravel()
+               for name in ("terminal_constraints", "terminal_inequalities") if name in self._constraints]
+        return np.concatenate(out)
+
+    def constraint_values(self, xs, us):
+        G = None
+        if self.ng:
+            T = self.T
+            out = self._batch(np.ascontiguousarray(xs[:T].T), np.ascontiguousarray(np.asarray(us).T),
+                              np.ascontiguousarray(self.P[:T].T)) if self.batched else None
+            G = out[2].T.copy() if out is not None else np.array(
+                [self.constraint_step_values(xs[t], us[t], t) for t in range(T)]).reshape(T, self.ng)
+        H = self.terminal_constraint_values(xs[self.T]) if self.nterm else None
+        return G, H
+
     # -- derivatives ------------------------------------------------------------------------------
     def derivatives(self, xs, us, second_order):
         T, nx = self.T, self.nx
@@ -265,17 +331,5 @@ class FiniteDifferenceBackend(Backend):
         Z = np.concatenate([xs[:T], np.asarray(us, dtype=np.float64)], axis=1)        # (T, n)
         with np.errstate(all="ignore"):
             v, J, H = central_differences(self._stage_values, Z, hessian=True)
-            vT, gT, HT = central_differences(
-                lambda pts: np.array([[[self.terminal_value(p)] for p in pts[0]]]), xs[T:], hessian=True)
-        lx = np.concatenate([J[:, nx, :nx], gT[:, 0]])
-        lxx = np.concatenate([H[:, nx, :nx, :nx], HT[:, 0]])
-        kw = {}
-        if second_order:
-            kw = dict(fxx=np.ascontiguousarray(H[:, :nx, :nx, :nx]),
-                      fux=np.ascontiguousarray(H[:, :nx, nx:, :nx]),
-                      fuu=np.ascontiguousarray(H[:, :nx, nx:, nx:]))
-        return DenseDerivatives(
-            f=np.ascontiguousarray(v[:, :nx]), l=np.ascontiguousarray(v[:, nx]), lf=float(vT[0, 0]),
-            fx=np.ascontiguousarray(J[:, :nx, :nx]), fu=np.ascontiguousarray(J[:, :nx, nx:]),
-            lx=lx, lu=np.ascontiguousarray(J[:, nx, nx:]), lxx=lxx,
-            lux=np.ascontiguousarray(H[:, nx, nx:, :nx]), luu=np.ascontiguousarray(H[:, nx, nx:, nx:]), **kw)
+            vT, gT, HT = central_differences(self._terminal_values, xs[T:], hessian=True)
+        return from_stacked(v, J, H, vT[0], gT[0], HT[0], nx, second_order)

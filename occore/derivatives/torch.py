@@ -29,7 +29,7 @@ import torch
 from torch.func import jacfwd, jacrev, vmap
 
 from ..errors import DerivativeError, ShapeError
-from .base import Backend, DenseDerivatives
+from .base import Backend, from_stacked
 
 __all__ = ["TorchBackend"]
 
@@ -125,10 +125,26 @@ class TorchBackend(Backend):
             return _to_tensor("terminal_cost", user_lf(x, *extra(p))).reshape(())
 
         self._f, self._l, self._lf = f, l, lf
+        self._probe_constraints(problem)
+        ng, nT = self.ng, self.nterm
+        user_g = problem.path_constraints
+        user_h = [fn for fn in (problem.terminal_constraints, problem.terminal_inequalities) if fn is not None]
 
-        # Stage function of z = [x; u]: g(z) = [f; l], returned twice (value as aux).
+        def c(x, u, p):                                       # path constraints, (ng,)
+            return _to_tensor("path_constraints", user_g(x, u, *extra(p))).reshape(ng)
+
+        def hT(x, p):                                         # [h; h_I], (nterm,)
+            return torch.cat([_to_tensor(name, fn(x, *extra(p))).reshape(-1)
+                              for name, fn in zip(self._terminal_names, user_h)])
+
+        self._c, self._hT = c, hT
+
+        # Stage function of z = [x; u]: g(z) = [f; l; c], returned twice (value as aux).
         def g(z, p):
-            out = torch.cat([f(z[:nx], z[nx:], p), l(z[:nx], z[nx:], p).reshape(1)])
+            parts = [f(z[:nx], z[nx:], p), l(z[:nx], z[nx:], p).reshape(1)]
+            if ng:
+                parts.append(c(z[:nx], z[nx:], p))
+            out = torch.cat(parts)
             return out, out
 
         def jac_g(z, p):
@@ -139,15 +155,16 @@ class TorchBackend(Backend):
             return jacfwd(jac_g, has_aux=True)(z, p)
 
         def terminal(x, p):
-            def lf_aux(y):
-                v = lf(y, p)
+            def lf_aux(y):                                    # [lf; h; h_I], (1 + nterm,)
+                v = lf(y, p).reshape(1)
+                v = torch.cat([v, hT(y, p)]) if nT else v
                 return v, v
 
             def grad(y):
                 gr, v = jacrev(lf_aux, has_aux=True)(y)
                 return gr, (gr, v)
 
-            return jacfwd(grad, has_aux=True)(x)              # (nx, nx), ((nx,), ())
+            return jacfwd(grad, has_aux=True)(x)              # (1+nT, nx, nx), ((1+nT, nx), (1+nT,))
 
         p_dim = 0 if npar else None
         # One function for both orders: the dynamics Hessians cost next to nothing more here (the
@@ -159,11 +176,36 @@ class TorchBackend(Backend):
 
         self._derivs = everything
         self._lvec = vmap(l, in_dims=(0, 0, p_dim))
+        self._cvec = vmap(c, in_dims=(0, 0, p_dim)) if ng else None
         self._calls = 0                       # eager derivative evaluations so far
         self._compiled = None                 # the traced graph (or the eager function) once traced
         self._check(problem)
 
     # -- construction checks ----------------------------------------------------------------------
+    def _probe_constraints(self, problem) -> None:
+        """Sizes of the constraint vectors from one call at (x0, 0); ShapeError unless 1-D."""
+        x, u = self._x0.clone(), torch.zeros(self.nu, dtype=_DTYPE)
+        extra = (self.P[0].clone(),) if self.npar else ()
+        extra_T = (self.P[-1].clone(),) if self.npar else ()
+
+        def size(argument, call):
+            value = _to_tensor(argument, self._call(argument, call))
+            if value.ndim > 1 or value.numel() == 0:
+                raise ShapeError(argument, "(m,) with m >= 1", tuple(value.shape), "constraints are a 1-D tensor")
+            return value.numel()
+
+        if problem.path_constraints is not None:
+            self.ng = size("path_constraints", lambda: problem.path_constraints(x, u, *extra))
+        self._terminal_names = []
+        for argument in ("terminal_constraints", "terminal_inequalities"):
+            fn = getattr(problem, argument)
+            if fn is not None:
+                m = size(argument, lambda: fn(x, *extra_T))
+                self._terminal_names.append(argument)
+                self.nterm += m
+                if argument == "terminal_constraints":
+                    self.nh = m
+
     def _stage_p(self) -> torch.Tensor:
         """Stage parameters for the vmapped calls: (T, np), or an empty placeholder."""
         return self.P[: self.T]
@@ -185,9 +227,13 @@ class TorchBackend(Backend):
                                  "the state is a 1-D tensor; costs must be scalars")
         # The same functions under torch.func (vmap of jacrev/jacfwd), one stage each.
         z = torch.cat([x, u])[None]
-        checks = (("dynamics", lambda zz, pp: self._f(zz[:nx], zz[nx:], pp), self.P[:1]),
+        checks = [("dynamics", lambda zz, pp: self._f(zz[:nx], zz[nx:], pp), self.P[:1]),
                   ("stage_cost", lambda zz, pp: self._l(zz[:nx], zz[nx:], pp), self.P[:1]),
-                  ("terminal_cost", lambda zz, pp: self._lf(zz[:nx], pp), self.P[-1:]))
+                  ("terminal_cost", lambda zz, pp: self._lf(zz[:nx], pp), self.P[-1:])]
+        if self.ng:
+            checks.append(("path_constraints", lambda zz, pp: self._c(zz[:nx], zz[nx:], pp), self.P[:1]))
+        if self.nterm:
+            checks.append((" and ".join(self._terminal_names), lambda zz, pp: self._hT(zz[:nx], pp), self.P[-1:]))
         for argument, fn, ps in checks:
             hess = vmap(jacfwd(jacrev(fn)), in_dims=(0, 0 if self.npar else None))
             H = self._call(argument, lambda: hess(z, ps), "under torch.func (vmap of jacrev/jacfwd)")
@@ -214,22 +260,39 @@ class TorchBackend(Backend):
         with torch.inference_mode():
             return float(self._lf(_tensor(x), self.P[self.T]))
 
+    def constraint_step_values(self, x, u, t):
+        with torch.inference_mode():
+            return self._c(_tensor(x), _tensor(u), self.P[t]).numpy().copy()
+
+    def terminal_constraint_values(self, x):
+        with torch.inference_mode():
+            return self._hT(_tensor(x), self.P[self.T]).numpy().copy()
+
+    def constraint_values(self, xs, us):
+        G = H = None
+        with torch.inference_mode():
+            if self.ng:
+                G = self._cvec(_tensor(xs[:self.T]), _tensor(us), self._stage_p()).numpy().copy()
+            if self.nterm:
+                H = self._hT(_tensor(xs[self.T]), self.P[self.T]).numpy().copy()
+        return G, H
+
     def _cost(self, X: torch.Tensor, U: torch.Tensor) -> float:
         """Total cost of states X (T+1, nx) and controls U (T, nu): stage costs in one call."""
         L = self._lvec(X[:-1], U, self._stage_p())
         return float(L.sum() + self._lf(X[-1], self.P[self.T]))
 
-    def rollout(self, us):
+    def rollout(self, us, x0):
         T, f, P = self.T, self._f, self.P
         with torch.inference_mode():
             U = _tensor(us)
-            xs = [self._x0]
+            xs = [_tensor(x0)]
             for t in range(T):
                 xs.append(f(xs[-1], U[t], P[t]))
             X = torch.stack(xs)
             return X.numpy(), self._cost(X, U)
 
-    def rollout_policy(self, xs_ref, us_ref, k, K, alpha, lower, upper):
+    def rollout_policy(self, xs_ref, us_ref, k, K, alpha, lower, upper, x0, shift=None):
         T, f, P = self.T, self._f, self.P
         with torch.inference_mode():
             Xr, Kt = _tensor(xs_ref), _tensor(K)
@@ -237,12 +300,16 @@ class TorchBackend(Backend):
             lo = hi = None
             if lower is not None:
                 lo, hi = _tensor(lower), _tensor(upper)
-            x, xs, us = self._x0, [self._x0], []
+            S = None if shift is None else _tensor(shift)
+            x = _tensor(x0)
+            xs, us = [x], []
             for t in range(T):
                 u = torch.addmv(base[t], Kt[t], x - Xr[t])
                 if lo is not None:
                     u = torch.clamp(u, lo[t], hi[t])     # = min(max(u, lo), hi)
                 x = f(x, u, P[t])
+                if S is not None:
+                    x = x + S[t]
                 xs.append(x)
                 us.append(u)
             X, U = torch.stack(xs), torch.stack(us)
@@ -277,25 +344,10 @@ class TorchBackend(Backend):
         return gm
 
     def derivatives(self, xs, us, second_order):
-        T, nx, nu = self.T, self.nx, self.nu
+        T, nx = self.T, self.nx
         xs = np.asarray(xs, dtype=np.float64)
         Z = _tensor(np.concatenate([xs[:T], np.asarray(us, dtype=np.float64)], axis=1))   # (T, n)
         args = (Z, self._stage_p(), _tensor(xs[T]), self.P[T])
         (H, (J, v)), (HT, (gT, vT)) = self._derivative_fn(args)(*args)
-        H, J, v = H.detach().numpy(), J.detach().numpy(), v.detach().numpy()
-        lx = np.empty((T + 1, nx))
-        lxx = np.empty((T + 1, nx, nx))
-        lx[:T], lx[T] = J[:, nx, :nx], gT.detach().numpy()
-        Hl = H[:, nx]                                         # (T, n, n): the cost's Hessian
-        lxx[:T], lxx[T] = Hl[:, :nx, :nx], HT.detach().numpy()
-        kw = {}
-        if second_order:
-            Hf = H[:, :nx]                                    # (T, nx, n, n)
-            kw = dict(fxx=np.ascontiguousarray(Hf[:, :, :nx, :nx]),
-                      fux=np.ascontiguousarray(Hf[:, :, nx:, :nx]),
-                      fuu=np.ascontiguousarray(Hf[:, :, nx:, nx:]))
-        return DenseDerivatives(
-            f=np.ascontiguousarray(v[:, :nx]), l=np.ascontiguousarray(v[:, nx]), lf=float(vT),
-            fx=np.ascontiguousarray(J[:, :nx, :nx]), fu=np.ascontiguousarray(J[:, :nx, nx:]),
-            lx=lx, lu=np.ascontiguousarray(J[:, nx, nx:]), lxx=lxx,
-            lux=np.ascontiguousarray(Hl[:, nx:, :nx]), luu=np.ascontiguousarray(Hl[:, nx:, nx:]), **kw)
+        n = lambda a: a.detach().numpy()  # noqa: E731
+        return from_stacked(n(v), n(J), n(H), n(vT), n(gT), n(HT), nx, second_order)

@@ -10,6 +10,7 @@
  *   fx (T,nx,nx)  fu (T,nx,nu)  lx (T+1,nx)  lu (T,nu)  lxx (T+1,nx,nx)  lux (T,nu,nx)  luu (T,nu,nu)
  *   fxx (T,nx,nx,nx)  fux (T,nx,nu,nx)  fuu (T,nx,nu,nu)   (NULL when not second order)
  *   us, lower, upper, k_warm (T,nu)                         (NULL when absent)
+ *   gaps (T,nx): dynamics defects of multiple shooting       (NULL when absent: zeros)
  * Outputs: k (T,nu), K (T,nu,nx), Vx (T+1,nx), Vxx (T+1,nx,nx), dd[2] = {d1, d2}.
  * Return value: -1 on success, -2 when out of memory, else the stage whose Cholesky failed.
  *
@@ -172,18 +173,20 @@ OCC_EXPORT int occ_riccati_sweep(
     const double *fxx, const double *fux, const double *fuu,
     double mu,
     const double *us, const double *lower, const double *upper, const double *k_warm,
+    const double *gaps,
     double *k, double *K, double *Vx_all, double *Vxx_all, double *dd)
 {
     const int nxx = nx * nx, nux = nu * nx, nuu = nu * nu;
-    size_t nd = (size_t)(2 * nxx + nx * nu + nx + nu + 3 * nuu + 2 * nux + nx * nu + nuu + 10 * nu + nx);
+    size_t nd = (size_t)(2 * nxx + nx * nu + nx + nu + 3 * nuu + 2 * nux + nx * nu + nuu + 10 * nu + 2 * nx);
     double *buf = (double *)malloc(nd * sizeof(double));
     int *idx = (int *)malloc((size_t)(nu > 0 ? nu : 1) * sizeof(int));
     if (!buf || !idx) { free(buf); free(idx); return -2; }
     double *Vxx_fx = buf, *Qxx = Vxx_fx + nxx, *Vxx_fu = Qxx + nxx, *Qx = Vxx_fu + nx * nu,
            *Qu = Qx + nx, *Quu = Qu + nu, *H = Quu + nuu, *L = H + nuu, *Qux = L + nuu,
            *Qux_reg = Qux + nux, *KtQuu = Qux_reg + nux, *Lf = KtQuu + nx * nu, *lo = Lf + nuu,
-           *hi = lo + nu, *kt = hi + nu, *rhs = kt + nu, *qpw = rhs + (nu > nx ? nu : nx);
-    /* qpw holds 5 nu doubles; rhs max(nu, nx) <= nu + nx: total fits in 10 nu + nx */
+           *hi = lo + nu, *kt = hi + nu, *rhs = kt + nu, *qpw = rhs + (nu > nx ? nu : nx),
+           *Vg = qpw + 5 * nu;
+    /* qpw holds 5 nu doubles; rhs max(nu, nx) <= nu + nx: total fits in 10 nu + nx; Vg nx more */
     int status = -1;
     double d1 = 0.0, d2 = 0.0;
 
@@ -194,6 +197,15 @@ OCC_EXPORT int occ_riccati_sweep(
 
     for (int t = T - 1; t >= 0; --t) {
         const double *Vx = Vx_all + (size_t)(t + 1) * nx, *Vxx = Vxx_all + (size_t)(t + 1) * nxx;
+        if (gaps) { /* Vx' + Vxx' gap_t, the next value's gradient expanded at the defect */
+            const double *gp = gaps + (size_t)t * nx;
+            for (int i = 0; i < nx; ++i) {
+                double s = 0.0;
+                for (int p = 0; p < nx; ++p) s += Vxx[i * nx + p] * gp[p];
+                Vg[i] = Vx[i] + s;
+            }
+            Vx = Vg;
+        }
         const double *A = fx + (size_t)t * nxx, *B = fu + (size_t)t * nx * nu;
         double *kk = k + (size_t)t * nu, *KK = K + (size_t)t * nux;
         double *Vx_new = Vx_all + (size_t)t * nx, *Vxx_new = Vxx_all + (size_t)t * nxx;
@@ -381,7 +393,7 @@ OCC_EXPORT void occ_adjoint_sweep(int T, int nx, int nu, const double *fx, const
 }
 
 /* ABI version, checked by csweep.py. */
-OCC_EXPORT int occ_sweep_abi(void) { return 1; }
+OCC_EXPORT int occ_sweep_abi(void) { return 2; }
 
 /* The first 60 bits of the SHA-256 of this file when it was built (setup.py defines it; 0: unknown).
  * csweep.py compares it with the source next to the library to detect a stale build. */

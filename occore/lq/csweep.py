@@ -39,7 +39,7 @@ __all__ = ["available", "load_error", "library_path", "riccati_sweep", "adjoint_
 
 logger = logging.getLogger("occore")
 
-_ABI = 1
+_ABI = 2
 _lib = None
 _error: str | None = None
 _tried = False
@@ -89,7 +89,7 @@ def _load() -> None:
         return
     p, i, d = ctypes.c_void_p, ctypes.c_int, ctypes.c_double
     fn = lib.occ_riccati_sweep
-    fn.argtypes = [i, i, i] + [p] * 10 + [d] + [p] * 4 + [p] * 5
+    fn.argtypes = [i, i, i] + [p] * 10 + [d] + [p] * 5 + [p] * 5
     fn.restype = i
     adj = lib.occ_adjoint_sweep
     adj.argtypes = [i, i, i] + [p] * 6
@@ -125,7 +125,7 @@ def _pack(arrays, shapes):
     return block, addresses
 
 
-def riccati_sweep(d, mu: float, second_order: bool, us=None, lower=None, upper=None, k_warm=None):
+def riccati_sweep(d, mu: float, second_order: bool, us=None, lower=None, upper=None, k_warm=None, gaps=None):
     """Backward pass over all stages, in C. Same arguments, results and errors as
     :func:`occore.lq.riccati.riccati_sweep`.
 
@@ -148,6 +148,10 @@ def riccati_sweep(d, mu: float, second_order: bool, us=None, lower=None, upper=N
     if hess:
         arrays += [d.fxx, d.fux, d.fuu]
         shapes += [(T, nx, nx, nx), (T, nx, nu, nx), (T, nx, nu, nu)]
+    if gaps is not None:
+        arrays.append(gaps)
+        shapes.append((T, nx))
+    nb = len(arrays)
     if lower is not None:
         arrays += [us, lower, np.inf if upper is None else upper]
         shapes += [(T, nu)] * 3
@@ -156,12 +160,13 @@ def riccati_sweep(d, mu: float, second_order: bool, us=None, lower=None, upper=N
             shapes.append((T, nu))
     block, p = _pack(arrays, shapes)
     p2 = p[7:10] if hess else [None] * 3                     # fxx, fux, fuu
+    pg = p[nb - 1] if gaps is not None else None
     # us, lower, upper and k_warm (None when not given), or no bounds at all
-    pb = (p[10 if hess else 7:] + [None])[:4] if lower is not None else [None] * 4
+    pb = (p[nb:] + [None])[:4] if lower is not None else [None] * 4
     nk, nK, nV = T * nu, T * nu * nx, (T + 1) * nx
     out = np.empty(nk + nK + nV + (T + 1) * nx * nx + 2)
     o = out.ctypes.data
-    status = _riccati(T, nx, nu, *p[:7], *p2, float(mu), *pb,
+    status = _riccati(T, nx, nu, *p[:7], *p2, float(mu), *pb, pg,
                       o, o + 8 * nk, o + 8 * (nk + nK), o + 8 * (nk + nK + nV), o + 8 * (out.size - 2))
     del block
     if status != -1:

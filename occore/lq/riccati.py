@@ -20,6 +20,11 @@ full second-order DDP converge where the control form (Quu + mu I) stalls or hit
 regularisation limit. The value update (same paper, eq. 11) uses the unregularised Q terms.
 With bounds, k solves the box QP on lower - u <= k <= upper - u and the rows of K of clamped
 controls are zero.
+
+Gaps (multiple shooting, FDDP: Mastalli et al. 2020): when the trajectory's states are not a
+rollout of its controls, with the defect gap_t = f(x_t, u_t) - x_{t+1} of stage t, the model of the
+next stage's value is expanded at the gap, so Vx' is replaced by Vx' + Vxx' gap_t wherever it enters
+stage t (Qx, Qu and the second-order contraction); the Hessians are unchanged.
 """
 from __future__ import annotations
 
@@ -34,7 +39,7 @@ __all__ = ["riccati_sweep", "CONTROL_REG"]
 CONTROL_REG = 1e-6
 
 
-def riccati_sweep(d, mu: float, second_order: bool, us=None, lower=None, upper=None, k_warm=None):
+def riccati_sweep(d, mu: float, second_order: bool, us=None, lower=None, upper=None, k_warm=None, gaps=None):
     """Backward pass over all stages.
 
     Args:
@@ -44,6 +49,7 @@ def riccati_sweep(d, mu: float, second_order: bool, us=None, lower=None, upper=N
         us: (T, nu) current controls (needed with bounds).
         lower, upper: (T, nu) control bounds or None.
         k_warm: (T, nu) warm start of the box QPs (the previous feedforward), optional.
+        gaps: (T, nx) dynamics defects f(x_t, u_t) - x_{t+1} (multiple shooting), or None (zeros).
 
     Returns:
         (k (T, nu), K (T, nu, nx), d1, d2, Vx (T+1, nx), Vxx (T+1, nx, nx)).
@@ -62,6 +68,8 @@ def riccati_sweep(d, mu: float, second_order: bool, us=None, lower=None, upper=N
     use_hess = second_order and d.fxx is not None
     for t in range(T - 1, -1, -1):
         fx, fu = d.fx[t], d.fu[t]
+        if gaps is not None:
+            Vx = Vx + Vxx @ gaps[t]
         Vxx_fx, Vxx_fu = Vxx @ fx, Vxx @ fu
         Qx = d.lx[t] + fx.T @ Vx
         Qu = d.lu[t] + fu.T @ Vx

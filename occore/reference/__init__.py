@@ -7,6 +7,6 @@
 """
 from __future__ import annotations
 
-from .transcription import ipopt
+from .transcription import fatrop, ipopt
 
-__all__ = ["ipopt"]
+__all__ = ["ipopt", "fatrop"]

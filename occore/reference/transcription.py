@@ -1,7 +1,9 @@
 """The IPOPT reference: any :class:`occore.Problem` transcribed to a CasADi multiple-shooting NLP.
 
     minimise_{X, U}  sum_{t<T} l(X_t, U_t, p_t) + lf(X_T, p_T)
-    subject to       X_0 = x0,   X_{t+1} = f(X_t, U_t, p_t),   lower_t <= U_t <= upper_t
+    subject to       X_0 = x0,   X_{t+1} = f(X_t, U_t, p_t),   lower_t <= U_t <= upper_t,
+                     x_lower_t <= X_t <= x_upper_t (t >= 1),   g(X_t, U_t, p_t) <= 0,
+                     h(X_T, p_T) = 0,   h_I(X_T, p_T) <= 0
 
 The user's callables are called once more on fresh CasADi SX symbols (independently of the
 problem's derivative backend), so the referee shares nothing with the solvers but the declaration.
@@ -22,7 +24,7 @@ import numpy as np
 from ..errors import InputError
 from ..result import IterationInfo, Result, Status
 
-__all__ = ["ipopt", "IPOPT_STATUS"]
+__all__ = ["ipopt", "fatrop", "IPOPT_STATUS"]
 
 #: IPOPT return status -> occore Status (anything else is FAILED).
 IPOPT_STATUS = {
@@ -33,6 +35,7 @@ IPOPT_STATUS = {
     "Maximum_WallTime_Exceeded": Status.MAX_ITER,
     "Invalid_Number_Detected": Status.NON_FINITE,
     "User_Requested_Stop": Status.STOPPED_BY_CALLBACK,
+    "Infeasible_Problem_Detected": Status.INFEASIBLE,
 }
 
 
@@ -54,7 +57,8 @@ def _symbolic(ca, problem, argument, fn, *args):
 
 
 def _stage_functions(ca, problem):
-    """One-stage CasADi functions f(x, u, p), l(x, u, p) and lf(x, p) built from the user callables."""
+    """One-stage CasADi functions f(x, u, p), l(x, u, p), lf(x, p), and the constraint functions
+    g(x, u, p) and [h; h_I](x, p) (None when absent) built from the user callables."""
     nx, nu = problem.nx, problem.nu
     npar = 0 if problem.params is None else problem.params.shape[1]
     x, u, p = ca.SX.sym("x", nx), ca.SX.sym("u", nu), ca.SX.sym("p", npar)
@@ -66,11 +70,88 @@ def _stage_functions(ca, problem):
         if expr.numel() != size:
             raise InputError(f"problem: cannot transcribe: {argument} gives {expr.numel()} values on "
                              f"casadi symbols, expected {size}")
-    return (ca.Function("f", [x, u, p], [f]), ca.Function("l", [x, u, p], [l]),
-            ca.Function("lf", [x, p], [lf]))
+    fns = [ca.Function("f", [x, u, p], [f]), ca.Function("l", [x, u, p], [l]), ca.Function("lf", [x, p], [lf])]
+    g = getattr(problem, "path_constraints", None)
+    fns.append(None if g is None else ca.Function("g", [x, u, p], [_symbolic(ca, problem, "path_constraints", g, x, u, *extra)]))
+    terminal = [_symbolic(ca, problem, name, getattr(problem, name), x, *extra)
+                for name in ("terminal_constraints", "terminal_inequalities") if getattr(problem, name, None) is not None]
+    fns.append(ca.Function("h", [x, p], [ca.vertcat(*terminal)]) if terminal else None)
+    return tuple(fns)
 
 
-def _make_recorder(ca, n_w, nx, nu, T):
+def _transcribe(ca, problem, us0, stagewise: bool):
+    """The multiple-shooting NLP of ``problem``: variables w, objective, constraints [gaps; g; h]
+    with their bounds, the initial guess (rollout of ``us0``), and the positions of X (T+1, nx) and
+    U (T, nu) in w. ``stagewise`` orders w as x_0, u_0, x_1, ... with each stage's constraints
+    together (the structure FATROP detects); otherwise w = [vec X; vec U] with all gaps first."""
+    nx, nu, T = problem.nx, problem.nu, problem.horizon
+    f, l, lf, g, h = _stage_functions(ca, problem)
+    P = np.zeros((T + 1, 0)) if problem.params is None else np.asarray(problem.params, dtype=float)
+    X = [ca.SX.sym(f"x{t}", nx) for t in range(T + 1)]
+    U = [ca.SX.sym(f"u{t}", nu) for t in range(T)]
+    if stagewise:
+        w = ca.vertcat(*[v for t in range(T) for v in (X[t], U[t])], X[T])
+        xi = np.array([[t * (nx + nu) + i for i in range(nx)] for t in range(T + 1)])
+        ui = np.array([[t * (nx + nu) + nx + i for i in range(nu)] for t in range(T)])
+    else:
+        w = ca.vertcat(*X, *U)
+        xi = np.arange(nx * (T + 1)).reshape(T + 1, nx)
+        ui = nx * (T + 1) + np.arange(nu * T).reshape(T, nu)
+    J = lf(X[T], P[T])
+    rows, lbg, ubg, eq = [], [], [], []
+
+    def add(expr, lo, hi, equality):
+        rows.append(expr)
+        n = expr.numel()
+        lbg.extend([lo] * n)
+        ubg.extend([hi] * n)
+        eq.extend([equality] * n)
+
+    gaps = []
+    for t in range(T):
+        J += l(X[t], U[t], P[t])
+        gap = f(X[t], U[t], P[t]) - X[t + 1]
+        gap = -gap if stagewise else gap     # FATROP's structure detection wants x_{t+1} - f = 0
+        if stagewise:            # FATROP: each stage's gap-closing constraint, then its path constraints
+            add(gap, 0.0, 0.0, True)
+            if g is not None:
+                add(g(X[t], U[t], P[t]), -np.inf, 0.0, False)
+        else:
+            gaps.append(gap)
+    if not stagewise:
+        add(ca.vertcat(*gaps), 0.0, 0.0, True)
+        if g is not None:
+            for t in range(T):
+                add(g(X[t], U[t], P[t]), -np.inf, 0.0, False)
+    if h is not None:
+        hT = h(X[T], P[T])
+        nh = problem.constraints.nh if hasattr(problem, "constraints") else hT.numel()
+        if nh:
+            add(hT[:nh], 0.0, 0.0, True)
+        if hT.numel() > nh:
+            add(hT[nh:], -np.inf, 0.0, False)
+    nlp = {"x": w, "f": J, "g": ca.vertcat(*rows)}
+
+    lbw = np.full(w.numel(), -np.inf)
+    ubw = np.full(w.numel(), np.inf)
+    lbw[xi[0]] = ubw[xi[0]] = np.asarray(problem.x0, dtype=float)
+    if getattr(problem, "x_lower", None) is not None:
+        lbw[xi[1:]] = problem.x_lower[1:]
+        ubw[xi[1:]] = problem.x_upper[1:]
+    if problem.u_lower is not None:
+        lbw[ui] = np.asarray(problem.u_lower, dtype=float)
+        ubw[ui] = np.asarray(problem.u_upper, dtype=float)
+    if isinstance(us0, Result):       # warm start from another solver's result: its controls
+        us0 = us0.us
+    guess = problem.rollout(problem.initial_controls() if us0 is None else us0)
+    w0 = np.empty(w.numel())
+    w0[xi] = np.nan_to_num(guess.xs)
+    w0[ui] = guess.us
+    return dict(nlp=nlp, lbw=lbw, ubw=ubw, lbg=np.array(lbg), ubg=np.array(ubg), equality=eq,
+                w0=w0, xi=xi, ui=ui, ng=len(lbg))
+
+
+def _make_recorder(ca, n_w, n_g, ui):
     """An IPOPT iteration callback recording the controls of every iterate and the time it was reached."""
 
     class Recorder(ca.Callback):
@@ -99,16 +180,30 @@ def _make_recorder(ca, n_w, nx, nu, T):
             if name in ("x", "lam_x"):
                 return ca.Sparsity.dense(n_w)
             if name in ("g", "lam_g"):
-                return ca.Sparsity.dense(nx * T)
+                return ca.Sparsity.dense(n_g)
             return ca.Sparsity(0, 0)
 
         def eval(self, arg):
             w = np.asarray(arg[0]).ravel()
-            self.us.append(w[nx * (T + 1):].reshape(T, nu).copy())
+            self.us.append(w[ui].copy())
             self.times.append(time.perf_counter() - self.start)
             return [0]
 
     return Recorder()
+
+
+def _check_problem(problem, tol, max_iter, solver: str) -> None:
+    if not (hasattr(problem, "dynamics") and hasattr(problem, "nx") and hasattr(problem, "x0")):
+        raise InputError(f"problem: expected an occore.Problem, got {type(problem).__name__} "
+                         "(networks and other ControlProblems cannot be transcribed)")
+    if getattr(problem, "backend", "casadi") == "torch":
+        raise InputError(f"problem: cannot transcribe {problem.name or 'the problem'} for {solver}: its "
+                         "callables use torch operations (backend 'torch'); declare it with casadi "
+                         f"operations to get an {solver} reference")
+    if not (isinstance(tol, (int, float)) and math.isfinite(tol) and tol > 0):
+        raise InputError(f"tol={tol!r} is invalid: expected a finite number > 0")
+    if isinstance(max_iter, bool) or not isinstance(max_iter, int) or max_iter < 0:
+        raise InputError(f"max_iter={max_iter!r} is invalid: expected an integer >= 0")
 
 
 def ipopt(problem, us0=None, *, tol: float = 1e-10, max_iter: int = 3000, record: bool = True,
@@ -116,8 +211,8 @@ def ipopt(problem, us0=None, *, tol: float = 1e-10, max_iter: int = 3000, record
     """Solve ``problem`` with CasADi + IPOPT (multiple shooting, exact Hessian).
 
     Args:
-        problem: an :class:`occore.Problem` whose callables use casadi operations (bounds and stage
-            parameters are transcribed).
+        problem: an :class:`occore.Problem` whose callables use casadi operations (bounds, state
+            bounds, path and terminal constraints and stage parameters are transcribed).
         us0: (T, nu) initial controls (default ``problem.initial_controls()``) or a
             :class:`occore.Result` (its controls); the initial states are their rollout. Not modified.
         tol: IPOPT's ``tol``.
@@ -131,7 +226,9 @@ def ipopt(problem, us0=None, *, tol: float = 1e-10, max_iter: int = 3000, record
         A :class:`occore.Result` (solver "ipopt"): status from IPOPT's return status
         (:data:`IPOPT_STATUS`), IPOPT's iteration count, the wall time of the IPOPT call (the
         transcription's time is in the message), and the rollout of IPOPT's controls
-        (xs (T+1, nx), us (T, nu), cost). Bounds are kept exactly (``bound_relax_factor`` 0).
+        (xs (T+1, nx), us (T, nu), cost, constraint_violation); ``multipliers`` holds IPOPT's duals
+        (``lam_g``: gaps, path and terminal constraints in the NLP's order; ``lam_x``). Bounds are
+        kept exactly (``bound_relax_factor`` 0).
 
     Raises:
         InputError: the problem cannot be transcribed (e.g. backend "torch"), or a bad option.
@@ -142,69 +239,70 @@ def ipopt(problem, us0=None, *, tol: float = 1e-10, max_iter: int = 3000, record
         >>> res.status.name, round(res.cost, 8)
         ('CONVERGED', 3.03850117)
     """
-    if not (hasattr(problem, "dynamics") and hasattr(problem, "nx") and hasattr(problem, "x0")):
-        raise InputError(f"problem: expected an occore.Problem, got {type(problem).__name__} "
-                         "(networks and other ControlProblems cannot be transcribed)")
-    if getattr(problem, "backend", "casadi") == "torch":
-        raise InputError(f"problem: cannot transcribe {problem.name or 'the problem'} for IPOPT: its "
-                         "callables use torch operations (backend 'torch'); declare it with casadi "
-                         "operations to get an IPOPT reference")
-    if not (isinstance(tol, (int, float)) and math.isfinite(tol) and tol > 0):
-        raise InputError(f"tol={tol!r} is invalid: expected a finite number > 0")
-    if isinstance(max_iter, bool) or not isinstance(max_iter, int) or max_iter < 0:
-        raise InputError(f"max_iter={max_iter!r} is invalid: expected an integer >= 0")
-    import casadi as ca
-
-    start = time.perf_counter()
-    nx, nu, T = problem.nx, problem.nu, problem.horizon
-    f, l, lf = _stage_functions(ca, problem)
-    P = np.zeros((T + 1, 0)) if problem.params is None else np.asarray(problem.params, dtype=float)
-
-    X = ca.SX.sym("X", nx, T + 1)
-    U = ca.SX.sym("U", nu, T)
-    J = lf(X[:, T], P[T])
-    gaps = []
-    for t in range(T):
-        J += l(X[:, t], U[:, t], P[t])
-        gaps.append(f(X[:, t], U[:, t], P[t]) - X[:, t + 1])
-    w = ca.vertcat(ca.vec(X), ca.vec(U))
-    nlp = {"x": w, "f": J, "g": ca.vertcat(*gaps)}
-
-    x0 = np.asarray(problem.x0, dtype=float)
-    lbw = np.full(w.numel(), -np.inf)
-    ubw = np.full(w.numel(), np.inf)
-    lbw[:nx] = ubw[:nx] = x0
-    if problem.u_lower is not None:
-        lbw[nx * (T + 1):] = np.asarray(problem.u_lower, dtype=float).ravel()
-        ubw[nx * (T + 1):] = np.asarray(problem.u_upper, dtype=float).ravel()
-    if isinstance(us0, Result):       # warm start from another solver's result: its controls
-        us0 = us0.us
-    guess = problem.rollout(problem.initial_controls() if us0 is None else us0)
-    w0 = np.concatenate([np.nan_to_num(guess.xs).ravel(), guess.us.ravel()])
-
+    _check_problem(problem, tol, max_iter, "IPOPT")
     # bound_relax_factor 0: IPOPT would otherwise let U exceed the box by ~1e-8, which a swing-up
     # amplifies (x1.2 per stage near the upright) into a 1e-4 change of the clamped rollout's cost.
     ipopt_opts = {"print_level": 0, "sb": "yes", "tol": float(tol), "max_iter": int(max_iter),
                   "bound_relax_factor": 0.0, **(ipopt_options or {})}
-    opts = {"print_time": False, "ipopt": ipopt_opts}
-    recorder = _make_recorder(ca, w.numel(), nx, nu, T) if record else None
+    return _solve(problem, us0, "ipopt", {"ipopt": ipopt_opts}, stagewise=False, record=record)
+
+
+def fatrop(problem, us0=None, *, tol: float = 1e-10, max_iter: int = 3000,
+           fatrop_options: dict | None = None) -> Result:
+    """Solve ``problem`` with CasADi + FATROP (the same multiple-shooting NLP as :func:`ipopt`,
+    ordered stage by stage so that FATROP's structure detection sees the optimal-control structure;
+    exact Hessian, FATROP's generalised Riccati linear solver).
+
+    Args: as :func:`ipopt`, with ``fatrop_options`` passed to FATROP. No per-iterate history.
+
+    Returns:
+        A :class:`occore.Result` (solver "fatrop"), scored by the rollout of FATROP's controls.
+
+    Example:
+        >>> import occore
+        >>> res = occore.reference.fatrop(occore.problems.make("pendulum"))
+        >>> res.status.name, round(res.cost, 6)
+        ('CONVERGED', 3.038501)
+    """
+    _check_problem(problem, tol, max_iter, "FATROP")
+    opts = {"structure_detection": "auto",
+            "fatrop": {"print_level": 0, "tol": float(tol), "max_iter": int(max_iter), **(fatrop_options or {})}}
+    return _solve(problem, us0, "fatrop", opts, stagewise=True, record=False)
+
+
+def _solve(problem, us0, plugin: str, plugin_opts: dict, stagewise: bool, record: bool) -> Result:
+    import casadi as ca
+
+    start = time.perf_counter()
+    nlp = _transcribe(ca, problem, us0, stagewise)
+    opts = {"print_time": False, **plugin_opts}
+    if plugin == "fatrop":
+        opts["equality"] = list(nlp["equality"])
+    recorder = _make_recorder(ca, nlp["w0"].size, nlp["ng"], nlp["ui"]) if record else None
     if recorder is not None:
         opts["iteration_callback"] = recorder
     try:
-        solver = ca.nlpsol("occore_ipopt", "ipopt", nlp, opts)
+        solver = ca.nlpsol(f"occore_{plugin}", plugin, nlp["nlp"], opts)
     except RuntimeError as err:
-        raise InputError(f"ipopt_options: IPOPT refused the options ({err})") from err
+        raise InputError(f"{plugin}_options: {plugin.upper()} refused the options ({err})") from err
     setup = time.perf_counter() - start
     solve_start = time.perf_counter()
     if recorder is not None:
         recorder.start = solve_start
-    sol = solver(x0=w0, lbx=lbw, ubx=ubw, lbg=0.0, ubg=0.0)
+    sol = solver(x0=nlp["w0"], lbx=nlp["lbw"], ubx=nlp["ubw"], lbg=nlp["lbg"], ubg=nlp["ubg"])
     wall = time.perf_counter() - solve_start
     stats = solver.stats()
-    return_status = stats.get("return_status", "unknown")
-    status = IPOPT_STATUS.get(return_status, Status.FAILED)
+    if plugin == "ipopt":
+        return_status = stats.get("return_status", "unknown")
+        status = IPOPT_STATUS.get(return_status, Status.FAILED)
+    else:
+        return_status = stats.get("unified_return_status", str(stats.get("return_status")))
+        status = Status.CONVERGED if stats.get("success") else (
+            Status.MAX_ITER if "MAX_ITER" in return_status else Status.FAILED)
+    if "Infeasible" in str(return_status):
+        status = Status.INFEASIBLE
 
-    us = np.asarray(sol["x"]).ravel()[nx * (T + 1):].reshape(T, nu)
+    us = np.asarray(sol["x"]).ravel()[nlp["ui"]]
     us = problem.clamp(us) if hasattr(problem, "clamp") else us
     final = problem.rollout(us)
     history = []
@@ -213,10 +311,12 @@ def ipopt(problem, us0=None, *, tol: float = 1e-10, max_iter: int = 3000, record
     iterations = int(stats.get("iter_count", len(history)))
     if not math.isfinite(final.cost) and status is Status.CONVERGED:
         status = Status.NON_FINITE
+    violation = problem.constraint_violation(final.xs, final.us) if hasattr(problem, "constraint_violation") else 0.0
+    duals = {"lam_g": np.asarray(sol["lam_g"]).ravel(), "lam_x": np.asarray(sol["lam_x"]).ravel()}
     return Result(xs=final.xs, us=final.us, cost=final.cost, status=status, iterations=iterations,
-                  history=history, policy=None, message=f"IPOPT: {return_status}; transcription {setup * 1e3:.0f} ms",
-                  solver="ipopt",
-                  wall_time=wall)
+                  history=history, policy=None,
+                  message=f"{plugin.upper()}: {return_status}; transcription {setup * 1e3:.0f} ms",
+                  solver=plugin, wall_time=wall, constraint_violation=violation, multipliers=duals)
 
 
 def _history(problem, recorder, stats):
@@ -225,6 +325,7 @@ def _history(problem, recorder, stats):
     inf_pr, inf_du = it.get("inf_pr", []), it.get("inf_du", [])
     alpha, reg = it.get("alpha_pr", []), it.get("regularization_size", [])
     history, prev = [], None
+    constrained = bool(getattr(getattr(problem, "constraints", None), "any", False))
     for k, (us, t) in enumerate(zip(recorder.us, recorder.times)):
         cost = problem.rollout(problem.clamp(us) if hasattr(problem, "clamp") else us).cost
         if k > 0:
@@ -233,6 +334,7 @@ def _history(problem, recorder, stats):
             history.append(IterationInfo(
                 iteration=k - 1, cost=cost, expected_decrease=float("nan"),
                 actual_decrease=prev - cost, step=at(alpha), regularization=at(reg),
-                stop=max(at(inf_pr), at(inf_du)), wall_time=t, accepted=True))
+                stop=max(at(inf_pr), at(inf_du)), wall_time=t, accepted=True,
+                constraint_violation=at(inf_pr) if constrained else 0.0))
         prev = cost
     return history

@@ -12,6 +12,7 @@ import time
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+from ..errors import InputError
 from ..result import IterationInfo, Result, Status
 from ..types import Trajectory
 from .options import build_options
@@ -35,6 +36,7 @@ class SolverState:
         history: the IterationInfo of every iteration so far.
         start: ``time.perf_counter()`` at ``init``.
         cache: solver-private data carried between iterations (e.g. the local model of ``traj``).
+        multipliers: constraint multipliers of a constrained solver (CDDP), else None.
     """
 
     traj: Trajectory
@@ -46,6 +48,7 @@ class SolverState:
     history: tuple = ()
     start: float = field(default_factory=time.perf_counter)
     cache: Any = field(default=None, repr=False)
+    multipliers: Any = field(default=None, repr=False)
 
     @property
     def done(self) -> bool:
@@ -57,6 +60,9 @@ class Solver:
 
     name = "solver"
     Options: type = None
+    #: the constraint kinds beyond control bounds (words of :data:`occore.constraints.KINDS`) this
+    #: solver honours; a problem declaring any other is refused by :meth:`init`
+    supported_constraints: tuple = ()
 
     def __init__(self, options=None, *, callbacks=(), **kwargs):
         self.options = build_options(self.Options, self.default_options() if options is None else options,
@@ -86,6 +92,7 @@ class Solver:
         minibatch's trajectory is the closure's forward pass). ``mu``: the initial
         regularisation (default: the options').
         """
+        self.check_problem(problem)
         if traj is not None:
             if us0 is not None:
                 raise TypeError("init: give us0 or traj, not both")
@@ -115,10 +122,11 @@ class Solver:
             new = replace(new, status=Status.MAX_ITER, message=f"max_iter={self.options.max_iter} reached")
         return new, info
 
-    def solve(self, problem, us0=None, *, callbacks=None) -> Result:
-        """Iterate from ``us0`` until a stop rule holds; returns a :class:`Result`."""
+    def solve(self, problem, us0=None, *, callbacks=None, **init) -> Result:
+        """Iterate from ``us0`` until a stop rule holds; returns a :class:`Result`. Further keywords
+        go to :meth:`init` (FDDP: ``xs0``)."""
         callbacks = self.callbacks if callbacks is None else tuple(callbacks)
-        state = self.init(problem, us0)
+        state = self.init(problem, us0, **init)
         while not state.done:
             state, info = self.step(problem, state)
             logger.debug("%s it %d cost %.12g stop %.3e", self.name, info.iteration, info.cost, info.stop)
@@ -135,6 +143,17 @@ class Solver:
         logger.info("%s: %s after %d iterations, cost %.12g", self.name, res.status.name, res.iterations,
                     res.cost)
         return res
+
+    def check_problem(self, problem) -> None:
+        """Raise :class:`occore.InputError` naming this solver and the constraint kind when
+        ``problem`` declares constraints it does not honour (before any work is done)."""
+        unsupported = [k for k in getattr(problem, "constraint_kinds", ()) if k not in self.supported_constraints]
+        if unsupported:
+            name = getattr(problem, "name", None) or "(unnamed)"
+            kinds = ", ".join(unsupported[:-1]) + (" and " if len(unsupported) > 1 else "") + unsupported[-1]
+            raise InputError(f"{self.name} cannot honour the {kinds} of problem {name}: "
+                             "it handles control bounds only; use occore.CDDP (constrained DDP) or "
+                             "occore.reference.ipopt")
 
     # -- subclass hooks -------------------------------------------------------------------------
     def _initial_mu(self, problem) -> float:

@@ -32,37 +32,50 @@ class _RiccatiSolver(Solver):
     def _iterate(self, problem, state: SolverState) -> tuple[SolverState, IterationInfo]:
         reg = self.options.regularization
         traj, mu = state.traj, state.mu
-        lm = state.cache if state.cache is not None else problem.local_model(traj, self.second_order)
+        second_order = self._second_order(state)
+        lm = state.cache     # the local model of traj after a rejected step (of the wrong order: rebuilt)
+        if lm is None or (second_order and not getattr(getattr(lm, "derivs", None), "second_order", True)):
+            lm = problem.local_model(traj, second_order)
 
         # Backward pass, raising mu until every Quu + mu I is positive definite.
+        tol = self._tol(state)
+        baseline = max(reg.initial, reg.minimum)
+        relooked = False
         while True:
             try:
-                policy, (d1, d2) = lm.backward(mu, self.second_order)
-                break
+                policy, (d1, d2) = lm.backward(mu, second_order)
             except NotPositiveDefinite as err:
                 mu = reg.increase(mu)
                 if mu > reg.maximum:
                     return self._stop(state, lm, Status.REG_LIMIT,
                                       f"regularisation above {reg.maximum:g} ({err})", mu)
+                continue
+            # A large mu shrinks the step and with it the expected decrease: a small one means
+            # convergence only at the baseline regularisation, so look again there.
+            if -(d1 + 0.5 * d2) < tol and mu > baseline * reg.factor and not (relooked or self.options.stochastic):
+                mu, relooked = baseline, True
+                continue
+            break
         if self.options.stochastic:
             return self._full_step(problem, state, policy, mu, -(d1 + 0.5 * d2))
         if not (math.isfinite(d1) and math.isfinite(d2)):
             return self._stop(state, lm, Status.NON_FINITE, "non-finite derivatives in the backward pass", mu)
         full = -(d1 + 0.5 * d2)
-        if full < self.options.tol:
+        if full < tol and getattr(lm, "max_gap", 0.0) <= self._gap_tol():
             # Converged. The remaining (tiny) full step is still taken when it does not raise the
             # cost (beyond rounding): it removes the O(mu) bias the regularisation left in the last step.
             trial = problem.rollout_policy(traj, policy, 1.0)
             polish = math.isfinite(trial.cost) and trial.cost - traj.cost <= 1e-14 * abs(traj.cost)
             new = replace(state, traj=trial if polish else traj, mu=mu, policy=policy,
                           cache=None if polish else lm, status=Status.CONVERGED,
-                          message=f"expected decrease {full:.2e} < tol {self.options.tol:g}")
+                          message=f"expected decrease {full:.2e} < tol {tol:g}")
             return new, self._info(state, cost=new.traj.cost, expected_decrease=full,
                                    actual_decrease=traj.cost - new.traj.cost, step=1.0 if polish else 0.0,
                                    regularization=mu, stop=full, accepted=polish)
 
         # Line search on the expected decrease.
         ls = self.options.line_search
+        gapped = getattr(lm, "max_gap", 0.0) > 0.0
         actual = expected = 0.0
         nonfinite = 0
         for alpha in ls.steps:
@@ -73,7 +86,11 @@ class _RiccatiSolver(Solver):
                 actual = float("nan")
                 continue
             actual = traj.cost - trial.cost
-            if expected > 0 and actual > ls.accept_ratio * expected:
+            if expected > 0:
+                ok = actual > ls.accept_ratio * expected
+            else:   # only a model with gaps predicts an increase: FDDP closing them (Mastalli et al. 2020)
+                ok = gapped and actual >= ls.accept_increase * expected
+            if ok:
                 mu = reg.after_step(mu, alpha)
                 new = replace(state, traj=trial, mu=mu, policy=policy, cache=None)
                 return new, self._info(state, cost=trial.cost, expected_decrease=expected,
@@ -89,6 +106,24 @@ class _RiccatiSolver(Solver):
         new = replace(state, mu=mu, policy=policy, cache=lm)
         return new, self._info(state, cost=traj.cost, expected_decrease=expected, actual_decrease=actual,
                                step=0.0, regularization=mu, stop=full, accepted=False)
+
+    def _second_order(self, state: SolverState) -> bool:
+        """Whether this iteration uses the dynamics Hessians (see ``DDPOptions.second_order_below``)."""
+        below = getattr(self.options, "second_order_below", None)
+        if below is None:
+            return self.second_order
+        if not state.history:
+            return False
+        last = state.history[-1]     # (a multiple-shooting iterate with gaps stays Gauss-Newton)
+        return 0.0 <= last.stop < below and last.gap == 0.0
+
+    def _tol(self, state: SolverState) -> float:
+        """The stop tolerance on the expected decrease of a full step (CDDP: of its inner solve)."""
+        return self.options.tol
+
+    def _gap_tol(self) -> float:
+        """Largest dynamics gap of a converged multiple-shooting iterate (FDDP)."""
+        return 0.0
 
     def _full_step(self, problem, state, policy, mu, expected):
         """``stochastic=True``: the full step, taken without looking at its cost."""

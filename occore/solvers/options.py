@@ -87,6 +87,10 @@ class LineSearch:
     Attributes:
         steps: step lengths tried in order; ``(1.0,)`` means no line search (full steps only).
         accept_ratio: a step is accepted when actual / expected decrease exceeds this.
+        accept_increase: where the model predicts an increase of the cost (a multiple-shooting
+            step closing gaps, FDDP), a step is accepted when the actual increase is at most this
+            times the predicted one (crocoddyl's th_acceptnegstep). Single-shooting models never
+            predict an increase.
 
     Example:
         >>> LineSearch(steps=(1.0,)).steps
@@ -95,6 +99,7 @@ class LineSearch:
 
     steps: tuple = field(default_factory=_default_steps)
     accept_ratio: float = 0.1
+    accept_increase: float = 2.0
 
     def __post_init__(self):
         steps = tuple(self.steps)
@@ -103,6 +108,16 @@ class LineSearch:
         object.__setattr__(self, "steps", tuple(float(a) for a in steps))
         _check("accept_ratio", self.accept_ratio, isinstance(self.accept_ratio, (int, float))
                and 0 <= self.accept_ratio < 1, "a number in [0, 1)")
+        _check("accept_increase", self.accept_increase, isinstance(self.accept_increase, (int, float))
+               and math.isfinite(self.accept_increase) and self.accept_increase >= 1, "a finite number >= 1")
+
+
+def _fine_steps() -> tuple:
+    return tuple(0.7 ** k for k in range(20))
+
+
+def _fine_line_search() -> LineSearch:
+    return LineSearch(steps=_fine_steps())
 
 
 @dataclass(frozen=True)
@@ -118,6 +133,13 @@ class DDPOptions:
             line search and no convergence test: the iteration of stochastic training, where the
             problem changes (a new minibatch) at every step and its cost is not evaluated
             (DDPNOpt). The regularisation is still raised until the backward pass succeeds.
+        second_order_below: None: every iteration uses the solver's own model (DDP: with the
+            dynamics Hessians; iLQR, FDDP, CDDP: Gauss-Newton). A number: Gauss-Newton
+            iterations, and second-order ones (dynamics and constraint Hessians) whenever the
+            previous iteration's expected decrease of a full step was below it: the robust model
+            far from the solution, the quadratically convergent one near it (measured on the
+            reference set with 0.1: cart-pole 100 iterations instead of 146, unicycle 7 instead of
+            12, boxed pendulum 67 instead of 106; ``benchmarks/classic.py``).
 
     Example:
         >>> DDPOptions(max_iter=50).tol
@@ -131,8 +153,12 @@ class DDPOptions:
     regularization: Regularization = field(default_factory=Regularization)
     line_search: LineSearch = field(default_factory=LineSearch)
     stochastic: bool = False
+    second_order_below: float | None = None
 
     def __post_init__(self):
+        if self.second_order_below is not None:
+            _check("second_order_below", self.second_order_below, isinstance(self.second_order_below, (int, float))
+                   and self.second_order_below >= 0, "None or a number >= 0")
         _check("max_iter", self.max_iter, isinstance(self.max_iter, int) and not isinstance(
             self.max_iter, bool) and self.max_iter >= 1, "an integer >= 1")
         _positive("tol", self.tol)
@@ -156,3 +182,91 @@ def build_options(cls, options, kwargs: dict):
     from dataclasses import replace
 
     return replace(options, **kwargs) if kwargs else options
+
+
+@dataclass(frozen=True)
+class CDDPOptions(DDPOptions):
+    """Options of :class:`occore.CDDP`: those of :class:`DDPOptions` (for its inner DDP iterations)
+    and the augmented-Lagrangian schedule.
+
+    The inner iterations have FDDP's defaults (:class:`FDDPOptions`): Gauss-Newton switching to the
+    second-order model (dynamics and constraint Hessians) near the solution, step lengths 0.7^k.
+
+    Attributes:
+        constraint_tol: CONVERGED needs the largest constraint violation at most this (and the
+            expected decrease of the inner solve below ``tol``).
+        penalty: initial penalty weight rho.
+        penalty_factor: rho is multiplied by this after an outer iteration that did not reduce the
+            violation to ``penalty_keep`` times the previous one.
+        penalty_keep: see ``penalty_factor`` (in (0, 1]; 1 raises rho after every outer iteration).
+        penalty_max: the solve ends INFEASIBLE when rho would exceed this while the constraints
+            are still violated.
+        inner_tol: while the violation v is above ``constraint_tol``, an inner solve ends (and
+            the multipliers are updated) when the expected decrease falls below
+            max(tol, min(inner_tol, v)): rough solves while the multipliers are still wrong, so
+            that penalty and multipliers adapt early (measured: with a fixed 1e-4 instead, the
+            track-limited cart-pole takes 335 iterations, a first rough solve at rho = 1 having
+            settled in a swing-up far off the track).
+
+    Example:
+        >>> CDDPOptions(constraint_tol=1e-7).penalty_factor
+        10.0
+    """
+
+    line_search: LineSearch = field(default_factory=_fine_line_search)
+    second_order_below: float | None = 0.1
+    method: str = "al"
+    constraint_tol: float = 1e-8
+    penalty: float = 1.0
+    penalty_factor: float = 10.0
+    penalty_keep: float = 0.25
+    penalty_max: float = 1e12
+    inner_tol: float = 0.1
+    barrier: float = 0.1
+    barrier_min: float = 1e-11
+    barrier_factor: float = 0.2
+
+    def __post_init__(self):
+        super().__post_init__()
+        _check("method", self.method, self.method in ("al", "barrier"), "'al' or 'barrier'")
+        _check("barrier", self.barrier, isinstance(self.barrier, (int, float)) and self.barrier > 0, "> 0")
+        _check("barrier_min", self.barrier_min, isinstance(self.barrier_min, (int, float))
+               and 0 < self.barrier_min <= self.barrier, "0 < barrier_min <= barrier")
+        _check("barrier_factor", self.barrier_factor, isinstance(self.barrier_factor, (int, float))
+               and 0 < self.barrier_factor < 1, "a number in (0, 1)")
+        _check("stochastic", self.stochastic, self.stochastic is False, "False (CDDP checks every step)")
+        for name in ("constraint_tol", "penalty", "inner_tol"):
+            _positive(name, getattr(self, name))
+        _check("penalty_factor", self.penalty_factor, isinstance(self.penalty_factor, (int, float))
+               and math.isfinite(self.penalty_factor) and self.penalty_factor > 1, "a finite number > 1")
+        _check("penalty_keep", self.penalty_keep, isinstance(self.penalty_keep, (int, float))
+               and 0 < self.penalty_keep <= 1, "a number in (0, 1]")
+        _check("penalty_max", self.penalty_max, isinstance(self.penalty_max, (int, float))
+               and math.isfinite(self.penalty_max) and self.penalty_max >= self.penalty, "a finite number >= penalty")
+
+
+@dataclass(frozen=True)
+class FDDPOptions(DDPOptions):
+    """Options of :class:`occore.FDDP`: those of :class:`DDPOptions` with other defaults, and
+
+    Defaults measured on the reference set (``benchmarks/classic.py``), unlike DDP's and iLQR's
+    (crocoddyl's): the Gauss-Newton model switching to the second-order one when the expected
+    decrease of a full step falls below 0.1 (``second_order_below``), and step lengths 0.7^k,
+    k = 0..19 (swing-ups accept steps of about 0.5 for long stretches; 2^-k offers 1 or 0.5 only).
+
+    Attributes:
+        gap_tol: CONVERGED needs every dynamics gap at most this (besides the expected decrease).
+
+    Example:
+        >>> FDDPOptions(gap_tol=1e-10).gap_tol
+        1e-10
+    """
+
+    line_search: LineSearch = field(default_factory=_fine_line_search)
+    second_order_below: float | None = 0.1
+    gap_tol: float = 1e-9
+
+    def __post_init__(self):
+        super().__post_init__()
+        _check("stochastic", self.stochastic, self.stochastic is False, "False")
+        _positive("gap_tol", self.gap_tol)

@@ -86,7 +86,7 @@ def test_plugin_help_is_listed_and_builtins_win(monkeypatch, capsys):
         main(["--help"])
     assert exc.value.code == 0
     out = capsys.readouterr().out
-    assert "{solve,compare,list,hello}" in out and "say hello 100%" in out
+    assert "{solve,compare,list,mpc,hello}" in out and "say hello 100%" in out
     assert main(["list"]) == 0                      # the built-in, not the plugin
     assert "cartpole" in capsys.readouterr().out
 

@@ -154,3 +154,31 @@ def test_progress_goes_to_stderr(capsys):
     occore.compare("lqr", "ilqr", progress=True)
     captured = capsys.readouterr()
     assert captured.out == ""
+
+
+def test_constrained_problems_side_by_side():
+    """`compare` puts CDDP beside IPOPT (and the refusing unconstrained solvers) on the constrained
+    set: the violation column, the best cost taken from feasible records only."""
+    res = occore.compare("pendulum_terminal,cartpole_track", "cddp,ipopt,ilqr,fddp")
+    by = {(r.problem, r.solver): r for r in res.records}
+    for name in ("pendulum_terminal", "cartpole_track"):
+        assert res.best[name] == pytest.approx(OPTIMA[name], rel=1e-6)
+        assert by[name, "cddp"].status == "CONVERGED" and abs(by[name, "cddp"].gap) <= 1e-6
+        assert by[name, "cddp"].constraint_violation <= 1e-6
+        for refusing in ("ilqr", "fddp"):
+            assert by[name, refusing].status == "ERROR" and "cannot honour" in by[name, refusing].message
+    assert "constr viol" in res.table().splitlines()[0]
+    with pytest.raises(occore.InputError, match="constrained, unicycle_obstacles"):
+        occore.compare("acrobot", "cddp")
+
+
+def test_the_best_cost_ignores_infeasible_records():
+    from occore.comparison.runner import Comparison, Record
+
+    def rec(solver, cost, viol):
+        return Record(problem="p", solver=solver, status="CONVERGED", message="", iterations=1, cost=cost,
+                      wall_time=1.0, box_violation=0.0, constraint_violation=viol, iteration_costs=[9.0, cost],
+                      iteration_times=[0.0, 1.0])
+    cmp = Comparison([rec("a", 1.0, 0.5), rec("b", 2.0, 0.0), rec("c", 3.0, 1e-9)])
+    assert cmp.best["p"] == 2.0 and cmp.records[0].gap == -0.5
+    assert Comparison([rec("a", 1.0, 0.5), rec("b", 2.0, 0.1)]).best["p"] == 1.0   # none feasible: the lowest

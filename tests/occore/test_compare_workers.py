@@ -27,8 +27,8 @@ def _table_without_times(text: str) -> list:
     rows = []
     for line in text.splitlines():
         cells = re.split(r"\s{2,}", line.strip())
-        if len(cells) > 8:
-            cells = cells[:7] + [re.sub(r",\s*\S+ m?s$", "", c) for c in cells[9:]]
+        if len(cells) > 9:   # drop "time [ms]" and "ms/iter", and the times of the "to ... of best" cells
+            cells = cells[:8] + [re.sub(r",\s*\S+ m?s$", "", c) for c in cells[10:]]
         rows.append(cells)
     return rows
 

@@ -143,3 +143,17 @@ def test_ipopt_option_passthrough():
     assert res.converged
     with pytest.raises(occore.InputError, match="ipopt_options"):
         occore.reference.ipopt(occore.problems.make("pendulum"), ipopt_options={"no_such_option": 1})
+
+
+@pytest.mark.parametrize("name", occore.problems.CONSTRAINED)
+def test_reproduces_the_constrained_optima(name):
+    """The optima stored for the constrained problems are IPOPT's (tol 1e-10, from the zero guess),
+    with every constraint met and active (the multipliers of the constraints are not all zero)."""
+    prob = occore.problems.make(name)
+    res = occore.reference.ipopt(prob)
+    assert res.status is occore.Status.CONVERGED, res.message
+    assert abs(res.cost - OPTIMA[name]) / OPTIMA[name] <= 1e-9
+    assert res.constraint_violation <= 1e-8
+    T, nx = prob.horizon, prob.nx    # duals: lam_g = [gaps; path; terminal], lam_x = [X; U] (x_0 fixed)
+    duals = np.concatenate([res.multipliers["lam_g"][T * nx:], res.multipliers["lam_x"][nx:(T + 1) * nx]])
+    assert np.max(np.abs(duals)) > 1e-3

@@ -1,0 +1,229 @@
+"""Receding-horizon control (MPC) with any occore solver, and closed-loop simulation.
+
+At every call of :meth:`MPC.control` the problem is re-posed from the measured state x (the same
+dynamics, costs, constraints and horizon: :meth:`occore.Problem.with_initial_state`) and solved,
+warm-started from the previous call's solution shifted by one stage: controls u_1..u_{T-1}, u_{T-1},
+the feedback gains shifted the same way (the first rollout is closed-loop around the shifted states,
+u_t = u_t^prev + K_t (x_t - x_t^prev), which absorbs the difference between the predicted and the
+measured state), and, for :class:`occore.CDDP`, the shifted multipliers. With ``iterations`` a fixed
+number of solver iterations is done per call (real-time iteration, as in Diehl, Bock & Schloeder
+2005), otherwise each call solves until the solver's stop rule. The first control u_0 is applied.
+
+:func:`simulate` closes the loop: x_{k+1} = plant(x_k, controller(x_k)), recording the states,
+controls and the latency of every controller call.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, replace
+
+import numpy as np
+
+from .errors import InputError, ShapeError
+from .result import Result, Status
+
+__all__ = ["MPC", "simulate", "ClosedLoop", "plot_closed_loop"]
+
+logger = logging.getLogger("occore")
+
+
+def _shift(a):
+    """Rows 1.. of ``a`` with its last row repeated (one stage later along the horizon)."""
+    a = np.asarray(a)
+    return np.concatenate([a[1:], a[-1:]]) if a.shape[0] else a
+
+
+class MPC:
+    """A receding-horizon controller: ``control(x) -> u`` solves ``problem`` from x, warm-started.
+
+    Args:
+        problem: an :class:`occore.Problem` (time-invariant: stage parameters are not shifted).
+        solver: an occore solver (:class:`occore.ILQR`, DDP, FDDP, CDDP), used as it is configured.
+        iterations: None (default): solve to convergence at every call; an integer k >= 1: exactly
+            k iterations per call (fewer once the solver stops), the real-time iteration for k = 1.
+        warm_start: shift the previous solution (default True); False starts every call from the
+            problem's initial controls.
+
+    Attributes:
+        result: the :class:`occore.Result` of the last call (None before the first).
+
+    Raises:
+        InputError: a problem that cannot be re-posed from another state, a solver without the
+            iteration API, or a bad ``iterations``.
+
+    Example:
+        >>> import occore
+        >>> mpc = occore.MPC(occore.problems.make("pendulum"), occore.ILQR(), iterations=2)
+        >>> u = mpc.control([0.1, 0.0])
+        >>> u.shape, mpc.result.iterations
+        ((1,), 2)
+    """
+
+    def __init__(self, problem, solver, *, iterations: int | None = None, warm_start: bool = True):
+        if not hasattr(problem, "with_initial_state"):
+            raise InputError(f"problem: expected an occore.Problem (re-posed from each measured state), "
+                             f"got {type(problem).__name__}")
+        for method in ("init", "step", "result", "solve"):
+            if not callable(getattr(solver, method, None)):
+                raise InputError(f"solver: expected an occore solver (ILQR, DDP, FDDP, CDDP) with "
+                                 f"{method}(), got {type(solver).__name__}")
+        if iterations is not None and (isinstance(iterations, bool) or not isinstance(iterations, int)
+                                       or iterations < 1):
+            raise InputError(f"iterations={iterations!r} is invalid: expected None or an integer >= 1")
+        if not isinstance(warm_start, bool):
+            raise InputError(f"warm_start={warm_start!r} is invalid: expected True or False")
+        solver.check_problem(problem)
+        self.problem, self.solver = problem, solver
+        self.iterations, self.warm_start = iterations, warm_start
+        self.result: Result | None = None
+
+    def reset(self) -> None:
+        """Forget the previous solution (the next call starts cold)."""
+        self.result = None
+
+    def _warm(self):
+        """The previous result shifted by one stage (None for a cold start)."""
+        prev = self.result
+        if prev is None or not self.warm_start or not np.all(np.isfinite(prev.us)):
+            return None
+        policy = prev.policy
+        if policy is not None:
+            policy = type(policy)(k=_shift(policy.k), K=_shift(policy.K))
+        mult = prev.multipliers
+        if mult is not None and hasattr(mult, "shifted"):
+            mult = mult.shifted()
+        return replace(prev, xs=_shift(prev.xs), us=_shift(prev.us), policy=policy, multipliers=mult)
+
+    def control(self, x) -> np.ndarray:
+        """The control (nu,) to apply at the measured state ``x`` (nx,); the solve's
+        :class:`Result` is kept as :attr:`result`. A solve ending in numerical trouble still gives
+        the first control of its best iterate (logged as a warning)."""
+        prob = self.problem.with_initial_state(x)
+        warm = self._warm()
+        if self.iterations is None:
+            res = self.solver.solve(prob, warm)
+        else:
+            state = self.solver.init(prob, warm)
+            for _ in range(self.iterations):
+                if state.done:
+                    break
+                state, _ = self.solver.step(prob, state)
+            res = self.solver.result(state)
+        if res.status not in (Status.CONVERGED, Status.MAX_ITER, Status.RUNNING):
+            logger.warning("mpc: %s ended %s (%s); applying its best iterate's first control",
+                           self.solver.name, res.status.name, res.message)
+        self.result = res
+        return np.array(res.us[0], dtype=float)
+
+    __call__ = control
+
+
+@dataclass(frozen=True)
+class ClosedLoop:
+    """A closed-loop simulation.
+
+    Attributes:
+        xs: (steps+1, nx) states, xs[0] the initial one.  us: (steps, nu) applied controls.
+        latencies: (steps,) seconds of each controller call.
+    """
+
+    xs: np.ndarray
+    us: np.ndarray
+    latencies: np.ndarray
+
+    def latency(self, q: float = 50.0) -> float:
+        """The q-th percentile of the controller's latency, in seconds (median by default)."""
+        return float(np.percentile(self.latencies, q))
+
+
+def simulate(controller, plant, steps: int, x0=None) -> ClosedLoop:
+    """Run ``controller`` against ``plant`` for ``steps`` steps.
+
+    Args:
+        controller: an :class:`MPC` or any callable x (nx,) -> u (nu,).
+        plant: an :class:`occore.Problem` (its dynamics, stage 0's parameters) or a callable
+            (x (nx,), u (nu,)) -> x_next (nx,) on numpy arrays.
+        steps: number of steps (>= 1).
+        x0: initial state (nx,); default: the controller's problem's x0 (for an MPC) or the
+            plant's (for a Problem).
+
+    Returns:
+        A :class:`ClosedLoop` (states, controls, per-call latencies).
+
+    Raises:
+        InputError, ShapeError: bad arguments, or a controller / plant returning the wrong shape.
+
+    Example:
+        >>> import occore
+        >>> prob = occore.problems.make("pendulum")
+        >>> run = occore.simulate(occore.MPC(prob, occore.ILQR(), iterations=1), prob, steps=3)
+        >>> run.xs.shape, run.us.shape, run.latencies.shape
+        ((4, 2), (3, 1), (3,))
+    """
+    if not callable(controller):
+        raise InputError(f"controller: expected an occore.MPC or a callable x -> u, got {type(controller).__name__}")
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+        raise InputError(f"steps={steps!r} is invalid: expected an integer >= 1")
+    if hasattr(plant, "transition"):
+        step = plant.transition
+    elif callable(plant):
+        step = plant
+    else:
+        raise InputError(f"plant: expected an occore.Problem or a callable (x, u) -> x_next, got {type(plant).__name__}")
+    if x0 is None:
+        source = getattr(controller, "problem", None) or (plant if hasattr(plant, "x0") else None)
+        if source is None:
+            raise InputError("x0: required when neither the controller nor the plant is an occore problem")
+        x0 = source.x0
+    try:
+        x = np.array(x0, dtype=float)
+    except (TypeError, ValueError) as err:
+        raise InputError(f"x0: expected a vector of numbers, got {type(x0).__name__}") from err
+    if x.ndim != 1 or not np.all(np.isfinite(x)):
+        raise InputError(f"x0: expected a finite vector (nx,), got {x.tolist()}")
+    xs, us, lat = [x], [], np.empty(steps)
+    for k in range(steps):
+        t0 = time.perf_counter()
+        u = np.atleast_1d(np.array(controller(x.copy()), dtype=float))
+        lat[k] = time.perf_counter() - t0
+        if u.ndim != 1:
+            raise ShapeError("controller output", "(nu,)", u.shape)
+        x_next = np.atleast_1d(np.array(step(x.copy(), u.copy()), dtype=float))
+        if x_next.shape != x.shape:
+            raise ShapeError("plant output", x.shape, x_next.shape)
+        x = x_next
+        xs.append(x)
+        us.append(u)
+    return ClosedLoop(xs=np.array(xs), us=np.array(us), latencies=lat)
+
+
+def plot_closed_loop(run: ClosedLoop, path: str, title: str = "", goal=None) -> None:
+    """The states (one panel each, the goal dashed where given) and controls of a
+    :class:`ClosedLoop` against the step, written to ``path`` (PNG). Needs matplotlib."""
+    try:
+        import matplotlib
+    except ImportError as err:  # pragma: no cover - matplotlib is in the plot/dev extras
+        raise ImportError("plotting needs matplotlib: pip install 'occore[plot]'") from err
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    nx, nu = run.xs.shape[1], run.us.shape[1]
+    fig, axes = plt.subplots(nx + nu, 1, figsize=(6.4, 1.5 * (nx + nu) + 0.8), sharex=True, squeeze=False)
+    steps = np.arange(run.xs.shape[0])
+    for i in range(nx):
+        ax = axes[i, 0]
+        ax.plot(steps, run.xs[:, i], lw=1.4)
+        if goal is not None:
+            ax.axhline(goal[i], ls="--", lw=0.8, color="grey")
+        ax.set_ylabel(f"x[{i}]")
+    for j in range(nu):
+        ax = axes[nx + j, 0]
+        ax.step(steps[:-1], run.us[:, j], where="post", lw=1.2, color="tab:orange")
+        ax.set_ylabel(f"u[{j}]")
+    axes[-1, 0].set_xlabel("step")
+    fig.suptitle(f"{title}  (latency median {run.latency() * 1e3:.2f} ms, p99 {run.latency(99) * 1e3:.2f} ms)"
+                 if title else "", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

@@ -1,0 +1,144 @@
+"""occore.CDDP (augmented-Lagrangian DDP): the IPOPT optima of the constrained reference problems,
+multipliers against IPOPT's, the barrier variant, infeasibility, warm starts, options."""
+import math
+
+import casadi as ca
+import numpy as np
+import pytest
+
+import occore
+from occore.problems import CONSTRAINED, OPTIMA
+
+
+@pytest.fixture(scope="module")
+def zoo():
+    return {name: occore.problems.make(name) for name in CONSTRAINED}
+
+
+@pytest.fixture(scope="module")
+def solved(zoo):
+    return {name: occore.CDDP().solve(prob) for name, prob in zoo.items()}
+
+
+@pytest.mark.parametrize("name", CONSTRAINED)
+def test_reaches_the_ipopt_optimum_with_the_constraints_met(zoo, solved, name):
+    prob, res = zoo[name], solved[name]
+    assert res.status is occore.Status.CONVERGED, res.summary()
+    assert abs(res.cost - OPTIMA[name]) / OPTIMA[name] <= 1e-6
+    assert res.constraint_violation <= 1e-6
+    assert res.constraint_violation == prob.constraint_violation(res.xs, res.us)
+    again = prob.rollout(res.us)                   # a dynamically feasible trajectory
+    np.testing.assert_allclose(again.xs, res.xs, rtol=0, atol=1e-12)
+    assert again.cost == pytest.approx(res.cost, rel=1e-13)
+    if prob.bounded:
+        assert np.all(res.us >= prob.u_lower) and np.all(res.us <= prob.u_upper)
+    # the history reports the problem's cost and the violation of every iterate
+    assert res.history[-1].cost == pytest.approx(res.cost, rel=1e-12)
+    assert res.history[0].constraint_violation >= 0 and res.history[-1].constraint_violation <= 1e-6
+    assert isinstance(res.multipliers, occore.Multipliers) and "constraint violation" in res.summary()
+
+
+def test_active_constraints_have_positive_multipliers(zoo, solved):
+    m = solved["unicycle_obstacles"].multipliers
+    assert m.g.shape == (50, 2) and np.all(m.g >= 0) and np.all(m.g.max(axis=0) > 1e-3)   # both obstacles touch
+    m = solved["cartpole_track"].multipliers
+    assert m.upper.shape == (101, 1) and m.upper.max() > 0 and np.all(m.lower >= 0)
+    assert solved["quadrotor"].multipliers.g.max() > 0
+
+
+def test_terminal_multipliers_equal_ipopts(zoo, solved):
+    """The multipliers are those of the KKT point: IPOPT's duals of the terminal equalities (the
+    last two NLP constraints) agree."""
+    ref = occore.reference.ipopt(zoo["pendulum_terminal"])
+    np.testing.assert_allclose(solved["pendulum_terminal"].multipliers.h, ref.multipliers["lam_g"][-2:], rtol=1e-5)
+
+
+def test_warm_start_with_multipliers_converges_at_once(zoo, solved):
+    prob, res = zoo["quadrotor"], solved["quadrotor"]
+    again = occore.CDDP().solve(prob, us0=res)
+    assert again.converged and again.iterations <= 3
+    assert again.cost == pytest.approx(res.cost, rel=1e-9)
+
+
+def test_barrier_variant_reaches_the_optimum_from_an_interior_start(zoo):
+    res = occore.CDDP(method="barrier").solve(zoo["cartpole_track"])
+    assert res.converged and abs(res.cost - OPTIMA["cartpole_track"]) / OPTIMA["cartpole_track"] <= 1e-6
+    assert res.constraint_violation == 0.0                          # interior all along
+    assert all(h.constraint_violation == 0.0 for h in res.history)
+    outside = occore.Problem(lambda x, u: x + 0.1 * u, lambda x, u: ca.sumsqr(u), lambda x: ca.sumsqr(x - 1),
+                             x0=[0.0], nu=1, horizon=5, path_constraints=lambda x, u: 0.5 - x[0] - u[0])
+    with pytest.raises(occore.InputError, match="interior start"):
+        occore.CDDP(method="barrier").solve(outside)
+    assert occore.CDDP().solve(outside).converged                   # the augmented Lagrangian starts anywhere
+
+
+def test_contradictory_constraints_end_infeasible_with_the_best_iterate():
+    prob = occore.Problem(lambda x, u: x + 0.1 * u, lambda x, u: ca.sumsqr(u), lambda x: 0 * x[0], x0=[1.0],
+                          nu=1, horizon=10, x_upper=1.2, terminal_constraints=lambda x: x - 2.0)
+    res = occore.CDDP(penalty_max=1e6).solve(prob)
+    assert res.status is occore.Status.INFEASIBLE and not res.converged
+    assert "penalty" in res.message and res.constraint_violation > 0.1
+    assert np.isfinite(res.cost) and res.xs.shape == (11, 1)
+
+
+def test_without_constraints_cddp_is_the_fddp_iteration():
+    prob = occore.problems.make("pendulum_box")
+    a, b = occore.CDDP().solve(prob), occore.FDDP().solve(prob)
+    assert a.iterations == b.iterations and [h.cost for h in a.history] == [h.cost for h in b.history]
+    assert a.multipliers is not None and a.constraint_violation == 0.0
+
+
+def test_torch_backend_gives_the_same_iterates():
+    pytest.importorskip("torch")
+    pc, pt = (occore.problems.make("unicycle_obstacles", backend) for backend in ("casadi", "torch"))
+    a, b = occore.CDDP(max_iter=12).solve(pc), occore.CDDP(max_iter=12).solve(pt)
+    np.testing.assert_allclose([h.cost for h in a.history], [h.cost for h in b.history], rtol=1e-9)
+    np.testing.assert_allclose(a.us, b.us, atol=1e-8)
+
+
+def test_a_tiny_problem_against_its_closed_form():
+    """min sum u^2 s.t. x+ = x + u, x_T = 1, x_1 >= 0.6: the bound is active (unconstrained, every
+    u = 1/T), u_0 = 0.6, the other T-1 controls share the rest; KKT: 2 u_t + lam_h = 0 (t > 0),
+    2 u_0 + lam_h - nu = 0."""
+    T = 4
+    lower = np.full((T + 1, 1), -np.inf)
+    lower[1] = 0.6
+    prob = occore.Problem(lambda x, u: x + u, lambda x, u: ca.sumsqr(u), lambda x: 0 * x[0], x0=[0.0], nu=1,
+                          horizon=T, x_lower=lower, terminal_constraints=lambda x: x - 1.0)
+    res = occore.CDDP().solve(prob)
+    u = np.array([0.6] + [0.4 / (T - 1)] * (T - 1))
+    assert res.converged
+    np.testing.assert_allclose(res.us[:, 0], u, atol=1e-7)
+    assert res.cost == pytest.approx(float(u @ u), rel=1e-7)
+    assert res.multipliers.h[0] == pytest.approx(-2 * u[1], rel=1e-5)
+    assert res.multipliers.lower[1, 0] == pytest.approx(2 * u[0] - 2 * u[1], rel=1e-5)
+
+
+@pytest.mark.parametrize("kw, name", [
+    (dict(method="sqp"), "method"), (dict(penalty=0.0), "penalty"), (dict(penalty_factor=1.0), "penalty_factor"),
+    (dict(penalty_keep=0.0), "penalty_keep"), (dict(constraint_tol=-1.0), "constraint_tol"),
+    (dict(barrier_min=1.0), "barrier_min"), (dict(stochastic=True), "stochastic"),
+    (dict(second_order_below=-1.0), "second_order_below"),
+])
+def test_bad_options_name_themselves(kw, name):
+    with pytest.raises(ValueError, match=name):
+        occore.CDDP(**kw)
+
+
+def test_inputs_are_not_modified(zoo):
+    prob = zoo["pendulum_terminal"]
+    us0 = np.full((50, 1), 0.1)
+    copy = us0.copy()
+    res = occore.CDDP().solve(prob, us0=us0)
+    np.testing.assert_array_equal(us0, copy)
+    assert res.converged and math.isclose(res.cost, OPTIMA["pendulum_terminal"], rel_tol=1e-6)
+
+
+def test_problems_without_a_constraint_declaration_are_refused():
+    class Bare:      # a ControlProblem that is not an occore.Problem (e.g. a network)
+        horizon = 3
+
+    with pytest.raises(occore.InputError, match="cddp: expected an occore.Problem"):
+        occore.CDDP().solve(Bare())
+    with pytest.raises(occore.InputError, match="xs0: a state guess needs a dense occore.Problem"):
+        occore.FDDP().solve(Bare(), xs0=np.zeros((4, 1)))

@@ -1,0 +1,101 @@
+"""occore.FDDP (multiple shooting): the swing-ups from a linear-interpolation state guess reach DDP's
+optimum; the expected change with gaps is exact on an LQ problem; gaps close by the fraction alpha;
+the compiled sweep with gaps equals the numpy one; bad guesses are refused."""
+
+import numpy as np
+import pytest
+
+import occore
+from occore.lq import csweep, riccati
+from occore.problems import GOALS, NAMES, OPTIMA
+from occore.solvers.fddp import _Shooting
+
+
+def interpolation(prob, goal):
+    return np.linspace(prob.x0, goal, prob.horizon + 1)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_from_a_linear_interpolation_guess_to_ddps_optimum(name):
+    prob = occore.problems.make(name)
+    solver, xs0 = occore.FDDP(), interpolation(prob, GOALS[name])
+    assert solver.init(prob, xs0=xs0).traj.extras.max_gap > 0.01        # not feasible
+    res = solver.solve(prob, xs0=xs0)
+    assert res.converged, res.summary()
+    assert abs(res.cost - OPTIMA[name]) / OPTIMA[name] <= (1e-6 if name == "pendulum_box" else 1e-8)
+    assert res.history[-1].gap == 0.0                                   # the gaps closed
+    again = prob.rollout(res.us)
+    np.testing.assert_allclose(again.xs, res.xs, atol=1e-12)
+
+
+def test_the_expected_change_with_gaps_is_exact_for_linear_dynamics():
+    prob = occore.problems.make("lqr", horizon=20)
+    rng = np.random.default_rng(0)
+    xs = rng.standard_normal((21, 4))
+    xs[0] += 0.3                                   # an initial gap too
+    us = rng.standard_normal((20, 2))
+    view = _Shooting(prob)
+    traj = view.at(xs, us, False)
+    lm = view.local_model(traj)
+    policy, (d1, d2) = lm.backward(0.0)
+    for alpha in (1.0, 0.5, 0.2):
+        trial = view.rollout_policy(traj, policy, alpha)
+        expected = -(alpha * d1 + 0.5 * alpha ** 2 * d2)
+        assert traj.cost - trial.cost == pytest.approx(expected, rel=1e-9, abs=1e-10)
+        assert trial.extras.max_gap == pytest.approx((1 - alpha) * traj.extras.max_gap, rel=1e-12)
+    # the full step is the LQ optimum: its cost is the Riccati value, the next model is flat
+    full = view.rollout_policy(traj, policy, 1.0)
+    assert full.extras.gaps is None
+    _, (e1, e2) = view.local_model(full).backward(0.0)
+    assert abs(e1) < 1e-10
+    assert full.cost == pytest.approx(occore.ILQR().solve(prob).cost, rel=1e-12)
+
+
+def test_without_a_state_guess_fddp_is_the_ddp_loop():
+    prob = occore.problems.make("cartpole")
+    opts = dict(second_order_below=None, line_search=occore.LineSearch())
+    a, b = occore.FDDP(**opts).solve(prob), occore.ILQR().solve(prob)
+    assert a.iterations == b.iterations and [h.cost for h in a.history] == [h.cost for h in b.history]
+    tuned = occore.FDDP().solve(prob)                       # FDDP's defaults: fewer iterations
+    assert tuned.converged and tuned.iterations < b.iterations
+    assert tuned.cost == pytest.approx(OPTIMA["cartpole"], rel=1e-8)
+
+
+@pytest.mark.parametrize("name", ["cartpole", "pendulum_box"])
+def test_compiled_sweep_with_gaps_equals_numpy(name):
+    if not csweep.available():
+        pytest.skip(csweep.load_error())
+    prob = occore.problems.make(name)
+    rng = np.random.default_rng(1)
+    us = 0.3 * rng.standard_normal((prob.horizon, prob.nu))
+    xs = prob.rollout(us).xs + 0.05 * rng.standard_normal((prob.horizon + 1, prob.nx))
+    for second_order, mu in ((False, 1e-6), (True, 100.0)):
+        d = prob.evaluate_derivatives(xs, us, second_order)
+        kw = dict(us=us, lower=prob.u_lower, upper=prob.u_upper, gaps=d.f - xs[1:])
+        a = riccati.riccati_sweep(d, mu, second_order, **kw)
+        b = csweep.riccati_sweep(d, mu, second_order, **kw)
+        for x, y in zip(a, b):
+            np.testing.assert_allclose(x, y, rtol=1e-12, atol=1e-12 * max(1.0, float(np.max(np.abs(y)))))
+
+
+def test_bad_state_guesses_are_refused_and_guesses_not_modified():
+    prob = occore.problems.make("pendulum")
+    with pytest.raises(occore.ShapeError, match=r"xs0: expected shape \(101, 2\), got \(100, 2\)"):
+        occore.FDDP().solve(prob, xs0=np.zeros((100, 2)))
+    with pytest.raises(occore.InputError, match="xs0: expected finite"):
+        occore.FDDP().solve(prob, xs0=np.full((101, 2), np.nan))
+    with pytest.raises(TypeError, match="xs0"):
+        occore.ILQR().solve(prob, xs0=np.zeros((101, 2)))
+    xs0 = interpolation(prob, GOALS["pendulum"])
+    us0 = np.full((100, 1), 0.2)
+    copies = xs0.copy(), us0.copy()
+    res = occore.FDDP().solve(prob, us0=us0, xs0=xs0)
+    assert res.converged
+    np.testing.assert_array_equal(xs0, copies[0])
+    np.testing.assert_array_equal(us0, copies[1])
+
+
+@pytest.mark.parametrize("kw, name", [(dict(gap_tol=0.0), "gap_tol"), (dict(stochastic=True), "stochastic")])
+def test_bad_options(kw, name):
+    with pytest.raises(ValueError, match=name):
+        occore.FDDP(**kw)

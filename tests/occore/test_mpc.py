@@ -1,0 +1,103 @@
+"""occore.MPC and occore.simulate: the swing-ups from moved initial states reach the goal in closed
+loop (solve to convergence and real-time iteration), CDDP keeps the track limit in closed loop, the
+shifted warm start is what makes the calls cheap, the `occore mpc` command, bad input."""
+import numpy as np
+import pytest
+
+import occore
+from occore.cli import main
+from occore.problems import GOALS
+
+
+@pytest.mark.parametrize("name, x0, iterations, tol", [
+    ("pendulum", [0.5, -1.0], None, 1e-8),
+    ("pendulum", [0.5, -1.0], 1, 1e-6),
+    ("cartpole", [0.2, 0.0, 0.4, 0.0], None, 1e-4),
+    ("cartpole", [0.2, 0.0, 0.4, 0.0], 2, 1e-3),
+])
+def test_swing_ups_from_a_moved_state_reach_the_goal_in_closed_loop(name, x0, iterations, tol):
+    prob = occore.problems.make(name)
+    run = occore.simulate(occore.MPC(prob, occore.ILQR(), iterations=iterations), prob, steps=150, x0=x0)
+    assert run.xs.shape == (151, prob.nx) and run.us.shape == (150, prob.nu)
+    np.testing.assert_array_equal(run.xs[0], x0)
+    assert np.max(np.abs(run.xs[-1] - GOALS[name])) < tol
+    for k in (0, 75, 149):    # the plant is the problem's dynamics
+        np.testing.assert_allclose(run.xs[k + 1], prob.transition(run.xs[k], run.us[k]), rtol=0, atol=0)
+    assert np.all(run.latencies > 0) and run.latency(99) >= run.latency(50)
+
+
+def test_cddp_keeps_the_track_limit_in_closed_loop():
+    prob = occore.problems.make("cartpole_track")
+    run = occore.simulate(occore.MPC(prob, occore.CDDP(), iterations=3), prob, steps=120, x0=[0.3, 0, 0.3, 0])
+    assert np.max(np.abs(run.xs[:, 0])) <= 0.8 + 1e-6          # the track: |x_cart| <= 0.8
+    assert np.max(np.abs(run.xs[-1] - GOALS["cartpole_track"])) < 1e-3
+
+
+def test_the_shifted_warm_start_makes_the_next_solve_cheap():
+    prob = occore.problems.make("pendulum")
+    x = np.array([0.5, -1.0])
+    warm, cold = occore.MPC(prob, occore.ILQR()), occore.MPC(prob, occore.ILQR(), warm_start=False)
+    for mpc in (warm, cold):
+        u = mpc.control(x)
+        assert mpc.result.converged and u.shape == (1,)
+        mpc.control(prob.transition(x, u))
+    assert warm.result.iterations <= 2 < cold.result.iterations
+    warm.reset()
+    assert warm.result is None
+
+
+def test_transition_is_the_rollouts_step_with_the_control_clamped():
+    prob = occore.problems.make("pendulum_box")
+    us = np.full((prob.horizon, 1), 5.0)
+    xs = prob.rollout(us).xs
+    np.testing.assert_allclose(prob.transition(xs[0], [5.0]), xs[1], rtol=0, atol=1e-15)
+    with pytest.raises(occore.ShapeError, match="u: expected shape"):
+        prob.transition(xs[0], [1.0, 2.0])
+
+
+def test_simulate_takes_plain_callables_and_does_not_modify_inputs():
+    x0 = np.array([1.0])
+    run = occore.simulate(lambda x: -0.5 * x, lambda x, u: x + u, steps=3, x0=x0)
+    np.testing.assert_allclose(run.xs[:, 0], [1.0, 0.5, 0.25, 0.125])
+    np.testing.assert_array_equal(x0, [1.0])
+
+
+def test_bad_input():
+    prob = occore.problems.make("pendulum")
+    with pytest.raises(occore.InputError, match="iterations"):
+        occore.MPC(prob, occore.ILQR(), iterations=0)
+    with pytest.raises(occore.InputError, match="solver"):
+        occore.MPC(prob, object())
+    with pytest.raises(occore.InputError, match="problem"):
+        occore.MPC("pendulum", occore.ILQR())
+    with pytest.raises(occore.InputError, match="cannot honour the state bounds"):
+        occore.MPC(occore.problems.make("cartpole_track"), occore.ILQR())
+    mpc = occore.MPC(prob, occore.ILQR())
+    with pytest.raises(occore.ShapeError, match=r"x0: expected shape \(2,\)"):
+        mpc.control([0.0, 0.0, 0.0])
+    with pytest.raises(occore.InputError, match="steps"):
+        occore.simulate(mpc, prob, steps=0)
+    with pytest.raises(occore.InputError, match="x0"):
+        occore.simulate(lambda x: x, lambda x, u: x, steps=2)
+    with pytest.raises(occore.ShapeError, match="plant output"):
+        occore.simulate(lambda x: x, lambda x, u: np.zeros(3), steps=2, x0=[0.0])
+
+
+def test_mpc_command_prints_latency_and_plots(tmp_path, capsys):
+    png = tmp_path / "mpc.png"
+    assert main(["mpc", "pendulum", "--x0", "0.5,-1", "--steps", "60", "--iterations", "2", "--plot", str(png)]) == 0
+    out = capsys.readouterr().out
+    assert "distance to the goal" in out and "latency per step: median" in out and "p99" in out
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["mpc", "pendulum", "--x0", "0.5"], "--x0 '0.5': expected 2 comma-separated numbers"),
+    (["mpc", "pendulum", "--steps", "0"], "--steps 0"),
+    (["mpc", "pendulum", "--solver", "ipopt"], "mpc needs an occore solver"),
+    (["mpc", "cartpole_track", "--solver", "ilqr"], "cannot honour the state bounds"),
+])
+def test_mpc_command_bad_input_exits_2(argv, message, capsys):
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert message in err and len(err.strip().splitlines()) == 1
