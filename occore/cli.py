@@ -291,5 +291,7 @@ def main(argv=None) -> int:
         return 0
 
 
-if __name__ == "__main__":  # pragma: no cover
-    sys.exit(main())
+if __name__ == "__main__":  # pragma: no cover - `python -m occore.cli`: run the imported module,
+    from occore.cli import main as _main   # so that plugins' Command is this module's class
+
+    sys.exit(_main())
