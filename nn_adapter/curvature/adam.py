@@ -37,7 +37,8 @@ class AdamCurvature(DiagonalCurvature):
         super().validate(hp)
         b, e = hp["betas"], hp["eps"]
         ok = (isinstance(b, (tuple, list)) and len(b) == 2
-              and all(isinstance(x, (int, float)) and 0.0 <= x < 1.0 for x in b))
+              and all(isinstance(x, (int, float)) and not isinstance(x, bool) and 0.0 <= x < 1.0
+                      for x in b))
         self.check("betas", b, ok, "a pair of numbers in [0, 1)")
         self.check("eps", e, is_finite_number(e, strict=True), "a finite number > 0")
         self.check("amsgrad", hp["amsgrad"], isinstance(hp["amsgrad"], bool), "a bool")

@@ -15,9 +15,7 @@ cover weight and bias together), with an error naming the layer.
 """
 from __future__ import annotations
 
-import logging
 import math
-import warnings
 from typing import Callable, Optional
 
 import torch
@@ -25,13 +23,12 @@ from torch import nn
 
 from occore.errors import InputError
 
+from ..errors import warn
 from . import CURVATURES, make_curvature
 from .base import Block, _structured_kind, find_blocks
 from .records import LiveRecorder, Recorder
 
 __all__ = ["CurvatureOptimizer"]
-
-log = logging.getLogger("nn_adapter")
 
 _CLOSURE_HELP = ("a closure that runs zero_grad, the forward pass, the loss and loss.backward() "
                  "and returns the loss")
@@ -438,8 +435,7 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         shown = f" (loss {loss})" if loss is not None else ""
         msg = (f"{type(self).__name__}: {what} is not finite{shown}; step refused, "
                "parameters and optimizer state unchanged")
-        log.warning(msg)
-        warnings.warn(msg, RuntimeWarning, stacklevel=4)
+        warn(msg)
         return False
 
     def _params_with_grad(self):
