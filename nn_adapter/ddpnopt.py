@@ -302,9 +302,9 @@ class DDPNOpt(CurvatureOptimizer):
         params = [p for b in self._blocks for p in b.params]
         if not math.isfinite(float(torch.stack(torch._foreach_norm(params)).sum())):
             self._restore(saved)
-            msg = ("DDPNOpt: the feedback pass gave a non-finite parameter; step refused, "
-                   "parameters and optimizer state unchanged")
-            warn(msg)
+            self.refused_steps += 1
+            warn("DDPNOpt: the feedback pass gave a non-finite parameter; step refused, "
+                 "parameters and optimizer state unchanged")
 
     # -- state ------------------------------------------------------------------------------------
     def configuration(self) -> dict:
