@@ -5,7 +5,8 @@ import math
 
 import torch
 
-from .base import DiagonalCurvature, is_finite_number, l2_coefficient, with_weight_decay
+from .base import (DiagonalCurvature, is_finite_number, is_fraction, l2_coefficient,
+                   with_weight_decay)
 
 __all__ = ["AdamCurvature"]
 
@@ -37,8 +38,7 @@ class AdamCurvature(DiagonalCurvature):
         super().validate(hp)
         b, e = hp["betas"], hp["eps"]
         ok = (isinstance(b, (tuple, list)) and len(b) == 2
-              and all(isinstance(x, (int, float)) and not isinstance(x, bool) and 0.0 <= x < 1.0
-                      for x in b))
+              and all(is_fraction(x) for x in b))
         self.check("betas", b, ok, "a pair of numbers in [0, 1)")
         self.check("eps", e, is_finite_number(e, strict=True), "a finite number > 0")
         self.check("amsgrad", hp["amsgrad"], isinstance(hp["amsgrad"], bool), "a bool")

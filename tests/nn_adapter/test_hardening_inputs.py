@@ -431,3 +431,12 @@ def test_mmc_loss_refuses_bad_options(kwargs, words):
 def test_mmc_loss_refuses_bad_inputs_and_targets_by_name(inp, target, error, words):
     with pytest.raises(error, match=words):
         MMCLoss(3, 3)(inp, target)
+
+
+@pytest.mark.parametrize("curvature,name", [("identity", "momentum"), ("identity", "dampening"),
+                                            ("rmsprop", "alpha"), ("rmsprop", "momentum"),
+                                            ("ekfac", "stat_decay")])
+@pytest.mark.parametrize("value", [False, math.nan, -0.5, "0.5", [0.5]])
+def test_fractions_refuse_bools_strings_and_out_of_range_values(curvature, name, value):
+    with pytest.raises(InputError, match=f"invalid {name}"):
+        DDPNOpt(_net(), lr=0.1, curvature=curvature, **{name: value})
