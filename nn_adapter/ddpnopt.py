@@ -128,11 +128,14 @@ class DDPNOpt(CurvatureOptimizer):
     Q_x - Q_ux^T Q_uu^-1 Q_u): the open-loop step k is then exactly the base optimizer's, so the
     feedback is the only difference from it (Proposition 2), and the feedback does not enter the
     base optimizer's moments or normaliser (it is a correction to this step, not a gradient).
-    A step whose feedback would write a non-finite parameter is refused: parameters and
-    optimizer state are restored and a ``RuntimeWarning`` is issued.
+    A step whose loss or gradient is not finite, or whose feedback would write a non-finite
+    parameter, is refused: parameters, optimizer state and param groups stay as they were, one
+    ``RuntimeWarning`` is issued, :attr:`refused_steps` counts it and ``step`` returns the
+    closure's loss (see :meth:`CurvatureOptimizer.step`).
 
     Raises:
-        ValueError: an invalid or unknown hyperparameter, named in the message (in any group).
+        InputError: (a ``ValueError``) an invalid or unknown option or hyperparameter, named in
+            the message (in any group).
         TypeError: feedback (or ``ekfac``) without a model, or params / model of the wrong type.
         nn_adapter.errors.UnsupportedModuleError: a ``torch.compile``'d model (with feedback).
 
