@@ -104,10 +104,12 @@ class NetworkProblem:
         self.x0 = self._pre(self.inputs)
         if not isinstance(self.x0, Tensor) or not self.x0.is_floating_point():
             first = self.stages[0]
-            raise DtypeError("inputs", "floating-point states x_0 (what the stages are "
-                             "differentiated in)", getattr(self.x0, "dtype", type(self.x0).__name__),
-                             f"module {first.names[0]!r} ({type(first.head).__name__}) "
-                             "needs floating-point inputs; convert them, e.g. inputs.float()")
+            raise DtypeError("inputs", "floating-point states x_0 = pre(inputs) (the stages are "
+                             "differentiated in them)",
+                             getattr(self.x0, "dtype", type(self.x0).__name__),
+                             f"x_0 goes into module {first.names[0]!r} "
+                             f"({type(first.head).__name__}); convert the inputs, e.g. "
+                             "inputs.float(); index inputs (nn.Embedding) cannot be states")
         self._check_forward()
         logger.debug("%r", self)
 

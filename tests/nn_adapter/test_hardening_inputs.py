@@ -440,3 +440,35 @@ def test_mmc_loss_refuses_bad_inputs_and_targets_by_name(inp, target, error, wor
 def test_fractions_refuse_bools_strings_and_out_of_range_values(curvature, name, value):
     with pytest.raises(InputError, match=f"invalid {name}"):
         DDPNOpt(_net(), lr=0.1, curvature=curvature, **{name: value})
+
+
+def test_an_embedding_on_index_inputs_is_refused_as_non_floating_states():
+    net = nn.Sequential(nn.Embedding(5, 3), nn.Flatten(), nn.Linear(6, 2))
+    with pytest.raises(DtypeError, match=r"inputs: .*torch.int64.*module '0' \(Embedding\)"):
+        NetworkProblem(net, nn.CrossEntropyLoss(), torch.randint(0, 5, (4, 2)),
+                       torch.randint(0, 2, (4,)))
+
+
+@pytest.mark.parametrize("make", [lambda n: DDPNOpt(n, lr=0.1), lambda n: EKFAC(n, lr=0.1)])
+def test_load_state_dict_does_not_modify_the_passed_dict_and_checks_it(make):
+    net = _net()
+    x, y = _data()
+    opt = make(net)
+
+    def closure():
+        opt.zero_grad()
+        loss = nn.functional.cross_entropy(net(x), y)
+        loss.backward()
+        return loss
+    opt.step(closure)
+    saved = opt.state_dict()
+    kept = copy.deepcopy(saved)
+    other = make(_net())
+    other.load_state_dict(saved)
+    assert _same(saved, kept)
+    bad = copy.deepcopy(saved)
+    bad["param_groups"][0]["lr"] = -1.0
+    with pytest.raises(InputError, match=r"state_dict: param group 0: invalid lr"):
+        other.load_state_dict(bad)
+    with pytest.raises(TypeError, match="state_dict"):
+        other.load_state_dict([1, 2])
