@@ -163,3 +163,33 @@ def test_parameters_with_different_step_counts_follow_torch(curvature, hp, make_
             torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14)
     if curvature != "identity":          # (SGD keeps no step count)
         assert opt.state[net.head_b.weight]["step"] == 3 != opt.state[net.head_a.weight]["step"]
+
+
+@pytest.mark.parametrize("curvature,hp,make_torch", [
+    ("identity", dict(momentum=0.9), lambda ps: torch.optim.SGD(ps, lr=0.05, momentum=0.9)),
+    ("rmsprop", dict(alpha=0.9), lambda ps: torch.optim.RMSprop(ps, lr=0.01, alpha=0.9)),
+    ("adam", dict(betas=(0.8, 0.9), weight_decay=0.1),
+     lambda ps: torch.optim.Adam(ps, lr=0.01, betas=(0.8, 0.9), weight_decay=0.1)),
+    ("adam", dict(amsgrad=True), lambda ps: torch.optim.Adam(ps, lr=0.01, amsgrad=True)),
+])
+def test_the_feedback_path_open_loop_step_is_torchs_over_many_steps(curvature, hp, make_torch):
+    """One parametrised module: x_0 is fixed, so there is no feedback and DDPNOpt's feedback
+    path (its own k, :mod:`nn_adapter.minibatch`) must be the base optimizer's step, at every
+    step (bias corrections beta^t, not beta t)."""
+    torch.manual_seed(5)
+    net = nn.Sequential(nn.Linear(4, 3), nn.Tanh()).double()
+    twin = copy.deepcopy(net)
+    lr = make_torch([torch.zeros(1, requires_grad=True)]).defaults["lr"]
+    opt = DDPNOpt(net, lr=lr, curvature=curvature, feedback=True, loss="mse", **hp)
+    ref = make_torch(twin.parameters())
+    for s in range(6):
+        x, y = _batch(60 + s)
+        for o, m in ((opt, net), (ref, twin)):
+            def closure(o=o, m=m):
+                o.zero_grad()
+                loss = nn.functional.mse_loss(m(x), nn.functional.one_hot(y, 3).double())
+                loss.backward()
+                return loss
+            o.step(closure)
+        for a, b in zip(net.parameters(), twin.parameters()):
+            torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14)
