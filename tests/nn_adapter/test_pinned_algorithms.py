@@ -170,17 +170,22 @@ def test_parameters_with_different_step_counts_follow_torch(curvature, hp, make_
     ("rmsprop", dict(alpha=0.9), lambda ps: torch.optim.RMSprop(ps, lr=0.01, alpha=0.9)),
     ("adam", dict(betas=(0.8, 0.9), weight_decay=0.1),
      lambda ps: torch.optim.Adam(ps, lr=0.01, betas=(0.8, 0.9), weight_decay=0.1)),
-    ("adam", dict(amsgrad=True), lambda ps: torch.optim.Adam(ps, lr=0.01, amsgrad=True)),
+    ("adam", dict(amsgrad=True, weight_decay=1.0),
+     lambda ps: torch.optim.Adam(ps, lr=0.01, amsgrad=True, weight_decay=1.0)),
 ])
-def test_the_feedback_path_open_loop_step_is_torchs_over_many_steps(curvature, hp, make_torch):
+@pytest.mark.parametrize("diagnostics", [False, True], ids=["fused", "diagnostics"])
+def test_the_feedback_path_open_loop_step_is_torchs_over_many_steps(curvature, hp, make_torch,
+                                                                     diagnostics):
     """One parametrised module: x_0 is fixed, so there is no feedback and DDPNOpt's feedback
-    path (its own k, :mod:`nn_adapter.minibatch`) must be the base optimizer's step, at every
-    step (bias corrections beta^t, not beta t)."""
+    path (its own k, :mod:`nn_adapter.minibatch`; with diagnostics through the curvature's
+    ``direction``, else fused in ``apply``) must be the base optimizer's step, at every step
+    (bias corrections beta^t, not beta t)."""
     torch.manual_seed(5)
     net = nn.Sequential(nn.Linear(4, 3), nn.Tanh()).double()
     twin = copy.deepcopy(net)
     lr = make_torch([torch.zeros(1, requires_grad=True)]).defaults["lr"]
-    opt = DDPNOpt(net, lr=lr, curvature=curvature, feedback=True, loss="mse", **hp)
+    opt = DDPNOpt(net, lr=lr, curvature=curvature, feedback=True, loss="mse",
+                  diagnostics=diagnostics, **hp)
     ref = make_torch(twin.parameters())
     for s in range(6):
         x, y = _batch(60 + s)
