@@ -125,6 +125,7 @@ def test_the_feedback_preconditioner_p_equals_torch_optimizers_state(curvature, 
         assert q_g is None and q_a is None              # diagonal curvatures: no bases
         for p, scale in zip(block.params, scales):
             twin_p = dict(zip(map(id, net.parameters()), twin.parameters()))[id(p)]
+            assert set(opt.state[p]) == set(ref.state[twin_p])      # the same state, no more
             want = p_of_torch_state(ref.state[twin_p], twin_p.grad, 0.1)
             scale = torch.broadcast_to(torch.as_tensor(scale, dtype=want.dtype), want.shape)
             torch.testing.assert_close(scale, want, rtol=1e-10, atol=1e-14)
@@ -167,7 +168,8 @@ def test_parameters_with_different_step_counts_follow_torch(curvature, hp, make_
 
 @pytest.mark.parametrize("curvature,hp,make_torch", [
     ("identity", dict(momentum=0.9), lambda ps: torch.optim.SGD(ps, lr=0.05, momentum=0.9)),
-    ("rmsprop", dict(alpha=0.9), lambda ps: torch.optim.RMSprop(ps, lr=0.01, alpha=0.9)),
+    ("rmsprop", dict(alpha=0.9, weight_decay=1.0),
+     lambda ps: torch.optim.RMSprop(ps, lr=0.01, alpha=0.9, weight_decay=1.0)),
     ("adam", dict(betas=(0.8, 0.9), weight_decay=0.1),
      lambda ps: torch.optim.Adam(ps, lr=0.01, betas=(0.8, 0.9), weight_decay=0.1)),
     ("adam", dict(amsgrad=True, weight_decay=1.0),
