@@ -5,7 +5,8 @@ import logging
 logging.getLogger("nn_adapter").addHandler(logging.NullHandler())
 
 # issue 4 (stages, NetworkProblem, network local model, E-MSA hooks)
-from .errors import MemoryLimitError, UnsupportedModuleError
+from .errors import (DataDependentForwardError, DataError, DtypeError, MemoryLimitError,
+                     UnsupportedModuleError)
 from .local_model import NetworkLocalModel
 from .problem import NetworkProblem
 from .stages import Stage, Stages, split_stages

@@ -40,9 +40,7 @@ Neural Optimizer", ICLR 2021 (Algorithm 3, Propositions 2 and 3).
 from __future__ import annotations
 
 import copy
-import logging
 import math
-import warnings
 from typing import Union
 
 import torch
@@ -53,13 +51,12 @@ from occore.solvers.ddp import DDP, ILQR
 from occore.solvers.options import Regularization
 
 from .curvature.optimizer import CurvatureOptimizer
+from .errors import warn
 from .minibatch import MinibatchProblem
 from .module_stages import StageRecorder, _owners, module_stages
 from .terminal import DETECT, LOSSES, TERMINAL_HESSIANS, LossResolver, detect_loss
 
 __all__ = ["DDPNOpt"]
-
-log = logging.getLogger("nn_adapter")
 
 FEEDBACK_MODES = (True, False, "factorised", "dense")
 
@@ -131,11 +128,14 @@ class DDPNOpt(CurvatureOptimizer):
     Q_x - Q_ux^T Q_uu^-1 Q_u): the open-loop step k is then exactly the base optimizer's, so the
     feedback is the only difference from it (Proposition 2), and the feedback does not enter the
     base optimizer's moments or normaliser (it is a correction to this step, not a gradient).
-    A step whose feedback would write a non-finite parameter is refused: parameters and
-    optimizer state are restored and a ``RuntimeWarning`` is issued.
+    A step whose loss or gradient is not finite, or whose feedback would write a non-finite
+    parameter, is refused: parameters, optimizer state and param groups stay as they were, one
+    ``RuntimeWarning`` is issued, :attr:`refused_steps` counts it and ``step`` returns the
+    closure's loss (see :meth:`CurvatureOptimizer.step`).
 
     Raises:
-        ValueError: an invalid or unknown hyperparameter, named in the message (in any group).
+        InputError: (a ``ValueError``) an invalid or unknown option or hyperparameter, named in
+            the message (in any group).
         TypeError: feedback (or ``ekfac``) without a model, or params / model of the wrong type.
         nn_adapter.errors.UnsupportedModuleError: a ``torch.compile``'d model (with feedback).
 
@@ -169,28 +169,28 @@ class DDPNOpt(CurvatureOptimizer):
                  process_group=None, **hyperparameters):
         if not any(feedback is m or (isinstance(m, str) and feedback == m)
                    for m in FEEDBACK_MODES):
-            raise ValueError(f"invalid feedback: {feedback!r} (expected True, False, "
+            raise InputError(f"invalid feedback: {feedback!r} (expected True, False, "
                              "'factorised' or 'dense')")
         if (not isinstance(eps_vxx, (int, float)) or isinstance(eps_vxx, bool) or not eps_vxx >= 0
                 or not math.isfinite(eps_vxx)):
-            raise ValueError(f"invalid eps_vxx: {eps_vxx!r} (expected a finite number >= 0)")
+            raise InputError(f"invalid eps_vxx: {eps_vxx!r} (expected a finite number >= 0)")
         if not isinstance(second_order, bool):
-            raise ValueError(f"invalid second_order: {second_order!r} (expected a bool)")
+            raise InputError(f"invalid second_order: {second_order!r} (expected a bool)")
         if not isinstance(vxx_update, bool):
-            raise ValueError(f"invalid vxx_update: {vxx_update!r} (expected a bool)")
+            raise InputError(f"invalid vxx_update: {vxx_update!r} (expected a bool)")
         if terminal_hessian not in TERMINAL_HESSIANS:
-            raise ValueError(f"invalid terminal_hessian: {terminal_hessian!r} (expected one of "
+            raise InputError(f"invalid terminal_hessian: {terminal_hessian!r} (expected one of "
                              f"{', '.join(TERMINAL_HESSIANS)})")
         if loss not in LOSSES:
-            raise ValueError(f"invalid loss: {loss!r} (expected one of {', '.join(LOSSES)})")
+            raise InputError(f"invalid loss: {loss!r} (expected one of {', '.join(LOSSES)})")
         if not isinstance(diagnostics, bool):
-            raise ValueError(f"invalid diagnostics: {diagnostics!r} (expected a bool)")
+            raise InputError(f"invalid diagnostics: {diagnostics!r} (expected a bool)")
         if (not isinstance(feedback_bound, (int, float)) or isinstance(feedback_bound, bool)
                 or not feedback_bound > 0):
-            raise ValueError(f"invalid feedback_bound: {feedback_bound!r} (expected a number > 0, "
+            raise InputError(f"invalid feedback_bound: {feedback_bound!r} (expected a number > 0, "
                              "or math.inf for no bound)")
         if not isinstance(seed, int) or isinstance(seed, bool):
-            raise ValueError(f"invalid seed: {seed!r} (expected an int)")
+            raise InputError(f"invalid seed: {seed!r} (expected an int)")
         super().__init__(params, curvature, lr, model=model, process_group=process_group,
                          **hyperparameters)
         if feedback is not False and self._model is None:
@@ -306,10 +306,9 @@ class DDPNOpt(CurvatureOptimizer):
         params = [p for b in self._blocks for p in b.params]
         if not math.isfinite(float(torch.stack(torch._foreach_norm(params)).sum())):
             self._restore(saved)
-            msg = ("DDPNOpt: the feedback pass gave a non-finite parameter; step refused, "
-                   "parameters and optimizer state unchanged")
-            log.warning(msg)
-            warnings.warn(msg, RuntimeWarning, stacklevel=4)
+            self.refused_steps += 1
+            warn("DDPNOpt: the feedback pass gave a non-finite parameter; step refused, "
+                 "parameters and optimizer state unchanged")
 
     # -- state ------------------------------------------------------------------------------------
     def configuration(self) -> dict:

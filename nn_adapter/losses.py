@@ -13,7 +13,15 @@ import math
 import torch
 from torch import nn
 
+from occore.errors import InputError, ShapeError
+
+from .errors import DataError, DtypeError
+
 __all__ = ["MMCLoss", "mm_centers"]
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def mm_centers(num_classes: int, dim: int, radius: float = 10.0,
@@ -24,15 +32,19 @@ def mm_centers(num_classes: int, dim: int, radius: float = 10.0,
     norm; the result is scaled by ``radius``.
 
     Raises:
-        ValueError: unless num_classes >= 2, dim >= num_classes - 1 and radius > 0.
+        InputError: (a ``ValueError``) unless num_classes >= 2 and dim >= num_classes - 1 are
+            ints and radius is a finite number > 0 (bools are refused).
     """
-    if not isinstance(num_classes, int) or num_classes < 2:
-        raise ValueError(f"invalid num_classes: {num_classes!r} (expected an int >= 2)")
-    if not isinstance(dim, int) or dim < num_classes - 1:
-        raise ValueError(f"invalid dim: {dim!r} (expected an int >= num_classes - 1 = "
+    if not _is_int(num_classes) or num_classes < 2:
+        raise InputError(f"invalid num_classes: {num_classes!r} (expected an int >= 2)")
+    if not _is_int(dim) or dim < num_classes - 1:
+        raise InputError(f"invalid dim: {dim!r} (expected an int >= num_classes - 1 = "
                          f"{num_classes - 1})")
-    if not (isinstance(radius, (int, float)) and radius > 0):
-        raise ValueError(f"invalid radius: {radius!r} (expected a number > 0)")
+    if not (isinstance(radius, (int, float)) and not isinstance(radius, bool)
+            and math.isfinite(radius) and radius > 0):
+        raise InputError(f"invalid radius: {radius!r} (expected a finite number > 0)")
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise InputError(f"invalid dtype: {dtype!r} (expected a floating-point torch.dtype)")
     L = num_classes
     mu = torch.zeros(L, dim, dtype=torch.float64)
     mu[0, 0] = 1.0
@@ -56,6 +68,13 @@ class MMCLoss(nn.Module):
     Shapes:
         input (B, d) features; target (B,) class indices; output a scalar ((B,) for "none").
 
+    Raises:
+        InputError: (at construction) an invalid ``num_classes``, ``dim``, ``radius`` or
+            ``reduction``.
+        TypeError / ShapeError / DtypeError / DataError: (at the call) an input or target that
+            is not a tensor, of the wrong shape, a target that is not integer class indices, or
+            a class index outside [0, num_classes).
+
     ``predict(z)`` returns the class of the nearest centre.
 
     Example:
@@ -70,18 +89,26 @@ class MMCLoss(nn.Module):
     def __init__(self, num_classes: int, dim: int, radius: float = 10.0, reduction: str = "mean"):
         super().__init__()
         if reduction not in ("mean", "sum", "none"):
-            raise ValueError(f"invalid reduction: {reduction!r} (expected 'mean', 'sum' or 'none')")
+            raise InputError(f"invalid reduction: {reduction!r} (expected 'mean', 'sum' or 'none')")
         self.reduction = reduction
         self.register_buffer("centers", mm_centers(num_classes, dim, radius,
                                                    torch.get_default_dtype()))
 
     def forward(self, input: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        for name, value in (("input", input), ("target", target)):
+            if not isinstance(value, torch.Tensor):
+                raise TypeError(f"{name}: expected a torch.Tensor, got {type(value).__name__}")
         if input.dim() != 2 or input.shape[1] != self.centers.shape[1]:
-            raise ValueError(f"input: expected shape (B, {self.centers.shape[1]}), "
-                             f"got {tuple(input.shape)}")
+            raise ShapeError("input", f"(B, {self.centers.shape[1]})", tuple(input.shape))
+        if not input.is_floating_point():
+            raise DtypeError("input", "a floating-point dtype", input.dtype)
         if target.shape != input.shape[:1]:
-            raise ValueError(f"target: expected shape ({input.shape[0]},), got "
-                             f"{tuple(target.shape)}")
+            raise ShapeError("target", f"({input.shape[0]},)", tuple(target.shape))
+        if target.is_floating_point() or target.is_complex() or target.dtype == torch.bool:
+            raise DtypeError("target", "integer class indices", target.dtype)
+        if target.numel() and not bool(((target >= 0) & (target < len(self.centers))).all()):
+            raise DataError("target", f"class indices must lie in [0, {len(self.centers)}), got "
+                            f"{int(target.min())}..{int(target.max())}")
         per_sample = 0.5 * (input - self.centers.to(input.dtype)[target]).square().sum(1)
         if self.reduction == "mean":
             return per_sample.mean()

@@ -9,13 +9,16 @@ from __future__ import annotations
 
 import logging
 import math
+import warnings
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
+from torch.func import functional_call, vmap
 
 from occore.errors import InputError, ShapeError
 from occore.types import Policy, Trajectory
 
+from .errors import DataDependentForwardError, DataError, DtypeError
 from .local_model import NetworkLocalModel
 from .stages import split_stages
 
@@ -32,8 +35,13 @@ class NetworkProblem:
             dropout and batch norm must be in eval mode. Never modified (until :meth:`load_into`).
         loss_fn: ``loss_fn(outputs, targets) -> scalar tensor`` (e.g. ``nn.CrossEntropyLoss()``),
             written with torch operations that ``torch.func`` can differentiate.
-        inputs: (B, ...) the batch; copied to the model's device (floating inputs in its dtype).
-        targets: (B, ...) what ``loss_fn`` compares the outputs with; copied likewise.
+        inputs: (B, ...) the batch, B >= 1, finite; copied to the model's device (in its dtype).
+            The states are differentiated, so x_0 = pre(inputs) must be floating point.
+        targets: (B, ...) what ``loss_fn`` compares the outputs with, finite; copied likewise.
+            For torch's classification losses (``CrossEntropyLoss``, ``NLLLoss``) integer class
+            indices in [0, C) (or probabilities shaped like the outputs); for the regression
+            losses (``MSELoss``, ``L1Loss``, ``SmoothL1Loss``, ``HuberLoss``, ``BCELoss``,
+            ``BCEWithLogitsLoss``) floats shaped exactly like the outputs (no broadcasting).
         weight_decay: wd >= 0 of the running cost wd/2 |u_t|^2 (torch's ``weight_decay``).
         memory_limit: bytes the DDP local model may use (None: no limit); beyond its estimate
             :meth:`local_model`'s backward pass raises :class:`nn_adapter.errors.MemoryLimitError`.
@@ -45,10 +53,20 @@ class NetworkProblem:
         stages: the :class:`~nn_adapter.stages.Stage` list; ``pre`` the leading parameter-free
             modules.
 
+    Every check runs before any solver work, on private copies: nothing passed is modified.
+
     Raises:
-        UnsupportedModuleError: a module cannot be a stage.
-        ShapeError: inputs the first stage cannot take, or targets of another length.
-        InputError: a loss that is not a scalar, non-finite inputs, or bad options.
+        UnsupportedModuleError: a module cannot be a stage (a ``TypeError``).
+        DataDependentForwardError: a stage's forward branches on the values of its input (``if
+            x.sum() > 0``, ``x.item()``): ``torch.func`` cannot differentiate it per sample; the
+            module is named (an ``UnsupportedModuleError``).
+        DtypeError: integer (non-floating) states x_0, or targets of a dtype the loss cannot take
+            (a ``TypeError`` and an ``InputError``).
+        DataError: an empty batch, NaN or inf in inputs or targets, class indices out of range
+            (an ``InputError``).
+        ShapeError: inputs the first stage cannot take, targets of another length, or targets
+            shaped unlike the outputs for a loss that would broadcast them.
+        InputError: a loss that is not a scalar or that fails on the outputs, or bad options.
 
     Example:
         >>> import torch
@@ -72,19 +90,26 @@ class NetworkProblem:
         if not callable(loss_fn):
             raise InputError(f"loss_fn: expected a callable, got {type(loss_fn).__name__}")
         self.loss_fn = loss_fn
-        if not (isinstance(weight_decay, (int, float)) and math.isfinite(weight_decay)
-                and weight_decay >= 0):
+        if not (_is_number(weight_decay) and math.isfinite(weight_decay) and weight_decay >= 0):
             raise InputError(f"weight_decay={weight_decay!r}: expected a finite number >= 0")
         self.weight_decay = float(weight_decay)
-        if memory_limit is not None and not (isinstance(memory_limit, (int, float)) and memory_limit > 0):
+        if memory_limit is not None and not (_is_number(memory_limit) and memory_limit > 0):
             raise InputError(f"memory_limit={memory_limit!r}: expected a positive number of bytes or None")
         self.memory_limit = memory_limit
-        if value_hessian not in ("batch", "per_sample"):
+        if not isinstance(value_hessian, str) or value_hessian not in ("batch", "per_sample"):
             raise InputError(f"value_hessian={value_hessian!r}: expected 'batch' or 'per_sample'")
         self.value_hessian = value_hessian
         self.inputs, self.targets = self._check_data(inputs, targets)
         self.batch_size = self.inputs.shape[0]
         self.x0 = self._pre(self.inputs)
+        if not isinstance(self.x0, Tensor) or not self.x0.is_floating_point():
+            first = self.stages[0]
+            raise DtypeError("inputs", "floating-point states x_0 = pre(inputs) (the stages are "
+                             "differentiated in them)",
+                             getattr(self.x0, "dtype", type(self.x0).__name__),
+                             f"x_0 goes into module {first.names[0]!r} "
+                             f"({type(first.head).__name__}); convert the inputs, e.g. "
+                             "inputs.float(); index inputs (nn.Embedding) cannot be states")
         self._check_forward()
         logger.debug("%r", self)
 
@@ -111,18 +136,24 @@ class NetworkProblem:
                 raise InputError(f"{name}: expected a torch.Tensor, got {type(v).__name__}")
             if v.dim() == 0:
                 raise ShapeError(name, "(B, ...)", tuple(v.shape), "needs a batch axis")
+            if v.is_complex():
+                raise DtypeError(name, "a real dtype", v.dtype)
+        if inputs.shape[0] == 0:
+            raise DataError("inputs", f"the batch is empty (shape {tuple(inputs.shape)}); "
+                            "a problem needs at least one sample")
         if inputs.shape[0] != targets.shape[0]:
             raise ShapeError("targets", f"({inputs.shape[0]}, ...) (one per input)",
                              tuple(targets.shape))
         # private copies (on the model's device, floating inputs in its dtype): trajectories and
         # results hand x_0 out, and nothing handed out may alias the user's tensors
-        dtype = self.dtype if inputs.is_floating_point() else inputs.dtype
-        inputs = inputs.detach().to(device=self.device, dtype=dtype, copy=True)
-        if inputs.is_floating_point() and not torch.isfinite(inputs).all():
-            raise InputError("inputs: contains NaN or inf")
-        dtype = self.dtype if targets.is_floating_point() else targets.dtype
-        targets = targets.detach().to(device=self.device, dtype=dtype, copy=True)
-        return inputs, targets
+        out = []
+        for name, v in (("inputs", inputs), ("targets", targets)):
+            dtype = self.dtype if v.is_floating_point() else v.dtype
+            v = v.detach().to(device=self.device, dtype=dtype, copy=True)
+            if v.is_floating_point() and not bool(torch.isfinite(v).all()):
+                raise DataError(name, "contains NaN or inf")
+            out.append(v)
+        return tuple(out)
 
     def _pre(self, x):
         with torch.no_grad():
@@ -136,27 +167,56 @@ class NetworkProblem:
         with torch.no_grad():
             for stage in self.stages:
                 try:
-                    x = stage.forward(stage.params(), x)
+                    y = stage.forward(stage.params(), x)
                 except Exception as err:    # noqa: BLE001 - re-raised with the stage named
                     what = "inputs" if stage.index == 0 else f"stage {stage.index} input"
                     raise ShapeError(what, f"what module {stage.names[0]!r} "
                                      f"({type(stage.head).__name__}) accepts", tuple(x.shape),
                                      str(err)) from err
-                if not isinstance(x, Tensor) or x.dim() == 0 or x.shape[0] != self.batch_size:
+                if not isinstance(y, Tensor) or y.dim() == 0 or y.shape[0] != self.batch_size:
                     raise ShapeError(f"stage {stage.index} output", f"({self.batch_size}, ...)",
-                                     getattr(x, "shape", type(x).__name__),
+                                     getattr(y, "shape", type(y).__name__),
                                      f"modules {stage.names} must keep the batch axis")
-            try:
-                loss = self.loss_fn(x, self.targets)
-            except Exception as err:    # noqa: BLE001
-                raise InputError(f"loss_fn failed on outputs {tuple(x.shape)} and targets "
-                                 f"{tuple(self.targets.shape)}: {err}") from err
+                _check_per_sample(stage, x)
+                x = y
+            _check_targets(self.loss_fn, x, self.targets)
+            with warnings.catch_warnings():
+                # torch warns (and broadcasts) when a regression target is shaped unlike the input
+                warnings.filterwarnings("error", message=".*target size.*different to the input",
+                                        category=UserWarning)
+                try:
+                    loss = self.loss_fn(x, self.targets)
+                except UserWarning as err:
+                    raise ShapeError("targets", tuple(x.shape), tuple(self.targets.shape),
+                                     f"loss_fn would broadcast them: {err}") from None
+                except InputError:      # already typed (nn_adapter.MMCLoss), naming its argument
+                    raise
+                except Exception as err:    # noqa: BLE001
+                    raise InputError(f"loss_fn failed on outputs {tuple(x.shape)} and targets "
+                                     f"{tuple(self.targets.shape)}: {err}") from err
         if not isinstance(loss, Tensor) or loss.numel() != 1 or loss.dim() != 0:
             shape = tuple(loss.shape) if isinstance(loss, Tensor) else type(loss).__name__
             raise InputError(f"loss_fn must return a scalar tensor (a 0-d tensor), got {shape}; "
                              "use reduction='mean' or 'sum'")
 
-    def _check_controls(self, us, name="us"):
+    def check_controls(self, us, name: str = "us") -> list:
+        """``us`` checked as controls of this problem (a list of T parameter dicts shaped,
+        typed and placed like the model's, with finite values); returns it (not copied).
+
+        Raises:
+            ShapeError: not a list of T dicts with the stages' keys, or a tensor of another shape.
+            InputError: not tensors, another dtype or device, or NaN/inf values; each message
+                names ``name`` and the entry, e.g. ``us0[1]['weight']``.
+        """
+        self._check_structure(us, name)
+        bad = [(t, k) for t, u in enumerate(us) for k, v in u.items()
+               if not bool(torch.isfinite(v).all())]
+        if bad:
+            t, k = bad[0]
+            raise InputError(f"{name}[{t}][{k!r}]: contains NaN or inf")
+        return us
+
+    def _check_structure(self, us, name="us"):
         if not isinstance(us, (list, tuple)) or len(us) != self.horizon:
             raise ShapeError(name, f"a list of {self.horizon} parameter dicts",
                              f"{type(us).__name__} of length {len(us) if hasattr(us, '__len__') else '?'}")
@@ -190,7 +250,7 @@ class NetworkProblem:
 
     def rollout(self, us) -> Trajectory:
         """States x_0..x_T of controls ``us`` (list of T parameter dicts) and the cost."""
-        self._check_controls(us)
+        self._check_structure(us)          # (non-finite controls: a non-finite cost, a Status)
         xs = [self.x0]
         with torch.no_grad():
             for stage, u in zip(self.stages, us):
@@ -245,7 +305,7 @@ class NetworkProblem:
 
     def load_into(self, model, us) -> None:
         """Copy controls ``us`` into the parameters of ``model`` (same architecture), in place."""
-        self._check_controls(us)
+        self.check_controls(us)
         _, stages = split_stages(model, check_mode=False)
         if [s.param_names for s in stages] != [s.param_names for s in self.stages]:
             raise ShapeError("model", f"stages with parameters {[s.param_names for s in self.stages]}",
@@ -258,3 +318,87 @@ class NetworkProblem:
             for stage, u in zip(stages, us):
                 for k, p in stage.params().items():
                     p.copy_(u[k])
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _data_dependent(err: Exception) -> bool:
+    text = str(err)
+    return "data-dependent control flow" in text or ".item()" in text
+
+
+def _check_per_sample(stage, x: Tensor) -> None:
+    """Run ``stage`` under ``torch.func.vmap`` on one sample, as the local model does: a forward
+    that branches on tensor values (``if``, ``.item()``, ``bool()``) cannot run there.
+
+    Other failures under ``vmap`` are left to the solver that meets them (E-MSA does not vmap).
+
+    Raises:
+        DataDependentForwardError: naming the first such module of the stage.
+    """
+    params = stage.params()
+    try:
+        vmap(lambda xi: stage.forward(params, xi[None])[0])(x[:1])
+        return
+    except RuntimeError as err:
+        if not _data_dependent(err):
+            logger.debug("stage %d does not run under vmap: %s", stage.index, err)
+            return
+    culprit = f"stage {stage.index} (modules {list(stage.names)})"
+    y = x[:1]
+    for i, (name, module) in enumerate(zip(stage.names, stage.modules)):
+        def call(z, module=module, head=i == 0):
+            return functional_call(module, params, (z,)) if head else module(z)
+        try:
+            vmap(lambda yi: call(yi[None])[0])(y)
+        except RuntimeError as err:
+            if _data_dependent(err):
+                culprit = f"module {name!r} ({type(module).__name__})"
+            break
+        y = call(y)
+    raise DataDependentForwardError(
+        f"{culprit}: its forward branches on the values of its input (a Python if/while on a "
+        "tensor, .item(), bool() or float() of a tensor), which torch.func cannot differentiate "
+        "per sample; write it with tensor operations (torch.where, torch.clamp, masks)")
+
+
+_INDEX_LOSSES = (nn.CrossEntropyLoss, nn.NLLLoss)
+_REGRESSION_LOSSES = (nn.MSELoss, nn.L1Loss, nn.SmoothL1Loss, nn.HuberLoss, nn.BCELoss,
+                      nn.BCEWithLogitsLoss)
+
+
+def _check_targets(loss_fn, outputs: Tensor, targets: Tensor) -> None:
+    """Targets that torch's own losses would refuse deep inside, or silently broadcast.
+
+    Raises:
+        DtypeError, ShapeError, DataError: naming ``targets``.
+    """
+    if isinstance(loss_fn, _INDEX_LOSSES):
+        if targets.is_floating_point():                     # class probabilities
+            if targets.shape != outputs.shape:
+                raise ShapeError("targets", f"{tuple(outputs.shape)} (class probabilities shaped "
+                                 "like the outputs) or integer class indices",
+                                 tuple(targets.shape))
+            return
+        if targets.dtype == torch.bool:
+            raise DtypeError("targets", f"integer class indices for {type(loss_fn).__name__}",
+                             targets.dtype)
+        want = outputs.shape[:1] + outputs.shape[2:]
+        if outputs.dim() < 2 or targets.shape != want:
+            raise ShapeError("targets", f"{tuple(want)} (one class index per sample)",
+                             tuple(targets.shape))
+        classes = outputs.shape[1]
+        valid = targets != loss_fn.ignore_index
+        kept = targets[valid]
+        if kept.numel() and not bool(((kept >= 0) & (kept < classes)).all()):
+            raise DataError("targets", f"class indices must lie in [0, {classes}) (the outputs' "
+                            f"second axis), got {int(kept.min())}..{int(kept.max())}")
+    elif isinstance(loss_fn, _REGRESSION_LOSSES):
+        if not targets.is_floating_point():
+            raise DtypeError("targets", f"floating-point targets for {type(loss_fn).__name__}",
+                             targets.dtype, "convert them, e.g. targets.float()")
+        if targets.shape != outputs.shape:
+            raise ShapeError("targets", tuple(outputs.shape), tuple(targets.shape),
+                             f"{type(loss_fn).__name__} would broadcast them; the outputs' shape")

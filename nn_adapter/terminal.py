@@ -37,18 +37,16 @@ warning once per optimizer.
 """
 from __future__ import annotations
 
-import logging
 import math
-import warnings
 from typing import Optional
 
 import torch
 
 from occore.errors import InputError
 
-__all__ = ["TERMINAL_HESSIANS", "LOSSES", "detect_loss", "terminal_factor", "loss_hessian_factor"]
+from .errors import warn
 
-log = logging.getLogger("nn_adapter")
+__all__ = ["TERMINAL_HESSIANS", "LOSSES", "detect_loss", "terminal_factor", "loss_hessian_factor"]
 
 TERMINAL_HESSIANS = ("projected", "gauss_newton", "sampled", "gradient")
 DETECT = object()   # LossResolver: run detect_loss (no result given)
@@ -184,6 +182,5 @@ class LossResolver:
             msg = ("DDPNOpt: the loss is not softmax cross-entropy on the network output; its "
                    "terminal Gauss-Newton curvature is taken as mean squared error's (2/d) I. Pass "
                    "loss='mse' or loss='cross_entropy' to say which, or terminal_hessian='gradient'")
-            log.warning(msg)
-            warnings.warn(msg, RuntimeWarning, stacklevel=4)
+            warn(msg)
         return "mse"

@@ -11,6 +11,8 @@ ekfac       lr Q_G diag(1 / (s + damping)) Q_A^T        nn_adapter.EKFAC
 """
 from __future__ import annotations
 
+from occore.errors import InputError
+
 from .adam import AdamCurvature
 from .base import Block, Curvature, apply_factors, as_matrix, find_blocks, from_matrix
 from .ekfac import EKFACCurvature
@@ -36,5 +38,5 @@ def make_curvature(name: str) -> Curvature:
         'rmsprop'
     """
     if not isinstance(name, str) or name not in CURVATURES:
-        raise ValueError(f"invalid curvature: {name!r} (expected one of {sorted(CURVATURES)})")
+        raise InputError(f"invalid curvature: {name!r} (expected one of {sorted(CURVATURES)})")
     return CURVATURES[name]()

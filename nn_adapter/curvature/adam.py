@@ -5,7 +5,7 @@ import math
 
 import torch
 
-from .base import DiagonalCurvature, is_finite_number, l2_coefficient, with_weight_decay
+from .base import DiagonalCurvature, is_finite_number, is_fraction, l2_coefficient
 
 __all__ = ["AdamCurvature"]
 
@@ -37,7 +37,7 @@ class AdamCurvature(DiagonalCurvature):
         super().validate(hp)
         b, e = hp["betas"], hp["eps"]
         ok = (isinstance(b, (tuple, list)) and len(b) == 2
-              and all(isinstance(x, (int, float)) and 0.0 <= x < 1.0 for x in b))
+              and all(is_fraction(x) for x in b))
         self.check("betas", b, ok, "a pair of numbers in [0, 1)")
         self.check("eps", e, is_finite_number(e, strict=True), "a finite number > 0")
         self.check("amsgrad", hp["amsgrad"], isinstance(hp["amsgrad"], bool), "a bool")
@@ -56,19 +56,9 @@ class AdamCurvature(DiagonalCurvature):
             if group["amsgrad"]:
                 state["max_exp_avg_sq"] = torch.zeros_like(p)
 
-    def param_update(self, p, grad, group, state):
-        self._init_state(p, group, state)
-        beta1, beta2 = group["betas"]
-        state["step"] += 1
-        grad = with_weight_decay(p, grad, group)
-        state["exp_avg"].lerp_(grad, 1 - beta1)
-        state["exp_avg_sq"].mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
-        if group["amsgrad"]:
-            torch.maximum(state["max_exp_avg_sq"], state["exp_avg_sq"],
-                          out=state["max_exp_avg_sq"])
-
     def params_update(self, params, grads, group, states):
-        """All parameters at once with ``torch._foreach_*`` (same arithmetic as one by one)."""
+        """The moments of all parameters at once with ``torch._foreach_*`` (the only update path:
+        :meth:`DiagonalCurvature.update` and ``update_all`` both come here)."""
         for p, st in zip(params, states):
             self._init_state(p, group, st)
             st["step"] += 1

@@ -24,7 +24,7 @@ from torch import nn
 from occore.errors import InputError
 
 __all__ = ["Block", "Curvature", "find_blocks", "as_matrix", "from_matrix", "apply_factors",
-           "apply_p", "l2_coefficient", "with_weight_decay"]
+           "apply_p", "l2_coefficient", "with_weight_decay", "is_finite_number", "is_fraction"]
 
 BLOCK_KINDS = ("linear", "conv2d", "diagonal")
 
@@ -158,6 +158,11 @@ def is_finite_number(value, minimum: float = 0.0, strict: bool = False) -> bool:
     elif isinstance(value, bool) or not isinstance(value, (int, float)):
         return False
     return math.isfinite(value) and (value > minimum if strict else value >= minimum)
+
+
+def is_fraction(value, closed: bool = False) -> bool:
+    """True for a finite real number (not a bool) in [0, 1) ([0, 1] when ``closed``)."""
+    return is_finite_number(value) and (float(value) <= 1.0 if closed else float(value) < 1.0)
 
 
 class Curvature:

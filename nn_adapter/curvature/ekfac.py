@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from .base import (Curvature, apply_factors, as_matrix, from_matrix, is_finite_number,
-                   with_weight_decay)
+                   is_fraction, with_weight_decay)
 from .kron import chunks, patches, per_sample_grads, positions  # noqa: F401
 
 __all__ = ["EKFACCurvature"]
@@ -50,7 +50,7 @@ class EKFACCurvature(Curvature):
         super().validate(hp)
         d, s = hp["damping"], hp["stat_decay"]
         self.check("damping", d, is_finite_number(d, strict=True), "a finite number > 0")
-        self.check("stat_decay", s, isinstance(s, (int, float)) and 0.0 <= s < 1.0,
+        self.check("stat_decay", s, is_fraction(s),
                    "0 <= stat_decay < 1")
         for name in ("factor_update_freq", "eigen_update_freq"):
             v = hp[name]

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from .base import DiagonalCurvature, l2_coefficient, with_weight_decay
+from .base import DiagonalCurvature, is_fraction, l2_coefficient, with_weight_decay
 
 __all__ = ["IdentityCurvature"]
 
@@ -30,8 +30,8 @@ class IdentityCurvature(DiagonalCurvature):
     def validate(self, hp):
         super().validate(hp)
         m, d = hp["momentum"], hp["dampening"]
-        self.check("momentum", m, isinstance(m, (int, float)) and 0.0 <= m < 1.0, "0 <= momentum < 1")
-        self.check("dampening", d, isinstance(d, (int, float)) and 0.0 <= d <= 1.0,
+        self.check("momentum", m, is_fraction(m), "0 <= momentum < 1")
+        self.check("dampening", d, is_fraction(d, closed=True),
                    "0 <= dampening <= 1")
         self.check("nesterov", hp["nesterov"], isinstance(hp["nesterov"], bool), "a bool")
         if hp["nesterov"]:

@@ -15,9 +15,7 @@ cover weight and bias together), with an error naming the layer.
 """
 from __future__ import annotations
 
-import logging
 import math
-import warnings
 from typing import Callable, Optional
 
 import torch
@@ -25,13 +23,12 @@ from torch import nn
 
 from occore.errors import InputError
 
+from ..errors import warn
 from . import CURVATURES, make_curvature
 from .base import Block, _structured_kind, find_blocks
 from .records import LiveRecorder, Recorder
 
 __all__ = ["CurvatureOptimizer"]
-
-log = logging.getLogger("nn_adapter")
 
 _CLOSURE_HELP = ("a closure that runs zero_grad, the forward pass, the loss and loss.backward() "
                  "and returns the loss")
@@ -51,6 +48,19 @@ def _structured_layers(model: nn.Module) -> dict:
                     layers[id(p)] = (name, module, kind)
         seen.update(id(p) for p in module.parameters(recurse=False))
     return layers
+
+
+def _check_loss(loss) -> None:
+    """The closure's return value must be the loss: a one-element tensor or a real number."""
+    if loss is None:
+        raise InputError("closure: returned None; it must return the loss")
+    if isinstance(loss, torch.Tensor):
+        if loss.numel() != 1 or loss.is_complex():
+            raise InputError(f"closure: returned a tensor of shape {tuple(loss.shape)} "
+                             f"({loss.dtype}); it must return the loss, a one-element real tensor")
+    elif isinstance(loss, bool) or not isinstance(loss, (int, float)):
+        raise InputError(f"closure: returned {type(loss).__name__}; it must return the loss (a "
+                         "tensor or a number)")
 
 
 class CurvatureOptimizer(torch.optim.Optimizer):
@@ -154,6 +164,7 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         self._rec = None
         self._live: Optional[LiveRecorder] = None
         self._ready = False
+        self.refused_steps = 0      # steps refused for a non-finite loss, gradient or update
         super().__init__(params, defaults)
         self._ready = True
         self._refresh_recording()
@@ -315,8 +326,11 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         layer exactly once since the last step: evaluate under ``torch.no_grad()`` or without a
         backward in between). Parameters without a gradient are left alone.
 
-        The step is refused (parameters and state unchanged, a ``RuntimeWarning``) when the loss
-        or a gradient is not finite.
+        A step whose loss (the closure's return value) or any gradient is NaN or inf is refused:
+        no parameter, no optimizer state and no param group changes, one ``RuntimeWarning`` is
+        issued (through :func:`nn_adapter.errors.warn`) and the non-finite loss is returned, so
+        a training loop can see it (``math.isfinite(loss)``) and decide (skip the batch, lower
+        the learning rate, stop). The refused steps are counted in :attr:`refused_steps`.
 
         Returns:
             the loss the closure returned (None without a closure).
@@ -333,8 +347,7 @@ class CurvatureOptimizer(torch.optim.Optimizer):
                 live.paused = True
             with rec, torch.enable_grad():
                 loss = closure()
-            if loss is None:
-                raise InputError("closure: returned None; it must return the loss")
+            _check_loss(loss)
             if not self._agree(loss, self._records_error(rec), rec):
                 return loss
             with torch.no_grad():
@@ -436,10 +449,9 @@ class CurvatureOptimizer(torch.optim.Optimizer):
 
     def _refuse(self, what: str, loss) -> bool:
         shown = f" (loss {loss})" if loss is not None else ""
-        msg = (f"{type(self).__name__}: {what} is not finite{shown}; step refused, "
-               "parameters and optimizer state unchanged")
-        log.warning(msg)
-        warnings.warn(msg, RuntimeWarning, stacklevel=4)
+        self.refused_steps += 1
+        warn(f"{type(self).__name__}: {what} is not finite{shown}; step refused, parameters and "
+             "optimizer state unchanged")
         return False
 
     def _params_with_grad(self):

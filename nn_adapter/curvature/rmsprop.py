@@ -3,7 +3,8 @@ from __future__ import annotations
 
 import torch
 
-from .base import DiagonalCurvature, is_finite_number, l2_coefficient, with_weight_decay
+from .base import (DiagonalCurvature, is_finite_number, is_fraction, l2_coefficient,
+                   with_weight_decay)
 
 __all__ = ["RMSpropCurvature"]
 
@@ -31,10 +32,9 @@ class RMSpropCurvature(DiagonalCurvature):
     def validate(self, hp):
         super().validate(hp)
         a, e, m = hp["alpha"], hp["eps"], hp["momentum"]
-        self.check("alpha", a, isinstance(a, (int, float)) and 0.0 <= a < 1.0, "0 <= alpha < 1")
+        self.check("alpha", a, is_fraction(a), "0 <= alpha < 1")
         self.check("eps", e, is_finite_number(e, strict=True), "a finite number > 0")
-        self.check("momentum", m, isinstance(m, (int, float)) and 0.0 <= m < 1.0,
-                   "0 <= momentum < 1")
+        self.check("momentum", m, is_fraction(m), "0 <= momentum < 1")
         self.check("centered", hp["centered"], isinstance(hp["centered"], bool), "a bool")
 
     def _avg(self, group, state):
