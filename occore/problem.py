@@ -61,6 +61,8 @@ class Problem:
         params: stage parameters (T+1, np): row t goes to stage t, row T to the terminal cost.
         backend: "casadi" (default), "torch" or "finite_difference" (numpy callables).
         name: optional label used in tables.
+        backend_options: the backend's options: ``{"compile": "auto" | "always" | "never"}`` for
+            "torch" (see :mod:`occore.derivatives.torch_compile`).
 
     Raises:
         ShapeError, InputError, DerivativeError: at construction, naming the argument.
@@ -75,7 +77,7 @@ class Problem:
     """
 
     def __init__(self, dynamics, stage_cost, terminal_cost, x0, nu, horizon, u_lower=None, u_upper=None,
-                 params=None, backend="casadi", name=None):
+                 params=None, backend="casadi", name=None, backend_options=None):
         for arg, fn in (("dynamics", dynamics), ("stage_cost", stage_cost), ("terminal_cost", terminal_cost)):
             if not callable(fn):
                 raise InputError(f"{arg}: expected a callable, got {type(fn).__name__}")
@@ -121,7 +123,7 @@ class Problem:
             raise InputError(f"backend={backend!r} is unknown; valid backends are {', '.join(BACKENDS)}")
         self.backend = backend
         self.name = name
-        self._backend = make_backend(backend, self)   # builds and checks the functions' shapes
+        self._backend = make_backend(backend, self, backend_options)   # builds and checks the functions
 
     def __repr__(self) -> str:
         box = ", bounded" if self.bounded else ""

@@ -28,8 +28,9 @@ import numpy as np
 import torch
 from torch.func import jacfwd, jacrev, vmap
 
-from ..errors import DerivativeError, ShapeError
+from ..errors import DerivativeError, InputError, ShapeError
 from .base import Backend, DenseDerivatives
+from .torch_compile import MODES, CompiledFunction, scan_rollout, scan_rollout_policy
 
 __all__ = ["TorchBackend"]
 
@@ -101,7 +102,10 @@ class TorchBackend(Backend):
     #: 0 traces on the first call, None never traces.
     trace_after: int | None = 32
 
-    def __init__(self, problem):
+    def __init__(self, problem, compile="auto"):
+        if compile not in MODES:
+            raise InputError(f"backend_options: compile={compile!r} is unknown; valid modes are "
+                             f"{', '.join(map(repr, MODES))}")
         super().__init__(problem)
         nx, nu, T = self.nx, self.nu, self.T
         self.npar = npar = problem.params.shape[1] if problem.params is not None else 0
@@ -162,6 +166,17 @@ class TorchBackend(Backend):
         self._calls = 0                       # eager derivative evaluations so far
         self._compiled = None                 # the traced graph (or the eager function) once traced
         self._check(problem)
+        # What runs every iteration, compiled by inductor as ``compile`` says (occore.derivatives.torch_compile).
+        bounded = problem.u_lower is not None
+        self._no_bounds = torch.zeros((T, nu), dtype=_DTYPE)
+        self.fast = dict(
+            derivatives=CompiledFunction("derivatives", lambda *a: self._derivative_fn(a)(*a),
+                                         lambda *a: self._fx_graph(a), compile),
+            rollout=CompiledFunction("rollout", self._rollout_eager,
+                                     lambda *a: scan_rollout(f, l, lf, bool(npar)), compile),
+            rollout_policy=CompiledFunction("rollout_policy", self._rollout_policy_eager,
+                                            lambda *a: scan_rollout_policy(f, l, lf, bool(npar), bounded),
+                                            compile))
 
     # -- construction checks ----------------------------------------------------------------------
     def _stage_p(self) -> torch.Tensor:
@@ -214,39 +229,43 @@ class TorchBackend(Backend):
         with torch.inference_mode():
             return float(self._lf(_tensor(x), self.P[self.T]))
 
-    def _cost(self, X: torch.Tensor, U: torch.Tensor) -> float:
-        """Total cost of states X (T+1, nx) and controls U (T, nu): stage costs in one call."""
-        L = self._lvec(X[:-1], U, self._stage_p())
-        return float(L.sum() + self._lf(X[-1], self.P[self.T]))
-
     def rollout(self, us):
-        T, f, P = self.T, self._f, self.P
         with torch.inference_mode():
-            U = _tensor(us)
-            xs = [self._x0]
-            for t in range(T):
-                xs.append(f(xs[-1], U[t], P[t]))
-            X = torch.stack(xs)
-            return X.numpy(), self._cost(X, U)
+            X, cost = self.fast["rollout"](self._x0, _tensor(us), self.P)
+            return X.numpy(), float(cost)
+
+    def _rollout_eager(self, x0, U, P):
+        """States (T+1, nx) and cost () of controls U (T, nu), stage by stage."""
+        f, xs = self._f, [x0]
+        for t in range(self.T):
+            xs.append(f(xs[-1], U[t], P[t]))
+        X = torch.stack(xs)
+        return X, self._lvec(X[:-1], U, P[: self.T]).sum() + self._lf(X[-1], P[self.T])
 
     def rollout_policy(self, xs_ref, us_ref, k, K, alpha, lower, upper):
-        T, f, P = self.T, self._f, self.P
         with torch.inference_mode():
-            Xr, Kt = _tensor(xs_ref), _tensor(K)
             base = _tensor(us_ref + alpha * np.asarray(k))     # u_ref + alpha k, all stages
-            lo = hi = None
+            lo = hi = self._no_bounds
             if lower is not None:
                 lo, hi = _tensor(lower), _tensor(upper)
-            x, xs, us = self._x0, [self._x0], []
-            for t in range(T):
-                u = torch.addmv(base[t], Kt[t], x - Xr[t])
-                if lo is not None:
-                    u = torch.clamp(u, lo[t], hi[t])     # = min(max(u, lo), hi)
-                x = f(x, u, P[t])
-                xs.append(x)
-                us.append(u)
-            X, U = torch.stack(xs), torch.stack(us)
-            return X.numpy(), U.numpy(), self._cost(X, U)
+            X, U, cost = self.fast["rollout_policy"](self._x0, _tensor(xs_ref), base, _tensor(K), lo, hi,
+                                                     self.P)
+            return X.numpy(), U.numpy(), float(cost)
+
+    def _rollout_policy_eager(self, x0, Xr, base, Kt, lo, hi, P):
+        """u_t = clamp(base_t + K_t (x_t - Xr_t), lo_t, hi_t) (no clamp when unbounded), stage by
+        stage: X (T+1, nx), U (T, nu), cost ()."""
+        f, bounded = self._f, self.problem.u_lower is not None
+        x, xs, us = x0, [x0], []
+        for t in range(self.T):
+            u = torch.addmv(base[t], Kt[t], x - Xr[t])
+            if bounded:
+                u = torch.clamp(u, lo[t], hi[t])     # = min(max(u, lo), hi)
+            x = f(x, u, P[t])
+            xs.append(x)
+            us.append(u)
+        X, U = torch.stack(xs), torch.stack(us)
+        return X, U, self._lvec(X[:-1], U, P[: self.T]).sum() + self._lf(X[-1], P[self.T])
 
     # -- derivatives ------------------------------------------------------------------------------
     def _derivative_fn(self, args):
@@ -257,7 +276,12 @@ class TorchBackend(Backend):
         self._calls += 1
         if self.trace_after is None or self._calls <= self.trace_after:
             return self._derivs
-        self._compiled = self._trace(self._derivs, args)
+        return self._fx_graph(args)
+
+    def _fx_graph(self, args):
+        """The FX graph of the derivative function (traced at ``args`` on the first call)."""
+        if self._compiled is None:
+            self._compiled = self._trace(self._derivs, args)
         return self._compiled
 
     def _trace(self, eager, args):
@@ -281,7 +305,7 @@ class TorchBackend(Backend):
         xs = np.asarray(xs, dtype=np.float64)
         Z = _tensor(np.concatenate([xs[:T], np.asarray(us, dtype=np.float64)], axis=1))   # (T, n)
         args = (Z, self._stage_p(), _tensor(xs[T]), self.P[T])
-        (H, (J, v)), (HT, (gT, vT)) = self._derivative_fn(args)(*args)
+        (H, (J, v)), (HT, (gT, vT)) = self.fast["derivatives"](*args)
         H, J, v = H.detach().numpy(), J.detach().numpy(), v.detach().numpy()
         lx = np.empty((T + 1, nx))
         lxx = np.empty((T + 1, nx, nx))
