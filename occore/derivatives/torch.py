@@ -229,8 +229,10 @@ class TorchBackend(Backend):
         with torch.inference_mode():
             return float(self._lf(_tensor(x), self.P[self.T]))
 
+    # no_grad, not inference_mode, around what may be compiled: tensors a user function creates
+    # under inference mode fail the compiled function's guards (e.g. torch.as_tensor(numpy matrix))
     def rollout(self, us):
-        with torch.inference_mode():
+        with torch.no_grad():
             X, cost = self.fast["rollout"](self._x0, _tensor(us), self.P)
             return X.numpy(), float(cost)
 
@@ -243,7 +245,7 @@ class TorchBackend(Backend):
         return X, self._lvec(X[:-1], U, P[: self.T]).sum() + self._lf(X[-1], P[self.T])
 
     def rollout_policy(self, xs_ref, us_ref, k, K, alpha, lower, upper):
-        with torch.inference_mode():
+        with torch.no_grad():
             base = _tensor(us_ref + alpha * np.asarray(k))     # u_ref + alpha k, all stages
             lo = hi = self._no_bounds
             if lower is not None:
