@@ -145,6 +145,10 @@ class Problem:
             return np.array(us, dtype=float)
         return np.minimum(np.maximum(us, self.u_lower), self.u_upper)
 
+    def extrapolate_controls(self, us, us_prev, beta: float) -> np.ndarray:
+        """us + beta (us - us_prev), projected onto the box (E-MSA's momentum); (T, nu)."""
+        return self.clamp(np.asarray(us) + beta * (np.asarray(us) - np.asarray(us_prev)))
+
     def check_controls(self, us, name: str = "us") -> np.ndarray:
         """``us`` as a new (T, nu) float64 array; ShapeError/InputError otherwise."""
         try:

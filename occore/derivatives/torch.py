@@ -28,7 +28,7 @@ import numpy as np
 import torch
 from torch.func import jacfwd, jacrev, vmap
 
-from ..errors import DerivativeError, InputError, ShapeError
+from ..errors import DerivativeError, InputError, ShapeError, TraceError
 from .base import Backend, DenseDerivatives
 from .torch_compile import MODES, CompiledFunction, scan_rollout, scan_rollout_policy
 
@@ -37,6 +37,8 @@ __all__ = ["TorchBackend"]
 log = logging.getLogger("occore")
 
 _DTYPE = torch.float64
+#: how torch.func reports .item() or Python control flow on a tensor under vmap
+_DATA_DEPENDENT = "data-dependent control flow"
 
 # The first forward-mode transform makes torch import its jvp decompositions, which calls the
 # deprecated torch.jit.script (a DeprecationWarning from torch's own code, once per process).
@@ -216,6 +218,13 @@ class TorchBackend(Backend):
         except (ShapeError, DerivativeError, Warning):   # warnings made errors stay what they are
             raise
         except Exception as err:  # noqa: BLE001 - report which user function failed and why
+            if _DATA_DEPENDENT in str(err):
+                raise TraceError(
+                    f"{argument} branches in Python on tensor values (if/while on a tensor, bool(), "
+                    f".item() or float() of a tensor), which the torch backend cannot trace under "
+                    f"torch.func (vmap of jacrev/jacfwd); write the branch with torch.where / "
+                    f"torch.clamp / torch.maximum, or use backend='casadi' (casadi.if_else) or "
+                    f"backend='finite_difference'") from err
             raise DerivativeError(f"{argument} could not be evaluated {where}: "
                                   f"{type(err).__name__}: {err}") from err
 
