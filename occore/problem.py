@@ -5,16 +5,20 @@
 """
 from __future__ import annotations
 
+import logging
 import numbers
 
 import numpy as np
 
 from .derivatives import BACKENDS, make_backend
-from .errors import InputError, ShapeError
+from .derivatives.base import nan_derivatives
+from .errors import InputError, OccoreError, ShapeError
 from .local_model import DenseLocalModel
 from .types import Policy, Trajectory
 
 __all__ = ["Problem"]
+
+log = logging.getLogger("occore")
 
 
 def _int(name: str, value, minimum: int = 1) -> int:
@@ -44,6 +48,18 @@ def _bound(name: str, value, T: int, nu: int, missing: float) -> np.ndarray:
     if not np.all(np.isfinite(arr)):
         raise InputError(f"{name}: expected finite values, got {arr[~np.isfinite(arr)][:3].tolist()}...")
     return _frozen(arr)
+
+
+def _guarded(rollout, *args):
+    """``rollout(*args)``, or None (logged) when a user function raises inside it."""
+    try:
+        return rollout(*args)
+    except OccoreError:
+        raise
+    except Exception as err:  # noqa: BLE001 - a user function failing at a trial point is numerical trouble
+        log.warning("a problem function raised during a rollout (%s: %s); the trial counts as a "
+                    "non-finite cost", type(err).__name__, err)
+        return None
 
 
 class Problem:
@@ -164,23 +180,44 @@ class Problem:
         return arr
 
     def rollout(self, us) -> Trajectory:
-        """Open-loop rollout of ``us`` (T, nu), clamped into the box; ``us`` is not modified."""
+        """Open-loop rollout of ``us`` (T, nu), clamped into the box; ``us`` is not modified.
+
+        A user function that raises during the rollout (a value outside its domain) gives a
+        trajectory of cost NaN, which the solvers treat as any non-finite trial (a rejected step,
+        or a NON_FINITE status); the exception is logged."""
         us = self.clamp(self.check_controls(us))
         with np.errstate(invalid="ignore", over="ignore"):
-            xs, cost = self._backend.rollout(us)
-        return Trajectory(xs=xs, us=us, cost=float(cost))
+            out = _guarded(self._backend.rollout, us)
+        if out is None:
+            return Trajectory(xs=np.full((self.horizon + 1, self.nx), np.nan), us=us, cost=float("nan"))
+        return Trajectory(xs=out[0], us=us, cost=float(out[1]))
 
     def rollout_policy(self, ref: Trajectory, policy: Policy, alpha: float) -> Trajectory:
-        """Closed-loop rollout u_t = clamp(ref.us_t + alpha k_t + K_t (x_t - ref.xs_t))."""
+        """Closed-loop rollout u_t = clamp(ref.us_t + alpha k_t + K_t (x_t - ref.xs_t)); a user
+        function that raises gives cost NaN, as in :meth:`rollout`."""
         with np.errstate(invalid="ignore", over="ignore"):
-            xs, us, cost = self._backend.rollout_policy(ref.xs, ref.us, policy.k, policy.K, alpha,
-                                                        self.u_lower, self.u_upper)
+            out = _guarded(self._backend.rollout_policy, ref.xs, ref.us, policy.k, policy.K, alpha,
+                           self.u_lower, self.u_upper)
+        if out is None:
+            nan = np.nan
+            return Trajectory(xs=np.full((self.horizon + 1, self.nx), nan),
+                              us=np.full((self.horizon, self.nu), nan), cost=nan)
+        xs, us, cost = out
         return Trajectory(xs=xs, us=us, cost=float(cost))
 
     def evaluate_derivatives(self, xs, us, second_order: bool = False):
-        """All derivatives at the points (xs[t], us[t]) and xs[T]; a DenseDerivatives."""
-        return self._backend.derivatives(np.asarray(xs, dtype=float), np.asarray(us, dtype=float),
-                                         second_order)
+        """All derivatives at the points (xs[t], us[t]) and xs[T]; a DenseDerivatives. When a user
+        function raises at a point the backend evaluates (finite differences perturb the
+        trajectory), every derivative is NaN: the solvers end with NON_FINITE (logged)."""
+        try:
+            return self._backend.derivatives(np.asarray(xs, dtype=float), np.asarray(us, dtype=float),
+                                             second_order)
+        except OccoreError:
+            raise
+        except Exception as err:  # noqa: BLE001 - a user function failing near the trajectory
+            log.warning("a problem function raised while evaluating derivatives (%s: %s); they are "
+                        "reported as non-finite", type(err).__name__, err)
+            return nan_derivatives(self.horizon, self.nx, self.nu, second_order)
 
     def local_model(self, traj: Trajectory, second_order: bool = False) -> DenseLocalModel:
         """The local LQ model at ``traj`` (one derivative evaluation for the whole horizon)."""

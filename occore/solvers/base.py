@@ -14,6 +14,7 @@ from typing import Any
 
 from ..result import IterationInfo, Result, Status
 from ..types import Trajectory
+from .checks import check_callbacks, check_mu, check_problem, check_state, check_warm_start
 from .options import build_options
 
 logger = logging.getLogger("occore")
@@ -57,6 +58,8 @@ class Solver:
 
     name = "solver"
     Options: type = None
+    #: problem methods this solver calls beyond the ControlProblem basics (checked by ``init``)
+    needs: tuple = ()
 
     def __init__(self, options=None, *, callbacks=(), **kwargs):
         self.options = build_options(self.Options, self.default_options() if options is None else options,
@@ -86,6 +89,7 @@ class Solver:
         minibatch's trajectory is the closure's forward pass). ``mu``: the initial
         regularisation (default: the options').
         """
+        check_problem(problem, self.needs)
         if traj is not None:
             if us0 is not None:
                 raise TypeError("init: give us0 or traj, not both")
@@ -93,20 +97,24 @@ class Solver:
                 raise TypeError(f"traj: expected an occore.Trajectory, got {type(traj).__name__}")
         elif isinstance(us0, Result):
             prev = us0
+            check_warm_start(problem, prev)
             if prev.policy is not None:
                 ref = Trajectory(prev.xs, prev.us, prev.cost)
                 traj = problem.rollout_policy(ref, prev.policy, 0.0)
             else:
                 traj = problem.rollout(prev.us)
         else:
+            if us0 is not None and hasattr(problem, "check_controls"):
+                us0 = problem.check_controls(us0, "us0")
             traj = problem.rollout(problem.initial_controls() if us0 is None else us0)
-        state = SolverState(traj=traj, mu=self._initial_mu() if mu is None else float(mu))
+        state = SolverState(traj=traj, mu=self._initial_mu() if mu is None else check_mu(mu))
         if not math.isfinite(traj.cost):
             return replace(state, status=Status.NON_FINITE, message="initial rollout cost is not finite")
         return self._first_state(problem, state)
 
     def step(self, problem, state: SolverState) -> tuple[SolverState, IterationInfo | None]:
         """One iteration. Returns the new state and its info (None when ``state`` is already done)."""
+        check_state(problem, state, SolverState)
         if state.done:
             return state, None
         new, info = self._iterate(problem, state)
@@ -117,7 +125,7 @@ class Solver:
 
     def solve(self, problem, us0=None, *, callbacks=None) -> Result:
         """Iterate from ``us0`` until a stop rule holds; returns a :class:`Result`."""
-        callbacks = self.callbacks if callbacks is None else tuple(callbacks)
+        callbacks = self.callbacks if callbacks is None else check_callbacks(callbacks)
         state = self.init(problem, us0)
         while not state.done:
             state, info = self.step(problem, state)

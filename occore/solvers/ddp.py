@@ -17,7 +17,11 @@ from ..result import IterationInfo, Status
 from .base import Solver, SolverState
 from .options import DDPOptions, Regularization
 
-__all__ = ["DDP", "ILQR"]
+__all__ = ["DDP", "ILQR", "MAX_RAISES"]
+
+#: most regularisation increases in one backward pass before the solve ends with REG_LIMIT (the
+#: default factor 10 spans the whole range 1e-9..1e9 in 18)
+MAX_RAISES = 100
 
 
 class _RiccatiSolver(Solver):
@@ -25,6 +29,7 @@ class _RiccatiSolver(Solver):
 
     Options = DDPOptions
     second_order = False
+    needs = ("rollout_policy",)
 
     def _initial_mu(self) -> float:
         return self.options.regularization.initial
@@ -34,8 +39,9 @@ class _RiccatiSolver(Solver):
         traj, mu = state.traj, state.mu
         lm = state.cache if state.cache is not None else problem.local_model(traj, self.second_order)
 
-        # Backward pass, raising mu until every Quu + mu I is positive definite.
-        while True:
+        # Backward pass, raising mu until every Quu + mu I is positive definite (at most
+        # MAX_RAISES tries per iteration: a factor barely above 1 must not loop for ever).
+        for tries in range(MAX_RAISES + 1):
             try:
                 policy, (d1, d2) = lm.backward(mu, self.second_order)
                 break
@@ -44,6 +50,10 @@ class _RiccatiSolver(Solver):
                 if mu > reg.maximum:
                     return self._stop(state, lm, Status.REG_LIMIT,
                                       f"regularisation above {reg.maximum:g} ({err})", mu)
+                if tries == MAX_RAISES:
+                    return self._stop(state, lm, Status.REG_LIMIT,
+                                      f"Q_uu still not positive definite after {MAX_RAISES} regularisation "
+                                      f"increases (mu = {mu:.3g}, factor {reg.factor!r}; {err})", mu)
         if self.options.stochastic:
             return self._full_step(problem, state, policy, mu, -(d1 + 0.5 * d2))
         if not (math.isfinite(d1) and math.isfinite(d2)):

@@ -172,6 +172,7 @@ class EMSA(Solver):
 
     name = "emsa"
     Options = EMSAOptions
+    needs = ("maximize_hamiltonian",)
 
     def _initial_mu(self) -> float:
         return float(self.options.rho)
@@ -191,7 +192,7 @@ class EMSA(Solver):
             return lm, float(lm.gradient_norm())
 
     def _first_state(self, problem, state: SolverState) -> SolverState:
-        return replace(state, cache=self._model(problem, state.traj) + (None, 0))
+        return replace(state, cache=self._model(problem, state.traj) + (None, 0, state.traj))
 
     def _trial(self, problem, traj, lm, rho):
         """The E-MSA step from ``traj`` (its local model ``lm``): the new controls' rollout."""
@@ -210,7 +211,7 @@ class EMSA(Solver):
     def _iterate(self, problem, state: SolverState) -> tuple[SolverState, IterationInfo]:
         opts = self.options
         traj, rho = state.traj, state.mu
-        lm, gnorm, prev_us, j = state.cache
+        lm, gnorm, prev_us, j, best = state.cache
         if not math.isfinite(gnorm):
             return self._end(state, Status.NON_FINITE, "non-finite control gradient", rho, gnorm)
         if gnorm < opts.tol:
@@ -230,7 +231,8 @@ class EMSA(Solver):
             new_lm, new_norm = self._model(problem, trial)
             if opts.adaptive_rho:
                 rho = max(rho / opts.rho_decrease, opts.rho_min)
-            new = replace(state, traj=trial, mu=rho, cache=(new_lm, new_norm, traj.us, max(j, 1)))
+            best = trial if trial.cost < best.cost else best
+            new = replace(state, traj=trial, mu=rho, cache=(new_lm, new_norm, traj.us, max(j, 1), best))
             if not math.isfinite(new_norm):
                 new = replace(new, status=Status.NON_FINITE, message="non-finite control gradient")
             elif new_norm < opts.tol:
@@ -249,10 +251,19 @@ class EMSA(Solver):
             why = "non-finite" if not finite else "no lower"
             return self._end(state, Status.REG_LIMIT, f"rho above rho_max={opts.rho_max:g} ({why} cost)",
                              rho, gnorm, actual=actual if finite else float("nan"))
-        new = replace(state, mu=rho, cache=(lm, gnorm, prev_us, 0))
+        new = replace(state, mu=rho, cache=(lm, gnorm, prev_us, 0, best))
         return new, self._info(state, cost=traj.cost, expected_decrease=float("nan"),
                                actual_decrease=actual if finite else float("nan"), step=0.0,
                                regularization=rho, stop=gnorm, accepted=False)
+
+    def result(self, state: SolverState):
+        """The Result of ``state``, with the best iterate seen (without the adaptive schedule a
+        trial that raises J is accepted, so the last iterate need not be the best)."""
+        best = state.cache[4] if state.cache is not None and len(state.cache) > 4 else None
+        if best is not None and math.isfinite(best.cost) and not best.cost >= state.traj.cost:
+            note = f"; the best iterate (cost {best.cost:.6g}) is returned, not the last"
+            state = replace(state, traj=best, message=state.message + note)
+        return super().result(state)
 
     def _stalled(self, actual, gnorm) -> str:
         return (f"J changed by {abs(actual):.1e} <= ftol * max(1, |J|) (ftol {self.options.ftol:g}); "
