@@ -121,17 +121,20 @@ def _scan():
 
 def scan_rollout(f, l, lf, has_params: bool):
     """The open-loop rollout as a scan over the stages: ``(x0 (nx,), U (T, nu), P (T+1, np)) ->
-    (X (T+1, nx), cost ())``; f, l, lf are the backend's normalised stage functions."""
+    (X (T+1, nx), cost ())``; f, l, lf are the backend's normalised stage functions. Only the
+    dynamics run inside the loop; the stage costs of all stages are one vmapped call after it."""
     scan = _scan()
+    lvec = torch.func.vmap(l, in_dims=(0, 0, 0 if has_params else None))
 
     def rollout(x0, U, P):
         def step(x, inp):
             u, p = inp if has_params else (inp, None)
             xn = f(x, u, p)
-            return xn, (xn.clone(), l(x, u, p))
+            return xn, xn.clone()
 
-        xT, (X, L) = scan(step, x0, (U, P[:-1]) if has_params else U)
-        return torch.cat([x0[None], X]), L.sum() + lf(xT, P[-1])
+        _, X = scan(step, x0, (U, P[:-1]) if has_params else U)
+        X = torch.cat([x0[None], X])
+        return X, lvec(X[:-1], U, P[:-1] if has_params else None).sum() + lf(X[-1], P[-1])
 
     return rollout
 
@@ -139,8 +142,9 @@ def scan_rollout(f, l, lf, has_params: bool):
 def scan_rollout_policy(f, l, lf, has_params: bool, bounded: bool):
     """The closed-loop rollout u_t = clamp(base_t + K_t (x_t - Xr_t)) as a scan over the stages:
     ``(x0, Xr (T+1, nx), base (T, nu), K (T, nu, nx), lo (T, nu), hi (T, nu), P (T+1, np)) ->
-    (X (T+1, nx), U (T, nu), cost ())``, with base = u_ref + alpha k."""
+    (X (T+1, nx), U (T, nu), cost ())``, with base = u_ref + alpha k; the stage costs after the loop."""
     scan = _scan()
+    lvec = torch.func.vmap(l, in_dims=(0, 0, 0 if has_params else None))
 
     def rollout_policy(x0, Xr, base, K, lo, hi, P):
         def step(x, inp):
@@ -149,10 +153,11 @@ def scan_rollout_policy(f, l, lf, has_params: bool, bounded: bool):
             if bounded:
                 u = torch.clamp(u, a, c)
             xn = f(x, u, p)
-            return xn, (xn.clone(), u, l(x, u, p))
+            return xn, (xn.clone(), u)
 
         xs = (Xr[:-1], base, K, lo, hi) + ((P[:-1],) if has_params else ())
-        xT, (X, U, L) = scan(step, x0, xs)
-        return torch.cat([x0[None], X]), U, L.sum() + lf(xT, P[-1])
+        _, (X, U) = scan(step, x0, xs)
+        X = torch.cat([x0[None], X])
+        return X, U, lvec(X[:-1], U, P[:-1] if has_params else None).sum() + lf(X[-1], P[-1])
 
     return rollout_policy
