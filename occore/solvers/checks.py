@@ -37,7 +37,11 @@ def _dense(problem) -> bool:
 
 
 def _shape(value):
-    return tuple(np.shape(value)) if not isinstance(value, (list, dict)) or np.ndim(value) else None
+    """The shape of an array-like value (None when it has none)."""
+    try:
+        return tuple(np.shape(value))
+    except (TypeError, ValueError):   # ragged or not array-like
+        return None
 
 
 def check_warm_start(problem, prev) -> None:
