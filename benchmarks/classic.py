@@ -7,6 +7,7 @@ CDDP. Every entry from the same initial controls (zeros).
     python benchmarks/classic.py                    # table + linear-growth check + profile
     python benchmarks/classic.py --repeats 9 --problems cartpole,pendulum_box
     python benchmarks/classic.py --no-profile --no-long
+    python benchmarks/classic.py --torch-only          # the torch backend beside CasADi, per iteration
 
 Solve times are medians of ``--repeats`` warm runs (each problem is built and each solver run once
 before timing); the runs of DDP, iLQR and IPOPT alternate, so that machine noise hits all of them
@@ -15,6 +16,11 @@ alike. IPOPT's time is that of the solver call (``occore.reference.ipopt(..., re
 the problem's CasADi functions. The ratio columns are solve time / IPOPT's (FATROP's) solve time
 (< 1: faster). Targets: <= 2x IPOPT on the classic set, cost per iteration linear in T; CDDP faster
 than IPOPT on every constrained problem; no slower than FATROP on the classic set.
+
+The torch table times the same solves with ``backend="torch"`` (compiled by inductor,
+``backend_options={"compile": "always"}``; compilation is done before timing and reported as
+setup) beside CasADi, alternating, and the eager torch backend (one run, ``"compile": "never"``).
+The issue asks for torch / CasADi <= 5 per iteration.
 
 Single-threaded: set OMP_NUM_THREADS=1 (done below before numpy is imported).
 """
@@ -233,6 +239,45 @@ def profile(name="cartpole", solver_name="ilqr", repeats=5):
           "(solver loop, Policy/Trajectory/IterationInfo, local-model wrapper, history)")
 
 
+def torch_table(names, repeats):
+    """Time per iteration of iLQR and DDP with the compiled torch backend beside CasADi (medians of
+    alternating warm runs), the eager torch backend (one run) and the one-off compile time."""
+    import torch
+
+    torch.set_num_threads(1)
+    head = (f"{'problem':<13} {'solver':<6} {'iter c/t':>9} {'casadi ms/it':>12} {'torch ms/it':>11} "
+            f"{'ratio':>6} {'eager ms/it':>11} {'eager ratio':>11} {'compile s':>9}")
+    print(head)
+    print("-" * len(head))
+    worst = 0.0
+    for name in names:
+        pc = occore.problems.make(name)
+        t0 = time.perf_counter()
+        pt = occore.problems.make(name, backend="torch", backend_options={"compile": "always"})
+        for cls in SOLVERS.values():    # compiles (derivatives, both rollouts) and warms up
+            cls().solve(pt)
+        compile_s = time.perf_counter() - t0
+        pe = occore.problems.make(name, backend="torch", backend_options={"compile": "never"})
+        for sname, cls in SOLVERS.items():
+            per = {"casadi": [], "torch": []}
+            iters = {}
+            for _ in range(repeats):
+                for key, prob in (("casadi", pc), ("torch", pt)):
+                    t0 = time.perf_counter()
+                    res = cls().solve(prob)
+                    per[key].append((time.perf_counter() - t0) / max(res.iterations, 1))
+                    iters[key] = res.iterations
+            t0 = time.perf_counter()
+            eager = cls().solve(pe)
+            eager_per = (time.perf_counter() - t0) / max(eager.iterations, 1)
+            c, t = statistics.median(per["casadi"]), statistics.median(per["torch"])
+            worst = max(worst, t / c)
+            print(f"{name:<13} {sname:<6} {iters['casadi']:>4}/{iters['torch']:<4} {1e3 * c:>12.3f} "
+                  f"{1e3 * t:>11.3f} {t / c:>5.1f}x {1e3 * eager_per:>11.2f} {eager_per / c:>10.0f}x "
+                  f"{compile_s:>9.1f}")
+    print(f"\nworst torch (compiled) / CasADi per iteration: {worst:.1f}x (target <= 5x)")
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--problems", default="all",
@@ -241,6 +286,8 @@ def main(argv=None):
     ap.add_argument("--no-long", action="store_true", help="skip the long-horizon pendulum")
     ap.add_argument("--horizons", default="100,1000", help="pendulum horizons of the growth check")
     ap.add_argument("--no-profile", action="store_true", help="skip the cart-pole profile")
+    ap.add_argument("--no-torch", action="store_true", help="skip the torch backend table")
+    ap.add_argument("--torch-only", action="store_true", help="only the torch backend table")
     args = ap.parse_args(argv)
     groups = {"all": occore.problems.NAMES + occore.problems.CONSTRAINED, "classic": occore.problems.NAMES,
               "constrained": occore.problems.CONSTRAINED}
@@ -249,6 +296,12 @@ def main(argv=None):
     print(f"occore backward sweep: {'C' if compiled.compiled_available() else 'numpy (C unavailable)'}; "
           f"numpy {np.__version__}; median of {args.repeats} warm runs; OMP_NUM_THREADS="
           f"{os.environ.get('OMP_NUM_THREADS')}\n")
+    if not args.no_torch:
+        print("Torch backend beside CasADi (time per iteration):\n")
+        torch_table(names, args.repeats)
+        print()
+        if args.torch_only:
+            return
     rows, setup = benchmark(names, args.repeats)
     _print_table(rows)
     print("\nOne-off setup, not in the solve times: " + "; ".join(

@@ -11,7 +11,7 @@ from . import problems, reference
 from .callbacks import Logger, Verbose
 from .comparison import compare
 from .derivatives.check import DerivativeReport, check_derivatives
-from .errors import DerivativeError, InputError, OccoreError, ShapeError
+from .errors import DerivativeError, InputError, OccoreError, ShapeError, TraceError
 from .mpc import MPC, ClosedLoop, simulate
 from .problem import Problem
 from .result import IterationInfo, Result, Status
@@ -29,6 +29,6 @@ __version__ = "0.1.0"
 __all__ = [
     "DDP", "ILQR", "EMSA", "CDDP", "FDDP", "MPC", "simulate", "ClosedLoop", "Problem", "Multipliers", "CDDPOptions", "FDDPOptions", "Result", "Status", "IterationInfo", "Trajectory", "Policy",
     "ControlProblem", "LocalModel", "DDPOptions", "EMSAOptions", "InnerSolver", "LineSearch",
-    "Regularization", "Logger", "Verbose", "OccoreError", "ShapeError", "InputError", "DerivativeError",
+    "Regularization", "Logger", "Verbose", "OccoreError", "ShapeError", "InputError", "DerivativeError", "TraceError",
     "problems", "reference", "compare", "check_derivatives", "DerivativeReport",
 ]

@@ -23,6 +23,7 @@ command are ignored.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from dataclasses import dataclass
 from typing import Callable, Sequence
@@ -97,6 +98,57 @@ def _plugin_help(name: str, ep, describe: bool) -> str:
     return f"provided by {ep.module} (options: occore {name} --help)"
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, except that a usage error is one line on stderr (exit status 2)."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def _check_counts(args) -> None:
+    """The integer options are >= 1 (checked before any work)."""
+    for option in ("max_iter", "repeat", "workers"):
+        value = getattr(args, option, None)
+        if value is not None and value < 1:
+            raise OccoreError(f"--{option.replace('_', '-')} {value}: expected an integer >= 1")
+
+
+#: figure formats matplotlib writes (savefig infers the format from the extension)
+PLOT_FORMATS = ("png", "pdf", "svg", "jpg", "jpeg", "eps", "ps", "tif", "tiff", "webp", "pgf")
+
+
+def check_output_path(option: str, path: str, formats=None) -> None:
+    """An OccoreError naming ``option`` unless ``path`` can be written (not a directory, in an
+    existing writable directory, with one of ``formats`` as its extension when given)."""
+    import os
+
+    if os.path.isdir(path):
+        raise OccoreError(f"{option} {path}: is a directory; expected a file name")
+    folder = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(folder):
+        raise OccoreError(f"{option} {path}: the directory {folder} does not exist")
+    if not os.access(folder, os.W_OK) or (os.path.exists(path) and not os.access(path, os.W_OK)):
+        raise OccoreError(f"{option} {path}: not writable")
+    ext = os.path.splitext(path)[1].lower().lstrip(".")
+    if formats is not None and ext not in formats:
+        raise OccoreError(f"{option} {path}: unknown figure format {ext or '(none)'!r}; "
+                          f"use one of {', '.join('.' + f for f in formats)}")
+
+
+def _check_compare_outputs(args) -> None:
+    """--plot and --json are checked (and matplotlib looked for) before the first solve."""
+    import importlib.util
+
+    if args.plot:
+        check_output_path("--plot", args.plot, PLOT_FORMATS)
+        if importlib.util.find_spec("matplotlib") is None:
+            raise OccoreError("--plot needs matplotlib, which is not installed (pip install matplotlib)")
+    if args.json:
+        check_output_path("--json", args.json)
+    if args.plot and args.json and os.path.abspath(args.plot) == os.path.abspath(args.json):
+        raise OccoreError(f"--plot and --json name the same file {args.plot}")
+
+
 def build_parser(plugins: dict | None = None, describe_plugins: bool = False) -> argparse.ArgumentParser:
     """The top-level parser: the built-in commands, then one entry per plugin command.
 
@@ -110,15 +162,19 @@ def build_parser(plugins: dict | None = None, describe_plugins: bool = False) ->
 
     plugins = plugin_commands() if plugins is None else plugins
     names = list(BUILTIN_COMMANDS) + list(plugins)
-    parser = argparse.ArgumentParser(prog="occore", description="Trajectory optimisation: DDP, iLQR, E-MSA, IPOPT.")
-    sub = parser.add_subparsers(dest="command", metavar="{" + ",".join(names) + "}")
+    from . import __version__
+
+    parser = _Parser(prog="occore", description="Trajectory optimisation: DDP, iLQR, E-MSA, IPOPT.")
+    parser.add_argument("--version", action="version", version=f"occore {__version__}",
+                        help="print the version and exit")
+    sub = parser.add_subparsers(dest="command", metavar="{" + ",".join(names) + "}", parser_class=_Parser)
     sub.required = True
 
     p = sub.add_parser("solve", help="solve one problem, printing the per-iteration table and a summary")
-    p.add_argument("problem", help="a reference problem name (see `occore list`) or a Python file defining problems")
-    p.add_argument("--solver", default="ddp", help="ddp (default), ilqr, emsa, ipopt or a variant (see `occore list`)")
+    p.add_argument("problem", help="a reference problem name (see: occore list) or a Python file defining problems")
+    p.add_argument("--solver", default="ddp", help="ddp (default), ilqr, emsa, ipopt or a variant (see: occore list)")
     p.add_argument("--backend", default="casadi", choices=BACKENDS, help="derivative backend of a reference problem")
-    p.add_argument("--max-iter", type=int, default=None, metavar="N", help="iteration limit")
+    p.add_argument("--max-iter", type=int, default=None, metavar="N", help="iteration limit (>= 1)")
     p.add_argument("--quiet", action="store_true", help="print only the summary")
 
     c = sub.add_parser("compare", help="run several solvers on several problems and print one table")
@@ -127,11 +183,14 @@ def build_parser(plugins: dict | None = None, describe_plugins: bool = False) ->
     c.add_argument("--solvers", default=",".join(DEFAULT_SOLVERS),
                    help=f"comma-separated solver names (default: {','.join(DEFAULT_SOLVERS)})")
     c.add_argument("--backend", default="casadi", choices=BACKENDS, help="derivative backend of the reference problems")
-    c.add_argument("--max-iter", type=int, default=None, metavar="N", help="iteration limit for every solver")
-    c.add_argument("--repeat", type=int, default=1, metavar="N", help="solve each pair N times, keep the fastest")
+    c.add_argument("--max-iter", type=int, default=None, metavar="N",
+                   help="iteration limit for every solver (>= 1)")
+    c.add_argument("--repeat", type=int, default=1, metavar="N",
+                   help="solve each pair N times, keep the fastest")
     c.add_argument("--workers", type=int, default=1, metavar="N",
                    help="run the (problem, solver) pairs in N processes (same table as serial, times aside)")
-    c.add_argument("--plot", metavar="FILE.png", help="draw cost minus best against iteration and wall time")
+    c.add_argument("--plot", metavar="FILE.png",
+                   help="draw cost minus best against iteration and wall time (needs matplotlib)")
     c.add_argument("--json", metavar="FILE", help="write the raw records as JSON")
     c.add_argument("--markdown", action="store_true", help="print the table as Markdown")
     c.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -162,8 +221,6 @@ def _solve(args, out) -> int:
     from .comparison.solvers import make_runner
     from .solvers.base import Solver
 
-    if args.max_iter is not None and args.max_iter < 1:
-        raise OccoreError(f"--max-iter {args.max_iter}: expected an integer >= 1")
     runner = make_runner(args.solver, args.max_iter)
     for name, prob in resolve_problems(args.problem, backend=args.backend).items():
         print(f"{name}: {prob!r}, solver {args.solver}", file=out)
@@ -182,6 +239,7 @@ def _solve(args, out) -> int:
 def _compare(args, out) -> int:
     from .comparison.runner import compare
 
+    _check_compare_outputs(args)
     cmp = compare(args.problems, args.solvers, max_iter=args.max_iter, backend=args.backend,
                   progress=not args.no_progress, repeat=args.repeat, workers=args.workers)
     print(cmp.table(markdown=args.markdown), file=out)
@@ -271,6 +329,7 @@ def main(argv=None) -> int:
     args = build_parser(plugins, describe_plugins=argv[:1] in (["-h"], ["--help"])).parse_args(argv)
     out = sys.stdout
     try:
+        _check_counts(args)
         if args.command == "solve":
             return _solve(args, out)
         if args.command == "compare":
@@ -291,7 +350,7 @@ def main(argv=None) -> int:
         return 0
 
 
-if __name__ == "__main__":  # pragma: no cover - `python -m occore.cli`: run the imported module,
-    from occore.cli import main as _main   # so that plugins' Command is this module's class
+if __name__ == "__main__":  # pragma: no cover - `python -m occore.cli`: the module occore.cli itself,
+    from occore.cli import main as _main   # so that plugins see the same Command class
 
     sys.exit(_main())

@@ -26,6 +26,12 @@ class DerivativeError(OccoreError):
     """A backend could not build or evaluate the derivatives of a user function."""
 
 
+class TraceError(DerivativeError):
+    """A user function cannot be traced by the torch backend: it branches in Python on tensor
+    values (``if x[0] > 0``, ``while``, ``bool(t)``, ``.item()``, ``float(t)``). The message names
+    the function and the way out (``torch.where`` / ``torch.clamp``, or another backend)."""
+
+
 class InputError(OccoreError, ValueError):
     """An argument has a bad value (non-finite, inconsistent bounds, unknown name...)."""
 

@@ -53,6 +53,7 @@ class DenseLocalModel:
         self.lower, self.upper = lower, upper
         self._sweep = sweep or riccati_sweep
         self._adjoint = None
+        self._finite = None
         self.value = None  # (Vx, Vxx) of the last backward pass
         nx = derivs.fx.shape[1]
         self.gaps = gaps
@@ -64,7 +65,18 @@ class DenseLocalModel:
             if self.max_gap == 0.0:
                 self.gaps = None
 
+    def finite(self) -> bool:
+        """Whether every derivative of the model is finite (checked once)."""
+        if self._finite is None:
+            d = self.derivs
+            self._finite = all(np.isfinite(a).all() for a in (d.fx, d.fu, d.lx, d.lu, d.lxx, d.lux, d.luu)
+                               ) and (d.fxx is None or all(np.isfinite(a).all() for a in (d.fxx, d.fux, d.fuu)))
+        return self._finite
+
     def backward(self, mu: float, second_order: bool = False):
+        if not self.finite():   # nothing to factorise: the solver ends with NON_FINITE
+            T, nx, nu = self.derivs.fu.shape
+            return Policy(k=np.full((T, nu), np.nan), K=np.full((T, nu, nx), np.nan)), (np.nan, np.nan)
         if self.gaps is None:
             k, K, d1, d2, Vx, Vxx = self._sweep(self.derivs, mu, second_order, self.us, self.lower, self.upper)
         else:

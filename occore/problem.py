@@ -7,17 +7,21 @@
 """
 from __future__ import annotations
 
+import logging
 import numbers
 
 import numpy as np
 
 from .constraints import ConstraintSet, ConstraintValues
 from .derivatives import BACKENDS, make_backend
-from .errors import InputError, ShapeError
+from .derivatives.base import nan_derivatives
+from .errors import InputError, OccoreError, ShapeError
 from .local_model import DenseLocalModel
 from .types import Policy, Trajectory
 
 __all__ = ["Problem"]
+
+log = logging.getLogger("occore")
 
 
 def _int(name: str, value, minimum: int = 1) -> int:
@@ -49,6 +53,18 @@ def _bound(name: str, value, T: int, nu: int, missing: float) -> np.ndarray:
     return _frozen(arr)
 
 
+def _guarded(rollout, *args):
+    """``rollout(*args)``, or None (logged) when a user function raises inside it."""
+    try:
+        return rollout(*args)
+    except OccoreError:
+        raise
+    except Exception as err:  # noqa: BLE001 - a user function failing at a trial point is numerical trouble
+        log.warning("a problem function raised during a rollout (%s: %s); the trial counts as a "
+                    "non-finite cost", type(err).__name__, err)
+        return None
+
+
 class Problem:
     """A dense optimal-control problem: dynamics, costs, initial state, horizon, optional bounds and
     constraints.
@@ -70,6 +86,8 @@ class Problem:
         backend: "casadi" (default), "torch" or "finite_difference" (numpy callables).
         name: optional label used in tables.
         terminal_inequalities: h_I(x) -> vector (nhi,) (h_I(x, p)); h_I <= 0 at x_T (keyword only).
+        backend_options: the backend's options: ``{"compile": "auto" | "always" | "never"}`` for
+            "torch" (see :mod:`occore.derivatives.torch_compile`).
 
     Constraint functions return a column (casadi) or a 1-D tensor / array; a scalar counts as one
     value. Only :class:`occore.CDDP` (and the IPOPT reference) solve problems with state, path or
@@ -90,7 +108,7 @@ class Problem:
 
     def __init__(self, dynamics, stage_cost, terminal_cost, x0, nu, horizon, u_lower=None, u_upper=None,
                  x_lower=None, x_upper=None, path_constraints=None, terminal_constraints=None,
-                 params=None, backend="casadi", name=None, *, terminal_inequalities=None):
+                 params=None, backend="casadi", name=None, backend_options=None, *, terminal_inequalities=None):
         for arg, fn in (("dynamics", dynamics), ("stage_cost", stage_cost), ("terminal_cost", terminal_cost)):
             if not callable(fn):
                 raise InputError(f"{arg}: expected a callable, got {type(fn).__name__}")
@@ -143,7 +161,7 @@ class Problem:
             raise InputError(f"backend={backend!r} is unknown; valid backends are {', '.join(BACKENDS)}")
         self.backend = backend
         self.name = name
-        self._backend = make_backend(backend, self)   # builds and checks the functions' shapes
+        self._backend = make_backend(backend, self, backend_options)   # builds and checks the functions
         b = self._backend
         self.constraints = ConstraintSet.build(T, self.nx, x_lower, x_upper, b.ng, b.nh, b.nterm - b.nh)
         self.x_lower, self.x_upper = self.constraints.x_lower, self.constraints.x_upper
@@ -238,6 +256,10 @@ class Problem:
             return np.array(us, dtype=float)
         return np.minimum(np.maximum(us, self.u_lower), self.u_upper)
 
+    def extrapolate_controls(self, us, us_prev, beta: float) -> np.ndarray:
+        """us + beta (us - us_prev), projected onto the box (E-MSA's momentum); (T, nu)."""
+        return self.clamp(np.asarray(us) + beta * (np.asarray(us) - np.asarray(us_prev)))
+
     def check_controls(self, us, name: str = "us") -> np.ndarray:
         """``us`` as a new (T, nu) float64 array; ShapeError/InputError otherwise."""
         try:
@@ -253,26 +275,46 @@ class Problem:
         return arr
 
     def rollout(self, us) -> Trajectory:
-        """Open-loop rollout of ``us`` (T, nu), clamped into the box; ``us`` is not modified."""
+        """Open-loop rollout of ``us`` (T, nu), clamped into the box; ``us`` is not modified.
+
+        A user function that raises during the rollout (a value outside its domain) gives a
+        trajectory of cost NaN, which the solvers treat as any non-finite trial (a rejected step,
+        or a NON_FINITE status); the exception is logged."""
         us = self.clamp(self.check_controls(us))
         with np.errstate(invalid="ignore", over="ignore"):
-            xs, cost = self._backend.rollout(us, self.x0)
-        return Trajectory(xs=xs, us=us, cost=float(cost))
+            out = _guarded(self._backend.rollout, us, self.x0)
+        if out is None:
+            return Trajectory(xs=np.full((self.horizon + 1, self.nx), np.nan), us=us, cost=float("nan"))
+        return Trajectory(xs=out[0], us=us, cost=float(out[1]))
 
     def rollout_policy(self, ref: Trajectory, policy: Policy, alpha: float, *, x0=None, shift=None) -> Trajectory:
         """Closed-loop rollout u_t = clamp(ref.us_t + alpha k_t + K_t (x_t - ref.xs_t)),
         x_{t+1} = f(x_t, u_t) + shift_t from x_0 = x0 (defaults: the problem's x0, no shift; a
-        multiple-shooting solver passes both to close its gaps partly)."""
+        multiple-shooting solver passes both to close its gaps partly); a user function that
+        raises gives cost NaN, as in :meth:`rollout`."""
         with np.errstate(invalid="ignore", over="ignore"):
-            xs, us, cost = self._backend.rollout_policy(ref.xs, ref.us, policy.k, policy.K, alpha,
-                                                        self.u_lower, self.u_upper,
-                                                        self.x0 if x0 is None else x0, shift)
+            out = _guarded(self._backend.rollout_policy, ref.xs, ref.us, policy.k, policy.K, alpha,
+                           self.u_lower, self.u_upper, self.x0 if x0 is None else x0, shift)
+        if out is None:
+            nan = np.nan
+            return Trajectory(xs=np.full((self.horizon + 1, self.nx), nan),
+                              us=np.full((self.horizon, self.nu), nan), cost=nan)
+        xs, us, cost = out
         return Trajectory(xs=xs, us=us, cost=float(cost))
 
     def evaluate_derivatives(self, xs, us, second_order: bool = False):
-        """All derivatives at the points (xs[t], us[t]) and xs[T]; a DenseDerivatives."""
-        return self._backend.derivatives(np.asarray(xs, dtype=float), np.asarray(us, dtype=float),
-                                         second_order)
+        """All derivatives at the points (xs[t], us[t]) and xs[T]; a DenseDerivatives. When a user
+        function raises at a point the backend evaluates (finite differences perturb the
+        trajectory), every derivative is NaN: the solvers end with NON_FINITE (logged)."""
+        try:
+            return self._backend.derivatives(np.asarray(xs, dtype=float), np.asarray(us, dtype=float),
+                                             second_order)
+        except OccoreError:
+            raise
+        except Exception as err:  # noqa: BLE001 - a user function failing near the trajectory
+            log.warning("a problem function raised while evaluating derivatives (%s: %s); they are "
+                        "reported as non-finite", type(err).__name__, err)
+            return nan_derivatives(self.horizon, self.nx, self.nu, second_order)
 
     def local_model(self, traj: Trajectory, second_order: bool = False) -> DenseLocalModel:
         """The local LQ model at ``traj`` (one derivative evaluation for the whole horizon)."""

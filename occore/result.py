@@ -5,7 +5,13 @@ import enum
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
+
 __all__ = ["Status", "IterationInfo", "Result"]
+
+
+def _plural(n: int, word: str) -> str:
+    return f"{n} {word}" if n == 1 else f"{n} {word}s"
 
 
 class Status(enum.Enum):
@@ -122,18 +128,28 @@ class Result:
         """True when the status is CONVERGED."""
         return self.status is Status.CONVERGED
 
+    def __repr__(self) -> str:
+        """A few lines: solver, status, iterations, cost and the shapes (not the arrays)."""
+        def shape(a):
+            return tuple(np.shape(a)) if isinstance(a, np.ndarray) else f"{type(a).__name__} of {len(a)}"
+
+        return (f"Result(solver={self.solver!r}, status={self.status.name}, iterations={self.iterations}, "
+                f"cost={self.cost:.12g},\n       xs {shape(self.xs)}, us {shape(self.us)}, "
+                f"policy={'yes' if self.policy is not None else 'none'}, wall_time={self.wall_time:.3g} s,"
+                f"\n       message={self.message!r})")
+
     def summary(self) -> str:
         """A few lines describing the outcome."""
         per_iter = self.wall_time / self.iterations if self.iterations else float("nan")
         lines = [
-            f"{self.solver or 'solver'}: {self.status.name} after {self.iterations} iterations"
+            f"{self.solver or 'solver'}: {self.status.name} after {_plural(self.iterations, 'iteration')}"
             + (f" ({self.message})" if self.message else ""),
             f"  cost        {self.cost:.12g}",
-            f"  wall time   {self.wall_time * 1e3:.2f} ms ({per_iter * 1e3:.3f} ms/iteration)",
+            f"  wall time   {self.wall_time * 1e3:.2f} ms ({per_iter * 1e3:.3f} ms per iteration)",
         ]
         if self.history:
             last = self.history[-1]
-            lines.append(f"  last stop   {last.stop:.3e}   regularization {last.regularization:.1e}")
+            lines.append(f"  last stop   {last.stop:.3e} (stop value), regularization {last.regularization:.1e}")
         if self.constraint_violation or self.multipliers is not None:
             lines.append(f"  constraint violation {self.constraint_violation:.3e}")
         return "\n".join(lines)

@@ -72,8 +72,11 @@ def resolve_problems(spec, backend: str = "casadi") -> dict:
         return out
     if isinstance(spec, str):
         items = [s.strip() for s in spec.split(",") if s.strip()]
-    else:
+    elif isinstance(spec, (list, tuple)):
         items = list(spec)
+    else:
+        raise InputError(f"problems: expected 'all', names, .py files or occore.Problem objects "
+                         f"(a string, a list or a dict), got {type(spec).__name__}")
     out = {}
     for item in items:
         if isinstance(item, Problem):

@@ -172,6 +172,11 @@ class Comparison:
 def _solver_list(solvers) -> list:
     if isinstance(solvers, str):
         solvers = [s.strip() for s in solvers.split(",") if s.strip()]
+    elif hasattr(solvers, "solve"):
+        solvers = [solvers]
+    elif not isinstance(solvers, (list, tuple)):
+        raise InputError(f"solvers: expected names (a string or a list) or objects with solve(problem), "
+                         f"got {type(solvers).__name__}")
     out = []
     for s in solvers:
         if isinstance(s, str):
@@ -298,6 +303,15 @@ def compare(problems="all", solvers=DEFAULT_SOLVERS, *, max_iter: int | None = N
         raise InputError(f"repeat={repeat!r} is invalid: expected an integer >= 1")
     if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
         raise InputError(f"workers={workers!r} is invalid: expected an integer >= 1")
+    if isinstance(levels, (str, bytes)) or not isinstance(levels, (list, tuple)) or not levels or not all(
+            isinstance(v, (int, float)) and not isinstance(v, bool) and 0 < v < 1 for v in levels):
+        raise InputError(f"levels={levels!r} is invalid: expected a non-empty list of numbers in (0, 1)")
+    if not isinstance(progress, bool) or not isinstance(warmup, bool):
+        raise InputError("progress, warmup: expected True or False")
+    from ..derivatives import BACKENDS
+
+    if backend not in BACKENDS:
+        raise InputError(f"backend={backend!r} is unknown; valid backends are {', '.join(BACKENDS)}")
     solver_list = _solver_list(solvers)
     if workers > 1 and (not all(isinstance(s, str) for s in solver_list) or not (
             isinstance(problems, str) or all(isinstance(p, str) for p in problems))):

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-__all__ = ["DenseDerivatives", "Backend", "from_stacked"]
+__all__ = ["DenseDerivatives", "Backend", "from_stacked", "nan_derivatives"]
 
 
 @dataclass(frozen=True)
@@ -84,6 +84,17 @@ def from_stacked(v, J, H, vT, gT, HT, nx: int, second_order: bool) -> DenseDeriv
     return DenseDerivatives(
         f=c(v[:, :nx]), l=c(v[:, nx]), lf=float(vT[0]), fx=c(J[:, :nx, :nx]), fu=c(J[:, :nx, nx:]),
         lx=lx, lu=c(J[:, nx, nx:]), lxx=lxx, lux=c(H[:, nx, nx:, :nx]), luu=c(H[:, nx, nx:, nx:]), **kw)
+
+
+def nan_derivatives(T: int, nx: int, nu: int, second_order: bool) -> DenseDerivatives:
+    """Derivatives of the right shapes, all NaN (a point where the functions could not be evaluated)."""
+    def nan(*shape):
+        return np.full(shape, np.nan)
+
+    kw = dict(fxx=nan(T, nx, nx, nx), fux=nan(T, nx, nu, nx), fuu=nan(T, nx, nu, nu)) if second_order else {}
+    return DenseDerivatives(f=nan(T, nx), l=nan(T), lf=float("nan"), fx=nan(T, nx, nx), fu=nan(T, nx, nu),
+                            lx=nan(T + 1, nx), lu=nan(T, nu), lxx=nan(T + 1, nx, nx), lux=nan(T, nu, nx),
+                            luu=nan(T, nu, nu), **kw)
 
 
 class Backend:

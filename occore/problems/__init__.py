@@ -192,7 +192,7 @@ _BUILDERS = {
 }
 
 
-def make(name: str, backend: str = "casadi", horizon: int | None = None) -> Problem:
+def make(name: str, backend: str = "casadi", horizon: int | None = None, backend_options=None) -> Problem:
     """Build reference problem ``name`` (one of :data:`NAMES`) for ``backend``.
 
     Args:
@@ -200,10 +200,11 @@ def make(name: str, backend: str = "casadi", horizon: int | None = None) -> Prob
             :data:`CONSTRAINED`.
         backend: "casadi", "torch" or "finite_difference".
         horizon: override the horizon T (the optimum of :data:`OPTIMA` holds only for the default).
+        backend_options: passed to :class:`occore.Problem` (e.g. ``{"compile": "always"}`` for torch).
     """
     if name not in _BUILDERS:
         raise InputError(f"unknown problem {name!r}; valid problems are {', '.join(NAMES + CONSTRAINED)}")
     spec = _BUILDERS[name](ops_for(backend))
     if horizon is not None:
         spec["horizon"] = horizon
-    return Problem(**spec, backend=backend, name=name)
+    return Problem(**spec, backend=backend, name=name, backend_options=backend_options)

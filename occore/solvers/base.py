@@ -15,6 +15,7 @@ from typing import Any
 from ..errors import InputError
 from ..result import IterationInfo, Result, Status
 from ..types import Trajectory
+from .checks import check_callbacks, check_mu, check_problem, check_state, check_warm_start
 from .options import build_options
 
 logger = logging.getLogger("occore")
@@ -63,6 +64,8 @@ class Solver:
     #: the constraint kinds beyond control bounds (words of :data:`occore.constraints.KINDS`) this
     #: solver honours; a problem declaring any other is refused by :meth:`init`
     supported_constraints: tuple = ()
+    #: problem methods this solver calls beyond the ControlProblem basics (checked by ``init``)
+    needs: tuple = ()
 
     def __init__(self, options=None, *, callbacks=(), **kwargs):
         self.options = build_options(self.Options, self.default_options() if options is None else options,
@@ -92,6 +95,7 @@ class Solver:
         minibatch's trajectory is the closure's forward pass). ``mu``: the initial
         regularisation (default: the options').
         """
+        check_problem(problem, self.needs)
         self.check_problem(problem)
         if traj is not None:
             if us0 is not None:
@@ -100,20 +104,24 @@ class Solver:
                 raise TypeError(f"traj: expected an occore.Trajectory, got {type(traj).__name__}")
         elif isinstance(us0, Result):
             prev = us0
+            check_warm_start(problem, prev)
             if prev.policy is not None:
                 ref = Trajectory(prev.xs, prev.us, prev.cost)
                 traj = problem.rollout_policy(ref, prev.policy, 0.0)
             else:
                 traj = problem.rollout(prev.us)
         else:
+            if us0 is not None and hasattr(problem, "check_controls"):
+                us0 = problem.check_controls(us0, "us0")
             traj = problem.rollout(problem.initial_controls() if us0 is None else us0)
-        state = SolverState(traj=traj, mu=self._initial_mu(problem) if mu is None else float(mu))
+        state = SolverState(traj=traj, mu=self._initial_mu(problem) if mu is None else check_mu(mu))
         if not math.isfinite(traj.cost):
             return replace(state, status=Status.NON_FINITE, message="initial rollout cost is not finite")
         return self._first_state(problem, state)
 
     def step(self, problem, state: SolverState) -> tuple[SolverState, IterationInfo | None]:
         """One iteration. Returns the new state and its info (None when ``state`` is already done)."""
+        check_state(problem, state, SolverState)
         if state.done:
             return state, None
         new, info = self._iterate(problem, state)
@@ -125,7 +133,7 @@ class Solver:
     def solve(self, problem, us0=None, *, callbacks=None, **init) -> Result:
         """Iterate from ``us0`` until a stop rule holds; returns a :class:`Result`. Further keywords
         go to :meth:`init` (FDDP: ``xs0``)."""
-        callbacks = self.callbacks if callbacks is None else tuple(callbacks)
+        callbacks = self.callbacks if callbacks is None else check_callbacks(callbacks)
         state = self.init(problem, us0, **init)
         while not state.done:
             state, info = self.step(problem, state)

@@ -17,7 +17,11 @@ from ..result import IterationInfo, Status
 from .base import Solver, SolverState
 from .options import DDPOptions, Regularization
 
-__all__ = ["DDP", "ILQR"]
+__all__ = ["DDP", "ILQR", "MAX_RAISES"]
+
+#: most regularisation increases in one backward pass before the solve ends with REG_LIMIT (the
+#: default factor 10 spans the whole range 1e-9..1e9 in 18)
+MAX_RAISES = 100
 
 
 class _RiccatiSolver(Solver):
@@ -25,6 +29,7 @@ class _RiccatiSolver(Solver):
 
     Options = DDPOptions
     second_order = False
+    needs = ("rollout_policy",)
 
     def _initial_mu(self, problem) -> float:
         return self.options.regularization.initial
@@ -37,10 +42,11 @@ class _RiccatiSolver(Solver):
         if lm is None or (second_order and not getattr(getattr(lm, "derivs", None), "second_order", True)):
             lm = problem.local_model(traj, second_order)
 
-        # Backward pass, raising mu until every Quu + mu I is positive definite.
+        # Backward pass, raising mu until every Quu + mu I is positive definite (at most
+        # MAX_RAISES raises per iteration: a factor barely above 1 must not loop for ever).
         tol = self._tol(state)
         baseline = max(reg.initial, reg.minimum)
-        relooked = False
+        relooked, raises = False, 0
         while True:
             try:
                 policy, (d1, d2) = lm.backward(mu, second_order)
@@ -49,6 +55,11 @@ class _RiccatiSolver(Solver):
                 if mu > reg.maximum:
                     return self._stop(state, lm, Status.REG_LIMIT,
                                       f"regularisation above {reg.maximum:g} ({err})", mu)
+                raises += 1
+                if raises > MAX_RAISES:
+                    return self._stop(state, lm, Status.REG_LIMIT,
+                                      f"Q_uu still not positive definite after {MAX_RAISES} regularisation "
+                                      f"increases (mu = {mu:.3g}, factor {reg.factor!r}; {err})", mu)
                 continue
             # A large mu shrinks the step and with it the expected decrease: a small one means
             # convergence only at the baseline regularisation, so look again there.

@@ -24,7 +24,7 @@ def test_solve_emsa_and_ipopt(capsys):
     assert "emsa: MAX_ITER after 3 iterations" in out and out.count("\n    ") >= 3
     assert main(["solve", "lqr", "--solver", "ipopt", "--quiet"]) == 0
     out = capsys.readouterr().out
-    assert "ipopt: CONVERGED after 1 iterations" in out and "iter" not in out.split("\n", 1)[1].split("ipopt:")[0]
+    assert "ipopt: CONVERGED after 1 iteration " in out and "iter" not in out.split("\n", 1)[1].split("ipopt:")[0]
 
 
 def test_solve_with_the_torch_backend(capsys):

@@ -104,7 +104,7 @@ def test_lqr_converges_to_the_riccati_optimum(zoo):
     res = EMSA().solve(zoo["lqr"])
     ref = occore.ILQR().solve(zoo["lqr"])
     assert res.status is Status.CONVERGED, res.summary()
-    assert res.iterations <= 2000          # measured: 1611 with the defaults
+    assert res.iterations <= 1000          # measured: 805 with the defaults (1611 without momentum)
     assert abs(res.cost - OPTIMA["lqr"]) / OPTIMA["lqr"] <= 1e-6
     np.testing.assert_allclose(res.us, ref.us, atol=1e-3)
     assert res.history[-1].stop < EMSA().options.tol
@@ -273,6 +273,9 @@ def test_loop_talks_only_to_the_protocol(zoo):
         def maximize_hamiltonian(self, traj, costates, rho, inner):
             assert isinstance(rho, float) and inner.method == "newton"
             return prob.maximize_hamiltonian(traj, costates, rho, inner)
+
+        def extrapolate_controls(self, us, us_prev, beta):   # E-MSA's momentum
+            return prob.extrapolate_controls(us, us_prev, beta)
 
     a = EMSA(max_iter=20).solve(Opaque())
     b = EMSA(max_iter=20).solve(prob)

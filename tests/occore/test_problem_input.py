@@ -67,7 +67,7 @@ def test_bounds_broadcast_and_one_sided():
 
 def test_controls_checked():
     prob = make()
-    with pytest.raises(ShapeError, match=r"us: expected shape \(10, 2\), got \(10, 3\)"):
+    with pytest.raises(ShapeError, match=r"us0: expected shape \(10, 2\), got \(10, 3\)"):
         occore.ILQR().solve(prob, us0=np.zeros((10, 3)))
     with pytest.raises(InputError, match="us: expected finite"):
         prob.rollout(np.full((10, 2), np.nan))

@@ -1,0 +1,95 @@
+"""What the solvers' public entry points (``solve``, ``init``, ``step``) check before any work.
+
+Each check raises a typed error (:class:`occore.InputError` or :class:`occore.ShapeError`) that
+names the argument as the caller wrote it (``problem``, ``us0``, ``state``, ``mu``, ``callbacks``),
+with the expected and the actual type or shape. Dense checks (shapes) apply to problems that have
+``nx`` / ``nu`` (:class:`occore.Problem`); other :class:`occore.types.ControlProblem` s (networks)
+check their own controls.
+"""
+from __future__ import annotations
+
+import math
+import numbers
+
+import numpy as np
+
+from ..errors import InputError, ShapeError
+
+__all__ = ["check_problem", "check_warm_start", "check_state", "check_callbacks", "check_mu"]
+
+#: what every solver calls on a problem
+_PROTOCOL = ("initial_controls", "rollout", "local_model")
+
+
+def check_problem(problem, needs=()) -> None:
+    """``problem`` implements the ControlProblem protocol (and the solver's extra methods ``needs``)."""
+    missing = [m for m in _PROTOCOL + tuple(needs) if not callable(getattr(problem, m, None))]
+    if isinstance(problem, (str, bytes)) or missing or not hasattr(problem, "horizon"):
+        hint = (f"; for the reference problem {problem!r} use occore.problems.make({problem!r})"
+                if isinstance(problem, str) else "")
+        what = f" (missing: {', '.join(missing)})" if missing and not isinstance(problem, str) else ""
+        raise InputError(f"problem: expected an occore.Problem or another ControlProblem{what}, "
+                         f"got {type(problem).__name__}{hint}")
+
+
+def _dense(problem) -> bool:
+    return all(isinstance(getattr(problem, a, None), int) for a in ("nx", "nu", "horizon"))
+
+
+def _shape(value):
+    """The shape of an array-like value (None when it has none)."""
+    try:
+        return tuple(np.shape(value))
+    except (TypeError, ValueError):   # ragged or not array-like
+        return None
+
+
+def check_warm_start(problem, prev) -> None:
+    """A :class:`occore.Result` given as ``us0`` fits ``problem``: controls (T, nu), states (T+1, nx)
+    and, when it has one, a policy whose gains are (T, nu) and (T, nu, nx)."""
+    if not _dense(problem):
+        return
+    T, nx, nu = problem.horizon, problem.nx, problem.nu
+    detail = "a Result of another problem (other horizon, state or control size)"
+    for name, value, expected in (("us0.us", prev.us, (T, nu)), ("us0.xs", prev.xs, (T + 1, nx))):
+        if _shape(value) != expected:
+            raise ShapeError(name, expected, _shape(value), detail)
+    if prev.policy is not None:
+        for name, value, expected in (("us0.policy.k", prev.policy.k, (T, nu)),
+                                      ("us0.policy.K", prev.policy.K, (T, nu, nx))):
+            if not callable(value) and _shape(value) != expected:
+                raise ShapeError(name, expected, _shape(value), detail)
+
+
+def check_state(problem, state, state_type) -> None:
+    """``state`` is a ``state_type`` (a SolverState) made by ``init`` for a problem of this shape."""
+    if not isinstance(state, state_type):
+        raise InputError(f"state: expected the {state_type.__name__} returned by init() or step(), "
+                         f"got {type(state).__name__}")
+    if _dense(problem):
+        expected = (problem.horizon + 1, problem.nx)
+        if _shape(state.traj.xs) != expected:
+            raise ShapeError("state", f"states {expected}", _shape(state.traj.xs),
+                             "a state of another problem; call init(problem) first")
+
+
+def check_callbacks(callbacks) -> tuple:
+    """``callbacks`` as a tuple of callables."""
+    if callable(callbacks):
+        callbacks = (callbacks,)
+    try:
+        callbacks = tuple(callbacks)
+    except TypeError:
+        raise InputError(f"callbacks: expected a sequence of callables cb(info, state), got "
+                         f"{type(callbacks).__name__}") from None
+    for cb in callbacks:
+        if not callable(cb):
+            raise InputError(f"callbacks: expected callables cb(info, state), got {type(cb).__name__}")
+    return callbacks
+
+
+def check_mu(mu) -> float:
+    """The initial regularisation ``mu``: a finite number >= 0."""
+    if isinstance(mu, bool) or not isinstance(mu, numbers.Real) or not math.isfinite(mu) or mu < 0:
+        raise InputError(f"mu: expected a finite number >= 0, got {mu!r}")
+    return float(mu)

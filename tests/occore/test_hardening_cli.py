@@ -1,0 +1,115 @@
+"""Class 1 of issue 13 for ``occore solve`` and ``occore compare``: every option is checked before
+any work (output paths writable, matplotlib present for --plot), a user error is one line on stderr
+with exit status 2 and never a traceback; ``--version``; help text on every option, no raw markup."""
+import argparse
+import importlib.util
+import os
+import subprocess
+import sys
+
+import pytest
+
+import occore
+from occore import cli
+from occore.comparison import runner
+
+
+def _run(argv, capsys):
+    """Exit status and stderr of ``occore argv`` (argparse's own errors exit through SystemExit)."""
+    try:
+        code = cli.main(argv)
+    except SystemExit as done:
+        code = done.code
+    return code, capsys.readouterr().err
+
+
+@pytest.fixture
+def no_work(monkeypatch):
+    """Fails the test if a comparison starts."""
+    def refuse(*args, **kwargs):
+        raise AssertionError("the comparison ran before the bad option was refused")
+    monkeypatch.setattr(runner, "compare", refuse)
+
+
+@pytest.mark.parametrize("argv, words", [
+    (["compare", "--plot", "/no/such/dir/x.png"], ["--plot", "/no/such/dir", "does not exist"]),
+    (["compare", "--json", "/no/such/dir/x.json"], ["--json", "does not exist"]),
+    (["compare", "--plot", "."], ["--plot", "is a directory"]),
+    (["compare", "--plot", "figure.xyz"], ["--plot", "unknown figure format 'xyz'", ".png"]),
+    (["compare", "--plot", "same.png", "--json", "same.png"], ["same file"]),
+    (["compare", "--max-iter", "0"], ["--max-iter 0", ">= 1"]),
+    (["compare", "--repeat", "0"], ["--repeat 0", ">= 1"]),
+    (["compare", "--workers", "-2"], ["--workers -2", ">= 1"]),
+    (["solve", "pendulum", "--max-iter", "-1"], ["--max-iter -1", ">= 1"]),
+])
+def test_bad_options_are_one_line_exit_2_before_any_work(argv, words, capsys, no_work, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    code, err = _run(argv, capsys)
+    assert code == 2 and len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
+    for w in words:
+        assert w in err, (w, err)
+
+
+def test_an_unwritable_directory_is_refused(tmp_path, capsys, no_work):
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    locked.chmod(0o500)
+    try:
+        if os.access(locked, os.W_OK):
+            pytest.skip("running as a user who can write anywhere (root)")
+        code, err = _run(["compare", "--json", str(locked / "x.json")], capsys)
+        assert code == 2 and "not writable" in err
+    finally:
+        locked.chmod(0o700)
+
+
+def test_plot_without_matplotlib_is_refused_before_any_work(monkeypatch, capsys, no_work, tmp_path):
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "matplotlib" else real(name, *a))
+    code, err = _run(["compare", "--plot", str(tmp_path / "x.png")], capsys)
+    assert code == 2 and "needs matplotlib" in err
+
+
+@pytest.mark.parametrize("argv", [["solve", "pendulum", "--max-iter", "x"], ["solve", "pendulum", "--nosuch"],
+                                  ["nosuch"], ["compare", "--repeat", "1.5"]])
+def test_argparse_errors_are_one_line(argv, capsys):
+    code, err = _run(argv, capsys)
+    assert code == 2 and len(err.strip().splitlines()) == 1 and "--help" in err, err
+
+
+def test_good_outputs_are_written(tmp_path, capsys):
+    plot, js = tmp_path / "c.png", tmp_path / "c.json"
+    assert cli.main(["compare", "--problems", "lqr", "--solvers", "ilqr", "--no-progress",
+                     "--plot", str(plot), "--json", str(js)]) == 0
+    assert plot.stat().st_size > 0 and js.stat().st_size > 0
+
+
+def test_version(capsys):
+    with pytest.raises(SystemExit) as done:
+        cli.main(["--version"])
+    assert done.value.code == 0 and capsys.readouterr().out.strip() == f"occore {occore.__version__}"
+
+
+def _subparsers(parser):
+    action = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    return action.choices
+
+
+def test_every_option_has_help_and_the_help_has_no_raw_markup():
+    parser = cli.build_parser(plugins={})
+    subs = _subparsers(parser)
+    for name in ("solve", "compare"):
+        for action in subs[name]._actions:
+            assert action.help and action.help.strip(), (name, action.dest)
+        text = subs[name].format_help()
+        assert "`" not in text and "%(" not in text and "**" not in text, text
+    top = parser.format_help()
+    assert "--version" in top and "`" not in top
+
+
+def test_help_and_version_of_the_installed_command_show_no_traceback():
+    env = dict(os.environ, PYTHONPATH=os.path.dirname(os.path.dirname(occore.__file__)))
+    for argv in (["--help"], ["solve", "--help"], ["compare", "--help"], ["--version"]):
+        done = subprocess.run([sys.executable, "-m", "occore", *argv], capture_output=True, text=True,
+                              env=env, timeout=120)
+        assert done.returncode == 0 and not done.stderr and "Traceback" not in done.stdout, done

@@ -1,0 +1,79 @@
+"""Class 3 of issue 13: numerical trouble always ends a solve with a status and the best iterate,
+on every backend: user functions that raise at a trial point, E-MSA diverging without its adaptive
+schedule, a regularisation schedule that can never reach its limit."""
+import casadi as ca
+import numpy as np
+import pytest
+
+import occore
+from occore import DDP, EMSA, ILQR, Regularization, Status
+
+
+def _domain_problem():
+    """x+ = x + 0.1 u on a domain |u| <= 0.5 (the numpy dynamics raise outside it); the optimum
+    from x0 = 3 wants |u| > 0.5 at the first stages, so trials and differences leave the domain.
+    (The casadi and torch backends trace the functions once, symbolically, so a raise at a value
+    can only happen with finite differences; the guard is the Problem's, for every backend.)"""
+    def f(x, u):
+        if abs(u[0]) > 0.5:
+            raise ValueError("u outside the dynamics' domain")
+        return x + 0.1 * u
+
+    return occore.Problem(f, lambda x, u: x @ x + u @ u, lambda x: 100 * x @ x, x0=[3.0], nu=1,
+                          horizon=10, backend="finite_difference")
+
+
+@pytest.mark.parametrize("solver", [ILQR(), DDP(), EMSA(max_iter=50)], ids=lambda s: s.name)
+def test_a_function_raising_at_a_trial_ends_with_a_status(solver, caplog):
+    prob = _domain_problem()
+    initial = prob.rollout(prob.initial_controls()).cost
+    res = solver.solve(prob)                       # no exception escapes
+    assert res.status in (Status.NON_FINITE, Status.LINE_SEARCH_FAILED, Status.REG_LIMIT,
+                          Status.MAX_ITER, Status.CONVERGED), res.summary()
+    assert np.isfinite(res.cost) and res.cost < initial
+    assert np.all(np.abs(res.us) <= 0.5)
+    assert res.cost == pytest.approx(prob.rollout(res.us).cost, rel=1e-12)
+    assert any("raised" in r.getMessage() for r in caplog.records)
+
+
+def test_a_trial_outside_the_domain_is_a_nan_trajectory():
+    prob = _domain_problem()
+    traj = prob.rollout(np.ones((10, 1)))
+    assert np.isnan(traj.cost) and traj.xs.shape == (11, 1)
+
+
+def test_derivatives_that_raise_are_non_finite():
+    prob = _domain_problem()
+    d = prob.evaluate_derivatives(np.zeros((11, 1)), np.full((10, 1), 0.5), second_order=True)
+    assert np.isnan(d.fx).all() and d.fxx.shape == (10, 1, 1, 1)
+    lm = prob.local_model(prob.rollout(np.full((10, 1), 0.5)))
+    policy, (d1, d2) = lm.backward(0.0)
+    assert np.isnan(d1) and np.isnan(policy.k).all()
+
+
+def _exploding():
+    return occore.Problem(lambda x, u: x + u, lambda x, u: 0.5 * ca.sumsqr(u), lambda x: 5e3 * ca.sumsqr(x),
+                          x0=[1.0], nu=1, horizon=5)
+
+
+def test_emsa_non_finite_returns_its_best_iterate_not_its_last():
+    prob = _exploding()
+    res = EMSA(rho=1e-3, adaptive_rho=False, max_iter=400).solve(prob)
+    costs = [prob.rollout(prob.initial_controls()).cost] + [h.cost for h in res.history]
+    assert res.status is Status.NON_FINITE and max(c for c in costs if np.isfinite(c)) > 1e100
+    assert res.cost == min(c for c in costs if np.isfinite(c))
+    assert res.cost == prob.rollout(res.us).cost and "best iterate" in res.message
+
+
+@pytest.mark.parametrize("factor", [1.000001, 1.0 + 1e-12])
+def test_a_regularisation_factor_barely_above_one_cannot_hang(factor):
+    prob = occore.problems.make("cartpole")          # full DDP meets indefinite Q_uu here
+    res = DDP(regularization=Regularization(factor=factor), max_iter=50).solve(prob)
+    assert res.status is Status.REG_LIMIT, res.summary()
+    assert "after 100 regularisation increases" in res.message and np.isfinite(res.cost)
+    assert res.cost <= prob.rollout(prob.initial_controls()).cost
+
+
+def test_the_default_schedule_is_unaffected_by_the_bound():
+    res = DDP().solve(occore.problems.make("cartpole"))
+    assert res.converged and res.cost == pytest.approx(occore.problems.OPTIMA["cartpole"], rel=1e-6)
