@@ -1,6 +1,9 @@
 """``occore train``: DDPNOpt and torch's optimizers side by side on a classification data set.
 
     occore train --dataset digits --optimizers ddpnopt,adam,sgd --plot train.png
+    occore train --nproc 2 --checkpoint run/      # data-parallel on 2 processes, a checkpoint per epoch
+    occore train --resume run/ --epochs 12        # continue those runs (any --nproc)
+    occore train --workers 2                      # the optimizers in 2 processes at once
 
 The command is a plugin of the ``occore`` command line: ``pyproject.toml`` declares
 :data:`COMMAND` in the entry-point group ``occore.commands`` under the name ``train``, and
@@ -44,7 +47,43 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1, help="torch threads (small nets: 1 is fastest)")
     p.add_argument("--plot", default=None, help="PNG of training loss and test accuracy per epoch")
+    p.add_argument("--checkpoint", default=None, metavar="DIR",
+                   help="write a checkpoint per optimizer (DIR/<optimizer>/) at the end of every epoch")
+    p.add_argument("--resume", default=None, metavar="DIR",
+                   help="continue the runs checkpointed in DIR (any --nproc), up to --epochs")
+    p.add_argument("--nproc", type=int, default=1, metavar="N",
+                   help="data-parallel on N local processes (torch.distributed, gloo; torchrun-style); "
+                        "on several machines run `torchrun ... -m nn_adapter.cli ...`")
+    p.add_argument("--workers", type=int, default=1, metavar="N",
+                   help="train the optimizers in N processes at once (same table as serial, times aside)")
     return p
+
+
+def _check_scaling(args) -> str | None:
+    """The message of the first bad --nproc / --workers / --checkpoint / --resume, or None."""
+    import pathlib
+
+    from .checkpoint import checkpoint_path
+
+    for name in ("nproc", "workers"):
+        if getattr(args, name) < 1:
+            return f"--{name} must be >= 1, got {getattr(args, name)}"
+    if args.nproc > 1 and args.workers > 1:
+        return "--nproc and --workers: choose one (data-parallel runs or parallel runs)"
+    world = args.nproc if args.nproc > 1 else _torchrun_world()
+    if args.batch_size % world:
+        return f"--batch-size {args.batch_size} is not divisible by the {world} processes"
+    if args.resume is not None:
+        for name in args.optimizers.split(","):
+            path = checkpoint_path(pathlib.Path(args.resume) / name.strip())
+            if name.strip() and not path.is_file():
+                return f"--resume: no checkpoint {path}"
+    if args.checkpoint is not None:
+        try:
+            pathlib.Path(args.checkpoint).mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            return f"--checkpoint: cannot create {args.checkpoint}: {err.strerror}"
+    return None
 
 
 def main(argv=None) -> int:
@@ -55,7 +94,49 @@ def main(argv=None) -> int:
         print(f"occore train: unknown optimizer(s) {bad}; valid optimizers are {', '.join(OPTIMIZERS)}",
               file=sys.stderr)
         return 2
+    problem = _check_scaling(args)
+    if problem:
+        print(f"occore train: {problem}", file=sys.stderr)
+        return 2
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if args.nproc > 1:
+        from .distributed import launch
+
+        return max(launch(_rank_main, args.nproc, argv))
+    if _torchrun_world() > 1:              # started by torchrun: this process is one rank
+        from .distributed import init_from_environment
+
+        init_from_environment()
+        try:
+            return _rank_main(argv)
+        finally:
+            import torch.distributed as dist
+
+            dist.destroy_process_group()
+    return _train(args, names)
+
+
+def _torchrun_world() -> int:
+    import os
+
+    return int(os.environ.get("WORLD_SIZE", "1")) if "TORCHELASTIC_RUN_ID" in os.environ else 1
+
+
+def _rank_main(argv) -> int:
+    """One rank of a data-parallel run (a process group is initialised): rank 0 reports."""
+    import torch.distributed as dist
+
+    args = build_parser().parse_args(argv)
+    names = [n.strip() for n in args.optimizers.split(",") if n.strip()]
+    return _train(args, names, report=dist.get_rank() == 0)
+
+
+def _train(args, names, report: bool = True) -> int:
+    import functools
+
     import torch
+
+    from .checkpoint import CheckpointError
 
     torch.set_num_threads(args.threads)
     try:
@@ -65,8 +146,16 @@ def main(argv=None) -> int:
         return 2
     x = data.x_train.reshape(len(data.x_train), -1)
     flat = type(data)(x, data.y_train, data.x_test.reshape(len(data.x_test), -1), data.y_test)
-    records = compare_optimizers(lambda: mlp(x.shape[1], data.num_classes, args.width, args.depth), flat,
-                                 names, args.epochs, args.batch_size, args.lr, args.seed)
+    try:
+        records = compare_optimizers(functools.partial(mlp, x.shape[1], data.num_classes, args.width,
+                                                       args.depth), flat, names, args.epochs,
+                                     args.batch_size, args.lr, args.seed, checkpoint=args.checkpoint,
+                                     resume=args.resume, workers=args.workers)
+    except CheckpointError as err:
+        print(f"occore train: --resume: {err}", file=sys.stderr)
+        return 2
+    if not report:
+        return 0
     print(f"{args.dataset}: MLP {x.shape[1]}-{'-'.join([str(args.width)] * (args.depth - 1))}-"
           f"{data.num_classes} (tanh), batch {args.batch_size}, {args.epochs} epochs, same initial weights")
     print(f"{'optimizer':16s} {'lr':>8s} {'train loss':>11s} {'test acc':>9s} {'time [s]':>9s}")

@@ -5,13 +5,13 @@ the closure protocol (``opt.step(closure)``) that DDPNOpt, LBFGS and the others 
 """
 from __future__ import annotations
 
-import copy
 import logging
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Callable
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
 from .data import Split
@@ -188,28 +188,59 @@ def _accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
         return float((model(x).argmax(1) == y).float().mean())
 
 
+def _world() -> int:
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def _mean_over_ranks(value: float) -> float:
+    """The mean of a number over the ranks (one all_reduce); the number itself on one process."""
+    if _world() == 1:
+        return value
+    t = torch.tensor([value], dtype=torch.float64)
+    dist.all_reduce(t)
+    return float(t) / _world()
+
+
 def train_classifier(model: nn.Module, data: Split, optimizer: torch.optim.Optimizer, epochs: int = 8,
                      batch_size: int = 32, seed: int = 0, loss_fn: Callable | None = None,
-                     name: str = "") -> TrainRecord:
+                     name: str = "", checkpoint=None, resume=None) -> TrainRecord:
     """Train ``model`` in place on ``data`` with minibatches drawn by ``seed``.
 
     A step whose loss is not finite stops the run (logged), keeping what was measured so far.
+    ``checkpoint``: a folder where a checkpoint is written at the end of every epoch
+    (:mod:`nn_adapter.checkpoint`: model, optimizer, epoch, data order, RNG states, the record so
+    far); ``resume``: a folder to continue from (its epochs are not run again, the record
+    continues). Data-parallel (``torch.distributed`` initialised, the model a
+    ``DistributedDataParallel``), every global minibatch is split into equal shards
+    (:func:`nn_adapter.distributed.shard`) and the losses recorded are the global means.
     """
+    from .checkpoint import load_checkpoint, save_checkpoint
+    from .distributed import shard
+
     if epochs < 1 or batch_size < 1:
         raise ValueError(f"epochs={epochs} and batch_size={batch_size} must be >= 1")
+    if batch_size % _world():
+        raise ValueError(f"batch_size={batch_size} is not divisible by the world size {_world()}")
     loss_fn = loss_fn or nn.CrossEntropyLoss()
     record = TrainRecord(optimizer=name or type(optimizer).__name__)
     gen = torch.Generator().manual_seed(seed)
+    first = 1
+    if resume is not None:
+        state = load_checkpoint(resume, model, optimizer, gen)
+        first = state.epoch + 1
+        if isinstance(state.extra, dict):
+            record = TrainRecord(**state.extra)
     n = len(data.x_train)
-    for _ in range(epochs):
+    evaluated = model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+    for epoch in range(first, epochs + 1):
         order = torch.randperm(n, generator=gen)
         total, count = 0.0, 0
         start = time.perf_counter()
         for i in range(0, n - batch_size + 1, batch_size):
             idx = order[i:i + batch_size]
-            loss = optimizer.step(make_closure(model, optimizer, data.x_train[idx], data.y_train[idx],
-                                               loss_fn))
-            loss = float(loss.detach() if torch.is_tensor(loss) else loss)
+            xb, yb = shard(data.x_train[idx], data.y_train[idx])
+            loss = optimizer.step(make_closure(model, optimizer, xb, yb, loss_fn))
+            loss = _mean_over_ranks(float(loss.detach() if torch.is_tensor(loss) else loss))
             if loss != loss or abs(loss) == float("inf"):
                 logger.warning("%s: non-finite loss, training stopped", record.optimizer)
                 record.seconds += time.perf_counter() - start
@@ -217,18 +248,43 @@ def train_classifier(model: nn.Module, data: Split, optimizer: torch.optim.Optim
             total, count = total + loss, count + 1
         record.seconds += time.perf_counter() - start
         record.train_loss.append(total / max(count, 1))
-        record.test_accuracy.append(_accuracy(model, data.x_test, data.y_test))
+        record.test_accuracy.append(_accuracy(evaluated, data.x_test, data.y_test))
+        if checkpoint is not None:
+            save_checkpoint(checkpoint, model, optimizer, epoch, gen, extra=asdict(record))
     return record
 
 
-def compare_optimizers(make_model: Callable[[], nn.Module], data: Split, names, epochs: int = 8,
-                       batch_size: int = 32, lr: float | None = None, seed: int = 0) -> dict:
-    """Train one fresh copy of the same initial model per optimizer name; ``{name: TrainRecord}``."""
+def _train_one(job: tuple) -> TrainRecord:
+    """One run of :func:`compare_optimizers` (in this process or a worker): the model built under
+    ``seed`` (the same initial weights for every optimizer), wrapped in DistributedDataParallel
+    when a process group is initialised."""
+    make_model, data, name, epochs, batch_size, lr, seed, checkpoint, resume = job
     torch.manual_seed(seed)
-    init = make_model()
-    records = {}
-    for name in names:
-        model = copy.deepcopy(init)
-        opt = make_optimizer(name, model, lr)
-        records[name] = train_classifier(model, data, opt, epochs, batch_size, seed, name=name)
-    return records
+    model = make_model()
+    if _world() > 1:
+        model = nn.parallel.DistributedDataParallel(model)
+    opt = make_optimizer(name, model, lr)
+    return train_classifier(model, data, opt, epochs, batch_size, seed, name=name,
+                            checkpoint=checkpoint, resume=resume)
+
+
+def compare_optimizers(make_model: Callable[[], nn.Module], data: Split, names, epochs: int = 8,
+                       batch_size: int = 32, lr: float | None = None, seed: int = 0,
+                       checkpoint=None, resume=None, workers: int = 1) -> dict:
+    """Train one fresh copy of the same initial model per optimizer name; ``{name: TrainRecord}``.
+
+    ``checkpoint`` / ``resume``: folders with one subfolder per optimizer name (see
+    :func:`train_classifier`). ``workers`` > 1 runs the optimizers in that many processes
+    (:func:`nn_adapter.distributed.parallel_map`; ``make_model`` and ``data`` must pickle): the
+    records are those of a serial run, times aside.
+    """
+    from pathlib import Path
+
+    from .distributed import parallel_map
+
+    def sub(folder, name):
+        return None if folder is None else Path(folder) / name
+
+    jobs = [(make_model, data, name, epochs, batch_size, lr, seed, sub(checkpoint, name),
+             sub(resume, name)) for name in names]
+    return dict(zip(names, parallel_map(_train_one, jobs, workers)))
