@@ -105,7 +105,7 @@ class DatasetNotFoundError(OccoreError, FileNotFoundError):
     def __init__(self, dataset: str, searched: PathLike, missing, how: str):
         self.dataset, self.searched, self.missing = dataset, Path(searched), list(missing)
         super().__init__(f"{dataset}: {', '.join(self.missing)} not found in {searched}; {how} "
-                         "(nothing is downloaded)")
+                         "(data sets are never downloaded)")
 
 
 # -- the split -------------------------------------------------------------------------------------
@@ -323,7 +323,7 @@ def _cast(split: Split, dtype) -> Split:
 
 
 # -- IDX (MNIST, Fashion-MNIST) ---------------------------------------------------------------------
-def _read_bytes(path: Path, archive_name: Optional[str] = None) -> bytes:
+def _read_bytes(path: Path) -> bytes:
     """The file's bytes, gunzipped when they are gzip data; typed errors name the file."""
     raw = path.read_bytes()
     if not raw:
@@ -435,9 +435,9 @@ def load_fashion_mnist(root: Optional[PathLike] = None, dtype: torch.dtype = tor
     Example:
         >>> try:
         ...     load_fashion_mnist("/nonexistent")
-        ... except FileNotFoundError as err:
-        ...     print(str(err)[:30])
-        fashion-mnist: the folder not
+        ... except DatasetNotFoundError as err:
+        ...     print(err.dataset, err.searched)
+        fashion-mnist /nonexistent
     """
     split = _load_idx_set(Path(root) if root is not None else FASHION_MNIST_DIR, "fashion-mnist", dtype)
     return subsample(split, limit, limit, seed=None) if limit is not None else split
@@ -453,24 +453,32 @@ def _numpy_reconstruct():
     return _reconstruct
 
 
+def _latin1_encode(text, encoding="latin1"):
+    """``_codecs.encode`` as Python 3 pickles (protocol 2) of ``bytes`` use it, latin-1 only."""
+    if not isinstance(text, str) or encoding not in ("latin1", "latin-1"):
+        raise pickle.UnpicklingError(f"_codecs.encode with {type(text).__name__}, {encoding!r}")
+    return text.encode("latin1")
+
+
 class _ArrayUnpickler(pickle.Unpickler):
     """Unpickles dicts, lists, strings, numbers and numpy arrays of plain dtypes, nothing else:
-    any other global (the way a pickle runs code) is refused with a DataFormatError."""
-
-    _ALLOWED = {("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
-                ("numpy", "ndarray"), ("numpy", "dtype")}
+    any other global (the way a pickle runs code) is refused with a DataFormatError. The official
+    batches (Python 2 pickles) need numpy's ``_reconstruct``, ``ndarray`` and ``dtype``; a batch
+    re-pickled by Python 3 with protocol 2 also needs ``_codecs.encode`` (allowed for latin-1)."""
 
     def __init__(self, data: bytes, where: PathLike):
         super().__init__(io.BytesIO(data), encoding="latin1")
         self.where = where
 
     def find_class(self, module, name):
-        if (module, name) not in self._ALLOWED:
+        allowed = {("numpy.core.multiarray", "_reconstruct"): _numpy_reconstruct,
+                   ("numpy._core.multiarray", "_reconstruct"): _numpy_reconstruct,
+                   ("numpy", "ndarray"): lambda: np.ndarray, ("numpy", "dtype"): lambda: np.dtype,
+                   ("_codecs", "encode"): lambda: _latin1_encode}
+        if (module, name) not in allowed:
             raise DataFormatError(self.where, f"refused to unpickle {module}.{name}: a CIFAR batch "
                                   "holds only numpy arrays, lists and strings")
-        if name == "_reconstruct":
-            return _numpy_reconstruct()
-        return np.ndarray if name == "ndarray" else np.dtype
+        return allowed[(module, name)]()
 
     def persistent_load(self, pid):
         raise DataFormatError(self.where, "refused a persistent id in the pickle")
