@@ -38,8 +38,15 @@ class UsageError(Exception):
     """A bad command line: the message is the one line printed after ``occore train:``."""
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with a one-line error (no usage block), exit status 2."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: {message}\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="occore train", description=__doc__.splitlines()[0])
+    p = _Parser(prog="occore train", description=__doc__.splitlines()[0])
     p.add_argument("--dataset", default="digits", choices=list(datasets.DATASETS))
     p.add_argument("--data-dir", default=None, help="folder of a file-based data set (default: its usual place)")
     p.add_argument("--n-train", type=int, default=None, help="subsample the training split (seeded)")
@@ -364,7 +371,10 @@ def _versions() -> dict:
 
 
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as done:          # --help (0) or a malformed command line (2, one line)
+        return done.code
     try:
         cfg = check_args(args)
         split = _load(args)

@@ -22,6 +22,8 @@ def wine():
 
 @pytest.mark.parametrize("args, message", [
     (["--epochs", "0"], "--epochs must be >= 1"),
+    (["--epochs", "x"], "invalid int value"),
+    (["--dataset", "imagenet"], "invalid choice"),
     (["--lr", "-1"], "finite number > 0"),
     (["--lr", "fast"], "not a number"),
     (["--lr", "adamw=0.1"], "not one of the --optimizers"),
