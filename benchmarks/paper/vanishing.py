@@ -38,8 +38,9 @@ OPTIMIZERS = ["sgd", "ekfac", "adam", "ddpnopt-2nd"]
 
 
 def _optimizer(name, model, loss_name):
-    if name == "ddpnopt-2nd" and loss_name == "mmc":
-        return DDPNOpt(model, lr=DEFAULT_LR[name], curvature="adam", second_order=True, loss="mse")
+    if name == "ddpnopt-2nd":        # with diagnostics: the feedback's size relative to k per stage
+        return DDPNOpt(model, lr=DEFAULT_LR[name], curvature="adam", second_order=True, diagnostics=True,
+                       loss="mse" if loss_name == "mmc" else "cross_entropy")
     return make_optimizer(name, model)
 
 
@@ -52,18 +53,22 @@ def train(name, loss_name, split, epochs, batch):
     layers = [m for m in model.modules() if isinstance(m, nn.Linear)]
     gen = torch.Generator().manual_seed(0)
     losses, accs, norms = [], [], []          # norms: per epoch, mean over steps, per layer
+    ratios = []                               # DDPNOpt: ||feedback|| / ||k|| per stage, last epoch
     for _ in range(epochs):
-        epoch_losses, epoch_norms = [], []
+        epoch_losses, epoch_norms, ratios = [], [], []
         for idx in batch_indices(len(split.x_train), batch, gen):
             before = [m.weight.detach().clone() for m in layers]
             loss = opt.step(make_closure(model, opt, split.x_train[idx], split.y_train[idx], loss_fn))
             epoch_losses.append(float(loss))
             epoch_norms.append([float((m.weight.detach() - w).norm()) for m, w in zip(layers, before)])
+            if getattr(opt, "diagnostics", None):
+                ratios.append([float(st["ratio"]) for st in opt.diagnostics])
         losses.append(statistics.fmean(epoch_losses))
         norms.append([statistics.fmean(col) for col in zip(*epoch_norms)])
         with torch.no_grad():
             accs.append(float((predict(model(split.x_test)) == split.y_test).float().mean()))
-    return {"train_loss": losses, "test_accuracy": accs, "update_norms": norms}
+    feedback = [statistics.fmean(col) for col in zip(*ratios)] if ratios else None
+    return {"train_loss": losses, "test_accuracy": accs, "update_norms": norms, "feedback_ratio": feedback}
 
 
 def main(argv=None) -> int:
@@ -86,16 +91,19 @@ def main(argv=None) -> int:
         res = {f"{n}/{l}": train(n, l, split, epochs, 32) for l in ("ce", "mmc") for n in OPTIMIZERS}
     lines = ["# Vanishing gradients: 10-layer sigmoid MLP on DIGITS\n", header(argv, mode, time.perf_counter() - start),
              f"{len(split.x_train)} training / {len(split.x_test)} test samples, batch 32, {epochs} epochs; "
-             "update norm = Frobenius norm of a layer's weight change in one step, mean over the last epoch's steps.\n",
+             "update norm = Frobenius norm of a layer's weight change in one step, mean over the last epoch's steps; "
+             "feedback / k = DDPNOpt's ||P Q_ux dx|| / ||k|| per stage (its diagnostics), mean over the last epoch. "
+             "Adam is DDPNOpt's curvature without the feedback.\n",
              "| optimizer / loss | lr | first-epoch loss | last-epoch loss | test acc [%] | update norm, layer 1 | "
-             "layer 5 | layer 10 | layer 1 vs SGD |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             "layer 5 | layer 10 | layer 1 vs SGD | feedback / k, max over layers |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for key, r in res.items():
         n, l = key.split("/")
         un = r["update_norms"][-1]
         ratio = un[0] / max(res[f"sgd/{l}"]["update_norms"][-1][0], 1e-30)
         lines.append(f"| {key} | {DEFAULT_LR[n]:.2g} | {r['train_loss'][0]:.4f} | {r['train_loss'][-1]:.4f} | "
-                     f"{100 * r['test_accuracy'][-1]:.1f} | {un[0]:.2e} | {un[4]:.2e} | {un[-1]:.2e} | {ratio:.1f}x |")
+                     f"{100 * r['test_accuracy'][-1]:.1f} | {un[0]:.2e} | {un[4]:.2e} | {un[-1]:.2e} | {ratio:.3g}x | "
+                     f"{'-' if r['feedback_ratio'] is None else format(max(r['feedback_ratio']), '.3f')} |")
     text = "\n".join(lines) + "\n"
     (out / f"vanishing_{mode}.md").write_text(text)
     (out / f"vanishing_{mode}.json").write_text(json.dumps(res, indent=1))
