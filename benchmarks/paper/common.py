@@ -15,7 +15,7 @@ RESULTS = ROOT / "docs" / "results"
 
 #: The learning-rate grid of every optimizer: its default rate times these factors (the same
 #: number of points and the same spacing for all; the rate is chosen on a validation split).
-LR_FACTORS = (1 / 3, 1.0, 3.0)
+LR_FACTORS = (1 / 9, 1 / 3, 1.0, 3.0, 9.0)
 
 
 def lr_grid(name: str) -> list:

@@ -59,7 +59,7 @@ def train(name, loss_name, split, epochs, batch):
         for idx in batch_indices(len(split.x_train), batch, gen):
             before = [m.weight.detach().clone() for m in layers]
             loss = opt.step(make_closure(model, opt, split.x_train[idx], split.y_train[idx], loss_fn))
-            epoch_losses.append(float(loss))
+            epoch_losses.append(float(loss.detach()))
             epoch_norms.append([float((m.weight.detach() - w).norm()) for m, w in zip(layers, before)])
             if getattr(opt, "diagnostics", None):
                 ratios.append([float(st["ratio"]) for st in opt.diagnostics])
