@@ -124,7 +124,7 @@ def main(argv=None) -> int:
                              title=f"per-layer update norm, last epoch ({l.upper()})")
             axes[row, 0].legend(fontsize=8)
             axes[row, 1].legend(fontsize=8)
-        fig.suptitle("10-layer sigmoid MLP on DIGITS: SGD, EKFAC, DDPNOpt (second order)")
+        fig.suptitle("10-layer sigmoid MLP on DIGITS: SGD, EKFAC, Adam, DDPNOpt (Adam curvature, second order)")
         fig.tight_layout()
         fig.savefig(out / f"vanishing_{mode}.png", dpi=110)
         plt.close(fig)
