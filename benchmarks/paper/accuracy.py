@@ -17,6 +17,7 @@ seed starts from the same weights and sees the same minibatches.
     python benchmarks/paper/accuracy.py --quick      # WINE only, 3 epochs, 2 seeds (< 1 min)
     python benchmarks/paper/accuracy.py --medium     # WINE as in full; DIGITS, Fashion-MNIST shorter (~35 min)
     python benchmarks/paper/accuracy.py              # the full table (10 seeds on the small sets, ~1.5-2 h)
+    python benchmarks/paper/accuracy.py --only fcn:wine,fcn:digits    # rows of the full table
 
 Fashion-MNIST and the other file sets are subsampled (seeded; the row says how many samples),
 the test split to max(2000, n_train / 5) samples.
@@ -146,12 +147,21 @@ def main(argv=None) -> int:
     mode = ap.add_mutually_exclusive_group()
     mode.add_argument("--quick", action="store_true", help="WINE only, 3 epochs, 2 seeds (< 1 minute)")
     mode.add_argument("--medium", action="store_true", help="WINE as in full, DIGITS and Fashion-MNIST shorter")
+    ap.add_argument("--only", default=None, metavar="NET:DATA,...",
+                    help="only these rows of the mode's plan, e.g. fcn:wine,fcn:digits (file name says so)")
     ap.add_argument("--out", default=None, help="output folder (default docs/results)")
     args = ap.parse_args(argv)
     argv = sys.argv[1:] if argv is None else argv
     torch.set_num_threads(1)
     name = "quick" if args.quick else "medium" if args.medium else "full"
     plan = QUICK if args.quick else MEDIUM if args.medium else FULL
+    if args.only:
+        wanted = [tuple(r.split(":")) for r in args.only.split(",")]
+        unknown = [w for w in wanted if w not in [(r[0], r[1]) for r in plan]]
+        if unknown:
+            ap.error(f"--only: {unknown} not in the {name} plan {[f'{r[0]}:{r[1]}' for r in plan]}")
+        plan = [r for r in plan if (r[0], r[1]) in wanted]
+        name += "_" + "_".join(f"{n}-{d}" for n, d in wanted)
     out = RESULTS if args.out is None else __import__("pathlib").Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     start, rows, skipped = time.perf_counter(), [], []

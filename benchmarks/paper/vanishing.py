@@ -1,6 +1,8 @@
 """Vanishing gradients (the DDPNOpt paper's Figure 6; Liu, Chen & Theodorou, ICLR 2021): a deep
 sigmoid MLP on DIGITS trained by SGD, EKFAC and DDPNOpt (Adam curvature, ``second_order=True``),
-and by Adam (DDPNOpt without its feedback, to see what the feedback itself adds),
+and by Adam (DDPNOpt without its feedback, to see what the feedback itself adds), and DDPNOpt on
+SGD's curvature (identity, second order: does its feedback still move the weights where the
+gradient vanishes?),
 with cross-entropy and with the Max-Mahalanobis center (MMC) loss; training curves and the norm
 of every layer's update.
 
@@ -33,14 +35,17 @@ from nn_adapter.data import batch_indices
 from nn_adapter.networks import sigmoid_mlp
 from nn_adapter.training import DEFAULT_LR, make_closure, make_optimizer
 
-#: adam is the control: DDPNOpt's curvature without the feedback (what the feedback adds)
-OPTIMIZERS = ["sgd", "ekfac", "adam", "ddpnopt-2nd"]
+#: adam is the control: DDPNOpt's curvature without the feedback (what the feedback adds);
+#: ddpnopt-sgd-2nd is DDPNOpt on SGD's curvature (identity, no momentum, SGD's lr), second order:
+#: where the gradient vanishes, does the feedback K dx still move the weights?
+OPTIMIZERS = ["sgd", "ekfac", "adam", "ddpnopt-2nd", "ddpnopt-sgd-2nd"]
+LR = dict(DEFAULT_LR, **{"ddpnopt-sgd-2nd": DEFAULT_LR["sgd"]})
 
 
 def _optimizer(name, model, loss_name):
-    if name == "ddpnopt-2nd":        # with diagnostics: the feedback's size relative to k per stage
-        return DDPNOpt(model, lr=DEFAULT_LR[name], curvature="adam", second_order=True, diagnostics=True,
-                       loss="mse" if loss_name == "mmc" else "cross_entropy")
+    if name.startswith("ddpnopt"):   # with diagnostics: the feedback's size relative to k per stage
+        return DDPNOpt(model, lr=LR[name], curvature="identity" if "sgd" in name else "adam",
+                       second_order=True, diagnostics=True, loss="mse" if loss_name == "mmc" else "cross_entropy")
     return make_optimizer(name, model)
 
 
@@ -101,7 +106,7 @@ def main(argv=None) -> int:
         n, l = key.split("/")
         un = r["update_norms"][-1]
         ratio = un[0] / max(res[f"sgd/{l}"]["update_norms"][-1][0], 1e-30)
-        lines.append(f"| {key} | {DEFAULT_LR[n]:.2g} | {r['train_loss'][0]:.4f} | {r['train_loss'][-1]:.4f} | "
+        lines.append(f"| {key} | {LR[n]:.2g} | {r['train_loss'][0]:.4f} | {r['train_loss'][-1]:.4f} | "
                      f"{100 * r['test_accuracy'][-1]:.1f} | {un[0]:.2e} | {un[4]:.2e} | {un[-1]:.2e} | {ratio:.3g}x | "
                      f"{'-' if r['feedback_ratio'] is None else format(max(r['feedback_ratio']), '.3f')} |")
     text = "\n".join(lines) + "\n"
