@@ -382,7 +382,16 @@ def main(argv=None) -> int:
     except UsageError as err:
         print(f"occore train: {err}", file=sys.stderr)
         return 2
-    records = run_all(args, cfg, split)
+    from occore.errors import OccoreError
+
+    try:
+        records = run_all(args, cfg, split)
+    except KeyboardInterrupt:
+        print("occore train: interrupted", file=sys.stderr)
+        return 130
+    except OccoreError as err:          # e.g. a user network the adapter refuses mid-run
+        print(f"occore train: {err}", file=sys.stderr)
+        return 1
     summary = summarize(records, cfg["names"])
     widths = "x".join(str(m.out_features) for m in net.modules() if hasattr(m, "out_features"))
     title = (f"{args.dataset} ({len(split.x_train)} train / {len(split.x_test)} test), {args.net} "
