@@ -11,7 +11,8 @@ from __future__ import annotations
 import torch
 
 from nn_adapter.data import load_digits
-from nn_adapter.training import compare_optimizers, mlp
+from nn_adapter.networks import mlp
+from nn_adapter.training import compare_optimizers
 
 
 def train_digits(epochs: int = 8, batch_size: int = 32, lr: float = 3e-3, seed: int = 0,

@@ -1,31 +1,62 @@
-"""A plain minibatch training loop, to compare DDPNOpt with torch's optimizers side by side.
+"""Minibatch training, to compare DDPNOpt with torch's optimizers and occore's own solvers side by side.
 
-Every optimizer starts from the same weights and sees the same minibatches; each step goes through
-the closure protocol (``opt.step(closure)``) that DDPNOpt, LBFGS and the others all accept.
+Every optimizer of one comparison starts from the same weights and sees the same minibatches in
+the same order (both drawn from the run's seed; :attr:`TrainRecord.fingerprint` records them).
+torch optimizers and DDPNOpt step through the closure protocol (``opt.step(closure)``); E-MSA
+and vanilla DDP (:class:`SolverOptimizer`) run occore's solver on the minibatch as a
+:class:`~nn_adapter.NetworkProblem`.
+
+=====================  ==============================================================  =========
+name                   what                                                            lr
+=====================  ==============================================================  =========
+``sgd-m``              ``torch.optim.SGD``, momentum 0.9 (the paper's SGD-m)            0.05
+``sgd``                ``torch.optim.SGD`` without momentum                             0.05
+``rmsprop``            ``torch.optim.RMSprop``                                          1e-3
+``adam``               ``torch.optim.Adam``                                             3e-3
+``ekfac``              :class:`nn_adapter.EKFAC`                                        3e-3
+``ddpnopt``            :class:`nn_adapter.DDPNOpt`, Adam curvature                      3e-3
+``ddpnopt-sgd``        DDPNOpt, identity curvature with momentum 0.9                    0.05
+``ddpnopt-rmsprop``    DDPNOpt, RMSprop curvature                                       1e-3
+``ddpnopt-ekfac``      DDPNOpt, EKFAC curvature                                         3e-3
+``ddpnopt-2nd``        DDPNOpt, Adam curvature, ``second_order=True``                   3e-3
+``emsa``               ``occore.EMSA``, one iteration per minibatch                     0.1
+``ddp``                ``occore.DDP`` (vanilla, exact batched), one iteration per batch 1.0
+=====================  ==============================================================  =========
+
+For ``emsa`` the learning rate scales the feasibility weight, rho = 1 / (lr B) (B: the batch
+size; see :func:`network_emsa`); for ``ddp`` it caps the step length alpha <= lr of the line
+search (values above 1 are refused).
 """
 from __future__ import annotations
 
-import copy
+import hashlib
 import logging
+import math
 import time
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Callable, Optional
 
 import torch
 from torch import nn
 
-from .data import Split
+from .data import Split, batch_indices
+# the networks live in nn_adapter.networks; imported here for the callers that take them from
+# nn_adapter.training (one implementation)
+from .networks import ResidualBlock, ResidualCNN, mlp, paper_cnn, residual_cnn  # noqa: F401
 
-__all__ = ["OPTIMIZERS", "DEFAULT_LR", "TrainRecord", "make_closure", "make_optimizer",
-           "train_classifier", "compare_optimizers", "mlp", "paper_cnn", "ResidualBlock", "ResidualCNN",
-           "residual_cnn"]
+__all__ = ["OPTIMIZERS", "DEFAULT_LR", "TrainRecord", "SolverOptimizer", "network_emsa", "network_ddp",
+           "make_closure", "make_optimizer", "train_classifier", "compare_optimizers", "fingerprint",
+           "mlp", "paper_cnn", "ResidualBlock", "ResidualCNN", "residual_cnn"]
 
 logger = logging.getLogger("nn_adapter")
 
-#: Learning rates that work for the small classification problems of the demo and the CLI.
+#: Default learning rate of every optimizer name (the small classification problems of the CLI).
 DEFAULT_LR = {"ddpnopt": 3e-3, "ddpnopt-sgd": 0.05, "ddpnopt-rmsprop": 1e-3, "ddpnopt-ekfac": 3e-3,
-              "adam": 3e-3, "sgd": 0.05, "rmsprop": 1e-3, "ekfac": 3e-3}
+              "ddpnopt-2nd": 3e-3, "adam": 3e-3, "sgd-m": 0.05, "sgd": 0.05, "rmsprop": 1e-3, "ekfac": 3e-3,
+              "emsa": 0.1, "ddp": 1.0}
 OPTIMIZERS = tuple(DEFAULT_LR)
+#: The optimizers that run an occore solver on the minibatch's control problem (small nets).
+CORE_SOLVERS = ("emsa", "ddp")
 
 
 def make_closure(model: nn.Module, optimizer: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor,
@@ -52,13 +83,99 @@ def make_closure(model: nn.Module, optimizer: torch.optim.Optimizer, x: torch.Te
     return closure
 
 
-def make_optimizer(name: str, model: nn.Module, lr: float | None = None) -> torch.optim.Optimizer:
-    """An optimizer by name: ``ddpnopt`` (Adam curvature), ``ddpnopt-sgd`` (identity curvature with
-    momentum 0.9), ``ddpnopt-rmsprop``, ``ddpnopt-ekfac``, ``adam``, ``sgd`` (momentum 0.9),
-    ``rmsprop``, ``ekfac``.
+# -- occore's solvers on minibatches ----------------------------------------------------------------
+def network_emsa(batch_size: int, lr: float = 1.0):
+    """E-MSA with the defaults of a minibatch network problem: one iteration, rho = 1 / (lr B).
+
+    The costates of a mean loss carry its 1/B while the feasibility terms of the augmented
+    Hamiltonian sum over the B samples, so the dense problems' rho = 1 is B times too stiff for a
+    network (measured: ``occore.EMSA()`` barely moves the WINE loss in 20 iterations); the inner
+    maximisation is L-BFGS with a strong-Wolfe line search (10 iterations, as the authors'
+    L-BFGS-B), and the adaptive rho schedule carries from batch to batch.
 
     Example:
-        >>> make_optimizer("sgd", nn.Linear(2, 1)).defaults["momentum"]
+        >>> network_emsa(32).options.rho
+        0.03125
+    """
+    import occore
+
+    rho = 1.0 / (lr * batch_size)
+    return occore.EMSA(max_iter=1, rho=rho, rho_min=rho, inner="lbfgs")
+
+
+def network_ddp(lr: float = 1.0):
+    """Vanilla DDP on a minibatch: one iteration of full second-order DDP (exact batched value
+    Hessian), the line search's step lengths capped at ``lr`` (0 < lr <= 1).
+
+    Example:
+        >>> network_ddp(0.5).options.line_search.steps[0]
+        0.5
+    """
+    from dataclasses import replace
+
+    import occore
+
+    if not (0 < lr <= 1):
+        raise ValueError(f"lr={lr!r}: vanilla DDP's lr caps the line search's step length, 0 < lr <= 1")
+    base = occore.DDP().options
+    steps = tuple(lr * s for s in base.line_search.steps)
+    return occore.DDP(replace(base, max_iter=1, line_search=replace(base.line_search, steps=steps)))
+
+
+class SolverOptimizer:
+    """An occore solver as a minibatch optimizer: per batch, ``model``'s weights are the initial
+    controls of the batch's :class:`~nn_adapter.NetworkProblem`, one solver step is taken and its
+    controls are loaded back into ``model``. The solver's regularisation (DDP's mu, E-MSA's rho)
+    carries over from batch to batch.
+
+    Args:
+        model: an ``nn.Sequential`` the adapter can split into stages.
+        solver: ``"emsa"``, ``"ddp"`` or an occore solver instance.
+        lr: see :func:`network_emsa` / :func:`network_ddp` (ignored for a solver instance).
+        memory_limit: bytes the dense DDP local model may use (see NetworkProblem).
+
+    Example:
+        >>> net = nn.Sequential(nn.Linear(4, 3), nn.Tanh(), nn.Linear(3, 2)).double()
+        >>> opt = SolverOptimizer(net, "ddp")
+        >>> x, y = torch.randn(8, 4, dtype=torch.float64), torch.randint(0, 2, (8,))
+        >>> before = opt.step_batch(x, y, nn.CrossEntropyLoss())
+        >>> float(nn.CrossEntropyLoss()(net(x), y)) < before
+        True
+    """
+
+    def __init__(self, model: nn.Module, solver="emsa", lr: float = 1.0, memory_limit: int | None = 2 ** 30):
+        if isinstance(solver, str) and solver not in CORE_SOLVERS:
+            raise ValueError(f"solver={solver!r}: expected one of {', '.join(CORE_SOLVERS)} or an occore solver")
+        self.model, self.solver, self.lr, self.memory_limit = model, solver, float(lr), memory_limit
+        self.mu: Optional[float] = None
+        self.status = None
+
+    def _solver(self, batch_size: int):
+        if self.solver == "emsa":
+            return network_emsa(batch_size, self.lr)
+        if self.solver == "ddp":
+            return network_ddp(self.lr)
+        return self.solver
+
+    def step_batch(self, x: torch.Tensor, y: torch.Tensor, loss_fn: Callable) -> float:
+        """One solver iteration on the batch (x (B, ...), y (B,)); returns the loss before it."""
+        from . import NetworkProblem
+
+        solver = self._solver(len(x))
+        prob = NetworkProblem(self.model, loss_fn, x, y, memory_limit=self.memory_limit)
+        state = solver.init(prob, mu=self.mu)
+        loss = state.traj.cost
+        new, _ = solver.step(prob, state)
+        self.mu, self.status = new.mu, new.status
+        prob.load_into(self.model, new.traj.us)
+        return loss
+
+
+def make_optimizer(name: str, model: nn.Module, lr: float | None = None):
+    """An optimizer by name (see the module's table); ``lr`` None: :data:`DEFAULT_LR`.
+
+    Example:
+        >>> make_optimizer("sgd-m", nn.Linear(2, 1)).defaults["momentum"]
         0.9
     """
     from .ddpnopt import DDPNOpt
@@ -69,166 +186,213 @@ def make_optimizer(name: str, model: nn.Module, lr: float | None = None) -> torc
     lr = DEFAULT_LR[name] if lr is None else lr
     params = model.parameters()
     factories = {
+        "sgd-m": lambda: torch.optim.SGD(params, lr=lr, momentum=0.9),
+        "sgd": lambda: torch.optim.SGD(params, lr=lr),
+        "rmsprop": lambda: torch.optim.RMSprop(params, lr=lr),
+        "adam": lambda: torch.optim.Adam(params, lr=lr),
+        "ekfac": lambda: EKFAC(model, lr=lr),
         "ddpnopt": lambda: DDPNOpt(model, lr=lr, curvature="adam"),
         "ddpnopt-sgd": lambda: DDPNOpt(model, lr=lr, curvature="identity", momentum=0.9),
         "ddpnopt-rmsprop": lambda: DDPNOpt(model, lr=lr, curvature="rmsprop"),
         "ddpnopt-ekfac": lambda: DDPNOpt(model, lr=lr, curvature="ekfac"),
-        "adam": lambda: torch.optim.Adam(params, lr=lr),
-        "sgd": lambda: torch.optim.SGD(params, lr=lr, momentum=0.9),
-        "rmsprop": lambda: torch.optim.RMSprop(params, lr=lr),
-        "ekfac": lambda: EKFAC(model, lr=lr),
+        "ddpnopt-2nd": lambda: DDPNOpt(model, lr=lr, curvature="adam", second_order=True),
+        "emsa": lambda: SolverOptimizer(model, "emsa", lr),
+        "ddp": lambda: SolverOptimizer(model, "ddp", lr),
     }
     return factories[name]()
 
 
-def mlp(n_in: int, n_out: int, width: int = 32, depth: int = 3, activation=nn.Tanh) -> nn.Sequential:
-    """``depth`` Linear layers with ``activation`` between them: n_in -> width ... -> n_out.
-
-    Example:
-        >>> mlp(4, 2, width=8, depth=2)
-        Sequential(
-          (0): Linear(in_features=4, out_features=8, bias=True)
-          (1): Tanh()
-          (2): Linear(in_features=8, out_features=2, bias=True)
-        )
-    """
-    layers, width_in = [], n_in
-    for _ in range(depth - 1):
-        layers += [nn.Linear(width_in, width), activation()]
-        width_in = width
-    return nn.Sequential(*layers, nn.Linear(width_in, n_out))
-
-
-def paper_cnn(in_channels: int = 1, size: int = 28, classes: int = 10, channels: int = 32
-              ) -> nn.Sequential:
-    """The DDPNOpt paper's CNN: 4 conv 3x3 (``channels``, ReLU, 2x2 max-pooling after the 2nd and
-    4th), then Linear(channels * (size/4)^2, 128), ReLU, Linear(128, classes).
-
-    Example:
-        >>> paper_cnn()(torch.zeros(2, 1, 28, 28)).shape
-        torch.Size([2, 10])
-    """
-    c, s = channels, size // 4
-    return nn.Sequential(
-        nn.Conv2d(in_channels, c, 3, padding=1), nn.ReLU(), nn.Conv2d(c, c, 3, padding=1),
-        nn.ReLU(), nn.MaxPool2d(2), nn.Conv2d(c, c, 3, padding=1), nn.ReLU(),
-        nn.Conv2d(c, c, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(),
-        nn.Linear(c * s * s, 128), nn.ReLU(), nn.Linear(128, classes))
-
-
-class ResidualBlock(nn.Module):
-    """relu(x + conv(relu(conv(x)))): two 3x3 convolutions of ``channels`` and the identity skip.
-
-    Example:
-        >>> ResidualBlock(4)(torch.zeros(2, 4, 8, 8)).shape
-        torch.Size([2, 4, 8, 8])
-    """
-
-    def __init__(self, channels: int):
-        super().__init__()
-        self.conv1 = nn.Conv2d(channels, channels, 3, padding=1)
-        self.conv2 = nn.Conv2d(channels, channels, 3, padding=1)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.relu(x + self.conv2(torch.relu(self.conv1(x))))
-
-
-class ResidualCNN(nn.Module):
-    """A small residual CNN: 3x3 stem conv to ``channels`` (ReLU), ``blocks`` x :class:`ResidualBlock`,
-    global average pooling, Linear(channels, classes). Not an ``nn.Sequential``: the skips are in
-    the blocks' own ``forward``.
-
-    Example:
-        >>> ResidualCNN()(torch.zeros(2, 3, 32, 32)).shape
-        torch.Size([2, 10])
-    """
-
-    def __init__(self, in_channels: int = 3, classes: int = 10, channels: int = 32, blocks: int = 3):
-        super().__init__()
-        self.stem = nn.Conv2d(in_channels, channels, 3, padding=1)
-        self.blocks = nn.ModuleList(ResidualBlock(channels) for _ in range(blocks))
-        self.head = nn.Linear(channels, classes)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = torch.relu(self.stem(x))
-        for block in self.blocks:
-            x = block(x)
-        return self.head(x.mean(dim=(2, 3)))
-
-
-def residual_cnn(in_channels: int = 3, classes: int = 10, channels: int = 32, blocks: int = 3) -> ResidualCNN:
-    """:class:`ResidualCNN` (CIFAR-like 3-channel inputs of any size by default).
-
-    Example:
-        >>> sum(p.numel() for p in residual_cnn().parameters())
-        56714
-    """
-    return ResidualCNN(in_channels, classes, channels, blocks)
-
-
+# -- the loop ----------------------------------------------------------------------------------------
 @dataclass
 class TrainRecord:
-    """What one training run measured, per epoch: mean training loss and test accuracy.
+    """What one training run measured.
 
     Attributes:
         optimizer: its name.
-        train_loss: mean minibatch loss of each epoch.
+        lr: its learning rate (None: not recorded).
+        seed: the seed of the initial weights and the minibatch order.
+        train_loss: mean minibatch loss of each epoch (before each step, as optimizers report it).
         test_accuracy: accuracy on the test split after each epoch.
         seconds: wall time of the optimisation steps (evaluation excluded).
+        steps: optimisation steps taken.
+        peak_memory: bytes above the run's start at its peak (CUDA: allocated tensors; CPU: the
+            process's resident set, sampled every few ms), None when not measured.
+        fingerprint: digest of the initial weights and of the minibatch order (equal for every
+            optimizer of one comparison and seed).
+        stopped: why the run ended early ("" when it ran every epoch).
     """
 
     optimizer: str
+    lr: Optional[float] = None
+    seed: int = 0
     train_loss: list = field(default_factory=list)
     test_accuracy: list = field(default_factory=list)
     seconds: float = 0.0
+    steps: int = 0
+    peak_memory: Optional[int] = None
+    fingerprint: str = ""
+    stopped: str = ""
+
+    @property
+    def seconds_per_step(self) -> float:
+        return self.seconds / self.steps if self.steps else float("nan")
 
 
-def _accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
+def fingerprint(model: nn.Module, batches) -> str:
+    """A short digest of ``model``'s weights (state dict, in order) and of a list of index batches."""
+    h = hashlib.sha256()
+    for k, v in model.state_dict().items():
+        h.update(k.encode())
+        h.update(v.detach().cpu().contiguous().numpy().tobytes())
+    for b in batches:
+        h.update(b.numpy().astype("int64").tobytes())
+    return h.hexdigest()[:16]
+
+
+def _accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, predict=None) -> float:
     with torch.no_grad():
-        return float((model(x).argmax(1) == y).float().mean())
+        out = model(x)
+        pred = predict(out) if predict is not None else out.argmax(1)
+        return float((pred == y).float().mean())
 
 
-def train_classifier(model: nn.Module, data: Split, optimizer: torch.optim.Optimizer, epochs: int = 8,
-                     batch_size: int = 32, seed: int = 0, loss_fn: Callable | None = None,
-                     name: str = "") -> TrainRecord:
+class _PeakMemory:
+    """Peak memory above the start of a ``with`` block: CUDA's allocator statistics on a CUDA
+    device, else the resident set size read from /proc by a sampling thread (None elsewhere)."""
+
+    def __init__(self, device: torch.device, interval: float = 0.002):
+        self.device, self.interval, self.peak = device, interval, None
+
+    @staticmethod
+    def _rss() -> Optional[int]:
+        try:
+            with open("/proc/self/statm") as fh:
+                return int(fh.read().split()[1]) * 4096
+        except (OSError, ValueError, IndexError):
+            return None
+
+    def __enter__(self):
+        import threading
+
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+            self.start = torch.cuda.memory_allocated(self.device)
+            return self
+        self.start = self._rss()
+        self._max, self._stop = self.start, threading.Event()
+        if self.start is not None:
+            self._thread = threading.Thread(target=self._sample, daemon=True)
+            self._thread.start()
+        return self
+
+    def _sample(self):
+        while not self._stop.wait(self.interval):
+            rss = self._rss()
+            if rss is not None and rss > self._max:
+                self._max = rss
+
+    def __exit__(self, *exc):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            self.peak = torch.cuda.max_memory_allocated(self.device) - self.start
+        elif self.start is not None:
+            self._stop.set()
+            self._thread.join()
+            self._max = max(self._max, self._rss() or 0)
+            self.peak = self._max - self.start
+        return False
+
+
+def _device_of(model: nn.Module) -> torch.device:
+    p = next(model.parameters(), None)
+    return p.device if p is not None else torch.device("cpu")
+
+
+def train_classifier(model: nn.Module, data: Split, optimizer, epochs: int = 8, batch_size: int = 32,
+                     seed: int = 0, loss_fn: Callable | None = None, name: str = "",
+                     drop_last: bool = False, progress: Callable | None = None, predict=None,
+                     measure_memory: bool = False) -> TrainRecord:
     """Train ``model`` in place on ``data`` with minibatches drawn by ``seed``.
 
-    A step whose loss is not finite stops the run (logged), keeping what was measured so far.
+    Args:
+        model: the network (on its device; ``data`` is moved there batch by batch).
+        data: the split; ``x_train`` (N, ...) is fed to ``model`` as it is.
+        optimizer: a ``torch.optim.Optimizer`` (stepped with a closure) or an object with
+            ``step_batch(x, y, loss_fn) -> loss`` (:class:`SolverOptimizer`).
+        epochs, batch_size: epochs >= 1; batches of ``batch_size`` from a seeded permutation
+            (:func:`nn_adapter.data.batch_indices`; the last partial batch kept unless ``drop_last``).
+        loss_fn: defaults to cross-entropy; ``predict`` maps outputs to classes (default argmax).
+        progress: ``progress(epoch, step, steps_per_epoch, loss, seconds)`` after every step
+            (the CLI's progress bar; library code never prints).
+        measure_memory: fill :attr:`TrainRecord.peak_memory`.
+
+    A step whose loss is not finite stops the run (logged, :attr:`TrainRecord.stopped`), keeping
+    what was measured so far.
     """
     if epochs < 1 or batch_size < 1:
         raise ValueError(f"epochs={epochs} and batch_size={batch_size} must be >= 1")
     loss_fn = loss_fn or nn.CrossEntropyLoss()
-    record = TrainRecord(optimizer=name or type(optimizer).__name__)
+    record = TrainRecord(optimizer=name or type(optimizer).__name__, seed=seed)
+    device = _device_of(model)
     gen = torch.Generator().manual_seed(seed)
     n = len(data.x_train)
-    for _ in range(epochs):
-        order = torch.randperm(n, generator=gen)
-        total, count = 0.0, 0
-        start = time.perf_counter()
-        for i in range(0, n - batch_size + 1, batch_size):
-            idx = order[i:i + batch_size]
-            loss = optimizer.step(make_closure(model, optimizer, data.x_train[idx], data.y_train[idx],
-                                               loss_fn))
-            loss = float(loss.detach() if torch.is_tensor(loss) else loss)
-            if loss != loss or abs(loss) == float("inf"):
-                logger.warning("%s: non-finite loss, training stopped", record.optimizer)
+    plan = [batch_indices(n, batch_size, gen, drop_last) for _ in range(epochs)]
+    record.fingerprint = fingerprint(model, [b for epoch in plan for b in epoch])
+    x_test, y_test = data.x_test.to(device), data.y_test.to(device)
+    if hasattr(optimizer, "step_batch"):
+        step = optimizer.step_batch
+    else:
+        def step(xb, yb, fn):
+            return optimizer.step(make_closure(model, optimizer, xb, yb, fn))
+    meter = _PeakMemory(device) if measure_memory else None
+    if meter is not None:
+        meter.__enter__()
+    try:
+        for epoch, batches in enumerate(plan, 1):
+            total, count = 0.0, 0
+            for i, idx in enumerate(batches):
+                xb, yb = data.x_train[idx].to(device), data.y_train[idx].to(device)
+                start = time.perf_counter()
+                loss = step(xb, yb, loss_fn)
+                loss = float(loss.detach() if torch.is_tensor(loss) else loss)
                 record.seconds += time.perf_counter() - start
-                return record
-            total, count = total + loss, count + 1
-        record.seconds += time.perf_counter() - start
-        record.train_loss.append(total / max(count, 1))
-        record.test_accuracy.append(_accuracy(model, data.x_test, data.y_test))
+                record.steps += 1
+                if not math.isfinite(loss):
+                    record.stopped = f"non-finite loss at epoch {epoch}, step {i + 1}"
+                    logger.warning("%s: %s, training stopped", record.optimizer, record.stopped)
+                    return record
+                total, count = total + loss, count + 1
+                if progress is not None:
+                    progress(epoch, i + 1, len(batches), loss, record.seconds)
+            record.train_loss.append(total / max(count, 1))
+            record.test_accuracy.append(_accuracy(model, x_test, y_test, predict))
+    finally:
+        if meter is not None:
+            meter.__exit__(None, None, None)
+            record.peak_memory = meter.peak
     return record
 
 
 def compare_optimizers(make_model: Callable[[], nn.Module], data: Split, names, epochs: int = 8,
-                       batch_size: int = 32, lr: float | None = None, seed: int = 0) -> dict:
-    """Train one fresh copy of the same initial model per optimizer name; ``{name: TrainRecord}``."""
-    torch.manual_seed(seed)
-    init = make_model()
+                       batch_size: int = 32, lr=None, seed: int = 0, **train_options) -> dict:
+    """Train one fresh model per optimizer name; ``{name: TrainRecord}``.
+
+    Every model is ``make_model()`` called under ``torch.manual_seed(seed)`` (the same initial
+    weights for every optimizer, whatever ran before) and sees the same minibatches (drawn from
+    ``seed``). ``lr``: None (defaults), one number, or ``{name: lr}`` (missing names: defaults).
+    ``train_options`` go to :func:`train_classifier` (``progress`` is then called with the
+    optimizer's name first).
+    """
+    progress = train_options.pop("progress", None)
     records = {}
     for name in names:
-        model = copy.deepcopy(init)
-        opt = make_optimizer(name, model, lr)
-        records[name] = train_classifier(model, data, opt, epochs, batch_size, seed, name=name)
+        rate = lr.get(name) if isinstance(lr, dict) else lr
+        torch.manual_seed(seed)
+        model = make_model()
+        opt = make_optimizer(name, model, rate)
+        bar = None if progress is None else (lambda *a, _n=name: progress(_n, *a))
+        records[name] = train_classifier(model, data, opt, epochs, batch_size, seed, name=name,
+                                         progress=bar, **train_options)
+        records[name].lr = DEFAULT_LR[name] if rate is None else rate
     return records

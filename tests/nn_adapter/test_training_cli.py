@@ -5,7 +5,8 @@ import pytest
 import torch
 
 from nn_adapter import cli, data
-from nn_adapter.training import compare_optimizers, make_optimizer, mlp, train_classifier
+from nn_adapter.networks import mlp
+from nn_adapter.training import compare_optimizers, make_optimizer, train_classifier
 
 
 @pytest.fixture(scope="module")

@@ -1,0 +1,65 @@
+"""What the paper-reproduction scripts share: the report header (command, versions, machine), the
+output folder, the equal-effort learning-rate protocol and a per-step peak-memory probe."""
+from __future__ import annotations
+
+import json
+import os
+import platform
+import sys
+import tempfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT))
+RESULTS = ROOT / "docs" / "results"
+
+#: The learning-rate grid of every optimizer: its default rate times these factors (the same
+#: number of points and the same spacing for all; the rate is chosen on a validation split).
+LR_FACTORS = (1 / 9, 1 / 3, 1.0, 3.0, 9.0)
+
+
+def lr_grid(name: str) -> list:
+    from nn_adapter.training import DEFAULT_LR
+
+    top = max(LR_FACTORS) if name == "ddp" else 1.0     # DDP's lr caps a step length: grid ending at 1
+    return [DEFAULT_LR[name] * f / top for f in LR_FACTORS]
+
+
+def header(argv, mode: str, seconds: float) -> str:
+    """Markdown lines: the exact command, versions, machine, mode and wall time."""
+    import numpy
+    import torch
+
+    cpu = "?"
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return "\n".join([
+        f"Command: `python {' '.join([os.path.relpath(sys.argv[0], ROOT)] + list(argv))}`  ",
+        f"Mode: {mode}; wall time {seconds:.0f} s  ",
+        f"Versions: Python {platform.python_version()}, torch {torch.__version__}, numpy {numpy.__version__}  ",
+        f"Machine: {platform.machine()}, {os.cpu_count()} CPUs ({cpu}), torch threads {torch.get_num_threads()}",
+        ""])
+
+
+def peak_bytes(fn) -> int:
+    """Peak of the bytes torch's CPU allocator holds during ``fn()`` above what it held before
+    (torch.profiler memory events; numpy's own allocations are not seen)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "trace.json")
+        prof.export_chrome_trace(path)
+        with open(path) as fh:
+            events = json.load(fh)["traceEvents"]
+    running, peak = 0, 0
+    for _, b in sorted((e["ts"], e["args"]["Bytes"]) for e in events if e.get("name") == "[memory]"):
+        running += b
+        peak = max(peak, running)
+    return peak
