@@ -450,9 +450,10 @@ def _check(args, cfg, split) -> None:
                 _prepare(args, cfg, split, name, seed, 1, cfg["device"])
             except CheckpointError as err:
                 raise _Refused(f"--resume: {err}") from None
+    if _output(args) is not None:
+        _check_writable(_output(args))
     out = args.checkpoint
     if out is not None:
-        _check_writable(out)
         if args.resume is None or Path(out).resolve() != Path(args.resume).resolve():
             for r in runs:
                 path = checkpoint_path(run_folder(out, *r))
@@ -462,8 +463,8 @@ def _check(args, cfg, split) -> None:
 
 
 def _check_writable(folder: str) -> None:
-    """The folder exists and is writable, or can be created (its nearest existing parent is a
-    writable folder)."""
+    """The checkpoint folder exists and is writable, or can be created (its nearest existing parent
+    is a writable folder)."""
     p = Path(folder)
     if p.exists() and not p.is_dir():
         raise _Refused(f"--checkpoint {folder}: is a file, expected a folder")
