@@ -1,7 +1,7 @@
 """`occore train` at scale (nn_adapter.train_runs): a command killed (SIGKILL) after an epoch and
 resumed ends with the parameters and the record of the uninterrupted command; --workers 2 prints the
-serial table; --nproc 2 equals one process (float64, 1e-10) and its checkpoint resumes on one;
-bad options and bad checkpoints are one line and exit 2 before any work; a failed checkpoint write
+serial table; --nproc 2 equals one process (float64, 1e-10) and its checkpoint resumes on one; under
+torchrun each process is a rank and rank 0 reports; bad options and bad checkpoints are one line and exit 2 before any work; a failed checkpoint write
 keeps the good checkpoint."""
 import json
 import os
@@ -123,6 +123,23 @@ def test_nproc_2_equals_one_process_and_its_checkpoint_resumes_on_one(tmp_path, 
     _run(capsys, argv + ["--epochs", "3", "--checkpoint", str(tmp_path / "whole")])
     a, b = _final(tmp_path / "two"), _final(tmp_path / "whole")
     assert a["epoch"] == b["epoch"] == 3 and a["world_size"] == 1
+    for k in b["model"]:
+        assert torch.allclose(a["model"][k], b["model"][k], rtol=0, atol=1e-10)
+
+
+def test_under_torchrun_each_process_is_a_rank_and_rank_0_reports(tmp_path, capsys):
+    argv = WINE + ["--optimizers", "ddpnopt", "--net", f"{NETS}:double_fcn", "--lr", "0.01", "--epochs", "2"]
+    env = dict(os.environ, OMP_NUM_THREADS="1",
+               PYTHONPATH=os.pathsep.join([str(pathlib.Path(cli.__file__).parents[1]),
+                                           os.environ.get("PYTHONPATH", "")]))
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                           "-m", "occore", "train", *argv, "--checkpoint", str(tmp_path / "two")],
+                          env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    one = _run(capsys, argv + ["--checkpoint", str(tmp_path / "one")])
+    assert _rows(done.stdout) == _rows(one) and len(_rows(one)) == 1      # one table, from rank 0
+    a, b = _final(tmp_path / "two"), _final(tmp_path / "one")
+    assert (a["world_size"], b["world_size"]) == (2, 1)
     for k in b["model"]:
         assert torch.allclose(a["model"][k], b["model"][k], rtol=0, atol=1e-10)
 
