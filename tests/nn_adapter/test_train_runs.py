@@ -1,8 +1,8 @@
 """`occore train` at scale (nn_adapter.train_runs): a command killed (SIGKILL) after an epoch and
 resumed ends with the parameters and the record of the uninterrupted command; --workers 2 prints the
 serial table; --nproc 2 equals one process (float64, 1e-10) and its checkpoint resumes on one; under
-torchrun each process is a rank and rank 0 reports; bad options and bad checkpoints are one line and exit 2 before any work; a failed checkpoint write
-keeps the good checkpoint."""
+torchrun each process is a rank and rank 0 reports; bad options and bad checkpoints are one line
+and exit 2 before any work; a failed checkpoint write keeps the good checkpoint."""
 import json
 import os
 import pathlib
