@@ -70,8 +70,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="training loss and test accuracy per epoch, mean and seed band per optimizer")
     p.add_argument("--json", default=None, metavar="FILE", help="every run's record and the summary")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
-    # data-parallel and multi-process options (--nproc, --workers, --checkpoint, --resume) belong
-    # here when they come: run_all's (optimizer, seed) runs are independent.
+    from . import train_runs
+
+    train_runs.add_arguments(p)      # --checkpoint, --resume, --nproc, --workers
     return p
 
 
@@ -371,6 +372,8 @@ def _versions() -> dict:
 
 
 def main(argv=None) -> int:
+    from . import train_runs
+
     try:
         args = build_parser().parse_args(argv)
     except SystemExit as done:          # --help (0) or a malformed command line (2, one line)
@@ -379,19 +382,24 @@ def main(argv=None) -> int:
         cfg = check_args(args)
         split = _load(args)
         net = _check_with_data(args, cfg, split)
+        problem = train_runs.check(args, cfg, split)
+        if problem:
+            raise UsageError(problem)
     except UsageError as err:
         print(f"occore train: {err}", file=sys.stderr)
         return 2
     from occore.errors import OccoreError
 
-    try:
-        records = run_all(args, cfg, split)
+    try:             # checkpoints, --nproc, --workers, torchrun: nn_adapter.train_runs
+        records = train_runs.run(args, cfg, split) if train_runs.wanted(args) else run_all(args, cfg, split)
     except KeyboardInterrupt:
         print("occore train: interrupted", file=sys.stderr)
         return 130
-    except OccoreError as err:          # e.g. a user network the adapter refuses mid-run
+    except (train_runs.RunError, OccoreError) as err:   # e.g. a user network the adapter refuses mid-run
         print(f"occore train: {err}", file=sys.stderr)
         return 1
+    if records is None:              # a rank of a torchrun job other than 0: rank 0 reports
+        return 0
     summary = summarize(records, cfg["names"])
     widths = "x".join(str(m.out_features) for m in net.modules() if hasattr(m, "out_features"))
     title = (f"{args.dataset} ({len(split.x_train)} train / {len(split.x_test)} test), {args.net} "

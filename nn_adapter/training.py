@@ -312,7 +312,8 @@ def _device_of(model: nn.Module) -> torch.device:
 def train_classifier(model: nn.Module, data: Split, optimizer, epochs: int = 8, batch_size: int = 32,
                      seed: int = 0, loss_fn: Callable | None = None, name: str = "",
                      drop_last: bool = False, progress: Callable | None = None, predict=None,
-                     measure_memory: bool = False) -> TrainRecord:
+                     measure_memory: bool = False, start_epoch: int = 1,
+                     on_epoch_end: Callable | None = None) -> TrainRecord:
     """Train ``model`` in place on ``data`` with minibatches drawn by ``seed``.
 
     Args:
@@ -326,12 +327,20 @@ def train_classifier(model: nn.Module, data: Split, optimizer, epochs: int = 8, 
         progress: ``progress(epoch, step, steps_per_epoch, loss, seconds)`` after every step
             (the CLI's progress bar; library code never prints).
         measure_memory: fill :attr:`TrainRecord.peak_memory`.
+        start_epoch: the first epoch to run (>= 1; a resumed run: the model and optimizer hold the
+            state after epoch ``start_epoch - 1``). The minibatches of every epoch are still drawn
+            from ``seed``, so the later epochs see those of the whole run; the record holds the
+            epochs run here.
+        on_epoch_end: ``on_epoch_end(epoch, record)`` after each epoch's loss and accuracy are
+            recorded (the CLI's checkpoints, :mod:`nn_adapter.train_runs`).
 
     A step whose loss is not finite stops the run (logged, :attr:`TrainRecord.stopped`), keeping
     what was measured so far.
     """
     if epochs < 1 or batch_size < 1:
         raise ValueError(f"epochs={epochs} and batch_size={batch_size} must be >= 1")
+    if isinstance(start_epoch, bool) or not isinstance(start_epoch, int) or start_epoch < 1:
+        raise ValueError(f"start_epoch={start_epoch!r}: expected an int >= 1")
     loss_fn = loss_fn or nn.CrossEntropyLoss()
     record = TrainRecord(optimizer=name or type(optimizer).__name__, seed=seed)
     device = _device_of(model)
@@ -350,6 +359,8 @@ def train_classifier(model: nn.Module, data: Split, optimizer, epochs: int = 8, 
         meter.__enter__()
     try:
         for epoch, batches in enumerate(plan, 1):
+            if epoch < start_epoch:
+                continue
             total, count = 0.0, 0
             for i, idx in enumerate(batches):
                 xb, yb = data.x_train[idx].to(device), data.y_train[idx].to(device)
@@ -367,6 +378,8 @@ def train_classifier(model: nn.Module, data: Split, optimizer, epochs: int = 8, 
                     progress(epoch, i + 1, len(batches), loss, record.seconds)
             record.train_loss.append(total / max(count, 1))
             record.test_accuracy.append(_accuracy(model, x_test, y_test, predict))
+            if on_epoch_end is not None:
+                on_epoch_end(epoch, record)
     finally:
         if meter is not None:
             meter.__exit__(None, None, None)
