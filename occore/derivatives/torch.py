@@ -171,7 +171,16 @@ class TorchBackend(Backend):
         stages = vmap(stage, in_dims=(0, p_dim))
 
         def everything(Z, P, xT, pT):                         # the one call per evaluation
-            return stages(Z, P), terminal(xT, pT)
+            """The fields of DenseDerivatives, in order (f, l, lf, fx, fu, lx, lu, lxx, lux, luu,
+            fxx, fux, fuu), each a contiguous tensor: sliced inside the (compiled) graph, so that
+            the caller only wraps them as arrays."""
+            (H, (J, v)), (HT, (gT, vT)) = stages(Z, P), terminal(xT, pT)
+            Hl, Hf = H[:, nx], H[:, :nx]                      # (T, n, n), (T, nx, n, n)
+            parts = (v[:, :nx], v[:, nx], vT, J[:, :nx, :nx], J[:, :nx, nx:],
+                     torch.cat([J[:, nx, :nx], gT[None]]), J[:, nx, nx:],
+                     torch.cat([Hl[:, :nx, :nx], HT[None]]), Hl[:, nx:, :nx], Hl[:, nx:, nx:],
+                     Hf[:, :, :nx, :nx], Hf[:, :, nx:, :nx], Hf[:, :, nx:, nx:])
+            return tuple(a.contiguous() for a in parts)
 
         self._derivs = everything
         self._lvec = vmap(l, in_dims=(0, 0, p_dim))
@@ -322,25 +331,12 @@ class TorchBackend(Backend):
         return gm
 
     def derivatives(self, xs, us, second_order):
-        T, nx, nu = self.T, self.nx, self.nu
+        T = self.T
         xs = np.asarray(xs, dtype=np.float64)
         Z = _tensor(np.concatenate([xs[:T], np.asarray(us, dtype=np.float64)], axis=1))   # (T, n)
         args = (Z, self._stage_p(), _tensor(xs[T]), self.P[T])
-        (H, (J, v)), (HT, (gT, vT)) = self.fast["derivatives"](*args)
-        H, J, v = H.detach().numpy(), J.detach().numpy(), v.detach().numpy()
-        lx = np.empty((T + 1, nx))
-        lxx = np.empty((T + 1, nx, nx))
-        lx[:T], lx[T] = J[:, nx, :nx], gT.detach().numpy()
-        Hl = H[:, nx]                                         # (T, n, n): the cost's Hessian
-        lxx[:T], lxx[T] = Hl[:, :nx, :nx], HT.detach().numpy()
-        kw = {}
-        if second_order:
-            Hf = H[:, :nx]                                    # (T, nx, n, n)
-            kw = dict(fxx=np.ascontiguousarray(Hf[:, :, :nx, :nx]),
-                      fux=np.ascontiguousarray(Hf[:, :, nx:, :nx]),
-                      fuu=np.ascontiguousarray(Hf[:, :, nx:, nx:]))
-        return DenseDerivatives(
-            f=np.ascontiguousarray(v[:, :nx]), l=np.ascontiguousarray(v[:, nx]), lf=float(vT),
-            fx=np.ascontiguousarray(J[:, :nx, :nx]), fu=np.ascontiguousarray(J[:, :nx, nx:]),
-            lx=lx, lu=np.ascontiguousarray(J[:, nx, nx:]), lxx=lxx,
-            lux=np.ascontiguousarray(Hl[:, nx:, :nx]), luu=np.ascontiguousarray(Hl[:, nx:, nx:]), **kw)
+        f, l, lf, fx, fu, lx, lu, lxx, lux, luu, fxx, fux, fuu = (
+            a.detach().numpy() for a in self.fast["derivatives"](*args))
+        kw = dict(fxx=fxx, fux=fux, fuu=fuu) if second_order else {}
+        return DenseDerivatives(f=f, l=l, lf=float(lf), fx=fx, fu=fu, lx=lx, lu=lu, lxx=lxx, lux=lux,
+                                luu=luu, **kw)
