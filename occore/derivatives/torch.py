@@ -199,6 +199,9 @@ class TorchBackend(Backend):
         # What runs every iteration, compiled by inductor as ``compile`` says (occore.derivatives.torch_compile).
         bounded = problem.u_lower is not None
         self._no_bounds = torch.zeros((T, nu), dtype=_DTYPE)
+        # the problem's (read-only, fixed) bounds as tensors once, not copied at every rollout
+        self._bounds = (problem.u_lower, problem.u_upper,
+                        _tensor(problem.u_lower), _tensor(problem.u_upper)) if bounded else None
         self.fast = dict(
             derivatives=CompiledFunction("derivatives", lambda *a: self._derivative_fn(a)(*a),
                                          lambda *a: self._fx_graph(a), compile),
@@ -332,7 +335,9 @@ class TorchBackend(Backend):
             base = _tensor(us_ref + alpha * np.asarray(k))     # u_ref + alpha k, all stages
             lo = hi = self._no_bounds
             if lower is not None:
-                lo, hi = _tensor(lower), _tensor(upper)
+                b = self._bounds
+                ours = b is not None and lower is b[0] and upper is b[1]
+                lo, hi = (b[2], b[3]) if ours else (_tensor(lower), _tensor(upper))
             args = (_tensor(x0), _tensor(xs_ref), base, _tensor(K), lo, hi, self.P)
             if shift is None:
                 X, U, cost = self.fast["rollout_policy"](*args)
