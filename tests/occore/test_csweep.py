@@ -48,11 +48,11 @@ def _run(fn, *args, **kw):
         return err
 
 
-def assert_same(d, mu, second_order, us=None, lower=None, upper=None, k_warm=None):
+def assert_same(d, mu, second_order, us=None, lower=None, upper=None, k_warm=None, gaps=None):
     """Runs both sweeps; they must agree to 1e-12 (relative to each output's scale) or both raise
     NotPositiveDefinite at the same stage. Returns the reference's result."""
-    ref = _run(riccati.riccati_sweep, d, mu, second_order, us, lower, upper, k_warm)
-    out = _run(csweep.riccati_sweep, d, mu, second_order, us, lower, upper, k_warm)
+    ref = _run(riccati.riccati_sweep, d, mu, second_order, us, lower, upper, k_warm, gaps=gaps)
+    out = _run(csweep.riccati_sweep, d, mu, second_order, us, lower, upper, k_warm, gaps=gaps)
     if isinstance(ref, NotPositiveDefinite):
         assert isinstance(out, NotPositiveDefinite), "the C sweep did not raise"
         assert out.stage == ref.stage
@@ -83,6 +83,26 @@ def test_random_unbounded(nx, nu, second_order, mu):
     # second_order=True without Hessians in the model is the first-order sweep, as in the reference
     if not second_order:
         assert_same(d, mu, True)
+
+
+@needs_c
+@pytest.mark.parametrize("nx, nu", [(2, 1), (4, 2), (5, 5)])
+@pytest.mark.parametrize("second_order", [False, True])
+@pytest.mark.parametrize("bounded", [False, True])
+def test_random_with_gaps(nx, nu, second_order, bounded):
+    """Multiple shooting (FDDP): the gaps enter V_x before each stage, in both sweeps alike; and
+    they change the result (the comparison is not vacuous)."""
+    T = 30
+    rng = np.random.default_rng(11 * nx + nu)
+    d = random_model(rng, T, nx, nu, second_order)
+    gaps = 0.3 * rng.standard_normal((T, nx))
+    us = lower = upper = None
+    if bounded:
+        us = 0.1 * rng.standard_normal((T, nu))
+        lower, upper = us - 0.3, us + 0.3
+    ref = assert_same(d, 1e-6, second_order, us, lower, upper, gaps=gaps)
+    closed = assert_same(d, 1e-6, second_order, us, lower, upper)
+    assert not np.allclose(ref[0], closed[0])
 
 
 @needs_c
