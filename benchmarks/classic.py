@@ -239,6 +239,9 @@ def profile(name="cartpole", solver_name="ilqr", repeats=5):
           "(solver loop, Policy/Trajectory/IterationInfo, local-model wrapper, history)")
 
 
+TORCH_SOLVERS = {"ilqr": occore.ILQR, "ddp": occore.DDP}
+
+
 def torch_table(names, repeats):
     """Time per iteration of iLQR and DDP with the compiled torch backend beside CasADi (medians of
     alternating warm runs), the eager torch backend (one run) and the one-off compile time."""
@@ -254,11 +257,11 @@ def torch_table(names, repeats):
         pc = occore.problems.make(name)
         t0 = time.perf_counter()
         pt = occore.problems.make(name, backend="torch", backend_options={"compile": "always"})
-        for cls in SOLVERS.values():    # compiles (derivatives, both rollouts) and warms up
+        for cls in TORCH_SOLVERS.values():    # compiles (derivatives, both rollouts) and warms up
             cls().solve(pt)
         compile_s = time.perf_counter() - t0
         pe = occore.problems.make(name, backend="torch", backend_options={"compile": "never"})
-        for sname, cls in SOLVERS.items():
+        for sname, cls in TORCH_SOLVERS.items():
             per = {"casadi": [], "torch": []}
             iters = {}
             for _ in range(repeats):
@@ -298,7 +301,7 @@ def main(argv=None):
           f"{os.environ.get('OMP_NUM_THREADS')}\n")
     if not args.no_torch:
         print("Torch backend beside CasADi (time per iteration):\n")
-        torch_table(names, args.repeats)
+        torch_table([n for n in names if n in occore.problems.NAMES], args.repeats)   # unconstrained
         print()
         if args.torch_only:
             return
