@@ -99,7 +99,9 @@ def network_emsa(batch_size: int, lr: float = 1.0):
     """
     import occore
 
-    rho = 1.0 / (lr * batch_size)
+    from .problem import per_sample_rho
+
+    rho = per_sample_rho(batch_size, 1.0 / lr)
     return occore.EMSA(max_iter=1, rho=rho, rho_min=rho, inner="lbfgs")
 
 
