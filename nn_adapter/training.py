@@ -101,7 +101,7 @@ def network_emsa(batch_size: int, lr: float = 1.0):
 
     from .problem import per_sample_rho
 
-    rho = per_sample_rho(batch_size, 1.0 / lr)
+    rho = per_sample_rho(lr * batch_size)      # 1 / (lr B): the learning rate divides it
     return occore.EMSA(max_iter=1, rho=rho, rho_min=rho, inner="lbfgs")
 
 
