@@ -1,5 +1,6 @@
 """What the paper-reproduction scripts share: the report header (command, versions, machine), the
-output folder, the equal-effort learning-rate protocol and a per-step peak-memory probe."""
+output folder, the equal-effort learning-rate protocol, a per-step peak-memory probe and the
+figure helpers."""
 from __future__ import annotations
 
 import json
@@ -63,3 +64,23 @@ def peak_bytes(fn) -> int:
         running += b
         peak = max(peak, running)
     return peak
+
+
+def figure(rows: int, cols: int, size):
+    """A matplotlib figure and its axes, drawn off screen (Agg)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt.subplots(rows, cols, figsize=size)
+
+
+def save_figure(fig, title: str, path: Path) -> None:
+    """Title, lay out, write ``path`` (PNG, 110 dpi) and close ``fig``."""
+    import matplotlib.pyplot as plt
+
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

@@ -23,7 +23,7 @@ import statistics
 import sys
 import time
 
-from common import RESULTS, header, peak_bytes
+from common import RESULTS, figure, header, peak_bytes, save_figure
 
 import torch
 from torch import nn
@@ -107,29 +107,18 @@ def main(argv=None) -> int:
     text = "\n".join(lines) + "\n"
     (out / f"runtime_memory_{mode}.md").write_text(text)
     (out / f"runtime_memory_{mode}.json").write_text(json.dumps(res, indent=1))
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-
-        fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4))
-        for n in OPTIMIZERS:
-            pts = [(bs, r) for bs, r in res[n].items() if r is not None]
-            a.plot([p[0] for p in pts], [p[1]["seconds"] for p in pts], "o-", label=n)
-            b.plot([p[0] for p in pts], [p[1]["peak_mib"] for p in pts], "o-", label=n)
-        a.set(xscale="log", yscale="log", xlabel="batch size", ylabel="seconds per step",
-              title="time per iteration (median, 1 CPU thread)")
-        b.set(xscale="log", yscale="log", xlabel="batch size", ylabel="MiB",
-              title="peak memory allocated by torch in one step")
-        a.legend(fontsize=8)
-        b.legend(fontsize=8)
-        fig.suptitle("FCN 64-16x4-10 on DIGITS")
-        fig.tight_layout()
-        fig.savefig(out / f"runtime_memory_{mode}.png", dpi=110)
-        plt.close(fig)
-    except ImportError:
-        pass
+    fig, (a, b) = figure(1, 2, (11, 4))
+    for n in OPTIMIZERS:
+        pts = [(bs, r) for bs, r in res[n].items() if r is not None]
+        a.plot([p[0] for p in pts], [p[1]["seconds"] for p in pts], "o-", label=n)
+        b.plot([p[0] for p in pts], [p[1]["peak_mib"] for p in pts], "o-", label=n)
+    a.set(xscale="log", yscale="log", xlabel="batch size", ylabel="seconds per step",
+          title="time per iteration (median, 1 CPU thread)")
+    b.set(xscale="log", yscale="log", xlabel="batch size", ylabel="MiB",
+          title="peak memory allocated by torch in one step")
+    a.legend(fontsize=8)
+    b.legend(fontsize=8)
+    save_figure(fig, "FCN 64-16x4-10 on DIGITS", out / f"runtime_memory_{mode}.png")
     print(text)
     return 0
 

@@ -25,7 +25,7 @@ import statistics
 import sys
 import time
 
-from common import RESULTS, header
+from common import RESULTS, figure, header, save_figure
 
 import torch
 from torch import nn
@@ -112,29 +112,19 @@ def main(argv=None) -> int:
     text = "\n".join(lines) + "\n"
     (out / f"vanishing_{mode}.md").write_text(text)
     (out / f"vanishing_{mode}.json").write_text(json.dumps(res, indent=1))
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-
-        fig, axes = plt.subplots(2, 2, figsize=(11, 7))
-        for row, l in enumerate(("ce", "mmc")):
-            for n in OPTIMIZERS:
-                r = res[f"{n}/{l}"]
-                axes[row, 0].plot(range(1, epochs + 1), r["train_loss"], "o-", label=n)
-                axes[row, 1].semilogy(range(1, 11), r["update_norms"][-1], "o-", label=n)
-            axes[row, 0].set(xlabel="epoch", ylabel="mean training loss", title=f"training loss ({l.upper()})")
-            axes[row, 1].set(xlabel="layer (1 = input side)", ylabel="|update| per step",
-                             title=f"per-layer update norm, last epoch ({l.upper()})")
-            axes[row, 0].legend(fontsize=8)
-            axes[row, 1].legend(fontsize=8)
-        fig.suptitle("10-layer sigmoid MLP on DIGITS: SGD, EKFAC, Adam, DDPNOpt (Adam curvature, second order)")
-        fig.tight_layout()
-        fig.savefig(out / f"vanishing_{mode}.png", dpi=110)
-        plt.close(fig)
-    except ImportError:
-        pass
+    fig, axes = figure(2, 2, (11, 7))
+    for row, l in enumerate(("ce", "mmc")):
+        for n in OPTIMIZERS:
+            r = res[f"{n}/{l}"]
+            axes[row, 0].plot(range(1, epochs + 1), r["train_loss"], "o-", label=n)
+            axes[row, 1].semilogy(range(1, 11), r["update_norms"][-1], "o-", label=n)
+        axes[row, 0].set(xlabel="epoch", ylabel="mean training loss", title=f"training loss ({l.upper()})")
+        axes[row, 1].set(xlabel="layer (1 = input side)", ylabel="|update| per step",
+                         title=f"per-layer update norm, last epoch ({l.upper()})")
+        axes[row, 0].legend(fontsize=8)
+        axes[row, 1].legend(fontsize=8)
+    save_figure(fig, "10-layer sigmoid MLP on DIGITS: SGD, EKFAC, Adam, DDPNOpt (Adam curvature, second order)",
+                out / f"vanishing_{mode}.png")
     print(text)
     return 0
 
