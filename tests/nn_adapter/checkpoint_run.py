@@ -8,7 +8,10 @@ rank 0 writes the checkpoints).
 from __future__ import annotations
 
 import pathlib
+import signal
+import subprocess
 import sys
+import time
 
 import numpy as np
 import torch
@@ -17,6 +20,35 @@ from nn_adapter.training import make_closure
 from torch import nn
 
 N, BATCH = 128, 16
+
+
+def saved_epoch(path: pathlib.Path):
+    """The epoch of the checkpoint file ``path``, or None while there is none (or it is being replaced)."""
+    try:
+        return torch.load(path, weights_only=True)["epoch"]
+    except (OSError, RuntimeError, EOFError, KeyError):
+        return None
+
+
+def kill_after(command, env, checkpoint: pathlib.Path, epoch: int, poll: float = 0.002) -> int:
+    """Start ``command``, SIGKILL it (a real kill, wherever it is) once ``checkpoint`` holds epoch
+    >= ``epoch``; returns the epoch the checkpoint holds after the kill."""
+    child = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 120
+        while (saved_epoch(checkpoint) or 0) < epoch:
+            assert child.poll() is None, child.stderr.read().decode()[-2000:]
+            assert time.monotonic() < deadline
+            time.sleep(poll)
+        child.send_signal(signal.SIGKILL)
+        child.wait(timeout=30)
+    finally:
+        if child.poll() is None:
+            child.kill()
+            child.wait()
+        child.stderr.close()
+    assert child.returncode == -signal.SIGKILL
+    return saved_epoch(checkpoint)
 
 
 def data():

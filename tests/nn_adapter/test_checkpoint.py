@@ -6,10 +6,7 @@ import copy
 import os
 import pathlib
 import random
-import signal
-import subprocess
 import sys
-import time
 
 import numpy as np
 import pytest
@@ -38,33 +35,11 @@ def own_rng():
     torch.set_num_threads(threads)
 
 
-def _saved_epoch(folder: pathlib.Path):
-    try:
-        return torch.load(folder / ckpt.FILE_NAME, weights_only=True)["epoch"]
-    except (OSError, RuntimeError, EOFError, KeyError):
-        return None
-
-
 def test_a_killed_run_resumes_to_the_parameters_of_an_uninterrupted_run(tmp_path, own_rng):
     folder = tmp_path / "run"
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    child = subprocess.Popen([sys.executable, str(SCRIPT), str(folder), str(EPOCHS)], env=env,
-                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    try:
-        deadline = time.monotonic() + 120
-        while (_saved_epoch(folder) or 0) < KILL_AFTER:
-            assert child.poll() is None, child.stderr.read().decode()[-2000:]
-            assert time.monotonic() < deadline
-            time.sleep(0.002)
-        child.send_signal(signal.SIGKILL)        # a real kill, wherever the run is
-        child.wait(timeout=30)
-    finally:
-        if child.poll() is None:
-            child.kill()
-            child.wait()
-        child.stderr.close()
-    assert child.returncode == -signal.SIGKILL
-    killed_at = _saved_epoch(folder)
+    killed_at = checkpoint_run.kill_after([sys.executable, str(SCRIPT), str(folder), str(EPOCHS)], env,
+                                          folder / ckpt.FILE_NAME, KILL_AFTER)
     print("killed after epoch", killed_at)
     assert KILL_AFTER <= killed_at < EPOCHS and not (folder / "final.npy").exists()
     resumed = checkpoint_run.train(folder, EPOCHS, resume=True)

@@ -7,14 +7,13 @@ import json
 import os
 import pathlib
 import shutil
-import signal
 import subprocess
 import sys
-import time
 
 import pytest
 import torch
 
+import checkpoint_run
 import train_nets
 from nn_adapter import checkpoint as ckpt
 from nn_adapter import cli, distributed, train_runs
@@ -25,13 +24,6 @@ WINE = ["--dataset", "wine", "--no-progress", "--threads", "1"]
 
 def _final(folder, run="ddpnopt-seed0"):
     return torch.load(pathlib.Path(folder) / run / ckpt.FILE_NAME, weights_only=True)
-
-
-def _saved_epoch(path):
-    try:
-        return torch.load(path, weights_only=True)["epoch"]
-    except (OSError, RuntimeError, EOFError, KeyError):
-        return None
 
 
 def _rows(out, columns=4):
@@ -57,24 +49,9 @@ def test_a_killed_command_resumes_to_the_parameters_of_an_uninterrupted_one(tmp_
     env = dict(os.environ, OMP_NUM_THREADS="1",
                PYTHONPATH=os.pathsep.join([str(pathlib.Path(cli.__file__).parents[1]),
                                            os.environ.get("PYTHONPATH", "")]))
-    child = subprocess.Popen([sys.executable, "-m", "occore", "train", *argv, "--checkpoint", str(folder)],
-                             env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     first = folder / "ddpnopt-seed0" / ckpt.FILE_NAME
-    try:
-        deadline = time.monotonic() + 120
-        while (_saved_epoch(first) or 0) < 2:
-            assert child.poll() is None, child.stderr.read().decode()[-2000:]
-            assert time.monotonic() < deadline
-            time.sleep(0.005)
-        child.send_signal(signal.SIGKILL)          # a real kill, wherever the command is
-        child.wait(timeout=30)
-    finally:
-        if child.poll() is None:
-            child.kill()
-            child.wait()
-        child.stderr.close()
-    assert child.returncode == -signal.SIGKILL
-    killed_at = _saved_epoch(first)
+    killed_at = checkpoint_run.kill_after([sys.executable, "-m", "occore", "train", *argv, "--checkpoint", str(folder)],
+                                          env, first, 2, poll=0.005)
     assert 2 <= killed_at < 30 and not (folder / "adam-seed0" / ckpt.FILE_NAME).exists()
     torch.manual_seed(99)                          # whatever this process's RNG holds
     resumed = _run(capsys, argv + ["--resume", str(folder), "--json", str(tmp_path / "r.json")])
@@ -249,5 +226,5 @@ def test_a_failed_write_keeps_the_good_checkpoint(saved, tmp_path, capsys, monke
     assert cli.main(WINE + ["--optimizers", "ddpnopt", "--epochs", "4", "--resume", str(folder)]) == 1
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "No space left on device" in err and "last checkpoint written is kept" in err
-    assert path.read_bytes() == before and _saved_epoch(path) == 2
+    assert path.read_bytes() == before and checkpoint_run.saved_epoch(path) == 2
     assert sorted(p.name for p in path.parent.iterdir()) == [ckpt.FILE_NAME]      # no partial file left
