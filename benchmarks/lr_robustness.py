@@ -26,6 +26,14 @@ A run *diverged* when a training loss is not finite (the run stops there), a par
 finite after a step (it stops there too), the step raised an exception, or its final training
 loss (mean minibatch loss of the last epoch) exceeds the loss of the initial model on the whole
 training set.
+
+Five seeds cannot tell a small systematic effect from chaos where training is unstable (at the
+largest rates a perturbation the size of rounding error changes which seeds end below their
+initial loss). So every cell the five seeds flag (DDPNOpt worse by more than one std, or diverged
+in more seeds than its base) is re-measured with ``--confirm-seeds`` seeds (default 20; the first
+five are reused) and reported in its own table beside the five-seed verdict, which stays as it was.
+``--from-json FILE`` takes the grid's runs from an earlier report's JSON (same code) and runs only
+that confirmation.
 """
 from __future__ import annotations
 
@@ -77,6 +85,7 @@ REFERENCE_LR = {"sgd-m": 0.05, "rmsprop": 1e-3, "adam": 3e-3, "ekfac": 3e-3}
 LR_FACTORS = (0.1, 0.3, 1.0, 3.0, 10.0)
 QUICK_LR_FACTORS = (0.3, 1.0, 3.0)
 VARIANTS = ("base", "ddpnopt")
+CONFIRM_SEEDS = 20
 DEFAULT_OUT = ROOT / "docs" / "results"
 FMNIST_TRAIN, FMNIST_TEST = 2048, 1024
 
@@ -464,6 +473,22 @@ def run_grid(datasets=DEFAULT_DATASETS, bases=tuple(BASES), lr_factors=LR_FACTOR
                      f"(x{key[2]:g}): {' | '.join(parts)} -> {row['verdict']} "
                      f"({time.perf_counter() - t0:.0f} s)")
 
+    _execute(tasks, ctx, workers, collect)
+    records.sort(key=_sort_key(datasets, bases))
+    rows = summarise(records, seeds)
+    rows.sort(key=_sort_key(datasets, bases))
+    return {"records": records, "rows": rows, "notes": notes, "skipped": skipped,
+            "settings": settings, "datasets": [d for d in datasets if d in loaded],
+            "bases": bases, "lr_factors": lr_factors, "seeds": seeds, "workers": workers,
+            "dtype": str(dtype).replace("torch.", ""), "device": str(device),
+            "ddp_opts": dict(ddp_opts or {}), "base_opts": dict(base_opts or {}),
+            "fmnist": [fmnist_train, fmnist_test], "fmnist_root": fmnist_root,
+            "confirm_seeds": 0, "confirmed": [],
+            "wall_s": time.perf_counter() - t0}
+
+
+def _execute(tasks: list, ctx: dict, workers: int, collect: Callable[[list], None]) -> None:
+    """Run ``tasks`` (:func:`_run_task`) here or in a pool, ``collect`` each one's records."""
     with _quiet_process():
         if workers <= 1 or len(tasks) <= 1:
             saved = dict(_CTX)
@@ -475,22 +500,81 @@ def run_grid(datasets=DEFAULT_DATASETS, bases=tuple(BASES), lr_factors=LR_FACTOR
                 _CTX.clear()
                 _CTX.update(saved)
         else:
-            method = "spawn" if str(device).startswith("cuda") else (
+            method = "spawn" if str(ctx["device"]).startswith("cuda") else (
                 "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn")
             mp = multiprocessing.get_context(method)
             with mp.Pool(min(workers, len(tasks)), initializer=_init_worker,
                          initargs=(ctx,)) as pool:
                 for recs in pool.imap_unordered(_run_task, tasks, chunksize=1):
                     collect(recs)
-    records.sort(key=_sort_key(datasets, bases))
-    rows = summarise(records, seeds)
-    rows.sort(key=_sort_key(datasets, bases))
-    return {"records": records, "rows": rows, "notes": notes, "skipped": skipped,
-            "settings": settings, "datasets": [d for d in datasets if d in loaded],
-            "bases": bases, "lr_factors": lr_factors, "seeds": seeds, "workers": workers,
-            "dtype": str(dtype).replace("torch.", ""), "device": str(device),
-            "ddp_opts": dict(ddp_opts or {}), "base_opts": dict(base_opts or {}),
-            "wall_s": time.perf_counter() - t0}
+
+
+def flagged(row: dict) -> bool:
+    """Whether a five-seed cell fails the issue's bar: DDPNOpt diverged in more seeds than its
+    base, or its mean final loss is worse than the base's by more than one std."""
+    return row["more_divergent"] or row["verdict"].startswith("worse")
+
+
+def confirm(result: dict, confirm_seeds: int, *, workers: int = 1,
+            progress: Optional[Callable[[str], None]] = None) -> dict:
+    """Re-measure every :func:`flagged` cell of ``result`` with seeds 0..confirm_seeds-1 (the
+    grid's own seeds reused, the others run now, same settings); adds the new runs to
+    ``result["records"]`` (``"stage": "confirm"``) and their summaries to ``result["confirmed"]``.
+    Returns ``result``."""
+    if progress is None:
+        def progress(line):
+            print(line, file=sys.stderr, flush=True)
+    seeds = result["seeds"]
+    cells = [r for r in result["rows"] if flagged(r)]
+    result["confirm_seeds"] = confirm_seeds
+    if confirm_seeds <= seeds or not cells:
+        result["confirmed"] = []
+        return result
+    t0 = time.perf_counter()
+    dtype = getattr(torch, result["dtype"])
+    fm_train, fm_test = result.get("fmnist", [FMNIST_TRAIN, FMNIST_TEST])
+    loaded = {ds: load_dataset(ds, dtype, fm_train, fm_test, result.get("fmnist_root"))[0]
+              for ds in {r["dataset"] for r in cells}}
+    bases = result["bases"]
+    ctx = {"data": loaded, "device": result["device"], "dtype": dtype,
+           "ddp_opts": _split_opts(result["ddp_opts"], bases),
+           "base_opts": _split_opts(result["base_opts"], bases)}
+    tasks = []
+    for r in cells:
+        st = result["settings"][r["dataset"]]
+        tasks += [{"dataset": r["dataset"], "base": r["base"], "lr_factor": r["lr_factor"],
+                   "lr": r["lr"], "seed": s, "epochs": st["epochs"], "batch": st["batch"],
+                   "stage": "confirm"} for s in range(seeds, confirm_seeds)]
+    new: list = []
+
+    def collect(recs):
+        new.extend(recs)
+        progress(f"[confirm {len(new) // 2}/{len(tasks)}] {recs[0]['dataset']} {recs[0]['base']} "
+                 f"x{recs[0]['lr_factor']:g} seed {recs[0]['seed']} "
+                 f"({time.perf_counter() - t0:.0f} s)")
+
+    _execute(tasks, ctx, workers, collect)
+    order = _sort_key(result["datasets"], bases)
+    result["records"] = sorted(result["records"] + new, key=order)
+    keys = {(r["dataset"], r["base"], r["lr_factor"]) for r in cells}
+    recs = [r for r in result["records"] if (r["dataset"], r["base"], r["lr_factor"]) in keys
+            and r["seed"] < confirm_seeds]
+    result["confirmed"] = sorted(summarise(recs, confirm_seeds), key=order)
+    result["wall_s"] += time.perf_counter() - t0
+    return result
+
+
+def load_result(path) -> dict:
+    """The grid of an earlier report's JSON (:func:`write_report`), its rows summarised again;
+    runs of an earlier confirmation are dropped (:func:`confirm` runs them again)."""
+    payload = json.loads(Path(path).read_text(encoding="utf-8"))
+    grid = [r for r in payload["records"] if r.get("stage") != "confirm"]
+    result = {k: v for k, v in payload.items()
+              if k not in ("cells", "confirmed_cells", "summary", "records")}
+    order = _sort_key(result["datasets"], result["bases"])
+    result.update(records=sorted(grid, key=order), confirmed=[], confirm_seeds=0,
+                  rows=sorted(summarise(grid, int(result["seeds"])), key=order))
+    return result
 
 
 # -- the report ----------------------------------------------------------------------------------
@@ -543,7 +627,34 @@ def summary_lines(result: dict) -> list:
         lines.append(f"{name}: {c['cells']} cells; DDPNOpt diverged in more seeds than its base "
                      f"in {c['more_divergent']}; worse by more than one std in {c['worse']}; "
                      f"better by more than one std in {c['better']}; same in {c['same']}")
+    n = result.get("confirm_seeds", 0)
+    flags = [r for r in result["rows"] if flagged(r)]
+    if n > result["seeds"] and flags:
+        conf = result.get("confirmed", [])
+        held = [r for r in conf if flagged(r)]
+        lines.append(f"flagged cells re-measured with {n} seeds: {len(conf)}; still flagged: "
+                     f"{len(held)} (more divergent {sum(r['more_divergent'] for r in held)}, "
+                     f"worse by more than one std {sum(r['verdict'].startswith('worse') for r in held)})")
     return lines
+
+
+_TABLE_HEAD = ("| base | lr (factor) | base train loss | base test acc % | base diverged | "
+               "DDPNOpt train loss | DDPNOpt test acc % | DDPNOpt diverged | Δ loss | refused | "
+               "verdict |")
+_TABLE_RULE = "|---|---|---|---|---|---|---|---|---|---|---|"
+
+
+def _table_row(r: dict) -> str:
+    b, d = r["stats"]["base"], r["stats"]["ddpnopt"]
+
+    def div(v):
+        return f"{v['diverged']}/{v['runs']}" + (f" ({v['errors']} err)" if v["errors"] else "")
+    delta = "—" if r["delta"] is None else f"{r['delta']:+.3g}"
+    flag = " ⚠ DDPNOpt diverged more" if r["more_divergent"] else ""
+    return (f"| {r['base']} | {r['lr']:.3g} (×{r['lr_factor']:g}) | {_fmt(b['loss'])} | "
+            f"{_fmt(b['acc'], 100, 3)} | {div(b)} | {_fmt(d['loss'])} | "
+            f"{_fmt(d['acc'], 100, 3)} | {div(d)} | {delta} | "
+            f"{b['refused']} / {d['refused']} | {r['verdict']}{flag} |")
 
 
 def _markdown(result: dict, command: str) -> str:
@@ -590,24 +701,23 @@ def _markdown(result: dict, command: str) -> str:
           ""]
     errors = [r for r in result["records"] if r["error"]]
     for ds in result["datasets"]:
-        L += [f"## {ds}", "",
-              "| base | lr (factor) | base train loss | base test acc % | base diverged | "
-              "DDPNOpt train loss | DDPNOpt test acc % | DDPNOpt diverged | Δ loss | refused | "
-              "verdict |",
-              "|---|---|---|---|---|---|---|---|---|---|---|"]
-        for r in (r for r in result["rows"] if r["dataset"] == ds):
-            b, d = r["stats"]["base"], r["stats"]["ddpnopt"]
-            div = lambda v: f"{v['diverged']}/{v['runs']}" + (  # noqa: E731
-                f" ({v['errors']} err)" if v["errors"] else "")
-            delta = "—" if r["delta"] is None else f"{r['delta']:+.3g}"
-            flag = " ⚠ DDPNOpt diverged more" if r["more_divergent"] else ""
-            L.append(f"| {r['base']} | {r['lr']:.3g} (×{r['lr_factor']:g}) | {_fmt(b['loss'])} | "
-                     f"{_fmt(b['acc'], 100, 3)} | {div(b)} | {_fmt(d['loss'])} | "
-                     f"{_fmt(d['acc'], 100, 3)} | {div(d)} | {delta} | "
-                     f"{b['refused']} / {d['refused']} | {r['verdict']}{flag} |")
+        L += [f"## {ds}", "", _TABLE_HEAD, _TABLE_RULE]
+        L += [_table_row(r) for r in result["rows"] if r["dataset"] == ds]
         L.append("")
     for ds in result["skipped"]:
         L += [f"## {ds}", "", f"Skipped: {result['notes'][ds]}", ""]
+    n = result.get("confirm_seeds", 0)
+    if n > seeds:
+        L += [f"## Flagged cells re-measured with {n} seeds", "",
+              f"Every cell above that the {seeds} seeds flag (*worse*, or **⚠**) run again with "
+              f"seeds 0..{n - 1} (the first {seeds} are the runs above), same settings; the "
+              "verdict uses the same rule.", ""]
+        if result.get("confirmed"):
+            L += ["| data | " + _TABLE_HEAD[2:], "|---" + _TABLE_RULE]
+            L += [f"| {r['dataset']} " + _table_row(r) for r in result["confirmed"]]
+        else:
+            L.append("No cell was flagged.")
+        L.append("")
     L += ["## Summary", ""] + [f"- {line}" for line in summary_lines(result)]
     if errors:
         L += ["", f"## Runs that raised an exception ({len(errors)})", ""]
@@ -680,7 +790,11 @@ def write_report(result: dict, out_dir, command: str, json_path=None) -> dict:
              "json": Path(json_path) if json_path else out / "lr_robustness.json"}
     paths["md"].write_text(_markdown(result, command), encoding="utf-8")
     _heatmap(result, paths["png"])
-    payload = {k: v for k, v in result.items() if k != "rows"}
+    payload = {k: v for k, v in result.items() if k not in ("rows", "confirmed")}
+    payload["confirmed_cells"] = [{"dataset": r["dataset"], "base": r["base"],
+                                   "lr_factor": r["lr_factor"], "verdict": r["verdict"],
+                                   "more_divergent": r["more_divergent"], "stats": r["stats"]}
+                                  for r in result.get("confirmed", [])]
     payload.update(command=command, summary=summary_lines(result))
     payload["cells"] = [{"dataset": r["dataset"], "base": r["base"], "lr_factor": r["lr_factor"],
                          "lr": r["lr"], "delta": r["delta"], "verdict": r["verdict"],
@@ -765,6 +879,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quick", action="store_true",
                    help="smoke mode (< 1 min on 2 cores): digits and wine, 2 / 5 epochs, 2 seeds, "
                         "lr factors 0.3,1,3")
+    p.add_argument("--confirm-seeds", type=int, default=None,
+                   help="re-measure every flagged cell (DDPNOpt worse by more than one std, or "
+                        "diverged in more seeds) with seeds 0..N-1 (default 20; --quick: 0 = off)")
+    p.add_argument("--from-json", default=None, metavar="FILE",
+                   help="take the grid's runs from an earlier report's JSON (its data sets, bases, "
+                        "learning rates, seeds and options; grid options here are ignored) and "
+                        "run only the confirmation")
     p.add_argument("--out", default=str(DEFAULT_OUT), help=f"output folder (default {DEFAULT_OUT})")
     p.add_argument("--json", default=None, help="path of the JSON of all runs (default "
                                                 "OUT/lr_robustness.json)")
@@ -830,14 +951,29 @@ def main(argv=None) -> int:
         err = _check_writable(Path(args.json).parent)
         if err:
             parser.error(f"--json: {err}")
-    base_opts, ddp_opts = dict(args.base_option), dict(args.ddpnopt_option)
-    _check_options(parser, args.bases, base_opts, ddp_opts)
-    dtype = torch.float64 if args.dtype == "float64" else torch.float32
+    confirm_seeds = (args.confirm_seeds if args.confirm_seeds is not None else
+                     (0 if args.quick else CONFIRM_SEEDS))
+    if confirm_seeds < 0:
+        parser.error(f"--confirm-seeds: expected an integer >= 0, got {confirm_seeds}")
     command = "python benchmarks/lr_robustness.py" + (" " + shlex.join(argv) if argv else "")
-    result = run_grid(datasets, args.bases, factors, seeds, workers=args.workers, dtype=dtype,
-                      device=args.device, ddp_opts=ddp_opts, base_opts=base_opts,
-                      quick=args.quick, epochs=args.epochs, fmnist_train=args.fmnist_train,
-                      fmnist_test=args.fmnist_test, fmnist_root=args.fmnist_root)
+    if args.from_json:
+        try:
+            result = load_result(args.from_json)
+        except (OSError, ValueError, KeyError, TypeError) as err:
+            parser.error(f"--from-json: {args.from_json}: not a report of this script ({err})")
+        command += f" (grid runs from: {result.pop('command', '?')})"
+    else:
+        base_opts, ddp_opts = dict(args.base_option), dict(args.ddpnopt_option)
+        _check_options(parser, args.bases, base_opts, ddp_opts)
+        dtype = torch.float64 if args.dtype == "float64" else torch.float32
+        result = run_grid(datasets, args.bases, factors, seeds, workers=args.workers, dtype=dtype,
+                          device=args.device, ddp_opts=ddp_opts, base_opts=base_opts,
+                          quick=args.quick, epochs=args.epochs, fmnist_train=args.fmnist_train,
+                          fmnist_test=args.fmnist_test, fmnist_root=args.fmnist_root)
+    if confirm_seeds and confirm_seeds <= result["seeds"]:
+        parser.error(f"--confirm-seeds: expected 0 or more than the grid's {result['seeds']} "
+                     f"seeds, got {confirm_seeds}")
+    confirm(result, confirm_seeds, workers=args.workers)
     paths = write_report(result, out, command, args.json)
     for line in summary_lines(result):
         print(line)

@@ -88,3 +88,38 @@ def test_results_do_not_depend_on_the_number_of_workers(lrr):
     for r0, r1 in zip(one["records"][::2], one["records"][1::2]):
         assert (r0["variant"], r1["variant"]) == ("base", "ddpnopt")
         assert r0["initial_loss"] == r1["initial_loss"]
+
+
+def test_flagged_cells_are_remeasured_with_more_seeds_and_from_json(lrr, tmp_path, monkeypatch,
+                                                                    capsys):
+    monkeypatch.setattr(lrr, "flagged", lambda row: row["base"] == "adam")
+    grid = ["--datasets", "wine", "--bases", "sgd-m,adam", "--lr-factors", "1", "--seeds", "1",
+            "--epochs", "1", "--confirm-seeds", "2", "--out", str(tmp_path / "a")]
+    assert lrr.main(grid) == 0
+    payload = json.loads((tmp_path / "a" / "lr_robustness.json").read_text())
+    extra = [r for r in payload["records"] if r.get("stage") == "confirm"]
+    # only the flagged cell (adam) gets seed 1, for both members of the pair
+    assert {(r["base"], r["seed"], r["variant"]) for r in extra} == {("adam", 1, "base"),
+                                                                     ("adam", 1, "ddpnopt")}
+    (cell,) = payload["confirmed_cells"]
+    assert cell["base"] == "adam" and cell["stats"]["base"]["runs"] == 2
+    md = (tmp_path / "a" / "lr_robustness.md").read_text()
+    assert "## Flagged cells re-measured with 2 seeds" in md
+    # the confirmation alone, from the grid's JSON: the same seed-1 runs again (deterministic)
+    again = ["--from-json", str(tmp_path / "a" / "lr_robustness.json"), "--confirm-seeds", "2",
+             "--out", str(tmp_path / "b")]
+    assert lrr.main(again) == 0
+    p2 = json.loads((tmp_path / "b" / "lr_robustness.json").read_text())
+    key = lambda r: (r["base"], r["seed"], r["variant"])  # noqa: E731
+    assert sorted(map(key, p2["records"])) == sorted(map(key, payload["records"]))
+    loss = {key(r): r["final_train_loss"] for r in payload["records"]}
+    assert all(loss[key(r)] == r["final_train_loss"] for r in p2["records"])
+    assert "grid runs from" in (tmp_path / "b" / "lr_robustness.md").read_text()
+    capsys.readouterr()
+    for bad in (["--from-json", str(tmp_path / "nope.json")],
+                ["--from-json", str(tmp_path / "a" / "lr_robustness.json"), "--confirm-seeds", "1"]):
+        with pytest.raises(SystemExit) as exc:
+            lrr.main(bad + ["--out", str(tmp_path / "c")])
+        assert exc.value.code == 2
+        err = capsys.readouterr().err
+        assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
