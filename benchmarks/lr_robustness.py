@@ -515,18 +515,20 @@ def flagged(row: dict) -> bool:
     return row["more_divergent"] or row["verdict"].startswith("worse")
 
 
-def confirm(result: dict, confirm_seeds: int, *, workers: int = 1,
+def confirm(result: dict, confirm_seeds: int, *, workers: int = 1, datasets=None,
             progress: Optional[Callable[[str], None]] = None) -> dict:
-    """Re-measure every :func:`flagged` cell of ``result`` with seeds 0..confirm_seeds-1 (the
-    grid's own seeds reused, the others run now, same settings); adds the new runs to
-    ``result["records"]`` (``"stage": "confirm"``) and their summaries to ``result["confirmed"]``.
-    Returns ``result``."""
+    """Re-measure every :func:`flagged` cell of ``result`` (of ``datasets``; default all) with
+    seeds 0..confirm_seeds-1 (the grid's own seeds reused, the others run now, same settings);
+    adds the new runs to ``result["records"]`` (``"stage": "confirm"``) and their summaries to
+    ``result["confirmed"]``. Returns ``result``."""
     if progress is None:
         def progress(line):
             print(line, file=sys.stderr, flush=True)
     seeds = result["seeds"]
-    cells = [r for r in result["rows"] if flagged(r)]
+    cells = [r for r in result["rows"]
+             if flagged(r) and (datasets is None or r["dataset"] in datasets)]
     result["confirm_seeds"] = confirm_seeds
+    result["confirm_datasets"] = sorted({r["dataset"] for r in cells})
     if confirm_seeds <= seeds or not cells:
         result["confirmed"] = []
         return result
@@ -634,7 +636,9 @@ def summary_lines(result: dict) -> list:
         held = [r for r in conf if flagged(r)]
         lines.append(f"flagged cells re-measured with {n} seeds: {len(conf)}; still flagged: "
                      f"{len(held)} (more divergent {sum(r['more_divergent'] for r in held)}, "
-                     f"worse by more than one std {sum(r['verdict'].startswith('worse') for r in held)})")
+                     f"worse by more than one std {sum(r['verdict'].startswith('worse') for r in held)})"
+                     + (f"; not re-measured: {len(flags) - len(conf)}" if len(flags) > len(conf)
+                        else ""))
     return lines
 
 
@@ -655,6 +659,17 @@ def _table_row(r: dict) -> str:
             f"{_fmt(b['acc'], 100, 3)} | {div(b)} | {_fmt(d['loss'])} | "
             f"{_fmt(d['acc'], 100, 3)} | {div(d)} | {delta} | "
             f"{b['refused']} / {d['refused']} | {r['verdict']}{flag} |")
+
+
+def _not_confirmed(result: dict) -> str:
+    """A sentence naming the flagged cells that were not re-measured (--confirm-datasets)."""
+    done = set(result.get("confirm_datasets", []))
+    left = [r for r in result["rows"] if flagged(r) and r["dataset"] not in done]
+    if not left:
+        return ""
+    return (f" Not re-measured (--confirm-datasets): {len(left)} flagged cell(s) of "
+            f"{', '.join(sorted({r['dataset'] for r in left}))}; they keep their "
+            f"{result['seeds']}-seed verdict.")
 
 
 def _markdown(result: dict, command: str) -> str:
@@ -711,7 +726,7 @@ def _markdown(result: dict, command: str) -> str:
         L += [f"## Flagged cells re-measured with {n} seeds", "",
               f"Every cell above that the {seeds} seeds flag (*worse*, or **⚠**) run again with "
               f"seeds 0..{n - 1} (the first {seeds} are the runs above), same settings; the "
-              "verdict uses the same rule.", ""]
+              "verdict uses the same rule." + _not_confirmed(result), ""]
         if result.get("confirmed"):
             L += ["| data | " + _TABLE_HEAD[2:], "|---" + _TABLE_RULE]
             L += [f"| {r['dataset']} " + _table_row(r) for r in result["confirmed"]]
@@ -882,6 +897,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--confirm-seeds", type=int, default=None,
                    help="re-measure every flagged cell (DDPNOpt worse by more than one std, or "
                         "diverged in more seeds) with seeds 0..N-1 (default 20; --quick: 0 = off)")
+    p.add_argument("--confirm-datasets", type=_names(tuple(DATASETS)), default=None,
+                   help="re-measure the flagged cells of these data sets only (default all)")
     p.add_argument("--from-json", default=None, metavar="FILE",
                    help="take the grid's runs from an earlier report's JSON (its data sets, bases, "
                         "learning rates, seeds and options; grid options here are ignored) and "
@@ -973,7 +990,7 @@ def main(argv=None) -> int:
     if confirm_seeds and confirm_seeds <= result["seeds"]:
         parser.error(f"--confirm-seeds: expected 0 or more than the grid's {result['seeds']} "
                      f"seeds, got {confirm_seeds}")
-    confirm(result, confirm_seeds, workers=args.workers)
+    confirm(result, confirm_seeds, workers=args.workers, datasets=args.confirm_datasets)
     paths = write_report(result, out, command, args.json)
     for line in summary_lines(result):
         print(line)
