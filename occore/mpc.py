@@ -5,10 +5,12 @@ dynamics, costs, constraints and horizon: :meth:`occore.Problem.with_initial_sta
 warm-started from the previous call's solution shifted by one stage: controls u_1..u_{T-1}, u_{T-1},
 the feedback gains shifted the same way (the first rollout is closed-loop around the shifted states,
 u_t = u_t^prev + K_t (x_t - x_t^prev), which absorbs the difference between the predicted and the
-measured state), and, for :class:`occore.CDDP`, the shifted multipliers. A multiple-shooting solver
-(:class:`occore.FDDP`) starts instead from the shifted states and controls as they are, the measured
-state giving the initial gap: after a real-time iteration its iterate may still have gaps, and a
-closed-loop rollout around such states is no warm start (on the cart-pole its cost overflowed). With ``iterations`` a fixed
+measured state), and, for :class:`occore.CDDP`, the shifted multipliers. When the previous iterate
+of a multiple-shooting solver (:class:`occore.FDDP`) still has gaps (after a real-time iteration),
+the next call starts instead from its shifted states and controls as they are, the measured state
+giving the initial gap: a closed-loop rollout around such states is no warm start (on the cart-pole
+its cost overflowed). (A gap-free one is rolled out as above: from shifted states, FDDP near the
+goal can stall with gaps of 1e-9 that no accepted step closes, measured on the pendulum.) With ``iterations`` a fixed
 number of solver iterations is done per call (real-time iteration, as in Diehl, Bock & Schloeder
 2005), otherwise each call solves until the solver's stop rule. The first control u_0 is applied.
 
@@ -125,8 +127,9 @@ class MPC:
         warm = self._warm()
         if warm is None:
             start, kw = self.us0, self._cold
-        else:    # a multiple-shooting solver (FDDP) starts from the shifted states as they are
-            start, kw = warm, ({"xs0": warm.xs} if self._shooting else {})
+        else:    # a multiple-shooting iterate with gaps (FDDP after k iterations): its states as they are
+            gapped = self._shooting and bool(warm.history) and warm.history[-1].gap > 0.0
+            start, kw = warm, ({"xs0": warm.xs} if gapped else {})
         if self.iterations is None:
             res = self.solver.solve(prob, start, **kw)
         else:
