@@ -195,12 +195,10 @@ class CDDPOptions(DDPOptions):
     Attributes:
         constraint_tol: CONVERGED needs the largest constraint violation at most this (and the
             expected decrease of the inner solve below ``tol``).
-        penalty: initial penalty weight rho. Measured on the constrained reference problems
-            (``benchmarks/classic.py``), 1e3 instead of 1: the raises x10 from 1 cost one outer
-            iteration each (quadrotor 14 iterations instead of 17, obstacle unicycle 23 instead of
-            34, exact-terminal pendulum 9 instead of 14, the track-limited cart-pole 94 instead of
-            93); 1e4 makes the track-limited cart-pole slower (103 iterations, ill-conditioned), 1e2
-            and 3e2 end it in another local optimum.
+        penalty: initial penalty weight rho. (Measured: 1e3 cuts the outer iterations of the
+            reference problems, quadrotor 17 -> 14, obstacle unicycle 34 -> 23, exact-terminal
+            pendulum 14 -> 9, but the README's constrained pendulum then ends MAX_ITER, with any of
+            10 .. 1e4; 1e2 and 3e2 end the track-limited cart-pole in another local optimum.)
         penalty_factor: rho is multiplied by this after an outer iteration that did not reduce the
             violation to ``penalty_keep`` times the previous one.
         penalty_keep: see ``penalty_factor`` (in (0, 1]; 1 raises rho after every outer iteration).
@@ -222,7 +220,7 @@ class CDDPOptions(DDPOptions):
     second_order_below: float | None = 0.1
     method: str = "al"
     constraint_tol: float = 1e-8
-    penalty: float = 1000.0
+    penalty: float = 1.0
     penalty_factor: float = 10.0
     penalty_keep: float = 0.25
     penalty_max: float = 1e12
