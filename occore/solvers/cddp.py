@@ -10,12 +10,6 @@ When an inner solve converges (expected decrease below ``inner_tol``, or ``tol``
 constraints hold) the multipliers are updated, lam <- phi'(c), and the penalty raised when the
 violation did not shrink enough; the solve is CONVERGED when an inner solve at ``tol`` ends with
 the violation at most ``constraint_tol``, and INFEASIBLE when the penalty would pass its maximum.
-The backward pass that finds an inner solve converged does not end its iteration: the multipliers
-are updated and the same iteration goes on with the model of the new ones (its step, no test of
-the end; :meth:`CDDP._restart`), so an outer iteration costs one backward pass and no rollout of
-its own (measured with the initial penalty 1: quadrotor 17 iterations instead of 24; the
-toy problem of tests/occore/test_constraints.py 53 instead of 148). The
-:class:`Result`'s multipliers are phi'(c) at the final iterate (lam + rho c).
 """
 from __future__ import annotations
 
@@ -161,58 +155,32 @@ class CDDP(_RiccatiSolver):
                 state.multipliers.barrier <= opts.barrier_min):
             return replace(new, message=f"expected decrease {info.stop:.2e} < tol {opts.tol:g}, constraint "
                                         f"violation {violation:.1e} <= {opts.constraint_tol:g}"), info
-        return self._outer_update(problem, new), info
-
-    def _final(self, state: SolverState) -> bool:
-        """Whether an inner solve converged at ``state`` ends the solve (constraints met, tol, no
-        barrier left to lower) rather than the inner loop."""
-        opts = self.options
-        return (state.traj.extras.values.violation() <= opts.constraint_tol and self._tol(state) <= opts.tol
-                and state.multipliers.barrier <= opts.barrier_min)
-
-    def _restart(self, view, state: SolverState, mu):
-        """An inner solve converged (the expected decrease below its tolerance) short of the end:
-        the multipliers are updated and the same iteration goes on with them, without the step of
-        the converged model (measured: one rollout less per outer iteration). None when the solve
-        ends here, or when the update ends it (INFEASIBLE, left to :meth:`_iterate`)."""
-        if self._final(state):
-            return None
-        new = self._outer_update(view.problem, replace(state, mu=mu))
-        if new.done:
-            return None
-        return _Augmented(view.problem, new.multipliers), new
-
-    def _outer_update(self, problem, new: SolverState) -> SolverState:
-        """An inner solve is done, but the constraints do not hold yet (or it stopped at inner_tol):
-        update the multipliers, and raise the penalty unless the violation fell enough since the
-        last update; INFEASIBLE when the penalty would pass its maximum."""
-        opts = self.options
-        point = new.traj.extras
-        violation = point.values.violation()
-        feasible = violation <= opts.constraint_tol
-        mult = new.multipliers
+        # An inner solve is done, but the constraints do not hold yet (or it stopped at inner_tol):
+        # update the multipliers, and raise the penalty unless the violation fell enough since the
+        # last update.
+        mult = state.multipliers
         rho = mult.penalty
         if not feasible and violation > opts.penalty_keep * mult.violation:
             rho = rho * opts.penalty_factor
         if rho > opts.penalty_max:
-            return replace(new, status=Status.INFEASIBLE,
-                           message=f"constraint violation {violation:.1e} > {opts.constraint_tol:g} with the "
-                                   f"penalty at its maximum {opts.penalty_max:g}")
+            new = replace(new, status=Status.INFEASIBLE,
+                          message=f"constraint violation {violation:.1e} > {opts.constraint_tol:g} with the "
+                                  f"penalty at its maximum {opts.penalty_max:g}")
+            return new, info
         mult = replace(update(point.values, mult), penalty=rho)
         if mult.barrier:
             mu = mult.barrier
             mult = replace(mult, barrier=max(opts.barrier_min, min(opts.barrier_factor * mu, mu ** 1.5)))
         reg = new.mu if new.mu <= opts.regularization.maximum else opts.regularization.initial
-        return replace(new, traj=_Augmented(problem, mult).rewrap(new.traj), multipliers=mult, cache=None,
-                       status=Status.RUNNING, message="", mu=reg)
+        new = replace(new, traj=_Augmented(problem, mult).rewrap(new.traj), multipliers=mult, cache=None,
+                      status=Status.RUNNING, message="", mu=reg)
+        return new, info
 
     def result(self, state: SolverState) -> Result:
         res = super().result(state)
         point = state.traj.extras
-        # the multipliers at the final iterate, phi'(c) (the first-order estimate lam + rho c of the
-        # augmented Lagrangian, the barrier's mu / -c): those of the last update are one inner solve old
         return replace(res, cost=float(point.cost), constraint_violation=point.values.violation(),
-                       multipliers=update(point.values, state.multipliers))
+                       multipliers=state.multipliers)
 
 
 def _fits(a: Multipliers, b: Multipliers) -> bool:

@@ -42,30 +42,47 @@ class _RiccatiSolver(Solver):
         if lm is None or (second_order and not getattr(getattr(lm, "derivs", None), "second_order", True)):
             lm = problem.local_model(traj, second_order)
 
-        restarts = 0
+        # Backward pass, raising mu until every Quu + mu I is positive definite (at most
+        # MAX_RAISES raises per iteration: a factor barely above 1 must not loop for ever).
+        tol = self._tol(state)
+        baseline = max(reg.initial, reg.minimum)
+        relooked, raises = False, 0
         while True:
-            out = self._backward(state, lm, mu, second_order)
-            if isinstance(out[0], SolverState):
-                return out
-            policy, d1, d2, mu = out
-            if self.options.stochastic:
-                return self._full_step(problem, state, policy, mu, -(d1 + 0.5 * d2))
-            if not (math.isfinite(d1) and math.isfinite(d2)):
-                return self._stop(state, lm, Status.NON_FINITE, "non-finite derivatives in the backward pass", mu)
-            full = -(d1 + 0.5 * d2)
-            if not (full < self._tol(state) and getattr(lm, "max_gap", 0.0) <= self._gap_tol()):
-                break
-            again = None if restarts else self._restart(problem, state, mu)
-            if again is None:
-                new, info = self._converged(problem, state, lm, policy, mu, full)
-                if restarts:    # the new multipliers' first model: its step, but no test of the end
-                    new = replace(new, status=Status.RUNNING, message="")
-                return new, info
-            # (CDDP) an inner solve is done: the same iteration goes on with the new multipliers
-            # (once: updates at one point with no step between them only inflate the penalty)
-            problem, state = again
-            traj, mu, restarts = state.traj, state.mu, 1
-            lm = problem.local_model(traj, second_order)
+            try:
+                policy, (d1, d2) = lm.backward(mu, second_order)
+            except NotPositiveDefinite as err:
+                mu = reg.increase(mu)
+                if mu > reg.maximum:
+                    return self._stop(state, lm, Status.REG_LIMIT,
+                                      f"regularisation above {reg.maximum:g} ({err})", mu)
+                raises += 1
+                if raises > MAX_RAISES:
+                    return self._stop(state, lm, Status.REG_LIMIT,
+                                      f"Q_uu still not positive definite after {MAX_RAISES} regularisation "
+                                      f"increases (mu = {mu:.3g}, factor {reg.factor!r}; {err})", mu)
+                continue
+            # A large mu shrinks the step and with it the expected decrease: a small one means
+            # convergence only at the baseline regularisation, so look again there.
+            if -(d1 + 0.5 * d2) < tol and mu > baseline * reg.factor and not (relooked or self.options.stochastic):
+                mu, relooked = baseline, True
+                continue
+            break
+        if self.options.stochastic:
+            return self._full_step(problem, state, policy, mu, -(d1 + 0.5 * d2))
+        if not (math.isfinite(d1) and math.isfinite(d2)):
+            return self._stop(state, lm, Status.NON_FINITE, "non-finite derivatives in the backward pass", mu)
+        full = -(d1 + 0.5 * d2)
+        if full < tol and getattr(lm, "max_gap", 0.0) <= self._gap_tol():
+            # Converged. The remaining (tiny) full step is still taken when it does not raise the
+            # cost (beyond rounding): it removes the O(mu) bias the regularisation left in the last step.
+            trial = problem.rollout_policy(traj, policy, 1.0)
+            polish = math.isfinite(trial.cost) and trial.cost - traj.cost <= 1e-14 * abs(traj.cost)
+            new = replace(state, traj=trial if polish else traj, mu=mu, policy=policy,
+                          cache=None if polish else lm, status=Status.CONVERGED,
+                          message=f"expected decrease {full:.2e} < tol {tol:g}")
+            return new, self._info(state, cost=new.traj.cost, expected_decrease=full,
+                                   actual_decrease=traj.cost - new.traj.cost, step=1.0 if polish else 0.0,
+                                   regularization=mu, stop=full, accepted=polish)
 
         # Line search on the expected decrease.
         ls = self.options.line_search
@@ -100,53 +117,6 @@ class _RiccatiSolver(Solver):
         new = replace(state, mu=mu, policy=policy, cache=lm)
         return new, self._info(state, cost=traj.cost, expected_decrease=expected, actual_decrease=actual,
                                step=0.0, regularization=mu, stop=full, accepted=False)
-
-    def _backward(self, state, lm, mu, second_order):
-        """Backward pass, raising mu until every Quu + mu I is positive definite (at most
-        MAX_RAISES raises: a factor barely above 1 must not loop for ever). Returns (policy, d1,
-        d2, mu), or the (state, info) of a stop."""
-        reg = self.options.regularization
-        tol = self._tol(state)
-        baseline = max(reg.initial, reg.minimum)
-        relooked, raises = False, 0
-        while True:
-            try:
-                policy, (d1, d2) = lm.backward(mu, second_order)
-            except NotPositiveDefinite as err:
-                mu = reg.increase(mu)
-                if mu > reg.maximum:
-                    return self._stop(state, lm, Status.REG_LIMIT,
-                                      f"regularisation above {reg.maximum:g} ({err})", mu)
-                raises += 1
-                if raises > MAX_RAISES:
-                    return self._stop(state, lm, Status.REG_LIMIT,
-                                      f"Q_uu still not positive definite after {MAX_RAISES} regularisation "
-                                      f"increases (mu = {mu:.3g}, factor {reg.factor!r}; {err})", mu)
-                continue
-            # A large mu shrinks the step and with it the expected decrease: a small one means
-            # convergence only at the baseline regularisation, so look again there.
-            if -(d1 + 0.5 * d2) < tol and mu > baseline * reg.factor and not (relooked or self.options.stochastic):
-                mu, relooked = baseline, True
-                continue
-            return policy, d1, d2, mu
-
-    def _converged(self, problem, state, lm, policy, mu, full):
-        """CONVERGED. The remaining (tiny) full step is still taken when it does not raise the cost
-        (beyond rounding): it removes the O(mu) bias the regularisation left in the last step."""
-        traj = state.traj
-        trial = problem.rollout_policy(traj, policy, 1.0)
-        polish = math.isfinite(trial.cost) and trial.cost - traj.cost <= 1e-14 * abs(traj.cost)
-        new = replace(state, traj=trial if polish else traj, mu=mu, policy=policy,
-                      cache=None if polish else lm, status=Status.CONVERGED,
-                      message=f"expected decrease {full:.2e} < tol {self._tol(state):g}")
-        return new, self._info(state, cost=new.traj.cost, expected_decrease=full,
-                               actual_decrease=traj.cost - new.traj.cost, step=1.0 if polish else 0.0,
-                               regularization=mu, stop=full, accepted=polish)
-
-    def _restart(self, problem, state, mu):
-        """Where the expected decrease fell below the tolerance: None (the solve has converged), or
-        (problem, state) to go on with in the same iteration (CDDP: new multipliers)."""
-        return None
 
     def _second_order(self, state: SolverState) -> bool:
         """Whether this iteration uses the dynamics Hessians (see ``DDPOptions.second_order_below``)."""

@@ -195,10 +195,7 @@ class CDDPOptions(DDPOptions):
     Attributes:
         constraint_tol: CONVERGED needs the largest constraint violation at most this (and the
             expected decrease of the inner solve below ``tol``).
-        penalty: initial penalty weight rho. (Measured: 1e3 cuts the outer iterations of the
-            reference problems, quadrotor 17 -> 14, obstacle unicycle 34 -> 23, exact-terminal
-            pendulum 14 -> 9, but the README's constrained pendulum then ends MAX_ITER, with any of
-            10 .. 1e4; 1e2 and 3e2 end the track-limited cart-pole in another local optimum.)
+        penalty: initial penalty weight rho.
         penalty_factor: rho is multiplied by this after an outer iteration that did not reduce the
             violation to ``penalty_keep`` times the previous one.
         penalty_keep: see ``penalty_factor`` (in (0, 1]; 1 raises rho after every outer iteration).
