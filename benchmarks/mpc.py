@@ -29,13 +29,15 @@ import occore  # noqa: E402
 STARTS = {"pendulum": [0.5, -1.0], "cartpole": [0.2, 0.0, 0.4, 0.0], "pendulum_box": [0.5, -1.0],
           "cartpole_track": [0.3, 0.0, 0.3, 0.0]}
 
-CONTROLLERS = {   # label -> (solver factory, iterations per call)
-    "ilqr, converged": (occore.ILQR, None),
-    "ilqr, 1 it (RTI)": (occore.ILQR, 1),
-    "ilqr, 2 it": (occore.ILQR, 2),
-    "ddp, converged": (occore.DDP, None),
-    "cddp, converged": (occore.CDDP, None),
-    "cddp, 3 it": (occore.CDDP, 3),
+CONTROLLERS = {   # label -> (solver factory, iterations per call, state guess of the cold call)
+    "ilqr, converged": (occore.ILQR, None, False),
+    "ilqr, 1 it (RTI)": (occore.ILQR, 1, False),
+    "ilqr, 2 it": (occore.ILQR, 2, False),
+    "ddp, converged": (occore.DDP, None, False),
+    "fddp, converged": (occore.FDDP, None, True),    # xs0: the linear interpolation start -> goal
+    "fddp, 1 it (RTI)": (occore.FDDP, 1, True),
+    "cddp, converged": (occore.CDDP, None, False),
+    "cddp, 3 it": (occore.CDDP, 3, False),
 }
 
 
@@ -65,11 +67,13 @@ def main(argv=None):
     for name in args.problems.split(","):
         prob = occore.problems.make(name)
         goal = np.array(occore.problems.GOALS[name])
-        for label, (cls, iterations) in CONTROLLERS.items():
+        for label, (cls, iterations, guess) in CONTROLLERS.items():
             solver = cls()
             if prob.constraint_kinds and not all(k in solver.supported_constraints for k in prob.constraint_kinds):
                 continue
-            ctl = _Counting(occore.MPC(prob, solver, iterations=iterations))
+            start = STARTS.get(name, prob.x0)
+            xs0 = np.linspace(start, goal, prob.horizon + 1) if guess else None
+            ctl = _Counting(occore.MPC(prob, solver, iterations=iterations, xs0=xs0))
             run = occore.simulate(ctl, prob, args.steps, x0=STARTS.get(name))
             warm = run.latencies[1:] * 1e3
             dist = float(np.max(np.abs(run.xs[-1] - goal)))

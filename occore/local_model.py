@@ -17,11 +17,27 @@ from __future__ import annotations
 
 import numpy as np
 
-from .lq.compiled import best_adjoint
+from .lq.compiled import best_adjoint, best_gap_terms
 from .lq.riccati import riccati_sweep
 from .types import Policy
 
-__all__ = ["DenseLocalModel"]
+__all__ = ["DenseLocalModel", "gap_terms"]
+
+
+def gap_terms(d, k, K, gap, Vx, Vxx):
+    """(F1, F2, Fd) of the module docstring: derivatives ``d``, the new policy (k, K), gap (T+1, nx)
+    = gap_0..gap_T and the value (Vx, Vxx) of the backward pass (the numpy reference of
+    :func:`occore.lq.csweep.gap_terms`)."""
+    Pg = np.einsum("tij,tj->ti", Vxx, gap)
+    F1 = float(np.sum(Vx * gap))
+    F2 = float(np.sum(gap * Pg))
+    A = d.fx + d.fu @ K                                                  # closed-loop (T, nx, nx)
+    b = np.einsum("tij,tj->ti", d.fu, k) + gap[1:]
+    dx = np.empty_like(gap)                                              # the linear model's states
+    dx[0] = gap[0]
+    for t in range(k.shape[0]):
+        dx[t + 1] = A[t] @ dx[t] + b[t]
+    return F1, F2, float(np.sum(Pg * dx))
 
 
 class DenseLocalModel:
@@ -88,18 +104,8 @@ class DenseLocalModel:
 
     def _gap_terms(self, k, K, d1, d2, Vx, Vxx):
         """(D1, D2) of the expected change with gaps (module docstring)."""
-        d = self.derivs
         gap = np.concatenate([self.initial_gap[None], self.gaps])            # (T+1, nx): gap_0..gap_T
-        Pg = np.einsum("tij,tj->ti", Vxx, gap)
-        F1 = float(np.sum(Vx * gap))
-        F2 = float(np.sum(gap * Pg))
-        A = d.fx + d.fu @ K                                                  # closed-loop (T, nx, nx)
-        b = np.einsum("tij,tj->ti", d.fu, k) + gap[1:]
-        dx = np.empty_like(gap)                                              # the linear model's states
-        dx[0] = gap[0]
-        for t in range(k.shape[0]):
-            dx[t + 1] = A[t] @ dx[t] + b[t]
-        Fd = float(np.sum(Pg * dx))
+        F1, F2, Fd = best_gap_terms()(self.derivs, k, K, gap, Vx, Vxx)
         return d1 + F1 + F2 - Fd, d2 - F2 + 2.0 * Fd
 
     def _adjoint_sweep(self):

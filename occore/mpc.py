@@ -5,7 +5,12 @@ dynamics, costs, constraints and horizon: :meth:`occore.Problem.with_initial_sta
 warm-started from the previous call's solution shifted by one stage: controls u_1..u_{T-1}, u_{T-1},
 the feedback gains shifted the same way (the first rollout is closed-loop around the shifted states,
 u_t = u_t^prev + K_t (x_t - x_t^prev), which absorbs the difference between the predicted and the
-measured state), and, for :class:`occore.CDDP`, the shifted multipliers. With ``iterations`` a fixed
+measured state), and, for :class:`occore.CDDP`, the shifted multipliers. When the previous iterate
+of a multiple-shooting solver (:class:`occore.FDDP`) still has gaps (after a real-time iteration),
+the next call starts instead from its shifted states and controls as they are, the measured state
+giving the initial gap: a closed-loop rollout around such states is no warm start (on the cart-pole
+its cost overflowed). (A gap-free one is rolled out as above: from shifted states, FDDP near the
+goal can stall with gaps of 1e-9 that no accepted step closes, measured on the pendulum.) With ``iterations`` a fixed
 number of solver iterations is done per call (real-time iteration, as in Diehl, Bock & Schloeder
 2005), otherwise each call solves until the solver's stop rule. The first control u_0 is applied.
 
@@ -14,6 +19,7 @@ controls and the latency of every controller call.
 """
 from __future__ import annotations
 
+import inspect
 import logging
 import time
 from dataclasses import dataclass, replace
@@ -42,8 +48,15 @@ class MPC:
         solver: an occore solver (:class:`occore.ILQR`, DDP, FDDP, CDDP), used as it is configured.
         iterations: None (default): solve to convergence at every call; an integer k >= 1: exactly
             k iterations per call (fewer once the solver stops), the real-time iteration for k = 1.
-        warm_start: shift the previous solution (default True); False starts every call from the
-            problem's initial controls.
+        warm_start: shift the previous solution (default True); False starts every call cold.
+        us0: the controls (T, nu) a cold call starts from (the first call, every call with
+            ``warm_start=False``, the first after :meth:`reset`); default the problem's initial ones.
+        xs0: a state guess (T+1, nx) for the cold calls of a solver that takes one (FDDP: multiple
+            shooting from xs0, its row 0 need not be the measured state). A swing-up's cold solve
+            from zero controls can end in a worse local optimum than from a state guess: FDDP from
+            the cart-pole at (0.2, 0, 0.4, 0) reaches cost 12.01 from zero controls and the optimum
+            4.67 from the linear interpolation to the goal, and the closed loop follows the plan it
+            starts with (tests/occore/test_mpc.py).
 
     Attributes:
         result: the :class:`occore.Result` of the last call (None before the first).
@@ -60,7 +73,8 @@ class MPC:
         ((1,), 2)
     """
 
-    def __init__(self, problem, solver, *, iterations: int | None = None, warm_start: bool = True):
+    def __init__(self, problem, solver, *, iterations: int | None = None, warm_start: bool = True,
+                 us0=None, xs0=None):
         if not hasattr(problem, "with_initial_state"):
             raise InputError(f"problem: expected an occore.Problem (re-posed from each measured state), "
                              f"got {type(problem).__name__}")
@@ -74,7 +88,17 @@ class MPC:
         if not isinstance(warm_start, bool):
             raise InputError(f"warm_start={warm_start!r} is invalid: expected True or False")
         solver.check_problem(problem)
+        #: the solver takes a state guess (multiple shooting, FDDP)
+        self._shooting = "xs0" in inspect.signature(solver.init).parameters
+        if us0 is not None:
+            us0 = problem.check_controls(us0, "us0")
+        if xs0 is not None:
+            if not self._shooting:
+                raise InputError(f"xs0: {solver.name} takes no state guess (FDDP does)")
+            xs0 = problem.check_states(xs0, "xs0")
         self.problem, self.solver = problem, solver
+        self._cold = {"xs0": xs0} if xs0 is not None else {}
+        self.us0 = us0
         self.iterations, self.warm_start = iterations, warm_start
         self.result: Result | None = None
 
@@ -101,10 +125,15 @@ class MPC:
         the first control of its best iterate (logged as a warning)."""
         prob = self.problem.with_initial_state(x)
         warm = self._warm()
+        if warm is None:
+            start, kw = self.us0, self._cold
+        else:    # a multiple-shooting iterate with gaps (FDDP after k iterations): its states as they are
+            gapped = self._shooting and bool(warm.history) and warm.history[-1].gap > 0.0
+            start, kw = warm, ({"xs0": warm.xs} if gapped else {})
         if self.iterations is None:
-            res = self.solver.solve(prob, warm)
+            res = self.solver.solve(prob, start, **kw)
         else:
-            state = self.solver.init(prob, warm)
+            state = self.solver.init(prob, start, **kw)
             for _ in range(self.iterations):
                 if state.done:
                     break

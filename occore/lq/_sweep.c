@@ -2,7 +2,8 @@
  *
  * occ_riccati_sweep is a line-by-line port of the numpy reference occore.lq.riccati.riccati_sweep
  * (state-form regularisation, optional second-order contraction, projected-Newton box QP of
- * occore.lq.box_qp.box_qp); occ_adjoint_sweep ports occore.lq.adjoint.adjoint_sweep. Both are
+ * occore.lq.box_qp.box_qp); occ_adjoint_sweep ports occore.lq.adjoint.adjoint_sweep, occ_gap_terms
+ * occore.local_model.gap_terms (the expected change of a multiple-shooting step). All are
  * generic in nx and nu and use explicit loops: the matrices are tiny (nx, nu <= ~10), where loops
  * beat BLAS calls by far.
  *
@@ -393,7 +394,49 @@ OCC_EXPORT void occ_adjoint_sweep(int T, int nx, int nu, const double *fx, const
 }
 
 /* ABI version, checked by csweep.py. */
-OCC_EXPORT int occ_sweep_abi(void) { return 2; }
+/* The gap terms (F1, F2, Fd) of occore.local_model.gap_terms: with gap (T+1,nx) = gap_0..gap_T,
+ * Pg_t = Vxx_t gap_t, F1 = sum Vx_t.gap_t, F2 = sum gap_t.Pg_t, Fd = sum Pg_t.dx_t along the linear
+ * model's states dx_0 = gap_0, dx_{t+1} = fx_t dx_t + fu_t (k_t + K_t dx_t) + gap_{t+1}.
+ * Returns 0, or -2 when out of memory. */
+OCC_EXPORT int occ_gap_terms(int T, int nx, int nu, const double *fx, const double *fu, const double *k,
+                             const double *K, const double *gap, const double *Vx, const double *Vxx,
+                             double *out) {
+    double *dx = malloc((size_t)(2 * nx + nu) * sizeof(double));
+    if (!dx) return -2;
+    double *nxt = dx + nx, *v = dx + 2 * nx;
+    double F1 = 0.0, F2 = 0.0, Fd = 0.0;
+    memcpy(dx, gap, (size_t)nx * sizeof(double));
+    for (int t = 0; t <= T; ++t) {
+        const double *g = gap + (size_t)t * nx, *P = Vxx + (size_t)t * nx * nx, *vx = Vx + (size_t)t * nx;
+        for (int i = 0; i < nx; ++i) {
+            double pg = 0.0;
+            for (int j = 0; j < nx; ++j) pg += P[i * nx + j] * g[j];
+            F1 += vx[i] * g[i];
+            F2 += g[i] * pg;
+            Fd += pg * dx[i];
+        }
+        if (t == T) break;
+        const double *A = fx + (size_t)t * nx * nx, *B = fu + (size_t)t * nx * nu;
+        const double *kt = k + (size_t)t * nu, *Kt = K + (size_t)t * nu * nx, *gn = g + nx;
+        for (int a = 0; a < nu; ++a) {                   /* v = k_t + K_t dx_t */
+            double s = kt[a];
+            for (int j = 0; j < nx; ++j) s += Kt[a * nx + j] * dx[j];
+            v[a] = s;
+        }
+        for (int i = 0; i < nx; ++i) {
+            double s = gn[i];
+            for (int j = 0; j < nx; ++j) s += A[i * nx + j] * dx[j];
+            for (int a = 0; a < nu; ++a) s += B[i * nu + a] * v[a];
+            nxt[i] = s;
+        }
+        memcpy(dx, nxt, (size_t)nx * sizeof(double));
+    }
+    out[0] = F1; out[1] = F2; out[2] = Fd;
+    free(dx);
+    return 0;
+}
+
+OCC_EXPORT int occ_sweep_abi(void) { return 3; }
 
 /* The first 60 bits of the SHA-256 of this file when it was built (setup.py defines it; 0: unknown).
  * csweep.py compares it with the source next to the library to detect a stale build. */

@@ -18,7 +18,7 @@ from . import csweep
 from .adjoint import adjoint_sweep
 from .riccati import riccati_sweep
 
-__all__ = ["best_sweep", "best_adjoint", "compiled_available"]
+__all__ = ["best_sweep", "best_adjoint", "best_gap_terms", "compiled_available"]
 
 logger = logging.getLogger("occore")
 _warned = False
@@ -44,3 +44,11 @@ def best_sweep():
 def best_adjoint():
     """The adjoint-sweep function to use (same signature as :func:`adjoint_sweep`)."""
     return csweep.adjoint_sweep if compiled_available() else adjoint_sweep
+
+
+def best_gap_terms():
+    """The gap-terms function to use (same signature as :func:`occore.local_model.gap_terms`)."""
+    if compiled_available():
+        return csweep.gap_terms
+    from ..local_model import gap_terms
+    return gap_terms

@@ -2,7 +2,7 @@
 
 :func:`riccati_sweep` has exactly the signature and results of the numpy reference
 :func:`occore.lq.riccati.riccati_sweep` (agreement to 1e-12 is tested); :func:`adjoint_sweep` those of
-:func:`occore.lq.adjoint.adjoint_sweep`. The shared library is built when the package is installed
+:func:`occore.lq.adjoint.adjoint_sweep`, :func:`gap_terms` those of :func:`occore.local_model.gap_terms`. The shared library is built when the package is installed
 (``setup.py``: the extension ``occore.lq._csweep``, plain C, no Python C-API). When it is missing or
 cannot be loaded, or was built from another version of ``_sweep.c`` than the one beside it (a
 stale build in a source checkout: rebuild with ``pip install -e .``), :func:`available` is False and :func:`load_error` says why;
@@ -35,16 +35,17 @@ import numpy as np
 
 from ..errors import NotPositiveDefinite
 
-__all__ = ["available", "load_error", "library_path", "riccati_sweep", "adjoint_sweep"]
+__all__ = ["available", "load_error", "library_path", "riccati_sweep", "adjoint_sweep", "gap_terms"]
 
 logger = logging.getLogger("occore")
 
-_ABI = 2
+_ABI = 3
 _lib = None
 _error: str | None = None
 _tried = False
 _riccati = None
 _adjoint = None
+_gaps = None
 
 
 def library_path() -> Path | None:
@@ -63,7 +64,7 @@ def _source_hash(path: Path) -> int:
 
 
 def _load() -> None:
-    global _lib, _error, _tried, _riccati, _adjoint
+    global _lib, _error, _tried, _riccati, _adjoint, _gaps
     _tried = True
     if os.environ.get("OCCORE_NO_CSWEEP", "") not in ("", "0"):
         _error = "disabled by OCCORE_NO_CSWEEP"
@@ -94,7 +95,10 @@ def _load() -> None:
     adj = lib.occ_adjoint_sweep
     adj.argtypes = [i, i, i] + [p] * 6
     adj.restype = None
-    _lib, _riccati, _adjoint = lib, fn, adj
+    gt = lib.occ_gap_terms
+    gt.argtypes = [i, i, i] + [p] * 8
+    gt.restype = i
+    _lib, _riccati, _adjoint, _gaps = lib, fn, adj, gt
 
 
 def available() -> bool:
@@ -191,3 +195,17 @@ def adjoint_sweep(d):
     _adjoint(T, nx, nu, *p, lam.ctypes.data, grad.ctypes.data)
     del block
     return lam, grad
+
+
+def gap_terms(d, k, K, gap, Vx, Vxx):
+    """(F1, F2, Fd) of a multiple-shooting step; same as :func:`occore.local_model.gap_terms`."""
+    if _gaps is None and not available():
+        raise RuntimeError(f"compiled sweep unavailable: {_error}")
+    T, nx, nu = d.fu.shape
+    block, p = _pack([d.fx, d.fu, k, K, gap, Vx, Vxx],
+                     [(T, nx, nx), (T, nx, nu), (T, nu), (T, nu, nx), (T + 1, nx), (T + 1, nx), (T + 1, nx, nx)])
+    out = np.empty(3)
+    if _gaps(T, nx, nu, *p, out.ctypes.data) != 0:
+        raise MemoryError("occ_gap_terms: out of memory")
+    del block
+    return float(out[0]), float(out[1]), float(out[2])

@@ -106,6 +106,22 @@ def test_random_with_gaps(nx, nu, second_order, bounded):
 
 
 @needs_c
+@pytest.mark.parametrize("nx, nu", [(2, 1), (4, 2), (5, 5)])
+def test_gap_terms_agree_with_the_reference(nx, nu):
+    """The expected change of a multiple-shooting step (F1, F2, Fd): C and numpy alike, on a policy
+    and value of the gapped sweep; every term is non-zero (the comparison is not vacuous)."""
+    from occore.local_model import gap_terms
+    T = 30
+    rng = np.random.default_rng(5 * nx + nu)
+    d = random_model(rng, T, nx, nu)
+    gap = 0.3 * rng.standard_normal((T + 1, nx))
+    k, K, _, _, Vx, Vxx = riccati.riccati_sweep(d, 1e-6, False, gaps=gap[1:])
+    ref = gap_terms(d, k, K, gap, Vx, Vxx)
+    np.testing.assert_allclose(csweep.gap_terms(d, k, K, gap, Vx, Vxx), ref, rtol=1e-10, atol=0)
+    assert min(abs(v) for v in ref) > 1e-3
+
+
+@needs_c
 @pytest.mark.parametrize("nx, nu", SIZES)
 @pytest.mark.parametrize("second_order", [False, True])
 @pytest.mark.parametrize("width", [0.05, 0.5, np.inf])

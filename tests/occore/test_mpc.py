@@ -26,6 +26,27 @@ def test_swing_ups_from_a_moved_state_reach_the_goal_in_closed_loop(name, x0, it
     assert np.all(run.latencies > 0) and run.latency(99) >= run.latency(50)
 
 
+def test_fddp_in_closed_loop_on_the_cart_pole_from_a_state_guess():
+    """FDDP's cold solve from zero controls at the moved cart-pole ends in a worse local optimum
+    (an extra swing, cost 12.01) that the closed loop then follows (it has not settled after 150
+    steps); from the linear interpolation to the goal as state guess it reaches the optimum that
+    iLQR reaches (4.67), and the closed loop, warm-started from there, reaches the goal."""
+    prob = occore.problems.make("cartpole")
+    x0 = [0.2, 0.0, 0.4, 0.0]
+    moved = prob.with_initial_state(x0)
+    xs0 = np.linspace(x0, GOALS["cartpole"], prob.horizon + 1)
+    cold, guided, ilqr = (occore.FDDP().solve(moved), occore.FDDP().solve(moved, xs0=xs0),
+                          occore.ILQR().solve(moved))
+    assert cold.converged and guided.converged and ilqr.converged
+    assert abs(cold.cost - 12.0147) < 1e-3 and abs(guided.cost - ilqr.cost) < 1e-8 * ilqr.cost
+    for iterations, tol in ((None, 1e-4), (2, 1e-3)):
+        mpc = occore.MPC(prob, occore.FDDP(), iterations=iterations, xs0=xs0)
+        run = occore.simulate(mpc, prob, steps=150, x0=x0)
+        assert np.max(np.abs(run.xs[-1] - GOALS["cartpole"])) < tol, iterations
+    run = occore.simulate(occore.MPC(prob, occore.FDDP()), prob, steps=150, x0=x0)   # the cold plan
+    assert np.max(np.abs(run.xs[-1] - GOALS["cartpole"])) > 1e-3
+
+
 def test_cddp_keeps_the_track_limit_in_closed_loop():
     prob = occore.problems.make("cartpole_track")
     run = occore.simulate(occore.MPC(prob, occore.CDDP(), iterations=3), prob, steps=120, x0=[0.3, 0, 0.3, 0])
@@ -72,6 +93,12 @@ def test_bad_input():
         occore.MPC("pendulum", occore.ILQR())
     with pytest.raises(occore.InputError, match="cannot honour the state bounds"):
         occore.MPC(occore.problems.make("cartpole_track"), occore.ILQR())
+    with pytest.raises(occore.InputError, match="xs0: ilqr takes no state guess"):
+        occore.MPC(prob, occore.ILQR(), xs0=np.zeros((prob.horizon + 1, 2)))
+    with pytest.raises(occore.ShapeError, match="xs0"):
+        occore.MPC(prob, occore.FDDP(), xs0=np.zeros((prob.horizon, 2)))
+    with pytest.raises(occore.ShapeError, match="us0"):
+        occore.MPC(prob, occore.ILQR(), us0=np.zeros((prob.horizon + 1, 1)))
     mpc = occore.MPC(prob, occore.ILQR())
     with pytest.raises(occore.ShapeError, match=r"x0: expected shape \(2,\)"):
         mpc.control([0.0, 0.0, 0.0])
