@@ -39,7 +39,7 @@ import torch
 from torch.func import jacfwd, vmap
 
 from ..errors import DerivativeError, InputError, ShapeError, TraceError
-from .base import Backend, from_stacked
+from .base import SECOND_ORDER_FIELDS, Backend, from_fields, stacked_fields
 from .torch_compile import MODES, CompiledFunction, scan_rollout, scan_rollout_policy
 
 __all__ = ["TorchBackend"]
@@ -191,7 +191,9 @@ class TorchBackend(Backend):
         stages = vmap(stage, in_dims=(0, p_dim))
 
         def everything(Z, P, xT, pT):                         # the one call per evaluation
-            return stages(Z, P), terminal(xT, pT)
+            (H, (J, v)), (HT, (gT, vT)) = stages(Z, P), terminal(xT, pT)
+            # every DenseDerivatives field (constraints' included) sliced and laid out in the graph
+            return stacked_fields(v, J, H, vT, gT, HT, nx, torch.cat, torch.Tensor.contiguous)
 
         self._derivs = everything
         self._lvec = vmap(l, in_dims=(0, 0, p_dim))
@@ -443,10 +445,10 @@ class TorchBackend(Backend):
         return gm
 
     def derivatives(self, xs, us, second_order):
-        T, nx = self.T, self.nx
+        T = self.T
         xs = np.asarray(xs, dtype=np.float64)
         Z = _tensor(np.concatenate([xs[:T], np.asarray(us, dtype=np.float64)], axis=1))   # (T, n)
         args = (Z, self._stage_p(), _tensor(xs[T]), self.P[T])
-        (H, (J, v)), (HT, (gT, vT)) = self.fast["derivatives"](*args)
-        n = lambda a: a.detach().numpy()  # noqa: E731
-        return from_stacked(n(v), n(J), n(H), n(vT), n(gT), n(HT), nx, second_order)
+        fields = self.fast["derivatives"](*args)
+        return from_fields({k: a.detach().numpy() for k, a in fields.items()
+                            if second_order or k not in SECOND_ORDER_FIELDS}, second_order)

@@ -197,7 +197,10 @@ def scan_rollout_policy(f, l, lf, has_params: bool, bounded: bool, batched: bool
     (T, B, nu) -> X (B, T+1, nx), U (B, T, nu), cost (B,): one pass over the stages whatever B, so
     B trials cost about one (the per-stage overhead of the generated loop dominates, not the work)."""
     lvec = torch.func.vmap(l, in_dims=(0, 0, 0 if has_params else None))
-    fstep = torch.func.vmap(f, in_dims=(0, 0, None)) if batched else f
+    fb = torch.func.vmap(f, in_dims=(0, 0, None))
+
+    def fstep(x, u, p):     # the carry keeps one layout (vmap of A @ x would give it transposed strides)
+        return fb(x, u, p).contiguous() if batched else f(x, u, p)
 
     def cost(X, U, P):
         return lvec(X[:-1], U, P[:-1] if has_params else None).sum() + lf(X[-1], P[-1])
