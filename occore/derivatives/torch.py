@@ -17,8 +17,8 @@ the loaded 2-core machine); tracing costs 0.5-1.9 s, about 30-90 eager calls, he
 the threshold. The graph bakes in whatever the user's functions close over (Python numbers, numpy
 constants), as the casadi backend's symbolic trace does.
 
-Compiled path (:mod:`occore.derivatives.torch_compile`): that graph and the two rollouts (as scans
-over the stages) compiled by ``torch.compile`` (inductor, C++), per ``backend_options={"compile":
+Compiled path (:mod:`occore.derivatives.torch_compile`): that graph and the rollouts (as scans
+over the stages; the line search's trials :data:`LINE_SEARCH_BATCH` at a time) compiled by ``torch.compile`` (inductor, C++), per ``backend_options={"compile":
 "auto" | "always" | "never"}``.
 
 What the torch backend cannot trace: Python control flow on tensor values (``if x[0] > 0``,

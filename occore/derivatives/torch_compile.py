@@ -7,13 +7,17 @@ rollout: T stages times the dynamics' operations), and their dispatch costs 5-15
 CPU. Compiled, each is one call of generated C++ code:
 
 * derivatives: the FX graph of the vmapped ``jacrev`` / ``jacfwd`` function (see
-  :mod:`occore.derivatives.torch`) compiled by inductor;
+  :mod:`occore.derivatives.torch`) compiled by inductor, returning every field of the local model
+  already sliced and laid out;
 * rollouts: the stage recursion written as ``torch._higher_order_ops.scan`` (a loop in the
-  generated code, not T unrolled copies of the stage: compiling it costs seconds, not minutes),
-  compiled by inductor.
+  generated code, :data:`UNROLL` stages per iteration, not T unrolled copies of the stage:
+  compiling it costs seconds, not minutes), compiled by inductor; the line search's first trials
+  in one batched pass (``scan_rollout_policy(batched=True)``: the generated loop's cost is its
+  per-stage overhead, about 2 us, far above a small model's arithmetic, so four trials cost about
+  1.5 rollouts).
 
 Inductor generates and builds C++ code with the system's C++ compiler (``g++``); compiling the
-three functions of one problem takes about 10-30 s on a 2-core machine (inductor caches the result
+four functions of one problem takes about 10-30 s on a 2-core machine (inductor caches the result
 on disk, in ``$TORCHINDUCTOR_CACHE_DIR``, so a later process with the same problem compiles faster).
 
 Modes (``backend_options={"compile": ...}`` of :class:`occore.Problem`):
