@@ -302,6 +302,25 @@ class Problem:
         xs, us, cost = out
         return Trajectory(xs=xs, us=us, cost=float(cost))
 
+    @property
+    def rollout_batch(self) -> int:
+        """How many step lengths :meth:`rollout_policies` takes at once (1 unless the backend rolls
+        out several trials in one pass, as the compiled torch backend does)."""
+        return getattr(self._backend, "rollout_batch", 1)
+
+    def rollout_policies(self, ref: Trajectory, policy: Policy, alphas) -> list:
+        """:meth:`rollout_policy` at each step length of ``alphas`` (at most :attr:`rollout_batch`),
+        rolled out together where the backend can: a list of Trajectories, one per alpha. Where a
+        user function raises, each trial is rolled out alone (so only the failing ones get cost NaN)."""
+        alphas = [float(a) for a in alphas]
+        if self.rollout_batch > 1:
+            with np.errstate(invalid="ignore", over="ignore"):
+                out = _guarded(self._backend.rollout_policies, ref.xs, ref.us, policy.k, policy.K, alphas,
+                               self.u_lower, self.u_upper, self.x0)
+            if out is not None:
+                return [Trajectory(xs=xs, us=us, cost=cost) for xs, us, cost in out]
+        return [self.rollout_policy(ref, policy, alpha) for alpha in alphas]
+
     def evaluate_derivatives(self, xs, us, second_order: bool = False):
         """All derivatives at the points (xs[t], us[t]) and xs[T]; a DenseDerivatives. When a user
         function raises at a point the backend evaluates (finite differences perturb the

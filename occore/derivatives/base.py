@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-__all__ = ["DenseDerivatives", "Backend", "from_stacked", "nan_derivatives"]
+__all__ = ["DenseDerivatives", "Backend", "stacked_fields", "from_fields", "from_stacked", "nan_derivatives"]
 
 
 @dataclass(frozen=True)
@@ -59,31 +59,43 @@ class DenseDerivatives:
         return self.fxx is not None
 
 
-def from_stacked(v, J, H, vT, gT, HT, nx: int, second_order: bool) -> DenseDerivatives:
-    """DenseDerivatives from the derivatives of the stacked stage function [f; l; g] of z = [x; u]
-    and terminal function [lf; h; h_I] of x: values v (T, nx+1+ng), Jacobians J (T, nx+1+ng, n),
-    Hessians H (T, nx+1+ng, n, n); terminal vT (1+nterm,), gT (1+nterm, nx), HT (1+nterm, nx, nx).
-    (The torch and finite-difference backends compute exactly these.)"""
-    def c(a):
-        return np.ascontiguousarray(a)
+#: the DenseDerivatives fields that only the second-order model has
+SECOND_ORDER_FIELDS = ("fxx", "fux", "fuu", "gxx", "gux", "guu", "hxx")
 
-    lx = np.concatenate([J[:, nx, :nx], gT[:1]])
-    lxx = np.concatenate([H[:, nx, :nx, :nx], HT[:1]])
-    kw = {}
-    if second_order:
-        kw = dict(fxx=c(H[:, :nx, :nx, :nx]), fux=c(H[:, :nx, nx:, :nx]), fuu=c(H[:, :nx, nx:, nx:]))
+
+def stacked_fields(v, J, H, vT, gT, HT, nx: int, cat, contiguous) -> dict:
+    """The :class:`DenseDerivatives` fields (second order included; ``lf`` a 0-d array) from the
+    derivatives of the stacked stage function [f; l; g] of z = [x; u] and terminal function
+    [lf; h; h_I] of x: values v (T, nx+1+ng), Jacobians J (T, nx+1+ng, n), Hessians H
+    (T, nx+1+ng, n, n); terminal vT (1+nterm,), gT (1+nterm, nx), HT (1+nterm, nx, nx). ``cat``
+    (a list along axis 0) and ``contiguous`` are the array library's (numpy, or torch inside the
+    torch backend's compiled derivative function, so that one call returns every field laid out)."""
+    c = contiguous
+    kw = dict(f=c(v[:, :nx]), l=c(v[:, nx]), lf=vT[0], fx=c(J[:, :nx, :nx]), fu=c(J[:, :nx, nx:]),
+              lx=cat([J[:, nx, :nx], gT[:1]]), lu=c(J[:, nx, nx:]), lxx=cat([H[:, nx, :nx, :nx], HT[:1]]),
+              lux=c(H[:, nx, nx:, :nx]), luu=c(H[:, nx, nx:, nx:]),
+              fxx=c(H[:, :nx, :nx, :nx]), fux=c(H[:, :nx, nx:, :nx]), fuu=c(H[:, :nx, nx:, nx:]))
     if v.shape[1] > nx + 1:      # path constraints
         g = slice(nx + 1, None)
-        kw.update(g=c(v[:, g]), gx=c(J[:, g, :nx]), gu=c(J[:, g, nx:]))
-        if second_order:
-            kw.update(gxx=c(H[:, g, :nx, :nx]), gux=c(H[:, g, nx:, :nx]), guu=c(H[:, g, nx:, nx:]))
+        kw.update(g=c(v[:, g]), gx=c(J[:, g, :nx]), gu=c(J[:, g, nx:]),
+                  gxx=c(H[:, g, :nx, :nx]), gux=c(H[:, g, nx:, :nx]), guu=c(H[:, g, nx:, nx:]))
     if vT.shape[0] > 1:          # terminal constraints
-        kw.update(h=c(vT[1:]), hx=c(gT[1:]))
-        if second_order:
-            kw.update(hxx=c(HT[1:]))
-    return DenseDerivatives(
-        f=c(v[:, :nx]), l=c(v[:, nx]), lf=float(vT[0]), fx=c(J[:, :nx, :nx]), fu=c(J[:, :nx, nx:]),
-        lx=lx, lu=c(J[:, nx, nx:]), lxx=lxx, lux=c(H[:, nx, nx:, :nx]), luu=c(H[:, nx, nx:, nx:]), **kw)
+        kw.update(h=c(vT[1:]), hx=c(gT[1:]), hxx=c(HT[1:]))
+    return kw
+
+
+def from_fields(fields: dict, second_order: bool) -> DenseDerivatives:
+    """DenseDerivatives of numpy :func:`stacked_fields` (the second-order ones dropped unless
+    ``second_order``)."""
+    kw = {k: np.ascontiguousarray(a) for k, a in fields.items() if k != "lf" and (second_order or k not in SECOND_ORDER_FIELDS)}
+    return DenseDerivatives(lf=float(fields["lf"]), **kw)
+
+
+def from_stacked(v, J, H, vT, gT, HT, nx: int, second_order: bool) -> DenseDerivatives:
+    """DenseDerivatives from the stacked derivatives of :func:`stacked_fields` (numpy arrays; the
+    finite-difference backend computes exactly these)."""
+    return from_fields(stacked_fields(v, J, H, vT, gT, HT, nx, np.concatenate, np.ascontiguousarray),
+                       second_order)
 
 
 def nan_derivatives(T: int, nx: int, nu: int, second_order: bool) -> DenseDerivatives:

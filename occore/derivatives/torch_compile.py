@@ -7,13 +7,17 @@ rollout: T stages times the dynamics' operations), and their dispatch costs 5-15
 CPU. Compiled, each is one call of generated C++ code:
 
 * derivatives: the FX graph of the vmapped ``jacrev`` / ``jacfwd`` function (see
-  :mod:`occore.derivatives.torch`) compiled by inductor;
+  :mod:`occore.derivatives.torch`) compiled by inductor, returning every field of the local model
+  already sliced and laid out;
 * rollouts: the stage recursion written as ``torch._higher_order_ops.scan`` (a loop in the
-  generated code, not T unrolled copies of the stage: compiling it costs seconds, not minutes),
-  compiled by inductor.
+  generated code, :data:`UNROLL` stages per iteration, not T unrolled copies of the stage:
+  compiling it costs seconds, not minutes), compiled by inductor; the line search's first trials
+  in one batched pass (``scan_rollout_policy(batched=True)``: the generated loop's cost is its
+  per-stage overhead, about 2 us, far above a small model's arithmetic, so four trials cost about
+  1.5 rollouts).
 
 Inductor generates and builds C++ code with the system's C++ compiler (``g++``); compiling the
-three functions of one problem takes about 10-30 s on a 2-core machine (inductor caches the result
+four functions of one problem takes about 10-30 s on a 2-core machine (inductor caches the result
 on disk, in ``$TORCHINDUCTOR_CACHE_DIR``, so a later process with the same problem compiles faster).
 
 Modes (``backend_options={"compile": ...}`` of :class:`occore.Problem`):
@@ -32,6 +36,7 @@ from __future__ import annotations
 
 import logging
 import time
+import types
 import warnings
 
 import torch
@@ -99,7 +104,7 @@ class CompiledFunction:
             with warnings.catch_warnings():   # inductor's own deprecation notices are not the user's
                 warnings.filterwarnings("ignore", category=FutureWarning, module=r"torch\.")
                 warnings.filterwarnings("ignore", category=DeprecationWarning, module=r"torch\.")
-                fn = torch.compile(self.compilable(*args), fullgraph=True, dynamic=False,
+                fn = torch.compile(_own_code(self.compilable(*args)), fullgraph=True, dynamic=False,
                                    options=INDUCTOR_OPTIONS)
                 out = fn(*args)
         except Exception as err:  # noqa: BLE001 - compilation is an optimisation; eager always works
@@ -113,51 +118,116 @@ class CompiledFunction:
         return out
 
 
+def _own_code(fn):
+    """``fn`` with a code object of its own: dynamo keeps its compiled versions per code object,
+    so the rollouts of every problem (closures of one function) would otherwise share one cache
+    and, past ``torch._dynamo.config.recompile_limit`` of them in a process, silently run eager."""
+    if not isinstance(fn, types.FunctionType):
+        return fn            # an FX GraphModule has generated code of its own
+    return types.FunctionType(fn.__code__.replace(), fn.__globals__, fn.__name__, fn.__defaults__,
+                              fn.__closure__)
+
+
 def _scan():
     from torch._higher_order_ops.scan import scan
 
     return scan
 
 
+#: stages per iteration of the generated loop: its fixed overhead per iteration (allocations,
+#: handle moves, the counter; about 2.5 us, against about 0.05 us of arithmetic for a pendulum
+#: stage) is paid once per UNROLL stages
+UNROLL = 10
+
+
+def stage_scan(step, init, xs, unroll: int = UNROLL):
+    """``scan(step, init, xs)`` (outputs stacked over the leading stage dimension of ``xs``, a tuple
+    of tensors, or one) with ``unroll`` stages per loop iteration: the first T mod unroll stages
+    straight-line, the others in a loop of T // unroll iterations whose body is ``unroll`` calls
+    of ``step`` (same operations in the same order: the same numbers as one stage per iteration)."""
+    from torch.utils._pytree import tree_map
+
+    T = (xs[0] if isinstance(xs, tuple) else xs).shape[0]
+    q, r = divmod(T, unroll)
+
+    def run(carry, inp, n):
+        ys = []
+        for j in range(n):
+            carry, y = step(carry, tree_map(lambda a: a[j], inp))
+            ys.append(y)
+        return carry, ys
+
+    def stack(ys):
+        return tree_map(lambda *a: torch.stack(a), *ys)
+
+    carry, head = run(init, xs, r)
+    parts = [stack(head)] if r else []
+    if q:
+        def body(c, inp):
+            c, ys = run(c, inp, unroll)
+            return c, stack(ys)
+
+        rest = tree_map(lambda a: a[r:].reshape(q, unroll, *a.shape[1:]), xs)
+        carry, ys = _scan()(body, carry, rest)
+        parts.append(tree_map(lambda a: a.reshape(q * unroll, *a.shape[2:]), ys))
+    return carry, parts[0] if len(parts) == 1 else tree_map(lambda *a: torch.cat(a), *parts)
+
+
 def scan_rollout(f, l, lf, has_params: bool):
     """The open-loop rollout as a scan over the stages: ``(x0 (nx,), U (T, nu), P (T+1, np)) ->
     (X (T+1, nx), cost ())``; f, l, lf are the backend's normalised stage functions. Only the
     dynamics run inside the loop; the stage costs of all stages are one vmapped call after it."""
-    scan = _scan()
     lvec = torch.func.vmap(l, in_dims=(0, 0, 0 if has_params else None))
 
     def rollout(x0, U, P):
         def step(x, inp):
             u, p = inp if has_params else (inp, None)
             xn = f(x, u, p)
-            return xn, xn.clone()
+            return xn, xn
 
-        _, X = scan(step, x0, (U, P[:-1]) if has_params else U)
+        _, X = stage_scan(step, x0, (U, P[:-1]) if has_params else U)
         X = torch.cat([x0[None], X])
         return X, lvec(X[:-1], U, P[:-1] if has_params else None).sum() + lf(X[-1], P[-1])
 
     return rollout
 
 
-def scan_rollout_policy(f, l, lf, has_params: bool, bounded: bool):
+def scan_rollout_policy(f, l, lf, has_params: bool, bounded: bool, batched: bool = False):
     """The closed-loop rollout u_t = clamp(base_t + K_t (x_t - Xr_t)) as a scan over the stages:
     ``(x0, Xr (T+1, nx), base (T, nu), K (T, nu, nx), lo (T, nu), hi (T, nu), P (T+1, np)) ->
-    (X (T+1, nx), U (T, nu), cost ())``, with base = u_ref + alpha k; the stage costs after the loop."""
-    scan = _scan()
+    (X (T+1, nx), U (T, nu), cost ())``, with base = u_ref + alpha k; the stage costs after the loop.
+
+    ``batched``: B rollouts of the same policy at once (the line search's step lengths), base
+    (T, B, nu) -> X (B, T+1, nx), U (B, T, nu), cost (B,): one pass over the stages whatever B, so
+    B trials cost about one (the per-stage overhead of the generated loop dominates, not the work)."""
     lvec = torch.func.vmap(l, in_dims=(0, 0, 0 if has_params else None))
+    fb = torch.func.vmap(f, in_dims=(0, 0, None))
+
+    def fstep(x, u, p):     # the carry keeps one layout (vmap of A @ x would give it transposed strides)
+        return fb(x, u, p).contiguous() if batched else f(x, u, p)
+
+    def cost(X, U, P):
+        return lvec(X[:-1], U, P[:-1] if has_params else None).sum() + lf(X[-1], P[-1])
 
     def rollout_policy(x0, Xr, base, K, lo, hi, P):
         def step(x, inp):
             xr, b, Kt, a, c, p = inp if has_params else (*inp, None)
-            u = torch.addmv(b, Kt, x - xr)
+            # K (x - xr) as a product and a sum over nx, not addmv / matmul: inductor fuses these
+            # into the stage's kernel, where a matrix product is an extern BLAS call per stage
+            u = b + (Kt * (x - xr).unsqueeze(-2)).sum(-1)
             if bounded:
                 u = torch.clamp(u, a, c)
-            xn = f(x, u, p)
-            return xn, (xn.clone(), u)
+            xn = fstep(x, u, p)
+            return xn, (xn, u)
 
         xs = (Xr[:-1], base, K, lo, hi) + ((P[:-1],) if has_params else ())
-        _, (X, U) = scan(step, x0, xs)
-        X = torch.cat([x0[None], X])
-        return X, U, lvec(X[:-1], U, P[:-1] if has_params else None).sum() + lf(X[-1], P[-1])
+        start = x0.expand(base.shape[1], -1).clone() if batched else x0
+        _, (X, U) = stage_scan(step, start, xs)
+        if not batched:
+            X = torch.cat([x0[None], X])
+            return X, U, cost(X, U, P)
+        X = torch.cat([start[None], X]).transpose(0, 1)           # (B, T+1, nx)
+        U = U.transpose(0, 1)                                     # (B, T, nu)
+        return X, U, torch.func.vmap(cost, in_dims=(0, 0, None))(X, U, P)
 
     return rollout_policy

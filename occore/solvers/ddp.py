@@ -24,6 +24,18 @@ __all__ = ["DDP", "ILQR", "MAX_RAISES"]
 MAX_RAISES = 100
 
 
+def _trials(problem, traj, policy, steps):
+    """(alpha, closed-loop rollout at alpha) for each step length in order, lazily: one rollout at a
+    time, or ``problem.rollout_batch`` of them in one call where the problem offers that (the
+    compiled torch backend: several trials cost about one); the caller stops at the first it accepts."""
+    batch = getattr(problem, "rollout_batch", 1)
+    for i in range(0, len(steps), batch):
+        chunk = steps[i:i + batch]
+        trials = (problem.rollout_policies(traj, policy, chunk) if batch > 1
+                  else [problem.rollout_policy(traj, policy, alpha) for alpha in chunk])
+        yield from zip(chunk, trials)
+
+
 class _RiccatiSolver(Solver):
     """The shared DDP/iLQR iteration; ``second_order`` selects the model."""
 
@@ -89,8 +101,7 @@ class _RiccatiSolver(Solver):
         gapped = getattr(lm, "max_gap", 0.0) > 0.0
         actual = expected = 0.0
         nonfinite = 0
-        for alpha in ls.steps:
-            trial = problem.rollout_policy(traj, policy, alpha)
+        for alpha, trial in _trials(problem, traj, policy, ls.steps):
             expected = -(alpha * d1 + 0.5 * alpha * alpha * d2)
             if not math.isfinite(trial.cost):
                 nonfinite += 1

@@ -14,7 +14,7 @@ from occore.derivatives.torch_compile import CompiledFunction
 
 torch = pytest.importorskip("torch")
 
-T = 4
+T = 13     # the rollouts' loop runs 10 stages per iteration (UNROLL): one iteration and 3 stages before it
 
 
 def _problem(backend, **kw):
@@ -49,6 +49,8 @@ def compiled():
     K = 0.1 * rng.standard_normal((T, 2, 2))
     policy = occore.Policy(k=rng.standard_normal((T, 2)), K=K)
     prob.rollout_policy(traj, policy, 0.5)
+    assert prob.rollout_batch == 4
+    prob.rollout_policies(traj, policy, [1.0, 0.5])   # the line search's batched trials
     fast = prob._backend.fast
     if not all(fn.compiled is not None for fn in fast.values()):
         pytest.skip("inductor cannot compile here (no C++ compiler?): "
@@ -68,6 +70,12 @@ def test_compiled_functions_equal_eager_and_casadi(compiled):
             a, b = prob.rollout_policy(traj, policy, alpha), other.rollout_policy(traj, policy, alpha)
             np.testing.assert_allclose(a.us, b.us, rtol=1e-12, atol=1e-14)
             assert np.all(np.abs(a.us) <= 0.8) and a.cost == pytest.approx(b.cost, rel=1e-12)
+        steps = (1.0, 0.5, 0.25)                  # fewer than rollout_batch: padded, then dropped
+        for alpha, a in zip(steps, prob.rollout_policies(traj, policy, steps)):
+            b = other.rollout_policy(traj, policy, alpha)
+            np.testing.assert_allclose(a.xs, b.xs, rtol=1e-12, atol=1e-14)
+            np.testing.assert_allclose(a.us, b.us, rtol=1e-12, atol=1e-14)
+            assert a.cost == pytest.approx(b.cost, rel=1e-12)
         da = prob.evaluate_derivatives(traj.xs, traj.us, True)
         db = other.evaluate_derivatives(traj.xs, traj.us, True)
         for name in ("f", "l", "fx", "fu", "lx", "lu", "lxx", "lux", "luu", "fxx", "fux", "fuu"):
