@@ -424,6 +424,7 @@ def run_grid(datasets=DEFAULT_DATASETS, bases=tuple(BASES), lr_factors=LR_FACTOR
         def progress(line):
             print(line, file=sys.stderr, flush=True)
     t0 = time.perf_counter()
+    code = _git_state()      # the code that runs, read before any run
     datasets, bases, lr_factors = list(datasets), list(bases), [float(f) for f in lr_factors]
     loaded, notes, skipped = {}, {}, []
     for ds in datasets:
@@ -482,7 +483,7 @@ def run_grid(datasets=DEFAULT_DATASETS, bases=tuple(BASES), lr_factors=LR_FACTOR
             "bases": bases, "lr_factors": lr_factors, "seeds": seeds, "workers": workers,
             "dtype": str(dtype).replace("torch.", ""), "device": str(device),
             "ddp_opts": dict(ddp_opts or {}), "base_opts": dict(base_opts or {}),
-            "fmnist": [fmnist_train, fmnist_test], "fmnist_root": fmnist_root,
+            "fmnist": [fmnist_train, fmnist_test], "fmnist_root": fmnist_root, "code": code,
             "confirm_seeds": 0, "confirmed": [],
             "wall_s": time.perf_counter() - t0}
 
@@ -680,7 +681,7 @@ def _markdown(result: dict, command: str) -> str:
          "from the same initial weights and with the same minibatches per seed.", "",
          f"- command: `{command}`",
          f"- date: {datetime.datetime.now().astimezone().isoformat(timespec='seconds')}",
-         f"- code: git {_git_state()}",
+         f"- code: git {result.get('code') or _git_state()}",
          f"- python {platform.python_version()}, torch {torch.__version__}",
          f"- machine: {platform.platform()}, {platform.machine()}, {os.cpu_count()} CPU(s); "
          f"{result['workers']} worker process(es), one torch thread each; device "
