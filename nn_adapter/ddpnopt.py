@@ -40,6 +40,7 @@ Neural Optimizer", ICLR 2021 (Algorithm 3, Propositions 2 and 3).
 from __future__ import annotations
 
 import copy
+import functools
 import math
 from typing import Union
 
@@ -52,9 +53,10 @@ from occore.solvers.options import Regularization
 
 from .curvature.optimizer import CurvatureOptimizer
 from .errors import warn
+from .feedback import CompactStage
 from .minibatch import MinibatchProblem
 from .module_stages import StageRecorder, _owners, module_stages
-from .terminal import DETECT, LOSSES, TERMINAL_HESSIANS, LossResolver, detect_loss
+from .terminal import DETECT, LOSSES, RANK_ONE, TERMINAL_HESSIANS, LossResolver, detect_loss
 
 __all__ = ["DDPNOpt"]
 
@@ -226,7 +228,25 @@ class DDPNOpt(CurvatureOptimizer):
         params = {id(p) for b in self._blocks for p in b.params}
         owners = [m for _, m in _owners(self._model, params)]
         linear = {id(b.module) for b in self._blocks if b.kind == "linear"}
-        return StageRecorder(self._model, owners, [m for m in owners if id(m) not in linear])
+        return StageRecorder(self._model, owners, [m for m in owners if id(m) not in linear],
+                             compact=self._compact_builders(owners),
+                             first_grad=self.curvature.needs_records)
+
+    def _compact_builders(self, owners) -> dict:
+        """``{module: build}`` for the Conv2d stages kept as per-sample gradients from the
+        backward pass on (:class:`~nn_adapter.feedback.CompactStage`): with the factorised
+        feedback of a rank-one terminal factor, no Tikhonov or second-order term and a curvature
+        that does not read the records (they are dropped)."""
+        if (self.feedback != "factorised" or self.eps_vxx != 0 or self.second_order
+                or self.terminal_hessian not in RANK_ONE or self.curvature.needs_records):
+            return {}
+        out = {}
+        for m in owners:
+            own = {id(p) for p in m.parameters(recurse=False)}
+            mine = [b for b in self._blocks if all(id(p) in own for p in b.params)]
+            if len(mine) == 1 and mine[0].kind == "conv2d":
+                out[m] = functools.partial(CompactStage.build, mine[0])
+        return out
 
     def _check_records(self, rec) -> None:
         if not self.feedback:
@@ -267,7 +287,7 @@ class DDPNOpt(CurvatureOptimizer):
         rec.check_stages(stages)
         rec.check_complete([s.module for s in stages[1:]])
         for s in stages:
-            s.freeze_statistics(rec.inputs[s.module])
+            s.freeze_statistics(rec.inputs.get(s.module))
         return stages
 
     # -- the step --------------------------------------------------------------------------------

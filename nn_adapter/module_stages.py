@@ -167,6 +167,13 @@ class StageRecorder(Recorder):
         model: the network (its call is recorded).
         modules: the modules owning trainable parameters (the candidate stages).
         in_grad_of: modules whose gradient at the input is recorded (through them only).
+        compact: ``{module: build}`` for modules kept in a compact form: as soon as the gradient
+            at such a module's input arrives (during the backward pass), ``build(x, g, q_x)``
+            replaces its recorded input, output gradient and input gradient, stored in
+            ``compact[module]`` (the activation-sized records are dropped while autograd still
+            holds its own; :class:`nn_adapter.feedback.CompactStage`). Not the first module.
+        first_grad: record the gradient at the output of the first module that runs (False
+            when nothing reads it: the first stage has no feedback).
 
     Example:
         >>> net = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2))
@@ -176,12 +183,16 @@ class StageRecorder(Recorder):
         (True, torch.Size([5, 4]))
     """
 
-    def __init__(self, model: nn.Module, modules, in_grad_of=()):
+    def __init__(self, model: nn.Module, modules, in_grad_of=(), compact=None,
+                 first_grad: bool = True):
         _check_model(model)
         modules = list({id(m): m for m in modules}.values())
         super().__init__(modules, modules, in_grad_of)
         self.model = model
         self._in_grad = {id(m) for m in in_grad_of}
+        self._build = {id(m): b for m, b in (compact or {}).items()}
+        self._first_grad = first_grad
+        self.compact: dict = {}
         self._ids = {id(m) for m in modules}
         self.order: list = []
         self.model_args = self.model_kwargs = self.rng = None
@@ -208,16 +219,23 @@ class StageRecorder(Recorder):
         self.inputs[module] = x.detach()
         if id(module) in self._in_grad and x.requires_grad:
             x = x.view_as(x)              # consumed by this module only: its grad is h_x^T g
-            x.register_hook(lambda grad: self.in_grads.__setitem__(module, grad.detach()))
+            build = self._build.get(id(module)) if len(self.order) > 1 else None
+            x.register_hook(lambda grad: self._input_grad(module, grad.detach(), build))
             return (x,) + tuple(args[1:])
         return None
+
+    def _input_grad(self, module, grad, build) -> None:
+        if build is None or module not in self.out_grads:
+            self.in_grads[module] = grad
+            return
+        self.compact[module] = build(self.inputs.pop(module), self.out_grads.pop(module), grad)
 
     def _post(self, module, args, output):
         if (not torch.is_grad_enabled() or id(module) not in self._ids
                 or self.calls.get(module, 0) != 1):
             return
         if isinstance(output, torch.Tensor):
-            if output.requires_grad:
+            if output.requires_grad and (self._first_grad or module is not self.order[0]):
                 output.register_hook(lambda grad: self.out_grads.__setitem__(module, grad.detach()))
         else:
             self.unsupported.setdefault(module, f"returns a {type(output).__name__}, not one tensor")
@@ -247,12 +265,16 @@ class StageRecorder(Recorder):
     def release(self) -> None:
         """Drop everything recorded."""
         super().release()
+        self.compact.clear()
         self.calls.clear()
         self.order = []
         self.model_args = self.model_kwargs = self.rng = None
         self.model_output = self.model_grad = None
         self.model_calls = 0
         self.unsupported = {}
+
+    def has_grad(self, module) -> bool:
+        return module in self.out_grads or module in self.compact
 
     def check_stages(self, stages) -> None:
         """Raise ``UnsupportedModuleError`` for a stage after the first whose call the feedback
