@@ -59,7 +59,9 @@ def sample_dots(q: torch.Tensor, x: torch.Tensor, chunk: int = 16) -> torch.Tens
     q2, x2 = q.reshape(n, -1), x.reshape(n, -1)
     out = torch.empty(n, dtype=torch.float64, device=x.device)
     for i in range(0, n, chunk):
-        out[i:i + chunk] = (q2[i:i + chunk].double() * x2[i:i + chunk].double()).sum(1)
+        # a float32 product is exact in float64: widen one factor, multiply in place by the other
+        wide = q2[i:i + chunk].to(torch.float64, copy=True)
+        out[i:i + chunk] = wide.mul_(x2[i:i + chunk]).sum(1)
     return out
 
 
