@@ -53,7 +53,7 @@ from occore.solvers.options import Regularization
 
 from .curvature.optimizer import CurvatureOptimizer
 from .errors import warn
-from .feedback import CompactStage
+from .feedback import compact_conv
 from .minibatch import MinibatchProblem
 from .module_stages import StageRecorder, _owners, module_stages
 from .terminal import DETECT, LOSSES, RANK_ONE, TERMINAL_HESSIANS, LossResolver, detect_loss
@@ -233,8 +233,8 @@ class DDPNOpt(CurvatureOptimizer):
                              first_grad=self.curvature.needs_records)
 
     def _compact_builders(self, owners) -> dict:
-        """``{module: build}`` for the Conv2d stages kept as per-sample gradients from the
-        backward pass on (:class:`~nn_adapter.feedback.CompactStage`): with the factorised
+        """``{module: forward}`` for the Conv2d stages kept as per-sample gradients from the
+        backward pass on (:func:`~nn_adapter.feedback.compact_conv`): with the factorised
         feedback of a rank-one terminal factor, no Tikhonov or second-order term and a curvature
         that does not read the records (they are dropped)."""
         if (self.feedback != "factorised" or self.eps_vxx != 0 or self.second_order
@@ -245,7 +245,7 @@ class DDPNOpt(CurvatureOptimizer):
             own = {id(p) for p in m.parameters(recurse=False)}
             mine = [b for b in self._blocks if all(id(p) in own for p in b.params)]
             if len(mine) == 1 and mine[0].kind == "conv2d":
-                out[m] = functools.partial(CompactStage.build, mine[0])
+                out[m] = functools.partial(compact_conv, mine[0])
         return out
 
     def _check_records(self, rec) -> None:

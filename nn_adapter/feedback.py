@@ -44,7 +44,7 @@ from .curvature.kron import patches, per_sample_grads
 from .module_stages import ModuleStage
 
 __all__ = ["quad_form", "precondition", "feedback_grads", "tikhonov_grads",
-           "second_order_grads", "CompactStage"]
+           "second_order_grads", "CompactStage", "compact_conv"]
 
 
 # -- pieces of a structured (Linear / Conv2d) module ------------------------------------------------
@@ -226,6 +226,10 @@ class CompactStage:
             pass
         return cls(block, grads, q_x, sample_dots(q_x, x))
 
+    def batch_grads(self) -> list[torch.Tensor]:
+        """The batch's weight (and bias) gradient: the per-sample gradients summed."""
+        return from_matrix(self.block, self.grads.sum(0))
+
     def quad_form(self, factors) -> torch.Tensor:
         """q_u^T P q_u per sample for the recorded cotangents (scale by w^2 for w g)."""
         q_g, q_a, d = factors
@@ -251,6 +255,42 @@ class CompactStage:
             c = c * sample_scale.to(c.dtype)
         mat = torch.einsum("i,iab->ab", c, self.grads)
         return from_matrix(self.block, mat)
+
+
+class _CompactConv(torch.autograd.Function):
+    """A Conv2d whose backward forms the per-sample weight gradients (one grouped weight-gradient
+    kernel, :func:`~nn_adapter.curvature.kron.per_sample_grads`) and returns their sum as the
+    weight gradient, so the stage's :class:`CompactStage` costs no second weight gradient."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, block, sink):
+        m = block.module
+        ctx.save_for_backward(x, weight)
+        ctx.block, ctx.sink = block, sink
+        return F.conv2d(x, weight, bias, m.stride, m.padding, m.dilation, m.groups)
+
+    @staticmethod
+    def backward(ctx, g):
+        x, weight = ctx.saved_tensors
+        block = ctx.block
+        m = block.module
+        q_x = torch.nn.grad.conv2d_input(x.shape, weight, g, m.stride, m.padding, m.dilation,
+                                         m.groups)
+        stage = CompactStage.build(block, x.detach(), g.detach(), q_x.detach())
+        ctx.sink(stage)
+        grads = stage.batch_grads()
+        if block.has_bias:
+            bias = grads[1]
+        else:             # a bias the optimizer does not own
+            bias = g.sum((0, 2, 3)) if ctx.needs_input_grad[2] else None
+        return q_x, grads[0], bias, None, None
+
+
+def compact_conv(block: Block, x: torch.Tensor, sink) -> torch.Tensor:
+    """The block's Conv2d applied to ``x``; its backward hands the stage's :class:`CompactStage`
+    (the recorded output cotangents as per-sample gradients) to ``sink`` and accumulates their
+    sum as the weight gradient (the same gradient, summed in another order)."""
+    return _CompactConv.apply(x, block.weight, block.module.bias, block, sink)
 
 
 def tikhonov_grads(stage: ModuleStage, x: torch.Tensor, dx: torch.Tensor, eps: float

@@ -23,6 +23,7 @@ with an error naming it.
 from __future__ import annotations
 
 import contextlib
+import functools
 from dataclasses import dataclass, field
 
 import torch
@@ -167,11 +168,12 @@ class StageRecorder(Recorder):
         model: the network (its call is recorded).
         modules: the modules owning trainable parameters (the candidate stages).
         in_grad_of: modules whose gradient at the input is recorded (through them only).
-        compact: ``{module: build}`` for modules kept in a compact form: as soon as the gradient
-            at such a module's input arrives (during the backward pass), ``build(x, g, q_x)``
-            replaces its recorded input, output gradient and input gradient, stored in
-            ``compact[module]`` (the activation-sized records are dropped while autograd still
-            holds its own; :class:`nn_adapter.feedback.CompactStage`). Not the first module.
+        compact: ``{module: forward}`` for modules kept in a compact form: inside the block,
+            the module (not the first to run, its input requiring grad) is evaluated as
+            ``forward(x, sink)`` (:func:`nn_adapter.feedback.compact_conv`), whose backward
+            hands ``sink`` what replaces the module's recorded input, output gradient and input
+            gradient, kept in ``compact[module]`` (the activation-sized records are dropped
+            while autograd still holds its own).
         first_grad: record the gradient at the output of the first module that runs (False
             when nothing reads it: the first stage has no feedback).
 
@@ -190,7 +192,8 @@ class StageRecorder(Recorder):
         super().__init__(modules, modules, in_grad_of)
         self.model = model
         self._in_grad = {id(m) for m in in_grad_of}
-        self._build = {id(m): b for m, b in (compact or {}).items()}
+        self._compact_fns = dict(compact or {})
+        self._swapped: list = []
         self._first_grad = first_grad
         self.compact: dict = {}
         self._ids = {id(m) for m in modules}
@@ -219,16 +222,27 @@ class StageRecorder(Recorder):
         self.inputs[module] = x.detach()
         if id(module) in self._in_grad and x.requires_grad:
             x = x.view_as(x)              # consumed by this module only: its grad is h_x^T g
-            build = self._build.get(id(module)) if len(self.order) > 1 else None
-            x.register_hook(lambda grad: self._input_grad(module, grad.detach(), build))
+            x.register_hook(lambda grad: self._input_grad(module, grad.detach()))
             return (x,) + tuple(args[1:])
         return None
 
-    def _input_grad(self, module, grad, build) -> None:
-        if build is None or module not in self.out_grads:
+    def _input_grad(self, module, grad) -> None:
+        if module not in self.compact:
             self.in_grads[module] = grad
-            return
-        self.compact[module] = build(self.inputs.pop(module), self.out_grads.pop(module), grad)
+
+    def _compact_forward(self, module, forward, x, *args, **kwargs):
+        """The module's call inside the block: ``forward(x, sink)`` where it can be kept compact
+        (its first call, not the first module, input requiring grad, no autocast)."""
+        if (args or kwargs or not isinstance(x, torch.Tensor) or not x.requires_grad
+                or not torch.is_grad_enabled() or torch.is_autocast_enabled()
+                or self.calls.get(module) != 1 or self.order[0] is module):
+            return type(module).forward(module, x, *args, **kwargs)
+
+        def sink(stage):
+            self.inputs.pop(module, None)
+            self.out_grads.pop(module, None)
+            self.compact[module] = stage
+        return forward(x, sink)
 
     def _post(self, module, args, output):
         if (not torch.is_grad_enabled() or id(module) not in self._ids
@@ -260,7 +274,20 @@ class StageRecorder(Recorder):
             h.append(m.register_forward_pre_hook(self._pre))
             h.append(m.register_forward_hook(self._post))
         self._handles = h
+        self._swapped = []
+        for m, fn in self._compact_fns.items():
+            self._swapped.append((m, m.__dict__.get("forward")))
+            m.forward = functools.partial(self._compact_forward, m, fn)
         return self
+
+    def __exit__(self, *exc) -> None:
+        super().__exit__(*exc)
+        for m, own in self._swapped:
+            if own is None:
+                m.__dict__.pop("forward", None)
+            else:
+                m.forward = own
+        self._swapped = []
 
     def release(self) -> None:
         """Drop everything recorded."""
