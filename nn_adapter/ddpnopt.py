@@ -359,8 +359,9 @@ class DDPNOpt(CurvatureOptimizer):
                 if isinstance(v, torch.Tensor):
                     entry[k] = len(tensors)
                     tensors.append(v.detach())
-                else:
-                    entry[k] = ("value", copy.deepcopy(v))
+                else:             # numbers (the step count) are immutable: no copy needed
+                    entry[k] = ("value", v if isinstance(v, (int, float, bool, type(None)))
+                                else copy.deepcopy(v))
             layout.append(entry)
         groups: dict = {}
         for i, v in enumerate(tensors):
