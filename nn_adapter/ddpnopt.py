@@ -23,10 +23,13 @@ closure recorded (:mod:`nn_adapter.minibatch`):
 
 Cost (factorised feedback): the closure, one extra forward pass, and per stage a weight-gradient-
 sized product; q_x . dx uses the gradients backpropagation already computed at each stage input
-(no Jacobian-vector product), and a convolution stage is kept as its per-sample gradients
-(needed for s anyway; smaller than its activations), so its inputs and cotangents are released
-right after the backward sweep. ``s`` needs q_u^T P q_u per sample: free for Linear layers on
-(B, n) inputs (rank one), the cost of per-sample gradients for convolutions.
+(no Jacobian-vector product). ``s`` needs q_u^T P q_u per sample: free for Linear layers on
+(B, n) inputs (rank one); for a convolution (after the first stage, with the default rank-one
+terminal factor and no ``eps_vxx`` / ``second_order``) the closure's backward itself forms the
+per-sample weight gradients, as one grouped weight-gradient kernel whose sum is the weight
+gradient (:func:`nn_adapter.feedback.compact_conv`, so no second weight gradient), and the stage
+is kept as them and its input gradient from then on: its input and output gradient are dropped
+during the backward pass, and nothing is kept of the first stage but its input.
 
 The closure's loss must be the batch mean of per-sample losses (torch's default reduction).
 Modules are recorded with hooks that exist only while the closure runs; the closure must call the

@@ -201,9 +201,10 @@ def feedback_grads(stage: ModuleStage, x: torch.Tensor, xhat: torch.Tensor, g: t
 class CompactStage:
     """A Conv2d stage kept as per-sample gradients instead of its inputs and cotangents.
 
-    For a convolution the per-sample gradients (B, out, C k k [+1]) are several times smaller
-    than the layer's input and output activations, and q_u^T P q_u needs them anyway; keeping
-    them (plus q_x and q_x . x) lets the step drop x and g right after the backward sweep.
+    q_u^T P q_u needs the per-sample gradients (B, out, C k k [+1]) anyway, and they are
+    smaller than the layer's input and output activations of a wide layer; keeping them (plus
+    q_x and q_x . x) lets the step drop x and g as soon as the backward pass has gone through
+    the layer (:func:`compact_conv` builds it there).
 
     Attributes:
         block: the Conv2d block.
