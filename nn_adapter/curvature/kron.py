@@ -90,7 +90,7 @@ def per_sample_grads(block: Block, x: torch.Tensor, g: torch.Tensor, q_g=None, q
     """
     m = block.module
     if block.kind == "conv2d":
-        for sl in _sample_slices(x.shape[0], 32):
+        for sl in _sample_slices(x.shape[0], 16):
             grads = _conv_grads_grouped(m, x[sl], g[sl], out[sl] if out is not None else None)
             if block.has_bias:
                 torch.sum(g[sl], (2, 3), out=grads[:, :, -1])
