@@ -23,10 +23,13 @@ closure recorded (:mod:`nn_adapter.minibatch`):
 
 Cost (factorised feedback): the closure, one extra forward pass, and per stage a weight-gradient-
 sized product; q_x . dx uses the gradients backpropagation already computed at each stage input
-(no Jacobian-vector product), and a convolution stage is kept as its per-sample gradients
-(needed for s anyway; smaller than its activations), so its inputs and cotangents are released
-right after the backward sweep. ``s`` needs q_u^T P q_u per sample: free for Linear layers on
-(B, n) inputs (rank one), the cost of per-sample gradients for convolutions.
+(no Jacobian-vector product). ``s`` needs q_u^T P q_u per sample: free for Linear layers on
+(B, n) inputs (rank one); for a convolution (after the first stage, with the default rank-one
+terminal factor and no ``eps_vxx`` / ``second_order``) the closure's backward itself forms the
+per-sample weight gradients, as one grouped weight-gradient kernel whose sum is the weight
+gradient (:func:`nn_adapter.feedback.compact_conv`, so no second weight gradient), and the stage
+is kept as them and its input gradient from then on: its input and output gradient are dropped
+during the backward pass, and nothing is kept of the first stage but its input.
 
 The closure's loss must be the batch mean of per-sample losses (torch's default reduction).
 Modules are recorded with hooks that exist only while the closure runs; the closure must call the
@@ -40,6 +43,7 @@ Neural Optimizer", ICLR 2021 (Algorithm 3, Propositions 2 and 3).
 from __future__ import annotations
 
 import copy
+import functools
 import math
 from typing import Union
 
@@ -52,9 +56,10 @@ from occore.solvers.options import Regularization
 
 from .curvature.optimizer import CurvatureOptimizer
 from .errors import warn
+from .feedback import compact_conv
 from .minibatch import MinibatchProblem
 from .module_stages import StageRecorder, _owners, module_stages
-from .terminal import DETECT, LOSSES, TERMINAL_HESSIANS, LossResolver, detect_loss
+from .terminal import DETECT, LOSSES, RANK_ONE, TERMINAL_HESSIANS, LossResolver, detect_loss
 
 __all__ = ["DDPNOpt"]
 
@@ -226,7 +231,25 @@ class DDPNOpt(CurvatureOptimizer):
         params = {id(p) for b in self._blocks for p in b.params}
         owners = [m for _, m in _owners(self._model, params)]
         linear = {id(b.module) for b in self._blocks if b.kind == "linear"}
-        return StageRecorder(self._model, owners, [m for m in owners if id(m) not in linear])
+        return StageRecorder(self._model, owners, [m for m in owners if id(m) not in linear],
+                             compact=self._compact_builders(owners),
+                             first_grad=self.curvature.needs_records)
+
+    def _compact_builders(self, owners) -> dict:
+        """``{module: forward}`` for the Conv2d stages kept as per-sample gradients from the
+        backward pass on (:func:`~nn_adapter.feedback.compact_conv`): with the factorised
+        feedback of a rank-one terminal factor, no Tikhonov or second-order term and a curvature
+        that does not read the records (they are dropped)."""
+        if (self.feedback != "factorised" or self.eps_vxx != 0 or self.second_order
+                or self.terminal_hessian not in RANK_ONE or self.curvature.needs_records):
+            return {}
+        out = {}
+        for m in owners:
+            own = {id(p) for p in m.parameters(recurse=False)}
+            mine = [b for b in self._blocks if all(id(p) in own for p in b.params)]
+            if len(mine) == 1 and mine[0].kind == "conv2d":
+                out[m] = functools.partial(compact_conv, mine[0])
+        return out
 
     def _check_records(self, rec) -> None:
         if not self.feedback:
@@ -267,7 +290,7 @@ class DDPNOpt(CurvatureOptimizer):
         rec.check_stages(stages)
         rec.check_complete([s.module for s in stages[1:]])
         for s in stages:
-            s.freeze_statistics(rec.inputs[s.module])
+            s.freeze_statistics(rec.inputs.get(s.module))
         return stages
 
     # -- the step --------------------------------------------------------------------------------
@@ -339,8 +362,9 @@ class DDPNOpt(CurvatureOptimizer):
                 if isinstance(v, torch.Tensor):
                     entry[k] = len(tensors)
                     tensors.append(v.detach())
-                else:
-                    entry[k] = ("value", copy.deepcopy(v))
+                else:             # numbers (the step count) are immutable: no copy needed
+                    entry[k] = ("value", v if isinstance(v, (int, float, bool, type(None)))
+                                else copy.deepcopy(v))
             layout.append(entry)
         groups: dict = {}
         for i, v in enumerate(tensors):

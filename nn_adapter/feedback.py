@@ -44,7 +44,7 @@ from .curvature.kron import patches, per_sample_grads
 from .module_stages import ModuleStage
 
 __all__ = ["quad_form", "precondition", "feedback_grads", "tikhonov_grads",
-           "second_order_grads", "CompactStage"]
+           "second_order_grads", "CompactStage", "compact_conv"]
 
 
 # -- pieces of a structured (Linear / Conv2d) module ------------------------------------------------
@@ -59,7 +59,9 @@ def sample_dots(q: torch.Tensor, x: torch.Tensor, chunk: int = 16) -> torch.Tens
     q2, x2 = q.reshape(n, -1), x.reshape(n, -1)
     out = torch.empty(n, dtype=torch.float64, device=x.device)
     for i in range(0, n, chunk):
-        out[i:i + chunk] = (q2[i:i + chunk].double() * x2[i:i + chunk].double()).sum(1)
+        # a float32 product is exact in float64: widen one factor, multiply in place by the other
+        wide = q2[i:i + chunk].to(torch.float64, copy=True)
+        out[i:i + chunk] = wide.mul_(x2[i:i + chunk]).sum(1)
     return out
 
 
@@ -199,9 +201,10 @@ def feedback_grads(stage: ModuleStage, x: torch.Tensor, xhat: torch.Tensor, g: t
 class CompactStage:
     """A Conv2d stage kept as per-sample gradients instead of its inputs and cotangents.
 
-    For a convolution the per-sample gradients (B, out, C k k [+1]) are several times smaller
-    than the layer's input and output activations, and q_u^T P q_u needs them anyway; keeping
-    them (plus q_x and q_x . x) lets the step drop x and g right after the backward sweep.
+    q_u^T P q_u needs the per-sample gradients (B, out, C k k [+1]) anyway, and they are
+    smaller than the layer's input and output activations of a wide layer; keeping them (plus
+    q_x and q_x . x) lets the step drop x and g as soon as the backward pass has gone through
+    the layer (:func:`compact_conv` builds it there).
 
     Attributes:
         block: the Conv2d block.
@@ -223,6 +226,10 @@ class CompactStage:
         for _ in per_sample_grads(block, x, g, out=grads):
             pass
         return cls(block, grads, q_x, sample_dots(q_x, x))
+
+    def batch_grads(self) -> list[torch.Tensor]:
+        """The batch's weight (and bias) gradient: the per-sample gradients summed."""
+        return from_matrix(self.block, self.grads.sum(0))
 
     def quad_form(self, factors) -> torch.Tensor:
         """q_u^T P q_u per sample for the recorded cotangents (scale by w^2 for w g)."""
@@ -249,6 +256,42 @@ class CompactStage:
             c = c * sample_scale.to(c.dtype)
         mat = torch.einsum("i,iab->ab", c, self.grads)
         return from_matrix(self.block, mat)
+
+
+class _CompactConv(torch.autograd.Function):
+    """A Conv2d whose backward forms the per-sample weight gradients (one grouped weight-gradient
+    kernel, :func:`~nn_adapter.curvature.kron.per_sample_grads`) and returns their sum as the
+    weight gradient, so the stage's :class:`CompactStage` costs no second weight gradient."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, block, sink):
+        m = block.module
+        ctx.save_for_backward(x, weight)
+        ctx.block, ctx.sink = block, sink
+        return F.conv2d(x, weight, bias, m.stride, m.padding, m.dilation, m.groups)
+
+    @staticmethod
+    def backward(ctx, g):
+        x, weight = ctx.saved_tensors
+        block = ctx.block
+        m = block.module
+        q_x = torch.nn.grad.conv2d_input(x.shape, weight, g, m.stride, m.padding, m.dilation,
+                                         m.groups)
+        stage = CompactStage.build(block, x.detach(), g.detach(), q_x.detach())
+        ctx.sink(stage)
+        grads = stage.batch_grads()
+        if block.has_bias:
+            bias = grads[1]
+        else:             # a bias the optimizer does not own
+            bias = g.sum((0, 2, 3)) if ctx.needs_input_grad[2] else None
+        return q_x, grads[0], bias, None, None
+
+
+def compact_conv(block: Block, x: torch.Tensor, sink) -> torch.Tensor:
+    """The block's Conv2d applied to ``x``; its backward hands the stage's :class:`CompactStage`
+    (the recorded output cotangents as per-sample gradients) to ``sink`` and accumulates their
+    sum as the weight gradient (the same gradient, summed in another order)."""
+    return _CompactConv.apply(x, block.weight, block.module.bias, block, sink)
 
 
 def tikhonov_grads(stage: ModuleStage, x: torch.Tensor, dx: torch.Tensor, eps: float

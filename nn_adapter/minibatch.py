@@ -37,8 +37,7 @@ from occore.errors import InputError
 from occore.types import Policy, Trajectory
 
 from .curvature.base import apply_p
-from .feedback import (CompactStage, feedback_grads, quad_form, second_order_grads,
-                       tikhonov_grads)
+from .feedback import feedback_grads, quad_form, second_order_grads, tikhonov_grads
 from .feedback_columns import column_feedback, column_quad_forms, next_weights, pull_columns
 from .feedback_dense import apply_gains, dense_gains
 from .module_stages import replay
@@ -118,8 +117,9 @@ class MinibatchProblem:
         return [s.params for s in self.stages]
 
     def trajectory(self) -> Trajectory:
-        """The closure's rollout: x_t the recorded stage inputs, u_t the parameters, its loss."""
-        return Trajectory(xs=[self.rec.inputs[s.module] for s in self.stages],
+        """The closure's rollout: x_t the recorded stage inputs (None for a stage kept in compact
+        form since the backward pass), u_t the parameters, its loss."""
+        return Trajectory(xs=[self.rec.inputs.get(s.module) for s in self.stages],
                           us=self.initial_controls(), cost=self.loss)
 
     def rollout(self, us) -> Trajectory:
@@ -265,11 +265,6 @@ class MinibatchLocalModel:
             total = [a + b for a, b in zip(total, second_order_grads(stage, x, dx, v_out))]
         return total
 
-    def _compactable(self, stage) -> bool:
-        opt, rec = self.problem.opt, self.problem.rec
-        return (opt.feedback != "dense" and stage.structured and stage.blocks[0].kind == "conv2d"
-                and self.mu == 0 and not self.second_order and stage.module in rec.in_grads)
-
     def _feedback(self, factors) -> list:
         """The value sweep and the feedback operators of every stage.
 
@@ -283,15 +278,13 @@ class MinibatchLocalModel:
         rec, stages, n = problem.rec, problem.stages, problem.batch_size
         T = len(stages)
         y_out, w_out = self._terminal()
-        compact: dict = {}
+        # Conv2d stages kept as per-sample gradients since the backward pass (the recorder's
+        # ``compact``, see DDPNOpt._compact_builders)
+        compact = {t: rec.compact.pop(s.module) for t, s in enumerate(stages)
+                   if t > 0 and factors[t] is not None and s.module in rec.compact}
         if y_out is None:
             # columns = the recorded mean-loss gradients; W_T = (B S_T)^2 per sample
             w_term = float(n * n) if w_out is None else w_out * (n * n)
-            for t in range(1, T):
-                if factors[t] is not None and self._compactable(stages[t]):
-                    compact[t] = CompactStage.build(
-                        stages[t].blocks[0], rec.inputs.pop(stages[t].module),
-                        rec.out_grads.pop(stages[t].module), rec.in_grads.pop(stages[t].module))
 
             def forms(t):                  # rho = q_u^T P q_u of the recorded gradients
                 if t in compact:

@@ -23,6 +23,7 @@ with an error naming it.
 from __future__ import annotations
 
 import contextlib
+import functools
 from dataclasses import dataclass, field
 
 import torch
@@ -167,6 +168,14 @@ class StageRecorder(Recorder):
         model: the network (its call is recorded).
         modules: the modules owning trainable parameters (the candidate stages).
         in_grad_of: modules whose gradient at the input is recorded (through them only).
+        compact: ``{module: forward}`` for modules kept in a compact form: inside the block,
+            the module (not the first to run, its input requiring grad) is evaluated as
+            ``forward(x, sink)`` (:func:`nn_adapter.feedback.compact_conv`), whose backward
+            hands ``sink`` what replaces the module's recorded input, output gradient and input
+            gradient, kept in ``compact[module]`` (the activation-sized records are dropped
+            while autograd still holds its own).
+        first_grad: record the gradient at the output of the first module that runs (False
+            when nothing reads it: the first stage has no feedback).
 
     Example:
         >>> net = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2))
@@ -176,12 +185,17 @@ class StageRecorder(Recorder):
         (True, torch.Size([5, 4]))
     """
 
-    def __init__(self, model: nn.Module, modules, in_grad_of=()):
+    def __init__(self, model: nn.Module, modules, in_grad_of=(), compact=None,
+                 first_grad: bool = True):
         _check_model(model)
         modules = list({id(m): m for m in modules}.values())
         super().__init__(modules, modules, in_grad_of)
         self.model = model
         self._in_grad = {id(m) for m in in_grad_of}
+        self._compact_fns = dict(compact or {})
+        self._swapped: list = []
+        self._first_grad = first_grad
+        self.compact: dict = {}
         self._ids = {id(m) for m in modules}
         self.order: list = []
         self.model_args = self.model_kwargs = self.rng = None
@@ -208,16 +222,34 @@ class StageRecorder(Recorder):
         self.inputs[module] = x.detach()
         if id(module) in self._in_grad and x.requires_grad:
             x = x.view_as(x)              # consumed by this module only: its grad is h_x^T g
-            x.register_hook(lambda grad: self.in_grads.__setitem__(module, grad.detach()))
+            x.register_hook(lambda grad: self._input_grad(module, grad.detach()))
             return (x,) + tuple(args[1:])
         return None
+
+    def _input_grad(self, module, grad) -> None:
+        if module not in self.compact:
+            self.in_grads[module] = grad
+
+    def _compact_forward(self, module, forward, x, *args, **kwargs):
+        """The module's call inside the block: ``forward(x, sink)`` where it can be kept compact
+        (its first call, not the first module, input requiring grad, no autocast)."""
+        if (args or kwargs or not isinstance(x, torch.Tensor) or not x.requires_grad
+                or not torch.is_grad_enabled() or torch.is_autocast_enabled()
+                or self.calls.get(module) != 1 or self.order[0] is module):
+            return type(module).forward(module, x, *args, **kwargs)
+
+        def sink(stage):
+            self.inputs.pop(module, None)
+            self.out_grads.pop(module, None)
+            self.compact[module] = stage
+        return forward(x, sink)
 
     def _post(self, module, args, output):
         if (not torch.is_grad_enabled() or id(module) not in self._ids
                 or self.calls.get(module, 0) != 1):
             return
         if isinstance(output, torch.Tensor):
-            if output.requires_grad:
+            if output.requires_grad and (self._first_grad or module is not self.order[0]):
                 output.register_hook(lambda grad: self.out_grads.__setitem__(module, grad.detach()))
         else:
             self.unsupported.setdefault(module, f"returns a {type(output).__name__}, not one tensor")
@@ -242,17 +274,34 @@ class StageRecorder(Recorder):
             h.append(m.register_forward_pre_hook(self._pre))
             h.append(m.register_forward_hook(self._post))
         self._handles = h
+        self._swapped = []
+        for m, fn in self._compact_fns.items():
+            self._swapped.append((m, m.__dict__.get("forward")))
+            m.forward = functools.partial(self._compact_forward, m, fn)
         return self
+
+    def __exit__(self, *exc) -> None:
+        super().__exit__(*exc)
+        for m, own in self._swapped:
+            if own is None:
+                m.__dict__.pop("forward", None)
+            else:
+                m.forward = own
+        self._swapped = []
 
     def release(self) -> None:
         """Drop everything recorded."""
         super().release()
+        self.compact.clear()
         self.calls.clear()
         self.order = []
         self.model_args = self.model_kwargs = self.rng = None
         self.model_output = self.model_grad = None
         self.model_calls = 0
         self.unsupported = {}
+
+    def has_grad(self, module) -> bool:
+        return module in self.out_grads or module in self.compact
 
     def check_stages(self, stages) -> None:
         """Raise ``UnsupportedModuleError`` for a stage after the first whose call the feedback

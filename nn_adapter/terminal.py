@@ -46,9 +46,11 @@ from occore.errors import InputError
 
 from .errors import warn
 
-__all__ = ["TERMINAL_HESSIANS", "LOSSES", "detect_loss", "terminal_factor", "loss_hessian_factor"]
+__all__ = ["TERMINAL_HESSIANS", "RANK_ONE", "LOSSES", "detect_loss", "terminal_factor", "loss_hessian_factor"]
 
 TERMINAL_HESSIANS = ("projected", "gauss_newton", "sampled", "gradient")
+#: the kinds whose columns are the recorded gradients themselves (r = 1, ``Y`` is None)
+RANK_ONE = ("projected", "gradient")
 DETECT = object()   # LossResolver: run detect_loss (no result given)
 LOSSES = ("auto", "cross_entropy", "mse")
 

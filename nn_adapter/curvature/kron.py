@@ -54,31 +54,23 @@ def _sample_slices(n: int, size: int) -> Iterator[slice]:
         yield slice(start, min(n, start + size))
 
 
-def _conv_grads_shifted(m, x: torch.Tensor, g: torch.Tensor, out=None) -> torch.Tensor:
-    """Per-sample weight gradients of a stride-1 Conv2d without an unfold, (b, out, C kh kw [+1])
-    (the bias column, if any, is left for the caller to fill).
+def _conv_grads_grouped(m, x: torch.Tensor, g: torch.Tensor, out=None) -> torch.Tensor:
+    """Per-sample weight gradients of a Conv2d without an unfold, (b, out, C kh kw [+1]) (the
+    bias column, if any, is left for the caller to fill).
 
-    With the input padded and flattened row by row (row length Wp), the input patch entry at
-    kernel offset (u, v) of every output position is one contiguous slice of length Ho * Wp
-    (the Wp - Wo extra columns of each row meet zero output gradients). So each of the kh * kw
-    offsets is one batched matrix product (out, Ho Wp) x (Ho Wp, C), on views.
+    The b samples are the b groups of one grouped convolution (channels of all samples side by
+    side), whose weight gradient is the per-sample weight gradients stacked: one call of the
+    backend's own weight-gradient kernel (about the cost of the batch's weight gradient).
     """
-    (ph, pw), (dh, dw), (kh, kw) = m.padding, m.dilation, m.kernel_size
     b, c = x.shape[:2]
-    ho, wo = g.shape[2:]
-    wp = x.shape[3] + 2 * pw
-    extra = -(-((kw - 1) * dw) // wp) if kw > 1 else 0
-    xp = F.pad(x, (pw, pw, ph, ph + extra)).flatten(2)          # (b, C, rows * Wp)
-    ge = F.pad(g, (0, wp - wo)).flatten(2)                      # (b, out, Ho * Wp)
-    length = ho * wp
-    n_w = c * kh * kw
+    o = g.shape[1]
+    w = torch.nn.grad.conv2d_weight(x.reshape(1, b * c, *x.shape[2:]),
+                                    (b * o, c) + tuple(m.kernel_size),
+                                    g.reshape(1, b * o, *g.shape[2:]), m.stride, m.padding,
+                                    m.dilation, b).reshape(b, o, -1)
     if out is None:
-        out = x.new_empty(b, g.shape[1], n_w + (m.bias is not None))
-    view = out[:, :, :n_w].unflatten(2, (c, kh * kw))
-    for u in range(kh):
-        for v in range(kw):
-            off = u * dh * wp + v * dw
-            view[..., u * kw + v] = torch.bmm(ge, xp[:, :, off:off + length].transpose(1, 2))
+        return torch.cat([w, w.new_empty(b, o, 1)], 2) if m.bias is not None else w
+    out[:, :, :w.shape[2]] = w
     return out
 
 
@@ -97,26 +89,18 @@ def per_sample_grads(block: Block, x: torch.Tensor, g: torch.Tensor, q_g=None, q
         ``(slice, G)`` with G of shape (b, out, in[+1]) for the samples in ``slice``.
     """
     m = block.module
-    shifted = block.kind == "conv2d" and tuple(m.stride) == (1, 1)
-    for sl in (_sample_slices(x.shape[0], 16) if shifted else chunks(block, x)):
-        if shifted:
-            dest = out[sl] if out is not None else None
-            grads = _conv_grads_shifted(m, x[sl], g[sl], dest)
+    if block.kind == "conv2d":
+        for sl in _sample_slices(x.shape[0], 16):
+            grads = _conv_grads_grouped(m, x[sl], g[sl], out[sl] if out is not None else None)
             if block.has_bias:
                 torch.sum(g[sl], (2, 3), out=grads[:, :, -1])
             yield sl, _rotate(grads, q_g, q_a)
-            continue
-        else:
-            gg = positions(block, g[sl])                      # (b, L, out)
-            if block.kind == "linear":
-                a = x[sl].reshape(gg.shape[0], -1, x.shape[-1])
-            else:
-                a = F.unfold(x[sl], m.kernel_size, m.dilation, m.padding, m.stride)
-                a = a.transpose(1, 2)
-            grads = gg.transpose(1, 2) @ a                    # (b, out, in)
-            bias = gg.sum(1) if block.has_bias else None
-        if bias is not None:
-            grads = torch.cat([grads, bias.unsqueeze(2)], dim=2)
+        return
+    for sl in chunks(block, x):
+        gg = positions(block, g[sl])                          # (b, L, out)
+        grads = gg.transpose(1, 2) @ x[sl].reshape(gg.shape[0], -1, x.shape[-1])  # (b, out, in)
+        if block.has_bias:
+            grads = torch.cat([grads, gg.sum(1).unsqueeze(2)], dim=2)
         if out is not None:
             out[sl] = grads
         yield sl, _rotate(grads, q_g, q_a)

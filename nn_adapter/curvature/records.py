@@ -121,6 +121,10 @@ class Recorder:
         self.out_grads.clear()
         self.in_grads.clear()
 
+    def has_grad(self, module: nn.Module) -> bool:
+        """True when the gradient at the module's output was recorded (in any form)."""
+        return module in self.out_grads
+
     def check_complete(self, modules: Iterable[nn.Module], need_grads: bool = True) -> None:
         """Raise ``InputError`` unless each module ran exactly once and, if asked, got a gradient."""
         for m in modules:
@@ -129,7 +133,7 @@ class Recorder:
                 raise InputError(
                     f"model: module {m.__class__.__name__} ran {n} times {self.context}; "
                     "the optimizer needs each parametrised module to run exactly once")
-            if need_grads and m in self._grad_of and m not in self.out_grads:
+            if need_grads and m in self._grad_of and not self.has_grad(m):
                 raise InputError(
                     f"closure: no gradient reached the output of {m.__class__.__name__}; "
                     "the closure must call loss.backward()")
@@ -258,6 +262,10 @@ class LiveRecorder(Recorder):
             if keep_grad:
                 rec.out_grads[mod] = grad.detach()
         output.register_hook(commit)
+
+    def has_grad(self, module: nn.Module) -> bool:
+        """True when the gradient at the module's output was recorded (in any form)."""
+        return module in self.out_grads
 
     def check_complete(self, modules: Iterable[nn.Module], need_grads: bool = True) -> None:
         """Raise ``InputError`` unless each module went through exactly one forward and backward

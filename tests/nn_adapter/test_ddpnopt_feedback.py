@@ -472,3 +472,31 @@ def test_feedback_bound_caps_the_feedback_and_dense_agrees(bound):
     assert any(s.get("bounded") for s in d)
     a, b = (torch.cat([p.detach().flatten() for p in n.parameters()]) for n in nets)
     assert (a - b).abs().max() <= 1e-10
+
+
+@pytest.mark.parametrize("make", [_cnn, _residual])
+def test_compact_convolutions_leave_the_closure_the_gradients_of_autograd(make):
+    """A Conv2d stage's backward forms its per-sample gradients (compact_conv) and returns their
+    sum as the weight gradient: every parameter's .grad after the closure is autograd's own, a
+    bias left out of the optimizer included, and the stage is kept compact (no input record)."""
+    torch.manual_seed(0)
+    net = make()
+    x, y = _batch(make, 4)
+    convs = [m for m in net.modules() if isinstance(m, nn.Conv2d)]
+    weights = [p for n, p in net.named_parameters() if not n.endswith("bias")]
+    opt = DDPNOpt(weights, lr=0.0, curvature="identity", model=net)
+    nn.functional.cross_entropy(net(x), y).backward()
+    expected = [p.grad.clone() for p in net.parameters()]
+    seen = {}
+    original = type(opt)._update
+
+    def spy(self, rec):
+        seen.update(compact=set(rec.compact), inputs=set(rec.inputs))
+        return original(self, rec)
+    opt._update = spy.__get__(opt)
+    net.zero_grad()                       # the closure clears the optimizer's parameters only
+    opt.step(_closure(net, opt, x, y))
+    for p, g in zip(net.parameters(), expected):
+        assert torch.allclose(p.grad, g, rtol=1e-12, atol=1e-14)
+    assert seen["compact"] == set(convs[1:]) and not seen["inputs"] & set(convs[1:])
+    assert convs[0] in seen["inputs"] and "forward" not in convs[1].__dict__
