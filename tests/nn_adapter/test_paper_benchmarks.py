@@ -1,6 +1,7 @@
 """benchmarks/paper/: every script's --quick mode runs, writes its files, and reproduces the
 numbers committed in docs/results/ (fixed seeds; the timing columns aside)."""
 import re
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -34,7 +35,13 @@ def test_quick_modes_write_results_and_reproduce_the_committed_tables(tmp_path):
     # vanishing: the loss and accuracy columns (the update norms are float sums, also fixed)
     strip = lambda rows: [r.split("|")[1:6] for r in rows]  # noqa: E731
     got = strip(_rows((tmp_path / "vanishing_quick.md").read_text(), r"\| [\w-]+/(ce|mmc) \|"))
-    assert len(got) == 10 and got == strip(_rows((ROOT / "docs" / "results" / "vanishing_quick.md").read_text(),
-                                                r"\| [\w-]+/(ce|mmc) \|"))
+    want = strip(_rows((ROOT / "docs" / "results" / "vanishing_quick.md").read_text(),
+                       r"\| [\w-]+/(ce|mmc) \|"))
+    assert len(got) == 10 and [r[:2] for r in got] == [r[:2] for r in want]
+    # float32 EKFAC (an eigendecomposition) rounds differently on other CPUs: the printed 4th
+    # decimal may move by one, nothing more
+    for g, w in zip(got, want):
+        assert all(math.isclose(float(a), float(b), rel_tol=2e-4, abs_tol=1e-4)
+                   for a, b in zip(g[2:], w[2:])), (g, w)
     runtime = (tmp_path / "runtime_memory_quick.md").read_text()
     assert re.search(r"\| ddp \| [\d.]+ ms", runtime) and re.search(r"\| emsa \| [\d.]+ ms", runtime)
