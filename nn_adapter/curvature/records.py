@@ -263,10 +263,6 @@ class LiveRecorder(Recorder):
                 rec.out_grads[mod] = grad.detach()
         output.register_hook(commit)
 
-    def has_grad(self, module: nn.Module) -> bool:
-        """True when the gradient at the module's output was recorded (in any form)."""
-        return module in self.out_grads
-
     def check_complete(self, modules: Iterable[nn.Module], need_grads: bool = True) -> None:
         """Raise ``InputError`` unless each module went through exactly one forward and backward
         pass since the last release."""
