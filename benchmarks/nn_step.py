@@ -29,23 +29,20 @@ Adam step, 2.5 s per EKFAC step on one thread) runs batch 32, one warm-up step, 
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import statistics
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 import torch
 from torch import nn
-from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from nn_adapter import EKFAC, DDPNOpt  # noqa: E402
 from nn_adapter.data import load_digits, load_fashion_mnist  # noqa: E402
 from nn_adapter.errors import UnsupportedModuleError  # noqa: E402
+from nn_adapter.memory import resident_bytes, step_peak_bytes  # noqa: E402
 from nn_adapter.training import make_closure, paper_cnn, residual_cnn  # noqa: E402
 
 OPTIMIZERS = {
@@ -107,36 +104,10 @@ def batches(name: str, batch: int, n: int):
     return out, note
 
 
-def _resident_bytes(net, opt) -> int:
-    seen, total = set(), 0
-    tensors = [p for p in net.parameters()] + [p.grad for p in net.parameters()
-                                               if p.grad is not None]
-    for st in opt.state.values():
-        tensors += [v for v in st.values() if isinstance(v, torch.Tensor)]
-    for t in tensors:
-        key = t.untyped_storage().data_ptr()
-        if key not in seen:
-            seen.add(key)
-            total += t.untyped_storage().nbytes()
-    return total
-
-
 def peak_step_bytes(net, opt, xb, yb) -> int:
-    """Resident bytes before the step + peak of the bytes allocated during it."""
-    base = _resident_bytes(net, opt)
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        opt.step(make_closure(net, opt, xb, yb))
-    with tempfile.TemporaryDirectory() as tmp:
-        path = os.path.join(tmp, "trace.json")
-        prof.export_chrome_trace(path)
-        with open(path) as fh:
-            events = json.load(fh)["traceEvents"]
-    mem = sorted((e["ts"], e["args"]["Bytes"]) for e in events if e.get("name") == "[memory]")
-    running, peak = 0, 0
-    for _, b in mem:
-        running += b
-        peak = max(peak, running)
-    return base + peak
+    """Resident bytes before the step + peak of the bytes allocated during it (:mod:`nn_adapter.memory`)."""
+    held = resident_bytes(net, opt)
+    return held + step_peak_bytes(lambda: opt.step(make_closure(net, opt, xb, yb)), torch.device("cpu"))[1]
 
 
 def bench(name: str, steps: int, rounds: int, batch: int, warmup: int = 2):

@@ -319,13 +319,13 @@ def _pm(ms, fmt):
 def print_table(summary, file=None) -> None:
     file = file or sys.stdout
     print(f"{'optimizer':16s} {'lr':>8s} {'final train loss':>18s} {'test acc [%]':>15s} "
-          f"{'ms/step':>15s} {'peak MiB':>13s} runs", file=file)
+          f"{'ms/step':>15s} {'peak MiB':>15s} runs", file=file)
     for name, s in summary.items():
         acc = (100 * s["test_accuracy"][0], 100 * s["test_accuracy"][1])
         ms = (1e3 * s["seconds_per_step"][0], 1e3 * s["seconds_per_step"][1])
         note = f" ({s['stopped']} diverged)" if s["stopped"] else ""
         print(f"{name:16s} {s['lr']:8.2g} {_pm(s['train_loss'], '.4f'):>18s} {_pm(acc, '.2f'):>15s} "
-              f"{_pm(ms, '.2f'):>15s} {_pm(s['peak_memory_mib'], '.1f'):>13s} {s['runs']}{note}", file=file)
+              f"{_pm(ms, '.2f'):>15s} {_pm(s['peak_memory_mib'], '.3f'):>15s} {s['runs']}{note}", file=file)
 
 
 def plot_records(records, names, path, title) -> None:

@@ -197,7 +197,9 @@ def _merge(run: _Run, record):
     whole.test_accuracy = whole.test_accuracy + record.test_accuracy
     whole.seconds += record.seconds
     whole.steps += record.steps
-    whole.peak_memory = record.peak_memory
+    whole.untimed_steps += record.untimed_steps
+    peaks = [p for p in (whole.peak_memory, record.peak_memory) if p is not None]
+    whole.peak_memory = max(peaks) if peaks else None
     whole.stopped = record.stopped
     return whole
 
@@ -209,6 +211,11 @@ class _DataParallelStep:
 
     def __init__(self, model, optimizer):
         self.model, self.optimizer = model, optimizer
+
+    @property
+    def state(self) -> dict:
+        """The optimizer's state (what :func:`nn_adapter.memory.resident_bytes` counts)."""
+        return self.optimizer.state
 
     def step_batch(self, x, y, loss_fn) -> float:
         import torch

@@ -40,6 +40,7 @@ import torch
 from torch import nn
 
 from .data import Split, batch_indices
+from .memory import resident_bytes, step_peak_bytes
 # the networks live in nn_adapter.networks; imported here for the callers that take them from
 # nn_adapter.training (one implementation)
 from .networks import ResidualBlock, ResidualCNN, mlp, paper_cnn, residual_cnn  # noqa: F401
@@ -217,8 +218,12 @@ class TrainRecord:
         test_accuracy: accuracy on the test split after each epoch.
         seconds: wall time of the optimisation steps (evaluation excluded).
         steps: optimisation steps taken.
-        peak_memory: bytes above the run's start at its peak (CUDA: allocated tensors; CPU: the
-            process's resident set, sampled every few ms), None when not measured.
+        peak_memory: peak bytes of one step (the run's second, or its only one): parameters,
+            gradients and optimizer state held before it plus the peak of what the step allocates
+            (:mod:`nn_adapter.memory`; CUDA: the allocator's statistics, CPU: torch.profiler's
+            memory events); None when not measured.
+        untimed_steps: steps not counted in ``seconds`` (the one whose memory was measured runs
+            under the profiler).
         fingerprint: digest of the initial weights and of the minibatch order (equal for every
             optimizer of one comparison and seed).
         stopped: why the run ended early ("" when it ran every epoch).
@@ -232,12 +237,14 @@ class TrainRecord:
     seconds: float = 0.0
     steps: int = 0
     peak_memory: Optional[int] = None
+    untimed_steps: int = 0
     fingerprint: str = ""
     stopped: str = ""
 
     @property
     def seconds_per_step(self) -> float:
-        return self.seconds / self.steps if self.steps else float("nan")
+        timed = self.steps - self.untimed_steps
+        return self.seconds / timed if timed > 0 else float("nan")
 
 
 def fingerprint(model: nn.Module, batches) -> str:
@@ -258,52 +265,8 @@ def _accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, predict=None) 
         return float((pred == y).float().mean())
 
 
-class _PeakMemory:
-    """Peak memory above the start of a ``with`` block: CUDA's allocator statistics on a CUDA
-    device, else the resident set size read from /proc by a sampling thread (None elsewhere)."""
-
-    def __init__(self, device: torch.device, interval: float = 0.002):
-        self.device, self.interval, self.peak = device, interval, None
-
-    @staticmethod
-    def _rss() -> Optional[int]:
-        try:
-            with open("/proc/self/statm") as fh:
-                return int(fh.read().split()[1]) * 4096
-        except (OSError, ValueError, IndexError):
-            return None
-
-    def __enter__(self):
-        import threading
-
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-            torch.cuda.reset_peak_memory_stats(self.device)
-            self.start = torch.cuda.memory_allocated(self.device)
-            return self
-        self.start = self._rss()
-        self._max, self._stop = self.start, threading.Event()
-        if self.start is not None:
-            self._thread = threading.Thread(target=self._sample, daemon=True)
-            self._thread.start()
-        return self
-
-    def _sample(self):
-        while not self._stop.wait(self.interval):
-            rss = self._rss()
-            if rss is not None and rss > self._max:
-                self._max = rss
-
-    def __exit__(self, *exc):
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-            self.peak = torch.cuda.max_memory_allocated(self.device) - self.start
-        elif self.start is not None:
-            self._stop.set()
-            self._thread.join()
-            self._max = max(self._max, self._rss() or 0)
-            self.peak = self._max - self.start
-        return False
+def _scalar(loss) -> float:
+    return float(loss.detach() if torch.is_tensor(loss) else loss)
 
 
 def _device_of(model: nn.Module) -> torch.device:
@@ -328,7 +291,8 @@ def train_classifier(model: nn.Module, data: Split, optimizer, epochs: int = 8, 
         loss_fn: defaults to cross-entropy; ``predict`` maps outputs to classes (default argmax).
         progress: ``progress(epoch, step, steps_per_epoch, loss, seconds)`` after every step
             (the CLI's progress bar; library code never prints).
-        measure_memory: fill :attr:`TrainRecord.peak_memory`.
+        measure_memory: fill :attr:`TrainRecord.peak_memory` (the second step of this call, or
+            its only one, then runs under the memory probe and is left out of the timing).
         start_epoch: the first epoch to run (>= 1; a resumed run: the model and optimizer hold the
             state after epoch ``start_epoch - 1``). The minibatches of every epoch are still drawn
             from ``seed``, so the later epochs see those of the whole run; the record holds the
@@ -356,36 +320,39 @@ def train_classifier(model: nn.Module, data: Split, optimizer, epochs: int = 8, 
     else:
         def step(xb, yb, fn):
             return optimizer.step(make_closure(model, optimizer, xb, yb, fn))
-    meter = _PeakMemory(device) if measure_memory else None
-    if meter is not None:
-        meter.__enter__()
-    try:
-        for epoch, batches in enumerate(plan, 1):
-            if epoch < start_epoch:
-                continue
-            total, count = 0.0, 0
-            for i, idx in enumerate(batches):
-                xb, yb = data.x_train[idx].to(device), data.y_train[idx].to(device)
+    probe_at = None
+    if measure_memory:
+        planned = sum(len(b) for e, b in enumerate(plan, 1) if e >= start_epoch)
+        probe_at = min(1, planned - 1)        # the optimizer's state exists after the first step
+    taken = 0
+    for epoch, batches in enumerate(plan, 1):
+        if epoch < start_epoch:
+            continue
+        total, count = 0.0, 0
+        for i, idx in enumerate(batches):
+            xb, yb = data.x_train[idx].to(device), data.y_train[idx].to(device)
+            if taken == probe_at:
+                held = resident_bytes(model, optimizer)
+                loss, peak = step_peak_bytes(lambda: _scalar(step(xb, yb, loss_fn)), device)
+                record.peak_memory = held + peak
+                record.untimed_steps += 1
+            else:
                 start = time.perf_counter()
-                loss = step(xb, yb, loss_fn)
-                loss = float(loss.detach() if torch.is_tensor(loss) else loss)
+                loss = _scalar(step(xb, yb, loss_fn))
                 record.seconds += time.perf_counter() - start
-                record.steps += 1
-                if not math.isfinite(loss):
-                    record.stopped = f"non-finite loss at epoch {epoch}, step {i + 1}"
-                    logger.warning("%s: %s, training stopped", record.optimizer, record.stopped)
-                    return record
-                total, count = total + loss, count + 1
-                if progress is not None:
-                    progress(epoch, i + 1, len(batches), loss, record.seconds)
-            record.train_loss.append(total / max(count, 1))
-            record.test_accuracy.append(_accuracy(model, x_test, y_test, predict))
-            if on_epoch_end is not None:
-                on_epoch_end(epoch, record)
-    finally:
-        if meter is not None:
-            meter.__exit__(None, None, None)
-            record.peak_memory = meter.peak
+            record.steps += 1
+            taken += 1
+            if not math.isfinite(loss):
+                record.stopped = f"non-finite loss at epoch {epoch}, step {i + 1}"
+                logger.warning("%s: %s, training stopped", record.optimizer, record.stopped)
+                return record
+            total, count = total + loss, count + 1
+            if progress is not None:
+                progress(epoch, i + 1, len(batches), loss, record.seconds)
+        record.train_loss.append(total / max(count, 1))
+        record.test_accuracy.append(_accuracy(model, x_test, y_test, predict))
+        if on_epoch_end is not None:
+            on_epoch_end(epoch, record)
     return record
 
 

@@ -1,13 +1,10 @@
 """What the paper-reproduction scripts share: the report header (command, versions, machine), the
-output folder, the equal-effort learning-rate protocol, a per-step peak-memory probe and the
-figure helpers."""
+output folder, the equal-effort learning-rate protocol and the figure helpers."""
 from __future__ import annotations
 
-import json
 import os
 import platform
 import sys
-import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -45,25 +42,6 @@ def header(argv, mode: str, seconds: float) -> str:
         f"Versions: Python {platform.python_version()}, torch {torch.__version__}, numpy {numpy.__version__}  ",
         f"Machine: {platform.machine()}, {os.cpu_count()} CPUs ({cpu}), torch threads {torch.get_num_threads()}",
         ""])
-
-
-def peak_bytes(fn) -> int:
-    """Peak of the bytes torch's CPU allocator holds during ``fn()`` above what it held before
-    (torch.profiler memory events; numpy's own allocations are not seen)."""
-    from torch.profiler import ProfilerActivity, profile
-
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        fn()
-    with tempfile.TemporaryDirectory() as tmp:
-        path = os.path.join(tmp, "trace.json")
-        prof.export_chrome_trace(path)
-        with open(path) as fh:
-            events = json.load(fh)["traceEvents"]
-    running, peak = 0, 0
-    for _, b in sorted((e["ts"], e["args"]["Bytes"]) for e in events if e.get("name") == "[memory]"):
-        running += b
-        peak = max(peak, running)
-    return peak
 
 
 def figure(rows: int, cols: int, size):

@@ -23,12 +23,13 @@ import statistics
 import sys
 import time
 
-from common import RESULTS, figure, header, peak_bytes, save_figure
+from common import RESULTS, figure, header, save_figure
 
 import torch
 from torch import nn
 
 from nn_adapter import NetworkProblem, data
+from nn_adapter.memory import step_peak_bytes
 from nn_adapter.networks import build_network
 from nn_adapter.training import make_closure, make_optimizer
 
@@ -59,7 +60,7 @@ def measure(name, split, batch, steps):
     batches = [torch.randint(0, len(split.x_train), (batch,), generator=g) for _ in range(steps + 2)]
     fns = [_step_fn(opt, model, split.x_train[i], split.y_train[i], loss_fn) for i in batches]
     fns[0]()                                   # warm-up
-    peak = peak_bytes(fns[1])
+    peak = step_peak_bytes(fns[1], torch.device("cpu"))[1]
     times = []
     for fn in fns[2:]:
         t = time.perf_counter()
