@@ -46,8 +46,9 @@ class _Parser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="occore train", description=__doc__.splitlines()[0])
-    p.add_argument("--dataset", default="digits", choices=list(datasets.DATASETS))
+    p = _Parser(prog="occore train", description=__doc__.splitlines()[0].replace("``", ""))
+    p.add_argument("--dataset", default="digits", choices=list(datasets.DATASETS),
+                   help="the data set (default digits; file-based ones read from --data-dir)")
     p.add_argument("--data-dir", default=None, help="folder of a file-based data set (default: its usual place)")
     p.add_argument("--n-train", type=int, default=None, help="subsample the training split (seeded)")
     p.add_argument("--n-test", type=int, default=None, help="subsample the test split (seeded)")
@@ -57,8 +58,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--depth", type=int, default=None, help="number of layers (default: the net's)")
     p.add_argument("--optimizers", default="ddpnopt,adam,sgd-m",
                    help=f"comma-separated, from: {', '.join(OPTIMIZERS)}")
-    p.add_argument("--epochs", type=int, default=8)
-    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--epochs", type=int, default=8, help="passes over the training split (default 8)")
+    p.add_argument("--batch-size", type=int, default=32, help="minibatch size (default 32)")
     p.add_argument("--drop-last", action="store_true", help="drop the last partial batch of each epoch")
     p.add_argument("--lr", default=None,
                    help="one learning rate for all, and/or per optimizer: 0.01,adam=0.003 (default: per optimizer)")

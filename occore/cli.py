@@ -164,7 +164,7 @@ def build_parser(plugins: dict | None = None, describe_plugins: bool = False) ->
     names = list(BUILTIN_COMMANDS) + list(plugins)
     from . import __version__
 
-    parser = _Parser(prog="occore", description="Trajectory optimisation: DDP, iLQR, E-MSA, IPOPT.")
+    parser = _Parser(prog="occore", description="Trajectory optimisation: DDP, iLQR, FDDP, constrained DDP (CDDP), E-MSA, MPC; IPOPT and FATROP as references.")
     parser.add_argument("--version", action="version", version=f"occore {__version__}",
                         help="print the version and exit")
     sub = parser.add_subparsers(dest="command", metavar="{" + ",".join(names) + "}", parser_class=_Parser)
@@ -198,7 +198,7 @@ def build_parser(plugins: dict | None = None, describe_plugins: bool = False) ->
     sub.add_parser("list", help="list the problems and solvers known by name")
 
     m = sub.add_parser("mpc", help="receding-horizon control of a problem in closed loop (its own dynamics as the plant)")
-    m.add_argument("problem", help="a reference problem name (see `occore list`) or a Python file defining one problem")
+    m.add_argument("problem", help="a reference problem name (see: occore list) or a Python file defining one problem")
     m.add_argument("--solver", default="ilqr", help="the solver re-solving at each step: ilqr (default), ddp, fddp, cddp")
     m.add_argument("--steps", type=int, default=150, metavar="N", help="closed-loop steps (default 150)")
     m.add_argument("--iterations", type=int, default=None, metavar="K",

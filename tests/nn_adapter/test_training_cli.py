@@ -51,3 +51,11 @@ def test_cli_trains_and_plots(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "ddpnopt" in out and "sgd" in out and "test acc" in out
     assert png.stat().st_size > 1000
+
+
+def test_every_train_option_has_help_and_no_raw_markup():
+    parser = cli.build_parser()
+    for action in parser._actions:
+        assert action.help and action.help.strip(), action.dest
+    text = parser.format_help()
+    assert "`" not in text and "%(" not in text and "**" not in text, text
