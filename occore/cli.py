@@ -135,17 +135,19 @@ def check_output_path(option: str, path: str, formats=None) -> None:
                           f"use one of {', '.join('.' + f for f in formats)}")
 
 
-def _check_compare_outputs(args) -> None:
-    """--plot and --json are checked (and matplotlib looked for) before the first solve."""
+def _check_outputs(args) -> None:
+    """--plot and --json (where the command has them) are checked, and matplotlib looked for,
+    before the first solve."""
     import importlib.util
 
-    if args.plot:
-        check_output_path("--plot", args.plot, PLOT_FORMATS)
+    plot, json_path = getattr(args, "plot", None), getattr(args, "json", None)
+    if plot:
+        check_output_path("--plot", plot, PLOT_FORMATS)
         if importlib.util.find_spec("matplotlib") is None:
             raise OccoreError("--plot needs matplotlib, which is not installed (pip install matplotlib)")
-    if args.json:
-        check_output_path("--json", args.json)
-    if args.plot and args.json and os.path.abspath(args.plot) == os.path.abspath(args.json):
+    if json_path:
+        check_output_path("--json", json_path)
+    if plot and json_path and os.path.abspath(plot) == os.path.abspath(json_path):
         raise OccoreError(f"--plot and --json name the same file {args.plot}")
 
 
@@ -239,7 +241,7 @@ def _solve(args, out) -> int:
 def _compare(args, out) -> int:
     from .comparison.runner import compare
 
-    _check_compare_outputs(args)
+    _check_outputs(args)
     cmp = compare(args.problems, args.solvers, max_iter=args.max_iter, backend=args.backend,
                   progress=not args.no_progress, repeat=args.repeat, workers=args.workers)
     print(cmp.table(markdown=args.markdown), file=out)
@@ -268,6 +270,7 @@ def _mpc(args, out) -> int:
         raise OccoreError(f"--steps {args.steps}: expected an integer >= 1")
     if args.iterations is not None and args.iterations < 1:
         raise OccoreError(f"--iterations {args.iterations}: expected an integer >= 1")
+    _check_outputs(args)
     problems = resolve_problems(args.problem, backend=args.backend)
     if len(problems) != 1:
         raise OccoreError(f"mpc: expected one problem, got {len(problems)} ({', '.join(problems)})")

@@ -6,6 +6,7 @@ import is reported with the file and line where it failed.
 """
 from __future__ import annotations
 
+import importlib.machinery
 import importlib.util
 import os
 import sys
@@ -35,7 +36,9 @@ def load_file(path: str) -> dict:
     if not os.path.isfile(path):
         raise InputError(f"problem file {path!r} does not exist")
     name = "occore_user_problems_" + os.path.splitext(os.path.basename(path))[0].replace("-", "_")
-    spec = importlib.util.spec_from_file_location(name, path)
+    # read as Python source whatever its extension (spec_from_file_location gives None without .py)
+    loader = importlib.machinery.SourceFileLoader(name, path)
+    spec = importlib.util.spec_from_loader(name, loader)
     module = importlib.util.module_from_spec(spec)
     sys.modules[name] = module
     try:

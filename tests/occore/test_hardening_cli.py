@@ -114,3 +114,33 @@ def test_help_and_version_of_the_installed_command_show_no_traceback():
         done = subprocess.run([sys.executable, "-m", "occore", *argv], capture_output=True, text=True,
                               env=env, timeout=120)
         assert done.returncode == 0 and not done.stderr and "Traceback" not in done.stdout, done
+
+
+@pytest.mark.parametrize("argv, words", [
+    (["mpc", "pendulum", "--plot", "/no/such/dir/x.png"], ["--plot", "does not exist"]),
+    (["mpc", "pendulum", "--plot", "closed_loop.xyz"], ["--plot", "unknown figure format"]),
+    (["mpc", "pendulum", "--steps", "0"], ["--steps 0", ">= 1"]),
+])
+def test_mpc_options_are_checked_before_the_closed_loop_runs(argv, words, capsys, monkeypatch, tmp_path):
+    import occore.mpc
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the closed loop ran before the bad option was refused")
+    monkeypatch.setattr(occore.mpc, "simulate", refuse)
+    monkeypatch.chdir(tmp_path)
+    code, err = _run(argv, capsys)
+    assert code == 2 and len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
+    for w in words:
+        assert w in err, (w, err)
+
+
+def test_a_problem_file_is_read_as_python_whatever_its_extension(tmp_path, capsys):
+    text = tmp_path / "notes.txt"
+    text.write_text("these are notes, not Python: {\n")
+    code, err = _run(["solve", str(text)], capsys)
+    assert code == 2 and len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
+    assert f"{text}:1" in err and "SyntaxError" in err
+    good = tmp_path / "problems.conf"
+    good.write_text("from occore.problems import make\nP = make(\"lqr\")\n")
+    code, err = _run(["solve", str(good), "--quiet"], capsys)
+    assert code == 0, err
