@@ -26,8 +26,11 @@ Example::
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import re
+import sys
 import tempfile
 from typing import Callable, Optional
 
@@ -74,8 +77,9 @@ def step_peak_bytes(fn: Callable[[], object], device: torch.device) -> tuple:
         return result, max(torch.cuda.max_memory_allocated(device) - before, 0)
     from torch.profiler import ProfilerActivity, profile
 
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        result = fn()
+    with _without_profiler_chatter():
+        with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+            result = fn()
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, "trace.json")
         prof.export_chrome_trace(path)
@@ -86,3 +90,35 @@ def step_peak_bytes(fn: Callable[[], object], device: torch.device) -> tuple:
         running += nbytes
         peak = max(peak, running)
     return result, peak
+
+
+#: what torch's profiler itself writes on the process's stderr (its start and stop markers, the
+#: allocator's note about blocks allocated before it started): not the user's business
+_CHATTER = re.compile(r"USDT:.*profiler_(start|stop)|Memory block of unknown size was allocated before the profiling")
+
+
+@contextlib.contextmanager
+def _without_profiler_chatter():
+    """Hold what is written on file descriptor 2 inside the block and pass it on afterwards,
+    less the profiler's own lines (they come from C++, below Python's ``sys.stderr``)."""
+    try:
+        fd = sys.stderr.fileno()
+    except (AttributeError, OSError, ValueError):     # no real stderr (captured, replaced)
+        yield
+        return
+    sys.stderr.flush()
+    saved = os.dup(fd)
+    with tempfile.TemporaryFile() as held:
+        os.dup2(held.fileno(), fd)
+        try:
+            yield
+        finally:
+            sys.stderr.flush()
+            os.dup2(saved, fd)
+            os.close(saved)
+            held.seek(0)
+            kept = [line for line in held.read().decode(errors="replace").splitlines(keepends=True)
+                    if not _CHATTER.search(line)]
+            if kept:
+                sys.stderr.write("".join(kept))
+                sys.stderr.flush()

@@ -71,3 +71,22 @@ def test_train_classifier_memory_is_one_probed_step_repeatable_and_untimed():
     net = _net()
     plain = train_classifier(net, split, torch.optim.SGD(net.parameters(), lr=0.01), 2, 32, 0)
     assert plain.peak_memory is None and plain.untimed_steps == 0
+
+
+def test_the_probe_keeps_the_profilers_chatter_off_stderr_and_passes_the_rest_on():
+    import os
+    import subprocess
+    import sys
+
+    code = ("import sys, torch\n"
+            "from nn_adapter.memory import step_peak_bytes\n"
+            "def f():\n"
+            "    print('from the step', file=sys.stderr)\n"
+            "    return torch.zeros(256)\n"
+            "print(step_peak_bytes(f, torch.device('cpu'))[1])\n")
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                          env=dict(os.environ, PYTHONPATH=root))
+    assert done.returncode == 0, done.stderr
+    assert int(done.stdout) >= 1024
+    assert done.stderr.strip() == "from the step", done.stderr
