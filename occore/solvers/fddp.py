@@ -119,6 +119,8 @@ class FDDP(_RiccatiSolver):
 
     name = "fddp"
     Options = FDDPOptions
+    #: the gapped model is built from the dense derivatives (a NetworkProblem has none)
+    needs = ("rollout_policy", "evaluate_derivatives", "model_of")
 
     @classmethod
     def default_options(cls) -> FDDPOptions:

@@ -472,3 +472,18 @@ def test_load_state_dict_does_not_modify_the_passed_dict_and_checks_it(make):
         other.load_state_dict(bad)
     with pytest.raises(TypeError, match="state_dict"):
         other.load_state_dict([1, 2])
+
+
+@pytest.mark.parametrize("solver", ["DDP", "ILQR", "EMSA", "FDDP", "CDDP"])
+def test_every_core_solver_solves_a_network_problem_or_refuses_it_by_type(solver):
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 3)).double()
+    x, y = torch.randn(6, 4, dtype=torch.float64), torch.tensor([0, 1, 2, 0, 1, 2])
+    prob = NetworkProblem(net, nn.CrossEntropyLoss(), x, y)
+    try:
+        res = getattr(occore, solver)(max_iter=2).solve(prob)
+    except InputError as err:
+        assert "NetworkProblem" in str(err) and ("problem" in str(err) or solver.lower() in str(err))
+        assert solver in ("FDDP", "CDDP")
+        return
+    assert res.cost <= float(nn.CrossEntropyLoss()(net(x), y)) + 1e-12
