@@ -260,13 +260,20 @@ def build_network(spec: str, input_shape, num_classes: int, dataset: Optional[st
         width, depth: override the named network's hidden width / number of layers.
 
     Raises:
-        InputError: see :func:`resolve_network`; a network that does not suit the inputs; a user
-            function that does not return an ``nn.Module``.
+        InputError: see :func:`resolve_network`; ``width``, ``depth`` or ``num_classes`` not an
+            integer >= 1; a network that does not suit the inputs; a user function that does not
+            return an ``nn.Module``.
 
     Example:
         >>> build_network("fcn", (13,), 3, dataset="wine")[0]
         Linear(in_features=13, out_features=10, bias=True)
     """
+    for name, value in (("width", width), ("depth", depth), ("num_classes", num_classes)):
+        if value is None and name != "num_classes":
+            continue
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise InputError(f"{name}={value!r}: expected an integer >= 1"
+                             + (" or None (the network's default)" if name != "num_classes" else ""))
     net = resolve_network(spec)(tuple(input_shape), num_classes, dataset=dataset, width=width, depth=depth)
     if not isinstance(net, nn.Module):
         raise InputError(f"net {spec!r} returned a {type(net).__name__}, expected an nn.Module")

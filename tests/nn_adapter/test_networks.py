@@ -51,3 +51,14 @@ def test_user_networks_by_module_or_file(tmp_path, monkeypatch):
                           (f"{tmp_path / 'none.py'}:f", "no file")):
         with pytest.raises(InputError, match=message):
             resolve_network(spec)
+
+
+@pytest.mark.parametrize("kwargs, word", [({"width": 0}, "width=0"), ({"width": -1}, "width=-1"),
+                                          ({"depth": 2.5}, "depth=2.5"), ({"width": True}, "width=True"),
+                                          ({"num_classes": 0}, "num_classes=0")])
+def test_bad_sizes_are_refused_by_name_before_any_layer_is_built(kwargs, word):
+    args = {"num_classes": 3, **kwargs}
+    for spec in ("fcn", "cnn", "sigmoid-mlp"):
+        shape = (1, 8, 8) if spec == "cnn" else (13,)
+        with pytest.raises(InputError, match=word.replace(".", r"\.")):
+            build_network(spec, shape, **args)
