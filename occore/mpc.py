@@ -123,7 +123,7 @@ class MPC:
         """The control (nu,) to apply at the measured state ``x`` (nx,); the solve's
         :class:`Result` is kept as :attr:`result`. A solve ending in numerical trouble still gives
         the first control of its best iterate (logged as a warning)."""
-        prob = self.problem.with_initial_state(x)
+        prob = self.problem.with_initial_state(x, name="x")
         warm = self._warm()
         if warm is None:
             start, kw = self.us0, self._cold

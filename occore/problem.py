@@ -200,19 +200,19 @@ class Problem:
         a solver that cannot honour one of them refuses the problem."""
         return self.constraints.kinds
 
-    def with_initial_state(self, x0) -> "Problem":
+    def with_initial_state(self, x0, name: str = "x0") -> "Problem":
         """The same problem from another initial state (nx,), sharing the compiled functions (cheap:
-        no retracing; used by :class:`occore.MPC`)."""
+        no retracing; used by :class:`occore.MPC`). ``name``: the argument named in errors."""
         import copy
 
         try:
             arr = np.array(x0, dtype=float)
         except (TypeError, ValueError) as err:
-            raise InputError(f"x0: expected a vector of numbers, got {type(x0).__name__}") from err
+            raise InputError(f"{name}: expected a vector of numbers, got {type(x0).__name__}") from err
         if arr.shape != (self.nx,):
-            raise ShapeError("x0", (self.nx,), arr.shape)
+            raise ShapeError(name, (self.nx,), arr.shape)
         if not np.all(np.isfinite(arr)):
-            raise InputError(f"x0: expected finite values, got {arr.tolist()}")
+            raise InputError(f"{name}: expected finite values, got {arr.tolist()}")
         new = copy.copy(self)
         new.x0 = _frozen(arr)
         return new

@@ -100,7 +100,7 @@ def test_bad_input():
     with pytest.raises(occore.ShapeError, match="us0"):
         occore.MPC(prob, occore.ILQR(), us0=np.zeros((prob.horizon + 1, 1)))
     mpc = occore.MPC(prob, occore.ILQR())
-    with pytest.raises(occore.ShapeError, match=r"x0: expected shape \(2,\)"):
+    with pytest.raises(occore.ShapeError, match=r"^x: expected shape \(2,\)"):
         mpc.control([0.0, 0.0, 0.0])
     with pytest.raises(occore.InputError, match="steps"):
         occore.simulate(mpc, prob, steps=0)
