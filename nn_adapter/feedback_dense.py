@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 from torch.func import jacrev, vmap
 
-from .module_stages import ModuleStage
+from .stages import Stage
 
 __all__ = ["dense_gains", "apply_gains"]
 
@@ -85,7 +85,7 @@ def dense_gains(stages: list, inputs: list, cols: list, ws: list, mus: list,
     return gains
 
 
-def apply_gains(stage: ModuleStage, gain: torch.Tensor, dx: torch.Tensor) -> list:
+def apply_gains(stage: Stage, gain: torch.Tensor, dx: torch.Tensor) -> list:
     """(1/B) sum_i G^(i) dx^(i) as one tensor per stage parameter (G: :func:`dense_gains`)."""
     du = (gain @ dx.reshape(dx.shape[0], -1, 1)).mean(0).reshape(-1)
     return _unflatten(du, stage.params)

@@ -99,7 +99,7 @@ class MinibatchProblem:
     Args:
         opt: the :class:`nn_adapter.DDPNOpt` (curvature, state, options).
         rec: its :class:`~nn_adapter.module_stages.StageRecorder` after the closure.
-        stages: the :class:`~nn_adapter.module_stages.ModuleStage` list, in execution order.
+        stages: the :class:`~nn_adapter.stages.Stage` list, in execution order.
         loss: the closure's loss (a float).
 
     Attributes:
