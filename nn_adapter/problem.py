@@ -19,7 +19,7 @@ from occore.errors import InputError, ShapeError
 from occore.types import Policy, Trajectory
 
 from .errors import DataDependentForwardError, DataError, DtypeError
-from .local_model import NetworkLocalModel
+from .local_model import DenseGains, ExactQ, NetworkLocalModel
 from .stages import split_stages
 
 logger = logging.getLogger("nn_adapter")
@@ -290,8 +290,9 @@ class NetworkProblem:
         return Trajectory(xs=xs, us=us, cost=cost)
 
     def local_model(self, traj: Trajectory, second_order: bool = False) -> NetworkLocalModel:
-        """The dense network local model at ``traj`` (lazy; see :mod:`nn_adapter.local_model`)."""
-        return NetworkLocalModel(self, traj, self.value_hessian)
+        """The network local model at ``traj``: exact / Gauss-Newton batched DDP
+        (:class:`~nn_adapter.local_model.ExactQ`, lazy) with dense gains."""
+        return NetworkLocalModel(ExactQ(self, traj, self.value_hessian), DenseGains())
 
     # -- E-MSA extension ----------------------------------------------------------------------
     def hamiltonian_grad(self, traj: Trajectory, costates, rho: float, us):

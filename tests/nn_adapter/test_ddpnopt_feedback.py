@@ -425,7 +425,7 @@ def test_tikhonov_term_is_eps_hu_hx_dx():
 
 def test_dense_feedback_refuses_large_networks():
     from nn_adapter.curvature import find_blocks
-    from nn_adapter.feedback_dense import dense_gains
+    from nn_adapter.minibatch import dense_gain
     torch.manual_seed(0)
     net = _mlp()
     stages = [Stage(m, str(i), find_blocks(m)) for i, m in enumerate(net) if
@@ -434,7 +434,7 @@ def test_dense_feedback_refuses_large_networks():
     inputs = [x, torch.tanh(net[0](x)).detach(), torch.tanh(net[2](torch.tanh(net[0](x)))).detach()]
     cols = [None, torch.randn(B, 1, 4, dtype=torch.float64), torch.randn(B, 1, 3, dtype=torch.float64)]
     with pytest.raises(ValueError, match="dense"):
-        dense_gains(stages, inputs, cols, [None] * 4, [None] * 3, max_elements=10)
+        dense_gain(stages[2], inputs[2], cols[2], None, None, max_elements=10)
 
 
 def test_feedback_coefficient_keeps_its_digits_in_float32():

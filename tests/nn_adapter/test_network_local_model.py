@@ -145,22 +145,23 @@ class Dense:
 
 
 def compare_record(lm, oracle, second_order):
-    B = lm.B
+    src = lm.source
+    B = src.B
     for t, (r, o) in enumerate(zip(lm.record, oracle)):
         torch.testing.assert_close(r["Qx"].reshape(-1), o["Qx"], **TOL)
         torch.testing.assert_close(r["Qu"], o["Qu"], **TOL)
         torch.testing.assert_close(r["Quu"], o["Quu"], **TOL)
         torch.testing.assert_close(r["Qux"], o["Qux"], **TOL)
         Qxx = r["Qxx"]
-        if lm.value_hessian == "per_sample":
+        if src.value_hessian == "per_sample":
             Qxx = torch.block_diag(*Qxx)
         torch.testing.assert_close(Qxx, o["Qxx"], **TOL)
         Vx, Vxx = lm.values[t]
         torch.testing.assert_close(Vx.reshape(-1), o["Vx"], **TOL)
-        if lm.value_hessian == "per_sample":
+        if src.value_hessian == "per_sample":
             Vxx = torch.block_diag(*Vxx)
         torch.testing.assert_close(Vxx, o["Vxx"], **TOL)
-        assert Vx.shape == (B, lm.n[t])
+        assert Vx.shape == (B, src.n[t])
 
 
 @pytest.mark.parametrize("make", [mlp, cnn, resnet, wide, coupled])
@@ -315,7 +316,7 @@ def test_terminal_hessian_is_blocks_for_a_separable_loss_and_dense_otherwise():
         net, loss, x, y = make()
         prob = NetworkProblem(net, loss, x, y)
         lm = prob.local_model(prob.rollout(prob.initial_controls()))
-        _, V = lm._terminal_derivatives()
+        _, V = lm.source._terminal_derivatives()
         assert (V.S is not None) == dense
 
 
