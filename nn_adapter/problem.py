@@ -43,6 +43,9 @@ class NetworkProblem:
 
     Args:
         model: an ``nn.Sequential`` or a list of stages (see :func:`nn_adapter.split_stages`);
+            a chain: exact DDP needs each stage's input to be its state, which a skip connection
+            between stages breaks (a residual block can be one stage; see :mod:`nn_adapter.stages`
+            for why any model's hook-recorded stages, as DDPNOpt uses them, are not taken here);
             dropout and batch norm must be in eval mode. Never modified (until :meth:`load_into`).
         loss_fn: ``loss_fn(outputs, targets) -> scalar tensor`` (e.g. ``nn.CrossEntropyLoss()``),
             written with torch operations that ``torch.func`` can differentiate.

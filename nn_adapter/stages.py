@@ -1,8 +1,11 @@
 """Split a network into layer-indexed stages x_{t+1} = f_t(x_t, u_t) (DDPNOpt, Liu et al. 2021, Eq. 6).
 
-Stage t is one module with parameters (the *head* g_t, whose parameters are the control u_t) followed
-by the parameter-free modules after it (activations, pooling, flatten, dropout in eval mode...), so
-f_t = sigma_t o g_t. Leading parameter-free modules (a ``Flatten`` before the first ``Linear``, say)
+:class:`Stage` is the one stage type of the network side. Here (:func:`split_stages`, the chain
+stages of :class:`~nn_adapter.NetworkProblem`) stage t is one module with parameters (the *head*
+h_t, ``Stage.module``, whose parameters are the control u_t) followed by the parameter-free modules
+after it (activations, pooling, flatten, dropout in eval mode...), so f_t = sigma_t o h_t. DDPNOpt
+finds its stages with hooks instead (:func:`nn_adapter.module_stages.module_stages`: the
+parametrised modules in the order the model's own forward runs them, no followers). Leading parameter-free modules (a ``Flatten`` before the first ``Linear``, say)
 form the *pre* block: x_0 = pre(inputs) is fixed, not a control.
 
 What can be a head: ``Linear``, ``Conv1d``, ``Conv2d``, ``BatchNorm`` (eval mode, its running
@@ -18,6 +21,17 @@ whose parameters are all frozen count as parameter-free). Refused, with
 - modules that do not map one tensor to one tensor (recurrent layers, attention, transformers) and
   containers that are not callable (``ModuleList``, ``ModuleDict``);
 - a head with some parameters frozen and others not, and parameters shared between stages.
+
+Why NetworkProblem takes chains only (not the hook-recorded stages of any model): its rollouts,
+Jacobians, E-MSA Hamiltonians and exact batched DDP need each stage as a function
+x_{t+1} = f_t(x_t, u_t) of a Markov state. In a model that is not a chain (a skip h + g(h)) the
+input of a module is not one: a later module's input depends on an activation the skip carries
+past it, so exact DDP on the module inputs would drop the skip's share of V_xx, and the state
+would have to be every activation alive at each cut, which a hook recording does not give (it
+sees module calls, not the tensors the forward keeps). DDPNOpt needs no such state (its value
+Hessians are terminal columns pulled back through the whole graph by autograd). A residual block
+can still be one stage of a chain: any module with parameters mapping one tensor to one tensor
+is a head.
 
 The mode is checked when the stages are split: a model switched back to training mode afterwards
 is the caller's responsibility.
