@@ -13,8 +13,9 @@ closure recorded (:mod:`nn_adapter.minibatch`):
    learning rate included; with ``feedback=False`` that is all, and DDPNOpt *is* that optimizer;
 3. with feedback, starts from a terminal value Hessian that does not grow with the loss (the
    Gauss-Newton Hessian of the loss, :mod:`nn_adapter.terminal`), sweeps back the per-sample
-   factors of the value Hessians (:mod:`nn_adapter.feedback`, :mod:`nn_adapter.feedback_columns`)
-   and runs Algorithm 3's additional forward pass, the model's forward re-run on the closure's
+   factors of the value Hessians (the one network sweep, :mod:`nn_adapter.local_model`, with the
+   Q source :class:`nn_adapter.minibatch.CurvatureQ`; kernels: :mod:`nn_adapter.feedback`,
+   :mod:`nn_adapter.feedback_columns`) and runs Algorithm 3's additional forward pass, the model's forward re-run on the closure's
    inputs (same dropout masks, batch-norm running statistics advanced once per step): just before
    stage t's module runs on xhat_t, dx_t = xhat_t - x_t and
    u_t <- u_t + k_t + (1/B) sum_i K_t^(i) dx_t^(i), with
@@ -80,7 +81,7 @@ class DDPNOpt(CurvatureOptimizer):
             ``factor_update_freq``, ``eigen_update_freq``); all take ``weight_decay``.
         feedback: ``True`` / ``"factorised"`` (Proposition 3, the default), ``False`` (the base
             optimizer exactly) or ``"dense"`` (per-sample gains materialised, see
-            :mod:`nn_adapter.feedback_dense`; small networks only).
+            :func:`nn_adapter.minibatch.dense_gain`; small networks only).
         eps_vxx: Tikhonov term added to the value Hessians V_xx (finite, >= 0), Algorithm 3
             line 12: it is occore's regularisation mu in its state form (V_xx' + mu I where it
             enters the gains, as in the dense Riccati sweep), the mu of this step's solver

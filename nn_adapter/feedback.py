@@ -24,7 +24,7 @@ Jacobian-vector product h_x dx (for Linear and Conv2d the layer itself without i
 vector-Jacobian product with per-sample weighted cotangents (a weight gradient). Options add
 ``eps_vxx h_u^T h_x dx`` (Tikhonov term on the value Hessian at the module output) and
 ``V_x . h_ux dx`` (second-order term of the module, one double-backward through it). The stage
-is the module alone (:class:`~nn_adapter.module_stages.ModuleStage`): whatever runs between two
+is the module alone (:class:`~nn_adapter.stages.Stage`): whatever runs between two
 modules (activations, skips) enters through the recorded gradients and the measured inputs. :mod:`nn_adapter.feedback_columns` is the same
 recursion for an r-column terminal factor.
 
@@ -41,7 +41,7 @@ from torch.func import jvp, vjp, vmap
 
 from .curvature.base import Block, apply_p, as_matrix, from_matrix
 from .curvature.kron import patches, per_sample_grads
-from .module_stages import ModuleStage
+from .stages import Stage
 
 __all__ = ["quad_form", "precondition", "feedback_grads", "tikhonov_grads",
            "second_order_grads", "CompactStage", "compact_conv"]
@@ -91,7 +91,7 @@ def _weight_grads(block: Block, x: torch.Tensor, cot: torch.Tensor) -> list[torc
 
 
 # -- the per-sample quadratic form q_u^T P q_u -----------------------------------------------------
-def quad_form(stage: ModuleStage, factors: list, x: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+def quad_form(stage: Stage, factors: list, x: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
     """rho_i = q_u^(i)T P q_u^(i) for q_u^(i) = h_u^T g_i, per sample.
 
     Args:
@@ -142,7 +142,7 @@ def quad_form(stage: ModuleStage, factors: list, x: torch.Tensor, g: torch.Tenso
     return rho
 
 
-def precondition(stage: ModuleStage, factors: list, grads: list) -> list[torch.Tensor]:
+def precondition(stage: Stage, factors: list, grads: list) -> list[torch.Tensor]:
     """P applied to a stage's parameter-shaped tensors (one per parameter, block order)."""
     out, i = [], 0
     for block, fac in zip(stage.blocks, factors):
@@ -153,7 +153,7 @@ def precondition(stage: ModuleStage, factors: list, grads: list) -> list[torch.T
 
 
 # -- the feedback sums ---------------------------------------------------------------------------
-def feedback_grads(stage: ModuleStage, x: torch.Tensor, xhat: torch.Tensor, g: torch.Tensor,
+def feedback_grads(stage: Stage, x: torch.Tensor, xhat: torch.Tensor, g: torch.Tensor,
                    q_x: torch.Tensor = None, overwrite: bool = False,
                    sample_scale: torch.Tensor = None) -> list[torch.Tensor]:
     """(1/B) sum_i q_u^(i) (q_x^(i) . dx^(i)), the factorised Q_ux dx averaged over the batch.
@@ -294,7 +294,7 @@ def compact_conv(block: Block, x: torch.Tensor, sink) -> torch.Tensor:
     return _CompactConv.apply(x, block.weight, block.module.bias, block, sink)
 
 
-def tikhonov_grads(stage: ModuleStage, x: torch.Tensor, dx: torch.Tensor, eps: float
+def tikhonov_grads(stage: Stage, x: torch.Tensor, dx: torch.Tensor, eps: float
                    ) -> list[torch.Tensor]:
     """(eps/B) sum_i h_u^(i)T h_x^(i) dx^(i): the Q_ux dx term of V_xx + eps I at the module's
     output (Algorithm 3, line 12, at the stage where it is added)."""
@@ -304,7 +304,7 @@ def tikhonov_grads(stage: ModuleStage, x: torch.Tensor, dx: torch.Tensor, eps: f
     return [t * (eps / x.shape[0]) for t in pull(hdx)[0]]
 
 
-def second_order_grads(stage: ModuleStage, x: torch.Tensor, dx: torch.Tensor, v_out: torch.Tensor
+def second_order_grads(stage: Stage, x: torch.Tensor, dx: torch.Tensor, v_out: torch.Tensor
                        ) -> list[torch.Tensor]:
     """(1/B) sum_i V_x^(i) . h_ux^(i) dx^(i): the first-order change of the module's own gradient
     (g dx^T for a Linear layer), one double-backward through the module.

@@ -28,7 +28,8 @@ from torch.func import vjp, vmap
 from .curvature.base import as_matrix
 from .curvature.kron import per_sample_grads
 from .feedback import _weight_grads, sample_dots
-from .module_stages import ModuleStage, replay
+from .module_stages import replay
+from .stages import Stage
 
 __all__ = ["StageColumns", "pull_columns", "column_quad_forms", "column_feedback",
            "next_weights"]
@@ -99,7 +100,7 @@ def pull_columns(rec, stages: list, y_out: torch.Tensor) -> list:
     return res
 
 
-def column_quad_forms(stage: ModuleStage, factors: list, x: torch.Tensor, g: torch.Tensor,
+def column_quad_forms(stage: Stage, factors: list, x: torch.Tensor, g: torch.Tensor,
                       chunk: int = 8) -> torch.Tensor:
     """N^(i) = G^(i)T P G^(i) per sample, (B, r, r), for G^(i) = h_u^T g^(i) (columns of g).
 
@@ -131,7 +132,7 @@ def column_quad_forms(stage: ModuleStage, factors: list, x: torch.Tensor, g: tor
     return out
 
 
-def _whitened_rows(stage: ModuleStage, factors: list, x: torch.Tensor, g: torch.Tensor):
+def _whitened_rows(stage: Stage, factors: list, x: torch.Tensor, g: torch.Tensor):
     """Per-sample gradients h_u^T g_i in P's eigenbasis times sqrt(D), flattened: (B, m)."""
     parts = []
     if stage.structured:
@@ -193,7 +194,7 @@ def next_weights(w_next, n: torch.Tensor):
     return mu, 0.5 * (w + w.mT)
 
 
-def column_feedback(stage: ModuleStage, x: torch.Tensor, xhat: torch.Tensor, cols: StageColumns,
+def column_feedback(stage: Stage, x: torch.Tensor, xhat: torch.Tensor, cols: StageColumns,
                     w_next, mu: torch.Tensor = None) -> list:
     """(1/B) sum_i Q_ux^(i) dx^(i) / mu_i = (1/B) h_u^T [sum_a e_a g_a], e = W' (Y^T dx) / mu.
 

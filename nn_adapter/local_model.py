@@ -1,6 +1,33 @@
-"""The exact ("vanilla") DDP local model of a network around one trajectory.
+"""The one network local model: one backward sweep for networks, two sources of Q terms.
 
-The state of stage t is the whole batch's activation X_t = (x_t^(1), ..., x_t^(B)), of size
+:class:`NetworkLocalModel` implements :class:`occore.types.LocalModel` for every network problem.
+Its ``backward(mu)`` is one per-stage Bellman sweep, stages T-1 .. 0::
+
+    V' = source.begin(mu)                  the terminal value (V_x, V_xx of the loss)
+    for t = T-1 .. 0:
+        q    = source.q_terms(t, V')       Q_u, Q_uu, Q_ux, Q_xx of stage t (None: no gradient,
+                                           no step, V' passes through)
+        step = source.solve(t, q)          the regularised solve (mu), raises NotPositiveDefinite
+        k_t  = source.feedforward(t, q, step)
+        K_t  = gains.hold(source, t, q, step)       dense matrices or factorised operators
+        V'   = source.value_update(t, q, step)      the regularised value update
+
+parametrised by (a) where Q_uu / Q_ux / V_xx come from, the *Q source*, and (b) how the gains are
+held, :class:`DenseGains` (matrices: the oracle, small networks) or :class:`FactorisedGains`
+(operators of the measured input deviation, Proposition 3 of DDPNOpt). Two Q sources:
+
+- :class:`ExactQ` (this module): exact (``second_order=True``) or Gauss-Newton batched DDP of a
+  :class:`~nn_adapter.NetworkProblem`, full batch, described below; dense gains.
+- :class:`nn_adapter.minibatch.CurvatureQ`: DDPNOpt's minibatch, Q_uu = P^-1 the running estimate
+  of a curvature (SGD-momentum, RMSprop, Adam, EKFAC), per-sample value Hessians in factored form;
+  dense per-sample or factorised gains.
+
+``mu`` is occore's Levenberg-Marquardt regularisation (:meth:`occore.types.LocalModel.backward`);
+where it enters is the Q source's: ExactQ adds mu I to Q_uu (the control form), CurvatureQ adds
+mu I to the value Hessian at each module output where it enters the gains (the state form; its
+Q_uu is the curvature's). occore's solver raises mu until ``solve`` succeeds either way.
+
+ExactQ: the state of stage t is the whole batch's activation X_t = (x_t^(1), ..., x_t^(B)), of size
 B n_t; the control u_t (the stage's parameters, m_t numbers) is shared by all samples. The dynamics
 act sample by sample, so F_x is block diagonal with the per-sample Jacobians f_x^(i) (n_{t+1}, n_t);
 F_u stacks the per-sample f_u^(i) (n_{t+1}, m_t). The terminal cost Phi(X_T) is the loss of the
@@ -41,7 +68,7 @@ import math
 import torch
 from torch.func import jacrev, vmap
 
-from occore.errors import NotPositiveDefinite
+from occore.errors import InputError, NotPositiveDefinite
 from occore.types import Policy
 
 from .errors import MemoryLimitError
@@ -49,7 +76,7 @@ from .value_hessian import ValueHessian
 
 logger = logging.getLogger("nn_adapter")
 
-__all__ = ["NetworkLocalModel", "memory_estimate"]
+__all__ = ["NetworkLocalModel", "ExactQ", "DenseGains", "FactorisedGains", "memory_estimate"]
 
 
 def memory_estimate(batch: int, state_sizes, control_sizes, itemsize: int,
@@ -95,12 +122,121 @@ def memory_estimate(batch: int, state_sizes, control_sizes, itemsize: int,
     return int((stored + peak) * itemsize)
 
 
-class NetworkLocalModel:
-    """Dense DDP / Gauss-Newton local model of a :class:`~nn_adapter.NetworkProblem` at a trajectory.
+class DenseGains:
+    """Gains held as matrices: K_t (m_t, B n_t) of exact batched DDP (:class:`ExactQ`, columns:
+    the flattened batch state, so per sample K^(i) is a column block), or DDPNOpt's per-sample
+    Q_ux^(i) / mu_i (B, m_t, n_t) behind an operator of the measured input
+    (:class:`~nn_adapter.minibatch.CurvatureQ`). For the oracle and small networks."""
 
-    Implements :class:`occore.types.LocalModel`. Everything is lazy: the costates and the control
-    gradient cost one backward pass (vector-Jacobian products, what E-MSA needs); the per-sample
-    Jacobians are computed on the first :meth:`backward`.
+    def hold(self, source, t: int, q, step):
+        """Stage t's gain, from the Q source's dense form (None where there is no feedback)."""
+        return source.dense_gain(t, q, step)
+
+
+class FactorisedGains:
+    """Gains held factorised: operators of the measured input deviation that never form the
+    per-sample matrices (DDPNOpt's Proposition 3: one weight-gradient-sized product per stage)."""
+
+    def hold(self, source, t: int, q, step):
+        """Stage t's gain operator, from the Q source (None where there is no feedback)."""
+        return source.gain_operator(t, q, step)
+
+
+class NetworkLocalModel:
+    """The network local model at one trajectory: one backward sweep (see the module docstring).
+
+    Implements :class:`occore.types.LocalModel`; everything but the sweep loop is the Q source's.
+
+    Args:
+        source: the Q source (:class:`ExactQ` or :class:`~nn_adapter.minibatch.CurvatureQ`).
+        gains: :class:`DenseGains` or :class:`FactorisedGains`.
+
+    Attributes:
+        record, values: the Q source's records after ``backward(..., record=True)``
+            (:class:`ExactQ` only; None otherwise).
+
+    Example:
+        >>> import torch
+        >>> from torch import nn
+        >>> from nn_adapter import NetworkProblem
+        >>> net = nn.Sequential(nn.Linear(2, 3), nn.Tanh(), nn.Linear(3, 1)).double()
+        >>> prob = NetworkProblem(net, nn.MSELoss(), torch.randn(5, 2, dtype=torch.float64),
+        ...                       torch.randn(5, 1, dtype=torch.float64))
+        >>> lm = prob.local_model(prob.rollout(prob.initial_controls()))
+        >>> type(lm.source).__name__, type(lm.gains).__name__
+        ('ExactQ', 'DenseGains')
+        >>> policy, (d1, d2) = lm.backward(mu=1e-3)
+        >>> policy.K[0] is None, tuple(policy.K[1].shape), d1 < 0    # x_0 is fixed: no K_0
+        (True, (4, 15), True)
+    """
+
+    def __init__(self, source, gains):
+        self.source, self.gains = source, gains
+
+    def backward(self, mu: float, second_order: bool = False, *, record: bool = False):
+        """The Bellman sweep, stages T-1 .. 0, regularised by ``mu`` (where it enters: the
+        source's, see the module docstring).
+
+        Args:
+            mu: Levenberg-Marquardt regularisation >= 0.
+            second_order: include the dynamics' second derivatives (DDP rather than iLQR).
+            record: keep the Q terms and value functions of every stage (:class:`ExactQ`).
+
+        Returns:
+            (Policy, (d1, d2)): the source's feedforward terms, the gains as held, and the
+            expected-decrease terms (NaN where the source does not compute them).
+
+        Raises:
+            NotPositiveDefinite: the regularised solve failed at some stage.
+        """
+        src = self.source
+        T = src.horizon
+        ks, Ks = [None] * T, [None] * T
+        with torch.no_grad():
+            value = src.begin(float(mu), bool(second_order), record)
+            for t in range(T - 1, -1, -1):
+                q = src.q_terms(t, value)
+                if q is None:             # no gradient at this stage: no step, V passes through
+                    continue
+                step = src.solve(t, q)
+                ks[t] = src.feedforward(t, q, step)
+                Ks[t] = self.gains.hold(src, t, q, step)
+                value = src.value_update(t, q, step)
+            expected = src.end()
+        return Policy(k=ks, K=Ks), expected
+
+    @property
+    def record(self):
+        return getattr(self.source, "record", None)
+
+    @property
+    def values(self):
+        return getattr(self.source, "values", None)
+
+    def costates(self):
+        """Costates p_0..p_T of the adjoint sweep (the source's)."""
+        return self.source.costates()
+
+    def control_gradient(self) -> list:
+        """dJ/du_t for every stage (the source's)."""
+        return self.source.control_gradient()
+
+    def gradient_norm(self) -> float:
+        """Euclidean norm of :meth:`control_gradient` over all stages."""
+        return self.source.gradient_norm()
+
+    def memory_estimate(self, second_order: bool = False) -> int:
+        """Bytes the backward pass needs (:meth:`ExactQ.memory_estimate`)."""
+        return self.source.memory_estimate(second_order)
+
+
+class ExactQ:
+    """Q terms of exact / Gauss-Newton batched DDP of a :class:`~nn_adapter.NetworkProblem` at a
+    trajectory (the Q source of :class:`NetworkLocalModel`; see the module docstring).
+
+    Everything is lazy: the costates and the control gradient cost one backward pass
+    (vector-Jacobian products, what E-MSA needs); the per-sample Jacobians are computed on the
+    first backward sweep.
 
     Args:
         problem: the NetworkProblem.
@@ -114,18 +250,6 @@ class NetworkLocalModel:
             Vx (B, n_{t+1}), Vxx of the next boundary (for tests and small problems: the value
             Hessians are materialised, densely, or as (B, n, n) blocks with "per_sample").
         values: after ``record=True``, (Vx, Vxx) at every boundary t = 0..T.
-
-    Example:
-        >>> import torch
-        >>> from torch import nn
-        >>> from nn_adapter import NetworkProblem
-        >>> net = nn.Sequential(nn.Linear(2, 3), nn.Tanh(), nn.Linear(3, 1)).double()
-        >>> prob = NetworkProblem(net, nn.MSELoss(), torch.randn(5, 2, dtype=torch.float64),
-        ...                       torch.randn(5, 1, dtype=torch.float64))
-        >>> lm = prob.local_model(prob.rollout(prob.initial_controls()))
-        >>> policy, (d1, d2) = lm.backward(mu=1e-3)
-        >>> policy.K[0] is None, tuple(policy.K[1].shape), d1 < 0    # x_0 is fixed: no K_0
-        (True, (4, 15), True)
     """
 
     def __init__(self, problem, traj, value_hessian: str = "batch"):
@@ -140,6 +264,7 @@ class NetworkLocalModel:
         self._adjoint = None
         self._jac = None
         self._terminal = None
+        self.horizon = len(self.m)
         self.record = None
         self.values = None
 
@@ -282,92 +407,110 @@ class NetworkLocalModel:
         itemsize = self.traj.xs[-1].element_size()
         return memory_estimate(self.B, self.n, self.m, itemsize, second_order, self.value_hessian)
 
-    # -- the backward pass --------------------------------------------------------------------
-    def backward(self, mu: float, second_order: bool = False, *, record: bool = False):
-        """Riccati sweep with Q_uu + mu I.
-
-        Args:
-            mu: Levenberg-Marquardt regularisation added to every Q_uu.
-            second_order: include the dynamics' second derivatives (full DDP).
-            record: keep every stage's Q terms and every boundary's (V_x, V_xx) in
-                :attr:`record` and :attr:`values` (also computes those of stage 0).
-
-        Returns:
-            (Policy, (d1, d2)): k is a list of parameter dicts, K a list of (m_t, B n_t) matrices
-            (rows: the flattened parameters; columns: the flattened batch state) whose first
-            entry is None unless recorded (x_0 = the inputs never deviates); d1 = sum Q_u.k,
-            d2 = sum k.Q_uu.k (unregularised).
+    # -- the Q source protocol (the sweep loop is NetworkLocalModel.backward) --------------------
+    def begin(self, mu: float, second_order: bool, record: bool):
+        """Check the memory estimate; the terminal (V_x (B n_T,), ValueHessian).
 
         Raises:
-            NotPositiveDefinite: Q_uu + mu I of some stage is not positive definite.
             MemoryLimitError: the estimate exceeds the problem's ``memory_limit``.
         """
         estimate = self.memory_estimate(second_order)
         logger.debug("network local model: about %.1f MiB (batch %d, states %s, controls %s)",
                      estimate / 2**20, self.B, self.n, self.m)
         self._check_memory(estimate, "exact batched DDP")
-        with torch.no_grad():
-            return self._sweep(float(mu), bool(second_order), record)
-
-    def _sweep(self, mu, second_order, record):
-        B, per_sample = self.B, self.value_hessian == "per_sample"
-        jac = self._jacobians()
+        self.mu, self.second_order, self._recording = mu, second_order, record
+        self._jacobians()
+        self._d = [0.0, 0.0]
+        T = self.horizon
+        self._records, self._values = [None] * T, [None] * (T + 1)
         Vx, V = self._terminal_derivatives()
+        if record:
+            self._values[T] = (Vx.view(self.B, -1), self._materialise(V))
+        return Vx, V
+
+    def q_terms(self, t: int, value) -> dict:
+        """Qu (m,), Quu (m, m) and, where the state is needed (t > 0, or recording), Qx (B, n),
+        Qux (m, B n), from the next boundary's (V_x, V_xx); with ``second_order`` the dynamics'
+        second derivatives contracted with V_x. Q_xx is formed in :meth:`value_update`."""
+        Vx, V = value
+        B = self.B
+        fx, fu = self._jac[t]                 # (B, n', n), (B, n', m)
+        n1, m = fx.shape[1], fu.shape[2]
+        eye = torch.eye(m, dtype=fu.dtype, device=fu.device)
+        Fu = fu.reshape(B * n1, m)
+        VFu = V.apply(fu)                     # V' F_u, (B, n', m)
+        need_x = t > 0 or self._recording     # x_0 is fixed: K_0, V_x(0), V_xx(0) unused
+        q = dict(Vx=Vx, V=V, fx=fx, eye=eye, need_x=need_x, hxx=None)
+        q["Qu"] = Fu.T @ Vx
+        q["Quu"] = Fu.T @ VFu.reshape(B * n1, m)
+        if need_x:
+            q["Qx"] = torch.einsum("ian,ia->in", fx, Vx.view(B, n1))
+            q["Qux"] = torch.einsum("iam,ian->min", VFu, fx).reshape(m, -1)   # (V' F_u)^T F_x
+        del VFu
         wd = self.problem.weight_decay
-        T = len(self.m)
-        ks, Ks = [None] * T, [None] * T
-        d1 = d2 = 0.0
-        records, values = [None] * T, [None] * (T + 1)
-        if record:
-            values[T] = (Vx.view(B, -1), self._materialise(V))
-        for t in range(T - 1, -1, -1):
-            fx, fu = jac[t]                       # (B, n', n), (B, n', m)
-            n1, n, m = fx.shape[1], fx.shape[2], fu.shape[2]
-            eye = torch.eye(m, dtype=fu.dtype, device=fu.device)
-            Fu = fu.reshape(B * n1, m)
-            VFu = V.apply(fu)                     # V' F_u, (B, n', m)
-            need_x = t > 0 or record              # x_0 is fixed: K_0, V_x(0), V_xx(0) unused
-            Qu = Fu.T @ Vx
-            Quu = Fu.T @ VFu.reshape(B * n1, m)
+        if wd:
+            q["Qu"] = q["Qu"] + wd * self.flat_controls(t)
+            q["Quu"] = q["Quu"] + wd * eye
+        if self.second_order:
+            hxx, hux, huu = self._second_order_terms(t, Vx, need_x)
+            q["Quu"] = q["Quu"] + huu
+            q["hxx"] = hxx
             if need_x:
-                Qx = torch.einsum("ian,ia->in", fx, Vx.view(B, n1))
-                Qux = torch.einsum("iam,ian->min", VFu, fx).reshape(m, B * n)   # (V' F_u)^T F_x
-            del VFu
-            if wd:
-                Qu = Qu + wd * self.flat_controls(t)
-                Quu = Quu + wd * eye
-            if second_order:
-                hxx, hux, huu = self._second_order_terms(t, Vx, need_x)
-                Quu = Quu + huu
-                if need_x:
-                    Qux = Qux + hux
-            Quu = 0.5 * (Quu + Quu.T)
-            L, info = torch.linalg.cholesky_ex(Quu + mu * eye)
-            if int(info) != 0:
-                raise NotPositiveDefinite(t)
-            k = -torch.cholesky_solve(Qu[:, None], L)[:, 0]
-            Quu_k = Quu @ k
-            d1 += float(Qu @ k)
-            d2 += float(k @ Quu_k)
-            ks[t] = k
-            Vx_new = V_new = None
-            if need_x:
-                K = -torch.cholesky_solve(Qux, L)
-                Ks[t] = K
-                Vx_new = Qx.reshape(-1) + K.T @ (Quu_k + Qu) + Qux.T @ k
-                Hinv = torch.cholesky_inverse(L)
-                M = Hinv @ Quu @ Hinv - 2 * Hinv   # K'Quu K + K'Qux + Qux'K = Qux' M Qux
-                Qxx = V.pullback(fx, hxx if second_order else None)
-                V_new = Qxx.add_low_rank(Qux, 0.5 * (M + M.T), per_sample)
-                if record:
-                    records[t] = dict(Qx=Qx, Qu=Qu, Qxx=self._materialise(Qxx), Qux=Qux, Quu=Quu,
-                                      Vx=Vx.view(B, n1), Vxx=self._materialise(V))
-                    values[t] = (Vx_new.view(B, n), self._materialise(V_new))
-            Vx, V = Vx_new, V_new
-        if record:
-            self.record, self.values = records, values
-        k_dicts = [self.problem.unflatten(t, ks[t]) for t in range(T)]
-        return Policy(k=k_dicts, K=Ks), (d1, d2)
+                q["Qux"] = q["Qux"] + hux
+        q["Quu"] = 0.5 * (q["Quu"] + q["Quu"].T)
+        return q
+
+    def solve(self, t: int, q) -> dict:
+        """The control form: Cholesky L of Q_uu + mu I, k = -(Q_uu + mu I)^-1 Q_u and, where the
+        state is needed, K = -(Q_uu + mu I)^-1 Q_ux; accumulates d1 = Q_u.k, d2 = k.Q_uu.k."""
+        Qu, Quu = q["Qu"], q["Quu"]
+        L, info = torch.linalg.cholesky_ex(Quu + self.mu * q["eye"])
+        if int(info) != 0:
+            raise NotPositiveDefinite(t)
+        k = -torch.cholesky_solve(Qu[:, None], L)[:, 0]
+        Quu_k = Quu @ k
+        self._d[0] += float(Qu @ k)
+        self._d[1] += float(k @ Quu_k)
+        K = -torch.cholesky_solve(q["Qux"], L) if q["need_x"] else None
+        return dict(L=L, k=k, Quu_k=Quu_k, K=K)
+
+    def feedforward(self, t: int, q, step) -> dict:
+        """k_t as a parameter dict."""
+        return self.problem.unflatten(t, step["k"])
+
+    def dense_gain(self, t: int, q, step):
+        """K_t (m_t, B n_t), or None at t = 0 (x_0 never deviates) unless recording."""
+        return step["K"]
+
+    def gain_operator(self, t: int, q, step):
+        """Not held factorised: exact batched DDP's gains are the dense K_t."""
+        raise InputError("ExactQ holds its gains as matrices (DenseGains)")
+
+    def value_update(self, t: int, q, step):
+        """(V_x, V_xx) at boundary t with the unregularised Q terms (Tassa, Erez & Todorov 2012,
+        eq. 11); V_xx factored (:class:`~nn_adapter.value_hessian.ValueHessian`). (None, None)
+        where the state is not needed (t = 0)."""
+        if not q["need_x"]:
+            return None, None
+        B, n = self.B, self.n[t]
+        Qux, Quu, L, k, K = q["Qux"], q["Quu"], step["L"], step["k"], step["K"]
+        Vx_new = q["Qx"].reshape(-1) + K.T @ (step["Quu_k"] + q["Qu"]) + Qux.T @ k
+        Hinv = torch.cholesky_inverse(L)
+        M = Hinv @ Quu @ Hinv - 2 * Hinv   # K'Quu K + K'Qux + Qux'K = Qux' M Qux
+        Qxx = q["V"].pullback(q["fx"], q["hxx"])
+        V_new = Qxx.add_low_rank(Qux, 0.5 * (M + M.T), self.value_hessian == "per_sample")
+        if self._recording:
+            self._records[t] = dict(Qx=q["Qx"], Qu=q["Qu"], Qxx=self._materialise(Qxx), Qux=Qux,
+                                    Quu=Quu, Vx=q["Vx"].view(B, -1),
+                                    Vxx=self._materialise(q["V"]))
+            self._values[t] = (Vx_new.view(B, n), self._materialise(V_new))
+        return Vx_new, V_new
+
+    def end(self) -> tuple[float, float]:
+        """Publish the records (when recording); (d1, d2)."""
+        if self._recording:
+            self.record, self.values = self._records, self._values
+        return self._d[0], self._d[1]
 
     def _materialise(self, V):
         """A recorded value Hessian: dense (B n, B n), or its blocks (B, n, n) per sample."""

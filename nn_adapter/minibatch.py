@@ -3,8 +3,9 @@
 :class:`MinibatchProblem` implements :class:`occore.types.ControlProblem` for one minibatch: the
 closure's forward pass is the rollout (states x_t = the inputs each stage's module saw, controls
 u_t = its parameters, cost = the closure's loss), :meth:`MinibatchProblem.local_model` updates the
-optimizer's curvature with the batch gradient (the derivatives at the trajectory) and returns a
-:class:`MinibatchLocalModel`, whose ``backward(mu)`` is the layer-wise Bellman sweep of DDPNOpt's
+optimizer's curvature with the batch gradient (the derivatives at the trajectory) and returns the
+one network local model (:class:`~nn_adapter.local_model.NetworkLocalModel`) with the Q source
+:class:`CurvatureQ`: its ``backward(mu)`` is the layer-wise Bellman sweep of DDPNOpt's
 Algorithm 3 with Q_uu = P^-1 (P: the curvature's inverse, learning rate included) and the core's
 regularisation mu in its state form (V_xx' + mu I where it enters the gains: here Q_ux only, Q_uu
 being the curvature's; DDPNOpt's ``eps_vxx``, Algorithm 3 line 12), and
@@ -32,6 +33,7 @@ from __future__ import annotations
 import math
 
 import torch
+from torch.func import jacrev, vmap
 
 from occore.errors import InputError
 from occore.types import Policy, Trajectory
@@ -39,11 +41,11 @@ from occore.types import Policy, Trajectory
 from .curvature.base import apply_p
 from .feedback import feedback_grads, quad_form, second_order_grads, tikhonov_grads
 from .feedback_columns import column_feedback, column_quad_forms, next_weights, pull_columns
-from .feedback_dense import apply_gains, dense_gains
+from .local_model import DenseGains, FactorisedGains, NetworkLocalModel
 from .module_stages import replay
 from .terminal import terminal_factor
 
-__all__ = ["MinibatchProblem", "MinibatchLocalModel"]
+__all__ = ["MinibatchProblem", "CurvatureQ", "dense_gain"]
 
 
 class _Done(Exception):
@@ -99,7 +101,7 @@ class MinibatchProblem:
     Args:
         opt: the :class:`nn_adapter.DDPNOpt` (curvature, state, options).
         rec: its :class:`~nn_adapter.module_stages.StageRecorder` after the closure.
-        stages: the :class:`~nn_adapter.module_stages.ModuleStage` list, in execution order.
+        stages: the :class:`~nn_adapter.stages.Stage` list, in execution order.
         loss: the closure's loss (a float).
 
     Attributes:
@@ -127,9 +129,11 @@ class MinibatchProblem:
         raise InputError("a minibatch problem has no loss function of its own: its rollout is the "
                          "closure's forward pass (MinibatchProblem.trajectory)")
 
-    def local_model(self, traj: Trajectory, second_order: bool = False) -> "MinibatchLocalModel":
-        """Update the curvature with the batch gradient; the local model at the recorded batch."""
-        return MinibatchLocalModel(self, self.opt._update_curvature(self.rec))
+    def local_model(self, traj: Trajectory, second_order: bool = False) -> NetworkLocalModel:
+        """Update the curvature with the batch gradient; the network local model at the recorded
+        batch (:class:`CurvatureQ`, gains factorised or, with ``feedback="dense"``, dense)."""
+        gains = DenseGains() if self.opt.feedback == "dense" else FactorisedGains()
+        return NetworkLocalModel(CurvatureQ(self, self.opt._update_curvature(self.rec)), gains)
 
     def rollout_policy(self, ref: Trajectory, policy: Policy, alpha: float) -> Trajectory:
         """Algorithm 3's additional forward pass (full steps only, ``alpha`` = 1): the model's
@@ -181,37 +185,156 @@ class MinibatchProblem:
         return Trajectory(xs=None, us=self.initial_controls(), cost=float("nan"))
 
 
-class MinibatchLocalModel:
-    """The local model of one minibatch (implements :class:`occore.types.LocalModel`).
+class CurvatureQ:
+    """DDPNOpt's Q terms on one minibatch: the Q source of :class:`~nn_adapter.NetworkLocalModel`
+    (implements its protocol; the sweep loop is ``NetworkLocalModel.backward``).
 
-    ``backward(mu)`` returns the policy of Algorithm 3 (mu: the state-form regularisation, see
-    :meth:`backward`): ``k`` holds one
-    :class:`StageStep` per stage (None for a stage without gradient), ``K`` one operator per stage
-    of the measured input xhat_t, giving the unpreconditioned feedback sum
-    (1/B) sum_i Q_ux^(i) dx^(i) / mu_i (None where there is no feedback: stage 0, whose input is
-    the data). The expected decrease is not computed (NaN): the stochastic step does not use it.
+    Per sample i, stages in execution order (see the module docstring): Q_uu = P^-1 (P: the
+    curvature's inverse, learning rate included), Q_u the recorded gradient, Q_ux^(i) = G W' Y^T
+    with the value Hessian at the module output V_xx'^(i) = Y W' Y^T (columns Y pulled back by
+    backpropagation: the recorded gradients for a rank-one terminal factor, the pulled-back
+    terminal columns otherwise) and G = h_u^T Y. The regularised solve is per sample:
+    N = G^T P G, mu_i = max(1, lambda_max(W'^1/2 N W'^1/2)) the smallest multiple of P^-1 that
+    keeps the sample's local model convex, k = -P Q_u (the base optimizer's step, a
+    :class:`StageStep`), K^(i) = -P Q_ux^(i) / mu_i; the value update W = W' - W' N W' / mu_i
+    (:func:`~nn_adapter.feedback_columns.next_weights`), V_x the backpropagated gradient. The
+    state-form mu (``eps_vxx``) adds mu h_u^T h_x to every stage's Q_ux (the Tikhonov term), and
+    ``second_order`` the module's own V_x . h_ux. The expected decrease is not computed (NaN):
+    the stochastic step does not use it.
+
+    Gains: :class:`~nn_adapter.local_model.FactorisedGains` gives each stage t >= 1 an operator
+    of the measured input xhat_t returning the unpreconditioned feedback sum
+    (1/B) sum_i Q_ux^(i) dx^(i) / mu_i; :class:`~nn_adapter.local_model.DenseGains` the same sum
+    from the per-sample matrices (:func:`dense_gain`). Stage 0 (its input is the data) has none.
+
+    Args:
+        problem: the :class:`MinibatchProblem`.
+        updated: ``{block: factors}`` of the curvature after this batch's update.
     """
 
     def __init__(self, problem: MinibatchProblem, updated: dict):
         self.problem, self.updated = problem, updated
+        self.horizon = problem.horizon
         self.second_order = False
         self.mu = 0.0
 
-    # -- the protocol -----------------------------------------------------------------------------
-    def backward(self, mu: float, second_order: bool = False):
-        """The policy of Algorithm 3 with the state-form regularisation mu (V_xx' + mu I where it
-        enters the gains: the feedback gains gain mu h_u^T h_x; Q_uu stays P^-1, so k is the base
-        optimizer's step whatever mu); ``second_order`` adds the modules' own second derivatives
-        contracted with V_x (DDP rather than iLQR)."""
-        self.second_order = second_order
-        self.mu = float(mu)
-        opt, stages = self.problem.opt, self.problem.stages
-        factors = [self._factors(s, mu) for s in stages]
-        steps = [None if f is None else StageStep(opt, t, s, f)
-                 for t, (s, f) in enumerate(zip(stages, factors))]
-        ops = self._feedback(factors) if opt.feedback else [None] * len(stages)
-        return Policy(k=steps, K=ops), (float("nan"), float("nan"))
+    # -- the Q source protocol ----------------------------------------------------------------------
+    def begin(self, mu: float, second_order: bool, record: bool = False):
+        """The curvature factors of every stage and the terminal value: W_T (a number for the
+        rank-one factor, None for the identity on r columns, whose columns are pulled back
+        here through the model)."""
+        self.second_order, self.mu = second_order, float(mu)
+        problem, opt = self.problem, self.problem.opt
+        rec, stages, n = problem.rec, problem.stages, problem.batch_size
+        self.factors = [self._factors(s) for s in stages]
+        if opt.feedback == "dense" and any(f is None for f in self.factors):
+            raise InputError("feedback='dense' needs gradients for every stage's parameters")
+        y_out, w_out = self._terminal()
+        # Conv2d stages kept as per-sample gradients since the backward pass (the recorder's
+        # ``compact``, see DDPNOpt._compact_builders)
+        self.compact = {t: rec.compact.pop(s.module) for t, s in enumerate(stages)
+                        if t > 0 and self.factors[t] is not None and s.module in rec.compact}
+        if y_out is None:
+            # columns = the recorded mean-loss gradients; W_T = (B S_T)^2 per sample
+            self.cols = None
+            return float(n * n) if w_out is None else w_out * (n * n)
+        self.cols = pull_columns(rec, stages, y_out)
+        return None
 
+    def q_terms(self, t: int, w_next):
+        """W' at stage t's output and N = G^T P G (rho = q_u^T P q_u with one column), None at
+        t = 0 or without ``vxx_update``; None for a stage without gradient."""
+        if self.factors[t] is None:
+            return None
+        forms = None
+        if t > 0 and self.problem.opt.vxx_update:
+            forms = self._forms(t)
+        return w_next, forms
+
+    def solve(self, t: int, q):
+        """The per-sample regularisation mu_i (B,) (None: 1) and W (see the class docstring)."""
+        w_next, forms = q
+        if forms is None:
+            return None, w_next
+        mu, w = next_weights(w_next, forms)
+        opt = self.problem.opt
+        if opt.diagnostics is not None:
+            opt._clamped[t] = float((mu > 1).double().mean())
+        return mu, w
+
+    def feedforward(self, t: int, q, step) -> "StageStep":
+        """k_t: the base optimizer's step of stage t (applied with its feedback)."""
+        return StageStep(self.problem.opt, t, self.problem.stages[t], self.factors[t])
+
+    def value_update(self, t: int, q, step):
+        """W at stage t's input."""
+        return step[1]
+
+    def end(self) -> tuple[float, float]:
+        """Data-parallel diagnostics: the global shares of clamped samples; (NaN, NaN)."""
+        opt = self.problem.opt
+        if opt._clamped and opt.collectives is not None:
+            keys = sorted(opt._clamped)
+            sums = opt.collectives.average_([], [opt._clamped[k] for k in keys])
+            opt._clamped = {k: v / opt.collectives.world_size for k, v in zip(keys, sums)}
+        return float("nan"), float("nan")
+
+    def gain_operator(self, t: int, q, step):
+        """Stage t's factorised feedback operator (None at t = 0): with a rank-one terminal
+        factor (1/B) sum_i w_i^2 q_u (q_x . dx) / mu_i, one weight gradient
+        (:func:`~nn_adapter.feedback.feedback_grads`); with r columns
+        :func:`~nn_adapter.feedback_columns.column_feedback`."""
+        if t == 0:
+            return None
+        problem = self.problem
+        rec, stage, n = problem.rec, problem.stages[t], problem.batch_size
+        w_next, mu = q[0], step[0]
+        if self.cols is not None:
+            x, cols = rec.inputs[stage.module], self.cols[t]
+
+            def column_op(xhat):
+                total = column_feedback(stage, x, xhat, cols, w_next, mu)
+                v_out = rec.out_grads[stage.module] * n if self.second_order else None
+                return self._extras(stage, x, xhat, v_out, total, mu)
+            return column_op
+        w = math.sqrt(w_next) if isinstance(w_next, float) else w_next.sqrt()
+        scale = None if mu is None else mu.reciprocal()
+        compact = self.compact
+
+        def op(xhat):
+            if t in compact:
+                return compact.pop(t).feedback(xhat, w, scale)
+            x = rec.inputs.pop(stage.module)
+            g = rec.out_grads.pop(stage.module)
+            v_out = g * n if self.second_order else None
+            g = g * _bcast(w, g)   # out of place: a user may hold these grads
+            q_x = rec.in_grads.pop(stage.module, None)
+            if q_x is not None:
+                q_x = q_x * _bcast(w, q_x)
+            total = feedback_grads(stage, x, xhat, g, q_x, overwrite=True, sample_scale=scale)
+            return self._extras(stage, x, xhat, v_out, total, mu)
+        return op
+
+    def dense_gain(self, t: int, q, step):
+        """Stage t's feedback from its per-sample matrices Q_ux^(i) / mu_i (:func:`dense_gain`),
+        as an operator of the measured input (None at t = 0)."""
+        if t == 0:
+            return None
+        problem = self.problem
+        rec, stage, n = problem.rec, problem.stages[t], problem.batch_size
+        x = rec.inputs[stage.module]
+        w_next, mu = q[0], step[0]
+        if self.cols is None:          # rank one: the recorded gradients, W a number or (B,)
+            y = rec.out_grads[stage.module][:, None]
+            w_next = torch.as_tensor(w_next, dtype=x.dtype, device=x.device).expand(n)[:, None, None]
+        else:
+            y = self.cols[t].g
+        v_out = rec.out_grads[stage.module] * n if self.second_order else None
+        gain = dense_gain(stage, x, y, w_next, mu, self.mu, self.second_order, v_out)
+        return lambda xhat: _unflatten((gain @ (xhat - x).reshape(n, -1, 1)).mean(0).reshape(-1),
+                                       stage.params)
+
+    # -- the rest of the local model ----------------------------------------------------------------
     def control_gradient(self) -> list:
         """dJ/du_t per stage (the recorded gradients, block order)."""
         return [[p.grad for p in s.params] for s in self.problem.stages]
@@ -223,11 +346,25 @@ class MinibatchLocalModel:
     def costates(self):
         raise InputError("a minibatch local model has no costates (E-MSA runs on NetworkProblem)")
 
+    def memory_estimate(self, second_order: bool = False) -> int:
+        raise InputError("a minibatch local model has no memory estimate (that of exact batched "
+                         "DDP is NetworkProblem's)")
+
     # -- pieces -------------------------------------------------------------------------------------
-    def _factors(self, stage, mu):
+    def _factors(self, stage):
         if not all(b in self.updated for b in stage.blocks):
             return None
         return [self.updated[b] for b in stage.blocks]
+
+    def _forms(self, t: int) -> torch.Tensor:
+        """N = G^T P G of stage t's columns ((B, r, r)), or rho = q_u^T P q_u of the recorded
+        gradients ((B,)) with the rank-one factor."""
+        rec, stage, factors = self.problem.rec, self.problem.stages[t], self.factors[t]
+        if self.cols is not None:
+            return column_quad_forms(stage, factors, rec.inputs[stage.module], self.cols[t].g)
+        if t in self.compact:
+            return self.compact[t].quad_form(factors[0])
+        return quad_form(stage, factors, rec.inputs[stage.module], rec.out_grads[stage.module])
 
     def _terminal(self):
         """``(Y, W)`` of :func:`nn_adapter.terminal.terminal_factor` for this batch."""
@@ -250,9 +387,10 @@ class MinibatchLocalModel:
             return y[rows], w
         return terminal_factor(opt.terminal_hessian, loss, out, g * out.shape[0], opt._generator)
 
-    def _extras(self, t, stage, x, xhat, v_out, total, mu=None) -> list:
-        """Add the regularisation (mu h_u^T h_x dx) and second-order terms of stage t's feedback (per sample
-        divided by the regularisation ``mu``, as the Gauss-Newton part is)."""
+    def _extras(self, stage, x, xhat, v_out, total, mu=None) -> list:
+        """Add the state-form regularisation (mu h_u^T h_x dx) and second-order terms of a
+        stage's feedback (per sample divided by the per-sample ``mu``, as the Gauss-Newton part
+        is)."""
         eps = self.mu > 0
         if not eps and not self.second_order:
             return total
@@ -265,143 +403,66 @@ class MinibatchLocalModel:
             total = [a + b for a, b in zip(total, second_order_grads(stage, x, dx, v_out))]
         return total
 
-    def _feedback(self, factors) -> list:
-        """The value sweep and the feedback operators of every stage.
 
-        The terminal factor gives the columns of the value Hessians at every module output:
-        the recorded gradients themselves (rank one: ``projected``, ``gradient``) or the terminal
-        columns pulled back through the model (``gauss_newton``, ``sampled``). One backward
-        recursion (:meth:`_sweep`) gives each stage's per-sample weights W and regularisation mu;
-        the gains are then held factorised (one weight-gradient-sized product per stage) or,
-        with ``feedback="dense"``, materialised per sample (:mod:`nn_adapter.feedback_dense`)."""
-        problem, opt = self.problem, self.problem.opt
-        rec, stages, n = problem.rec, problem.stages, problem.batch_size
-        T = len(stages)
-        y_out, w_out = self._terminal()
-        # Conv2d stages kept as per-sample gradients since the backward pass (the recorder's
-        # ``compact``, see DDPNOpt._compact_builders)
-        compact = {t: rec.compact.pop(s.module) for t, s in enumerate(stages)
-                   if t > 0 and factors[t] is not None and s.module in rec.compact}
-        if y_out is None:
-            # columns = the recorded mean-loss gradients; W_T = (B S_T)^2 per sample
-            w_term = float(n * n) if w_out is None else w_out * (n * n)
+def _unflatten(vec: torch.Tensor, like: list) -> list:
+    out, i = [], 0
+    for t in like:
+        out.append(vec[i:i + t.numel()].reshape(t.shape))
+        i += t.numel()
+    return out
 
-            def forms(t):                  # rho = q_u^T P q_u of the recorded gradients
-                if t in compact:
-                    return compact[t].quad_form(factors[t][0])
-                s = stages[t]
-                return quad_form(s, factors[t], rec.inputs[s.module], rec.out_grads[s.module])
-            cols = None
-        else:
-            w_term = None
-            cols = pull_columns(rec, stages, y_out)
 
-            def forms(t):                  # N = G^T P G of the columns
-                return column_quad_forms(stages[t], factors[t], rec.inputs[stages[t].module],
-                                         cols[t].g)
-        ws, mus = self._sweep(factors, forms, w_term)
-        if opt._clamped and opt.collectives is not None:     # diagnostics: the global shares
-            keys = sorted(opt._clamped)
-            sums = opt.collectives.average_([], [opt._clamped[k] for k in keys])
-            opt._clamped = {k: v / opt.collectives.world_size for k, v in zip(keys, sums)}
-        if opt.feedback == "dense":
-            return self._dense_ops(factors, cols, ws, mus)
-        if cols is None:
-            return self._rank_one_ops(factors, compact, ws, mus)
-        return self._column_ops(factors, cols, ws, mus)
+def dense_gain(stage, x: torch.Tensor, y: torch.Tensor, w_next, mu, eps_vxx: float = 0.0,
+               second_order: bool = False, v_out: torch.Tensor = None,
+               max_elements: int = 50_000_000) -> torch.Tensor:
+    """Per-sample Q_ux^(i) / mu_i of one stage, (B, m, n) (``feedback="dense"``: small networks
+    and the oracle): the module Jacobians h_x^(i), h_u^(i) (``vmap(jacrev)``), the value Hessian
+    at the module output V^(i) = Y W' Y^T, Q_ux = h_u^T V h_x (+ eps h_u^T h_x, + V_x . h_ux with
+    second order), divided by mu_i (K^(i) = -P Q_ux^(i) / mu_i).
 
-    def _sweep(self, factors, forms, w_term):
-        """The backward recursion of the value Hessians' weights, for stages T-1 .. 1.
+    Args:
+        stage: the :class:`~nn_adapter.stages.Stage`.
+        x: nominal module inputs x_t, (B, ...).
+        y: the columns Y at the module output (B, r, ...).
+        w_next: the weights W' at the output (B, r, r), or None (identity).
+        mu: the per-sample regularisation (B,) or None (1).
+        eps_vxx, second_order: as in :class:`nn_adapter.DDPNOpt`.
+        v_out: per-sample value gradients at the module output (second order only).
+        max_elements: refuse (``ValueError``) beyond this many numbers in the stage's matrices
+            (memory grows like B (n_t^2 + m_t n_t)).
+    """
+    B = x.shape[0]
+    params = [p.detach() for p in stage.params]
+    y = y.reshape(B, y.shape[1], -1).mT                                 # (B, n_out, r)
+    n_in, n_out, m = x[0].numel(), y.shape[1], sum(p.numel() for p in params)
+    if B * (n_in * n_in + (m + n_out) * (n_in + n_out)) + m * m > max_elements:
+        raise ValueError(f"feedback='dense': stage {stage.index} needs more than {max_elements} "
+                         "numbers; use the factorised feedback for networks of this size")
+    u = torch.cat([p.reshape(-1) for p in params])
+    shape = x.shape[1:]
 
-        With V_xx at a module output = Y W' Y^T (columns Y at that output, W' the weights of the
-        stages after it) and N = G^T P G (G = h_u^T Y), the sample's local model is convex iff
-        lambda_max(W'^1/2 N W'^1/2) <= 1; mu = max(1, lambda_max) regularises its Q_uu to
-        mu P^-1 (its gain is divided by mu) and W = W' - W' N W' / mu
-        (:func:`~nn_adapter.feedback_columns.next_weights`; r = 1: W = W' (1 - rho W' / mu)).
+    def h(xi, uu):
+        return stage.module_fn(_unflatten(uu, params), xi.reshape(shape)[None])[0].reshape(-1)
 
-        Returns:
-            ``(ws, mus)``: ws[t + 1] the weights at stage t's output (t = 0..T-1; a number, a
-            (B,) tensor for rank one, (B, r, r) or None for the identity), mus[t] a (B,) tensor
-            or None (mu = 1).
-        """
-        opt, T = self.problem.opt, self.problem.horizon
-        ws: list = [w_term] * (T + 1)
-        mus: list = [None] * T
-        for t in range(T - 1, 0, -1):
-            ws[t] = ws[t + 1]
-            if factors[t] is None or not opt.vxx_update:
-                continue
-            mus[t], ws[t] = next_weights(ws[t + 1], forms(t))
-            if opt.diagnostics is not None:
-                opt._clamped[t] = float((mus[t] > 1).double().mean())
-        return ws, mus
+    xf = x.reshape(B, -1)
+    hx = vmap(jacrev(h, 0), in_dims=(0, None))(xf, u)                    # (B, n_out, n_in)
+    hu = vmap(jacrev(h, 1), in_dims=(0, None))(xf, u)                    # (B, n_out, m)
+    V = (y if w_next is None else y @ w_next) @ y.mT                     # Y W' Y^T
+    qux = hu.mT @ V @ hx
+    if mu is not None:
+        qux = qux / mu[:, None, None]
+    extra = eps_vxx * hu.mT @ hx if eps_vxx else None
+    if second_order:
+        v = v_out.reshape(B, -1)
 
-    def _rank_one_ops(self, factors, compact, ws, mus) -> list:
-        """Feedback operators of the rank-one sweep: (1/B) sum_i w_i^2 q_u (q_x . dx) / mu_i."""
-        problem = self.problem
-        rec, stages, n = problem.rec, problem.stages, problem.batch_size
-        ops: list = [None] * len(stages)
-        for t in range(1, len(stages)):
-            if factors[t] is None:
-                continue
-            stage = stages[t]
-            w = ws[t + 1]
-            w = math.sqrt(w) if isinstance(w, float) else w.sqrt()
-            scale = None if mus[t] is None else mus[t].reciprocal()
+        def vhx(xi, uu, vi):   # V_x . h_x, its u-Jacobian is V_x . h_ux
+            return jacrev(h, 0)(xi, uu).T @ vi
 
-            def op(xhat, t=t, stage=stage, w=w, scale=scale):
-                if t in compact:
-                    return compact.pop(t).feedback(xhat, w, scale)
-                x = rec.inputs.pop(stage.module)
-                g = rec.out_grads.pop(stage.module)
-                v_out = g * n if self.second_order else None
-                g = g * _bcast(w, g)   # out of place: a user may hold these grads
-                q_x = rec.in_grads.pop(stage.module, None)
-                if q_x is not None:
-                    q_x = q_x * _bcast(w, q_x)
-                total = feedback_grads(stage, x, xhat, g, q_x, overwrite=True, sample_scale=scale)
-                return self._extras(t, stage, x, xhat, v_out, total, mus[t])
-            ops[t] = op
-        return ops
-
-    def _column_ops(self, factors, cols, ws, mus) -> list:
-        """Feedback operators of the r-column sweep (:func:`column_feedback`)."""
-        problem = self.problem
-        rec, stages, n = problem.rec, problem.stages, problem.batch_size
-        inputs = [rec.inputs[s.module] for s in stages]
-        ops: list = [None] * len(stages)
-        for t in range(1, len(stages)):
-            if factors[t] is None:
-                continue
-
-            def op(xhat, t=t):
-                total = column_feedback(stages[t], inputs[t], xhat, cols[t], ws[t + 1], mus[t])
-                v_out = rec.out_grads[stages[t].module] * n if self.second_order else None
-                return self._extras(t, stages[t], inputs[t], xhat, v_out, total, mus[t])
-            ops[t] = op
-        return ops
-
-    def _dense_ops(self, factors, cols, ws, mus) -> list:
-        """``feedback="dense"``: the same sweep's gains materialised per sample."""
-        problem = self.problem
-        rec, stages, n = problem.rec, problem.stages, problem.batch_size
-        if any(f is None for f in factors):
-            raise InputError("feedback='dense' needs gradients for every stage's parameters")
-        inputs = [rec.inputs[s.module] for s in stages]
-        like = inputs[0]
-        if cols is None:               # rank one: the recorded gradients, W a number or (B,)
-            g = [None] + [rec.out_grads[s.module][:, None] for s in stages[1:]]
-            w = [torch.as_tensor(v, dtype=like.dtype, device=like.device).expand(n)[:, None, None]
-                 for v in ws]
-        else:
-            g, w = [None] + [c.g for c in cols[1:]], ws
-        v_out = ([None] + [rec.out_grads[s.module] * n for s in stages[1:]]
-                 if self.second_order else None)
-        gains = dense_gains(stages, inputs, g, w, mus, self.mu, self.second_order, v_out)
-        ops: list = [None] * len(stages)
-        for t in range(1, len(stages)):
-            ops[t] = (lambda xhat, t=t: apply_gains(stages[t], gains[t], xhat - inputs[t]))
-        return ops
+        so = vmap(jacrev(vhx, 1), in_dims=(0, None, 0))(xf, u, v).mT
+        extra = so if extra is None else extra + so
+    if extra is not None:            # the extra terms are divided by mu as well
+        qux = qux + (extra if mu is None else extra / mu[:, None, None])
+    return qux
 
 
 def _bcast(s, like: torch.Tensor):

@@ -17,92 +17,24 @@ additional forward pass can re-run the model's forward with the same dropout mas
 
 Per-sample quantities of a stage treat the module as a function of one sample: a training-mode
 batch norm is then evaluated with the statistics of the recorded batch held fixed
-(:meth:`ModuleStage.module_fn`). A module that runs twice in one forward (weight sharing) is refused
+(:meth:`nn_adapter.stages.Stage.module_fn`). A module that runs twice in one forward (weight sharing) is refused
 with an error naming it.
 """
 from __future__ import annotations
 
 import contextlib
 import functools
-from dataclasses import dataclass, field
 
 import torch
-import torch.nn.functional as F
 from torch import nn
-from torch.func import functional_call
 
 from occore.errors import InputError
 
 from .curvature.records import Recorder
 from .errors import UnsupportedModuleError
+from .stages import Stage
 
-__all__ = ["ModuleStage", "module_stages", "StageRecorder", "replay"]
-
-
-@dataclass(eq=False)
-class ModuleStage:
-    """One stage: a module owning trainable parameters, and its curvature blocks.
-
-    Attributes:
-        module: the module h_t (its own parameters are the control u_t).
-        name: its name in the model (``named_modules``), for messages.
-        blocks: the curvature blocks of its parameters (one structured block for ``Linear`` and
-            ``Conv2d``, else one diagonal block per parameter).
-        names: the module's parameter names, in block order.
-        stats: for a training-mode batch norm, the (mean, var) of the recorded batch, held fixed
-            in :meth:`module_fn` (None otherwise).
-
-    Example:
-        >>> from nn_adapter.curvature import find_blocks
-        >>> lin = nn.Linear(3, 2)
-        >>> stage = ModuleStage(lin, "fc", find_blocks(lin))
-        >>> stage.names, stage.structured
-        (['weight', 'bias'], True)
-        >>> x = torch.randn(4, 3)
-        >>> torch.allclose(stage.module_fn(stage.params, x), lin(x))
-        True
-    """
-
-    module: nn.Module
-    name: str
-    blocks: list
-    names: list = field(default_factory=list)
-    stats: tuple = None
-
-    def __post_init__(self):
-        if not self.names:
-            ids = {id(p): n for n, p in self.module.named_parameters()}
-            self.names = [ids[id(p)] for b in self.blocks for p in b.params]
-
-    @property
-    def structured(self) -> bool:
-        """True for a ``Linear`` or ``Conv2d`` stage (closed-form per-sample products)."""
-        return len(self.blocks) == 1 and self.blocks[0].structured
-
-    @property
-    def params(self) -> list:
-        """The live parameters, in block order."""
-        return [p for b in self.blocks for p in b.params]
-
-    def freeze_statistics(self, x: torch.Tensor) -> None:
-        """Hold a training-mode batch norm's statistics at those of the batch ``x`` (B, C, ...)."""
-        m = self.module
-        if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training:
-            dims = [0] + list(range(2, x.dim()))
-            self.stats = (x.mean(dims), x.var(dims, unbiased=False))
-        else:
-            self.stats = None
-
-    def module_fn(self, params: list, x: torch.Tensor) -> torch.Tensor:
-        """h(x; params) with the given parameter tensors (block order); x may be any batch,
-        including one sample (a batch norm then uses the frozen statistics of the recorded batch).
-        """
-        if self.stats is not None:
-            p = dict(zip(self.names, params))
-            m = self.module
-            return F.batch_norm(x, self.stats[0], self.stats[1], p.get("weight"), p.get("bias"),
-                                False, 0.0, m.eps)
-        return functional_call(self.module, dict(zip(self.names, params)), (x,))
+__all__ = ["module_stages", "StageRecorder", "replay"]
 
 
 def _owners(model: nn.Module, params: set) -> list:
@@ -125,7 +57,7 @@ def module_stages(model: nn.Module, blocks: list, order: list) -> list:
             ``order``).
 
     Returns:
-        a :class:`ModuleStage` per module that owns a parameter of ``blocks`` and ran (the
+        a :class:`~nn_adapter.stages.Stage` (no followers) per module that owns a parameter of ``blocks`` and ran (the
         parameters of modules that did not run get no gradient and are not updated, as in
         torch.optim).
     """
@@ -135,7 +67,8 @@ def module_stages(model: nn.Module, blocks: list, order: list) -> list:
         own = {id(p) for p in module.parameters(recurse=False)}
         mine = [b for b in blocks if all(id(p) in own for p in b.params)]
         if mine:
-            stages.append(ModuleStage(module, names.get(id(module), type(module).__name__), mine))
+            stages.append(Stage(module, names.get(id(module), type(module).__name__), mine,
+                                index=len(stages)))
     return stages
 
 

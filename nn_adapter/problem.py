@@ -19,7 +19,7 @@ from occore.errors import InputError, ShapeError
 from occore.types import Policy, Trajectory
 
 from .errors import DataDependentForwardError, DataError, DtypeError
-from .local_model import NetworkLocalModel
+from .local_model import DenseGains, ExactQ, NetworkLocalModel
 from .stages import split_stages
 
 logger = logging.getLogger("nn_adapter")
@@ -43,6 +43,9 @@ class NetworkProblem:
 
     Args:
         model: an ``nn.Sequential`` or a list of stages (see :func:`nn_adapter.split_stages`);
+            a chain: exact DDP needs each stage's input to be its state, which a skip connection
+            between stages breaks (a residual block can be one stage; see :mod:`nn_adapter.stages`
+            for why any model's hook-recorded stages, as DDPNOpt uses them, are not taken here);
             dropout and batch norm must be in eval mode. Never modified (until :meth:`load_into`).
         loss_fn: ``loss_fn(outputs, targets) -> scalar tensor`` (e.g. ``nn.CrossEntropyLoss()``),
             written with torch operations that ``torch.func`` can differentiate.
@@ -96,7 +99,7 @@ class NetworkProblem:
                  memory_limit: int | None = 2 ** 30, value_hessian: str = "batch"):
         self.pre, self.stages = split_stages(model)
         self.horizon = len(self.stages)
-        first = next(iter(self.stages[0].params().values()))
+        first = next(iter(self.stages[0].param_dict().values()))
         self.dtype, self.device = first.dtype, first.device
         if not callable(loss_fn):
             raise InputError(f"loss_fn: expected a callable, got {type(loss_fn).__name__}")
@@ -118,8 +121,8 @@ class NetworkProblem:
             raise DtypeError("inputs", "floating-point states x_0 = pre(inputs) (the stages are "
                              "differentiated in them)",
                              getattr(self.x0, "dtype", type(self.x0).__name__),
-                             f"x_0 goes into module {first.names[0]!r} "
-                             f"({type(first.head).__name__}); convert the inputs, e.g. "
+                             f"x_0 goes into module {first.name!r} "
+                             f"({type(first.module).__name__}); convert the inputs, e.g. "
                              "inputs.float(); index inputs (nn.Embedding) cannot be states")
         self._check_forward()
         logger.debug("%r", self)
@@ -178,11 +181,11 @@ class NetworkProblem:
         with torch.no_grad():
             for stage in self.stages:
                 try:
-                    y = stage.forward(stage.params(), x)
+                    y = stage.forward(stage.param_dict(), x)
                 except Exception as err:    # noqa: BLE001 - re-raised with the stage named
                     what = "inputs" if stage.index == 0 else f"stage {stage.index} input"
-                    raise ShapeError(what, f"what module {stage.names[0]!r} "
-                                     f"({type(stage.head).__name__}) accepts", tuple(x.shape),
+                    raise ShapeError(what, f"what module {stage.name!r} "
+                                     f"({type(stage.module).__name__}) accepts", tuple(x.shape),
                                      str(err)) from err
                 if not isinstance(y, Tensor) or y.dim() == 0 or y.shape[0] != self.batch_size:
                     raise ShapeError(f"stage {stage.index} output", f"({self.batch_size}, ...)",
@@ -232,7 +235,7 @@ class NetworkProblem:
             raise ShapeError(name, f"a list of {self.horizon} parameter dicts",
                              f"{type(us).__name__} of length {len(us) if hasattr(us, '__len__') else '?'}")
         for stage, u in zip(self.stages, us):
-            ref = stage.params()
+            ref = stage.param_dict()
             if not isinstance(u, dict) or set(u) != set(ref):
                 raise ShapeError(f"{name}[{stage.index}]", f"a dict with keys {sorted(ref)}",
                                  sorted(u) if isinstance(u, dict) else type(u).__name__)
@@ -249,7 +252,7 @@ class NetworkProblem:
     # -- the protocol -------------------------------------------------------------------------
     def initial_controls(self) -> list[dict[str, Tensor]]:
         """The model's current parameters, copied (one dict per stage)."""
-        return [{k: v.detach().clone() for k, v in s.params().items()} for s in self.stages]
+        return [{k: v.detach().clone() for k, v in s.param_dict().items()} for s in self.stages]
 
     def _cost(self, xT, us):
         """J as a tensor: the loss plus wd/2 |u|^2."""
@@ -290,8 +293,9 @@ class NetworkProblem:
         return Trajectory(xs=xs, us=us, cost=cost)
 
     def local_model(self, traj: Trajectory, second_order: bool = False) -> NetworkLocalModel:
-        """The dense network local model at ``traj`` (lazy; see :mod:`nn_adapter.local_model`)."""
-        return NetworkLocalModel(self, traj, self.value_hessian)
+        """The network local model at ``traj``: exact / Gauss-Newton batched DDP
+        (:class:`~nn_adapter.local_model.ExactQ`, lazy) with dense gains."""
+        return NetworkLocalModel(ExactQ(self, traj, self.value_hessian), DenseGains())
 
     # -- E-MSA extension ----------------------------------------------------------------------
     def hamiltonian_grad(self, traj: Trajectory, costates, rho: float, us):
@@ -309,7 +313,7 @@ class NetworkProblem:
     def unflatten(self, t: int, flat: Tensor) -> dict[str, Tensor]:
         """A flat (m_t,) vector as stage t's parameter dict (``param_names`` order)."""
         out, i = {}, 0
-        for k, v in self.stages[t].params().items():
+        for k, v in self.stages[t].param_dict().items():
             out[k] = flat[i:i + v.numel()].view(v.shape)
             i += v.numel()
         return out
@@ -322,12 +326,12 @@ class NetworkProblem:
             raise ShapeError("model", f"stages with parameters {[s.param_names for s in self.stages]}",
                              [s.param_names for s in stages])
         for stage, u in zip(stages, us):
-            for k, p in stage.params().items():
+            for k, p in stage.param_dict().items():
                 if p.shape != u[k].shape:
                     raise ShapeError(f"model stage {stage.index} {k!r}", tuple(u[k].shape), tuple(p.shape))
         with torch.no_grad():
             for stage, u in zip(stages, us):
-                for k, p in stage.params().items():
+                for k, p in stage.param_dict().items():
                     p.copy_(u[k])
 
 
@@ -349,7 +353,7 @@ def _check_per_sample(stage, x: Tensor) -> None:
     Raises:
         DataDependentForwardError: naming the first such module of the stage.
     """
-    params = stage.params()
+    params = stage.param_dict()
     try:
         vmap(lambda xi: stage.forward(params, xi[None])[0])(x[:1])
         return

@@ -1,8 +1,11 @@
 """Split a network into layer-indexed stages x_{t+1} = f_t(x_t, u_t) (DDPNOpt, Liu et al. 2021, Eq. 6).
 
-Stage t is one module with parameters (the *head* g_t, whose parameters are the control u_t) followed
-by the parameter-free modules after it (activations, pooling, flatten, dropout in eval mode...), so
-f_t = sigma_t o g_t. Leading parameter-free modules (a ``Flatten`` before the first ``Linear``, say)
+:class:`Stage` is the one stage type of the network side. Here (:func:`split_stages`, the chain
+stages of :class:`~nn_adapter.NetworkProblem`) stage t is one module with parameters (the *head*
+h_t, ``Stage.module``, whose parameters are the control u_t) followed by the parameter-free modules
+after it (activations, pooling, flatten, dropout in eval mode...), so f_t = sigma_t o h_t. DDPNOpt
+finds its stages with hooks instead (:func:`nn_adapter.module_stages.module_stages`: the
+parametrised modules in the order the model's own forward runs them, no followers). Leading parameter-free modules (a ``Flatten`` before the first ``Linear``, say)
 form the *pre* block: x_0 = pre(inputs) is fixed, not a control.
 
 What can be a head: ``Linear``, ``Conv1d``, ``Conv2d``, ``BatchNorm`` (eval mode, its running
@@ -19,6 +22,17 @@ whose parameters are all frozen count as parameter-free). Refused, with
   containers that are not callable (``ModuleList``, ``ModuleDict``);
 - a head with some parameters frozen and others not, and parameters shared between stages.
 
+Why NetworkProblem takes chains only (not the hook-recorded stages of any model): its rollouts,
+Jacobians, E-MSA Hamiltonians and exact batched DDP need each stage as a function
+x_{t+1} = f_t(x_t, u_t) of a Markov state. In a model that is not a chain (a skip h + g(h)) the
+input of a module is not one: a later module's input depends on an activation the skip carries
+past it, so exact DDP on the module inputs would drop the skip's share of V_xx, and the state
+would have to be every activation alive at each cut, which a hook recording does not give (it
+sees module calls, not the tensors the forward keeps). DDPNOpt needs no such state (its value
+Hessians are terminal columns pulled back through the whole graph by autograd). A residual block
+can still be one stage of a chain: any module with parameters mapping one tensor to one tensor
+is a head.
+
 The mode is checked when the stages are split: a model switched back to training mode afterwards
 is the caller's responsibility.
 
@@ -28,10 +42,11 @@ hooks the user registered on them do run).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import NamedTuple, Sequence
 
 import torch  # noqa: F401  (used by the doctests)
+import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call
 
@@ -50,17 +65,30 @@ _REFUSED = (nn.RNNBase, nn.MultiheadAttention, nn.Transformer, nn.TransformerEnc
             nn.ModuleList, nn.ModuleDict, nn.ParameterList, nn.ParameterDict)
 
 
-@dataclass(frozen=True, eq=False)
+@dataclass(eq=False)
 class Stage:
-    """One stage f_t(x, u) = followers(head(x; u)) of a network.
+    """Stage t of a network, x_{t+1} = f_t(x_t, u_t): the module h_t owning the parameters u_t,
+    then the parameter-free ``followers`` after it, f_t = followers o h_t.
+
+    The one stage type of the network side. :func:`split_stages` makes the chain stages of
+    :class:`~nn_adapter.NetworkProblem` (with followers; its rollouts run the whole stage,
+    :meth:`forward`); :func:`nn_adapter.module_stages.module_stages` makes DDPNOpt's stages, the
+    modules in the order the model's own forward runs them (no followers: whatever runs between
+    two modules enters through the recorded gradients and the measured inputs; per-sample
+    quantities use the module alone, :meth:`module_fn`).
 
     Attributes:
+        module: h_t, the module whose parameters are the control u_t.
+        name: its name in the model (e.g. ``"0"``, ``"layer1.conv"``), for messages.
+        blocks: DDPNOpt's curvature blocks of its parameters (one structured block for ``Linear``
+            and ``Conv2d``, else one diagonal block per parameter); empty for NetworkProblem.
+        param_names: the module's parameter names (e.g. ``("weight", "bias")``), in control
+            order: block order with blocks, else ``named_parameters`` order.
+        followers: the parameter-free modules after the module (chain stages only).
+        follower_names: their names in the model.
         index: t, the position among the stages.
-        modules: (head, *followers): the module with parameters, then the parameter-free modules
-            that follow it.
-        names: their names in the model (e.g. ``("0", "1")``).
-        param_names: parameter names local to the head (e.g. ``("weight", "bias")``), in
-            ``named_parameters`` order.
+        stats: for a training-mode batch norm (DDPNOpt), the (mean, var) of the recorded batch,
+            held fixed in :meth:`module_fn` (None otherwise).
 
     Example:
         >>> net = nn.Sequential(nn.Linear(3, 2), nn.Tanh())
@@ -68,47 +96,91 @@ class Stage:
         >>> stage.names, stage.param_names, stage.numel
         (('0', '1'), ('weight', 'bias'), 8)
         >>> x = torch.randn(5, 3)
-        >>> torch.equal(stage.forward(stage.params(), x), net(x))
+        >>> torch.equal(stage.forward(stage.param_dict(), x), net(x))
         True
     """
 
-    index: int
-    modules: tuple
-    names: tuple[str, ...]
-    param_names: tuple[str, ...]
+    module: nn.Module
+    name: str
+    blocks: list = field(default_factory=list)
+    param_names: tuple = ()
+    followers: tuple = ()
+    follower_names: tuple = ()
+    index: int = 0
+    stats: tuple = None
+
+    def __post_init__(self):
+        if not self.param_names:
+            if self.blocks:
+                ids = {id(p): n for n, p in self.module.named_parameters()}
+                self.param_names = tuple(ids[id(p)] for b in self.blocks for p in b.params)
+            else:
+                self.param_names = tuple(n for n, _ in self.module.named_parameters())
 
     @property
-    def head(self) -> nn.Module:
-        """The module with parameters (``modules[0]``)."""
-        return self.modules[0]
+    def modules(self) -> tuple:
+        """(module, *followers)."""
+        return (self.module,) + tuple(self.followers)
 
     @property
-    def followers(self) -> tuple:
-        """The parameter-free modules after the head."""
-        return self.modules[1:]
+    def names(self) -> tuple:
+        """The names of :attr:`modules` in the model."""
+        return (self.name,) + tuple(self.follower_names)
+
+    @property
+    def structured(self) -> bool:
+        """True for a ``Linear`` or ``Conv2d`` stage with its curvature block (closed-form
+        per-sample products)."""
+        return len(self.blocks) == 1 and self.blocks[0].structured
+
+    @property
+    def params(self) -> list:
+        """The live parameters, in ``param_names`` order (no copy)."""
+        if self.blocks:
+            return [p for b in self.blocks for p in b.params]
+        named = dict(self.module.named_parameters())
+        return [named[n] for n in self.param_names]
+
+    def param_dict(self) -> dict[str, Tensor]:
+        """The live parameters by name (no copy)."""
+        return dict(zip(self.param_names, self.params))
 
     @property
     def numel(self) -> int:
         """Number of scalar parameters (the control size of the stage)."""
-        return sum(p.numel() for p in self.params().values())
+        return sum(p.numel() for p in self.params)
 
-    def params(self) -> dict[str, Tensor]:
-        """The live parameters of the head, by local name (no copy)."""
-        named = dict(self.modules[0].named_parameters())
-        return {name: named[name] for name in self.param_names}
+    def freeze_statistics(self, x: Tensor) -> None:
+        """Hold a training-mode batch norm's statistics at those of the batch ``x`` (B, C, ...)."""
+        m = self.module
+        if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training:
+            dims = [0] + list(range(2, x.dim()))
+            self.stats = (x.mean(dims), x.var(dims, unbiased=False))
+        else:
+            self.stats = None
+
+    def module_fn(self, params: list, x: Tensor) -> Tensor:
+        """h_t(x; params), the module alone, with the given tensors (``param_names`` order); x
+        may be any batch, including one sample (a batch norm then uses the frozen statistics of
+        the recorded batch). The user's module is never mutated (``functional_call``)."""
+        if self.stats is not None:
+            p = dict(zip(self.param_names, params))
+            return F.batch_norm(x, self.stats[0], self.stats[1], p.get("weight"), p.get("bias"),
+                                False, 0.0, self.module.eps)
+        return functional_call(self.module, dict(zip(self.param_names, params)), (x,))
 
     def forward(self, params: dict[str, Tensor], x: Tensor) -> Tensor:
-        """f_t(x, u): the head with parameters ``params`` applied to ``x``, then the followers.
+        """f_t(x, u): the module with parameters ``params`` applied to ``x``, then the followers.
 
         Args:
-            params: one tensor per name of ``param_names``, shaped like the head's parameters.
+            params: one tensor per name of ``param_names``, shaped like the module's parameters.
             x: the stage input (batch first), e.g. (B, n_t).
 
         Returns:
             The stage output, e.g. (B, n_{t+1}).
         """
-        y = functional_call(self.modules[0], params, (x,))
-        for module in self.modules[1:]:
+        y = self.module_fn([params[k] for k in self.param_names], x)
+        for module in self.followers:
             y = module(y)
         return y
 
@@ -244,5 +316,7 @@ def split_stages(model: nn.Sequential | Sequence, check_mode: bool = True) -> St
                     f"{_describe(names[0], modules[0])}: parameter {pname!r} is shared with stage "
                     f"{seen[id(p)]}; controls must belong to one stage. Supported: {SUPPORTED}")
             seen[id(p)] = t
-        stages.append(Stage(t, tuple(modules), tuple(names), param_names))
+        stages.append(Stage(modules[0], names[0], param_names=param_names,
+                            followers=tuple(modules[1:]), follower_names=tuple(names[1:]),
+                            index=t))
     return Stages(pre, stages)

@@ -70,10 +70,11 @@ class LocalModel(Protocol):
     def backward(self, mu: float, second_order: bool = False) -> tuple[Policy, tuple[float, float]]:
         """Riccati sweep regularised by mu >= 0 (Levenberg-Marquardt; 0 = none, larger = shorter,
         more conservative steps; the solver raises it until this succeeds). Where it enters:
-        dense problems (``occore.Problem``) and DDPNOpt's minibatch model add mu I to the next
-        value Hessian V_xx' where it enters the gains (the state form of Tassa, Erez & Todorov
-        2012; for DDPNOpt, whose Q_uu is the curvature's, that is its ``eps_vxx``); the exact
-        network model (``NetworkProblem``) adds mu I to Q_uu (the control form), because full
+        dense problems (``occore.Problem``) and the network local model with a curvature's Q_uu
+        (DDPNOpt's minibatch) add mu I to the next value Hessian V_xx' where it enters the gains
+        (the state form of Tassa, Erez & Todorov 2012; for DDPNOpt, whose Q_uu is the
+        curvature's, that is its ``eps_vxx``); the same network local model with exact /
+        Gauss-Newton Q_uu (``NetworkProblem``) adds mu I to Q_uu (the control form), because full
         second-order DDP on a network needed it (measured: on WINE the state form stalled at
         loss 0.50 in 20 iterations where the control form reaches 2e-5; on the dense swing-ups
         it is the other way round). Returns the policy and (d1, d2) with d1 = sum_t Qu.k,

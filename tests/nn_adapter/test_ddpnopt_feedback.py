@@ -8,7 +8,7 @@ from torch import nn
 
 from nn_adapter import DDPNOpt
 from nn_adapter.feedback import feedback_grads, second_order_grads
-from nn_adapter.module_stages import ModuleStage
+from nn_adapter.stages import Stage
 from nn_adapter.training import make_closure
 
 from test_ddpnopt_oracle import dense_P, dense_step, stage_controls, stage_modules
@@ -128,7 +128,7 @@ def _stage_P(opt, net, x):
     for m in stage_modules(net, x):
         own = {id(p) for p in m.parameters(recurse=False)}
         blocks = [b for b in opt._blocks if all(id(p) in own for p in b.params)]
-        stage = ModuleStage(m, "", blocks)
+        stage = Stage(m, "", blocks)
         out.append(dense_P(stage, [opt.curvature.factors(b, opt._group_of(b),
                                                          [opt.state[p] for p in b.params])
                                    for b in blocks]))
@@ -355,7 +355,7 @@ def test_first_order_check(stage_index):
     net = nn.Sequential(TanhLinear(4, 5), nn.Linear(5, 3)).double()
     x0 = torch.randn(B, 4, dtype=torch.float64)
     module = net[stage_index]
-    stage = ModuleStage(module, str(stage_index), find_blocks(module))
+    stage = Stage(module, str(stage_index), find_blocks(module))
     states = [x0]
     for m in net:
         states.append(m(states[-1]).detach())
@@ -408,7 +408,7 @@ def test_tikhonov_term_is_eps_hu_hx_dx():
     norm = nn.LayerNorm(4).double()
     with torch.no_grad():
         norm.weight.uniform_(0.5, 1.5)
-    stage = ModuleStage(norm, "norm", find_blocks(norm))
+    stage = Stage(norm, "norm", find_blocks(norm))
     x = torch.randn(B, 4, dtype=torch.float64)
     dx = torch.randn_like(x)
     got = torch.cat([t.reshape(-1) for t in tikhonov_grads(stage, x, dx, 0.3)])
@@ -425,16 +425,16 @@ def test_tikhonov_term_is_eps_hu_hx_dx():
 
 def test_dense_feedback_refuses_large_networks():
     from nn_adapter.curvature import find_blocks
-    from nn_adapter.feedback_dense import dense_gains
+    from nn_adapter.minibatch import dense_gain
     torch.manual_seed(0)
     net = _mlp()
-    stages = [ModuleStage(m, str(i), find_blocks(m)) for i, m in enumerate(net) if
+    stages = [Stage(m, str(i), find_blocks(m)) for i, m in enumerate(net) if
               isinstance(m, nn.Linear)]
     x = torch.randn(B, 4, dtype=torch.float64)
     inputs = [x, torch.tanh(net[0](x)).detach(), torch.tanh(net[2](torch.tanh(net[0](x)))).detach()]
     cols = [None, torch.randn(B, 1, 4, dtype=torch.float64), torch.randn(B, 1, 3, dtype=torch.float64)]
     with pytest.raises(ValueError, match="dense"):
-        dense_gains(stages, inputs, cols, [None] * 4, [None] * 3, max_elements=10)
+        dense_gain(stages[2], inputs[2], cols[2], None, None, max_elements=10)
 
 
 def test_feedback_coefficient_keeps_its_digits_in_float32():

@@ -11,7 +11,8 @@ import torch
 from torch import nn
 from torch.func import jacrev
 
-from nn_adapter import NetworkProblem
+import occore
+from nn_adapter import DDPNOpt, NetworkLocalModel, NetworkProblem
 from nn_adapter.errors import MemoryLimitError
 from occore.errors import NotPositiveDefinite
 
@@ -145,22 +146,23 @@ class Dense:
 
 
 def compare_record(lm, oracle, second_order):
-    B = lm.B
+    src = lm.source
+    B = src.B
     for t, (r, o) in enumerate(zip(lm.record, oracle)):
         torch.testing.assert_close(r["Qx"].reshape(-1), o["Qx"], **TOL)
         torch.testing.assert_close(r["Qu"], o["Qu"], **TOL)
         torch.testing.assert_close(r["Quu"], o["Quu"], **TOL)
         torch.testing.assert_close(r["Qux"], o["Qux"], **TOL)
         Qxx = r["Qxx"]
-        if lm.value_hessian == "per_sample":
+        if src.value_hessian == "per_sample":
             Qxx = torch.block_diag(*Qxx)
         torch.testing.assert_close(Qxx, o["Qxx"], **TOL)
         Vx, Vxx = lm.values[t]
         torch.testing.assert_close(Vx.reshape(-1), o["Vx"], **TOL)
-        if lm.value_hessian == "per_sample":
+        if src.value_hessian == "per_sample":
             Vxx = torch.block_diag(*Vxx)
         torch.testing.assert_close(Vxx, o["Vxx"], **TOL)
-        assert Vx.shape == (B, lm.n[t])
+        assert Vx.shape == (B, src.n[t])
 
 
 @pytest.mark.parametrize("make", [mlp, cnn, resnet, wide, coupled])
@@ -315,7 +317,7 @@ def test_terminal_hessian_is_blocks_for_a_separable_loss_and_dense_otherwise():
         net, loss, x, y = make()
         prob = NetworkProblem(net, loss, x, y)
         lm = prob.local_model(prob.rollout(prob.initial_controls()))
-        _, V = lm._terminal_derivatives()
+        _, V = lm.source._terminal_derivatives()
         assert (V.S is not None) == dense
 
 
@@ -347,3 +349,36 @@ def test_last_stage_q_terms_are_the_second_derivatives_of_J(make):
         gx, gu = torch.func.grad(Q, argnums=(0, 1))(X, u)
         torch.testing.assert_close(r["Qx"].reshape(-1), gx, **TOL)
         torch.testing.assert_close(r["Qu"], gu, **TOL)
+
+
+def test_network_problem_and_ddpnopt_run_the_one_backward_sweep(monkeypatch):
+    """Full-batch iLQR on a NetworkProblem and DDPNOpt (factorised and dense gains) go through
+    the same NetworkLocalModel.backward, with their own Q source and gain holder; the step still
+    trains (the loss falls)."""
+    calls = []
+    sweep = NetworkLocalModel.backward
+
+    def spy(self, mu, second_order=False, **kwargs):
+        calls.append((type(self.source).__name__, type(self.gains).__name__))
+        return sweep(self, mu, second_order, **kwargs)
+    monkeypatch.setattr(NetworkLocalModel, "backward", spy)
+    net, loss, x, y = mlp()
+    prob = NetworkProblem(net, loss, x, y)
+    res = occore.ILQR(max_iter=2).solve(prob)
+    assert res.cost < prob.rollout(prob.initial_controls()).cost
+    assert set(calls) == {("ExactQ", "DenseGains")}
+    for feedback, gains in (("factorised", "FactorisedGains"), ("dense", "DenseGains")):
+        calls.clear()
+        net, loss, x, y = mlp()
+        opt = DDPNOpt(net, lr=0.05, curvature="adam", feedback=feedback)
+
+        def closure():
+            opt.zero_grad()
+            out = loss(net(x), y)
+            out.backward()
+            return out
+        first = float(opt.step(closure))
+        for _ in range(5):
+            last = float(opt.step(closure))
+        assert last < first
+        assert calls == [("CurvatureQ", gains)] * 6

@@ -54,7 +54,7 @@ def test_initial_controls_are_copies_and_load_into_round_trips():
     prob = NetworkProblem(net, loss, x, y)
     us = prob.initial_controls()
     assert us[0]["weight"] is not net[0].weight
-    assert all(torch.equal(us[t][k], p) for t, s in enumerate(prob.stages) for k, p in s.params().items())
+    assert all(torch.equal(us[t][k], p) for t, s in enumerate(prob.stages) for k, p in s.param_dict().items())
     us[0]["weight"].add_(1.0)                        # editing the copy leaves the model alone
     assert not torch.equal(us[0]["weight"], net[0].weight)
     other = copy.deepcopy(net)

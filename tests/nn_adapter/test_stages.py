@@ -20,7 +20,7 @@ class Residual(nn.Module):
 def run_stages(split, x):
     x = split.apply_pre(x)
     for s in split.stages:
-        x = s.forward(s.params(), x)
+        x = s.forward(s.param_dict(), x)
     return x
 
 
@@ -36,7 +36,7 @@ def test_mlp_grouping_and_exact_output():
     x = torch.randn(5, 2, 3)
     assert torch.equal(run_stages(split, x), net(x))
     # params() are the live tensors
-    assert split.stages[0].params()["weight"] is net[1].weight
+    assert split.stages[0].param_dict()["weight"] is net[1].weight
 
 
 def test_cnn_with_pooling_batchnorm_eval():
