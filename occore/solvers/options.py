@@ -91,6 +91,12 @@ class LineSearch:
             step closing gaps, FDDP), a step is accepted when the actual increase is at most this
             times the predicted one (crocoddyl's th_acceptnegstep). Single-shooting models never
             predict an increase.
+        gap_warm_start: None, or an integer n >= 0: on an iterate with gaps (multiple shooting,
+            FDDP from a state guess), after an iteration that accepted the step ``steps[i]``
+            (i > 0), the trials start at ``steps[max(0, i - n)]``: while gaps close, the accepted
+            steps grow a few places per iteration, and the longer steps before them blow up
+            (measured: FDDP from the interpolated state guess on the cart-pole, 133 rollouts
+            instead of 188 with n = 2, the same 52 iterations).
 
     Example:
         >>> LineSearch(steps=(1.0,)).steps
@@ -100,6 +106,7 @@ class LineSearch:
     steps: tuple = field(default_factory=_default_steps)
     accept_ratio: float = 0.1
     accept_increase: float = 2.0
+    gap_warm_start: int | None = None
 
     def __post_init__(self):
         steps = tuple(self.steps)
@@ -110,6 +117,9 @@ class LineSearch:
                and 0 <= self.accept_ratio < 1, "a number in [0, 1)")
         _check("accept_increase", self.accept_increase, isinstance(self.accept_increase, (int, float))
                and math.isfinite(self.accept_increase) and self.accept_increase >= 1, "a finite number >= 1")
+        if self.gap_warm_start is not None:
+            _check("gap_warm_start", self.gap_warm_start, isinstance(self.gap_warm_start, int) and not isinstance(
+                self.gap_warm_start, bool) and self.gap_warm_start >= 0, "None or an integer >= 0")
 
 
 def _fine_steps() -> tuple:
@@ -117,7 +127,7 @@ def _fine_steps() -> tuple:
 
 
 def _fine_line_search() -> LineSearch:
-    return LineSearch(steps=_fine_steps())
+    return LineSearch(steps=_fine_steps(), gap_warm_start=2)
 
 
 @dataclass(frozen=True)
@@ -262,7 +272,9 @@ class FDDPOptions(DDPOptions):
     Defaults measured on the reference set (``benchmarks/classic.py``), unlike DDP's and iLQR's
     (crocoddyl's): the Gauss-Newton model switching to the second-order one when the expected
     decrease of a full step falls below 0.1 (``second_order_below``), and step lengths 0.7^k,
-    k = 0..19 (swing-ups accept steps of about 0.5 for long stretches; 2^-k offers 1 or 0.5 only).
+    k = 0..19 (swing-ups accept steps of about 0.5 for long stretches; 2^-k offers 1 or 0.5 only),
+    tried from two places above the previous step while the iterate has gaps
+    (``LineSearch.gap_warm_start``).
 
     Attributes:
         gap_tol: CONVERGED needs every dynamics gap at most this (besides the expected decrease).
