@@ -6,6 +6,7 @@ outputs on rows (fx[t][i, j] = d f_i / d x_j).
 """
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 
 import numpy as np
@@ -57,6 +58,14 @@ class DenseDerivatives:
     @property
     def second_order(self) -> bool:
         return self.fxx is not None
+
+    def with_cost_derivatives(self, lx, lu, lxx, lux, luu) -> "DenseDerivatives":
+        """A copy with these cost derivatives, the other fields shared (``dataclasses.replace``
+        without its field-by-field constructor call: CDDP makes one per iteration)."""
+        new = copy.copy(self)
+        for name, value in (("lx", lx), ("lu", lu), ("lxx", lxx), ("lux", lux), ("luu", luu)):
+            object.__setattr__(new, name, value)
+        return new
 
 
 #: the DenseDerivatives fields that only the second-order model has

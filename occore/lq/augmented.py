@@ -137,9 +137,12 @@ def update(values, m: Multipliers) -> Multipliers:
 def augment(d, values, m: Multipliers, upper_index, lower_index):
     """A copy of DenseDerivatives ``d`` whose cost derivatives are those of J + sum phi at the same
     trajectory (``values``: its :class:`ConstraintValues`; ``upper_index``, ``lower_index``: the
-    bounded state components, :class:`occore.constraints.ConstraintSet`'s); ``d`` is not modified."""
+    bounded state components, :class:`occore.constraints.ConstraintSet`'s); ``d`` is not modified.
+
+    The path constraints' terms come from their stacked Jacobian J = [gx gu] (T, ng, nx+nu):
+    J' w and J' D J in one product each, split into the x and u blocks."""
     nh = m.nh
-    T = d.fu.shape[0]
+    T, nx, _ = d.fu.shape
     lx, lxx = d.lx.copy(), d.lxx.copy()
     lu, lux, luu = d.lu, d.lux, d.luu
     for index, c, lam, sign in ((upper_index, values.upper, m.upper, 1.0), (lower_index, values.lower, m.lower, -1.0)):
@@ -149,12 +152,14 @@ def augment(d, values, m: Multipliers, upper_index, lower_index):
             lxx[:, index, index] += D
     if d.g is not None and d.g.shape[1]:
         w, D = _weights(values.g, m.g, m)
-        Dgx, Dgu = D[:, :, None] * d.gx, D[:, :, None] * d.gu
-        lx[:T] += np.einsum("tix,ti->tx", d.gx, w)
-        lxx[:T] += np.einsum("tia,tib->tab", d.gx, Dgx)
-        lu = lu + np.einsum("tiu,ti->tu", d.gu, w)
-        lux = lux + np.einsum("tia,tib->tab", d.gu, Dgx)
-        luu = luu + np.einsum("tia,tib->tab", d.gu, Dgu)
+        J = np.concatenate([d.gx, d.gu], axis=2)
+        G = np.einsum("tia,ti->ta", J, w)
+        H = np.einsum("tia,tib->tab", J, D[:, :, None] * J)
+        lx[:T] += G[:, :nx]
+        lxx[:T] += H[:, :nx, :nx]
+        lu = lu + G[:, nx:]
+        lux = lux + H[:, nx:, :nx]
+        luu = luu + H[:, nx:, nx:]
         if d.gxx is not None:     # constraint curvature (second-order model)
             lxx[:T] += np.einsum("ti,tiab->tab", w, d.gxx)
             lux += np.einsum("ti,tiab->tab", w, d.gux)
@@ -167,4 +172,4 @@ def augment(d, values, m: Multipliers, upper_index, lower_index):
         lxx[T] += d.hx.T @ (D[:, None] * d.hx)
         if d.hxx is not None:
             lxx[T] += np.einsum("i,iab->ab", w, d.hxx)
-    return replace(d, lx=lx, lu=lu, lxx=lxx, lux=lux, luu=luu)
+    return d.with_cost_derivatives(lx, lu, lxx, lux, luu)

@@ -153,8 +153,11 @@ class CDDP(_RiccatiSolver):
             return new, info
         if new.status is Status.CONVERGED and feasible and info.stop < opts.tol and (
                 state.multipliers.barrier <= opts.barrier_min):
-            return replace(new, message=f"expected decrease {info.stop:.2e} < tol {opts.tol:g}, constraint "
-                                        f"violation {violation:.1e} <= {opts.constraint_tol:g}"), info
+            # The multipliers of the result are those at the final iterate, lam <- phi'(c): the KKT
+            # estimate there (the ones of the last inner solve differ from it by rho c).
+            return replace(new, multipliers=update(point.values, state.multipliers),
+                           message=f"expected decrease {info.stop:.2e} < tol {opts.tol:g}, constraint "
+                                   f"violation {violation:.1e} <= {opts.constraint_tol:g}"), info
         # An inner solve is done, but the constraints do not hold yet (or it stopped at inner_tol):
         # update the multipliers, and raise the penalty unless the violation fell enough since the
         # last update.

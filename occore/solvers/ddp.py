@@ -36,6 +36,18 @@ def _trials(problem, traj, policy, steps):
         yield from zip(chunk, trials)
 
 
+def _steps(ls, state, gapped: bool) -> tuple:
+    """The step lengths this iteration's line search tries: ``ls.steps``, or, on an iterate with gaps
+    after an iteration that accepted a step shorter than the first, those from
+    ``ls.gap_warm_start`` places above that step on (see :class:`LineSearch`)."""
+    steps = ls.steps
+    if gapped and ls.gap_warm_start is not None and state.history:
+        last = state.history[-1].step
+        if last in steps and last != steps[0]:
+            return steps[max(0, steps.index(last) - ls.gap_warm_start):]
+    return steps
+
+
 class _RiccatiSolver(Solver):
     """The shared DDP/iLQR iteration; ``second_order`` selects the model."""
 
@@ -99,9 +111,10 @@ class _RiccatiSolver(Solver):
         # Line search on the expected decrease.
         ls = self.options.line_search
         gapped = getattr(lm, "max_gap", 0.0) > 0.0
+        steps = _steps(ls, state, gapped)
         actual = expected = 0.0
         nonfinite = 0
-        for alpha, trial in _trials(problem, traj, policy, ls.steps):
+        for alpha, trial in _trials(problem, traj, policy, steps):
             expected = -(alpha * d1 + 0.5 * alpha * alpha * d2)
             if not math.isfinite(trial.cost):
                 nonfinite += 1
@@ -117,7 +130,7 @@ class _RiccatiSolver(Solver):
                 new = replace(state, traj=trial, mu=mu, policy=policy, cache=None)
                 return new, self._info(state, cost=trial.cost, expected_decrease=expected,
                                        actual_decrease=actual, step=alpha, regularization=mu, stop=full)
-        if nonfinite == len(ls.steps):
+        if nonfinite == len(steps):
             return self._stop(state, lm, Status.NON_FINITE,
                               "every line-search trial gave a non-finite cost", mu, policy, full)
         mu = reg.increase(mu)

@@ -83,7 +83,9 @@ def test_contradictory_constraints_end_infeasible_with_the_best_iterate():
 
 def test_without_constraints_cddp_is_the_fddp_iteration():
     prob = occore.problems.make("pendulum_box")
-    a, b = occore.CDDP().solve(prob), occore.FDDP().solve(prob)
+    cddp = occore.CDDP()      # the FDDP iteration with CDDP's inner options (its later second-order switch)
+    a = cddp.solve(prob)
+    b = occore.FDDP(second_order_below=cddp.options.second_order_below).solve(prob)
     assert a.iterations == b.iterations and [h.cost for h in a.history] == [h.cost for h in b.history]
     assert a.multipliers is not None and a.constraint_violation == 0.0
 

@@ -28,6 +28,44 @@ def test_from_a_linear_interpolation_guess_to_ddps_optimum(name):
     np.testing.assert_allclose(again.xs, res.xs, atol=1e-12)
 
 
+def test_gapped_line_search_starts_two_steps_above_the_last_one():
+    """With gaps, the trials start two step lengths above the previous accepted one: every gapped
+    iteration tries no longer step than that, the feasible ones start at the full step; the
+    optimum is the one of the line search that always starts at the full step, with fewer rollouts."""
+    prob = occore.problems.make("cartpole")
+    xs0 = interpolation(prob, GOALS["cartpole"])
+    tried = []
+    rollout = prob.rollout_policy
+
+    def counting(ref, policy, alpha, **kw):
+        tried[-1].append(alpha)
+        return rollout(ref, policy, alpha, **kw)
+
+    prob.rollout_policy = counting
+    steps = occore.FDDP().options.line_search.steps
+    runs = {}
+    for warm in (2, None):
+        marks = []
+
+        def mark(info, state):
+            marks.append((info.step, info.gap))
+            tried.append([])
+        tried[:] = [[]]
+        ls = occore.LineSearch(steps=steps, gap_warm_start=warm)
+        res = occore.FDDP(line_search=ls).solve(prob, xs0=xs0, callbacks=[mark])
+        assert res.converged and abs(res.cost - OPTIMA["cartpole"]) / OPTIMA["cartpole"] <= 1e-8
+        runs[warm] = (res, sum(map(len, tried)))
+        if warm == 2:
+            gap, last = 1.0, steps[0]    # the initial iterate has gaps
+            for (step, gap_after), alphas in zip(marks, tried):
+                if alphas and gap > 0 and last in steps[1:]:
+                    assert alphas[0] == steps[max(0, steps.index(last) - 2)]
+                elif alphas:             # feasible, or after a full or a rejected step
+                    assert alphas[0] == 1.0
+                last, gap = step, gap_after
+    assert runs[2][0].iterations <= runs[None][0].iterations and runs[2][1] < 0.8 * runs[None][1]
+
+
 def test_the_expected_change_with_gaps_is_exact_for_linear_dynamics():
     prob = occore.problems.make("lqr", horizon=20)
     rng = np.random.default_rng(0)

@@ -88,6 +88,8 @@ def test_bad_options_raise_value_error_naming_them(kw, name):
     (lambda: occore.LineSearch(steps=()), "steps"),
     (lambda: occore.LineSearch(steps=(1.0, 2.0)), "steps"),
     (lambda: occore.LineSearch(accept_ratio=1.5), "accept_ratio"),
+    (lambda: occore.LineSearch(gap_warm_start=-1), "gap_warm_start"),
+    (lambda: occore.LineSearch(gap_warm_start=1.5), "gap_warm_start"),
 ])
 def test_bad_sub_options(make_opt, name):
     with pytest.raises(ValueError, match=name):
