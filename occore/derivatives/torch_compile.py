@@ -1,15 +1,17 @@
-"""Compiled whole-horizon functions of the torch backend (``torch.compile``, inductor, C++ wrapper).
+"""Compiled whole-horizon functions of the torch backend (inductor, C++ wrapper; see :func:`compile_graph`).
 
 What runs every iteration of DDP / iLQR on a torch problem is (a) one derivative evaluation of the
 whole horizon and (b) one or more closed-loop rollouts (the line search), plus the open-loop
 rollout of E-MSA and of ``init``. Eagerly, each is hundreds to thousands of tiny torch calls (a
 rollout: T stages times the dynamics' operations), and their dispatch costs 5-15 ms per call on a
-CPU. Compiled, each is one call of generated C++ code:
+CPU. Compiled, each is one call of generated C++ code, traced by ``make_fx`` and compiled by
+``torch._inductor.compile`` without dynamo (:func:`compile_graph`: a call costs about 8 us of
+Python, not the 20-50 us of ``torch.compile``'s frame evaluation and guards):
 
 * derivatives: the FX graph of the vmapped ``jacrev`` / ``jacfwd`` function (see
   :mod:`occore.derivatives.torch`) compiled by inductor, returning every field of the local model
   already sliced and laid out;
-* rollouts: the stage recursion written as ``torch._higher_order_ops.scan`` (a loop in the
+* rollouts: the stage recursion written as the ``scan`` operator (a loop in the
   generated code, :data:`UNROLL` stages per iteration, not T unrolled copies of the stage:
   compiling it costs seconds, not minutes), compiled by inductor; the line search's first trials
   in one batched pass (``scan_rollout_policy(batched=True)``: the generated loop's cost is its
@@ -53,12 +55,12 @@ INDUCTOR_OPTIONS = {"cpp_wrapper": True}
 
 
 class CompiledFunction:
-    """A function of tensors, replaced by its ``torch.compile``-d version as ``mode`` says.
+    """A function of tensors, replaced by its compiled version (:func:`compile_graph`) as ``mode`` says.
 
     Args:
         name: label for the log ("derivatives", "rollout", "rollout_policy").
         eager: the eager function, called until (and unless) the compiled one is ready.
-        compilable: ``compilable(*args)`` -> the function to hand to ``torch.compile`` (same
+        compilable: ``compilable(*args)`` -> the function to hand to :func:`compile_graph` (same
             arguments and results as ``eager``; built lazily at the first call's ``args``, e.g. an
             FX graph of ``eager``).
         mode: one of :data:`MODES`.
