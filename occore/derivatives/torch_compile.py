@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import logging
 import time
+import types
 import warnings
 
 import torch
@@ -105,8 +106,17 @@ class CompiledFunction:
             with warnings.catch_warnings():   # inductor's own deprecation notices are not the user's
                 warnings.filterwarnings("ignore", category=FutureWarning, module=r"torch\.")
                 warnings.filterwarnings("ignore", category=DeprecationWarning, module=r"torch\.")
-                fn = compile_graph(self.compilable(*args), args)
-                out = fn(*args)
+                fn = self.compilable(*args)
+                try:
+                    compiled = compile_graph(fn, args)
+                    out = compiled(*args)
+                except Exception as err:  # noqa: BLE001 - e.g. a constant tensor made inside a scan body
+                    log.debug("torch backend: %s: make_fx + inductor failed (%s: %s); torch.compile instead",
+                              self.name, type(err).__name__, str(err).splitlines()[0] if str(err) else "")
+                    compiled = torch.compile(_own_code(fn), fullgraph=True, dynamic=False,
+                                             options=INDUCTOR_OPTIONS)
+                    out = compiled(*args)
+                fn = compiled
         except Exception as err:  # noqa: BLE001 - compilation is an optimisation; eager always works
             self.failed = True
             log.warning("torch backend: compiling %s failed (%s: %s); it stays eager", self.name,
@@ -116,6 +126,17 @@ class CompiledFunction:
         self.compiled = fn
         log.info("torch backend: %s compiled in %.1f s", self.name, self.compile_seconds)
         return out
+
+
+def _own_code(fn):
+    """``fn`` with a code object of its own (for the ``torch.compile`` fallback of
+    :meth:`CompiledFunction._compile`): dynamo keeps its compiled versions per code object, so the
+    rollouts of every problem (closures of one function) would otherwise share one cache and, past
+    ``torch._dynamo.config.recompile_limit`` of them in a process, silently run eager."""
+    if not isinstance(fn, types.FunctionType):
+        return fn            # an FX GraphModule has generated code of its own
+    return types.FunctionType(fn.__code__.replace(), fn.__globals__, fn.__name__, fn.__defaults__,
+                              fn.__closure__)
 
 
 def compile_graph(fn, args):
@@ -158,9 +179,13 @@ def _scan(body, init, xs):
     """``scan(body, init, xs)`` for :func:`compile_graph`'s trace: the scan operator itself, called
     with flat lists of tensors. (``torch._higher_order_ops.scan.scan``, its front end, runs dynamo
     on a function of its own at each call; under ``make_fx`` the second problem's rollout of a
-    process could then be traced with the first one's loop body, and fail in inductor.)"""
-    from torch._higher_order_ops.scan import scan_op
+    process could then be traced with the first one's loop body, and fail in inductor.) Under
+    dynamo (the ``torch.compile`` fallback of :meth:`CompiledFunction._compile`), the front end."""
+    from torch._higher_order_ops.scan import scan, scan_op
     from torch.utils._pytree import tree_flatten, tree_unflatten
+
+    if torch.compiler.is_dynamo_compiling():   # the torch.compile fallback: dynamo traces the front end
+        return scan(body, init, xs)
 
     init_leaves, init_spec = tree_flatten(init)
     xs_leaves, xs_spec = tree_flatten(xs)
