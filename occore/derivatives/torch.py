@@ -18,7 +18,7 @@ the threshold. The graph bakes in whatever the user's functions close over (Pyth
 constants), as the casadi backend's symbolic trace does.
 
 Compiled path (:mod:`occore.derivatives.torch_compile`): that graph and the rollouts (as scans
-over the stages; the line search's trials :data:`LINE_SEARCH_BATCH` at a time) compiled by ``torch.compile`` (inductor, C++), per ``backend_options={"compile":
+over the stages; the line search's trials :data:`LINE_SEARCH_BATCH` at a time) compiled by inductor (C++; ``make_fx`` graphs, no dynamo), per ``backend_options={"compile":
 "auto" | "always" | "never"}``.
 
 What the torch backend cannot trace: Python control flow on tensor values (``if x[0] > 0``,

@@ -1,15 +1,17 @@
-"""Compiled whole-horizon functions of the torch backend (``torch.compile``, inductor, C++ wrapper).
+"""Compiled whole-horizon functions of the torch backend (inductor, C++ wrapper; see :func:`compile_graph`).
 
 What runs every iteration of DDP / iLQR on a torch problem is (a) one derivative evaluation of the
 whole horizon and (b) one or more closed-loop rollouts (the line search), plus the open-loop
 rollout of E-MSA and of ``init``. Eagerly, each is hundreds to thousands of tiny torch calls (a
 rollout: T stages times the dynamics' operations), and their dispatch costs 5-15 ms per call on a
-CPU. Compiled, each is one call of generated C++ code:
+CPU. Compiled, each is one call of generated C++ code, traced by ``make_fx`` and compiled by
+``torch._inductor.compile`` without dynamo (:func:`compile_graph`: a call costs about 8 us of
+Python, not the 20-50 us of ``torch.compile``'s frame evaluation and guards):
 
 * derivatives: the FX graph of the vmapped ``jacrev`` / ``jacfwd`` function (see
   :mod:`occore.derivatives.torch`) compiled by inductor, returning every field of the local model
   already sliced and laid out;
-* rollouts: the stage recursion written as ``torch._higher_order_ops.scan`` (a loop in the
+* rollouts: the stage recursion written as the ``scan`` operator (a loop in the
   generated code, :data:`UNROLL` stages per iteration, not T unrolled copies of the stage:
   compiling it costs seconds, not minutes), compiled by inductor; the line search's first trials
   in one batched pass (``scan_rollout_policy(batched=True)``: the generated loop's cost is its
@@ -41,7 +43,7 @@ import warnings
 
 import torch
 
-__all__ = ["MODES", "AUTO_AFTER_SECONDS", "CompiledFunction", "scan_rollout", "scan_rollout_policy"]
+__all__ = ["MODES", "AUTO_AFTER_SECONDS", "CompiledFunction", "compile_graph", "scan_rollout", "scan_rollout_policy"]
 
 log = logging.getLogger("occore")
 
@@ -54,12 +56,12 @@ INDUCTOR_OPTIONS = {"cpp_wrapper": True}
 
 
 class CompiledFunction:
-    """A function of tensors, replaced by its ``torch.compile``-d version as ``mode`` says.
+    """A function of tensors, replaced by its compiled version (:func:`compile_graph`) as ``mode`` says.
 
     Args:
         name: label for the log ("derivatives", "rollout", "rollout_policy").
         eager: the eager function, called until (and unless) the compiled one is ready.
-        compilable: ``compilable(*args)`` -> the function to hand to ``torch.compile`` (same
+        compilable: ``compilable(*args)`` -> the function to hand to :func:`compile_graph` (same
             arguments and results as ``eager``; built lazily at the first call's ``args``, e.g. an
             FX graph of ``eager``).
         mode: one of :data:`MODES`.
@@ -104,9 +106,17 @@ class CompiledFunction:
             with warnings.catch_warnings():   # inductor's own deprecation notices are not the user's
                 warnings.filterwarnings("ignore", category=FutureWarning, module=r"torch\.")
                 warnings.filterwarnings("ignore", category=DeprecationWarning, module=r"torch\.")
-                fn = torch.compile(_own_code(self.compilable(*args)), fullgraph=True, dynamic=False,
-                                   options=INDUCTOR_OPTIONS)
-                out = fn(*args)
+                fn = self.compilable(*args)
+                try:
+                    compiled = compile_graph(fn, args)
+                    out = compiled(*args)
+                except Exception as err:  # noqa: BLE001 - e.g. a constant tensor made inside a scan body
+                    log.debug("torch backend: %s: make_fx + inductor failed (%s: %s); torch.compile instead",
+                              self.name, type(err).__name__, str(err).splitlines()[0] if str(err) else "")
+                    compiled = torch.compile(_own_code(fn), fullgraph=True, dynamic=False,
+                                             options=INDUCTOR_OPTIONS)
+                    out = compiled(*args)
+                fn = compiled
         except Exception as err:  # noqa: BLE001 - compilation is an optimisation; eager always works
             self.failed = True
             log.warning("torch backend: compiling %s failed (%s: %s); it stays eager", self.name,
@@ -119,19 +129,76 @@ class CompiledFunction:
 
 
 def _own_code(fn):
-    """``fn`` with a code object of its own: dynamo keeps its compiled versions per code object,
-    so the rollouts of every problem (closures of one function) would otherwise share one cache
-    and, past ``torch._dynamo.config.recompile_limit`` of them in a process, silently run eager."""
+    """``fn`` with a code object of its own (for the ``torch.compile`` fallback of
+    :meth:`CompiledFunction._compile`): dynamo keeps its compiled versions per code object, so the
+    rollouts of every problem (closures of one function) would otherwise share one cache and, past
+    ``torch._dynamo.config.recompile_limit`` of them in a process, silently run eager."""
     if not isinstance(fn, types.FunctionType):
         return fn            # an FX GraphModule has generated code of its own
     return types.FunctionType(fn.__code__.replace(), fn.__globals__, fn.__name__, fn.__defaults__,
                               fn.__closure__)
 
 
-def _scan():
-    from torch._higher_order_ops.scan import scan
+def compile_graph(fn, args):
+    """``fn`` (a function of tensors returning a tuple or dict of tensors) compiled by inductor for
+    inputs shaped as ``args``: traced by ``make_fx`` (fake tensors: no computation) into a graph of
+    aten operations, which ``torch._inductor.compile`` compiles without dynamo. The result is
+    called with tensors of the shapes, strides and dtypes of ``args`` (checked by the generated
+    code, which raises otherwise) and returns what ``fn`` returns.
 
-    return scan
+    Why not ``torch.compile``: every call of a ``torch.compile``-d function runs dynamo's frame
+    evaluation and guards (about 20-50 us on this machine for the backend's functions, against
+    about 8 us for a direct call of the compiled graph); what those guards protect (new shapes,
+    other Python constants in the closures) cannot change here: the backend calls each function
+    with one set of shapes, and the graph bakes in the constants the user's functions close over,
+    as the casadi backend's symbolic trace and the derivatives' FX trace do."""
+    from torch.fx.experimental.proxy_tensor import make_fx
+    from torch.utils._pytree import tree_flatten
+
+    layout = []
+
+    def flat(*a):
+        leaves, spec = tree_flatten(fn(*a))
+        layout.append(spec)
+        return tuple(leaves)
+
+    graph = make_fx(flat, tracing_mode="fake")(*args)
+    compiled = torch._inductor.compile(graph, list(args), options=INDUCTOR_OPTIONS)
+    spec = layout[0]
+    if spec.type is dict:
+        keys = tuple(spec.context)
+        return lambda *a: dict(zip(keys, compiled(*a)))
+    if spec.type is tuple and spec.num_leaves == spec.num_children:
+        return lambda *a: tuple(compiled(*a))
+    from torch.utils._pytree import tree_unflatten
+
+    return lambda *a: tree_unflatten(list(compiled(*a)), spec)
+
+
+def _scan(body, init, xs):
+    """``scan(body, init, xs)`` for :func:`compile_graph`'s trace: the scan operator itself, called
+    with flat lists of tensors. (``torch._higher_order_ops.scan.scan``, its front end, runs dynamo
+    on a function of its own at each call; under ``make_fx`` the second problem's rollout of a
+    process could then be traced with the first one's loop body, and fail in inductor.) Under
+    dynamo (the ``torch.compile`` fallback of :meth:`CompiledFunction._compile`), the front end."""
+    from torch._higher_order_ops.scan import scan, scan_op
+    from torch.utils._pytree import tree_flatten, tree_unflatten
+
+    if torch.compiler.is_dynamo_compiling():   # the torch.compile fallback: dynamo traces the front end
+        return scan(body, init, xs)
+
+    init_leaves, init_spec = tree_flatten(init)
+    xs_leaves, xs_spec = tree_flatten(xs)
+    n, out_spec = len(init_leaves), []
+
+    def combine(*leaves):
+        carry, y = body(tree_unflatten(list(leaves[:n]), init_spec), tree_unflatten(list(leaves[n:]), xs_spec))
+        y_leaves, spec = tree_flatten(y)
+        out_spec.append(spec)
+        return [*tree_flatten(carry)[0], *y_leaves]
+
+    out = scan_op(combine, init_leaves, xs_leaves, additional_inputs=())
+    return tree_unflatten(list(out[:n]), init_spec), tree_unflatten(list(out[n:]), out_spec[0])
 
 
 #: stages per iteration of the generated loop: its fixed overhead per iteration (allocations,
@@ -168,7 +235,7 @@ def stage_scan(step, init, xs, unroll: int = UNROLL):
             return c, stack(ys)
 
         rest = tree_map(lambda a: a[r:].reshape(q, unroll, *a.shape[1:]), xs)
-        carry, ys = _scan()(body, carry, rest)
+        carry, ys = _scan(body, carry, rest)
         parts.append(tree_map(lambda a: a.reshape(q * unroll, *a.shape[2:]), ys))
     return carry, parts[0] if len(parts) == 1 else tree_map(lambda *a: torch.cat(a), *parts)
 
