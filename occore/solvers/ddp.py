@@ -99,8 +99,7 @@ class _RiccatiSolver(Solver):
         # Line search on the expected decrease.
         ls = self.options.line_search
         gapped = getattr(lm, "max_gap", 0.0) > 0.0
-        actual = expected = 0.0
-        nonfinite = 0
+        nonfinite = 0       # (ls.steps is never empty: the loop sets expected and actual)
         for alpha, trial in _trials(problem, traj, policy, ls.steps):
             expected = -(alpha * d1 + 0.5 * alpha * alpha * d2)
             if not math.isfinite(trial.cost):
