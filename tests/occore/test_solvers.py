@@ -1,4 +1,6 @@
 """DDP and iLQR against the optima of REFERENCE.md and closed forms (casadi backend)."""
+import time
+
 import numpy as np
 import pytest
 import scipy.linalg
@@ -168,7 +170,11 @@ def test_max_iter_and_callback_stop(zoo):
 
 
 def test_history_records_every_field(zoo):
+    start = time.perf_counter()
     res = occore.ILQR().solve(zoo["pendulum"])
+    elapsed = time.perf_counter() - start
+    walls = [h.wall_time for h in res.history]       # seconds since the solve began, not a duration
+    assert all(b >= a for a, b in zip(walls, walls[1:])) and 0 < walls[-1] <= res.wall_time <= elapsed
     costs = [h.cost for h in res.history]
     assert all(b <= a for a, b in zip(costs, costs[1:]))  # accepted costs never increase
     first = res.history[0]
