@@ -130,11 +130,18 @@ def _cost_chain_holds(prob, res, steps):
     return res
 
 
+FULL_STEPS = LineSearch(steps=(1.0,))       # no backtracking: rejected iterations raise mu
+
+
 @pytest.mark.parametrize("name, solver", [("pendulum", ILQR()), ("cartpole", DDP()), ("lqr", ILQR()),
-                                          ("pendulum_box", ILQR(tol=1e-1)), ("unicycle", DDP(tol=1.0))])
+                                          ("pendulum_box", ILQR(tol=1e-1)), ("unicycle", DDP(tol=1.0)),
+                                          ("pendulum", ILQR(line_search=FULL_STEPS)),
+                                          ("unicycle", DDP(line_search=FULL_STEPS))])
 def test_every_iteration_reports_its_own_cost_change(name, solver):
     prob = occore.problems.make(name)
     res = _cost_chain_holds(prob, solver.solve(prob), solver.options.line_search.steps)
+    if solver.options.line_search is FULL_STEPS:
+        assert any(not h.accepted for h in res.history[:-1])      # rejections occurred
     best = min([prob.rollout(prob.initial_controls()).cost] + [h.cost for h in res.history])
     assert res.converged and res.cost == pytest.approx(best, rel=1e-14)
 
@@ -205,9 +212,11 @@ def test_second_order_below_switches_to_ddp_iterations():
     state, its policy is DDP's, not iLQR's; the first iteration (no history) is Gauss-Newton."""
     prob = occore.problems.make("unicycle", horizon=8)
     us = 0.3 * np.random.default_rng(3).standard_normal((8, 2)) + [0.5, 0.2]
+    us = ILQR(max_iter=4).solve(prob, us).us        # near the optimum: a stop value well below 1
     mixed = ILQR(second_order_below=1e300)
     state = mixed.init(prob, us, mu=0.0)
-    new, _ = mixed.step(prob, state)
+    new, info = mixed.step(prob, state)
+    assert 0 < info.stop < 1e-3
     np.testing.assert_allclose(new.policy.K, _first_policy(ILQR(), prob, us).K, rtol=1e-10, atol=1e-12)
     new = type(new)(**{**new.__dict__, "mu": 0.0})
     after, _ = mixed.step(prob, new)
