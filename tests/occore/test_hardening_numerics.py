@@ -72,6 +72,25 @@ def test_a_regularisation_factor_barely_above_one_cannot_hang(factor):
     assert res.status is Status.REG_LIMIT, res.summary()
     assert "after 100 regularisation increases" in res.message and np.isfinite(res.cost)
     assert res.cost <= prob.rollout(prob.initial_controls()).cost
+    # exactly MAX_RAISES regularised retries of the backward pass: the 101st increase ends it
+    before = res.history[-2].regularization if len(res.history) > 1 else Regularization().initial
+    assert res.history[-1].regularization == pytest.approx(before * factor ** 101, rel=1e-13)
+
+
+def test_a_regularisation_equal_to_its_maximum_is_allowed():
+    """``maximum``: the solve stops when mu would exceed it, so mu = maximum is still tried. One
+    stage, l = x^2 + (u^2 - 1)^2 (concave in u at 0: Q_uu = -4 + 1), mu from 1 by factor 10: the
+    backward pass fails at mu = 1 and succeeds at mu = 10; the optimum is u = -1 (cost 1)."""
+    prob = occore.Problem(lambda x, u: x + u, lambda x, u: ca.sumsqr(x) + (u[0] ** 2 - 1) ** 2,
+                          lambda x: 0.5 * ca.sumsqr(x), x0=[1.0], nu=1, horizon=1)
+    for maximum, ok in ((10.0, True), (9.999, False)):
+        res = ILQR(regularization=Regularization(initial=1.0, minimum=0.0, maximum=maximum,
+                                                 factor=10.0)).solve(prob)
+        if ok:
+            assert res.converged and res.us[0, 0] == pytest.approx(-1.0, abs=1e-6)
+            assert res.cost == pytest.approx(1.0, abs=1e-10)
+        else:
+            assert res.status is Status.REG_LIMIT and res.iterations == 1 and res.us[0, 0] == 0.0
 
 
 def test_the_default_schedule_is_unaffected_by_the_bound():
