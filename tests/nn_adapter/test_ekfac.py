@@ -148,10 +148,12 @@ def _sequence_net():
 def test_ekfac_on_positions_without_bias_and_sparse_factor_updates_equals_dense_definition(
         factor_every, eig_every):
     """Shared positions, no bias, and K-FAC factors refreshed only every ``factor_update_freq``
-    steps (the eigenbases every ``eigen_update_freq``), against the dense definition."""
+    steps (the eigenbases every ``eigen_update_freq``), against the dense definition; the batch
+    size changes between steps (an epoch's last batch is smaller), so a wrong per-sample scale of
+    A or G would weigh the batches wrongly in the running averages."""
     g = torch.Generator().manual_seed(7)
-    batches = [(torch.randn(20, 3, 4, generator=g, dtype=torch.float64),
-                torch.randint(0, 3, (20,), generator=g)) for _ in range(6)]
+    batches = [(torch.randn(b, 3, 4, generator=g, dtype=torch.float64),
+                torch.randint(0, 3, (b,), generator=g)) for b in (20, 32, 18, 40, 24, 17)]
     hp = dict(lr=0.2, damping=1e-2, stat_decay=0.7)
     ours = _sequence_net()
     opt = EKFAC(ours, factor_update_freq=factor_every, eigen_update_freq=eig_every, **hp)
