@@ -112,8 +112,7 @@ class _RiccatiSolver(Solver):
         ls = self.options.line_search
         gapped = getattr(lm, "max_gap", 0.0) > 0.0
         steps = _steps(ls, state, gapped)
-        actual = expected = 0.0
-        nonfinite = 0
+        nonfinite = 0       # (steps is never empty: the loop sets expected and actual)
         for alpha, trial in _trials(problem, traj, policy, steps):
             expected = -(alpha * d1 + 0.5 * alpha * alpha * d2)
             if not math.isfinite(trial.cost):

@@ -26,6 +26,7 @@ from ..errors import InputError
 from ..result import IterationInfo, Result, Status
 from ..types import Trajectory
 from .base import SolverState
+from .checks import check_mu
 from .ddp import _RiccatiSolver
 from .options import FDDPOptions
 
@@ -142,7 +143,7 @@ class FDDP(_RiccatiSolver):
             us0 = us0.us
         us = problem.initial_controls() if us0 is None else problem.clamp(problem.check_controls(us0, "us0"))
         start = _Shooting(problem).at(xs, us, False)
-        state = SolverState(traj=start, mu=self._initial_mu(problem) if mu is None else float(mu))
+        state = SolverState(traj=start, mu=self._initial_mu(problem) if mu is None else check_mu(mu))
         if not math.isfinite(start.cost):
             return replace(state, status=Status.NON_FINITE, message="cost of the initial guess is not finite")
         return state

@@ -45,24 +45,27 @@ def _dense_statistics(net, x, y):
     for name, m in net.named_children():
         if not isinstance(m, (nn.Linear, nn.Conv2d)):
             continue
-        if isinstance(m, nn.Linear):
-            a = ins[m][:, None, :]
-            gout = outs[m].grad[:, None, :]
+        if isinstance(m, nn.Linear):      # (B, in) or (B, L, in): L positions share the weight
+            a = ins[m].reshape(B, -1, m.in_features)
+            gout = outs[m].grad.reshape(B, -1, m.out_features)
         else:
             a = F.unfold(ins[m], m.kernel_size, m.dilation, m.padding, m.stride).transpose(1, 2)
             gout = outs[m].grad.flatten(2).transpose(1, 2)
-        a = torch.cat([a, torch.ones_like(a[..., :1])], -1)
+        if m.bias is not None:
+            a = torch.cat([a, torch.ones_like(a[..., :1])], -1)
         A = torch.einsum("bli,blj->ij", a, a) / (a.shape[0] * a.shape[1])
         G = torch.einsum("bli,blj->ij", gout, gout) / (a.shape[0] * a.shape[1])
-        Gi = torch.cat([per_sample[f"{name}.weight"].reshape(B, m.out_channels if hasattr(
-            m, "out_channels") else m.out_features, -1), per_sample[f"{name}.bias"][..., None]], -1)
+        Gi = per_sample[f"{name}.weight"].reshape(B, gout.shape[-1], -1)
+        if m.bias is not None:
+            Gi = torch.cat([Gi, per_sample[f"{name}.bias"][..., None]], -1)
         stats.append((m, A, G, Gi))
     return stats
 
 
-def _dense_run(net, batches, lr, damping, decay, eig_every, decoupled_wd=0.0):
+def _dense_run(net, batches, lr, damping, decay, eig_every, decoupled_wd=0.0, factor_every=1):
     """EKFAC by its definition, with explicit Kronecker matrices on vec(W|b) (``decoupled_wd``:
-    the parameters shrink by 1 - lr wd before each update, as AdamW)."""
+    the parameters shrink by 1 - lr wd before each update, as AdamW; ``factor_every``: A and G
+    take in the batch at steps 1, 1 + factor_every, ...)."""
     run = {}
     for step, (x, y) in enumerate(batches, start=1):
         net.zero_grad()
@@ -70,8 +73,9 @@ def _dense_run(net, batches, lr, damping, decay, eig_every, decoupled_wd=0.0):
         updates = []
         for m, A, G, Gi in stats:
             st = run.setdefault(m, {})
-            st["A"] = A if step == 1 else decay * st["A"] + (1 - decay) * A
-            st["G"] = G if step == 1 else decay * st["G"] + (1 - decay) * G
+            if (step - 1) % factor_every == 0:
+                st["A"] = A if step == 1 else decay * st["A"] + (1 - decay) * A
+                st["G"] = G if step == 1 else decay * st["G"] + (1 - decay) * G
             refresh = (step - 1) % eig_every == 0
             if refresh:
                 st["QA"] = torch.linalg.eigh(st["A"]).eigenvectors
@@ -85,9 +89,10 @@ def _dense_run(net, batches, lr, damping, decay, eig_every, decoupled_wd=0.0):
         with torch.no_grad():
             for m, upd in updates:
                 m.weight *= 1 - lr * decoupled_wd
-                m.bias *= 1 - lr * decoupled_wd
-                m.weight += upd[:, :-1].reshape(m.weight.shape)
-                m.bias += upd[:, -1]
+                m.weight += upd[:, :m.weight[0].numel()].reshape(m.weight.shape)
+                if m.bias is not None:
+                    m.bias *= 1 - lr * decoupled_wd
+                    m.bias += upd[:, -1]
     return torch.cat([p.detach().flatten() for p in net.parameters()])
 
 
@@ -132,23 +137,64 @@ def test_ekfac_params_style_groups_and_closure_free_steps_equal_dense_definition
     assert (got - ref).abs().max() <= 1e-10
 
 
+def _sequence_net():
+    """A bias-free Linear on (B, L, in) inputs (L = 3 positions sharing its weight), then a Linear
+    with a bias on the flattened features."""
+    torch.manual_seed(1)
+    return nn.Sequential(nn.Linear(4, 5, bias=False), nn.Tanh(), nn.Flatten(), nn.Linear(15, 3)).double()
+
+
+@pytest.mark.parametrize("factor_every, eig_every", [(1, 3), (2, 1), (2, 3)])
+def test_ekfac_on_positions_without_bias_and_sparse_factor_updates_equals_dense_definition(
+        factor_every, eig_every):
+    """Shared positions, no bias, and K-FAC factors refreshed only every ``factor_update_freq``
+    steps (the eigenbases every ``eigen_update_freq``), against the dense definition; the batch
+    size changes between steps (an epoch's last batch is smaller), so a wrong per-sample scale of
+    A or G would weigh the batches wrongly in the running averages."""
+    g = torch.Generator().manual_seed(7)
+    batches = [(torch.randn(b, 3, 4, generator=g, dtype=torch.float64),
+                torch.randint(0, 3, (b,), generator=g)) for b in (20, 32, 18, 40, 24, 17)]
+    hp = dict(lr=0.2, damping=1e-2, stat_decay=0.7)
+    ours = _sequence_net()
+    opt = EKFAC(ours, factor_update_freq=factor_every, eigen_update_freq=eig_every, **hp)
+    for x, y in batches:
+        def closure():
+            opt.zero_grad()
+            loss = F.cross_entropy(ours(x), y)
+            loss.backward()
+            return loss
+        opt.step(closure)
+    ref = _dense_run(_sequence_net(), batches, hp["lr"], hp["damping"], hp["stat_decay"], eig_every,
+                     factor_every=factor_every)
+    got = torch.cat([p.detach().flatten() for p in ours.parameters()])
+    start = torch.cat([p.detach().flatten() for p in _sequence_net().parameters()])
+    assert (ref - start).abs().max() > 1e-3
+    assert (got - ref).abs().max() <= 1e-10
+
+
 def test_ekfac_other_parameters_get_a_diagonal_curvature():
+    """A LayerNorm's weight: P = lr / (v + damping), v the running average of the squared batch
+    gradient (decay ``stat_decay``), with L2 weight decay in the gradient (two steps)."""
     torch.manual_seed(0)
     net = nn.Sequential(nn.Linear(3, 4), nn.LayerNorm(4), nn.Linear(4, 2)).double()
-    opt = EKFAC(net, lr=0.1, damping=0.5)
+    opt = EKFAC(net, lr=0.1, damping=0.5, stat_decay=0.6, weight_decay=0.2)
     x, y = torch.randn(5, 3, dtype=torch.float64), torch.randint(0, 2, (5,))
-    w0 = net[1].weight.detach().clone()
+    w = net[1].weight.detach().clone()
 
     def closure():
         opt.zero_grad()
         loss = F.cross_entropy(net(x), y)
         loss.backward()
         return loss
-    opt.step(closure)
-    g = net[1].weight.grad       # first step: v = g^2, P = lr / (v + damping)
-    expected = w0 - 0.1 * g / (g ** 2 + 0.5)
-    assert (g.abs() > 1e-6).any()
-    assert torch.allclose(net[1].weight.detach(), expected, atol=1e-12)
+    v = None
+    for step in range(2):
+        opt.step(closure)
+        g = net[1].weight.grad + 0.2 * w
+        v = g ** 2 if v is None else 0.6 * v + 0.4 * g ** 2
+        w = w - 0.1 * g / (v + 0.5)
+        assert (g.abs() > 1e-6).any()
+        assert torch.allclose(net[1].weight.detach(), w, atol=1e-12)
+        x = x.flip(0)
 
 
 def test_ekfac_bad_input():

@@ -110,3 +110,124 @@ def test_expected_decrease_matches_the_cost_for_small_steps_on_a_nonlinear_probl
     solver = ILQR(line_search=LineSearch(steps=(1e-3,)))
     _, info = solver.step(prob, solver.init(prob))
     assert info.actual_decrease / info.expected_decrease == pytest.approx(1.0, abs=1e-3)
+
+
+# -- the line search's bookkeeping, the stochastic step, the mixed model (mutation survivors) ---
+
+def _cost_chain_holds(prob, res, steps):
+    """Each IterationInfo against the cost before it: an accepted iteration (a line-search step, or
+    the polish of a converged one) moved the cost by exactly actual_decrease with a step length of
+    the line search; a rejected one kept the cost and reports step 0."""
+    before = prob.rollout(prob.initial_controls()).cost
+    for h in res.history:
+        if h.accepted:
+            assert h.step in steps and h.actual_decrease == pytest.approx(before - h.cost, rel=1e-12,
+                                                                          abs=1e-300)
+            assert h.cost <= before * (1 + 1e-14)         # descent (single shooting never rises)
+        else:
+            assert h.step == 0.0 and h.cost == before
+        before = h.cost
+    return res
+
+
+FULL_STEPS = LineSearch(steps=(1.0,))       # no backtracking: rejected iterations raise mu
+
+
+@pytest.mark.parametrize("name, solver", [("pendulum", ILQR()), ("cartpole", DDP()), ("lqr", ILQR()),
+                                          ("pendulum_box", ILQR(tol=1e-1)), ("unicycle", DDP(tol=1.0)),
+                                          ("pendulum", ILQR(line_search=FULL_STEPS)),
+                                          ("unicycle", DDP(line_search=FULL_STEPS))])
+def test_every_iteration_reports_its_own_cost_change(name, solver):
+    prob = occore.problems.make(name)
+    res = _cost_chain_holds(prob, solver.solve(prob), solver.options.line_search.steps)
+    if solver.options.line_search is FULL_STEPS:
+        assert any(not h.accepted for h in res.history[:-1])      # rejections occurred
+    best = min([prob.rollout(prob.initial_controls()).cost] + [h.cost for h in res.history])
+    assert res.converged and res.cost == pytest.approx(best, rel=1e-14)
+
+
+def test_converged_iterations_polish_or_keep_the_iterate():
+    """The converged iteration takes its remaining full step when that does not raise the cost
+    (step 1, accepted: the LQR), else keeps the iterate (step 0, not accepted: the cart-pole with a
+    loose tolerance, where the full step of the last model raises the cost)."""
+    for name, solver, polished in (("lqr", ILQR(), True), ("pendulum", DDP(), True),
+                                   ("cartpole", ILQR(tol=10.0), False),
+                                   ("pendulum_box", DDP(tol=1.0), False)):
+        prob = occore.problems.make(name)
+        res = _cost_chain_holds(prob, solver.solve(prob), solver.options.line_search.steps)
+        last = res.history[-1]
+        assert res.converged and (last.accepted, last.step) == ((True, 1.0) if polished else (False, 0.0))
+        if not polished:
+            policy = res.policy
+            full = prob.rollout_policy(occore.Trajectory(res.xs, res.us, res.cost), policy, 1.0)
+            assert full.cost > res.cost * (1 + 1e-14)
+
+
+def test_every_trial_non_finite_ends_non_finite_with_the_best_iterate():
+    """x+ = x + 0.1 u with |u| <= 0.5 (the dynamics raise outside) from x0 = 3: the unconstrained
+    optimum wants |u| > 0.5, so after two steps every line-search trial leaves the domain."""
+    def f(x, u):
+        if abs(u[0]) > 0.5:
+            raise ValueError("u outside the dynamics' domain")
+        return x + 0.1 * u
+
+    prob = occore.Problem(f, lambda x, u: x @ x + u @ u, lambda x: 100 * x @ x, x0=[3.0], nu=1,
+                          horizon=10, backend="finite_difference")
+    res = ILQR().solve(prob)
+    assert res.status is occore.Status.NON_FINITE, res.summary()
+    assert res.message == "every line-search trial gave a non-finite cost"
+    last = res.history[-1]
+    assert not last.accepted and last.step == 0.0 and res.iterations < 10
+    assert res.cost == last.cost == pytest.approx(prob.rollout(res.us).cost, rel=1e-12)
+    assert np.all(np.abs(res.us) <= 0.5)
+
+
+def test_stochastic_iterations_take_the_full_step_without_a_cost_check():
+    """``stochastic=True`` on the LQR: the full step is the Riccati solution (the optimum), its
+    expected decrease is exact; later iterations keep taking full steps (no convergence test) and
+    the regularisation the caller gave is kept (no second look at the baseline)."""
+    prob = occore.problems.make("lqr")
+    initial = prob.rollout(prob.initial_controls()).cost
+    opt = occore.problems.OPTIMA["lqr"]
+    res = ILQR(stochastic=True, max_iter=3).solve(prob)
+    assert res.status is occore.Status.MAX_ITER and res.iterations == 3
+    first = res.history[0]
+    assert first.cost == pytest.approx(opt, rel=1e-9) and first.step == 1.0 and first.accepted
+    assert first.expected_decrease == pytest.approx(initial - opt, rel=1e-6)
+    assert first.actual_decrease == pytest.approx(initial - opt, rel=1e-9)
+    assert first.stop == first.expected_decrease
+    assert all(h.step == 1.0 for h in res.history)
+    # a huge mu: the step is ~ -Q_u / mu, the cost barely moves, and mu is not reset
+    big = 1e11
+    solver = ILQR(stochastic=True, max_iter=1, regularization=Regularization(maximum=1e13, fixed=True))
+    res = solver.solve(prob, mu=big)
+    h = res.history[0]
+    assert 0 < initial - h.cost < 1e-8 and h.regularization == big
+    assert h.expected_decrease == pytest.approx(initial - h.cost, rel=1e-3)
+
+
+def test_second_order_below_switches_to_ddp_iterations():
+    """With ``second_order_below`` an iteration after a full step's expected decrease below it is a
+    DDP iteration (the dynamics Hessians, pinned by finite differences above): from the same
+    state, its policy is DDP's, not iLQR's; the first iteration (no history) is Gauss-Newton."""
+    prob = occore.problems.make("unicycle", horizon=8)
+    us = 0.3 * np.random.default_rng(3).standard_normal((8, 2)) + [0.5, 0.2]
+    us = ILQR(max_iter=4).solve(prob, us).us        # near the optimum: a stop value well below 1
+    mixed = ILQR(second_order_below=1e300)
+    state = mixed.init(prob, us, mu=0.0)
+    new, info = mixed.step(prob, state)
+    assert 0 < info.stop < 1e-3
+    np.testing.assert_allclose(new.policy.K, _first_policy(ILQR(), prob, us).K, rtol=1e-10, atol=1e-12)
+    new = type(new)(**{**new.__dict__, "mu": 0.0})
+    after, _ = mixed.step(prob, new)
+    ddp_state = DDP().init(prob, traj=new.traj, mu=0.0)
+    ilqr_state = ILQR().init(prob, traj=new.traj, mu=0.0)
+    ddp, ilqr = DDP().step(prob, ddp_state)[0].policy, ILQR().step(prob, ilqr_state)[0].policy
+    assert np.abs(ddp.K - ilqr.K).max() > 1e-6
+    np.testing.assert_allclose(after.policy.K, ddp.K, rtol=1e-10, atol=1e-12)
+    np.testing.assert_allclose(after.policy.k, ddp.k, rtol=1e-10, atol=1e-12)
+    # below a threshold the stop value never reaches, every iteration stays Gauss-Newton
+    never = ILQR(second_order_below=0.0)
+    state = never.step(prob, never.init(prob, us, mu=0.0))[0]
+    np.testing.assert_allclose(never.step(prob, type(state)(**{**state.__dict__, "mu": 0.0}))[0].policy.K,
+                               ilqr.K, rtol=1e-10, atol=1e-12)

@@ -93,6 +93,9 @@ def test_step_checks_its_state(pendulum, cartpole):
 def test_init_mu_is_checked(pendulum, mu):
     with pytest.raises(InputError, match="mu: expected a finite number >= 0"):
         ILQR().init(pendulum, mu=mu)
+    xs0 = np.zeros((pendulum.horizon + 1, pendulum.nx))      # FDDP's own init (a state guess)
+    with pytest.raises(InputError, match="mu: expected a finite number >= 0"):
+        occore.FDDP().init(pendulum, xs0=xs0, mu=mu)
 
 
 @pytest.mark.parametrize("callbacks", [3, [3], ["x"]])

@@ -72,8 +72,87 @@ def test_a_regularisation_factor_barely_above_one_cannot_hang(factor):
     assert res.status is Status.REG_LIMIT, res.summary()
     assert "after 100 regularisation increases" in res.message and np.isfinite(res.cost)
     assert res.cost <= prob.rollout(prob.initial_controls()).cost
+    # exactly MAX_RAISES regularised retries of the backward pass: the 101st increase ends it
+    before = res.history[-2].regularization if len(res.history) > 1 else Regularization().initial
+    assert res.history[-1].regularization == pytest.approx(before * factor ** 101, rel=1e-13)
+
+
+def test_a_regularisation_equal_to_its_maximum_is_allowed():
+    """``maximum``: the solve stops when mu would exceed it, so mu = maximum is still tried. One
+    stage, l = x^2 + (u^2 - 1)^2 (concave in u at 0: Q_uu = -4 + 1), mu from 1 by factor 10: the
+    backward pass fails at mu = 1 and succeeds at mu = 10; the optimum is u = -1 (cost 1)."""
+    prob = occore.Problem(lambda x, u: x + u, lambda x, u: ca.sumsqr(x) + (u[0] ** 2 - 1) ** 2,
+                          lambda x: 0.5 * ca.sumsqr(x), x0=[1.0], nu=1, horizon=1)
+    for maximum, ok in ((10.0, True), (9.999, False)):
+        res = ILQR(regularization=Regularization(initial=1.0, minimum=0.0, maximum=maximum,
+                                                 factor=10.0)).solve(prob)
+        if ok:
+            assert res.converged and res.us[0, 0] == pytest.approx(-1.0, abs=1e-6)
+            assert res.cost == pytest.approx(1.0, abs=1e-10)
+        else:
+            assert res.status is Status.REG_LIMIT and res.iterations == 1 and res.us[0, 0] == 0.0
 
 
 def test_the_default_schedule_is_unaffected_by_the_bound():
     res = DDP().solve(occore.problems.make("cartpole"))
     assert res.converged and res.cost == pytest.approx(occore.problems.OPTIMA["cartpole"], rel=1e-6)
+
+
+def _torch_domain_problem(batched):
+    """``_domain_problem`` with the torch backend. The raise depends on a value, so it can happen
+    only where the rollouts run eagerly (compiled code never calls the user's function, and the
+    vmapped derivatives, whose inputs are functorch-wrapped tensors, skip the check). ``batched``:
+    the line search asks for its trials 4 at a time (``rollout_batch``), as it does once the
+    single-trial rollout is compiled (or due to be), while the batched rollout itself stays eager
+    (its compilation failed: dynamo cannot trace ``float(u[0])``): the fallback of
+    ``Problem.rollout_policies`` then rolls each trial out alone."""
+    torch = pytest.importorskip("torch")
+    from torch._C._functorch import is_functorch_wrapped_tensor
+
+    def f(x, u):
+        if not is_functorch_wrapped_tensor(u) and abs(float(u[0])) > 0.5:
+            raise ValueError("u outside the dynamics' domain")
+        return x + 0.1 * u
+
+    prob = occore.Problem(f, lambda x, u: x @ x + u @ u, lambda x: 100 * x @ x, x0=[3.0], nu=1,
+                          horizon=10, backend="torch", backend_options={"compile": "never"})
+    if batched:
+        prob._backend.fast["rollout_policy"].mode = "always"
+    assert prob.rollout_batch == (4 if batched else 1)
+    return prob, torch
+
+
+def test_a_function_raising_in_a_batched_trial_gives_nan_for_that_trial_only(caplog):
+    prob, _ = _torch_domain_problem(batched=True)
+    traj = prob.rollout(np.zeros((10, 1)))
+    policy = occore.Policy(k=np.full((10, 1), -0.8), K=np.zeros((10, 1, 1)))
+    steps = [1.0, 0.5, 0.25, 0.125]                 # |u| = 0.8, 0.4, 0.2, 0.1: only the first raises
+    trials = prob.rollout_policies(traj, policy, steps)
+    assert len(trials) == 4 and np.isnan(trials[0].cost) and np.isnan(trials[0].us).all()
+    assert any("raised during a rollout" in r.getMessage() for r in caplog.records)
+    for alpha, trial in zip(steps[1:], trials[1:]):
+        us = np.full((10, 1), -0.8 * alpha)         # the closed form of x+ = x + 0.1 u from x0 = 3
+        xs = 3.0 + 0.1 * np.concatenate([[[0.0]], np.cumsum(us, axis=0)])
+        cost = float((xs[:-1] ** 2).sum() + (us ** 2).sum() + 100 * xs[-1, 0] ** 2)
+        np.testing.assert_allclose(trial.us, us, rtol=0, atol=1e-15)
+        np.testing.assert_allclose(trial.xs, xs, rtol=1e-14)
+        assert trial.cost == pytest.approx(cost, rel=1e-13)
+
+
+def test_a_function_raising_in_a_batched_line_search_ends_like_the_single_trial_path(caplog):
+    batched, _ = _torch_domain_problem(batched=True)
+    single, _ = _torch_domain_problem(batched=False)
+    initial = batched.rollout(batched.initial_controls()).cost
+    for solver in (ILQR(), DDP()):
+        caplog.clear()
+        res = solver.solve(batched)                # no exception escapes
+        ref = solver.solve(single)
+        assert batched.rollout_batch == 4
+        assert any("raised during a rollout" in r.getMessage() for r in caplog.records)
+        assert res.status is ref.status and res.status in (Status.NON_FINITE, Status.LINE_SEARCH_FAILED,
+                                                           Status.MAX_ITER, Status.CONVERGED)
+        assert res.iterations == ref.iterations and res.message == ref.message
+        np.testing.assert_allclose(res.us, ref.us, rtol=0, atol=1e-13)
+        assert np.isfinite(res.cost) and res.cost < initial and np.all(np.abs(res.us) <= 0.5)
+        assert res.cost == pytest.approx(single.rollout(res.us).cost, rel=1e-12)
+        assert res.cost == min(h.cost for h in res.history if np.isfinite(h.cost))   # the best iterate

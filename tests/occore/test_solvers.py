@@ -1,4 +1,6 @@
 """DDP and iLQR against the optima of REFERENCE.md and closed forms (casadi backend)."""
+import time
+
 import numpy as np
 import pytest
 import scipy.linalg
@@ -157,6 +159,18 @@ def test_warm_start_with_policy_after_initial_state_moves():
     assert warm.iterations < cold.iterations
 
 
+def test_warm_start_from_an_unfinished_result_starts_at_its_trajectory(zoo):
+    """u_t = us_t + K_t (x_t - xs_t) from the same x0 is the result's own trajectory, whatever the
+    feedforward k of its policy (large after one iteration: the step just taken)."""
+    prob = zoo["pendulum"]
+    res = occore.ILQR(max_iter=1).solve(prob)
+    assert np.abs(res.policy.k).max() > 1e-2
+    state = occore.ILQR().init(prob, res)
+    np.testing.assert_allclose(state.traj.us, res.us, rtol=0, atol=1e-12)
+    np.testing.assert_allclose(state.traj.xs, res.xs, rtol=0, atol=1e-12)
+    assert state.traj.cost == pytest.approx(res.cost, rel=1e-12)
+
+
 def test_max_iter_and_callback_stop(zoo):
     prob = zoo["cartpole"]
     res = occore.ILQR(max_iter=5).solve(prob)
@@ -168,7 +182,11 @@ def test_max_iter_and_callback_stop(zoo):
 
 
 def test_history_records_every_field(zoo):
+    start = time.perf_counter()
     res = occore.ILQR().solve(zoo["pendulum"])
+    elapsed = time.perf_counter() - start
+    walls = [h.wall_time for h in res.history]       # seconds since the solve began, not a duration
+    assert all(b >= a for a, b in zip(walls, walls[1:])) and 0 < walls[-1] <= res.wall_time <= elapsed
     costs = [h.cost for h in res.history]
     assert all(b <= a for a, b in zip(costs, costs[1:]))  # accepted costs never increase
     first = res.history[0]
