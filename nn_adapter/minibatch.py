@@ -78,8 +78,12 @@ class StageStep:
                 pes += apply_p(block, fac, delta[i:i + n])
             i += n
         norms = torch.stack(torch._foreach_norm(ks + pes))
-        k_norm, p_norm = norms[:len(ks)].norm(), norms[len(ks):].norm()
-        scale = ((opt.feedback_bound * k_norm / p_norm.clamp(min=1e-300)).clamp(max=1.0)
+        if pes:                       # one entry per parameter each: ||k||, ||P delta||
+            k_norm, p_norm = torch.linalg.vector_norm(norms.view(2, -1), dim=1).unbind()
+        else:
+            k_norm = norms.norm()
+            p_norm = torch.zeros_like(k_norm)
+        scale = ((opt.feedback_bound * k_norm / p_norm.clamp(min=1e-300)).clamp_(max=1.0)
                  if bounded else torch.ones_like(k_norm))
         if opt.diagnostics is not None:
             fb, kn = float(p_norm * scale), float(k_norm)
@@ -88,7 +92,8 @@ class StageStep:
                                     "bounded": bool(scale < 1),
                                     "clamped": opt._clamped.get(self.t, 0.0)})
         if pes:
-            torch._foreach_mul_(pes, scale.to(pes[0].dtype))
+            torch._foreach_mul_(pes, scale if scale.dtype == pes[0].dtype
+                                else scale.to(pes[0].dtype))
             torch._foreach_sub_(ks, pes)
         torch._foreach_add_(stage.params, ks)
 
@@ -346,20 +351,21 @@ class MinibatchLocalModel:
                 continue
             stage = stages[t]
             w = ws[t + 1]
-            w = math.sqrt(w) if isinstance(w, float) else w.sqrt()
             scale = None if mus[t] is None else mus[t].reciprocal()
 
             def op(xhat, t=t, stage=stage, w=w, scale=scale):
                 if t in compact:
+                    w = math.sqrt(w) if isinstance(w, float) else w.sqrt()
                     return compact.pop(t).feedback(xhat, w, scale)
                 x = rec.inputs.pop(stage.module)
                 g = rec.out_grads.pop(stage.module)
                 v_out = g * n if self.second_order else None
-                g = g * _bcast(w, g)   # out of place: a user may hold these grads
                 q_x = rec.in_grads.pop(stage.module, None)
-                if q_x is not None:
-                    q_x = q_x * _bcast(w, q_x)
-                total = feedback_grads(stage, x, xhat, g, q_x, overwrite=True, sample_scale=scale)
+                # the terms are quadratic in the weighted cotangents sqrt(w) g: their per-sample
+                # factor w / mu scales the coefficients (g itself is not written: a user may
+                # hold these grads)
+                total = feedback_grads(stage, x, xhat, g, q_x,
+                                       sample_scale=w if scale is None else scale * w)
                 return self._extras(t, stage, x, xhat, v_out, total, mus[t])
             ops[t] = op
         return ops
