@@ -351,12 +351,12 @@ class MinibatchLocalModel:
                 continue
             stage = stages[t]
             w = ws[t + 1]
-            scale = None if mus[t] is None else mus[t].reciprocal()
 
-            def op(xhat, t=t, stage=stage, w=w, scale=scale):
+            def op(xhat, t=t, stage=stage, w=w, mu=mus[t]):
                 if t in compact:
-                    w = math.sqrt(w) if isinstance(w, float) else w.sqrt()
-                    return compact.pop(t).feedback(xhat, w, scale)
+                    return compact.pop(t).feedback(
+                        xhat, math.sqrt(w) if isinstance(w, float) else w.sqrt(),
+                        None if mu is None else mu.reciprocal())
                 x = rec.inputs.pop(stage.module)
                 g = rec.out_grads.pop(stage.module)
                 v_out = g * n if self.second_order else None
@@ -365,7 +365,7 @@ class MinibatchLocalModel:
                 # factor w / mu scales the coefficients (g itself is not written: a user may
                 # hold these grads)
                 total = feedback_grads(stage, x, xhat, g, q_x,
-                                       sample_scale=w if scale is None else scale * w)
+                                       sample_scale=w if mu is None else w / mu)
                 return self._extras(t, stage, x, xhat, v_out, total, mus[t])
             ops[t] = op
         return ops
