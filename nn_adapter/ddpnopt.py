@@ -349,10 +349,10 @@ class DDPNOpt(CurvatureOptimizer):
         return self._generator
 
     def _snapshot(self):
-        """The parameters and the optimizer state, packed into one flat buffer per dtype and
-        device (restored if the step is refused)."""
+        """Copies of the parameters and of the optimizer state's tensors (restored if the step is
+        refused). Called under ``torch.no_grad``."""
         params = [p for b in self._blocks for p in b.params]
-        tensors = [p.detach() for p in params]
+        tensors = list(params)
         layout = []                       # per parameter: None (no state) or {key: index | value}
         for p in params:
             if p not in self.state:
@@ -362,28 +362,19 @@ class DDPNOpt(CurvatureOptimizer):
             for k, v in self.state[p].items():
                 if isinstance(v, torch.Tensor):
                     entry[k] = len(tensors)
-                    tensors.append(v.detach())
+                    tensors.append(v)
                 else:             # numbers (the step count) are immutable: no copy needed
                     entry[k] = ("value", v if isinstance(v, (int, float, bool, type(None)))
                                 else copy.deepcopy(v))
             layout.append(entry)
-        groups: dict = {}
-        for i, v in enumerate(tensors):
-            groups.setdefault((v.dtype, v.device), []).append(i)
-        packed = [(idx, torch.cat([tensors[i].reshape(-1) for i in idx])) for idx in groups.values()]
-        return params, [v.shape for v in tensors], layout, packed
+        return params, layout, [t.clone() for t in tensors]
 
     def _restore(self, saved) -> None:
-        params, shapes, layout, packed = saved
-        values: dict = {}
-        for idx, buf in packed:
-            for i, part in zip(idx, buf.split([math.prod(shapes[i]) for i in idx])):
-                values[i] = part.reshape(shapes[i])
-        for i, p in enumerate(params):
-            p.copy_(values[i])
+        params, layout, copies = saved
+        torch._foreach_copy_(params, copies[:len(params)])
         for p, entry in zip(params, layout):
             if entry is None:
                 self.state.pop(p, None)
-            else:
-                self.state[p] = {k: values[v].clone() if isinstance(v, int) else v[1]
+            else:             # the copies are this snapshot's own: they become the state
+                self.state[p] = {k: copies[v] if isinstance(v, int) else v[1]
                                  for k, v in entry.items()}

@@ -108,9 +108,10 @@ def quad_form(stage: Stage, factors: list, x: torch.Tensor, g: torch.Tensor) -> 
         if block.kind == "linear" and x.dim() == 2:   # rank-one per-sample gradients
             g2 = (g @ q_g if q_g is not None else g).square()
             if isinstance(d, list):   # diagonal: no bias column needed
-                rho = (g2 @ d[0].expand_as(block.weight)).mul_(x * x).sum(1)
+                d = [s if s.shape == p.shape else s.expand_as(p) for s, p in zip(d, block.params)]
+                rho = (g2 @ d[0]).mul_(x.square()).sum(1)
                 if block.has_bias:
-                    rho = torch.addmv(rho, g2, d[1].expand_as(block.params[1]))
+                    rho = torch.addmv(rho, g2, d[1])
                 return rho
             a = patches(block, x)[:, 0]
             a = a @ q_a if q_a is not None else a
@@ -154,7 +155,7 @@ def precondition(stage: Stage, factors: list, grads: list) -> list[torch.Tensor]
 
 # -- the feedback sums ---------------------------------------------------------------------------
 def feedback_grads(stage: Stage, x: torch.Tensor, xhat: torch.Tensor, g: torch.Tensor,
-                   q_x: torch.Tensor = None, overwrite: bool = False,
+                   q_x: torch.Tensor = None,
                    sample_scale: torch.Tensor = None) -> list[torch.Tensor]:
     """(1/B) sum_i q_u^(i) (q_x^(i) . dx^(i)), the factorised Q_ux dx averaged over the batch.
 
@@ -166,15 +167,14 @@ def feedback_grads(stage: Stage, x: torch.Tensor, xhat: torch.Tensor, g: torch.T
         q_x: optional ``h_x^T g`` (B, ...), the same cotangents pulled back to the module input
             (backpropagation already computed them); without it a Jacobian-vector product
             ``h_x dx`` is evaluated instead.
-        overwrite: allow ``g`` to be overwritten (saves one activation-sized buffer).
-        sample_scale: optional per-sample factors (B,) of the terms (1 / mu_i of the per-sample
-            regularisation).
+        sample_scale: optional per-sample factors (B,) of the terms, or one number (w_i / mu_i:
+            the weight of the sample's value Hessian over its regularisation).
 
     Returns:
         one tensor per stage parameter (block order), shaped like it.
     """
     n = x.shape[0]
-    params = [p.detach() for p in stage.params]
+    params = None if stage.structured else [p.detach() for p in stage.params]
     if q_x is not None:   # c_i = q_x^(i) . (xhat_i - x_i), no temporary dx
         c = (sample_dots(q_x, xhat) - sample_dots(q_x, x)).to(x.dtype)
     else:
@@ -185,12 +185,14 @@ def feedback_grads(stage: Stage, x: torch.Tensor, xhat: torch.Tensor, g: torch.T
         else:
             _, dh = jvp(lambda xx: stage.module_fn(params, xx), (x,), (dx,))
         del dx
-        c = torch.bmm(g.reshape(n, 1, -1), dh.reshape(n, -1, 1)).reshape(n)
+        c = dh.mul_(g).reshape(n, -1).sum(1)
         del dh
+    if isinstance(sample_scale, torch.Tensor) and sample_scale.dtype != c.dtype:
+        sample_scale = sample_scale.to(c.dtype)
     if sample_scale is not None:
-        c = c * sample_scale.to(c.dtype)
-    c = (c / n).reshape((n,) + (1,) * (g.dim() - 1))
-    cot = g.mul_(c) if overwrite else g * c
+        c = c.mul_(sample_scale)
+    c = c.div_(n).reshape((n,) + (1,) * (g.dim() - 1))
+    cot = g * c                   # (g is not written: a user may hold the recorded gradients)
     if stage.structured:
         return _weight_grads(stage.blocks[0], x, cot)
     _, pull = vjp(lambda ps: stage.module_fn(ps, x), params)

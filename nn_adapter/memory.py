@@ -65,8 +65,8 @@ def resident_bytes(model: torch.nn.Module, optimizer: Optional[object] = None) -
 
 def step_peak_bytes(fn: Callable[[], object], device: torch.device) -> tuple:
     """``(fn(), peak)``: ``peak`` is the most bytes torch's allocator held during ``fn()`` above
-    what it held just before (>= 0). ``device``: where ``fn`` allocates (``cuda``: the allocator's
-    statistics of that device; anything else: torch.profiler's CPU memory events)."""
+    what it held just before (>= 0; frees of blocks allocated before ``fn()`` are not counted). ``device``: where ``fn`` allocates (``cuda``: the allocator's statistics
+    of that device; anything else: torch.profiler's CPU memory events)."""
     device = torch.device(device)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -85,8 +85,20 @@ def step_peak_bytes(fn: Callable[[], object], device: torch.device) -> tuple:
         prof.export_chrome_trace(path)
         with open(path) as fh:
             events = json.load(fh)["traceEvents"]
-    running, peak = 0, 0
-    for _, nbytes in sorted((e["ts"], e["args"]["Bytes"]) for e in events if e.get("name") == "[memory]"):
+    # in the order recorded ("Ev Idx": timestamps tie), leaving out frees of blocks allocated
+    # before fn() began (the profiler reports them when an earlier profiled step allocated the
+    # block: counted, they made the same step's peak differ from run to run)
+    memory = sorted((e for e in events if e.get("name") == "[memory]"),
+                    key=lambda e: (e["args"].get("Ev Idx", 0), e["ts"]))
+    live, running, peak = set(), 0, 0
+    for e in memory:
+        nbytes, addr = e["args"]["Bytes"], e["args"].get("Addr")
+        if nbytes >= 0:
+            live.add(addr)
+        elif addr in live:
+            live.discard(addr)
+        else:
+            continue
         running += nbytes
         peak = max(peak, running)
     return result, peak

@@ -80,8 +80,12 @@ class StageStep:
                 pes += apply_p(block, fac, delta[i:i + n])
             i += n
         norms = torch.stack(torch._foreach_norm(ks + pes))
-        k_norm, p_norm = norms[:len(ks)].norm(), norms[len(ks):].norm()
-        scale = ((opt.feedback_bound * k_norm / p_norm.clamp(min=1e-300)).clamp(max=1.0)
+        if pes:                       # one entry per parameter each: ||k||, ||P delta||
+            k_norm, p_norm = torch.linalg.vector_norm(norms.view(2, -1), dim=1).unbind()
+        else:
+            k_norm = norms.norm()
+            p_norm = torch.zeros_like(k_norm)
+        scale = ((opt.feedback_bound * k_norm / p_norm.clamp(min=1e-300)).clamp_(max=1.0)
                  if bounded else torch.ones_like(k_norm))
         if opt.diagnostics is not None:
             fb, kn = float(p_norm * scale), float(k_norm)
@@ -90,7 +94,8 @@ class StageStep:
                                     "bounded": bool(scale < 1),
                                     "clamped": opt._clamped.get(self.t, 0.0)})
         if pes:
-            torch._foreach_mul_(pes, scale.to(pes[0].dtype))
+            torch._foreach_mul_(pes, scale if scale.dtype == pes[0].dtype
+                                else scale.to(pes[0].dtype))
             torch._foreach_sub_(ks, pes)
         torch._foreach_add_(stage.params, ks)
 
@@ -297,21 +302,21 @@ class CurvatureQ:
                 v_out = rec.out_grads[stage.module] * n if self.second_order else None
                 return self._extras(stage, x, xhat, v_out, total, mu)
             return column_op
-        w = math.sqrt(w_next) if isinstance(w_next, float) else w_next.sqrt()
-        scale = None if mu is None else mu.reciprocal()
         compact = self.compact
 
         def op(xhat):
             if t in compact:
-                return compact.pop(t).feedback(xhat, w, scale)
+                w = math.sqrt(w_next) if isinstance(w_next, float) else w_next.sqrt()
+                return compact.pop(t).feedback(xhat, w, None if mu is None else mu.reciprocal())
             x = rec.inputs.pop(stage.module)
             g = rec.out_grads.pop(stage.module)
             v_out = g * n if self.second_order else None
-            g = g * _bcast(w, g)   # out of place: a user may hold these grads
             q_x = rec.in_grads.pop(stage.module, None)
-            if q_x is not None:
-                q_x = q_x * _bcast(w, q_x)
-            total = feedback_grads(stage, x, xhat, g, q_x, overwrite=True, sample_scale=scale)
+            # the terms are quadratic in the weighted cotangents sqrt(w) g: their per-sample
+            # factor w / mu scales the coefficients (g itself is not written: a user may hold
+            # these grads)
+            total = feedback_grads(stage, x, xhat, g, q_x,
+                                   sample_scale=w_next if mu is None else w_next / mu)
             return self._extras(stage, x, xhat, v_out, total, mu)
         return op
 

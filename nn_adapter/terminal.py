@@ -107,14 +107,15 @@ def _sample(loss: str, out: torch.Tensor, generator) -> torch.Tensor:
 def _rayleigh(loss: str, out: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
     """Per-sample g^T H g / |g|^4 (0 where g = 0), (B,)."""
     g2 = g.reshape(g.shape[0], -1)
-    norm2 = g2.square().sum(1)
+    sq = g2.square()
+    norm2 = sq.sum(1)
     if loss == "cross_entropy":
         p = torch.softmax(out, 1)
-        ghg = (p * g2.square()).sum(1) - (p * g2).sum(1).square()
+        ghg = sq.mul_(p).sum(1) - p.mul_(g2).sum(1).square()
     else:
         ghg = norm2 * (2.0 / g2.shape[1])
-    return torch.where(norm2 > 0, ghg / norm2.square().clamp(min=torch.finfo(g.dtype).tiny),
-                       torch.zeros_like(norm2))
+    # g = 0 gives ghg = 0 exactly (every term has a factor g), so the clamp makes it 0, not NaN
+    return ghg.div_(norm2.square().clamp_(min=torch.finfo(g.dtype).tiny))
 
 
 def terminal_factor(kind: str, loss: str, out: torch.Tensor, g: torch.Tensor, generator=None):

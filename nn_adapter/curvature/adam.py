@@ -97,6 +97,9 @@ class AdamCurvature(DiagonalCurvature):
             return state["exp_avg"].mul(inv_bc1)
         return torch.add(extra, state["exp_avg"], alpha=inv_bc1)
 
-    def param_direction(self, p, grad, group, state, scale):
-        bc1 = 1 - group["betas"][0] ** state["step"]
-        return state["exp_avg"].mul(scale).mul_(-1.0 / bc1)
+    def direction(self, block, grads, group, states, factors):
+        """k = -P m / (1 - beta1^t) of the block's parameters, batched (each with its own step
+        count; this replaces the per-parameter ``param_direction`` of diagonal curvatures)."""
+        ks = torch._foreach_mul([st["exp_avg"] for st in states], factors[2])
+        torch._foreach_mul_(ks, [-1.0 / (1 - group["betas"][0] ** st["step"]) for st in states])
+        return list(ks)

@@ -353,7 +353,7 @@ class DiagonalCurvature(Curvature):
 def apply_p(block: Block, factors, tensors: list) -> list[torch.Tensor]:
     """P applied to one block's parameter-shaped tensors (new tensors)."""
     if isinstance(factors[2], list):
-        return [v * d for v, d in zip(tensors, factors[2])]
+        return list(torch._foreach_mul(tensors, factors[2]))
     return from_matrix(block, apply_factors(factors, as_matrix(block, tensors)))
 
 

@@ -90,3 +90,18 @@ def test_the_probe_keeps_the_profilers_chatter_off_stderr_and_passes_the_rest_on
     assert done.returncode == 0, done.stderr
     assert int(done.stdout) >= 1024
     assert done.stderr.strip() == "from the step", done.stderr
+
+
+def test_the_probe_counts_the_steps_own_blocks_not_frees_of_older_ones():
+    # a block allocated inside an earlier probe (so the profiler knows its size) and freed
+    # inside this one does not lower this step's count
+    held, first = step_peak_bytes(lambda: [torch.zeros(4096)], torch.device("cpu"))
+    assert first >= 4 * 4096
+
+    def step():
+        held.pop()
+        return torch.zeros(256)             # 1 KiB
+
+    out, peak = step_peak_bytes(step, torch.device("cpu"))
+    assert out.numel() == 256
+    assert 1024 <= peak < 4 * 4096

@@ -44,3 +44,17 @@ def test_residual_rows_run_or_say_unsupported(nn_step, capsys):
     assert (ratios["DDPNOpt-adam fb=on"] is None) == ("DDPNOpt-adam fb=on" in refused)
     if refused:
         assert nn_step.UNSUPPORTED in out
+
+
+def test_versions_script_runs_two_trees_in_one_process():
+    """benchmarks/nn_step_versions.py on this tree twice: one row per tree, and the same code
+    measures the same peak memory (the ratio to the first tree is exactly 1)."""
+    import subprocess
+
+    root = SCRIPT.parents[1]
+    out = subprocess.run([sys.executable, str(root / "benchmarks" / "nn_step_versions.py"),
+                          str(root), str(root), "--steps", "2"],
+                         capture_output=True, text=True, timeout=600, check=True).stdout
+    rows = [line.split() for line in out.splitlines() if "DDPNOpt-adam fb=on [" in line]
+    assert len(rows) == 2 and "Adam (torch)" in out
+    assert all(row[-1] == "1.00" for row in rows)
