@@ -208,6 +208,7 @@ def build_parser(plugins: dict | None = None, describe_plugins: bool = False) ->
     m.add_argument("--x0", default=None, metavar="X", help="initial state, comma-separated (default: the problem's)")
     m.add_argument("--backend", default="casadi", choices=BACKENDS, help="derivative backend of a reference problem")
     m.add_argument("--plot", metavar="FILE.png", help="draw the closed-loop states and controls")
+    m.add_argument("--no-progress", action="store_true", help="no progress bar")
     for name, ep in plugins.items():   # parsed by the plugin itself: main() hands it the arguments
         sub.add_parser(name, help=_plugin_help(name, ep, describe_plugins).replace("%", "%%"), add_help=False)
     return parser
@@ -261,6 +262,7 @@ def _mpc(args, out) -> int:
     import numpy as np
 
     from .comparison.problems import resolve_problems
+    from .comparison.runner import _progress
     from .comparison.solvers import make_runner
     from .mpc import MPC, plot_closed_loop, simulate
     from .problems import GOALS
@@ -287,7 +289,16 @@ def _mpc(args, out) -> int:
         if len(x0) != prob.nx:
             raise OccoreError(f"--x0 {args.x0!r}: expected {prob.nx} comma-separated numbers, got {len(x0)}")
     mpc = MPC(prob, solver, iterations=args.iterations)
-    run = simulate(mpc, prob, args.steps, x0=x0)
+    bar = _progress(args.steps, not args.no_progress, unit="step")
+
+    def plant(x, u):          # counts the steps outside the controller's timed call
+        x_next = prob.transition(x, u)
+        bar.update(1)
+        return x_next
+    try:
+        run = simulate(mpc, plant, args.steps, x0=x0)
+    finally:
+        bar.close()
     print(f"{name}: {prob!r}, solver {args.solver}, "
           f"{'to convergence' if args.iterations is None else f'{args.iterations} iterations'} per step", file=out)
     print(f"  x0      {np.array2string(np.asarray(x0, dtype=float), precision=4)}", file=out)

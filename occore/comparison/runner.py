@@ -192,13 +192,13 @@ def _solver_list(solvers) -> list:
     return out
 
 
-def _progress(total: int, enabled: bool):
+def _progress(total: int, enabled: bool, unit: str = "run"):
     """A tqdm bar on stderr when enabled (and installed); a no-op otherwise."""
     if enabled:
         try:
             from tqdm import tqdm
 
-            return tqdm(total=total, file=sys.stderr, unit="run", leave=False)
+            return tqdm(total=total, file=sys.stderr, unit=unit, leave=False)
         except ImportError:
             pass
 

@@ -128,3 +128,12 @@ def test_mpc_command_bad_input_exits_2(argv, message, capsys):
     assert main(argv) == 2
     err = capsys.readouterr().err
     assert message in err and len(err.strip().splitlines()) == 1
+
+
+def test_mpc_command_shows_its_progress_on_stderr_unless_told_not_to(capsys):
+    assert main(["mpc", "pendulum", "--steps", "5", "--iterations", "1"]) == 0
+    captured = capsys.readouterr()
+    assert "/5 [" in captured.err and "step/s" in captured.err   # the bar, on stderr only
+    assert "latency per step" in captured.out and "/5 [" not in captured.out
+    assert main(["mpc", "pendulum", "--steps", "5", "--iterations", "1", "--no-progress"]) == 0
+    assert capsys.readouterr().err == ""
