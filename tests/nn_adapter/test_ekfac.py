@@ -96,19 +96,24 @@ def _dense_run(net, batches, lr, damping, decay, eig_every, decoupled_wd=0.0, fa
     return torch.cat([p.detach().flatten() for p in net.parameters()])
 
 
+def _step_with_closures(net, opt, batches):
+    """One ``opt.step(closure)`` per batch, the closure computing the cross-entropy of ``net``."""
+    for x, y in batches:
+        def closure():
+            opt.zero_grad()
+            loss = F.cross_entropy(net(x), y)
+            loss.backward()
+            return loss
+        opt.step(closure)
+
+
 @pytest.mark.parametrize("steps,eig_every", [(1, 1), (5, 2)])
 def test_ekfac_equals_dense_definition(steps, eig_every):
     batches = _batches(steps)
     hp = dict(lr=0.1, damping=1e-2, stat_decay=0.8)
     ours = _net()
     opt = EKFAC(ours, eigen_update_freq=eig_every, **hp)
-    for x, y in batches:
-        def closure():
-            opt.zero_grad()
-            loss = F.cross_entropy(ours(x), y)
-            loss.backward()
-            return loss
-        opt.step(closure)
+    _step_with_closures(ours, opt, batches)
     ref = _dense_run(_net(), batches, hp["lr"], hp["damping"], hp["stat_decay"], eig_every)
     got = torch.cat([p.detach().flatten() for p in ours.parameters()])
     start = torch.cat([p.detach().flatten() for p in _net().parameters()])
@@ -157,13 +162,7 @@ def test_ekfac_on_positions_without_bias_and_sparse_factor_updates_equals_dense_
     hp = dict(lr=0.2, damping=1e-2, stat_decay=0.7)
     ours = _sequence_net()
     opt = EKFAC(ours, factor_update_freq=factor_every, eigen_update_freq=eig_every, **hp)
-    for x, y in batches:
-        def closure():
-            opt.zero_grad()
-            loss = F.cross_entropy(ours(x), y)
-            loss.backward()
-            return loss
-        opt.step(closure)
+    _step_with_closures(ours, opt, batches)
     ref = _dense_run(_sequence_net(), batches, hp["lr"], hp["damping"], hp["stat_decay"], eig_every,
                      factor_every=factor_every)
     got = torch.cat([p.detach().flatten() for p in ours.parameters()])
