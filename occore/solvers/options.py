@@ -227,6 +227,12 @@ class CDDPOptions(DDPOptions):
             that penalty and multipliers adapt early (measured: with a fixed 1e-4 instead, the
             track-limited cart-pole takes 335 iterations, a first rough solve at rho = 1 having
             settled in a swing-up far off the track).
+        method: ``"al"`` (augmented Lagrangian) or ``"barrier"`` (log barrier on the inequalities,
+            interior start).
+        barrier: ``method="barrier"``: the initial barrier weight mu.
+        barrier_min, barrier_factor: while mu > barrier_min an inner solve ends at an expected
+            decrease below max(tol, 10 mu), and then mu <- max(barrier_min, min(barrier_factor mu,
+            mu^1.5)) (IPOPT's superlinear rule); at barrier_min the inner solve runs to ``tol``.
 
     Example:
         >>> CDDPOptions(constraint_tol=1e-7).penalty_factor

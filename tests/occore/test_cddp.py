@@ -144,3 +144,143 @@ def test_problems_without_a_constraint_declaration_are_refused():
         occore.CDDP().solve(Bare())
     with pytest.raises(occore.InputError, match="xs0: a state guess needs a dense occore.Problem"):
         occore.FDDP().solve(Bare(), xs0=np.zeros((4, 1)))
+
+
+def _schedule(res_history, states, opts, initial_violation):
+    """(stop, threshold, updated) per iteration: the inner-solve tolerance the options document
+    (barrier: max(tol, 10 mu) above barrier_min; augmented Lagrangian: max(tol, min(inner_tol, v))
+    while the violation v before the iteration is above constraint_tol; tol otherwise) and whether
+    the iteration updated the multipliers."""
+    rows, before, violation = [], None, initial_violation
+    for info, (mult, prev) in zip(res_history, states):
+        if prev.barrier > opts.barrier_min:
+            threshold = max(opts.tol, 10.0 * prev.barrier)
+        elif violation > opts.constraint_tol:
+            threshold = max(opts.tol, min(opts.inner_tol, violation))
+        else:
+            threshold = opts.tol
+        rows.append((info.stop, threshold, not _same(mult, prev)))
+        violation = info.constraint_violation
+    return rows
+
+
+def _same(a, b):
+    return all(np.array_equal(getattr(a, k), getattr(b, k)) for k in ("g", "upper", "lower", "h")) and (
+        (a.nh, a.penalty, a.barrier, a.violation) == (b.nh, b.penalty, b.barrier, b.violation))
+
+
+def _solve_recording(solver, prob, **kw):
+    states, prev = [], []
+
+    def record(info, state):
+        states.append((state.multipliers, prev[-1] if prev else first.multipliers))
+        prev.append(state.multipliers)
+    first = solver._first_state(prob, solver.init(prob, **kw))
+    res = solver.solve(prob, callbacks=[record], **kw)
+    return res, states, first
+
+
+@pytest.mark.parametrize("method", ["barrier", "al"])
+def test_multipliers_are_updated_exactly_when_an_inner_solve_reaches_its_tolerance(zoo, method):
+    """Each iteration updates the multipliers iff its stop value (expected decrease of a full
+    step) fell below the inner solve's tolerance; the barrier falls by the superlinear rule of
+    IPOPT (Waechter & Biegler 2006, eq. 7), mu <- max(mu_min, min(kappa mu, mu^1.5)); an
+    inner tolerance of tol applies at mu = barrier_min (here tol < 10 barrier_min)."""
+    prob = zoo["cartpole_track"]
+    solver = occore.CDDP(method=method, tol=1e-9, barrier_min=1e-6)
+    res, states, first = _solve_recording(solver, prob)
+    assert res.converged and abs(res.cost - OPTIMA["cartpole_track"]) / OPTIMA["cartpole_track"] <= 1e-5
+    opts = solver.options
+    rows = _schedule(res.history, states, opts, first.traj.extras.values.violation())
+    updates = 0
+    for stop, threshold, updated in rows:
+        assert updated == (stop < threshold), (stop, threshold)
+        updates += updated
+    assert updates >= 3
+    if method == "barrier":
+        seen = [opts.barrier] + [m.barrier for m, prev in states if m.barrier != prev.barrier]
+        expect = [opts.barrier]
+        while expect[-1] > opts.barrier_min:
+            mu = expect[-1]
+            expect.append(max(opts.barrier_min, min(opts.barrier_factor * mu, mu ** 1.5)))
+        assert seen == expect            # 0.1, 0.02, 0.00283, 1.5e-4, 1.8e-6, 1e-6
+
+
+def test_infeasible_after_the_penalty_reached_its_maximum():
+    """The penalty rises x10 from 1 and may reach penalty_max itself (10^4 is exact); the solve
+    ends INFEASIBLE only when the next raise would pass it."""
+    prob = occore.Problem(lambda x, u: x + 0.1 * u, lambda x, u: ca.sumsqr(u), lambda x: 0 * x[0], x0=[1.0],
+                          nu=1, horizon=10, x_upper=1.2, terminal_constraints=lambda x: x - 2.0)
+    res = occore.CDDP(penalty_max=1e4).solve(prob)
+    assert res.status is occore.Status.INFEASIBLE
+    assert res.multipliers.penalty == 1e4
+
+
+def test_the_local_model_reuses_derivatives_and_evaluates_second_order_ones_anew(zoo):
+    """_Augmented.local_model: the derivatives stored with an iterate serve another model of the
+    same order (after a multiplier update) without a new evaluation; a second-order model is
+    evaluated anew, with the dynamics Hessians (its backward pass equals the one built from
+    second-order derivatives directly, and differs from the Gauss-Newton one)."""
+    from occore.lq.augmented import augment
+    from occore.solvers.cddp import _Augmented
+
+    prob = occore.problems.make("unicycle_obstacles")
+    cs = prob.constraints
+    mult = occore.Multipliers.zeros(cs, 10.0)
+    view = _Augmented(prob, mult)
+    rng = np.random.default_rng(0)
+    traj = view.rollout(0.3 * rng.standard_normal((prob.horizon, prob.nu)))
+    calls = []
+    evaluate = prob.evaluate_derivatives
+
+    def counting(xs, us, second_order=False):
+        calls.append(second_order)
+        return evaluate(xs, us, second_order)
+    prob.evaluate_derivatives = counting
+    gn = view.local_model(traj, False)
+    moved = _Augmented(prob, occore.Multipliers.zeros(cs, 100.0)).rewrap(traj)
+    _Augmented(prob, occore.Multipliers.zeros(cs, 100.0)).local_model(moved, False)
+    assert calls == [False]
+    full = view.local_model(traj, True)
+    assert calls == [False, True]
+    d = evaluate(traj.xs, traj.us, True)
+    direct = prob.model_of(augment(d, traj.extras.values, mult, cs.upper_index, cs.lower_index), traj.us)
+    (_, (a1, a2)), (_, (b1, b2)), (_, (c1, c2)) = (m.backward(1e3, s) for m, s in
+                                                   ((full, True), (direct, True), (gn, False)))
+    assert (a1, a2) == pytest.approx((b1, b2), rel=1e-12)
+    assert abs(a2 - c2) > 1e-6 * abs(c2)
+
+
+def test_a_problem_missing_either_constraint_attribute_is_refused(zoo):
+    prob = zoo["pendulum_terminal"]
+
+    class OnlyValues:
+        horizon = prob.horizon
+        constraint_values = prob.constraint_values
+
+    class OnlyDeclaration:
+        horizon = prob.horizon
+        constraints = prob.constraints
+
+    for bare in (OnlyValues(), OnlyDeclaration()):
+        with pytest.raises(occore.InputError, match="cddp: expected an occore.Problem"):
+            occore.CDDP().init(bare)
+
+
+def test_multipliers_of_other_constraints_are_not_taken_as_a_warm_start():
+    """A Result whose multipliers have other shapes (state bounds against a path constraint; the
+    same single terminal equality) warm-starts the controls only: the multipliers start at zero and
+    the solve reaches the cold start's optimum."""
+    def make(**kw):
+        return occore.Problem(lambda x, u: x + 0.1 * u, lambda x, u: ca.sumsqr(u), lambda x: 0 * x[0], x0=[0.0],
+                              nu=1, horizon=10, terminal_constraints=lambda x: x - 1.0, **kw)
+    a = make(x_upper=0.5 + 0.1 * np.arange(11)[:, None])
+    b = make(path_constraints=lambda x, u: u[0] - 1.5)
+    res_a = occore.CDDP().solve(a)
+    assert res_a.converged and res_a.multipliers.upper.shape == (11, 1)
+    state = occore.CDDP().init(b, us0=res_a)
+    zeros = occore.Multipliers.zeros(b.constraints, 1.0)
+    for k in ("g", "upper", "lower", "h"):
+        assert getattr(state.multipliers, k).shape == getattr(zeros, k).shape
+    warm, cold = occore.CDDP().solve(b, us0=res_a), occore.CDDP().solve(b)
+    assert warm.converged and warm.cost == pytest.approx(cold.cost, rel=1e-8)

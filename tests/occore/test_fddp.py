@@ -137,3 +137,70 @@ def test_bad_state_guesses_are_refused_and_guesses_not_modified():
 def test_bad_options(kw, name):
     with pytest.raises(ValueError, match=name):
         occore.FDDP(**kw)
+
+
+def _defects(prob, xs, us):
+    """The largest multiple-shooting defect of (xs, us), from the problem's one-step transition."""
+    gaps = [np.abs(prob.transition(xs[t], us[t], t) - xs[t + 1]).max() for t in range(prob.horizon)]
+    return max(max(gaps), float(np.abs(prob.x0 - xs[0]).max()))
+
+
+def test_the_reported_gap_is_the_largest_defect_of_every_iterate():
+    """``IterationInfo.gap`` and the initial iterate's gap equal the largest |f(x_t, u_t) -
+    x_{t+1}| and |x0 - x_0| recomputed from the dynamics, also while they are small (below 1) and
+    not yet closed (partial steps)."""
+    prob = occore.problems.make("cartpole")
+    rng = np.random.default_rng(3)
+    us0 = 0.2 * rng.standard_normal((prob.horizon, prob.nu))
+    xs0 = prob.rollout(us0).xs + 0.02 * rng.standard_normal((prob.horizon + 1, prob.nx))
+    solver = occore.FDDP()
+    start = solver.init(prob, us0, xs0=xs0)
+    truth = _defects(prob, xs0, us0)
+    assert 0.01 < truth < 0.2
+    assert start.traj.extras.max_gap == pytest.approx(truth, rel=1e-12)
+    seen = []
+
+    def record(info, state):
+        xs, us = state.traj.xs, state.traj.us
+        seen.append((info.gap, _defects(prob, xs, us), info.step))
+    res = solver.solve(prob, us0, xs0=xs0, callbacks=[record])
+    assert res.converged
+    partial = [(g, d) for g, d, step in seen if 0.0 < step < 1.0 and d > 1e-12]
+    assert partial                                   # gapped iterates after partial steps
+    for gap, defect, _ in seen:
+        assert gap == pytest.approx(defect, rel=1e-9, abs=1e-13)
+    xs1 = xs0.copy()
+    xs1[0] = prob.x0                                 # only the dynamics gaps, no initial gap
+    assert solver.init(prob, us0, xs0=xs1).traj.extras.max_gap == pytest.approx(_defects(prob, xs1, us0), rel=1e-12)
+
+
+def test_the_first_iteration_reuses_the_initial_derivatives_and_a_second_order_model_has_them():
+    """The derivatives evaluated for the initial iterate's cost and gaps are those of the first
+    (Gauss-Newton) local model: one evaluation for both. A second-order model of that iterate is
+    evaluated anew with the dynamics Hessians: its backward pass equals the one built from
+    second-order derivatives directly, and differs from the Gauss-Newton one (pendulum: nonlinear)."""
+    prob = occore.problems.make("pendulum")
+    xs0 = interpolation(prob, GOALS["pendulum"])
+    calls = []
+    evaluate = prob.evaluate_derivatives
+
+    def counting(xs, us, second_order=False):
+        calls.append(second_order)
+        return evaluate(xs, us, second_order)
+    prob.evaluate_derivatives = counting
+    solver = occore.FDDP(max_iter=1)
+    solver.solve(prob, xs0=xs0)
+    assert calls == [False]                          # init's evaluation, reused by iteration 0
+    view = _Shooting(prob)
+    traj = view.at(xs0, prob.initial_controls(), False)
+    calls.clear()
+    gn = view.local_model(traj, False)
+    assert calls == []
+    full = view.local_model(traj, True)
+    assert calls == [True]
+    d = evaluate(xs0, prob.initial_controls(), True)
+    direct = prob.model_of(d, traj.us, gaps=d.f - xs0[1:], initial_gap=prob.x0 - xs0[0])
+    (k, (a1, a2)), (kd, (b1, b2)), (kg, (c1, c2)) = (m.backward(10.0, s) for m, s in
+                                                     ((full, True), (direct, True), (gn, False)))
+    assert (a1, a2) == pytest.approx((b1, b2), rel=1e-12)
+    assert abs(a2 - c2) > 1e-6 * abs(c2)
