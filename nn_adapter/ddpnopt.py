@@ -234,7 +234,7 @@ class DDPNOpt(CurvatureOptimizer):
         linear = {id(b.module) for b in self._blocks if b.kind == "linear"}
         return StageRecorder(self._model, owners, [m for m in owners if id(m) not in linear],
                              compact=self._compact_builders(owners),
-                             first_grad=self.curvature.needs_records)
+                             first_grad=self.curvature.needs_records).name_modules(self._model)
 
     def _compact_builders(self, owners) -> dict:
         """``{module: forward}`` for the Conv2d stages kept as per-sample gradients from the

@@ -284,7 +284,7 @@ class CurvatureOptimizer(torch.optim.Optimizer):
 
     def _make_recorder(self) -> Recorder:
         mods = self._recorded_modules()
-        return Recorder(mods, mods)
+        return Recorder(mods, mods).name_modules(self._model)
 
     def _recorded_modules(self) -> list[nn.Module]:
         return [b.module for b in self._blocks if b.structured] if self.curvature.needs_records \
@@ -300,7 +300,8 @@ class CurvatureOptimizer(torch.optim.Optimizer):
             return
         if live is not None:
             live.detach()
-        self._live = LiveRecorder(mods, mods).attach() if mods else None
+        self._live = (LiveRecorder(mods, mods).name_modules(self._model).attach() if mods
+                      else None)
 
     def _closure_free_reason(self) -> Optional[str]:
         """None when :meth:`step` can run without a closure, else the reason it cannot.

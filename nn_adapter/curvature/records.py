@@ -14,7 +14,7 @@ by identity: a ``copy.deepcopy`` of the model never writes into the original's r
 from __future__ import annotations
 
 import weakref
-from typing import Iterable
+from typing import Iterable, Optional
 
 import torch
 from torch import nn
@@ -69,6 +69,7 @@ class Recorder:
         self.wants = tuple(frozenset(w) for w in (want_input, want_grad, want_in_grad,
                                                   want_output))
         self._grad_of = grad_of
+        self.names: dict = {}       # {module: its qualified name in the model}, for messages
         self._modules = list({id(m): m for m in input_of + grad_of + in_grad_of + output_of}
                              .values())
         self.inputs: dict[nn.Module, torch.Tensor] = {}
@@ -121,6 +122,18 @@ class Recorder:
         self.out_grads.clear()
         self.in_grads.clear()
 
+    def name_modules(self, model: Optional[nn.Module]) -> "Recorder":
+        """Name the recorded modules in messages by their qualified names in ``model``."""
+        if model is not None:
+            self.names = {m: n for n, m in model.named_modules() if n}
+        return self
+
+    def label(self, module: nn.Module) -> str:
+        """``'layer.0' (Linear)`` when the module's name is known, else ``Linear``."""
+        kind = type(module).__name__
+        name = self.names.get(module)
+        return f"{name!r} ({kind})" if name else kind
+
     def has_grad(self, module: nn.Module) -> bool:
         """True when the gradient at the module's output was recorded (in any form)."""
         return module in self.out_grads
@@ -131,11 +144,11 @@ class Recorder:
             n = self.calls.get(m, 0)
             if n != 1:
                 raise InputError(
-                    f"model: module {m.__class__.__name__} ran {n} times {self.context}; "
+                    f"model: module {self.label(m)} ran {n} times {self.context}; "
                     "the optimizer needs each parametrised module to run exactly once")
             if need_grads and m in self._grad_of and not self.has_grad(m):
                 raise InputError(
-                    f"closure: no gradient reached the output of {m.__class__.__name__}; "
+                    f"closure: no gradient reached the output of module {self.label(m)}; "
                     "the closure must call loss.backward()")
 
 
@@ -270,7 +283,7 @@ class LiveRecorder(Recorder):
             n = self.calls.get(m, 0)
             if n != 1:
                 raise InputError(
-                    f"model: module {m.__class__.__name__} ran {n} times {self.context}; "
+                    f"model: module {self.label(m)} ran {n} times {self.context}; "
                     "step() without a closure needs exactly one forward and backward pass of "
                     "each parametrised module per step (run evaluation passes under "
                     "torch.no_grad(), or pass a closure)")

@@ -278,7 +278,7 @@ def test_module_run_twice_or_not_at_all_is_a_clear_error():
     before = _flat(net).clone()
     opt.zero_grad()
     (_loss(net, x, y) + _loss(net, x, y)).backward()
-    with pytest.raises(InputError, match="ran 2 times"):
+    with pytest.raises(InputError, match=r"module '0' \(Linear\) ran 2 times"):
         opt.step()
     assert torch.equal(_flat(net), before) and len(opt.state) == 0
     _step(net, opt, x, y, closure=False)
