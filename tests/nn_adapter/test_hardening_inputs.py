@@ -301,6 +301,10 @@ def test_bad_values_in_a_param_group_are_named_with_the_group(where):
     (lambda net: DDPNOpt(net.parameters()), TypeError, "model"),            # feedback needs it
     (lambda net: DDPNOpt(net, model=_net(1)), TypeError, "model"),
     (lambda net: DDPNOpt([net], model=net), TypeError, "params"),
+    (lambda net: DDPNOpt([nn.Parameter(torch.zeros(3))], model=net), InputError,
+     r"parameter 0 of param group 0 \(shape \(3,\)\) is not a parameter of model"),
+    (lambda net: DDPNOpt([{"params": net.parameters()}, {"params": _net(1).parameters()}],
+                         model=net), InputError, "param group 1 .* not a parameter of model"),
     (lambda net: EKFAC(net.parameters()), TypeError, "model"),
     (lambda net: EKFAC(net, lr=-0.1), InputError, "lr"),
     (lambda net: EKFAC(net, damping=math.nan), InputError, "damping"),
@@ -316,6 +320,27 @@ def test_curvature_optimizers_refuse_bad_params_and_models(make, error, words):
     with pytest.raises(error, match=words):
         make(net)
     assert all(torch.equal(a, b) for a, b in zip(before.values(), net.state_dict().values()))
+
+
+def test_a_parameter_outside_the_model_is_refused_by_add_param_group_with_feedback_only():
+    net, extra = _net(), nn.Parameter(torch.zeros(3, dtype=torch.float64))
+    opt = DDPNOpt(net[0].parameters(), lr=0.05, model=net)
+    with pytest.raises(InputError, match="parameter 0 of param group 1 .* not a parameter of model"):
+        opt.add_param_group({"params": (p for p in [extra])})
+    assert len(opt.param_groups) == 1
+    opt.add_param_group({"params": (p for p in net[2].parameters()), "lr": 0.01})
+    assert [len(g["params"]) for g in opt.param_groups] == [2, 2]
+    # without feedback a parameter outside the model is an ordinary Adam parameter
+    plain = DDPNOpt([{"params": net.parameters()}, {"params": [extra]}], lr=0.05,
+                    feedback=False, model=net)
+    ref = torch.optim.Adam([extra.detach().clone().requires_grad_()], lr=0.05)
+    x, y = torch.randn(6, 4, dtype=torch.float64), torch.randint(0, 3, (6,))
+    for _ in range(3):
+        for o, p in ((plain, extra), (ref, ref.param_groups[0]["params"][0])):
+            o.zero_grad()
+            (nn.functional.cross_entropy(net(x), y) + (p ** 2 - p).sum()).backward()
+            o.step()
+    assert torch.allclose(extra, ref.param_groups[0]["params"][0], rtol=0, atol=1e-12)
 
 
 def _optimizers(net):
