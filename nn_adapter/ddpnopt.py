@@ -102,8 +102,9 @@ class DDPNOpt(CurvatureOptimizer):
             backward of C cotangents), ``"sampled"`` (its Monte-Carlo rank-one sample, one extra
             backward) or ``"gradient"`` (the outer product V_x V_x^T of Proposition 3, which
             grows with the loss's gradient).
-        loss: ``"auto"`` (softmax cross-entropy is recognised from the recorded output and
-            gradient; anything else is taken as mean squared error, with a warning),
+        loss: ``"auto"`` (softmax cross-entropy, with class labels, soft targets or label
+            smoothing, is recognised from the recorded output and gradient; anything else is
+            taken as mean squared error, with a warning),
             ``"cross_entropy"`` or ``"mse"``: which loss's Gauss-Newton Hessian to use.
         feedback_bound: trust region of the feedback: per stage, ||P Q_ux dx|| is scaled down to
             at most ``feedback_bound`` times the open-loop step ||k|| (``math.inf``: no bound).

@@ -56,8 +56,13 @@ LOSSES = ("auto", "cross_entropy", "mse")
 
 
 def detect_loss(out: torch.Tensor, grad: torch.Tensor) -> Optional[str]:
-    """``"cross_entropy"`` when ``B grad = softmax(out) - onehot`` row by row, ``"sum"`` when
-    ``grad`` itself is (cross-entropy summed over the batch, ``reduction="sum"``), else None.
+    """``"cross_entropy"`` when ``B grad = softmax(out) - t`` row by row with each ``t`` a
+    probability vector (class labels, soft targets, label smoothing: their Gauss-Newton Hessian
+    diag(p) - p p^T is the same), ``"sum"`` when ``grad = softmax(out) - onehot`` itself
+    (cross-entropy with labels summed over the batch, ``reduction="sum"``), else None.
+
+    A cross-entropy scaled by a factor below 1 passes as one with soft targets (its Gauss-Newton
+    Hessian is then taken too large by the inverse factor).
 
     Args:
         out: network outputs (B, C).
@@ -67,13 +72,13 @@ def detect_loss(out: torch.Tensor, grad: torch.Tensor) -> Optional[str]:
         return None
     p = torch.softmax(out.double(), 1)
     tol = 1e-3 if out.dtype in (torch.float16, torch.bfloat16) else 1e-4
-    for scale, name in ((out.shape[0], "cross_entropy"), (1, "sum")):
-        resid = grad.double() * scale - p       # = -onehot for cross-entropy
-        label = resid.argmin(1)
-        resid[torch.arange(len(label), device=label.device), label] += 1.0
-        if float(resid.abs().max()) <= tol:
-            return name
-    return None
+    t = p - grad.double() * out.shape[0]        # the targets, if it is cross-entropy
+    if float(t.min()) >= -tol and float((t.sum(1) - 1.0).abs().max()) <= tol:
+        return "cross_entropy"
+    resid = grad.double() - p                   # = -onehot for a summed cross-entropy
+    label = resid.argmin(1)
+    resid[torch.arange(len(label), device=label.device), label] += 1.0
+    return "sum" if float(resid.abs().max()) <= tol else None
 
 
 def loss_hessian_factor(loss: str, out: torch.Tensor) -> torch.Tensor:

@@ -47,11 +47,35 @@ def test_cross_entropy_is_recognised_and_mse_is_not():
     assert detect_loss(out.detach(), g) == "cross_entropy"
     g, = torch.autograd.grad(nn.functional.mse_loss(out, torch.randn(7, 4, dtype=out.dtype)), out)
     assert detect_loss(out.detach(), g) is None
-    g, = torch.autograd.grad(nn.functional.cross_entropy(out, y, label_smoothing=0.1), out)
-    assert detect_loss(out.detach(), g) is None
+    g, = torch.autograd.grad(nn.functional.cross_entropy(out, y, reduction="sum"), out)
+    assert detect_loss(out.detach(), g) == "sum"
     out32 = out.detach().float().requires_grad_(True)
     g, = torch.autograd.grad(nn.functional.cross_entropy(out32, y), out32)
     assert detect_loss(out32.detach(), g) == "cross_entropy"
+
+
+SOFT = torch.softmax(torch.randn(6, 4, dtype=torch.float64,
+                                generator=torch.Generator().manual_seed(3)), 1)
+
+
+@pytest.mark.parametrize("loss", [
+    lambda o, y: nn.functional.cross_entropy(o, y, label_smoothing=0.2),
+    lambda o, y: nn.functional.cross_entropy(o, SOFT),
+    lambda o, y: nn.functional.nll_loss(torch.log_softmax(o, 1), y),
+])
+def test_soft_targets_and_label_smoothing_are_cross_entropy_with_its_gauss_newton_hessian(loss):
+    out = torch.randn(6, 4, dtype=torch.float64, requires_grad=True)
+    y = torch.randint(0, 4, (6,))
+    g, = torch.autograd.grad(loss(out, y), out)
+    assert detect_loss(out.detach(), g) == "cross_entropy"
+    # the per-sample Hessian of B * (the batch loss) is the factor's diag(p) - p p^T
+    h = torch.func.hessian(lambda o: loss(o, y) * 6)(out.detach())            # (B, C, B, C)
+    a = loss_hessian_factor("cross_entropy", out.detach())
+    for i in range(6):
+        assert torch.allclose(a[i].T @ a[i], h[i, :, i], atol=1e-12)
+    # a loss that only looks like it (rows of B grad not summing to zero) is not
+    g2, = torch.autograd.grad(loss(out, y) + 1e-2 * out.sum(), out)
+    assert detect_loss(out.detach(), g2) is None
 
 
 def test_gauss_newton_factor_is_the_loss_hessian():
