@@ -308,3 +308,195 @@ def test_non_finite_stage_derivatives_keep_their_controls(zoo):
 def test_rho_increase_must_raise_rho():
     with pytest.raises(ValueError, match="rho_increase"):
         occore.EMSA(rho_increase=1.0)
+
+
+def test_every_option_bound_is_enforced_at_its_documented_edge():
+    """Each validated option: the documented edge value is accepted, the first value past it (and
+    a non-finite one) is refused with the option's name and the expected range."""
+    bad = [({"tol": float("inf")}, "tol"), ({"rho": True}, "rho"), ({"max_iter": 0}, "max_iter"),
+           ({"max_iter": 2.0}, "max_iter"), ({"max_iter": True}, "max_iter"), ({"ftol": -1e-300}, "ftol"),
+           ({"ftol": float("nan")}, "ftol"), ({"rho_decrease": 0.999}, r"rho_decrease=.*expected a finite number >= 1"),
+           ({"rho_increase": 1.0}, r"rho_increase=.*expected a finite number > 1"),
+           ({"rho_min": 0.0}, "rho_min"), ({"rho_min": -1.0}, "rho_min"),
+           ({"rho_max": float("inf")}, "rho_max"), ({"rho": 2.0, "rho_max": 1.5}, "rho_max"),
+           ({"rho_min": 1e-3, "rho_max": 5e-4}, "rho_max")]
+    for kwargs, match in bad:
+        with pytest.raises(ValueError, match=match):
+            EMSA(**kwargs)
+    for kwargs in ({"step_size": 0.0}, {"step_size": -1.0}, {"step_size": float("inf")}, {"step_size": True}):
+        with pytest.raises(ValueError, match="inner.step_size"):
+            InnerSolver(**kwargs)
+    # the edges themselves are valid: ftol 0, rho_decrease 1 (rho kept), rho_max equal to rho or to
+    # rho_min, and with rho None (the problem's choice) or 0 only rho_min bounds rho_max from below
+    ok = [{"ftol": 0.0}, {"rho_decrease": 1.0}, {"max_iter": 1}, {"rho": 5.0, "rho_max": 5.0},
+          {"rho_min": 1e-3, "rho_max": 1e-3}, {"rho_max": 0.5}, {"rho": 0.0, "rho_max": 0.5}]
+    for kwargs in ok:
+        opts = EMSA(**kwargs).options
+        assert all(getattr(opts, k) == v for k, v in kwargs.items())
+    assert InnerSolver(step_size=1e-300).step_size == 1e-300
+
+
+class _Scripted:
+    """A 1-D problem whose E-MSA step is scripted: J(u) = K + u_0 (a cost with a constant
+    gradient, never CONVERGED by tol), and ``maximize_hamiltonian`` returns ``step(us, rho)``
+    instead of maximising; records the rho of every call. Without ``extrapolate_controls``, so no
+    momentum."""
+
+    def __init__(self, K, step):
+        self.prob = occore.Problem(lambda x, u: x + u, lambda x, u: u[0] + K, lambda x: 0 * x[0],
+                                   x0=[0.0], nu=1, horizon=1)
+        self.horizon, self.step, self.rhos = 1, step, []
+
+    def initial_controls(self):
+        return self.prob.initial_controls()
+
+    def rollout(self, us):
+        return self.prob.rollout(us)
+
+    def local_model(self, traj, second_order=False):
+        return self.prob.local_model(traj, second_order)
+
+    def maximize_hamiltonian(self, traj, costates, rho, inner):
+        self.rhos.append(rho)
+        return self.step(np.array(traj.us), rho)
+
+
+def test_rho_schedule_steps_and_rho_max_boundary():
+    """The documented schedule: a rejected trial (J raised) multiplies rho by rho_increase (from at
+    least rho_min), an accepted one divides it by rho_decrease down to rho_min; rho equal to
+    rho_max is allowed, REG_LIMIT only when it would exceed it. step is 1 accepted, 0 rejected."""
+    prob = _Scripted(1.0, lambda us, rho: us + 1.0)             # every trial raises J by 1
+    res = EMSA(rho=1.0, rho_max=100.0, max_iter=50).solve(prob)
+    assert res.status is Status.REG_LIMIT and res.iterations == 3, res.summary()
+    assert prob.rhos == [1.0, 10.0, 100.0]                    # 100 == rho_max is still tried
+    assert [h.regularization for h in res.history] == [10.0, 100.0, 1000.0]
+    assert [h.step for h in res.history] == [0.0, 0.0, 0.0]
+    assert not any(h.accepted for h in res.history)
+    assert [h.actual_decrease for h in res.history] == [-1.0, -1.0, -1.0]
+    assert res.cost == 1.0 and res.us[0, 0] == 0.0 and "best iterate" not in res.message
+    # from rho = 0 a rejection raises rho to rho_min * rho_increase
+    prob = _Scripted(1.0, lambda us, rho: us + 1.0)
+    res = EMSA(rho=0.0, rho_min=1e-3, rho_increase=4.0, max_iter=2).solve(prob)
+    assert prob.rhos == [0.0, 4e-3] and res.history[-1].regularization == 1.6e-2
+    # accepted trials (J lowered by 1) divide rho by rho_decrease, floored at rho_min
+    prob = _Scripted(10.0, lambda us, rho: us - 1.0)
+    res = EMSA(rho=8e-3, rho_min=1e-3, rho_decrease=2.0, max_iter=4).solve(prob)
+    assert prob.rhos == [8e-3, 4e-3, 2e-3, 1e-3]
+    assert [h.regularization for h in res.history] == [4e-3, 2e-3, 1e-3, 1e-3]
+    assert [h.step for h in res.history] == [1.0] * 4 and all(h.accepted for h in res.history)
+    assert res.status is Status.MAX_ITER and res.cost == 6.0 and res.us[0, 0] == -4.0
+    assert "best iterate" not in res.message      # the last iterate is the best: no note
+
+
+@pytest.mark.parametrize("K, ftol, change, stalled", [
+    (1e4, 1e-8, 1e-6, True), (1e4, 1e-8, 1e-3, False),          # |J| > 1: the tolerance scales with |J|
+    (1e-2, 1e-8, 1e-9, True), (1e-2, 1e-8, 1e-7, False),        # |J| < 1: it is ftol itself
+    (1e4, 1e-8, -1e-6, True), (1e4, 1e-8, -1e-3, False)])       # a raising trial: J unchanged
+def test_ftol_stops_when_a_trial_changes_j_by_at_most_ftol_times_max_1_abs_j(K, ftol, change, stalled):
+    prob = _Scripted(K, lambda us, rho: us - change)
+    res = EMSA(rho=1.0, ftol=ftol, max_iter=3).solve(prob)
+    first = res.history[0]
+    assert first.actual_decrease == pytest.approx(change, rel=1e-6)
+    assert first.accepted == (change > 0) and first.step == (1.0 if change > 0 else 0.0)
+    if stalled:
+        assert res.status is Status.CONVERGED and res.iterations == 1 and "ftol" in res.message
+    else:
+        assert res.status is Status.MAX_ITER and res.iterations == 3, res.summary()
+    assert "best iterate" not in res.message
+
+
+@pytest.mark.parametrize("ftol", [0.0, 1e-14])
+def test_a_trial_that_leaves_j_unchanged_is_a_fixed_point_not_a_step(ftol):
+    """The inner step returns the same controls: J is unchanged (even with ftol = 0, "at most
+    ftol"), the trial is not accepted (it does not lower J) and rho keeps its value."""
+    prob = _Scripted(3.0, lambda us, rho: us)
+    res = EMSA(rho=0.5, ftol=ftol, max_iter=20).solve(prob)
+    assert res.status is Status.CONVERGED and res.iterations == 1, res.summary()
+    h = res.history[0]
+    assert not h.accepted and h.step == 0.0 and h.actual_decrease == 0.0 and h.regularization == 0.5
+    assert res.cost == 3.0 and "best iterate" not in res.message
+
+
+def test_a_solve_that_does_no_step_reports_zero_decrease_and_step(zoo):
+    prob = zoo["unicycle"]
+    J0 = prob.rollout(prob.initial_controls()).cost
+    res = EMSA(tol=1e300).solve(prob)                      # converged at the first gradient
+    assert res.status is Status.CONVERGED and res.iterations == 1 and res.cost == J0
+    h = res.history[0]
+    assert not h.accepted and h.step == 0.0 and h.actual_decrease == 0.0 and h.cost == J0
+
+
+def test_a_non_finite_initial_rollout_is_reported_not_raised():
+    prob = occore.Problem(lambda x, u: x + u, lambda x, u: ca.log(x[0]) + u[0] ** 2, lambda x: 0 * x[0],
+                          x0=[-1.0], nu=1, horizon=2)
+    res = EMSA().solve(prob)
+    assert res.status is Status.NON_FINITE and res.iterations == 0 and "initial rollout" in res.message
+
+
+class _Logged:
+    """A dense problem whose E-MSA calls are logged per iteration: the beta of each extrapolation
+    and the cost of each trial rolled out from a maximisation. ``poison``: the extrapolated
+    trials (those whose maximisation started from an extrapolation) with these indices roll out
+    at a cost above every other, i.e. they do not lower J."""
+
+    def __init__(self, prob, poison=()):
+        self.prob, self.horizon, self.nx, self.nu = prob, prob.horizon, prob.nx, prob.nu
+        self.inner_methods, self.poison = prob.inner_methods, set(poison)
+        self.log, self._next_from, self._n_extra = [], None, 0
+
+    def initial_controls(self):
+        return self.prob.initial_controls()
+
+    def rollout(self, us):
+        traj = self.prob.rollout(us)
+        if self._next_from is not None:                   # the rollout of a maximisation's controls
+            extrapolated, self._next_from = self._next_from, None
+            if extrapolated:
+                self._n_extra += 1
+                if self._n_extra - 1 in self.poison:
+                    traj = occore.Trajectory(traj.xs, traj.us, 1e300)
+            self.log.append(("trial", extrapolated, traj.cost))
+        return traj
+
+    def local_model(self, traj, second_order=False):
+        return self.prob.local_model(traj, second_order)
+
+    def maximize_hamiltonian(self, traj, costates, rho, inner):
+        self._next_from = bool(self.log) and self.log[-1][0] == "extrapolate"
+        return self.prob.maximize_hamiltonian(traj, costates, rho, inner)
+
+    def extrapolate_controls(self, us, us_prev, beta):
+        self.log.append(("extrapolate", beta))
+        return self.prob.extrapolate_controls(us, us_prev, beta)
+
+
+def test_momentum_follows_the_documented_schedule(zoo):
+    """Nesterov's beta_k = j / (j + 3) after j accepted steps since the last restart; an
+    extrapolated trial that does not lower J is followed, in the same iteration, by the plain
+    step from u_k, and the momentum restarts (no extrapolation until a step is accepted again).
+    The log is replayed against that rule."""
+    prob = _Logged(zoo["lqr"], poison=(2, 7))
+    res = EMSA(max_iter=40).solve(prob)
+    assert sum(1 for e in prob.log if e[0] == "extrapolate") > 10
+    log, j, J = list(prob.log), 0, prob.rollout(prob.initial_controls()).cost
+    for h in res.history:
+        if j > 0:
+            assert log.pop(0) == ("extrapolate", j / (j + 3.0))
+            kind, extrapolated, cost = log.pop(0)
+            assert kind == "trial" and extrapolated
+            if cost < J:                                   # taken: the iteration accepts it
+                assert h.accepted and h.cost == cost
+                j, J = j + 1, cost
+                continue
+            j = 0                                          # restart, the plain step follows
+        kind, extrapolated, cost = log.pop(0)
+        assert kind == "trial" and not extrapolated
+        assert h.accepted == (cost < J)
+        if h.accepted:
+            assert h.cost == cost
+            j, J = 1, cost
+        else:
+            assert h.cost == J
+            j = 0
+    assert not log and res.cost == J
+    assert any(not h.accepted for h in res.history)      # rejections happen in these 40 iterations
