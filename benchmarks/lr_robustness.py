@@ -52,7 +52,6 @@ import shlex
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 import warnings
 from dataclasses import dataclass
@@ -69,6 +68,7 @@ if str(ROOT) not in sys.path:
 from nn_adapter import EKFAC, DDPNOpt  # noqa: E402
 from nn_adapter import data as nn_data  # noqa: E402
 from nn_adapter.training import make_closure, mlp, paper_cnn  # noqa: E402
+from occore.output_paths import output_file_problem, output_folder_problem  # noqa: E402
 
 __all__ = ["BASES", "REFERENCE_LR", "LR_FACTORS", "DATASETS", "run_grid", "train_run",
            "divergence_reason", "summarise", "write_report", "build_parser", "main"]
@@ -910,14 +910,6 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _check_writable(folder: Path) -> Optional[str]:
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=folder, prefix=".lrr-write-test-"):
-            pass
-    except OSError as err:
-        return f"{folder} is not a writable folder ({err.strerror or err})"
-    return None
 
 
 def _check_options(parser, bases, base_opts: dict, ddp_opts: dict) -> None:
@@ -962,11 +954,13 @@ def main(argv=None) -> int:
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: CUDA is not available on this machine")
     out = Path(args.out)
-    err = _check_writable(out)
+    err = output_folder_problem(str(out))
     if err:
         parser.error(f"--out: {err}")
     if args.json:
-        err = _check_writable(Path(args.json).parent)
+        parent = Path(args.json).absolute().parent          # created if missing
+        err = output_folder_problem(str(parent)) or (
+            output_file_problem(args.json) if parent.is_dir() else None)
         if err:
             parser.error(f"--json: {err}")
     confirm_seeds = (args.confirm_seeds if args.confirm_seeds is not None else

@@ -27,6 +27,8 @@ import sys
 from pathlib import Path
 
 from occore.cli import Command
+from occore.errors import OccoreError
+from occore.output_paths import check_outputs
 
 from . import data as datasets
 from .training import CORE_SOLVERS, DEFAULT_LR, OPTIMIZERS
@@ -113,18 +115,6 @@ def parse_lr(spec, names) -> dict:
     return rates
 
 
-def _writable(option: str, path: str) -> Path:
-    p = Path(path)
-    if p.is_dir():
-        raise UsageError(f"{option}: {path} is a folder, expected a file name")
-    parent = p.parent if str(p.parent) else Path(".")
-    if not parent.is_dir():
-        raise UsageError(f"{option}: cannot write {path}: folder {parent} does not exist")
-    if not os.access(parent, os.W_OK) or (p.exists() and not os.access(p, os.W_OK)):
-        raise UsageError(f"{option}: cannot write {path}: permission denied")
-    return p
-
-
 def check_args(args) -> dict:
     """Every option checked before any work; returns what the run needs (names, rates, device,
     network builder). Raises :class:`UsageError` with the one-line message."""
@@ -155,14 +145,10 @@ def check_args(args) -> dict:
         raise UsageError(f"--device {args.device}: CUDA is not available here")
     if device.type not in ("cpu", "cuda"):
         raise UsageError(f"--device {args.device}: expected cpu or cuda[:N]")
-    if args.plot:
-        try:
-            import matplotlib  # noqa: F401
-        except ImportError:
-            raise UsageError("--plot needs matplotlib: pip install 'occore[plot]'") from None
-        _writable("--plot", args.plot)
-    if args.json:
-        _writable("--json", args.json)
+    try:
+        check_outputs(args.plot, args.json)
+    except OccoreError as err:
+        raise UsageError(str(err)) from None
     if not args.no_progress:
         try:
             import tqdm  # noqa: F401

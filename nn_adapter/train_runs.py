@@ -45,6 +45,8 @@ import sys
 from pathlib import Path
 from typing import Optional
 
+from occore.output_paths import output_folder_problem
+
 __all__ = ["RunError", "add_arguments", "check", "wanted", "run", "run_folder"]
 
 #: Settings a checkpoint must have been written with to be resumed: the CLI options.
@@ -472,11 +474,6 @@ def _check(args, cfg, split) -> None:
 def _check_writable(folder: str) -> None:
     """The checkpoint folder exists and is writable, or can be created (its nearest existing parent
     is a writable folder)."""
-    p = Path(folder)
-    if p.exists() and not p.is_dir():
-        raise _Refused(f"--checkpoint {folder}: is a file, expected a folder")
-    existing = next(q for q in (p, *p.absolute().parents) if q.exists())
-    if not existing.is_dir():
-        raise _Refused(f"--checkpoint {folder}: {existing} is a file, expected a folder")
-    if not os.access(existing, os.W_OK | os.X_OK):
-        raise _Refused(f"--checkpoint {folder}: cannot write in {existing}: permission denied")
+    problem = output_folder_problem(folder)
+    if problem is not None:
+        raise _Refused(f"--checkpoint: {problem}")

@@ -23,7 +23,6 @@ command are ignored.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from dataclasses import dataclass
 from typing import Callable, Sequence
@@ -113,42 +112,12 @@ def _check_counts(args) -> None:
             raise OccoreError(f"--{option.replace('_', '-')} {value}: expected an integer >= 1")
 
 
-#: figure formats matplotlib writes (savefig infers the format from the extension)
-PLOT_FORMATS = ("png", "pdf", "svg", "jpg", "jpeg", "eps", "ps", "tif", "tiff", "webp", "pgf")
-
-
-def check_output_path(option: str, path: str, formats=None) -> None:
-    """An OccoreError naming ``option`` unless ``path`` can be written (not a directory, in an
-    existing writable directory, with one of ``formats`` as its extension when given)."""
-    import os
-
-    if os.path.isdir(path):
-        raise OccoreError(f"{option} {path}: is a directory; expected a file name")
-    folder = os.path.dirname(os.path.abspath(path))
-    if not os.path.isdir(folder):
-        raise OccoreError(f"{option} {path}: the directory {folder} does not exist")
-    if not os.access(folder, os.W_OK) or (os.path.exists(path) and not os.access(path, os.W_OK)):
-        raise OccoreError(f"{option} {path}: not writable")
-    ext = os.path.splitext(path)[1].lower().lstrip(".")
-    if formats is not None and ext not in formats:
-        raise OccoreError(f"{option} {path}: unknown figure format {ext or '(none)'!r}; "
-                          f"use one of {', '.join('.' + f for f in formats)}")
-
-
 def _check_outputs(args) -> None:
     """--plot and --json (where the command has them) are checked, and matplotlib looked for,
     before the first solve."""
-    import importlib.util
+    from .output_paths import check_outputs
 
-    plot, json_path = getattr(args, "plot", None), getattr(args, "json", None)
-    if plot:
-        check_output_path("--plot", plot, PLOT_FORMATS)
-        if importlib.util.find_spec("matplotlib") is None:
-            raise OccoreError("--plot needs matplotlib, which is not installed (pip install matplotlib)")
-    if json_path:
-        check_output_path("--json", json_path)
-    if plot and json_path and os.path.abspath(plot) == os.path.abspath(json_path):
-        raise OccoreError(f"--plot and --json name the same file {args.plot}")
+    check_outputs(getattr(args, "plot", None), getattr(args, "json", None))
 
 
 def build_parser(plugins: dict | None = None, describe_plugins: bool = False) -> argparse.ArgumentParser:

@@ -2,7 +2,6 @@
 any work (output paths writable, matplotlib present for --plot), a user error is one line on stderr
 with exit status 2 and never a traceback; ``--version``; help text on every option, no raw markup."""
 import argparse
-import importlib.util
 import os
 import subprocess
 import sys
@@ -12,6 +11,7 @@ import pytest
 import occore
 from occore import cli
 from occore.comparison import runner
+from occore.output_paths import PLOT_FORMATS, output_file_problem, output_folder_problem
 
 
 def _run(argv, capsys):
@@ -34,7 +34,7 @@ def no_work(monkeypatch):
 @pytest.mark.parametrize("argv, words", [
     (["compare", "--plot", "/no/such/dir/x.png"], ["--plot", "/no/such/dir", "does not exist"]),
     (["compare", "--json", "/no/such/dir/x.json"], ["--json", "does not exist"]),
-    (["compare", "--plot", "."], ["--plot", "is a directory"]),
+    (["compare", "--plot", "."], ["--plot", "is a folder, expected a file name"]),
     (["compare", "--plot", "figure.xyz"], ["--plot", "unknown figure format 'xyz'", ".png"]),
     (["compare", "--plot", "same.png", "--json", "same.png"], ["same file"]),
     (["compare", "--max-iter", "0"], ["--max-iter 0", ">= 1"]),
@@ -63,9 +63,31 @@ def test_an_unwritable_directory_is_refused(tmp_path, capsys, no_work):
         locked.chmod(0o700)
 
 
+@pytest.mark.skipif(not os.path.isdir("/proc/self"), reason="needs Linux's /proc")
+def test_a_folder_no_file_can_be_created_in_is_refused_even_as_root(capsys, no_work):
+    # permission bits say root may write in /proc; creating a file there fails for everyone
+    code, err = _run(["compare", "--json", "/proc/occore-x.json"], capsys)
+    assert code == 2 and "--json" in err and "not writable" in err and "Traceback" not in err
+    assert output_folder_problem("/proc/occore-sub/run") is not None
+    assert not os.path.exists("/proc/occore-x.json")
+
+
+def test_output_path_checks_leave_what_they_probe_unchanged(tmp_path):
+    existing = tmp_path / "old.json"
+    existing.write_text("kept")
+    before = (existing.stat().st_mtime_ns, sorted(os.listdir(tmp_path)))
+    assert output_file_problem(str(existing)) is None
+    assert output_folder_problem(str(tmp_path / "new" / "deeper")) is None
+    assert (existing.stat().st_mtime_ns, sorted(os.listdir(tmp_path))) == before
+    assert existing.read_text() == "kept" and not (tmp_path / "new").exists()
+    assert "is a file, expected a folder" in output_folder_problem(str(existing))
+    assert "is a file" in output_folder_problem(str(existing / "sub"))
+    assert "unknown figure format" in output_file_problem(str(tmp_path / "f.txt"), PLOT_FORMATS)
+    assert output_file_problem(str(tmp_path / "f.PNG"), PLOT_FORMATS) is None
+
+
 def test_plot_without_matplotlib_is_refused_before_any_work(monkeypatch, capsys, no_work, tmp_path):
-    real = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "matplotlib" else real(name, *a))
+    monkeypatch.setitem(sys.modules, "matplotlib", None)      # import matplotlib fails
     code, err = _run(["compare", "--plot", str(tmp_path / "x.png")], capsys)
     assert code == 2 and "needs matplotlib" in err
 
