@@ -26,7 +26,6 @@ Single-threaded: set OMP_NUM_THREADS=1 (done below before numpy is imported).
 """
 from __future__ import annotations
 
-import argparse
 import gc
 import os
 import statistics
@@ -42,6 +41,7 @@ import numpy as np  # noqa: E402
 
 import occore  # noqa: E402
 from occore.lq import compiled, csweep  # noqa: E402
+from occore.cli import OneLineParser  # noqa: E402
 
 
 def _nlp(name: str):
@@ -282,7 +282,7 @@ def torch_table(names, repeats):
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = OneLineParser(description=__doc__.splitlines()[0])
     ap.add_argument("--problems", default="all",
                     help="comma-separated names, 'classic', 'constrained' or 'all' (both sets)")
     ap.add_argument("--repeats", type=int, default=5, help="timed warm runs per solver (median)")

@@ -21,7 +21,6 @@ On a 2-core machine the 2-process run has both cores; the 1-process run uses one
 """
 from __future__ import annotations
 
-import argparse
 import statistics
 import sys
 import time
@@ -36,6 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from nn_adapter import EKFAC, DDPNOpt  # noqa: E402
 from nn_adapter.distributed import launch, shard  # noqa: E402
 from nn_adapter.training import make_closure, paper_cnn  # noqa: E402
+from occore.cli import OneLineParser  # noqa: E402
 
 OPTIMIZERS = {
     "DDPNOpt-adam fb=on": lambda m: DDPNOpt(m, lr=1e-3, curvature="adam"),
@@ -138,7 +138,7 @@ def table(results: dict, batch: int) -> str:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = OneLineParser(description=__doc__.splitlines()[0])
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--batch", type=int, default=128)

@@ -68,6 +68,7 @@ if str(ROOT) not in sys.path:
 from nn_adapter import EKFAC, DDPNOpt  # noqa: E402
 from nn_adapter import data as nn_data  # noqa: E402
 from nn_adapter.training import make_closure, mlp, paper_cnn  # noqa: E402
+from occore.cli import OneLineParser  # noqa: E402
 from occore.output_paths import output_file_problem, output_folder_problem  # noqa: E402
 
 __all__ = ["BASES", "REFERENCE_LR", "LR_FACTORS", "DATASETS", "run_grid", "train_run",
@@ -823,13 +824,6 @@ def write_report(result: dict, out_dir, command: str, json_path=None) -> dict:
 
 
 # -- command line --------------------------------------------------------------------------------
-class _Parser(argparse.ArgumentParser):
-    """argparse, but an error is one line on stderr (and exit status 2)."""
-
-    def error(self, message):
-        self.exit(2, f"{self.prog}: error: {' '.join(str(message).split())}\n")
-
-
 def _option(text: str):
     key, sep, raw = text.partition("=")
     name = key.split(":", 1)[-1]
@@ -864,7 +858,7 @@ def _names(valid):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="lr_robustness.py", description=__doc__.splitlines()[0])
+    p = OneLineParser(prog="lr_robustness.py", description=__doc__.splitlines()[0])
     p.add_argument("--datasets", type=_names(tuple(DATASETS)), default=None,
                    help=f"comma-separated from {', '.join(DATASETS)} (default "
                         f"{','.join(DEFAULT_DATASETS)}; --quick: {','.join(QUICK_DATASETS)})")

@@ -12,7 +12,6 @@ goal (max norm). Single-threaded (OMP_NUM_THREADS=1).
 """
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 from pathlib import Path
@@ -24,6 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import numpy as np  # noqa: E402
 
 import occore  # noqa: E402
+from occore.cli import OneLineParser  # noqa: E402
 
 #: moved initial states (the reference problems start from 0)
 STARTS = {"pendulum": [0.5, -1.0], "cartpole": [0.2, 0.0, 0.4, 0.0], "pendulum_box": [0.5, -1.0],
@@ -55,7 +55,7 @@ class _Counting:
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = OneLineParser(description=__doc__.splitlines()[0])
     ap.add_argument("--problems", default="pendulum,cartpole,cartpole_track", help="comma-separated names")
     ap.add_argument("--steps", type=int, default=200, help="closed-loop steps per run")
     args = ap.parse_args(argv)

@@ -28,7 +28,6 @@ Adam step, 2.5 s per EKFAC step on one thread) runs batch 32, one warm-up step, 
 """
 from __future__ import annotations
 
-import argparse
 import statistics
 import sys
 import time
@@ -44,6 +43,7 @@ from nn_adapter.data import load_digits, load_fashion_mnist  # noqa: E402
 from nn_adapter.errors import UnsupportedModuleError  # noqa: E402
 from nn_adapter.memory import resident_bytes, step_peak_bytes  # noqa: E402
 from nn_adapter.training import make_closure, paper_cnn, residual_cnn  # noqa: E402
+from occore.cli import OneLineParser  # noqa: E402
 
 OPTIMIZERS = {
     "SGD-m (torch)": lambda net: torch.optim.SGD(net.parameters(), lr=0.05, momentum=0.9),
@@ -175,7 +175,7 @@ def report(title: str, result, note: str, refused=None) -> dict:
 
 
 def main(argv=None) -> dict:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = OneLineParser(description=__doc__.splitlines()[0])
     ap.add_argument("--steps", type=int, default=10, help="steps per optimizer and round")
     ap.add_argument("--rounds", type=int, default=5, help="rounds (steps x rounds steps each)")
     ap.add_argument("--threads", type=int, default=1)

@@ -26,7 +26,7 @@ import statistics
 import sys
 from pathlib import Path
 
-from occore.cli import Command
+from occore.cli import Command, OneLineParser
 from occore.errors import OccoreError
 from occore.output_paths import check_outputs
 
@@ -40,15 +40,8 @@ class UsageError(Exception):
     """A bad command line: the message is the one line printed after ``occore train:``."""
 
 
-class _Parser(argparse.ArgumentParser):
-    """argparse with a one-line error (no usage block), exit status 2."""
-
-    def error(self, message):
-        self.exit(2, f"{self.prog}: {message}\n")
-
-
 def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="occore train", description=__doc__.splitlines()[0].replace("``", ""))
+    p = OneLineParser(prog="occore train", description=__doc__.splitlines()[0].replace("``", ""))
     p.add_argument("--dataset", default="digits", choices=list(datasets.DATASETS),
                    help="the data set (default digits; file-based ones read from --data-dir)")
     p.add_argument("--data-dir", default=None, help="folder of a file-based data set (default: its usual place)")

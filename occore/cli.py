@@ -97,10 +97,20 @@ def _plugin_help(name: str, ep, describe: bool) -> str:
     return f"provided by {ep.module} (options: occore {name} --help)"
 
 
-class _Parser(argparse.ArgumentParser):
-    """argparse, except that a usage error is one line on stderr (exit status 2)."""
+class OneLineParser(argparse.ArgumentParser):
+    """argparse, except that a usage error is one line on stderr (exit status 2), for every
+    command of the project (``occore``, ``occore train``, the benchmark scripts).
+
+    Example:
+        >>> p = OneLineParser(prog="demo")
+        >>> _ = p.add_argument("--n", type=int)
+        >>> p.parse_args(["--n", "x"])
+        Traceback (most recent call last):
+        SystemExit: 2
+    """
 
     def error(self, message):
+        message = " ".join(str(message).split())
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
@@ -135,10 +145,10 @@ def build_parser(plugins: dict | None = None, describe_plugins: bool = False) ->
     names = list(BUILTIN_COMMANDS) + list(plugins)
     from . import __version__
 
-    parser = _Parser(prog="occore", description="Trajectory optimisation: DDP, iLQR, FDDP, constrained DDP (CDDP), E-MSA, MPC; IPOPT and FATROP as references.")
+    parser = OneLineParser(prog="occore", description="Trajectory optimisation: DDP, iLQR, FDDP, constrained DDP (CDDP), E-MSA, MPC; IPOPT and FATROP as references.")
     parser.add_argument("--version", action="version", version=f"occore {__version__}",
                         help="print the version and exit")
-    sub = parser.add_subparsers(dest="command", metavar="{" + ",".join(names) + "}", parser_class=_Parser)
+    sub = parser.add_subparsers(dest="command", metavar="{" + ",".join(names) + "}", parser_class=OneLineParser)
     sub.required = True
 
     p = sub.add_parser("solve", help="solve one problem, printing the per-iteration table and a summary")

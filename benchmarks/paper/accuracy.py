@@ -26,20 +26,20 @@ Writes docs/results/accuracy_<mode>.md and .json.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import statistics
 import sys
 import time
 
-from common import RESULTS, header, lr_grid
+from common import header, lr_grid, output_folder
 
 import torch
 
 from nn_adapter import data
 from nn_adapter.networks import build_network
 from nn_adapter.training import compare_optimizers
+from occore.cli import OneLineParser  # noqa: E402
 
 COLUMNS = ["sgd-m", "rmsprop", "adam", "ekfac", "emsa", "ddp", "ddpnopt"]
 #: The paper's Table 3 (test accuracy in %, mean of 10 seeds; the authors' slides, digest section J.1).
@@ -143,7 +143,7 @@ def markdown(rows, head, skipped=()) -> str:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = OneLineParser(description=__doc__.splitlines()[0])
     mode = ap.add_mutually_exclusive_group()
     mode.add_argument("--quick", action="store_true", help="WINE only, 3 epochs, 2 seeds (< 1 minute)")
     mode.add_argument("--medium", action="store_true", help="WINE as in full, DIGITS and Fashion-MNIST shorter")
@@ -162,8 +162,7 @@ def main(argv=None) -> int:
             ap.error(f"--only: {unknown} not in the {name} plan {[f'{r[0]}:{r[1]}' for r in plan]}")
         plan = [r for r in plan if (r[0], r[1]) in wanted]
         name += "_" + "_".join(f"{n}-{d}" for n, d in wanted)
-    out = RESULTS if args.out is None else __import__("pathlib").Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    out = output_folder(ap, args.out)
     start, rows, skipped = time.perf_counter(), [], []
     for net_name, dataset, batch, epochs, seeds, n_train in plan:
         try:

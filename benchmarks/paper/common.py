@@ -11,6 +11,19 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 RESULTS = ROOT / "docs" / "results"
 
+def output_folder(parser, out) -> Path:
+    """The results folder (``--out``, default docs/results), created; a folder no file can be
+    written in is ``parser.error`` (one line, exit status 2) before any work."""
+    from occore.output_paths import output_folder_problem
+
+    folder = RESULTS if out is None else Path(out)
+    problem = output_folder_problem(str(folder))
+    if problem is not None:
+        parser.error(f"--out: {problem}")
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder
+
+
 #: The learning-rate grid of every optimizer: its default rate times these factors (the same
 #: number of points and the same spacing for all; the rate is chosen on a validation split).
 LR_FACTORS = (1 / 9, 1 / 3, 1.0, 3.0, 9.0)

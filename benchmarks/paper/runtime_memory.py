@@ -17,13 +17,12 @@ Writes docs/results/runtime_memory_<mode>.md, .json and .png.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import statistics
 import sys
 import time
 
-from common import RESULTS, figure, header, save_figure
+from common import figure, header, output_folder, save_figure
 
 import torch
 from torch import nn
@@ -32,6 +31,7 @@ from nn_adapter import NetworkProblem, data
 from nn_adapter.memory import step_peak_bytes
 from nn_adapter.networks import build_network
 from nn_adapter.training import make_closure, make_optimizer
+from occore.cli import OneLineParser  # noqa: E402
 
 OPTIMIZERS = ["sgd-m", "adam", "ekfac", "ddpnopt", "emsa", "ddp"]
 PAPER_TIME = {"adam": [0.065, 0.053, 0.048, 0.044, 0.045, 0.055], "ekfac": [0.100, 0.090, 0.090, 0.090, 0.090, 0.090],
@@ -70,7 +70,7 @@ def measure(name, split, batch, steps):
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = OneLineParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="batch 8 and 32, 2 steps")
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
@@ -78,8 +78,7 @@ def main(argv=None) -> int:
     torch.set_num_threads(1)
     mode = "quick" if args.quick else "full"
     batches, steps = ([8, 32], 2) if args.quick else (PAPER_BATCHES, 5)
-    out = RESULTS if args.out is None else __import__("pathlib").Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    out = output_folder(ap, args.out)
     split = data.load("digits")
     start = time.perf_counter()
     res = {n: {b: measure(n, split, b, steps) for b in batches} for n in OPTIMIZERS}

@@ -19,13 +19,12 @@ Writes docs/results/vanishing_<mode>.md, .json and .png.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import statistics
 import sys
 import time
 
-from common import RESULTS, figure, header, save_figure
+from common import figure, header, output_folder, save_figure
 
 import torch
 from torch import nn
@@ -34,6 +33,7 @@ from nn_adapter import DDPNOpt, MMCLoss, data
 from nn_adapter.data import batch_indices
 from nn_adapter.networks import sigmoid_mlp
 from nn_adapter.training import DEFAULT_LR, make_closure, make_optimizer
+from occore.cli import OneLineParser  # noqa: E402
 
 #: adam is the control: DDPNOpt's curvature without the feedback (what the feedback adds);
 #: ddpnopt-sgd-2nd is DDPNOpt on SGD's curvature (identity, no momentum, SGD's lr), second order:
@@ -77,7 +77,7 @@ def train(name, loss_name, split, epochs, batch):
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = OneLineParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="512 training samples, 2 epochs")
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
@@ -86,8 +86,7 @@ def main(argv=None) -> int:
     mode = "quick" if args.quick else "full"
     epochs = 2 if args.quick else 20
     split = data.load("digits", n_train=512 if args.quick else None)
-    out = RESULTS if args.out is None else __import__("pathlib").Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    out = output_folder(ap, args.out)
     import warnings
 
     start = time.perf_counter()
