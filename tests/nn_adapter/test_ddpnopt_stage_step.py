@@ -250,3 +250,57 @@ def test_dense_gain_refuses_exactly_beyond_max_elements():
     assert dense_gain(stage, x, y, w, mu, max_elements=count).shape == (n_b, m, n_in)
     with pytest.raises(ValueError, match="dense"):
         dense_gain(stage, x, y, w, mu, max_elements=count - 1)
+
+
+@pytest.mark.parametrize("options", [dict(second_order=True),
+                                     dict(second_order=True, eps_vxx=0.01)],
+                         ids=["second_order", "eps+second_order"])
+def test_second_order_terms_with_terminal_columns_equal_the_dense_oracle(options):
+    """The Gauss-Newton terminal (r columns pulled back, not the recorded gradients): the
+    module's own V_x . h_ux term uses the per-sample value gradient B dL/dout."""
+    from test_ddpnopt_feedback import _compare, _mlp
+    fb, diff, rel = _compare(_mlp, "adam", 0.05, terminal="gauss_newton", **options)
+    assert fb > 1e-6 and rel <= 1e-10 and diff <= 1e-10 * max(1.0, fb)
+    plain = _compare(_mlp, "adam", 0.05, terminal="gauss_newton",
+                     eps_vxx=options.get("eps_vxx", 0.0))
+    assert abs(plain[0] - fb) > 1e-6                 # the second-order term is not negligible
+
+
+class ArgmaxOut(nn.Module):
+    """Returns class predictions (no gradient) and keeps the logits for the loss."""
+
+    def __init__(self, keep=True):
+        super().__init__()
+        self.a, self.b = nn.Linear(4, 5), nn.Linear(5, 3)
+        self.keep = keep
+
+    def forward(self, x):
+        self.logits = self.b(torch.tanh(self.a(x)))
+        return self.logits.argmax(1) if self.keep else self.logits
+
+
+def test_gradient_terminal_needs_no_gradient_at_the_models_output():
+    """terminal_hessian='gradient' uses the stages' records only: a model whose output (argmax)
+    gets no gradient steps as a twin returning the logits does."""
+    x, y = _data(4)
+    y = y % 3
+    nets = []
+    for keep in (True, False):
+        torch.manual_seed(0)
+        nets.append(ArgmaxOut(keep).double())
+    opts = [DDPNOpt(n, lr=0.05, curvature="adam", terminal_hessian="gradient", loss="cross_entropy")
+            for n in nets]
+    for _ in range(2):
+        for net, opt in zip(nets, opts):
+            def closure(net=net, opt=opt):
+                opt.zero_grad()
+                net(x)
+                loss = nn.functional.cross_entropy(net.logits, y)
+                loss.backward()
+                return loss
+            opt.step(closure)
+    a, b = (torch.cat([p.detach().flatten() for p in n.parameters()]) for n in nets)
+    assert torch.equal(a, b)
+    torch.manual_seed(0)
+    start = torch.cat([p.detach().flatten() for p in ArgmaxOut().double().parameters()])
+    assert (a - start).abs().max() > 1e-3
