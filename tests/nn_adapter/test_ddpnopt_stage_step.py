@@ -266,8 +266,9 @@ def test_second_order_terms_with_terminal_columns_equal_the_dense_oracle(options
     assert abs(plain[0] - fb) > 1e-6                 # the second-order term is not negligible
 
 
-class ArgmaxOut(nn.Module):
-    """Returns class predictions (no gradient) and keeps the logits for the loss."""
+class DetachedOut(nn.Module):
+    """Returns detached class probabilities (no gradient reaches them) and keeps the logits for
+    the loss."""
 
     def __init__(self, keep=True):
         super().__init__()
@@ -276,18 +277,18 @@ class ArgmaxOut(nn.Module):
 
     def forward(self, x):
         self.logits = self.b(torch.tanh(self.a(x)))
-        return self.logits.argmax(1) if self.keep else self.logits
+        return torch.softmax(self.logits, 1).detach() if self.keep else self.logits
 
 
 def test_gradient_terminal_needs_no_gradient_at_the_models_output():
-    """terminal_hessian='gradient' uses the stages' records only: a model whose output (argmax)
-    gets no gradient steps as a twin returning the logits does."""
+    """terminal_hessian='gradient' uses the stages' records only: a model whose output (detached
+    probabilities) gets no gradient steps as a twin returning the logits does."""
     x, y = _data(4)
     y = y % 3
     nets = []
     for keep in (True, False):
         torch.manual_seed(0)
-        nets.append(ArgmaxOut(keep).double())
+        nets.append(DetachedOut(keep).double())
     opts = [DDPNOpt(n, lr=0.05, curvature="adam", terminal_hessian="gradient", loss="cross_entropy")
             for n in nets]
     for _ in range(2):
@@ -302,5 +303,5 @@ def test_gradient_terminal_needs_no_gradient_at_the_models_output():
     a, b = (torch.cat([p.detach().flatten() for p in n.parameters()]) for n in nets)
     assert torch.equal(a, b)
     torch.manual_seed(0)
-    start = torch.cat([p.detach().flatten() for p in ArgmaxOut().double().parameters()])
+    start = torch.cat([p.detach().flatten() for p in DetachedOut().double().parameters()])
     assert (a - start).abs().max() > 1e-3
