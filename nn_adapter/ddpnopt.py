@@ -198,6 +198,7 @@ class DDPNOpt(CurvatureOptimizer):
                              "or math.inf for no bound)")
         if not isinstance(seed, int) or isinstance(seed, bool):
             raise InputError(f"invalid seed: {seed!r} (expected an int)")
+        self.feedback = "factorised" if feedback is True else feedback   # (checks the groups)
         super().__init__(params, curvature, lr, model=model, process_group=process_group,
                          **hyperparameters)
         if feedback is not False and self._model is None:
@@ -205,9 +206,6 @@ class DDPNOpt(CurvatureOptimizer):
                             "the model: pass model=net together with params (for example "
                             "net.parameters() or param-group dicts), or the model itself as "
                             "params; feedback=False needs no model")
-        if feedback is not False:
-            for i, group in enumerate(self.param_groups):
-                self._check_in_model(group["params"], i)
         self.terminal_hessian = terminal_hessian
         self.feedback_bound = float(feedback_bound)
         self.record_diagnostics = diagnostics
@@ -216,7 +214,6 @@ class DDPNOpt(CurvatureOptimizer):
         self._loss = LossResolver(loss)
         self._agreed_loss = DETECT
         self._generator = torch.Generator().manual_seed(seed)
-        self.feedback = "factorised" if feedback is True else feedback
         self.eps_vxx = float(eps_vxx)
         self.second_order = second_order
         self.vxx_update = vxx_update
@@ -229,28 +226,16 @@ class DDPNOpt(CurvatureOptimizer):
         self._solver = solver(max_iter=1, stochastic=True,
                               regularization=Regularization(initial=0.0, minimum=0.0))
 
-    def add_param_group(self, param_group: dict) -> None:
-        """As :meth:`CurvatureOptimizer.add_param_group`; with feedback, the parameters must be
-        the model's (``InputError`` otherwise: the feedback pass updates them while the model's
-        forward runs their modules)."""
-        if getattr(self, "feedback", False) and isinstance(param_group, dict) \
-                and "params" in param_group:
-            params = param_group["params"]
-            if isinstance(params, torch.Tensor):
-                params = [params]
-            elif not isinstance(params, (nn.Module, set)):
-                params = list(params)
-                param_group = dict(param_group, params=params)
-            if not isinstance(params, nn.Module):
-                self._check_in_model(params, len(self.param_groups))
-        super().add_param_group(param_group)
-
-    def _check_in_model(self, params, group: int) -> None:
+    def _check_group_params(self, params, index: int) -> None:
+        """With feedback, the parameters must be the model's (``InputError`` otherwise: the
+        feedback pass updates them while the model's forward runs their modules)."""
+        if not self.feedback or self._model is None:    # (no model: refused after the groups)
+            return
         owned = {id(p) for p in self._model.parameters()}
         for i, p in enumerate(params):
             if isinstance(p, torch.Tensor) and id(p) not in owned:
                 raise InputError(
-                    f"params: parameter {i} of param group {group} (shape {tuple(p.shape)}) is "
+                    f"params: parameter {i} of param group {index} (shape {tuple(p.shape)}) is "
                     f"not a parameter of model ({type(self._model).__name__}); DDPNOpt's "
                     "feedback updates each parameter as the model's forward reaches its module: "
                     "register it in the model, or use feedback=False")

@@ -200,6 +200,7 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         group["params"] = params
         index = len(self.param_groups)
         self._validate_group(group, f"param group {index}")
+        self._check_group_params(group["params"], index)
         super().add_param_group(group)
         try:
             blocks, block_group = self._make_blocks([g["params"] for g in self.param_groups])
@@ -209,6 +210,10 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         self._blocks, self._block_group = blocks, block_group
         if self._ready:
             self._refresh_recording()
+
+    def _check_group_params(self, params, index: int) -> None:
+        """A subclass's check of a new group's parameters (``params``: a list or set) before it
+        is added; nothing here."""
 
     def _validate_group(self, group: dict, where: str) -> None:
         """Raise ``InputError`` naming ``where`` and the hyperparameter unless the group (its

@@ -17,6 +17,8 @@ from nn_adapter.minibatch import dense_gain
 from nn_adapter.stages import Stage
 from nn_adapter.training import make_closure
 
+from test_ddpnopt_feedback import TanhLinear  # tanh(x W^T + b): second derivatives in (x, u) of its own
+
 B = 6
 
 
@@ -173,21 +175,9 @@ def test_the_feedback_pass_stops_at_the_last_stage():
 
 
 # -- dense_gain: Q_ux^(i) / mu_i against autograd's mixed second derivatives ----------------------
-class TanhAffine(nn.Module):
-    """tanh(x W^T + b): second derivatives in (x, u) of its own."""
-
-    def __init__(self, n_in, n_out):
-        super().__init__()
-        self.weight = nn.Parameter(torch.randn(n_out, n_in) * 0.7)
-        self.bias = nn.Parameter(torch.randn(n_out) * 0.3)
-
-    def forward(self, x):
-        return torch.tanh(x @ self.weight.T + self.bias)
-
-
 def _dense_case(n, seed=0):
     torch.manual_seed(seed)
-    module = TanhAffine(3, 4).double()
+    module = TanhLinear(3, 4).double()
     stage = Stage(module, "h", find_blocks(module))
     g = torch.Generator().manual_seed(seed + 1)
     x = torch.randn(n, 3, generator=g, dtype=torch.float64)
