@@ -85,8 +85,10 @@ class StageStep:
         else:
             k_norm = norms.norm()
             p_norm = torch.zeros_like(k_norm)
-        scale = ((opt.feedback_bound * k_norm / p_norm.clamp(min=1e-300)).clamp_(max=1.0)
-                 if bounded else torch.ones_like(k_norm))
+        # (the smallest normal number of the dtype: a zero feedback of a zero step, a stage
+        # without gradient, gets scale 0, not 0 / 0)
+        scale = ((k_norm * opt.feedback_bound).div_(p_norm.clamp(min=torch.finfo(p_norm.dtype).tiny))
+                 .clamp_(max=1.0) if bounded else torch.ones_like(k_norm))
         if opt.diagnostics is not None:
             fb, kn = float(p_norm * scale), float(k_norm)
             opt.diagnostics.append({"stage": self.t, "module": stage.name, "k_norm": kn,

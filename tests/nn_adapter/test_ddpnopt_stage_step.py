@@ -96,6 +96,32 @@ def test_a_stationary_point_leaves_the_parameters_unchanged_with_a_feedback_boun
     assert opt.diagnostics[0]["bounded"] is False
 
 
+def test_a_stage_without_gradient_in_float32_is_not_a_non_finite_step():
+    """A dead ReLU layer in float32: its stage and the one before it get exactly zero gradients
+    (k = 0 and P delta = 0, where a 0 / 0 in the bound's scale refused every step), and the layer
+    after it sees dx = 0: with feedback DDPNOpt is plain SGD here, step for step, never refused."""
+    def net_and_data():
+        torch.manual_seed(0)
+        net = nn.Sequential(nn.Linear(4, 5), nn.ReLU(), nn.Linear(5, 5), nn.ReLU(),
+                            nn.Linear(5, 3))
+        with torch.no_grad():
+            net[2].bias.fill_(-100.0)
+        g = torch.Generator().manual_seed(3)
+        return net, torch.randn(8, 4, generator=g), torch.randint(0, 3, (8,), generator=g)
+
+    net, x, y = net_and_data()
+    opt = DDPNOpt(net, lr=0.1, curvature="identity")
+    twin, _, _ = net_and_data()
+    sgd = torch.optim.SGD(twin.parameters(), lr=0.1)
+    for _ in range(3):
+        opt.step(make_closure(net, opt, x, y))
+        sgd.step(make_closure(twin, sgd, x, y))
+    assert opt.refused_steps == 0
+    assert not torch.equal(net[4].bias, net_and_data()[0][4].bias)     # the last layer trains
+    for a, b in zip(net.parameters(), twin.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+
+
 def test_clamped_share_is_the_share_of_samples_whose_model_is_not_convex():
     """Last stage, rank-one terminal (W' = B^2), identity curvature (P = lr I): mu_i > 1 exactly
     when lr ||d loss_i / d u||^2 > 1, loss_i the sample's own loss (per-sample autograd)."""
