@@ -96,7 +96,8 @@ def quad_form(stage: Stage, factors: list, x: torch.Tensor, g: torch.Tensor) -> 
 
     Args:
         stage: the stage.
-        factors: the curvature's ``(Q_G, Q_A, D)`` of each block of the stage.
+        factors: the curvature's ``(Q_G, Q_A, D)`` of each block of the stage (None for a block
+            held fixed: no term).
         x: the module's inputs, (B, ...).
         g: per-sample output cotangents of the module, (B, ...).
 
@@ -130,8 +131,11 @@ def quad_form(stage: Stage, factors: list, x: torch.Tensor, g: torch.Tensor) -> 
 
     grads = list(vmap(one)(x, g))   # per-sample gradients of every parameter, (B, *p.shape)
     rho = x.new_zeros(x.shape[0])
-    for block, (q_g, q_a, d) in zip(stage.blocks, factors):
+    for block, fac in zip(stage.blocks, factors):
         part = [grads.pop(0) for _ in block.params]
+        if fac is None:
+            continue
+        q_g, q_a, d = fac
         if isinstance(d, list):
             for gr, s in zip(part, d):
                 rho += (gr.square() * s).flatten(1).sum(1)
@@ -144,11 +148,13 @@ def quad_form(stage: Stage, factors: list, x: torch.Tensor, g: torch.Tensor) -> 
 
 
 def precondition(stage: Stage, factors: list, grads: list) -> list[torch.Tensor]:
-    """P applied to a stage's parameter-shaped tensors (one per parameter, block order)."""
+    """P applied to a stage's parameter-shaped tensors (one per parameter, block order; zeros
+    for a block held fixed, factors None)."""
     out, i = [], 0
     for block, fac in zip(stage.blocks, factors):
         n = len(block.params)
-        out += apply_p(block, fac, grads[i:i + n])
+        out += (apply_p(block, fac, grads[i:i + n]) if fac is not None
+                else [torch.zeros_like(g) for g in grads[i:i + n]])
         i += n
     return out
 

@@ -149,8 +149,11 @@ def _whitened_rows(stage: Stage, factors: list, x: torch.Tensor, g: torch.Tensor
         return pull(gi[None])[0]
 
     grads = list(vmap(one)(x, g))
-    for block, (q_g, q_a, d) in zip(stage.blocks, factors):
+    for block, fac in zip(stage.blocks, factors):
         part = [grads.pop(0) for _ in block.params]
+        if fac is None:           # a block held fixed (no gradient): no rows
+            continue
+        q_g, q_a, d = fac
         if isinstance(d, list):
             parts += [(gr * s.sqrt()).flatten(1) for gr, s in zip(part, d)]
             continue

@@ -56,7 +56,8 @@ class StageStep:
     """The open-loop step of one stage, applied with its feedback: u <- u + k - s P delta.
 
     ``s = min(1, bound ||k|| / ||P delta||)`` (the optimizer's ``feedback_bound``). Without a
-    bound and diagnostics the curvature applies ``k - P delta`` itself (fused where it can)."""
+    bound and diagnostics the curvature applies ``k - P delta`` itself (fused where it can). A
+    block without gradient (factors None: a parameter the forward did not use) is left alone."""
 
     def __init__(self, opt, t: int, stage, factors):
         self.opt, self.t, self.stage, self.factors = opt, t, stage, factors
@@ -68,12 +69,17 @@ class StageStep:
             i = 0
             for block, fac in zip(stage.blocks, factors):
                 n = len(block.params)
-                opt._apply(block, fac, delta[i:i + n] if delta is not None else None)
+                if fac is not None:
+                    opt._apply(block, fac, delta[i:i + n] if delta is not None else None)
                 i += n
             return
-        ks, pes, i = [], [], 0
+        ks, pes, params, i = [], [], [], 0
         for block, fac in zip(stage.blocks, factors):
             n = len(block.params)
+            if fac is None:
+                i += n
+                continue
+            params += block.params
             grads, states = opt._grads_states(block)
             ks += opt.curvature.direction(block, grads, opt._group_of(block), states, fac)
             if delta is not None:
@@ -99,7 +105,7 @@ class StageStep:
             torch._foreach_mul_(pes, scale if scale.dtype == pes[0].dtype
                                 else scale.to(pes[0].dtype))
             torch._foreach_sub_(ks, pes)
-        torch._foreach_add_(stage.params, ks)
+        torch._foreach_add_(params, ks)
 
 
 class MinibatchProblem:
@@ -234,8 +240,6 @@ class CurvatureQ:
         problem, opt = self.problem, self.problem.opt
         rec, stages, n = problem.rec, problem.stages, problem.batch_size
         self.factors = [self._factors(s) for s in stages]
-        if opt.feedback == "dense" and any(f is None for f in self.factors):
-            raise InputError("feedback='dense' needs gradients for every stage's parameters")
         y_out, w_out = self._terminal()
         # Conv2d stages kept as per-sample gradients since the backward pass (the recorder's
         # ``compact``, see DDPNOpt._compact_builders)
@@ -359,9 +363,11 @@ class CurvatureQ:
 
     # -- pieces -------------------------------------------------------------------------------------
     def _factors(self, stage):
-        if not all(b in self.updated for b in stage.blocks):
-            return None
-        return [self.updated[b] for b in stage.blocks]
+        """The curvature factors of each block of ``stage`` (None for a block without gradient:
+        a parameter its module's forward did not use, held fixed, its per-sample gradients
+        zero), or None when no block has a gradient."""
+        factors = [self.updated.get(b) for b in stage.blocks]
+        return None if all(f is None for f in factors) else factors
 
     def _forms(self, t: int) -> torch.Tensor:
         """N = G^T P G of stage t's columns ((B, r, r)), or rho = q_u^T P q_u of the recorded

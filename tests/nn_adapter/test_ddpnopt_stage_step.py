@@ -321,3 +321,50 @@ def test_gradient_terminal_needs_no_gradient_at_the_models_output():
     torch.manual_seed(0)
     start = torch.cat([p.detach().flatten() for p in DetachedOut().double().parameters()])
     assert (a - start).abs().max() > 1e-3
+
+
+class _Scaled(nn.Module):
+    """x * w, with a second parameter its forward never uses."""
+
+    def __init__(self, n):
+        super().__init__()
+        self.w = nn.Parameter(torch.linspace(0.5, 1.5, n))
+        self.unused = nn.Parameter(torch.ones(n))
+
+    def forward(self, x):
+        return x * self.w
+
+
+@pytest.mark.parametrize("options", [
+    dict(curvature="adam"),
+    dict(curvature="identity", momentum=0.9, feedback_bound=math.inf),
+    dict(curvature="rmsprop", terminal_hessian="gauss_newton"),
+    dict(curvature="adam", feedback="dense"),
+    dict(curvature="adam", diagnostics=True, eps_vxx=0.1),
+    dict(curvature="ekfac", second_order=True),
+], ids=["adam", "sgd-m-unbounded", "rmsprop-columns", "dense", "diagnostics-eps", "ekfac-2nd"])
+def test_a_parameter_unused_in_forward_is_held_fixed_and_the_rest_of_its_stage_trains(options):
+    """A stage whose module owns a parameter its forward does not use: that parameter has no
+    gradient and stays as it is; every other parameter moves exactly as in a twin where the
+    unused parameter is frozen (requires_grad=False, so not a control at all)."""
+    def build(freeze):
+        torch.manual_seed(2)
+        net = nn.Sequential(nn.Linear(4, 5), nn.Tanh(), _Scaled(5), nn.Linear(5, 3)).double()
+        if freeze:
+            net[2].unused.requires_grad_(False)
+        return net
+
+    x, y = _data(4)
+    y = y % 3
+    net, twin = build(False), build(True)
+    unused = net[2].unused.detach().clone()
+    w0 = net[2].w.detach().clone()
+    opt = DDPNOpt(net, lr=0.05, **options)
+    ref = DDPNOpt(twin, lr=0.05, **options)
+    for _ in range(3):
+        opt.step(make_closure(net, opt, x, y))
+        ref.step(make_closure(twin, ref, x, y))
+    assert torch.equal(net[2].unused, unused)
+    assert not torch.allclose(net[2].w, w0)
+    for a, b in zip(net.parameters(), twin.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14)
