@@ -382,9 +382,6 @@ class DDPNOpt(CurvatureOptimizer):
                     entry[k] = ("value", v if isinstance(v, (int, float, bool, type(None)))
                                 else copy.deepcopy(v))
             layout.append(entry)
-        if all(t.is_floating_point() for t in tensors):
-            # one batched copy (x * 1 is x bit for bit, -0.0, inf and NaN included)
-            return params, layout, list(torch._foreach_mul(tensors, 1))
         return params, layout, [t.clone() for t in tensors]
 
     def _restore(self, saved) -> None:
