@@ -40,7 +40,7 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 
-__all__ = ["Multipliers", "merit_terms", "augment", "update", "INFEASIBLE"]
+__all__ = ["Multipliers", "merit_terms", "augment", "update", "barrier_duals", "INFEASIBLE"]
 
 #: merit of a trial that leaves the interior (barrier): finite, so the line search backtracks
 #: from it like from any worse trial rather than treating it as a numerical failure
@@ -58,7 +58,8 @@ class Multipliers:
         h: (nh + nhi,) terminal constraints, equalities first.  nh: number of equalities.
         penalty: rho > 0 of the augmented-Lagrangian terms.
         barrier: mu > 0 when the inequalities use the log barrier (their multipliers are then the
-            dual estimates mu / -c of the last update), 0.0 for the augmented Lagrangian.
+            dual estimates mu / -c of the last update; those of a converged solve
+            :func:`barrier_duals`), 0.0 for the augmented Lagrangian.
         violation: the largest constraint violation when these multipliers were computed (inf for
             the initial ones); the penalty rule compares the next violation with it.
     """
@@ -132,6 +133,44 @@ def update(values, m: Multipliers) -> Multipliers:
     g, up, lo, hi = (_weights(c, lam, m)[0] for c, lam in _pairs(values, m))
     h = np.concatenate([m.h[:m.nh] + m.penalty * values.h, hi])
     return replace(m, g=g, upper=up, lower=lo, h=h, violation=values.violation())
+
+
+def barrier_duals(values, m: Multipliers, d, dxs: np.ndarray, dus: np.ndarray, upper_index,
+                  lower_index) -> Multipliers:
+    """The inequality multipliers of a converged barrier solve: the duals of its last LQ
+    subproblem, lam = max(0, w + phi''(c) dc) with w = mu / -c, phi'' = mu / c^2 and dc the
+    constraints' change along the subproblem's step (dxs, dus) (the primal-dual linearisation).
+
+    The estimate w = mu / -c alone is ill-conditioned as mu -> 0: along the constraint normal the
+    barrier's curvature mu / c^2 is so large that an inner solve stops (its expected decrease below
+    tol) with -c off by a fraction of itself, and w with it (on the cart-pole track at mu = 1e-11,
+    by more than 100%). The step's change of w is what the quadratic model needs to be stationary,
+    so the sum is the multiplier of the model's KKT point. The terminal equalities keep their
+    augmented-Lagrangian update (:func:`update`).
+
+    Args:
+        values: :class:`~occore.constraints.ConstraintValues` at the iterate; ``m``: its
+            (barrier) multipliers; ``d``: the :class:`DenseDerivatives` there (constraint Jacobians).
+        dxs, dus: (T+1, nx), (T, nu): the step of the subproblem (linear rollout of its policy).
+        upper_index, lower_index: the bounded state components.
+    """
+    out = update(values, m)
+    if not m.barrier:
+        return out
+
+    def corrected(c, lam_old, dc):
+        w, D = _weights(c, lam_old, m)
+        return np.maximum(w + np.where(D > 0.0, D * dc, 0.0), 0.0) if c.size else c
+    g = out.g
+    if d.g is not None and d.g.shape[1]:
+        dg = np.einsum("tia,ta->ti", d.gx, dxs[:-1]) + np.einsum("tia,ta->ti", d.gu, dus)
+        g = corrected(values.g, m.g, dg)
+    upper = corrected(values.upper, m.upper, dxs[:, upper_index]) if upper_index.size else out.upper
+    lower = corrected(values.lower, m.lower, -dxs[:, lower_index]) if lower_index.size else out.lower
+    h = out.h
+    if d.h is not None and d.h.shape[0] > m.nh:
+        h = np.concatenate([out.h[:m.nh], corrected(values.hi, m.h[m.nh:], d.hx[m.nh:] @ dxs[-1])])
+    return replace(out, g=g, upper=upper, lower=lower, h=h)
 
 
 def augment(d, values, m: Multipliers, upper_index, lower_index):

@@ -16,8 +16,10 @@ from __future__ import annotations
 import math
 from dataclasses import replace
 
+import numpy as np
+
 from ..errors import InputError
-from ..lq.augmented import INFEASIBLE, Multipliers, augment, merit_terms, update
+from ..lq.augmented import INFEASIBLE, Multipliers, augment, barrier_duals, merit_terms, update
 from ..result import IterationInfo, Result, Status
 from ..types import Trajectory
 from .base import SolverState
@@ -154,8 +156,11 @@ class CDDP(_RiccatiSolver):
         if new.status is Status.CONVERGED and feasible and info.stop < opts.tol and (
                 state.multipliers.barrier <= opts.barrier_min):
             # The multipliers of the result are those at the final iterate, lam <- phi'(c): the KKT
-            # estimate there (the ones of the last inner solve differ from it by rho c).
-            return replace(new, multipliers=update(point.values, state.multipliers),
+            # estimate there (the ones of the last inner solve differ from it by rho c); with the
+            # barrier, the duals of the last LQ subproblem (phi'(c) alone is ill-conditioned).
+            mult = (self._barrier_duals(problem, state, new.policy) if state.multipliers.barrier
+                    else update(point.values, state.multipliers))
+            return replace(new, multipliers=mult,
                            message=f"expected decrease {info.stop:.2e} < tol {opts.tol:g}, constraint "
                                    f"violation {violation:.1e} <= {opts.constraint_tol:g}"), info
         # An inner solve is done, but the constraints do not hold yet (or it stopped at inner_tol):
@@ -178,6 +183,21 @@ class CDDP(_RiccatiSolver):
         new = replace(new, traj=_Augmented(problem, mult).rewrap(new.traj), multipliers=mult, cache=None,
                       status=Status.RUNNING, message="", mu=reg)
         return new, info
+
+    @staticmethod
+    def _barrier_duals(problem, state: SolverState, policy) -> Multipliers:
+        """:func:`occore.lq.augmented.barrier_duals` at ``state``'s iterate along the step of
+        ``policy`` (its backward pass there), the step's states from the linearised dynamics."""
+        point = state.traj.extras
+        d = point.derivs
+        T, nx, nu = d.fu.shape[0], d.fu.shape[1], d.fu.shape[2]
+        dxs, dus = np.zeros((T + 1, nx)), np.zeros((T, nu))
+        k, K = np.asarray(policy.k, dtype=float), np.asarray(policy.K, dtype=float)
+        for t in range(T):
+            dus[t] = k[t] + K[t] @ dxs[t]
+            dxs[t + 1] = d.fx[t] @ dxs[t] + d.fu[t] @ dus[t]
+        cs = problem.constraints
+        return barrier_duals(point.values, state.multipliers, d, dxs, dus, cs.upper_index, cs.lower_index)
 
     def result(self, state: SolverState) -> Result:
         res = super().result(state)

@@ -72,6 +72,23 @@ def test_barrier_variant_reaches_the_optimum_from_an_interior_start(zoo):
     assert occore.CDDP().solve(outside).converged                   # the augmented Lagrangian starts anywhere
 
 
+def _flat(m):
+    return np.concatenate([m.g.ravel(), m.upper.ravel(), m.lower.ravel(), m.h.ravel()])
+
+
+@pytest.mark.parametrize("barrier_min", [1e-11, 1e-8])
+def test_barrier_multipliers_are_the_kkt_duals(zoo, solved, barrier_min):
+    """With the barrier the multipliers are the duals of the last LQ subproblem: mu / -c alone is
+    ill-conditioned as mu -> 0 (on the cart-pole track, active track limits, more than 100% off
+    at mu = 1e-11); they equal the augmented Lagrangian's KKT multipliers (IPOPT's, see
+    test_terminal_multipliers_equal_ipopts), inactive ones zero to rounding."""
+    res = occore.CDDP(method="barrier", barrier_min=barrier_min).solve(zoo["cartpole_track"])
+    assert res.converged
+    lam, ref = _flat(res.multipliers), _flat(solved["cartpole_track"].multipliers)
+    assert np.all(lam >= 0) and (ref > 1e-3).sum() >= 2
+    np.testing.assert_allclose(lam, ref, rtol=0, atol=1e-4 * ref.max())
+
+
 def test_contradictory_constraints_end_infeasible_with_the_best_iterate():
     prob = occore.Problem(lambda x, u: x + 0.1 * u, lambda x, u: ca.sumsqr(u), lambda x: 0 * x[0], x0=[1.0],
                           nu=1, horizon=10, x_upper=1.2, terminal_constraints=lambda x: x - 2.0)
