@@ -434,3 +434,51 @@ def test_the_memory_estimate_is_within_a_factor_of_the_measured_peak(kind, B, wi
     alt = NetworkProblem(net, loss, x, y, value_hessian=other)
     alt_estimate = alt.local_model(traj).memory_estimate(second_order)
     assert (alt_estimate < estimate) == (other == "per_sample")
+
+
+def _terminal_kind(loss, x, y, **kw):
+    net, _, _, _ = wide()
+    prob = NetworkProblem(net, loss, x, y, **kw)
+    _, V = prob.local_model(prob.rollout(prob.initial_controls())).source._terminal_derivatives()
+    return "dense" if V.S is not None else "blocks"
+
+
+def test_the_separability_check_at_its_edges():
+    """A loss with zero Hessian (linear: H r = D r = 0 exactly) and a separable loss of a huge
+    scale keep the per-sample blocks; a coupling of 1e-4 relative takes the dense path, at any
+    scale of the loss (the tolerance is relative to the Hessian's norm)."""
+    _, _, x, _ = wide()
+    y = torch.randn(8, 2, dtype=torch.float64)
+    assert _terminal_kind(lambda out, t: (out * t).sum(), x, y) == "blocks"
+    assert _terminal_kind(lambda out, t: 1e8 * ((out - t) ** 2).mean(), x, y) == "blocks"
+    weak = lambda out, t: ((out - t) ** 2).mean() + 1e-4 * out.sum() ** 2   # noqa: E731
+    assert _terminal_kind(weak, x, y) == "dense"
+    assert _terminal_kind(lambda out, t: 1e-8 * weak(out, t), x, y) == "dense"   # relative
+
+
+def test_memory_limits_at_the_estimate_and_for_the_dense_terminal_hessian():
+    """A limit equal to the estimate is enough; with per-sample value Hessians and a loss that
+    couples 256 samples, the dense terminal Hessian ((B n_T)^2 numbers) is what passes the
+    limit, and its own check names it."""
+    net, loss, x, y = coupled()
+    prob = NetworkProblem(net, loss, x, y)
+    traj = prob.rollout(prob.initial_controls())
+    exact = prob.local_model(traj).memory_estimate()
+    at = NetworkProblem(net, loss, x, y, memory_limit=exact)
+    at.local_model(at.rollout(at.initial_controls())).backward(1.0)
+    g = torch.Generator().manual_seed(5)
+    xb = torch.randn(256, 2, generator=g, dtype=torch.float64)
+    yb = torch.randn(256, 2, generator=g, dtype=torch.float64)
+    big = NetworkProblem(net, loss, xb, yb, value_hessian="per_sample")
+    estimate = big.local_model(big.rollout(big.initial_controls())).memory_estimate()
+    dense = (256 * 2) ** 2 * 8
+    assert estimate < dense
+    for limit, fails in ((dense - 1, True), (dense, False)):
+        lim = NetworkProblem(net, loss, xb, yb, value_hessian="per_sample", memory_limit=limit)
+        lm = lim.local_model(lim.rollout(lim.initial_controls()))
+        if fails:
+            with pytest.raises(MemoryLimitError, match="couples the samples") as err:
+                lm.backward(10.0)
+            assert err.value.estimate == dense
+        else:
+            lm.backward(10.0)
