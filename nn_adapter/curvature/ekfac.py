@@ -21,11 +21,10 @@ the batch changes; every implementation shares this.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 from .base import (Curvature, apply_factors, as_matrix, from_matrix, is_finite_number,
                    is_fraction, with_weight_decay)
-from .kron import chunks, patches, per_sample_grads, positions  # noqa: F401
+from .kron import chunks, patches, per_sample_grads, positions
 
 __all__ = ["EKFACCurvature"]
 
@@ -61,24 +60,12 @@ class EKFACCurvature(Curvature):
     @staticmethod
     def batch_factors(block, x, g):
         """K-FAC factors of one batch: A = mean_(i,l) a a^T, G = mean_(i,l) g g^T (per-sample g)."""
-        n, m = x.shape[0], block.module
-        n_in = as_matrix(block, block.params).shape[1] - block.has_bias
-        a_sum = x.new_zeros(n_in + block.has_bias, n_in + block.has_bias)
-        count = 0
+        n = x.shape[0]
+        a_sum, count = None, 0
         for sl in chunks(block, x):
-            if block.kind == "linear":
-                a = x[sl].reshape(-1, x.shape[-1])
-            else:
-                a = F.unfold(x[sl], m.kernel_size, m.dilation, m.padding, m.stride)
-                a = a.transpose(1, 2).flatten(0, 1)
-            a_sum[:n_in, :n_in] += a.mT @ a
-            if block.has_bias:
-                col = a.sum(0)
-                a_sum[:n_in, n_in] += col
-                a_sum[n_in, :n_in] += col
+            a = patches(block, x[sl]).flatten(0, 1)          # (b L, in [+1]): ones for the bias
+            a_sum = a.mT @ a if a_sum is None else a_sum.addmm_(a.mT, a)
             count += a.shape[0]
-        if block.has_bias:
-            a_sum[n_in, n_in] = count
         gg = positions(block, g).flatten(0, 1) * n
         return a_sum / count, (gg.mT @ gg) / gg.shape[0]
 
