@@ -1,7 +1,8 @@
 """occore's solvers on the reference problems, beside CasADi + IPOPT and CasADi + FATROP in the same run.
 
 The classic set (REFERENCE.md): iLQR, DDP, FDDP from the zero-control guess and FDDP from the linear
-interpolation x0 -> goal as state guess (``fddp-xs0``). The constrained set (occore.problems.CONSTRAINED):
+interpolation x0 -> goal as state guess (``fddp-xs0``), and both with ``FDDP(rollout="linear")``
+(``fddp-lin``, ``fddp-lin-xs0``: the multiple-shooting step that keeps the gaps open). The constrained set (occore.problems.CONSTRAINED):
 CDDP. Every entry from the same initial controls (zeros).
 
     python benchmarks/classic.py                    # table + linear-growth check + profile
@@ -73,14 +74,14 @@ class _quiet_gc:
         gc.enable()
 
 
-def _occore(cls, interpolate: bool = False):
+def _occore(cls, interpolate: bool = False, **options):
     """Timed run of an occore solver from the zero-control guess (``interpolate``: FDDP from the
-    linear interpolation x0 -> goal as state guess, built outside the timing)."""
+    linear interpolation x0 -> goal as state guess, built outside the timing), with ``options``."""
     def run(problem, name):
         kw = {}
         if interpolate:
             kw["xs0"] = np.linspace(problem.x0, occore.problems.GOALS[name], problem.horizon + 1)
-        solver = cls()
+        solver = cls(**options)
         with _quiet_gc():
             t0 = time.perf_counter()
             res = solver.solve(problem, **kw)
@@ -92,9 +93,11 @@ def _occore(cls, interpolate: bool = False):
 #: what the table can put side by side: name -> timed run (problem, problem name) -> (Result, seconds)
 RUNS = {"ilqr": _occore(occore.ILQR), "ddp": _occore(occore.DDP), "fddp": _occore(occore.FDDP),
         "fddp-xs0": _occore(occore.FDDP, interpolate=True), "cddp": _occore(occore.CDDP),
+        "fddp-lin": _occore(occore.FDDP, rollout="linear"),
+        "fddp-lin-xs0": _occore(occore.FDDP, interpolate=True, rollout="linear"),
         "ipopt": _nlp("ipopt"), "fatrop": _nlp("fatrop")}
 #: the entries of the classic set (REFERENCE.md) and of the constrained problems
-CLASSIC = ("ilqr", "ddp", "fddp", "fddp-xs0", "ipopt", "fatrop")
+CLASSIC = ("ilqr", "ddp", "fddp", "fddp-xs0", "fddp-lin", "fddp-lin-xs0", "ipopt", "fatrop")
 CONSTRAINED = ("cddp", "ipopt", "fatrop")
 REFERENCES = ("ipopt", "fatrop")
 
@@ -126,7 +129,7 @@ def _row(problem_name, T, solver, res, seconds, refs, optimum):
 
 
 def _print_table(rows):
-    head = (f"{'problem':<18} {'T':>5} {'solver':<8} {'status':<10} {'iter':>5} {'cost':>20} "
+    head = (f"{'problem':<18} {'T':>5} {'solver':<12} {'status':<10} {'iter':>5} {'cost':>20} "
             f"{'rel. gap':>9} {'viol':>8} {'solve ms':>9} {'ms/iter':>8} {'/ IPOPT':>8} {'/ FATROP':>8}")
     print(head)
     print("-" * len(head))
@@ -138,7 +141,7 @@ def _print_table(rows):
 
         def ratio(x):
             return "" if x != x else f"{x:.2f}x"
-        print(f"{r['problem']:<18} {r['T']:>5} {r['solver']:<8} {r['status']:<10} {r['iterations']:>5} "
+        print(f"{r['problem']:<18} {r['T']:>5} {r['solver']:<12} {r['status']:<10} {r['iterations']:>5} "
               f"{r['cost']:>20.14g} {r['gap']:>9.1e} {r['violation']:>8.1e} {r['ms']:>9.2f} "
               f"{r['ms_per_iter']:>8.3f} {ratio(r['ratio']):>8} {ratio(r['ratio_fatrop']):>8}")
 
@@ -312,7 +315,7 @@ def main(argv=None):
     print()
     for solver in dict.fromkeys(r["solver"] for r in rows if r["solver"] not in REFERENCES):
         mine = [r for r in rows if r["solver"] == solver]
-        print(f"{solver:<8} worst ratio to IPOPT {max(r['ratio'] for r in mine):.2f}x, to FATROP "
+        print(f"{solver:<12} worst ratio to IPOPT {max(r['ratio'] for r in mine):.2f}x, to FATROP "
               f"{max(r['ratio_fatrop'] for r in mine):.2f}x; worst rel. gap {max(abs(r['gap']) for r in mine):.1e}, "
               f"worst violation {max(r['violation'] for r in mine):.1e} over {len(mine)} problems")
 

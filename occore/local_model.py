@@ -21,7 +21,7 @@ from .lq.compiled import best_adjoint, best_gap_terms
 from .lq.riccati import riccati_sweep
 from .types import Policy
 
-__all__ = ["DenseLocalModel", "gap_terms"]
+__all__ = ["DenseLocalModel", "gap_terms", "linear_states"]
 
 
 def gap_terms(d, k, K, gap, Vx, Vxx):
@@ -38,6 +38,20 @@ def gap_terms(d, k, K, gap, Vx, Vxx):
     for t in range(k.shape[0]):
         dx[t + 1] = A[t] @ dx[t] + b[t]
     return F1, F2, float(np.sum(Pg * dx))
+
+
+def linear_states(d, k, K, gap):
+    """The step of the linear model under the policy (k, K): (dx (T+1, nx), du (T, nu)) with
+    dx_0 = gap_0, du_t = k_t + K_t dx_t, dx_{t+1} = fx_t dx_t + fu_t du_t + gap_{t+1} (gap (T+1, nx)
+    = gap_0..gap_T; the numpy reference of :func:`occore.lq.csweep.linear_states`)."""
+    T = k.shape[0]
+    dx = np.empty_like(gap)
+    du = np.empty_like(k)
+    dx[0] = gap[0]
+    for t in range(T):
+        du[t] = k[t] + K[t] @ dx[t]
+        dx[t + 1] = d.fx[t] @ dx[t] + d.fu[t] @ du[t] + gap[t + 1]
+    return dx, du
 
 
 class DenseLocalModel:

@@ -3,7 +3,8 @@
  * occ_riccati_sweep is a line-by-line port of the numpy reference occore.lq.riccati.riccati_sweep
  * (state-form regularisation, optional second-order contraction, projected-Newton box QP of
  * occore.lq.box_qp.box_qp); occ_adjoint_sweep ports occore.lq.adjoint.adjoint_sweep, occ_gap_terms
- * occore.local_model.gap_terms (the expected change of a multiple-shooting step). All are
+ * occore.local_model.gap_terms (the expected change of a multiple-shooting step), occ_linear_states
+ * occore.local_model.linear_states (the step of the linear model, FDDP rollout="linear"). All are
  * generic in nx and nu and use explicit loops: the matrices are tiny (nx, nu <= ~10), where loops
  * beat BLAS calls by far.
  *
@@ -436,7 +437,32 @@ OCC_EXPORT int occ_gap_terms(int T, int nx, int nu, const double *fx, const doub
     return 0;
 }
 
-OCC_EXPORT int occ_sweep_abi(void) { return 3; }
+/* The states and controls of the linear model under the policy (k, K) (occore.local_model.linear_states):
+ * dx_0 = gap_0, du_t = k_t + K_t dx_t, dx_{t+1} = fx_t dx_t + fu_t du_t + gap_{t+1}; gap (T+1,nx),
+ * outputs dx (T+1,nx), du (T,nu). */
+OCC_EXPORT void occ_linear_states(int T, int nx, int nu, const double *fx, const double *fu, const double *k,
+                                  const double *K, const double *gap, double *dx, double *du) {
+    memcpy(dx, gap, (size_t)nx * sizeof(double));
+    for (int t = 0; t < T; ++t) {
+        const double *A = fx + (size_t)t * nx * nx, *B = fu + (size_t)t * nx * nu;
+        const double *kt = k + (size_t)t * nu, *Kt = K + (size_t)t * nu * nx, *gn = gap + (size_t)(t + 1) * nx;
+        const double *x = dx + (size_t)t * nx;
+        double *v = du + (size_t)t * nu, *nxt = dx + (size_t)(t + 1) * nx;
+        for (int a = 0; a < nu; ++a) {
+            double s = kt[a];
+            for (int j = 0; j < nx; ++j) s += Kt[a * nx + j] * x[j];
+            v[a] = s;
+        }
+        for (int i = 0; i < nx; ++i) {
+            double s = gn[i];
+            for (int j = 0; j < nx; ++j) s += A[i * nx + j] * x[j];
+            for (int a = 0; a < nu; ++a) s += B[i * nu + a] * v[a];
+            nxt[i] = s;
+        }
+    }
+}
+
+OCC_EXPORT int occ_sweep_abi(void) { return 4; }
 
 /* The first 60 bits of the SHA-256 of this file when it was built (setup.py defines it; 0: unknown).
  * csweep.py compares it with the source next to the library to detect a stale build. */

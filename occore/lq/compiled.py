@@ -18,7 +18,7 @@ from . import csweep
 from .adjoint import adjoint_sweep
 from .riccati import riccati_sweep
 
-__all__ = ["best_sweep", "best_adjoint", "best_gap_terms", "compiled_available"]
+__all__ = ["best_sweep", "best_adjoint", "best_gap_terms", "best_linear_states", "compiled_available"]
 
 logger = logging.getLogger("occore")
 _warned = False
@@ -52,3 +52,11 @@ def best_gap_terms():
         return csweep.gap_terms
     from ..local_model import gap_terms
     return gap_terms
+
+
+def best_linear_states():
+    """The linear-states function to use (same signature as :func:`occore.local_model.linear_states`)."""
+    if compiled_available():
+        return csweep.linear_states
+    from ..local_model import linear_states
+    return linear_states

@@ -2,7 +2,8 @@
 
 :func:`riccati_sweep` has exactly the signature and results of the numpy reference
 :func:`occore.lq.riccati.riccati_sweep` (agreement to 1e-12 is tested); :func:`adjoint_sweep` those of
-:func:`occore.lq.adjoint.adjoint_sweep`, :func:`gap_terms` those of :func:`occore.local_model.gap_terms`. The shared library is built when the package is installed
+:func:`occore.lq.adjoint.adjoint_sweep`, :func:`gap_terms` those of :func:`occore.local_model.gap_terms`, :func:`linear_states` those of
+:func:`occore.local_model.linear_states`. The shared library is built when the package is installed
 (``setup.py``: the extension ``occore.lq._csweep``, plain C, no Python C-API). When it is missing or
 cannot be loaded, or was built from another version of ``_sweep.c`` than the one beside it (a
 stale build in a source checkout: rebuild with ``pip install -e .``), :func:`available` is False and :func:`load_error` says why;
@@ -35,17 +36,18 @@ import numpy as np
 
 from ..errors import NotPositiveDefinite
 
-__all__ = ["available", "load_error", "library_path", "riccati_sweep", "adjoint_sweep", "gap_terms"]
+__all__ = ["available", "load_error", "library_path", "riccati_sweep", "adjoint_sweep", "gap_terms", "linear_states"]
 
 logger = logging.getLogger("occore")
 
-_ABI = 3
+_ABI = 4
 _lib = None
 _error: str | None = None
 _tried = False
 _riccati = None
 _adjoint = None
 _gaps = None
+_linear = None
 
 
 def library_path() -> Path | None:
@@ -64,7 +66,7 @@ def _source_hash(path: Path) -> int:
 
 
 def _load() -> None:
-    global _lib, _error, _tried, _riccati, _adjoint, _gaps
+    global _lib, _error, _tried, _riccati, _adjoint, _gaps, _linear
     _tried = True
     if os.environ.get("OCCORE_NO_CSWEEP", "") not in ("", "0"):
         _error = "disabled by OCCORE_NO_CSWEEP"
@@ -98,7 +100,10 @@ def _load() -> None:
     gt = lib.occ_gap_terms
     gt.argtypes = [i, i, i] + [p] * 8
     gt.restype = i
-    _lib, _riccati, _adjoint, _gaps = lib, fn, adj, gt
+    ls = lib.occ_linear_states
+    ls.argtypes = [i, i, i] + [p] * 7
+    ls.restype = None
+    _lib, _riccati, _adjoint, _gaps, _linear = lib, fn, adj, gt, ls
 
 
 def available() -> bool:
@@ -209,3 +214,16 @@ def gap_terms(d, k, K, gap, Vx, Vxx):
         raise MemoryError("occ_gap_terms: out of memory")
     del block
     return float(out[0]), float(out[1]), float(out[2])
+
+
+def linear_states(d, k, K, gap):
+    """(dx (T+1, nx), du (T, nu)) of the linear model; same as :func:`occore.local_model.linear_states`."""
+    if _linear is None and not available():
+        raise RuntimeError(f"compiled sweep unavailable: {_error}")
+    T, nx, nu = d.fu.shape
+    block, p = _pack([d.fx, d.fu, k, K, gap], [(T, nx, nx), (T, nx, nu), (T, nu), (T, nu, nx), (T + 1, nx)])
+    dx = np.empty((T + 1, nx))
+    du = np.empty((T, nu))
+    _linear(T, nx, nu, *p, dx.ctypes.data, du.ctypes.data)
+    del block
+    return dx, du

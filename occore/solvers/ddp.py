@@ -111,6 +111,7 @@ class _RiccatiSolver(Solver):
         # Line search on the expected decrease.
         ls = self.options.line_search
         gapped = getattr(lm, "max_gap", 0.0) > 0.0
+        merit = getattr(lm, "decrease", None)    # a merit's decrease instead of the cost's (FDDP rollout="linear")
         steps = _steps(ls, state, gapped)
         nonfinite = 0       # (steps is never empty: the loop sets expected and actual)
         for alpha, trial in _trials(problem, traj, policy, steps):
@@ -119,7 +120,7 @@ class _RiccatiSolver(Solver):
                 nonfinite += 1
                 actual = float("nan")
                 continue
-            actual = traj.cost - trial.cost
+            actual = traj.cost - trial.cost if merit is None else merit(traj, trial)
             if expected > 0:
                 ok = actual > ls.accept_ratio * expected
             else:   # only a model with gaps predicts an increase: FDDP closing them (Mastalli et al. 2020)

@@ -284,17 +284,30 @@ class FDDPOptions(DDPOptions):
 
     Attributes:
         gap_tol: CONVERGED needs every dynamics gap at most this (besides the expected decrease).
+        rollout: how a line-search trial is made. ``"nonlinear"``: the closed-loop rollout of the
+            new policy closing the fraction alpha of every gap (Mastalli et al. 2020); once a full
+            step is taken the iterates are feasible. ``"linear"``: the multiple-shooting step of
+            GNMS / FATROP, (xs + alpha dx, us + alpha du) from the linear model, gaps left open
+            and re-evaluated at the trial, accepted on the merit cost + nu ||gaps||_1
+            (:mod:`occore.solvers.fddp`): no trial can diverge, and one derivative evaluation per
+            trial replaces the rollout (reused by the next iteration when accepted). The result's
+            states then agree with a rollout of its controls to ``gap_tol``, not exactly.
 
     Example:
         >>> FDDPOptions(gap_tol=1e-10).gap_tol
         1e-10
+        >>> FDDPOptions(rollout="linear").rollout
+        'linear'
     """
 
     line_search: LineSearch = field(default_factory=_fine_line_search)
     second_order_below: float | None = 0.1
     gap_tol: float = 1e-9
+    rollout: str = "nonlinear"
 
     def __post_init__(self):
         super().__post_init__()
         _check("stochastic", self.stochastic, self.stochastic is False, "False")
         _positive("gap_tol", self.gap_tol)
+        _check("rollout", self.rollout, isinstance(self.rollout, str) and self.rollout in ("nonlinear", "linear"),
+               "'nonlinear' or 'linear'")

@@ -19,7 +19,7 @@ def test_the_table_of_every_solver_on_the_lqr(classic, capsys):
     classic.main(["--problems", "lqr", "--repeats", "1", "--no-long", "--no-profile", "--no-torch"])
     out = capsys.readouterr().out
     rows = [line.split() for line in out.splitlines() if line.startswith("lqr ")]
-    assert {r[2] for r in rows} == {"ilqr", "ddp", "fddp", "fddp-xs0", "ipopt", "fatrop"}
+    assert {r[2] for r in rows} == {"ilqr", "ddp", "fddp", "fddp-xs0", "fddp-lin", "fddp-lin-xs0", "ipopt", "fatrop"}
     assert all(r[3] == "CONVERGED" and abs(float(r[5]) - 5.1236462178827) < 1e-9 for r in rows)
     assert "worst ratio to IPOPT" in out and "worst rel. gap 0.0e+00" in out
 

@@ -204,3 +204,121 @@ def test_the_first_iteration_reuses_the_initial_derivatives_and_a_second_order_m
                                                      ((full, True), (direct, True), (gn, False)))
     assert (a1, a2) == pytest.approx((b1, b2), rel=1e-12)
     assert abs(a2 - c2) > 1e-6 * abs(c2)
+
+
+# -- rollout="linear": the multiple-shooting step that keeps the gaps open ---------------------------
+
+LINEAR_CASES = [(name, guess) for name in NAMES for guess in ("zero", "xs0")
+                if (name, guess) != ("pendulum_box", "xs0")]
+
+
+@pytest.mark.parametrize("name, guess", LINEAR_CASES)
+def test_linear_rollout_reaches_the_optimum_without_a_closed_loop_rollout(name, guess):
+    """From the zero guess and from the interpolated state guess, FDDP(rollout="linear") reaches
+    the optimum of the reference set (IPOPT's / DDP's, ``OPTIMA``) with its gaps closed to gap_tol,
+    and never calls the problem's closed-loop rollout. (The boxed pendulum from the interpolated
+    guess ends in another local optimum, cost 21.14: README, issue-14 solver table.)"""
+    prob = occore.problems.make(name)
+    calls = []
+    rollout = prob.rollout_policy
+
+    def counting(*args, **kw):
+        calls.append(1)
+        return rollout(*args, **kw)
+    prob.rollout_policy = counting
+    kw = {"xs0": interpolation(prob, GOALS[name])} if guess == "xs0" else {}
+    solver = occore.FDDP(rollout="linear")
+    res = solver.solve(prob, **kw)
+    assert res.converged, res.summary()
+    assert abs(res.cost - OPTIMA[name]) / OPTIMA[name] <= (1e-6 if name == "pendulum_box" else 1e-8)
+    assert calls == []
+    assert res.history[-1].gap <= solver.options.gap_tol
+    assert _defects(prob, res.xs, res.us) == pytest.approx(res.history[-1].gap, rel=1e-6, abs=1e-13)
+    np.testing.assert_allclose(prob.rollout(res.us).xs, res.xs, atol=1e-7)
+
+
+def test_the_linear_trial_follows_the_linear_model_on_linear_dynamics():
+    """On the LQR (linear dynamics, quadratic cost) from a random gapped iterate, the linear trial at
+    alpha is xs + alpha dx with dx the linear model's states (recomputed here by a loop over
+    fx dx + fu (k + K dx) + gap): its gaps are (1 - alpha) times the old ones, its cost change is the
+    model's expected one, and the full step is iLQR's optimum."""
+    from occore.solvers.fddp import _MeritModel
+
+    prob = occore.problems.make("lqr", horizon=20)
+    rng = np.random.default_rng(4)
+    xs = rng.standard_normal((21, 4))
+    xs[0] += 0.3
+    us = rng.standard_normal((20, 2))
+    view = _Shooting(prob, linear=True)
+    traj = view.at(xs, us, False)
+    lm = view.local_model(traj)
+    assert isinstance(lm, _MeritModel)
+    policy, (d1, d2) = lm.lm.backward(0.0)
+    d = traj.extras.derivs
+    gap = np.concatenate([traj.extras.initial[None], traj.extras.gaps])
+    dx = [gap[0]]
+    for t in range(20):
+        dx.append(d.fx[t] @ dx[t] + d.fu[t] @ (policy.k[t] + policy.K[t] @ dx[t]) + gap[t + 1])
+    for alpha in (1.0, 0.5, 0.2):
+        trial = view.rollout_policy(traj, policy, alpha)
+        np.testing.assert_allclose(trial.xs, xs + alpha * np.array(dx), rtol=1e-12, atol=1e-12)
+        np.testing.assert_allclose(trial.extras.gaps, (1 - alpha) * traj.extras.gaps, atol=1e-11)
+        assert traj.cost - trial.cost == pytest.approx(-(alpha * d1 + 0.5 * alpha ** 2 * d2), rel=1e-9, abs=1e-10)
+    full = view.rollout_policy(traj, policy, 1.0)
+    assert full.extras.max_gap < 1e-11
+    assert full.cost == pytest.approx(occore.ILQR().solve(prob).cost, rel=1e-10)
+
+
+def test_the_merit_penalty_makes_a_predicted_increase_a_decrease():
+    """The merit model's expected change is that of cost + nu ||gaps||_1 with
+    nu = (D1 + D2/2) / ((1 - MERIT_RHO) ||gaps||_1) where the cost model predicts an increase (and
+    nu = 0 where it predicts a decrease), and its ``decrease`` is the merit's, recomputed here from
+    the costs and gaps of the two trajectories."""
+    from occore.solvers.fddp import MERIT_RHO
+
+    prob = occore.problems.make("cartpole")
+    view = _Shooting(prob, linear=True)
+    seen = set()
+    for xs0, us0 in ((interpolation(prob, GOALS["cartpole"]), prob.initial_controls()),
+                     (prob.rollout(np.full((100, 1), 0.5)).xs + 0.01, np.full((100, 1), 0.5))):
+        traj = view.at(xs0, us0, False)
+        lm = view.local_model(traj)
+        l1 = float(np.abs(traj.xs[1:] - traj.extras.derivs.f).sum() + np.abs(prob.x0 - traj.xs[0]).sum())
+        assert lm.l1 == pytest.approx(l1, rel=1e-12)
+        policy, (m1, m2) = lm.backward(1e-6)
+        _, (d1, d2) = lm.lm.backward(1e-6)
+        increase = d1 + 0.5 * d2
+        nu = max(0.0, increase / ((1 - MERIT_RHO) * l1))
+        seen.add(increase > 0)
+        assert lm.nu == pytest.approx(nu, rel=1e-12) and m2 == d2
+        assert m1 == pytest.approx(d1 - nu * l1, rel=1e-12)
+        assert -(m1 + 0.5 * m2) > 0                          # the merit expects a decrease
+        trial = view.rollout_policy(traj, policy, 0.5)
+        tl1 = float(np.abs(trial.xs[1:] - trial.extras.derivs.f).sum() + np.abs(prob.x0 - trial.xs[0]).sum())
+        assert lm.decrease(traj, trial) == pytest.approx((traj.cost + nu * l1) - (trial.cost + nu * tl1), rel=1e-12)
+    assert seen == {True, False}
+
+
+@pytest.mark.parametrize("name", ["cartpole", "unicycle"])
+def test_compiled_linear_states_equal_numpy(name):
+    if not csweep.available():
+        pytest.skip(csweep.load_error())
+    from occore.local_model import linear_states
+
+    prob = occore.problems.make(name)
+    rng = np.random.default_rng(5)
+    us = 0.3 * rng.standard_normal((prob.horizon, prob.nu))
+    d = prob.evaluate_derivatives(prob.rollout(us).xs, us)
+    k = rng.standard_normal((prob.horizon, prob.nu))
+    K = 0.1 * rng.standard_normal((prob.horizon, prob.nu, prob.nx))
+    gap = rng.standard_normal((prob.horizon + 1, prob.nx))
+    for a, b in zip(csweep.linear_states(d, k, K, gap), linear_states(d, k, K, gap)):
+        np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-12 * max(1.0, float(np.max(np.abs(b)))))
+
+
+@pytest.mark.parametrize("value", ["closed", "Linear", 1, None])
+def test_the_rollout_option_is_validated(value):
+    with pytest.raises(ValueError, match=r"option rollout=.* expected 'nonlinear' or 'linear'"):
+        occore.FDDP(rollout=value)
+    with pytest.raises(ValueError, match="rollout"):
+        occore.solvers.options.FDDPOptions(rollout=value)
