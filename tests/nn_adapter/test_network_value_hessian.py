@@ -56,3 +56,10 @@ def test_rank_grows_then_turns_dense():
     X = W.add_low_rank(L[:2], torch.eye(2, dtype=torch.float64))    # rank 6 = B n: dense
     assert X.U is None and X.S.shape == (B * n, B * n)
     torch.testing.assert_close(X.dense(), W.dense() + L[:2].T @ L[:2], rtol=1e-13, atol=1e-13)
+
+
+def test_rank_of_each_form_is_the_size_of_its_coupling():
+    """rank = 0 without coupling, r for U (r, B n), B n for a dense coupling (the rows of dense())."""
+    assert random_V("blocks").rank == 0
+    assert random_V("low_rank").rank == 3
+    assert random_V("dense").rank == B * n1 == random_V("dense").dense().shape[0]
