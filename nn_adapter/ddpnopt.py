@@ -36,7 +36,8 @@ The closure's loss must be the batch mean of per-sample losses (torch's default 
 Modules are recorded with hooks that exist only while the closure runs; the closure must call the
 model once, and each parametrised module must run exactly once in it (weight sharing is refused
 with an error naming the module). A parameter that gets no gradient (one its module's forward does
-not use) is held fixed in the feedback pass as in the base optimizer; the rest of its stage trains. A ``torch.compile``'d model is refused (pass the original
+not use) is held fixed in the feedback pass as in the base optimizer; the rest of its stage trains.
+A ``torch.compile``'d model is refused (pass the original
 module).
 
 Reference: G.-H. Liu, T. Chen, E. A. Theodorou, "DDPNOpt: Differential Dynamic Programming

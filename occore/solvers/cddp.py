@@ -19,6 +19,7 @@ from dataclasses import replace
 import numpy as np
 
 from ..errors import InputError
+from ..local_model import linear_states
 from ..lq.augmented import INFEASIBLE, Multipliers, augment, barrier_duals, merit_terms, update
 from ..result import IterationInfo, Result, Status
 from ..types import Trajectory
@@ -190,12 +191,8 @@ class CDDP(_RiccatiSolver):
         ``policy`` (its backward pass there), the step's states from the linearised dynamics."""
         point = state.traj.extras
         d = point.derivs
-        T, nx, nu = d.fu.shape[0], d.fu.shape[1], d.fu.shape[2]
-        dxs, dus = np.zeros((T + 1, nx)), np.zeros((T, nu))
         k, K = np.asarray(policy.k, dtype=float), np.asarray(policy.K, dtype=float)
-        for t in range(T):
-            dus[t] = k[t] + K[t] @ dxs[t]
-            dxs[t + 1] = d.fx[t] @ dxs[t] + d.fu[t] @ dus[t]
+        dxs, dus = linear_states(d, k, K, np.zeros((k.shape[0] + 1, d.fu.shape[1])))
         cs = problem.constraints
         return barrier_duals(point.values, state.multipliers, d, dxs, dus, cs.upper_index, cs.lower_index)
 
