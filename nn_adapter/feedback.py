@@ -266,6 +266,18 @@ class CompactStage:
         return from_matrix(self.block, mat)
 
 
+def conv2d_input_grad(m: torch.nn.Conv2d, shape, weight: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+    """The gradient of ``m``'s convolution with respect to its input of ``shape`` (B, C, H, W) for
+    output cotangents ``g``: the transposed convolution, with the output padding that restores
+    the rows and columns a stride drops. (``torch.nn.grad.conv2d_input`` computes the same through
+    the backward kernel with an expanded dummy input, measured 4x slower on CPU.)"""
+    pad = tuple(
+        size - ((out - 1) * s - 2 * p + d * (k - 1) + 1)
+        for size, out, s, p, d, k in zip(shape[2:], g.shape[2:], m.stride, m.padding, m.dilation,
+                                         weight.shape[2:]))
+    return F.conv_transpose2d(g, weight, None, m.stride, m.padding, pad, m.groups, m.dilation)
+
+
 class _CompactConv(torch.autograd.Function):
     """A Conv2d whose backward forms the per-sample weight gradients (one grouped weight-gradient
     kernel, :func:`~nn_adapter.curvature.kron.per_sample_grads`) and returns their sum as the
@@ -283,8 +295,7 @@ class _CompactConv(torch.autograd.Function):
         x, weight = ctx.saved_tensors
         block = ctx.block
         m = block.module
-        q_x = torch.nn.grad.conv2d_input(x.shape, weight, g, m.stride, m.padding, m.dilation,
-                                         m.groups)
+        q_x = conv2d_input_grad(m, x.shape, weight, g)
         stage = CompactStage.build(block, x.detach(), g.detach(), q_x.detach())
         ctx.sink(stage)
         grads = stage.batch_grads()

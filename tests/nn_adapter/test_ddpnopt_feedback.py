@@ -500,3 +500,23 @@ def test_compact_convolutions_leave_the_closure_the_gradients_of_autograd(make):
         assert torch.allclose(p.grad, g, rtol=1e-12, atol=1e-14)
     assert seen["compact"] == set(convs[1:]) and not seen["inputs"] & set(convs[1:])
     assert convs[0] in seen["inputs"] and "forward" not in convs[1].__dict__
+
+
+@pytest.mark.parametrize("kw", [dict(kernel_size=3, padding=1), dict(kernel_size=3, stride=2),
+                                dict(kernel_size=(2, 3), stride=(3, 2), padding=(1, 0)),
+                                dict(kernel_size=3, dilation=2, padding=2, stride=2),
+                                dict(kernel_size=1, stride=3)])
+@pytest.mark.parametrize("size", [(7, 9), (8, 8)])
+def test_compact_input_gradient_is_autograds(kw, size):
+    """The input gradient of a compact convolution (a transposed convolution with the output
+    padding that a stride drops) equals autograd's, odd and even sizes, strides, dilation."""
+    from nn_adapter.feedback import conv2d_input_grad
+    torch.manual_seed(0)
+    m = nn.Conv2d(3, 4, **kw).double()
+    x = torch.randn(2, 3, *size, dtype=torch.float64, requires_grad=True)
+    out = m(x)
+    g = torch.randn_like(out)
+    expected, = torch.autograd.grad(out, x, g)
+    got = conv2d_input_grad(m, x.shape, m.weight.detach(), g)
+    assert got.shape == x.shape
+    assert torch.allclose(got, expected, rtol=1e-12, atol=1e-12)
