@@ -19,7 +19,8 @@ Code inside ``raise`` statements, f-strings, docstrings and logging calls is not
 mutants would only change messages). The repository is copied once to a temporary directory; each
 mutant is written into that copy only (the working tree is never modified), the selection is run
 there with a timeout, and the copy is removed on any exit (an error, Ctrl-C, SIGTERM). A mutant is
-*killed* when the selection fails or times out, *survived* when it passes. The unmutated file
+*killed* when the selection fails, times out or crashes (the test process dies by a signal or a
+fatal error: a mutant that makes compiled code read out of bounds), *survived* when it passes. The unmutated file
 (after the same ``ast.unparse`` round trip) must pass first.
 
 Usage (from the repository root)::
@@ -84,7 +85,7 @@ class Mutant:
     line: int
     kind: str
     description: str
-    outcome: str = ""          # "killed", "survived", "timeout"
+    outcome: str = ""          # "killed", "survived", "timeout", "crashed"
     seconds: float = 0.0
 
 
@@ -223,7 +224,8 @@ class Sandbox:
         self.path = None
 
     def run(self, selection: list, timeout: float) -> tuple[str, float]:
-        """``("passed" | "failed" | "timeout", seconds)`` of the selection in the copy."""
+        """``("passed" | "failed" | "timeout" | "crashed", seconds)`` of the selection in the copy
+        (crashed: the test process died, a signal or a fatal error, e.g. a segfault in C)."""
         cmd = [sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider",
                "-p", "no:warnings", *selection]
         env = dict(os.environ, PYTHONPATH=self.path, PYTHONDONTWRITEBYTECODE="1")
@@ -239,6 +241,8 @@ class Sandbox:
         seconds = time.perf_counter() - start
         if proc.returncode == 5:
             raise SystemExit(f"the selection collected no tests: {' '.join(selection)}")
+        if proc.returncode < 0 or b"Fatal Python error" in out:
+            return "crashed", seconds                 # e.g. a segfault in compiled code
         if proc.returncode not in (0, 1):
             tail = out.decode(errors="replace").strip().splitlines()[-5:]
             if not any("failed" in line or "error" in line for line in tail):
@@ -279,7 +283,7 @@ def main(argv=None) -> int:
                   f"{m.outcome} ({m.seconds:.1f} s)", flush=True)
     finally:
         box.close()
-    killed = sum(m.outcome in ("killed", "timeout") for m in found)
+    killed = sum(m.outcome in ("killed", "timeout", "crashed") for m in found)
     survivors = [m for m in found if m.outcome == "survived"]
     rate = killed / len(found) if found else float("nan")
     print(f"\n{path}: killed {killed} of {len(found)} mutants ({100 * rate:.1f}%), "

@@ -80,3 +80,15 @@ def test_a_run_works_in_a_copy_and_leaves_the_tree_as_it_was(mutation, tmp_path)
     assert "1 mutants" in done.stdout and "of 1 mutants" in done.stdout
     assert (tmp_path / "out.json").exists()
     assert hashlib.sha256(kernel.read_bytes()).hexdigest() == before
+
+
+def test_a_selection_that_crashes_counts_as_a_kill(mutation, tmp_path):
+    """A mutant that makes the test process die (a segfault in compiled code) is killed, not an
+    error of the selection; a passing selection passes."""
+    (tmp_path / "test_crash.py").write_text(
+        "import os, signal\n\ndef test_crash():\n    os.kill(os.getpid(), signal.SIGSEGV)\n")
+    (tmp_path / "test_fine.py").write_text("def test_fine():\n    assert True\n")
+    box = object.__new__(mutation.Sandbox)      # a sandbox of tmp_path: no copy of the tree
+    box.path = str(tmp_path)
+    assert box.run(["test_crash.py"], timeout=120)[0] == "crashed"
+    assert box.run(["test_fine.py"], timeout=120)[0] == "passed"
