@@ -326,3 +326,52 @@ def test_wrong_shapes_raise_before_the_c_code_runs():
         csweep.riccati_sweep(short, 1e-3, True)
     with pytest.raises(ValueError):
         csweep.riccati_sweep(d, 1e-3, False, np.zeros((10, 2)), np.zeros((9, 2)), np.ones((10, 2)))
+
+
+@needs_c
+@pytest.mark.parametrize("nx, nu", [(1, 1), (3, 2), (2, 4)])
+def test_random_linear_states(nx, nu):
+    """The compiled linear rollout of FDDP equals the numpy reference on random models, shapes
+    included."""
+    from occore.local_model import linear_states
+    rng = np.random.default_rng(nx * 10 + nu)
+    T = 9
+    d = random_model(rng, T, nx, nu)
+    k, K = rng.standard_normal((T, nu)), 0.3 * rng.standard_normal((T, nu, nx))
+    gap = rng.standard_normal((T + 1, nx))
+    out, ref = csweep.linear_states(d, k, K, gap), linear_states(d, k, K, gap)
+    for a, b in zip(out, ref):
+        assert a.shape == b.shape
+        np.testing.assert_allclose(a, b, rtol=RTOL, atol=RTOL * max(1.0, float(np.abs(b).max())))
+
+
+@needs_c
+def test_not_positive_definite_at_the_first_stage():
+    """The sweep's last stage (t = 0) failing is NotPositiveDefinite(0), not another error."""
+    rng = np.random.default_rng(12)
+    d = random_model(rng, 6, 2, 1)
+    luu = d.luu.copy()
+    luu[0] = -50.0 * np.eye(1)
+    d = DenseDerivatives(**{**d.__dict__, "luu": luu})
+    with pytest.raises(NotPositiveDefinite) as out:
+        csweep.riccati_sweep(d, 1e-6, False)
+    assert out.value.stage == 0
+    assert_same(d, 1e-6, False)
+
+
+@needs_c
+@pytest.mark.parametrize("which", ["riccati_sweep", "adjoint_sweep", "gap_terms", "linear_states"])
+def test_each_entry_point_loads_the_library_on_first_use(which, monkeypatch):
+    """Called first in a process (nothing loaded yet), each function loads the library itself."""
+    for name in ("_lib", "_riccati", "_adjoint", "_gaps", "_linear", "_error"):
+        monkeypatch.setattr(csweep, name, None)
+    monkeypatch.setattr(csweep, "_tried", False)
+    rng = np.random.default_rng(3)
+    T, nx, nu = 4, 2, 1
+    d = random_model(rng, T, nx, nu)
+    k, K = rng.standard_normal((T, nu)), rng.standard_normal((T, nu, nx))
+    gap, Vx = rng.standard_normal((T + 1, nx)), rng.standard_normal((T + 1, nx))
+    Vxx = np.stack([_spd(rng, nx) for _ in range(T + 1)])
+    args = {"riccati_sweep": (d, 1e-6, False), "adjoint_sweep": (d,),
+            "gap_terms": (d, k, K, gap, Vx, Vxx), "linear_states": (d, k, K, gap)}[which]
+    assert getattr(csweep, which)(*args) is not None
