@@ -25,6 +25,9 @@ def cartpole():
 def test_a_problem_name_or_other_object_is_refused_naming_problem(solver, entry):
     with pytest.raises(InputError, match=r"problem: .*got str.*occore\.problems\.make\('pendulum'\)"):
         getattr(solver, entry)("pendulum")
+    with pytest.raises(InputError) as err:            # a name gets the hint, not a list of methods
+        getattr(solver, entry)("pendulum")
+    assert "missing" not in str(err.value)
     with pytest.raises(InputError, match=r"problem: .*missing: initial_controls.*got NoneType"):
         getattr(solver, entry)(None)
 

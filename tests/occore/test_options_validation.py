@@ -1,0 +1,97 @@
+"""occore.solvers.options at its edges: every documented range accepts its boundary values and
+refuses the values just outside it, wrong types and non-finite numbers with a ValueError naming the
+option; the regularisation schedule moves mu exactly as documented."""
+import math
+
+import pytest
+
+from occore.solvers.options import (CDDPOptions, DDPOptions, FDDPOptions, LineSearch,
+                                    Regularization)
+
+NAN, INF = float("nan"), float("inf")
+
+ACCEPTED = [
+    (Regularization, dict(initial=0.0, minimum=0.0)),
+    (Regularization, dict(initial=1e-3, minimum=1e-3)),          # minimum == initial
+    (Regularization, dict(initial=1e-3, maximum=1e-3)),          # maximum == initial
+    (Regularization, dict(factor=1.0001)),
+    (Regularization, dict(increase_below=0.0, decrease_above=1.0)),
+    (Regularization, dict(increase_below=1.0, decrease_above=0.0)),
+    (LineSearch, dict(steps=(1.0,))),
+    (LineSearch, dict(steps=(1, 0.5))),
+    (LineSearch, dict(accept_ratio=0.0)),
+    (LineSearch, dict(accept_increase=1.0)),
+    (LineSearch, dict(gap_warm_start=0)),
+    (DDPOptions, dict(second_order_below=0.0)),
+    (DDPOptions, dict(max_iter=1)),
+    (CDDPOptions, dict(barrier=1e-300, barrier_min=1e-300)),    # barrier_min == barrier
+    (CDDPOptions, dict(barrier_factor=0.999)),
+    (CDDPOptions, dict(penalty_keep=1.0)),
+    (CDDPOptions, dict(penalty=2.0, penalty_max=2.0)),           # penalty_max == penalty
+    (CDDPOptions, dict(penalty_factor=1.0001)),
+]
+
+REFUSED = [
+    (Regularization, "initial", [-1e-9, NAN, INF, "1"]),
+    (Regularization, "minimum", [-1e-12, 1e-3, "0"]),            # 1e-3 > the default initial
+    (Regularization, "factor", [1.0, 0.5, "10"]),
+    (Regularization, "maximum", [0.0, -1.0, NAN, 1e-10, "1"]),  # 1e-10 < the default initial
+    (Regularization, "increase_below", [-0.01, 1.01, "0.1"]),
+    (Regularization, "decrease_above", [-0.01, 1.01, None]),
+    (LineSearch, "steps", [(), (0.0,), (1.5,), (1.0, -0.5), ("1",)]),
+    (LineSearch, "accept_ratio", [1.0, -0.1, "0.1"]),
+    (LineSearch, "accept_increase", [0.99, INF, NAN, "2"]),
+    (LineSearch, "gap_warm_start", [-1, 1.5, True, "2"]),
+    (DDPOptions, "second_order_below", [-1e-3, "0.1"]),
+    (DDPOptions, "max_iter", [0, 2.0, True]),
+    (DDPOptions, "tol", [0.0, NAN, "1e-9"]),
+    (CDDPOptions, "barrier", [0.0, -1.0, "0.1"]),
+    (CDDPOptions, "barrier_min", [0.0, 0.2, "1e-11"]),          # 0.2 > the default barrier
+    (CDDPOptions, "barrier_factor", [0.0, 1.0, "0.2"]),
+    (CDDPOptions, "penalty_keep", [0.0, 1.01, "0.05"]),
+    (CDDPOptions, "penalty_max", [0.5, INF, "1e12"]),            # 0.5 < the default penalty
+    (CDDPOptions, "penalty_factor", [1.0, INF, "10"]),
+    (CDDPOptions, "method", ["ipopt", None]),
+    (FDDPOptions, "rollout", ["closed", 1]),
+    (FDDPOptions, "gap_tol", [0.0, -1.0]),
+]
+
+
+@pytest.mark.parametrize("cls, kwargs", ACCEPTED,
+                         ids=[f"{c.__name__}-{'-'.join(k)}" for c, k in ACCEPTED])
+def test_boundary_values_are_accepted(cls, kwargs):
+    opts = cls(**kwargs)
+    for name, value in kwargs.items():
+        got = getattr(opts, name)
+        assert got == (tuple(float(a) for a in value) if name == "steps" else value)
+
+
+@pytest.mark.parametrize("cls, name, values", REFUSED, ids=[f"{c.__name__}-{n}" for c, n, _ in REFUSED])
+def test_values_outside_the_range_are_refused_naming_the_option(cls, name, values):
+    for value in values:
+        with pytest.raises(ValueError, match=rf"option {name}="):
+            cls(**{name: value})
+
+
+def test_regularization_schedule_at_its_thresholds():
+    """mu falls after a step longer than decrease_above (not one of exactly that length), rises
+    after a step of at most increase_below, and a zero mu rises to 1e-12 (then by the factor)."""
+    r = Regularization(initial=1e-3, minimum=1e-9)
+    assert r.after_step(1e-3, 0.5) == 1e-3
+    assert r.after_step(1e-3, 0.5000001) == pytest.approx(1e-4, rel=1e-15)
+    assert r.after_step(1e-3, 0.01) == pytest.approx(1e-2, rel=1e-15)
+    assert r.after_step(1e-3, 0.0100001) == 1e-3
+    assert r.decrease(1e-9) == 1e-9                      # never below minimum
+    zero = Regularization(initial=0.0, minimum=0.0)
+    assert zero.increase(0.0) == 1e-12 and zero.increase(1e-12) == pytest.approx(1e-11)
+    assert zero.decrease(1e-12) == pytest.approx(1e-13)
+    assert Regularization(fixed=True).after_step(1e-9, 1e-6) == 1e-9
+
+
+def test_default_step_lengths():
+    """The documented trial steps: 2^-k, k = 0..9 (DDP); 0.7^k, k = 0..19 (FDDP)."""
+    assert LineSearch().steps == tuple(2.0 ** -k for k in range(10))
+    fine = FDDPOptions().line_search
+    assert len(fine.steps) == 20 and fine.steps[-1] == pytest.approx(0.7 ** 19)
+    assert fine.gap_warm_start == 2
+    assert math.isclose(sum(fine.steps), (1 - 0.7 ** 20) / 0.3)
