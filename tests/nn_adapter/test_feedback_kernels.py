@@ -128,11 +128,12 @@ def _orth(n, gen):
 def _factors(stage, form, seed=1):
     """Curvature factors of every block: ``"diag"`` (per-parameter scalings, some broadcast),
     ``"eigen"`` (Q_G, Q_A, D), ``"left"`` / ``"right"`` (one basis), ``"plain"`` (D alone),
-    ``"fixed"`` (the last block held fixed, eigen factors for the others)."""
+    ``"fixed"`` / ``"fixed_last"`` (the first / last block held fixed, eigen factors for the
+    others)."""
     gen = torch.Generator().manual_seed(seed)
     facs = []
     for j, block in enumerate(stage.blocks):
-        if form == "fixed" and j == len(stage.blocks) - 1:
+        if (form == "fixed" and j == 0) or (form == "fixed_last" and j == len(stage.blocks) - 1):
             facs.append(None)
             continue
         if not block.structured or form == "diag":
@@ -144,8 +145,8 @@ def _factors(stage, form, seed=1):
             continue
         out = block.weight.shape[0]
         cols = block.weight[0].numel() + block.has_bias
-        q_g = _orth(out, gen) if form in ("eigen", "left", "fixed") else None
-        q_a = _orth(cols, gen) if form in ("eigen", "right", "fixed") else None
+        q_g = _orth(out, gen) if form in ("eigen", "left", "fixed", "fixed_last") else None
+        q_a = _orth(cols, gen) if form in ("eigen", "right", "fixed", "fixed_last") else None
         facs.append((q_g, q_a, 0.2 + torch.rand(out, cols, generator=gen, dtype=DT)))
     return facs
 
@@ -185,12 +186,13 @@ def test_sample_dots_are_the_per_sample_dot_products_in_float64(n, chunk):
 
 # -- quad_form and precondition --------------------------------------------------------------------
 @pytest.mark.parametrize("kind", KINDS)
-@pytest.mark.parametrize("form", ["diag", "eigen", "left", "right", "plain", "fixed"])
+@pytest.mark.parametrize("form", ["diag", "eigen", "left", "right", "plain", "fixed",
+                                  "fixed_last"])
 @pytest.mark.parametrize("bias", [True, False])
 def test_quad_form_is_q_u_P_q_u_per_sample(kind, form, bias):
     if not bias and kind in ("layernorm", "gated"):
         pytest.skip("no bias option")
-    if form == "fixed" and kind in STRUCTURED:
+    if form.startswith("fixed") and kind in STRUCTURED:
         pytest.skip("a structured stage has one block")
     stage = _stage(kind, bias)
     x, g = _inputs(stage, kind, 5)
@@ -203,9 +205,9 @@ def test_quad_form_is_q_u_P_q_u_per_sample(kind, form, bias):
 
 
 @pytest.mark.parametrize("kind", ["linear", "conv", "gated"])
-@pytest.mark.parametrize("form", ["diag", "eigen", "fixed"])
+@pytest.mark.parametrize("form", ["diag", "eigen", "fixed", "fixed_last"])
 def test_precondition_is_the_dense_P(kind, form):
-    if form == "fixed" and kind != "gated":
+    if form.startswith("fixed") and kind != "gated":
         pytest.skip("a structured stage has one block")
     stage = _stage(kind)
     facs = _factors(stage, form)
@@ -370,12 +372,13 @@ def _column_vectors(stage, x, g):
 
 
 @pytest.mark.parametrize("kind", KINDS)
-@pytest.mark.parametrize("form", ["diag", "eigen", "left", "right", "plain", "fixed"])
+@pytest.mark.parametrize("form", ["diag", "eigen", "left", "right", "plain", "fixed",
+                                  "fixed_last"])
 @pytest.mark.parametrize("bias", [True, False])
 def test_column_quad_forms_are_G_T_P_G_per_sample(kind, form, bias):
     if not bias and kind in ("layernorm", "gated"):
         pytest.skip("no bias option")
-    if form == "fixed" and kind in STRUCTURED:
+    if form.startswith("fixed") and kind in STRUCTURED:
         pytest.skip("a structured stage has one block")
     stage = _stage(kind, bias)
     n, r = 11, 3                       # not a multiple of the chunk of 8 samples
