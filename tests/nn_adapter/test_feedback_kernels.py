@@ -492,40 +492,44 @@ def test_oracle_block_P_matches_the_documented_factored_form():
 
 
 class SkipNet(nn.Module):
-    """A skip past the second Linear, a parameter-free module between stages, dropout."""
+    """A skip past the second Linear, a Linear reading the data (its input needs no gradient),
+    dropout between stages, and a keyword argument of the model's call."""
 
     def __init__(self):
         super().__init__()
         self.l1, self.l2, self.l3 = nn.Linear(3, 4), nn.Linear(4, 4), nn.Linear(4, 2)
+        self.l4 = nn.Linear(3, 4)
         self.drop = nn.Dropout(0.3)
 
-    def forward(self, x):
+    def forward(self, x, gain=1.0):
         a = torch.tanh(self.l1(x))
-        return self.l3(self.drop(a + torch.tanh(self.l2(a))))
+        b = torch.tanh(self.l2(a)) + torch.tanh(self.l4(x))
+        return gain * self.l3(self.drop(a + b))
 
 
 def test_pull_columns_are_the_terminal_columns_pulled_back_through_the_graph():
     """At a stage's output: J^T y with J the Jacobian of the model output with respect to that
-    output (skip and dropout mask included); at its input: through the module alone."""
+    output (skip, dropout mask and the call's keyword argument included); at its input: through
+    the module alone (zero for a module reading the data, whose input needs no gradient)."""
     from nn_adapter.feedback_columns import pull_columns
     from nn_adapter.module_stages import StageRecorder, module_stages
 
     torch.manual_seed(0)
     net = SkipNet().to(DT)
-    mods = [net.l1, net.l2, net.l3]
+    mods = [net.l1, net.l2, net.l4, net.l3]
     n, r = 4, 3
     x = torch.randn(n, 3, dtype=DT)
     with StageRecorder(net, mods, mods) as rec:
-        net(x).sum().backward()
+        net(x, gain=2.5).sum().backward()
     stages = module_stages(net, find_blocks(net), rec.order)
     assert [s.module for s in stages] == mods
     y = torch.randn(n, r, 2, dtype=DT)
     state = torch.get_rng_state()
     cols = pull_columns(rec, stages, y)
     assert torch.equal(torch.get_rng_state(), state)
-    assert cols[0] is None
+    assert len(cols) == 4 and cols[0] is None
 
-    for t in (1, 2):
+    for t in (1, 2, 3):
         module = mods[t]
 
         def through(delta, module=module):
@@ -533,7 +537,7 @@ def test_pull_columns_are_the_terminal_columns_pulled_back_through_the_graph():
             h = module.register_forward_hook(lambda m, a, out: out + delta)
             try:
                 torch.set_rng_state(rec.rng[0])
-                return net(x)
+                return net(x, gain=2.5)
             finally:
                 h.remove()
                 torch.set_rng_state(state)
@@ -544,6 +548,10 @@ def test_pull_columns_are_the_terminal_columns_pulled_back_through_the_graph():
         want_out = torch.einsum("iakd,ira->irkd", J, y).diagonal(0, 0, 2).movedim(-1, 0)
         assert cols[t].g.shape == (n, r) + h_out.shape[1:]
         assert torch.allclose(cols[t].g, want_out, rtol=1e-12, atol=1e-13)
+        assert cols[t].q_x.shape == (n, r) + rec.inputs[module].shape[1:]
+        if module is net.l4:
+            assert torch.equal(cols[t].q_x, torch.zeros_like(cols[t].q_x))
+            continue
         want_in = torch.stack([torch.stack([
             (jac_x(stages[t], rec.inputs[module][i]).T @ cols[t].g[i, a].reshape(-1))
             for a in range(r)]) for i in range(n)])
