@@ -390,8 +390,8 @@ def test_column_quad_forms_are_G_T_P_G_per_sample(kind, form, bias):
     got = column_quad_forms(stage, facs, x, g)
     assert got.shape == (n, r, r)
     assert torch.allclose(got, want, rtol=1e-11, atol=1e-12)
-    if kind == "gated":
-        assert torch.allclose(column_quad_forms(stage, facs, x, g, chunk=2), want,
+    for chunk in (2, 11):                # more chunks; one chunk of exactly the batch
+        assert torch.allclose(column_quad_forms(stage, facs, x, g, chunk=chunk), want,
                               rtol=1e-11, atol=1e-12)
 
 
@@ -491,20 +491,33 @@ def test_oracle_block_P_matches_the_documented_factored_form():
     assert torch.allclose(P, P.T, atol=1e-14)
 
 
+class Mul(nn.Module):
+    """A stage called with a second argument: x * w * k."""
+
+    def __init__(self, n):
+        super().__init__()
+        self.w = nn.Parameter(torch.linspace(0.5, 1.5, n))
+
+    def forward(self, x, k=1.0):
+        return x * self.w * k
+
+
 class SkipNet(nn.Module):
     """A skip past the second Linear, a Linear reading the data (its input needs no gradient),
-    dropout between stages, and a keyword argument of the model's call."""
+    a stage called with a second argument, dropout between stages, and a keyword argument of
+    the model's call."""
 
     def __init__(self):
         super().__init__()
         self.l1, self.l2, self.l3 = nn.Linear(3, 4), nn.Linear(4, 4), nn.Linear(4, 2)
         self.l4 = nn.Linear(3, 4)
+        self.mul = Mul(4)
         self.drop = nn.Dropout(0.3)
 
     def forward(self, x, gain=1.0):
         a = torch.tanh(self.l1(x))
         b = torch.tanh(self.l2(a)) + torch.tanh(self.l4(x))
-        return gain * self.l3(self.drop(a + b))
+        return gain * self.l3(self.drop(self.mul(a + b, 3.0)))
 
 
 def test_pull_columns_are_the_terminal_columns_pulled_back_through_the_graph():
@@ -516,7 +529,7 @@ def test_pull_columns_are_the_terminal_columns_pulled_back_through_the_graph():
 
     torch.manual_seed(0)
     net = SkipNet().to(DT)
-    mods = [net.l1, net.l2, net.l4, net.l3]
+    mods = [net.l1, net.l2, net.l4, net.mul, net.l3]
     n, r = 4, 3
     x = torch.randn(n, 3, dtype=DT)
     with StageRecorder(net, mods, mods) as rec:
@@ -527,9 +540,9 @@ def test_pull_columns_are_the_terminal_columns_pulled_back_through_the_graph():
     state = torch.get_rng_state()
     cols = pull_columns(rec, stages, y)
     assert torch.equal(torch.get_rng_state(), state)
-    assert len(cols) == 4 and cols[0] is None
+    assert len(cols) == 5 and cols[0] is None
 
-    for t in (1, 2, 3):
+    for t in (1, 2, 3, 4):
         module = mods[t]
 
         def through(delta, module=module):
@@ -543,7 +556,7 @@ def test_pull_columns_are_the_terminal_columns_pulled_back_through_the_graph():
                 torch.set_rng_state(state)
 
         with torch.no_grad():
-            h_out = module(rec.inputs[module])
+            h_out = module(rec.inputs[module], *((3.0,) if module is net.mul else ()))
         J = jacrev(through)(torch.zeros_like(h_out))          # (B, 2, B, h)
         want_out = torch.einsum("iakd,ira->irkd", J, y).diagonal(0, 0, 2).movedim(-1, 0)
         assert cols[t].g.shape == (n, r) + h_out.shape[1:]
@@ -551,6 +564,10 @@ def test_pull_columns_are_the_terminal_columns_pulled_back_through_the_graph():
         assert cols[t].q_x.shape == (n, r) + rec.inputs[module].shape[1:]
         if module is net.l4:
             assert torch.equal(cols[t].q_x, torch.zeros_like(cols[t].q_x))
+            continue
+        if module is net.mul:                  # d(x w k)/dx = diag(w k), k = 3
+            want = cols[t].g * (net.mul.w.detach() * 3.0)
+            assert torch.allclose(cols[t].q_x, want, rtol=1e-12, atol=1e-13)
             continue
         want_in = torch.stack([torch.stack([
             (jac_x(stages[t], rec.inputs[module][i]).T @ cols[t].g[i, a].reshape(-1))
