@@ -13,7 +13,7 @@ import math
 import pytest
 import torch
 from torch import nn
-from torch.func import functional_call, jacrev
+from torch.func import jacrev
 
 from nn_adapter.curvature.base import Block, find_blocks
 from nn_adapter.feedback import (CompactStage, compact_conv, feedback_grads, precondition,
