@@ -77,3 +77,60 @@ def test_unknown_inner_method_is_named(setup):
     prob, traj, lm = setup
     with pytest.raises(InputError, match="lbfgs, gradient"):
         prob.maximize_hamiltonian(traj, lm.costates(), 1.0, InnerSolver(method="newton"))
+
+
+def _linear_setup(wd=0.3):
+    """Two Linear stages without activations: each stage Hamiltonian is a concave quadratic."""
+    torch.manual_seed(2)
+    net = nn.Sequential(nn.Linear(3, 4), nn.Linear(4, 2)).double()
+    x, y = torch.randn(5, 3, dtype=torch.float64), torch.randint(0, 2, (5,))
+    prob = NetworkProblem(net, nn.CrossEntropyLoss(), x, y, weight_decay=wd)
+    traj = prob.rollout(prob.initial_controls())
+    p = prob.local_model(traj).costates()
+    torch.manual_seed(3)
+    us = [{k: v + 0.2 * torch.randn_like(v) for k, v in u.items()} for u in traj.us]
+    return prob, traj, p, us
+
+
+def _by_hand(traj, p, t, rho, wd, u):
+    """Ht_t of a Linear stage written out (a 0-d tensor): H = sum_i p'_i . (W x_i + b) - wd/2 |u|^2,
+    minus rho/2 |x' - (W x + b)|^2 and rho/2 |p - W^T p'|^2 (dH/dx = W^T p' per sample)."""
+    W, b = u["weight"], u["bias"]
+    x, x1, pt, p1 = traj.xs[t], traj.xs[t + 1], p[t], p[t + 1]
+    out = x @ W.T + b
+    H = (p1 * out).sum() - 0.5 * wd * ((W * W).sum() + (b * b).sum())
+    return H - 0.5 * rho * ((x1 - out) ** 2).sum() - 0.5 * rho * ((pt - p1 @ W) ** 2).sum()
+
+
+@pytest.mark.parametrize("rho", [0.0, 0.5, 1.0, 3.0])
+def test_stage_hamiltonian_equals_its_definition(rho):
+    """Every term, for feasibility weights below, at and above 1, away from the current controls."""
+    prob, traj, p, us = _linear_setup()
+    vals, _ = prob.hamiltonian_grad(traj, p, rho, us)
+    for t in range(prob.horizon):
+        assert vals[t] == pytest.approx(float(_by_hand(traj, p, t, rho, 0.3, us[t])), rel=1e-12)
+
+
+@pytest.mark.parametrize("method,iterations,step,atol", [("gradient", 400, 1.0, 1e-6),
+                                                         ("lbfgs", 50, 1.0, 1e-4)])
+def test_maximisation_reaches_the_maximiser_of_a_concave_stage(method, iterations, step, atol):
+    """On a linear network each Ht_t is a concave quadratic in (W, b): its maximiser is one Newton
+    step from anywhere (Hessian by autograd); both inner methods reach it."""
+    prob, traj, p, us = _linear_setup()
+    rho = 0.5
+    new = prob.maximize_hamiltonian(traj, p, rho, InnerSolver(method=method, iterations=iterations,
+                                                               step_size=step))
+    for t in range(prob.horizon):
+        shapes = {k: v.shape for k, v in traj.us[t].items()}
+        sizes = [v.numel() for v in traj.us[t].values()]
+
+        def f(z):
+            parts = torch.split(z, sizes)
+            u = {k: part.reshape(shapes[k]) for k, part in zip(shapes, parts)}
+            return _by_hand(traj, p, t, rho, 0.3, u)
+        z0 = flat(traj.us[t]).detach()
+        g = torch.func.grad(f)(z0)
+        h = torch.func.hessian(f)(z0)
+        assert float(torch.linalg.eigvalsh(h).max()) < 0           # concave
+        best = z0 - torch.linalg.solve(h, g)
+        assert float((flat(new[t]) - best).abs().max()) < atol     # (L-BFGS: torch's stopping tolerances)
