@@ -137,7 +137,7 @@ class StageRecorder(Recorder):
         self.unsupported: dict = {}
 
     # -- hooks -----------------------------------------------------------------------------------
-    def _pre(self, module, args):
+    def _pre(self, module, args, kwargs):
         if not torch.is_grad_enabled() or id(module) not in self._ids:
             return None
         n = self.calls.get(module, 0)
@@ -152,11 +152,17 @@ class StageRecorder(Recorder):
         if others:
             self.unsupported[module] = (f"takes {1 + len(others)} tensor inputs that depend on the "
                                         "parameters (a stage's state is its first input only)")
+        elif len(args) > 1 or kwargs:
+            extra = [f"{len(args) - 1} positional"] if len(args) > 1 else []
+            extra += [f"keyword {', '.join(map(repr, kwargs))}"] if kwargs else []
+            self.unsupported[module] = (
+                f"is called with further arguments ({' and '.join(extra)}); the per-sample "
+                "gradients and the feedback re-evaluate a stage as module(x) on its input alone")
         self.inputs[module] = x.detach()
         if id(module) in self._in_grad and x.requires_grad:
             x = x.view_as(x)              # consumed by this module only: its grad is h_x^T g
             x.register_hook(lambda grad: self._input_grad(module, grad.detach()))
-            return (x,) + tuple(args[1:])
+            return (x,) + tuple(args[1:]), kwargs
         return None
 
     def _input_grad(self, module, grad) -> None:
@@ -204,7 +210,7 @@ class StageRecorder(Recorder):
         h = [self.model.register_forward_pre_hook(self._model_pre, with_kwargs=True),
              self.model.register_forward_hook(self._model_post, with_kwargs=True)]
         for m in self._modules:
-            h.append(m.register_forward_pre_hook(self._pre))
+            h.append(m.register_forward_pre_hook(self._pre, with_kwargs=True))
             h.append(m.register_forward_hook(self._post))
         self._handles = h
         self._swapped = []

@@ -162,9 +162,36 @@ class _Attention(nn.Module):
         return self.out(self.attn(h, h, h)[0].mean(1))
 
 
+class _Scale(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.w = nn.Parameter(torch.linspace(0.5, 1.5, 6))
+
+    def forward(self, x, k=1.0):
+        return x * self.w * k
+
+
+class _ExtraArgument(nn.Module):
+    """A stage after the first called with a further argument (positional or keyword): its
+    per-sample gradients would be taken of module(x) alone (wrong numbers, not an error)."""
+
+    def __init__(self, keyword=False):
+        super().__init__()
+        self.keyword = keyword
+        self.pre = nn.Linear(6, 6)
+        self.scale = _Scale()
+        self.out = nn.Linear(6, 2)
+
+    def forward(self, x):
+        h = torch.tanh(self.pre(x))
+        return self.out(self.scale(h, k=3.0) if self.keyword else self.scale(h, 3.0))
+
+
 @pytest.mark.parametrize("make,module,why", [
     (lambda: _Recurrent(), "'rnn' (LSTM)", "returns a tuple"),
     (_Attention, "'attn' (MultiheadAttention)", "takes 3 tensor inputs"),
+    (_ExtraArgument, "'scale' (_Scale)", "called with further arguments \\(1 positional\\)"),
+    (lambda: _ExtraArgument(keyword=True), "'scale' (_Scale)", "further arguments \\(keyword 'k'\\)"),
 ])
 def test_a_stage_that_is_not_one_tensor_to_one_tensor_is_refused_naming_it(make, module, why):
     net = make().double()
