@@ -184,17 +184,29 @@ def test_sample_dots_are_the_per_sample_dot_products_in_float64(n, chunk):
     assert torch.equal(q, q.clone())          # the inputs are not written
 
 
-# -- quad_form and precondition --------------------------------------------------------------------
-@pytest.mark.parametrize("kind", KINDS)
-@pytest.mark.parametrize("form", ["diag", "eigen", "left", "right", "plain", "fixed",
-                                  "fixed_last"])
-@pytest.mark.parametrize("bias", [True, False])
-def test_quad_form_is_q_u_P_q_u_per_sample(kind, form, bias):
+def factor_cases(test):
+    """Parametrise ``test`` over every stage kind x factor form x with / without bias (:func:`_case`)."""
+    for mark in (pytest.mark.parametrize("bias", [True, False]),
+                 pytest.mark.parametrize("form", ["diag", "eigen", "left", "right", "plain",
+                                                  "fixed", "fixed_last"]),
+                 pytest.mark.parametrize("kind", KINDS)):
+        test = mark(test)
+    return test
+
+
+def _case(kind, form, bias):
+    """The stage of a factor_cases case (skipped where the combination does not exist)."""
     if not bias and kind in ("layernorm", "gated"):
         pytest.skip("no bias option")
     if form.startswith("fixed") and kind in STRUCTURED:
         pytest.skip("a structured stage has one block")
-    stage = _stage(kind, bias)
+    return _stage(kind, bias)
+
+
+# -- quad_form and precondition --------------------------------------------------------------------
+@factor_cases
+def test_quad_form_is_q_u_P_q_u_per_sample(kind, form, bias):
+    stage = _case(kind, form, bias)
     x, g = _inputs(stage, kind, 5)
     facs = _factors(stage, form)
     P = stage_P(stage, facs)
@@ -371,16 +383,9 @@ def _column_vectors(stage, x, g):
             for i in range(n)]
 
 
-@pytest.mark.parametrize("kind", KINDS)
-@pytest.mark.parametrize("form", ["diag", "eigen", "left", "right", "plain", "fixed",
-                                  "fixed_last"])
-@pytest.mark.parametrize("bias", [True, False])
+@factor_cases
 def test_column_quad_forms_are_G_T_P_G_per_sample(kind, form, bias):
-    if not bias and kind in ("layernorm", "gated"):
-        pytest.skip("no bias option")
-    if form.startswith("fixed") and kind in STRUCTURED:
-        pytest.skip("a structured stage has one block")
-    stage = _stage(kind, bias)
+    stage = _case(kind, form, bias)
     n, r = 11, 3                       # not a multiple of the chunk of 8 samples
     x, g = _inputs(stage, kind, n, r=r)
     facs = _factors(stage, form)
