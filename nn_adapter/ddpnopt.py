@@ -32,7 +32,9 @@ gradient (:func:`nn_adapter.feedback.compact_conv`, so no second weight gradient
 is kept as them and its input gradient from then on: its input and output gradient are dropped
 during the backward pass, and nothing is kept of the first stage but its input.
 
-The closure's loss must be the batch mean of per-sample losses (torch's default reduction).
+The closure's loss must be the batch mean of per-sample losses (torch's default reduction), and
+the model must return the one tensor the loss is computed from (its Gauss-Newton curvature is taken
+there; a tuple or dict output is refused, except with ``terminal_hessian="gradient"``).
 Modules are recorded with hooks that exist only while the closure runs; the closure must call the
 model once, and each parametrised module must run exactly once in it (weight sharing is refused
 with an error naming the module). A parameter that gets no gradient (one its module's forward does
@@ -58,7 +60,7 @@ from occore.solvers.ddp import DDP, ILQR
 from occore.solvers.options import Regularization
 
 from .curvature.optimizer import CurvatureOptimizer
-from .errors import warn
+from .errors import UnsupportedModuleError, warn
 from .feedback import compact_conv
 from .minibatch import MinibatchProblem
 from .module_stages import StageRecorder, _owners, module_stages
@@ -275,6 +277,13 @@ class DDPNOpt(CurvatureOptimizer):
         rec.check_model_call()
         rec.check_complete(rec.order, need_grads=False)
         rec.check_complete(super()._recorded_modules())
+        if self.terminal_hessian != "gradient" and rec.model_output_kind is not None:
+            raise UnsupportedModuleError(
+                f"model: returns a {rec.model_output_kind}, not one tensor; the terminal "
+                f"curvature (terminal_hessian={self.terminal_hessian!r}) is the loss's "
+                "Gauss-Newton Hessian at the model's output, so the model must return the one "
+                "tensor the loss is computed from (wrap it in a module that does), or pass "
+                "terminal_hessian='gradient' or feedback=False")
         if self.terminal_hessian != "gradient" and (rec.model_output is None
                                                     or rec.model_grad is None):
             raise InputError("closure: the model's output got no gradient; the closure must call "

@@ -95,7 +95,10 @@ class StageRecorder(Recorder):
             gradient at the output, the gradient at the input through this module only (modules
             in ``in_grad_of``), how many times it ran.
         model_args, model_kwargs, rng: the model's call and the RNG states just before it.
-        model_output, model_grad: the model's output and the gradient of the loss at it.
+        model_output, model_grad: the model's output and the gradient of the loss at it
+            (None unless the model returns one tensor).
+        model_output_kind: None, or the type's name of a model output that is not one tensor
+            (a tuple, a dict).
 
     Args:
         model: the network (its call is recorded).
@@ -132,7 +135,7 @@ class StageRecorder(Recorder):
         self._ids = {id(m) for m in modules}
         self.order: list = []
         self.model_args = self.model_kwargs = self.rng = None
-        self.model_output = self.model_grad = None
+        self.model_output = self.model_grad = self.model_output_kind = None
         self.model_calls = 0
         self.unsupported: dict = {}
 
@@ -200,10 +203,14 @@ class StageRecorder(Recorder):
             self.rng = _rng_state(args, kwargs)
 
     def _model_post(self, module, args, kwargs, output):
-        if module is self.model and torch.is_grad_enabled() and isinstance(output, torch.Tensor):
-            self.model_output = output.detach()
-            if output.requires_grad:
-                output.register_hook(lambda grad: setattr(self, "model_grad", grad.detach()))
+        if module is not self.model or not torch.is_grad_enabled():
+            return
+        if not isinstance(output, torch.Tensor):
+            self.model_output_kind = type(output).__name__
+            return
+        self.model_output = output.detach()
+        if output.requires_grad:
+            output.register_hook(lambda grad: setattr(self, "model_grad", grad.detach()))
 
     def __enter__(self) -> "StageRecorder":
         self.release()
@@ -235,7 +242,7 @@ class StageRecorder(Recorder):
         self.calls.clear()
         self.order = []
         self.model_args = self.model_kwargs = self.rng = None
-        self.model_output = self.model_grad = None
+        self.model_output = self.model_grad = self.model_output_kind = None
         self.model_calls = 0
         self.unsupported = {}
 

@@ -207,6 +207,49 @@ def test_a_stage_that_is_not_one_tensor_to_one_tensor_is_refused_naming_it(make,
     assert not all(torch.equal(a, b) for a, b in zip(before, net.parameters()))
 
 
+class _TwoOutputs(nn.Module):
+    """Returns the logits and a hidden feature, as a tuple or a dict."""
+
+    def __init__(self, as_dict=False):
+        super().__init__()
+        self.as_dict = as_dict
+        self.hidden = nn.Linear(6, 6)
+        self.out = nn.Linear(6, 2)
+
+    def forward(self, x):
+        h = torch.tanh(self.hidden(x))
+        return {"logits": self.out(h), "h": h} if self.as_dict else (self.out(h), h)
+
+
+@pytest.mark.parametrize("as_dict,kind", [(False, "tuple"), (True, "dict")])
+def test_a_model_returning_several_tensors_is_refused_naming_what_it_returns(as_dict, kind):
+    """The terminal Gauss-Newton curvature is taken at the model's output, which must be one
+    tensor; the outer-product terminal factor reads only the last stage and trains such a model."""
+    torch.manual_seed(0)
+    net = _TwoOutputs(as_dict).double()
+    x = torch.randn(16, 6, dtype=torch.float64)
+    y = (x[:, 0] > 0).long()
+    pick = (lambda o: o["logits"]) if as_dict else (lambda o: o[0])
+
+    def closure_of(opt):
+        def closure():
+            opt.zero_grad()
+            loss = nn.functional.cross_entropy(pick(net(x)), y)
+            loss.backward()
+            return loss.detach()
+        return closure
+
+    opt = DDPNOpt(net.parameters(), model=net, lr=0.05)
+    before = [p.detach().clone() for p in net.parameters()]
+    with pytest.raises(UnsupportedModuleError, match=f"model: returns a {kind}, not one tensor.*"
+                       "terminal_hessian='gradient' or feedback=False"):
+        opt.step(closure_of(opt))
+    assert all(torch.equal(a, b) for a, b in zip(before, net.parameters()))
+    outer = DDPNOpt(net.parameters(), model=net, lr=0.05, terminal_hessian="gradient")
+    losses = [float(outer.step(closure_of(outer))) for _ in range(20)]
+    assert math.isfinite(losses[-1]) and losses[-1] < 0.8 * losses[0]
+
+
 def test_a_recurrent_first_stage_trains_with_feedback():
     """The first stage's input is fixed (no feedback there), so any module may come first."""
     torch.manual_seed(0)
