@@ -17,8 +17,9 @@ additional forward pass can re-run the model's forward with the same dropout mas
 
 Per-sample quantities of a stage treat the module as a function of one sample: a training-mode
 batch norm is then evaluated with the statistics of the recorded batch held fixed
-(:meth:`nn_adapter.stages.Stage.module_fn`). A module that runs twice in one forward (weight sharing) is refused
-with an error naming it.
+(:meth:`nn_adapter.stages.Stage.module_fn`). A module that runs twice in one forward, or a
+parameter of two modules that both run (weight sharing, tied weights), is refused with an error
+naming it.
 """
 from __future__ import annotations
 
@@ -60,10 +61,24 @@ def module_stages(model: nn.Module, blocks: list, order: list) -> list:
         a :class:`~nn_adapter.stages.Stage` (no followers) per module that owns a parameter of ``blocks`` and ran (the
         parameters of modules that did not run get no gradient and are not updated, as in
         torch.optim).
+
+    Raises:
+        UnsupportedModuleError: a trainable parameter of two modules that both ran (tied
+            weights), naming the parameter and both modules.
     """
     names = {id(m): n for n, m in model.named_modules(remove_duplicate=False)}
     stages = []
+    first_owner: dict = {}
     for module in order:
+        for pname, p in module.named_parameters(recurse=False):
+            other = first_owner.setdefault(id(p), module)
+            if other is not module and p.requires_grad:
+                raise UnsupportedModuleError(
+                    f"model: parameter {pname!r} of module {names.get(id(module))!r} "
+                    f"({type(module).__name__}) is also a parameter of module "
+                    f"{names.get(id(other))!r} ({type(other).__name__}), and both run in the "
+                    "forward (weight sharing); DDPNOpt's feedback needs each parameter in one "
+                    "stage (use feedback=False for this model)")
         own = {id(p) for p in module.parameters(recurse=False)}
         mine = [b for b in blocks if all(id(p) in own for p in b.params)]
         if mine:

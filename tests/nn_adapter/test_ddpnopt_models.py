@@ -1,5 +1,6 @@
 """DDPNOpt with feedback on real models: custom forward, residual blocks, dropout and batch norm in
 training mode, weight sharing, torch.compile, data-dependent paths."""
+import copy
 import math
 import re
 
@@ -131,6 +132,46 @@ def test_weight_sharing_is_refused_naming_the_module():
     with pytest.raises(InputError, match=r"module 'inner' \(Linear\) ran 2 times"):
         opt.step(make_closure(net, opt, x, y))
     assert all(torch.equal(a, b) for a, b in zip(before, net.parameters()))
+
+
+class _Tied(nn.Module):
+    """Two Linear modules holding the same weight tensor (tied weights), each run once."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Linear(4, 4)
+        self.b = nn.Linear(4, 4)
+        self.b.weight = self.a.weight
+        self.out = nn.Linear(4, 2)
+
+    def forward(self, x):
+        return self.out(torch.tanh(self.b(torch.tanh(self.a(x)))))
+
+
+def test_tied_weights_are_refused_with_feedback_naming_both_modules():
+    """The per-sample feedback of stage 'a' would see only its own share of the tied weight's
+    gradient; without feedback DDPNOpt is Adam on the tied parameters."""
+    torch.manual_seed(0)
+    net = _Tied().double()
+    x = torch.randn(8, 4, dtype=torch.float64)
+    y = torch.randint(0, 2, (8,))
+    opt = DDPNOpt(net.parameters(), model=net, lr=0.01)
+    before = [p.detach().clone() for p in net.parameters()]
+    with pytest.raises(UnsupportedModuleError, match=r"parameter 'weight' of module 'b' \(Linear\) is also "
+                       r"a parameter of module 'a' \(Linear\).*weight sharing.*feedback=False"):
+        opt.step(make_closure(net, opt, x, y))
+    assert all(torch.equal(a, b) for a, b in zip(before, net.parameters()))
+    twin = copy.deepcopy(net)
+    plain = DDPNOpt(net.parameters(), model=net, lr=0.01, feedback=False)
+    adam = torch.optim.Adam(twin.parameters(), lr=0.01)
+    for _ in range(3):
+        plain.step(make_closure(net, plain, x, y))
+        adam.zero_grad()
+        nn.functional.cross_entropy(twin(x), y).backward()
+        adam.step()
+    assert net.b.weight is net.a.weight
+    for p, q in zip(net.parameters(), twin.parameters()):
+        torch.testing.assert_close(p, q, rtol=0, atol=1e-14)
 
 
 class _Recurrent(nn.Module):
