@@ -16,6 +16,7 @@ from torch import Tensor, nn
 from torch.func import functional_call, vmap
 
 from occore.errors import InputError, ShapeError
+from occore.result import Result
 from occore.types import Policy, Trajectory
 
 from .errors import DataDependentForwardError, DataError, DtypeError
@@ -319,7 +320,10 @@ class NetworkProblem:
         return out
 
     def load_into(self, model, us) -> None:
-        """Copy controls ``us`` into the parameters of ``model`` (same architecture), in place."""
+        """Copy controls ``us`` (a list of T parameter dicts, or a :class:`occore.Result` of this
+        problem: its ``us``) into the parameters of ``model`` (same architecture), in place."""
+        if isinstance(us, Result):
+            us = us.us
         self.check_controls(us)
         _, stages = split_stages(model, check_mode=False)
         if [s.param_names for s in stages] != [s.param_names for s in self.stages]:

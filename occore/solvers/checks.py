@@ -46,8 +46,10 @@ def _shape(value):
 
 def check_warm_start(problem, prev) -> None:
     """A :class:`occore.Result` given as ``us0`` fits ``problem``: controls (T, nu), states (T+1, nx)
-    and, when it has one, a policy whose gains are (T, nu) and (T, nu, nx)."""
+    and, when it has one, a policy whose gains are (T, nu) and (T, nu, nx); for a problem with
+    its own ``check_controls`` (a network), its controls pass that check."""
     if not _dense(problem):
+        _own_controls(problem, prev.us, "us0.us")
         return
     T, nx, nu = problem.horizon, problem.nx, problem.nu
     detail = "a Result of another problem (other horizon, state or control size)"
@@ -71,6 +73,16 @@ def check_state(problem, state, state_type) -> None:
         if _shape(state.traj.xs) != expected:
             raise ShapeError("state", f"states {expected}", _shape(state.traj.xs),
                              "a state of another problem; call init(problem) first")
+    else:
+        _own_controls(problem, state.traj.us, "state.traj.us")
+
+
+def _own_controls(problem, us, name: str) -> None:
+    """A problem without ``nx`` / ``nu`` that has ``check_controls(us, name)`` (a network's list of
+    parameter dicts) checks controls itself, naming ``name``."""
+    check = getattr(problem, "check_controls", None)
+    if callable(check):
+        check(us, name)
 
 
 def check_callbacks(callbacks) -> tuple:

@@ -215,6 +215,41 @@ def test_solvers_on_a_network_problem_bad_us0(solver):
     assert all(torch.equal(a, b) for a, b in zip(params.values(), net.state_dict().values()))
 
 
+@pytest.mark.parametrize("solver", [occore.DDP, occore.ILQR, occore.EMSA])
+def test_a_network_warm_start_or_state_of_another_problem_is_a_shape_error(solver):
+    """A Result or a SolverState of a dense problem, or a Result of another network, given to a
+    NetworkProblem: a ShapeError naming the argument, before any work (was an AttributeError or
+    a raw torch size mismatch)."""
+    x, y = _data()
+    net = _net()
+    prob = NetworkProblem(net, nn.CrossEntropyLoss(), x, y)
+    params = copy.deepcopy(net.state_dict())
+    pendulum = occore.problems.make("pendulum")
+    dense = occore.ILQR(max_iter=2).solve(pendulum)
+    with pytest.raises(ShapeError, match=r"us0\.us: expected shape a list of 2 parameter dicts, got ndarray"):
+        solver(max_iter=2).solve(prob, us0=dense)
+    with pytest.raises(ShapeError, match=r"state\.traj\.us: expected shape a list of 2"):
+        solver().step(prob, solver().init(pendulum))
+    wider = nn.Sequential(nn.Linear(4, 7), nn.Tanh(), nn.Linear(7, 3)).double()
+    other = occore.ILQR(max_iter=1).solve(NetworkProblem(wider, nn.CrossEntropyLoss(), x, y))
+    with pytest.raises(ShapeError, match=r"us0\.us\[0\]\['weight'\]: expected shape \(5, 4\), got \(7, 4\)"):
+        solver(max_iter=2).solve(prob, us0=other)
+    assert all(torch.equal(a, b) for a, b in zip(params.values(), net.state_dict().values()))
+    own = solver(max_iter=1).solve(prob)                    # a Result of this problem still works
+    assert solver(max_iter=1).solve(prob, us0=own).cost <= own.cost + 1e-12
+
+
+def test_load_into_takes_a_result_or_its_controls():
+    x, y = _data()
+    prob = NetworkProblem(_net(), nn.CrossEntropyLoss(), x, y)
+    res = occore.ILQR(max_iter=3).solve(prob)
+    a, b = _net(), _net()
+    prob.load_into(a, res)
+    prob.load_into(b, res.us)
+    assert all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters()))
+    assert float(nn.CrossEntropyLoss()(a(x), y)) == pytest.approx(res.cost, rel=1e-10)
+
+
 def test_a_solve_from_a_user_us0_modifies_neither_us0_nor_the_data():
     x, y = _data()
     net = _net()
