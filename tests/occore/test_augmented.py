@@ -13,7 +13,7 @@ import pytest
 
 import occore
 from occore.constraints import ConstraintSet
-from occore.lq.augmented import INFEASIBLE, Multipliers, augment, merit_terms, update
+from occore.lq.augmented import INFEASIBLE, Multipliers, augment, barrier_duals, merit_terms, update
 
 T, NX, NU = 4, 3, 2
 
@@ -239,6 +239,46 @@ def test_update_is_the_derivative_of_each_term():
     np.testing.assert_array_equal(new.upper, [[0.0], [mu / 0.5], [0.0]])
     np.testing.assert_allclose(new.h, [-1.5 + rho * 0.3, mu / 0.4, mu / 0.25], rtol=1e-15)
     assert (new.penalty, new.barrier, new.violation) == (rho, mu, 0.3)
+
+
+def test_barrier_duals_are_the_linearised_dual_update_of_every_inequality(point):
+    """barrier_duals: lam = max(0, mu / -c + mu / c^2 dc) for the path constraints, both state
+    bounds and the terminal inequalities, dc the change of c along the step (dxs, dus), here
+    central differences of the constraint values (independent of the Jacobians it is given); 0
+    where a bound is absent; the terminal equalities keep update's lam + rho h. Without a barrier
+    it is update itself."""
+    prob, xs, us = point
+    cs = prob.constraints
+    values = prob.constraint_values(xs, us)
+    mu = 0.05
+    m = replace(Multipliers.zeros(cs, 2.0, mu), h=np.concatenate([[0.7, -0.4], np.zeros(cs.nhi)]))
+    assert merit_terms(values, m) < INFEASIBLE                 # strictly inside: the barrier's domain
+    rng = np.random.default_rng(11)
+    dxs, dus = rng.standard_normal((T + 1, NX)), rng.standard_normal((T, NU))
+    d = prob.evaluate_derivatives(xs, us, False)
+    new = barrier_duals(values, m, d, dxs, dus, cs.upper_index, cs.lower_index)
+    e = 1e-6
+    up = prob.constraint_values(xs + e * dxs, us + e * dus)
+    down = prob.constraint_values(xs - e * dxs, us - e * dus)
+    seen = []
+    for name in ("g", "upper", "lower", "hi"):
+        c = getattr(values, name)
+        finite = np.isfinite(c)
+        with np.errstate(invalid="ignore"):
+            dc = np.where(finite, (getattr(up, name) - getattr(down, name)) / (2 * e), 0.0)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            expect = np.where(finite, np.maximum(mu / -c + mu / c ** 2 * dc, 0.0), 0.0)
+        got = new.h[m.nh:] if name == "hi" else getattr(new, name)
+        assert got.shape == c.shape and c.size > 0, name
+        np.testing.assert_allclose(got, expect, rtol=1e-6, atol=1e-9, err_msg=name)
+        seen += [bool((got[finite] == 0).any()), bool((got > 0).any())]
+    assert all(seen[1::2]) and any(seen[0::2])                  # both branches of the max reached
+    np.testing.assert_allclose(new.h[:m.nh], m.h[:m.nh] + m.penalty * values.h, rtol=1e-15)
+    plain = replace(m, barrier=0.0)
+    same = barrier_duals(values, plain, d, dxs, dus, cs.upper_index, cs.lower_index)
+    ref = update(values, plain)
+    for name in ("g", "upper", "lower", "h"):
+        np.testing.assert_array_equal(getattr(same, name), getattr(ref, name))
 
 
 def test_shifted_multipliers_move_one_stage_earlier():
