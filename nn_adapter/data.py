@@ -130,6 +130,10 @@ class Split:
     classes: Optional[int] = None
     name: str = ""
 
+    def __repr__(self) -> str:
+        return (f"Split({self.name or 'unnamed'}: train {tuple(self.x_train.shape)}, test "
+                f"{tuple(self.x_test.shape)}, {self.num_classes} classes, {self.x_train.dtype})")
+
     @property
     def num_classes(self) -> int:
         if self.classes is not None:
@@ -157,10 +161,22 @@ def _check_seed(name: str, value) -> None:
         raise InputError(f"{name}={value!r}: expected an integer >= 0")
 
 
+def _check_count(name: str, value) -> None:
+    """``value`` is None or an integer >= 1 (a sample count)."""
+    if value is not None and not (isinstance(value, int) and not isinstance(value, bool) and value >= 1):
+        raise InputError(f"{name}={value!r}: expected an integer >= 1 or None")
+
+
+def _check_dtype(dtype) -> None:
+    if not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+        raise InputError(f"dtype={dtype!r}: expected a floating torch.dtype")
+
+
 def _seeded_split(x: np.ndarray, y: np.ndarray, test_fraction: float, seed: int, dtype, classes: int,
                   name: str) -> Split:
     _check_fraction("test_fraction", test_fraction)
-    _check_seed("split_seed", seed)
+    _check_seed("seed", seed)
+    _check_dtype(dtype)
     order = np.random.default_rng(seed).permutation(len(x))
     n_test = max(1, int(round(test_fraction * len(x))))
     test, train = order[:n_test], order[n_test:]
@@ -202,10 +218,9 @@ def standardize(split: Split, per: str = "feature") -> Split:
 
 
 def _take(n: Optional[int], total: int, what: str, rng) -> Optional[np.ndarray]:
+    _check_count(what, n)
     if n is None:
         return None
-    if not (isinstance(n, int) and not isinstance(n, bool) and n >= 1):
-        raise InputError(f"{what}={n!r}: expected an integer >= 1 or None")
     n = min(n, total)
     return np.arange(n) if rng is None else np.sort(rng.permutation(total)[:n])
 
@@ -429,6 +444,8 @@ def load_fashion_mnist(root: Optional[PathLike] = None, dtype: torch.dtype = tor
         limit: keep only the first ``limit`` samples of each split.
 
     Raises:
+        InputError: ``limit`` not None or an integer >= 1, ``dtype`` not floating (before any
+            file is looked for).
         DatasetNotFoundError: a file is missing (the message says how to get them).
         DataFormatError: a file is malformed or images and labels disagree in number.
 
@@ -439,6 +456,8 @@ def load_fashion_mnist(root: Optional[PathLike] = None, dtype: torch.dtype = tor
         ...     print(err.dataset, err.searched)
         fashion-mnist /nonexistent
     """
+    _check_count("limit", limit)          # the options before any file is looked for
+    _check_dtype(dtype)
     split = _load_idx_set(Path(root) if root is not None else FASHION_MNIST_DIR, "fashion-mnist", dtype)
     return subsample(split, limit, limit, seed=None) if limit is not None else split
 
@@ -714,14 +733,12 @@ def load(name: str, data_dir: Optional[PathLike] = None, *, standardize_features
         per = standardize_features
     if info.kind == "vectors" and per == "channel" and standardize_features:
         raise InputError(f"standardize_features='channel' needs images; {name} holds feature vectors")
-    if not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
-        raise InputError(f"dtype={dtype!r}: expected a floating torch.dtype")
+    _check_dtype(dtype)
     _check_fraction("test_fraction", test_fraction)
     for what, v in (("split_seed", split_seed), ("subsample_seed", subsample_seed)):
         _check_seed(what, v)
     for what, v in (("n_train", n_train), ("n_test", n_test)):
-        if v is not None and not (isinstance(v, int) and not isinstance(v, bool) and v >= 1):
-            raise InputError(f"{what}={v!r}: expected an integer >= 1 or None")
+        _check_count(what, v)
     if info.default_dir is None:
         x, y, classes = _sklearn(name)
         split = _seeded_split(x, y, test_fraction, split_seed, torch.float64, classes, name)

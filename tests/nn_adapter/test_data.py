@@ -69,3 +69,23 @@ def test_fashion_mnist_from_user_supplied_files(tmp_path):
     assert float(s.x_train.max()) <= 1.0 and s.y_test.dtype == torch.int64
     with pytest.raises(FileNotFoundError, match="never downloaded"):
         load_fashion_mnist(tmp_path / "missing")
+
+
+@pytest.mark.parametrize("call,words", [
+    (lambda: load_digits(seed=-1), r"^seed=-1: expected an integer >= 0"),
+    (lambda: load_wine(seed="a"), r"^seed='a'"),
+    (lambda: load_digits(dtype=torch.int64), r"^dtype=torch\.int64: expected a floating"),
+    # the options are refused before any file is looked for (no such folder here)
+    (lambda: load_fashion_mnist("/nonexistent", limit=0), r"^limit=0: expected an integer >= 1"),
+    (lambda: load_fashion_mnist("/nonexistent", limit=-3), r"^limit=-3"),
+    (lambda: load_fashion_mnist("/nonexistent", limit=True), r"^limit=True"),
+    (lambda: load_fashion_mnist("/nonexistent", dtype=torch.uint8), r"^dtype=torch\.uint8"),
+])
+def test_loader_options_are_refused_by_their_own_names_before_any_file(call, words):
+    with pytest.raises(InputError, match=words):
+        call()
+
+
+def test_a_split_prints_as_one_line():
+    text = repr(load_digits())
+    assert text == "Split(digits: train (1438, 64), test (359, 64), 10 classes, torch.float32)"
