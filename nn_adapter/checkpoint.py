@@ -169,6 +169,9 @@ def save_checkpoint(directory, model: nn.Module, optimizer: torch.optim.Optimize
         data_order: the generator that draws the data order (its state is saved), or None.
         extra: tensors, numbers, strings and containers of them to keep (a history).
         group: the process group (None: the default one).
+        check_extra: None, or ``check_extra(path, extra)`` called with the saved ``extra`` before
+            anything else is compared (it raises :class:`CheckpointError` for a checkpoint of
+            other settings, which then names those rather than the model's shapes they imply).
 
     Returns:
         the path of the file.
@@ -271,7 +274,8 @@ def _differences(saved: dict, now: dict, where: str = "") -> list:
 
 
 def load_checkpoint(directory, model: nn.Module, optimizer: torch.optim.Optimizer,
-                    data_order: Optional[torch.Generator] = None, group=None) -> Checkpoint:
+                    data_order: Optional[torch.Generator] = None, group=None,
+                    check_extra=None) -> Checkpoint:
     """Resume from the checkpoint in ``directory`` (a folder or the file itself).
 
     Everything is checked before anything is changed: a missing, corrupted or truncated file, or
@@ -284,6 +288,9 @@ def load_checkpoint(directory, model: nn.Module, optimizer: torch.optim.Optimize
         model, optimizer: built as for the saved run (any number of ranks).
         data_order: the generator of the data order: its state is set (None: not restored).
         group: the process group (None: the default one).
+        check_extra: None, or ``check_extra(path, extra)`` called with the saved ``extra`` before
+            anything else is compared (it raises :class:`CheckpointError` for a checkpoint of
+            other settings, which then names those rather than the model's shapes they imply).
 
     Returns:
         a :class:`Checkpoint` (the epoch completed, the saving world size, ``extra``).
@@ -295,6 +302,8 @@ def load_checkpoint(directory, model: nn.Module, optimizer: torch.optim.Optimize
                         f"{type(optimizer).__name__}")
     path = checkpoint_path(directory)
     content = _read(path)
+    if check_extra is not None:
+        check_extra(path, content["extra"])
     diff = _differences(content["configuration"], _configuration(model, optimizer))
     if diff:
         raise CheckpointError(path, "saved for another model or optimizer configuration: "

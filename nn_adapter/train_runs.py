@@ -170,14 +170,16 @@ def _prepare(args, cfg, split, name: str, seed: int, world: int, device) -> _Run
         return run
     run.fingerprint = fingerprint(net, _plan(args, len(split.x_train), seed, args.epochs)[0])
     order = torch.Generator()
-    state = load_checkpoint(path, model, run.optimizer, data_order=order)
-    saved = state.extra.get("settings") if isinstance(state.extra, dict) else None
-    if not isinstance(saved, dict) or not isinstance(state.extra.get("record"), dict):
-        raise CheckpointError(path, "not a checkpoint of occore train --checkpoint (no run settings)")
-    for key in SETTINGS:
-        if saved.get(key) != run.settings[key]:
-            raise CheckpointError(path, f"written by a run with {key} {saved.get(key)}, this one has "
-                                  f"{key} {run.settings[key]}")
+
+    def same_settings(path, extra):
+        saved = extra.get("settings") if isinstance(extra, dict) else None
+        if not isinstance(saved, dict) or not isinstance(extra.get("record"), dict):
+            raise CheckpointError(path, "not a checkpoint of occore train --checkpoint (no run settings)")
+        for key in SETTINGS:
+            if saved.get(key) != run.settings[key]:
+                raise CheckpointError(path, f"written by a run with {key} {saved.get(key)}, this one "
+                                      f"has {key} {run.settings[key]}")
+    state = load_checkpoint(path, model, run.optimizer, data_order=order, check_extra=same_settings)
     if state.epoch > args.epochs:
         raise CheckpointError(path, f"holds epoch {state.epoch}, beyond --epochs {args.epochs}")
     if not torch.equal(order.get_state(), _plan(args, len(split.x_train), seed, state.epoch)[1].get_state()):

@@ -103,6 +103,27 @@ def test_a_checkpoint_of_another_model_or_optimizer_is_refused(saved, other):
     _refused(saved / ckpt.FILE_NAME, net, opt, "another model or optimizer configuration")
 
 
+def test_check_extra_sees_the_saved_extra_before_the_configuration_is_compared(saved):
+    """A run's own check of its saved settings decides first (its message, not the shapes of a
+    model those settings imply), and a refusal changes nothing."""
+    net, opt = _setup(width=6)              # another model: the configuration would differ too
+    seen = []
+
+    def check(path, extra):
+        seen.append((path, extra))
+        raise CheckpointError(path, "written by a run with other settings")
+    _refused(saved / ckpt.FILE_NAME, net, opt, "another model or optimizer configuration")
+    before = _flat(net)
+    with pytest.raises(CheckpointError, match="other settings"):
+        load_checkpoint(saved, net, opt, check_extra=check)
+    assert len(seen) == 1 and str(seen[0][0]).endswith(ckpt.FILE_NAME)
+    assert torch.equal(_flat(net), before)
+    net, opt = _setup()
+    extras = []
+    state = load_checkpoint(saved, net, opt, check_extra=lambda path, extra: extras.append(extra))
+    assert extras == [state.extra]
+
+
 def test_a_checkpoint_of_another_optimizer_class_is_refused(saved):
     net, _ = _setup()
     _refused(saved, net, EKFAC(net, lr=0.01), "class")
