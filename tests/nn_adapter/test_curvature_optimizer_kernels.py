@@ -235,6 +235,35 @@ def test_a_group_of_one_refuses_what_one_process_refuses_and_steps_alike(group_o
     assert torch.equal(_flat(net), _flat(ref))
 
 
+def test_ddpnopt_loss_recognition_on_a_group_of_one_is_the_plain_one(group_of_one):
+    """DDPNOpt's loss recognition travels in the agreement after the loss and the records' state:
+    on a DistributedDataParallel of one rank a summed cross-entropy is refused as by the plain
+    DDPNOpt (the same error, nothing changed), and mean ones step as it does, bit for bit."""
+    from nn_adapter import DDPNOpt
+    net, ref = _net(), _net()
+    ddp = nn.parallel.DistributedDataParallel(net)
+    opts = [(DDPNOpt(ddp, lr=0.01, curvature="adam"), ddp),
+            (DDPNOpt(ref, lr=0.01, curvature="adam"), ref)]
+
+    def closure(opt, model, x, y, reduction):
+        def run():
+            opt.zero_grad()
+            loss = nn.functional.cross_entropy(model(x), y, reduction=reduction)
+            loss.backward()
+            return loss
+        return run
+    batches = _batches(3)
+    for opt, model in opts:
+        with pytest.raises(InputError, match="closure: the loss is summed over the batch"):
+            opt.step(closure(opt, model, *batches[0], "sum"))
+    assert torch.equal(_flat(net), _flat(_net())) and torch.equal(_flat(ref), _flat(_net()))
+    for x, y in batches:
+        for opt, model in opts:
+            opt.step(closure(opt, model, x, y, "mean"))
+    assert (_flat(ref) - _flat(_net())).abs().max() > 1e-3
+    assert torch.equal(_flat(net), _flat(ref))
+
+
 # -- decoupled weight decay -------------------------------------------------------------------------
 def test_decoupled_decay_per_group_and_only_where_there_is_a_gradient():
     """Two groups with their own decoupled decay (one of exactly 1) against torch.optim.AdamW, and
@@ -302,27 +331,43 @@ def _pass(net, x):
 
 
 def test_recorder_keeps_inputs_outputs_and_gradients_of_the_modules_asked_for():
+    """Each list names a module of its own (the Sequential itself for the output), then one
+    module in three lists (hooked once, counted once)."""
     net = _net()
     x = torch.randn(6, 4, dtype=D)
     ref_x, ref_h0, ref_out = _pass(copy.deepcopy(net), x)
-    rec = Recorder(input_of=[net[2]], grad_of=[net[0], net[2]], in_grad_of=[net[0]],
-                   output_of=[net[0]]).name_modules(net)
-    assert rec.wants == (frozenset({id(net[2])}), frozenset({id(net[0]), id(net[2])}),
-                         frozenset({id(net[0])}), frozenset({id(net[0])}))
+    rec = Recorder(input_of=[net[2]], grad_of=[net[0]], in_grad_of=[net[1]],
+                   output_of=[net]).name_modules(net)
+    assert rec.wants == (frozenset({id(net[2])}), frozenset({id(net[0])}),
+                         frozenset({id(net[1])}), frozenset({id(net)}))
     with rec:
         with torch.no_grad():
             net(torch.zeros(2, 4, dtype=D))          # not recorded: no grad
         got_x, got_h0, got_out = _pass(net, x)
-    assert rec.calls == {net[0]: 1, net[2]: 1}
+    assert rec.calls == {net[0]: 1, net[1]: 1, net[2]: 1}   # _pass calls the layers one by one
     assert set(rec.inputs) == {net[2]} and torch.equal(rec.inputs[net[2]], torch.tanh(got_h0))
+    assert set(rec.out_grads) == {net[0]} and torch.equal(rec.out_grads[net[0]], ref_h0.grad)
+    assert set(rec.in_grads) == {net[1]} and torch.equal(rec.in_grads[net[1]], ref_h0.grad)
+    assert rec.outputs == {}
+    with rec:
+        out = net(x)
+        out.sum().backward()
+    assert rec.calls == {net[0]: 1, net[1]: 1, net[2]: 1, net: 1}
+    assert set(rec.outputs) == {net} and torch.equal(rec.outputs[net], out.detach())
+    assert not any(t.requires_grad for d in (rec.inputs, rec.outputs, rec.out_grads,
+                                             rec.in_grads) for t in d.values())
+    assert rec.has_grad(net[0]) and not rec.has_grad(net[2])
+
+    rec = Recorder(input_of=[net[2]], grad_of=[net[0], net[2]], in_grad_of=[net[0]],
+                   output_of=[net[0]]).name_modules(net)
+    with rec:
+        got_x, got_h0, got_out = _pass(net, x)
+    assert rec.calls == {net[0]: 1, net[2]: 1}
     assert set(rec.outputs) == {net[0]} and torch.equal(rec.outputs[net[0]], got_h0.detach())
     assert set(rec.out_grads) == {net[0], net[2]}
     assert torch.equal(rec.out_grads[net[0]], ref_h0.grad)
     assert torch.equal(rec.out_grads[net[2]], ref_out.grad)
     assert set(rec.in_grads) == {net[0]} and torch.equal(rec.in_grads[net[0]], ref_x.grad)
-    assert not any(t.requires_grad for d in (rec.inputs, rec.outputs, rec.out_grads,
-                                             rec.in_grads) for t in d.values())
-    assert rec.has_grad(net[2]) and not rec.has_grad(net[1])
     rec.check_complete([net[0], net[2]])
     # outside the block nothing is recorded; release drops the tensors, not the counts
     _pass(net, x)
@@ -408,7 +453,7 @@ def test_live_recorder_keeps_the_passes_a_backward_went_through():
                 pass
     finally:
         rec.detach()
-    assert not rec.attached
+    assert not rec.attached and id(net[0]) not in records._WATCHED   # attached twice, unwatched
     _pass(net, x)
     assert rec.calls == {}
 
