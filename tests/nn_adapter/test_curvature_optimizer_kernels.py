@@ -5,6 +5,7 @@ built on the model alone, refused steps leaving every parameter, state and group
 bad add_param_group / load_state_dict inputs refused naming the argument, and what the recorders
 keep of a forward and backward pass against the tensors autograd gives. float64 throughout."""
 import copy
+import gc
 import math
 
 import pytest
@@ -442,12 +443,14 @@ def test_live_recorder_keeps_the_passes_a_backward_went_through():
         with pytest.raises(InputError, match="ran 0 times"):
             rec.check_complete([net[0]])
         rec.paused = True
-        _pass(net, x)
+        _pass(net, x)                              # paused at the forward
         assert rec.calls == {}
-        out = net(x)                               # recorded while not paused at the forward
         rec.paused = False
+        out = net(x)                               # seen at the forward, but paused at the
+        rec.paused = True                          # backward: not recorded
         out.sum().backward()
-        assert rec.calls == {}                     # ... only while not paused at the backward
+        rec.paused = False
+        assert rec.calls == {}
         with pytest.raises(TypeError, match="attach"):
             with rec:
                 pass
@@ -456,6 +459,41 @@ def test_live_recorder_keeps_the_passes_a_backward_went_through():
     assert not rec.attached and id(net[0]) not in records._WATCHED   # attached twice, unwatched
     _pass(net, x)
     assert rec.calls == {}
+
+
+def test_live_recorder_skips_what_it_cannot_record():
+    """A module only in ``grad_of`` keeps no input; a module called with a keyword input only
+    keeps its output gradient and no input; an output that needs no gradient (frozen weights, an
+    input without gradient) is skipped without error; a recorder collected between the forward
+    and the backward pass is not written to."""
+    class Scale(nn.Module):
+        def forward(self, x=None):
+            return 2 * x
+    net = _net()
+    scale = Scale()
+    rec = LiveRecorder([net[0], scale], [net[0], net[2], scale]).attach()
+    try:
+        x = torch.randn(3, 4, dtype=D)
+        out = net(x)
+        (scale(x=out) * 0.5).sum().backward()
+        assert rec.calls == {net[0]: 1, net[2]: 1, scale: 1}
+        assert set(rec.inputs) == {net[0]} and torch.equal(rec.inputs[net[0]], x)
+        assert set(rec.out_grads) == {net[0], net[2], scale}
+        assert torch.equal(rec.out_grads[scale], torch.full((3, 3), 0.5, dtype=D))
+        rec.release()
+        net.requires_grad_(False)
+        net(x)                                      # nothing needs a gradient: skipped
+        assert rec.calls == {}
+    finally:
+        rec.detach()
+    lin = nn.Linear(2, 2).to(D)
+    gone = LiveRecorder([lin], [lin]).attach()
+    out = lin(torch.ones(3, 2, dtype=D))
+    calls = gone.calls
+    del gone
+    gc.collect()
+    out.sum().backward()                            # the hook finds no recorder: nothing written
+    assert calls == {}
 
 
 def test_live_recorders_of_one_module_count_their_watchers():
