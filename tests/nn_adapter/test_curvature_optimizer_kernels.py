@@ -58,7 +58,7 @@ def _same_state(a, b):
             assert torch.equal(u, v) if isinstance(u, torch.Tensor) else u == v, name
 
 
-# -- parameter order and groups ---------------------------------------------------------------------
+# -- parameter order and groups --------------------------------------------------------------------
 TORCH = {"identity": lambda ps, **hp: torch.optim.SGD(ps, **hp),
          "adam": lambda ps, **hp: torch.optim.Adam(ps, **hp)}
 HP = {"identity": dict(lr=0.1, momentum=0.9, weight_decay=1e-2),
@@ -99,7 +99,7 @@ def test_ekfac_with_bias_before_weight_equals_ekfac_of_the_model():
     assert (_flat(net) - _flat(ref)).abs().max() <= 1e-12
 
 
-# -- a closure without backward ---------------------------------------------------------------------
+# -- a closure without backward --------------------------------------------------------------------
 def test_closure_without_backward():
     net = _net()
     x, y = _batches(1)[0]
@@ -121,7 +121,7 @@ def test_closure_without_backward():
     assert torch.equal(_flat(net), before) and len(ekfac.state) == 0
 
 
-# -- refused steps ----------------------------------------------------------------------------------
+# -- refused steps ---------------------------------------------------------------------------------
 def _make(curvature, params, net):
     if curvature == "ekfac":
         return EKFAC(params, lr=0.1, model=net)
@@ -265,7 +265,7 @@ def test_ddpnopt_loss_recognition_on_a_group_of_one_is_the_plain_one(group_of_on
     assert torch.equal(_flat(net), _flat(ref))
 
 
-# -- decoupled weight decay -------------------------------------------------------------------------
+# -- decoupled weight decay ------------------------------------------------------------------------
 def test_decoupled_decay_per_group_and_only_where_there_is_a_gradient():
     """Two groups with their own decoupled decay (one of exactly 1) against torch.optim.AdamW, and
     a parameter that gets no gradient (outside the forward pass) neither decays nor moves, as in
@@ -294,7 +294,7 @@ def test_decoupled_decay_per_group_and_only_where_there_is_a_gradient():
     assert (_flat(plain) - _flat(net)).abs().max() > 1e-3
 
 
-# -- bad input ----------------------------------------------------------------------------------------
+# -- bad input -------------------------------------------------------------------------------------
 @pytest.mark.parametrize("group,match", [
     (None, "param_group: expected a dict"), (5, "param_group: expected a dict"),
     ([torch.zeros(2)], "param_group: expected a dict"), ({"lr": 0.1}, "param_group: .*'params'"),
@@ -317,7 +317,7 @@ def test_load_state_dict_refuses_what_is_not_a_state_dict(state):
         opt.load_state_dict(state)
 
 
-# -- the recorders ----------------------------------------------------------------------------------
+# -- the recorders ---------------------------------------------------------------------------------
 def _pass(net, x):
     """A forward and backward pass of a weighted loss, with autograd's own gradients at the
     first layer's input and at each Linear's output (the references)."""
