@@ -47,8 +47,8 @@ Measured (issue 13, 2 shared cores, about 7 s per mutant)::
   (96%); the survivor ``momentum > 0 -> >= 0`` in ``param_effective_gradient`` sends momentum 0
   through ``param_direction``, which computes the same -P (g + wd p).
 - ``occore/solvers/ddp.py`` (68 of 94), ``occore/solvers/base.py`` (26 of 29),
-  ``nn_adapter/curvature/ekfac.py`` (91 of 111): commands and survivors in the README's
-  development notes.
+  ``nn_adapter/curvature/ekfac.py`` (89 of 92), ``nn_adapter/curvature/kron.py`` (82 of 90):
+  commands and survivors in the README's development notes.
 """
 from __future__ import annotations
 

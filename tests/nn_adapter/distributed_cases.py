@@ -31,6 +31,9 @@ CASES = {
     "ddpnopt-adam-nofeedback": ("ddpnopt", dict(curvature="adam", lr=0.02, feedback=False), "ddp"),
     "ekfac": ("ekfac", dict(lr=0.05, eigen_update_freq=2), "ddp"),
     "ekfac-group-noclosure": ("ekfac", dict(lr=0.05, eigen_update_freq=2), "group-noclosure"),
+    # steps without a factor update (2, 4), one of them refreshing the eigenbases (4)
+    "ekfac-sparse-factors": ("ekfac", dict(lr=0.05, factor_update_freq=2, eigen_update_freq=3),
+                             "ddp"),
 }
 
 

@@ -49,7 +49,9 @@ def test_two_ranks_equal_one_process_with_the_whole_batch(two_ranks, name):
 
 def test_collectives_per_step(two_ranks):
     """1 agreement + one per stage with feedback (T - 1 = 2) + EKFAC's statistics (1; 2 on the
-    eigenbasis refreshes of steps 1, 3, 5) + 1 for the diagnostics."""
+    eigenbasis refreshes of steps 1, 3, 5) + 1 for the diagnostics. With factor_update_freq=2 and
+    eigen_update_freq=3: s alone on step 2 (no factors), A and G with s on steps 3 and 5, s alone
+    in the new bases on step 4 (a refresh without factors)."""
     calls = {name: two_ranks[0][0][name]["calls"] for name in cases.CASES}
     assert calls["ddpnopt-adam"] == [3] * 5
     assert calls["ddpnopt-adam-group"] == [3] * 5          # the gradients ride in the agreement
@@ -58,6 +60,7 @@ def test_collectives_per_step(two_ranks):
     assert calls["ddpnopt-adam-nofeedback"] == [1] * 5
     assert calls["ekfac"] == [3, 2, 3, 2, 3]
     assert calls["ekfac-group-noclosure"] == [3, 2, 3, 2, 3]
+    assert calls["ekfac-sparse-factors"] == [3, 2, 2, 2, 2]
 
 
 def test_a_step_refused_on_one_rank_is_refused_on_all(two_ranks):

@@ -62,11 +62,13 @@ def _dense_statistics(net, x, y):
     return stats
 
 
-def _dense_run(net, batches, lr, damping, decay, eig_every, decoupled_wd=0.0, factor_every=1):
+def _dense_run(net, batches, lr, damping, decay, eig_every, decoupled_wd=0.0, factor_every=1,
+               run=None):
     """EKFAC by its definition, with explicit Kronecker matrices on vec(W|b) (``decoupled_wd``:
     the parameters shrink by 1 - lr wd before each update, as AdamW; ``factor_every``: A and G
-    take in the batch at steps 1, 1 + factor_every, ...)."""
-    run = {}
+    take in the batch at steps 1, 1 + factor_every, ...). ``run``: a dict that receives, per
+    module, the final A, G, eigenbases and s (a vector over row-major vec(W|b))."""
+    run = {} if run is None else run
     for step, (x, y) in enumerate(batches, start=1):
         net.zero_grad()
         stats = _dense_statistics(net, x, y)
@@ -169,6 +171,35 @@ def test_ekfac_on_positions_without_bias_and_sparse_factor_updates_equals_dense_
     start = torch.cat([p.detach().flatten() for p in _sequence_net().parameters()])
     assert (ref - start).abs().max() > 1e-3
     assert (got - ref).abs().max() <= 1e-10
+
+
+@pytest.mark.parametrize("factor_every, eig_every", [(1, 2), (3, 2)])
+def test_ekfac_state_holds_the_running_factors_and_scales_of_the_definition(factor_every,
+                                                                           eig_every):
+    """The optimizer's state after five steps of changing batch sizes: A and G are the running
+    averages of mean_(i,l) a a^T and mean_(i,l) g g^T (g the per-sample output gradient, B times
+    the recorded one of the mean loss), and s the running second moment of the per-sample
+    gradients in the current eigenbasis, each against the dense definition. The step sees A and
+    G only through their eigenvectors, so their scale and sign are checked here."""
+    g = torch.Generator().manual_seed(11)
+    batches = [(torch.randn(b, 2, 4, 4, generator=g, dtype=torch.float64),
+                torch.randint(0, 3, (b,), generator=g)) for b in (12, 20, 13, 16, 14)]
+    hp = dict(lr=0.1, damping=1e-2, stat_decay=0.8)
+    ours = _net()
+    opt = EKFAC(ours, factor_update_freq=factor_every, eigen_update_freq=eig_every, **hp)
+    _step_with_closures(ours, opt, batches)
+    run = {}
+    _dense_run(_net(), batches, hp["lr"], hp["damping"], hp["stat_decay"], eig_every,
+               factor_every=factor_every, run=run)
+    mine = [m for m in ours if isinstance(m, (nn.Linear, nn.Conv2d))]
+    for m, ref in zip(mine, run.values()):
+        st = opt.state[m.weight]
+        for key in ("A", "G"):
+            scale = ref[key].abs().max()
+            assert scale > 1e-3
+            assert (st[key] - ref[key]).abs().max() <= 1e-10 * scale, key
+        s_ref = ref["s"].reshape(st["scale"].shape)
+        assert (st["scale"] - s_ref).abs().max() <= 1e-9 * s_ref.abs().max()
 
 
 def test_ekfac_other_parameters_get_a_diagonal_curvature():
