@@ -26,6 +26,7 @@ import torch
 from torch.func import vjp, vmap
 
 from .curvature.base import as_matrix
+from .curvature.records import detached
 from .curvature.kron import per_sample_grads
 from .feedback import _weight_grads, sample_dots
 from .module_stages import replay
@@ -85,7 +86,7 @@ def pull_columns(rec, stages: list, y_out: torch.Tensor) -> list:
             # after it (skips included); at the view of its input, through the module alone
             pairs = [(t, v) for t in idx for v in (outs[t], ins[t])]
             live = [v for _, v in pairs if v.requires_grad]
-            grads = iter(torch.autograd.grad(out, live, y, is_grads_batched=True,
+            grads = iter(torch.autograd.grad(out, live, y.to(out.dtype), is_grads_batched=True,
                                              allow_unused=True, materialize_grads=True)
                          if live else ())
             got = [next(grads) if v.requires_grad else v.new_zeros((y.shape[0],) + v.shape)
@@ -95,8 +96,9 @@ def pull_columns(rec, stages: list, y_out: torch.Tensor) -> list:
             h.remove()
     res: list = [None] * T
     for j, t in enumerate(idx):
-        res[t] = StageColumns(got[2 * j].transpose(0, 1).detach(),
-                              got[2 * j + 1].transpose(0, 1).detach())
+        module = stages[t].module            # (in its parameters' dtype under autocast)
+        res[t] = StageColumns(detached(got[2 * j].transpose(0, 1), module),
+                              detached(got[2 * j + 1].transpose(0, 1), module))
     return res
 
 

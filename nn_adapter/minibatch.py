@@ -42,7 +42,7 @@ from .curvature.base import apply_p
 from .feedback import feedback_grads, quad_form, second_order_grads, tikhonov_grads
 from .feedback_columns import column_feedback, column_quad_forms, next_weights, pull_columns
 from .local_model import DenseGains, FactorisedGains, NetworkLocalModel
-from .module_stages import replay
+from .module_stages import autocast_off, replay
 from .terminal import terminal_factor
 
 __all__ = ["MinibatchProblem", "CurvatureQ", "dense_gain"]
@@ -174,10 +174,11 @@ class MinibatchProblem:
             if step is not None:
                 state["busy"] = True
                 try:
-                    delta = op(args[0]) if op is not None else None
-                    if delta is not None and col is not None:
-                        col.average_(delta)      # the batch mean over all ranks' samples
-                    step.apply(delta)
+                    with autocast_off(rec.autocast):    # the update in the parameters' dtype
+                        delta = op(args[0]) if op is not None else None
+                        if delta is not None and col is not None:
+                            col.average_(delta)      # the batch mean over all ranks' samples
+                        step.apply(delta)
                 finally:
                     state["busy"] = False
             if t == last:

@@ -31,11 +31,11 @@ from torch import nn
 
 from occore.errors import InputError
 
-from .curvature.records import Recorder
+from .curvature.records import Recorder, detached
 from .errors import UnsupportedModuleError
 from .stages import Stage
 
-__all__ = ["module_stages", "StageRecorder", "replay"]
+__all__ = ["module_stages", "StageRecorder", "replay", "autocast_state", "autocast_off"]
 
 
 def _owners(model: nn.Module, params: set) -> list:
@@ -153,6 +153,7 @@ class StageRecorder(Recorder):
         self.model_output = self.model_grad = self.model_output_kind = None
         self.model_calls = 0
         self.unsupported: dict = {}
+        self.autocast: tuple = ()
 
     # -- hooks -----------------------------------------------------------------------------------
     def _pre(self, module, args, kwargs):
@@ -176,10 +177,10 @@ class StageRecorder(Recorder):
             self.unsupported[module] = (
                 f"is called with further arguments ({' and '.join(extra)}); the per-sample "
                 "gradients and the feedback re-evaluate a stage as module(x) on its input alone")
-        self.inputs[module] = x.detach()
+        self.inputs[module] = detached(x, module)
         if id(module) in self._in_grad and x.requires_grad:
             x = x.view_as(x)              # consumed by this module only: its grad is h_x^T g
-            x.register_hook(lambda grad: self._input_grad(module, grad.detach()))
+            x.register_hook(lambda grad: self._input_grad(module, detached(grad, module)))
             return (x,) + tuple(args[1:]), kwargs
         return None
 
@@ -191,7 +192,7 @@ class StageRecorder(Recorder):
         """The module's call inside the block: ``forward(x, sink)`` where it can be kept compact
         (its first call, not the first module, input requiring grad, no autocast)."""
         if (args or kwargs or not isinstance(x, torch.Tensor) or not x.requires_grad
-                or not torch.is_grad_enabled() or torch.is_autocast_enabled()
+                or not torch.is_grad_enabled() or autocast_state()
                 or self.calls.get(module) != 1 or self.order[0] is module):
             return type(module).forward(module, x, *args, **kwargs)
 
@@ -207,7 +208,7 @@ class StageRecorder(Recorder):
             return
         if isinstance(output, torch.Tensor):
             if output.requires_grad and (self._first_grad or module is not self.order[0]):
-                output.register_hook(lambda grad: self.out_grads.__setitem__(module, grad.detach()))
+                output.register_hook(lambda grad: self.out_grads.__setitem__(module, detached(grad, module)))
         else:
             self.unsupported.setdefault(module, f"returns a {type(output).__name__}, not one tensor")
 
@@ -216,6 +217,7 @@ class StageRecorder(Recorder):
             self.model_calls += 1
             self.model_args, self.model_kwargs = args, kwargs
             self.rng = _rng_state(args, kwargs)
+            self.autocast = autocast_state()
 
     def _model_post(self, module, args, kwargs, output):
         if module is not self.model or not torch.is_grad_enabled():
@@ -223,9 +225,9 @@ class StageRecorder(Recorder):
         if not isinstance(output, torch.Tensor):
             self.model_output_kind = type(output).__name__
             return
-        self.model_output = output.detach()
+        self.model_output = detached(output, module)
         if output.requires_grad:
-            output.register_hook(lambda grad: setattr(self, "model_grad", grad.detach()))
+            output.register_hook(lambda grad: setattr(self, "model_grad", detached(grad, module)))
 
     def __enter__(self) -> "StageRecorder":
         self.release()
@@ -260,6 +262,7 @@ class StageRecorder(Recorder):
         self.model_output = self.model_grad = self.model_output_kind = None
         self.model_calls = 0
         self.unsupported = {}
+        self.autocast = ()
 
     def has_grad(self, module) -> bool:
         return module in self.out_grads or module in self.compact
@@ -285,6 +288,20 @@ class StageRecorder(Recorder):
                 "the model (the module given as model=) exactly once")
 
 
+def autocast_state() -> tuple:
+    """((device type, dtype), ...) of the autocast regions active here (empty: none)."""
+    return tuple((d, torch.get_autocast_dtype(d)) for d in ("cpu", "cuda")
+                 if torch.is_autocast_enabled(d))
+
+
+def autocast_off(state: tuple):
+    """A context that switches off the autocast regions of ``state`` (:func:`autocast_state`)."""
+    stack = contextlib.ExitStack()
+    for device, _ in state:
+        stack.enter_context(torch.autocast(device, enabled=False))
+    return stack
+
+
 def _devices(args, kwargs) -> list:
     seen = []
     for v in list(args) + list(kwargs.values()):
@@ -301,8 +318,9 @@ def _rng_state(args, kwargs):
 @contextlib.contextmanager
 def replay(rec: StageRecorder):
     """Run a block with the RNG states the closure's forward started from (same dropout masks),
-    and the batch norms' running statistics unchanged (they advance once per step, in the
-    closure); afterwards the RNG states are what they were before the block."""
+    in the autocast regions the model was called in (the same mixed precision), and the batch
+    norms' running statistics unchanged (they advance once per step, in the closure); afterwards
+    the RNG states are what they were before the block."""
     cpu_now = torch.get_rng_state()
     cuda_now = [(d, torch.cuda.get_rng_state(d)) for d, _ in rec.rng[1]]
     norms = [m for m in rec.model.modules()
@@ -314,7 +332,10 @@ def replay(rec: StageRecorder):
     for d, s in rec.rng[1]:
         torch.cuda.set_rng_state(s, d)
     try:
-        yield
+        with contextlib.ExitStack() as regions:
+            for device, dtype in rec.autocast:
+                regions.enter_context(torch.autocast(device, dtype=dtype))
+            yield
     finally:
         torch.set_rng_state(cpu_now)
         for d, s in cuda_now:

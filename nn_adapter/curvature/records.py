@@ -8,8 +8,11 @@ the forward pass and the gradient of the loss with respect to its output. Two re
 - :class:`LiveRecorder` records for the optimizer's lifetime, for ``step()`` without a closure: it
   keeps the forward passes that a backward pass went through since it was last released.
 
-The recorded tensors are detached references (no copies). Both refer to the modules they record
-by identity: a ``copy.deepcopy`` of the model never writes into the original's records.
+The recorded tensors are detached references (no copies), except under autocast: an activation
+or gradient in another floating dtype than its module's own parameters (bfloat16 / float16 of a
+float32 module) is recorded in the parameters' dtype (:func:`detached`), which the curvatures
+and the feedback compute in. Both refer to the modules they record by identity: a
+``copy.deepcopy`` of the model never writes into the original's records.
 """
 from __future__ import annotations
 
@@ -22,7 +25,26 @@ from torch.nn.modules.module import register_module_forward_hook
 
 from occore.errors import InputError
 
-__all__ = ["Recorder", "LiveRecorder"]
+__all__ = ["Recorder", "LiveRecorder", "detached"]
+
+
+def detached(t: torch.Tensor, like: Optional[nn.Module]) -> torch.Tensor:
+    """``t`` detached, and in the dtype of ``like``'s own parameters (or of the first parameter
+    of ``like`` itself when it has none of its own) where autocast made it another floating dtype;
+    otherwise a reference, no copy.
+
+    Example:
+        >>> lin = nn.Linear(2, 2)
+        >>> detached(torch.ones(1, 2, dtype=torch.bfloat16), lin).dtype
+        torch.float32
+    """
+    t = t.detach()
+    if like is None or not t.is_floating_point():
+        return t
+    p = next(like.parameters(recurse=False), None)
+    if p is None:
+        p = next(like.parameters(), None)
+    return t if p is None or p.dtype == t.dtype else t.to(p.dtype)
 
 
 def _functorch_wrapped(t) -> bool:
@@ -100,14 +122,14 @@ class Recorder:
                 return
             calls[mod] = calls.get(mod, 0) + 1
             if keep_input and args:
-                inputs[mod] = args[0].detach()
+                inputs[mod] = detached(args[0], mod)
             if keep_output and isinstance(output, torch.Tensor):
-                outputs[mod] = output.detach()
+                outputs[mod] = detached(output, mod)
             if keep_grad and isinstance(output, torch.Tensor) and output.requires_grad:
-                output.register_hook(lambda grad: out_grads.__setitem__(mod, grad.detach()))
+                output.register_hook(lambda grad: out_grads.__setitem__(mod, detached(grad, mod)))
             if keep_in_grad and args and isinstance(args[0], torch.Tensor) \
                     and args[0].requires_grad:
-                args[0].register_hook(lambda grad: in_grads.__setitem__(mod, grad.detach()))
+                args[0].register_hook(lambda grad: in_grads.__setitem__(mod, detached(grad, mod)))
         return hook
 
     def __exit__(self, *exc) -> None:
@@ -260,7 +282,7 @@ class LiveRecorder(Recorder):
         if not (isinstance(output, torch.Tensor) and output.requires_grad) \
                 or _functorch_wrapped(output):
             return
-        x = args[0].detach() if key in self._want_input and args \
+        x = detached(args[0], mod) if key in self._want_input and args \
             and isinstance(args[0], torch.Tensor) else None
         keep_grad = key in self._want_grad
         ref = weakref.ref(self)
@@ -273,7 +295,7 @@ class LiveRecorder(Recorder):
             if x is not None:
                 rec.inputs[mod] = x
             if keep_grad:
-                rec.out_grads[mod] = grad.detach()
+                rec.out_grads[mod] = detached(grad, mod)
         output.register_hook(commit)
 
     def check_complete(self, modules: Iterable[nn.Module], need_grads: bool = True) -> None:

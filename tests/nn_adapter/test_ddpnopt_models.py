@@ -383,3 +383,58 @@ def test_a_residual_network_trains_on_digits(curvature, lr):
     assert final[True][0] < 0.05 * math.log(10)
     assert final[True][0] < 2.0 * final[False][0] + 0.02          # near convergence: noise
     assert final[True][1] > 0.9
+
+
+class _SeesAutocast(nn.Module):
+    """Parameter-free: notes, at every call, whether CPU autocast is on."""
+
+    def __init__(self):
+        super().__init__()
+        self.seen = []
+
+    def forward(self, x):
+        self.seen.append(torch.is_autocast_enabled("cpu"))
+        return torch.tanh(x)
+
+
+def _autocast_closure(net, opt, x, y):
+    def closure():
+        opt.zero_grad()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = nn.functional.cross_entropy(net(x), y)
+        loss.backward()
+        return loss.detach()
+    return closure
+
+
+@pytest.mark.parametrize("options", [dict(), dict(terminal_hessian="gauss_newton"),
+                                     dict(feedback="dense"), dict(curvature="ekfac")])
+def test_a_closure_under_autocast_trains_with_feedback_in_the_parameters_dtype(options):
+    """bfloat16 autocast in the closure: the records are taken in the parameters' dtype (float32),
+    the feedback pass re-runs the forward under the same autocast and the update itself outside
+    it; the parameters stay float32 and the loss falls."""
+    torch.manual_seed(0)
+    seen = _SeesAutocast()
+    net = nn.Sequential(nn.Linear(6, 16), seen, nn.Linear(16, 16), nn.Tanh(), nn.Linear(16, 3))
+    x = torch.randn(32, 6)
+    y = (x[:, 0] > 0).long() + (x[:, 1] > 0).long()
+    opt = DDPNOpt(net.parameters(), model=net, **dict(dict(lr=0.01, curvature="adam"), **options))
+    closure = _autocast_closure(net, opt, x, y)
+    losses = [float(opt.step(closure)) for _ in range(25)]
+    assert losses[-1] < 0.7 * losses[0] and opt.refused_steps == 0
+    assert all(p.dtype == torch.float32 and bool(torch.isfinite(p).all()) for p in net.parameters())
+    # each step: the closure's forward, the feedback pass (and with r columns their pull-back)
+    assert len(seen.seen) >= 2 * 25 and all(seen.seen)
+
+
+def test_a_cnn_closure_under_autocast_trains_with_feedback():
+    """The compact convolutions are not used under CPU autocast (they are float32 kernels)."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), nn.Conv2d(4, 4, 3, padding=1),
+                        nn.ReLU(), nn.Flatten(), nn.Linear(4 * 6 * 6, 2))
+    x = torch.randn(16, 1, 6, 6)
+    y = (x.mean((1, 2, 3)) > 0).long()
+    opt = DDPNOpt(net.parameters(), model=net, lr=0.01, curvature="adam")
+    closure = _autocast_closure(net, opt, x, y)
+    losses = [float(opt.step(closure)) for _ in range(20)]
+    assert losses[-1] < 0.8 * losses[0] and opt.refused_steps == 0

@@ -262,3 +262,24 @@ def test_per_sample_conv_gradients_match_autograd(kw):
                                                             if len(grads) > 1 else []), 1))
     got = torch.cat([G for _, G in per_sample_grads(block, x, g)])
     assert torch.allclose(got, torch.stack(ref), atol=1e-12)
+
+
+def test_ekfac_under_autocast_keeps_its_factors_in_the_parameters_dtype():
+    """bfloat16 activations and gradients (CPU autocast) are recorded in float32, the modules'
+    dtype: the factors and eigenbases are float32 (eigh has no bfloat16 kernel) and it trains."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(6, 16), nn.Tanh(), nn.Linear(16, 3))
+    x = torch.randn(32, 6)
+    y = (x[:, 0] > 0).long() + (x[:, 1] > 0).long()
+    opt = EKFAC(net.parameters(), model=net, lr=0.01)
+    losses = []
+    for _ in range(20):
+        opt.zero_grad()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = nn.functional.cross_entropy(net(x), y)
+        loss.backward()
+        opt.step()
+        losses.append(float(loss.detach()))
+    assert losses[-1] < 0.7 * losses[0]
+    st = opt.state[net[0].weight]
+    assert {st[k].dtype for k in ("A", "G", "QA", "QG", "scale")} == {torch.float32}
