@@ -5,7 +5,7 @@ import enum
 from dataclasses import dataclass, field
 from typing import Any
 
-import numpy as np
+from .types import shape_text
 
 __all__ = ["Status", "IterationInfo", "Result"]
 
@@ -130,11 +130,8 @@ class Result:
 
     def __repr__(self) -> str:
         """A few lines: solver, status, iterations, cost and the shapes (not the arrays)."""
-        def shape(a):
-            return tuple(np.shape(a)) if isinstance(a, np.ndarray) else f"{type(a).__name__} of {len(a)}"
-
         return (f"Result(solver={self.solver!r}, status={self.status.name}, iterations={self.iterations}, "
-                f"cost={self.cost:.12g},\n       xs {shape(self.xs)}, us {shape(self.us)}, "
+                f"cost={self.cost:.12g},\n       xs {shape_text(self.xs)}, us {shape_text(self.us)}, "
                 f"policy={'yes' if self.policy is not None else 'none'}, wall_time={self.wall_time:.3g} s,"
                 f"\n       message={self.message!r})")
 

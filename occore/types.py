@@ -29,7 +29,29 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
 
-__all__ = ["Trajectory", "Policy", "ControlProblem", "LocalModel"]
+__all__ = ["Trajectory", "Policy", "ControlProblem", "LocalModel", "shape_text"]
+
+
+def shape_text(value) -> str:
+    """A short description of an array-like field for a repr: ``(T, nx)`` of an array, ``list of
+    T`` of a list (a network's states or controls), ``operator`` of a callable, ``none``.
+
+    Example:
+        >>> import numpy as np
+        >>> shape_text(np.zeros((3, 2))), shape_text([{}, {}]), shape_text(None)
+        ('(3, 2)', 'list of 2', 'none')
+    """
+    if value is None:
+        return "none"
+    shape = getattr(value, "shape", None)
+    if shape is not None and not callable(value):
+        return str(tuple(shape))
+    if callable(value):
+        return "operator"
+    try:
+        return f"{type(value).__name__} of {len(value)}"
+    except TypeError:
+        return type(value).__name__
 
 
 @dataclass(frozen=True)
@@ -48,6 +70,9 @@ class Trajectory:
     cost: float
     extras: Any = field(default=None, repr=False, compare=False)
 
+    def __repr__(self) -> str:
+        return f"Trajectory(xs {shape_text(self.xs)}, us {shape_text(self.us)}, cost={self.cost:.12g})"
+
 
 @dataclass(frozen=True)
 class Policy:
@@ -61,6 +86,9 @@ class Policy:
 
     k: Any
     K: Any
+
+    def __repr__(self) -> str:
+        return f"Policy(k {shape_text(self.k)}, K {shape_text(self.K)})"
 
 
 @runtime_checkable

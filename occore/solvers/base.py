@@ -14,7 +14,7 @@ from typing import Any
 
 from ..errors import InputError
 from ..result import IterationInfo, Result, Status
-from ..types import Trajectory
+from ..types import Trajectory, shape_text
 from .checks import check_callbacks, check_mu, check_problem, check_state, check_warm_start
 from .options import build_options
 
@@ -54,6 +54,12 @@ class SolverState:
     @property
     def done(self) -> bool:
         return self.status is not Status.RUNNING
+
+    def __repr__(self) -> str:
+        return (f"SolverState(iteration={self.iteration}, status={self.status.name}, mu={self.mu:.3g}, "
+                f"cost={self.traj.cost:.12g},\n            xs {shape_text(self.traj.xs)}, us "
+                f"{shape_text(self.traj.us)}, policy={'yes' if self.policy is not None else 'none'}, "
+                f"history of {len(self.history)})")
 
 
 class Solver:

@@ -175,3 +175,15 @@ def test_repr_of_a_result_is_a_few_lines_and_summary_reads_as_english(pendulum):
     one = ILQR().solve(lqr, us0=ILQR().solve(lqr))
     assert one.iterations == 1 and "after 1 iteration " in one.summary(), one.summary()
     assert "after 10 iterations" in res.summary() and "ms per iteration" in res.summary()
+
+
+def test_repr_of_a_solver_state_trajectory_and_policy_shows_shapes_not_arrays(pendulum):
+    state = ILQR().init(pendulum)
+    state, _ = ILQR().step(pendulum, state)
+    for obj, words in ((state, ["SolverState(iteration=1, status=RUNNING", "xs (101, 2)", "us (100, 1)",
+                                "policy=yes", "history of 1"]),
+                       (state.traj, ["Trajectory(xs (101, 2), us (100, 1), cost="]),
+                       (state.policy, ["Policy(k (100, 1), K (100, 1, 2))"])):
+        text = repr(obj)
+        assert len(text.splitlines()) <= 2 and len(text) < 300, text
+        assert all(w in text for w in words), text
