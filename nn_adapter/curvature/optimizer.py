@@ -190,6 +190,9 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         if isinstance(params, torch.Tensor):
             params = [params]
         elif not isinstance(params, set):        # (torch refuses sets)
+            if not isinstance(params, nn.Module) and not hasattr(params, "__iter__"):
+                raise TypeError(f"params: expected a tensor or an iterable of tensors, got "
+                                f"{type(params).__name__}")
             params = [params] if isinstance(params, nn.Module) else list(params)
             for p in params:
                 if isinstance(p, nn.Module):

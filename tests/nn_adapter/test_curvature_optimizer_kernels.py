@@ -300,6 +300,8 @@ def test_decoupled_decay_per_group_and_only_where_there_is_a_gradient():
     ([torch.zeros(2)], "param_group: expected a dict"), ({"lr": 0.1}, "param_group: .*'params'"),
     ({"params": nn.Linear(2, 2)}, "params: got a module"),
     ({"params": [nn.Linear(2, 2)]}, "params: got a module"),
+    ({"params": 3}, "params: expected a tensor or an iterable of tensors, got int"),
+    ({"params": None}, "params: expected a tensor or an iterable of tensors, got NoneType"),
 ])
 def test_add_param_group_refuses_what_is_not_a_group(group, match):
     net = _net()
