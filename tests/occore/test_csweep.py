@@ -375,3 +375,112 @@ def test_each_entry_point_loads_the_library_on_first_use(which, monkeypatch):
     args = {"riccati_sweep": (d, 1e-6, False), "adjoint_sweep": (d,),
             "gap_terms": (d, k, K, gap, Vx, Vxx), "linear_states": (d, k, K, gap)}[which]
     assert getattr(csweep, which)(*args) is not None
+
+
+def _antisymmetric(rng, shape):
+    A = rng.standard_normal(shape)
+    return A - np.swapaxes(A, -1, -2)
+
+
+@needs_c
+@pytest.mark.parametrize("second_order", [False, True])
+@pytest.mark.parametrize("bounded", [False, True])
+def test_antisymmetric_parts_of_the_hessians_drop_out(second_order, bounded):
+    """Quu and Vxx are symmetrised at every stage, so an antisymmetric part added to luu, to lxx
+    before the last stage, or to the dynamics Hessians fxx / fuu changes nothing: the C sweep gives
+    the results of the symmetric model (numpy reference), and agrees with the reference on the
+    asymmetric one."""
+    T, nx, nu = 12, 3, 2
+    rng = np.random.default_rng(21)
+    d = random_model(rng, T, nx, nu, second_order, hess_scale=0.05)
+    lxx = d.lxx.copy()
+    lxx[:T] += 0.5 * _antisymmetric(rng, (T, nx, nx))
+    extra = dict(luu=d.luu + 0.5 * _antisymmetric(rng, (T, nu, nu)), lxx=lxx)
+    if second_order:
+        extra.update(fxx=d.fxx + 0.05 * _antisymmetric(rng, d.fxx.shape),
+                     fuu=d.fuu + 0.05 * _antisymmetric(rng, d.fuu.shape))
+    skew = DenseDerivatives(**{**d.__dict__, **extra})
+    us = lower = upper = None
+    if bounded:
+        us = np.zeros((T, nu))
+        lower, upper = us - 0.2, us + 0.2
+    ref = riccati.riccati_sweep(d, 1e-3, second_order, us, lower, upper)
+    out = csweep.riccati_sweep(skew, 1e-3, second_order, us, lower, upper)
+    for name, a, b in zip(("k", "K", "d1", "d2", "Vx", "Vxx"), ref, out):
+        np.testing.assert_allclose(b, a, rtol=1e-10, atol=1e-10, err_msg=name)
+    assert_same(skew, 1e-3, second_order, us, lower, upper)
+
+
+def _one_stage(luu, lu, lux, lower, upper):
+    """A one-stage model whose control does not move the state (fu = 0): the stage's box QP is
+    min 1/2 k'luu k + lu'k on lower <= k <= upper (mu = 0, us = 0), and K = -luu_ff^-1 lux_f on its
+    free set, in closed form."""
+    nu, nx = lux.shape
+    return DenseDerivatives(f=np.zeros((1, nx)), l=np.zeros(1), lf=0.0, fx=np.eye(nx)[None],
+                            fu=np.zeros((1, nx, nu)), lx=np.zeros((2, nx)), lu=lu[None],
+                            lxx=np.stack([np.eye(nx)] * 2), lux=lux[None], luu=luu[None])
+
+
+@needs_c
+@pytest.mark.parametrize("case", ["all clamped", "one free"])
+def test_box_qp_ending_a_rounding_away_from_the_bound(case):
+    """Warm-started a rounding error inside the lower bound, where the solution is, the box QP
+    takes one step to the bound whose improvement is below its tolerance and stops there: the
+    free set and the factor returned are those of the final point (clamped control 0: K row 0;
+    control 1, when free, gets K = -lux / luu of its own), as in closed form and the reference."""
+    luu, lu = np.diag([1.0, 4.0]), np.array([10.0, 0.0])
+    lux = np.array([[0.5], [1.0]])
+    lower, upper = np.array([[-1.0, -1.0]]), np.array([[1.0, 1.0]])
+    if case == "all clamped":     # control 1 pushed to its upper bound too
+        lu = np.array([10.0, -20.0])
+    d = _one_stage(luu, lu, lux, lower, upper)
+    us = np.zeros((1, 2))
+    warm = np.array([[-1.0 + 1e-14, 1.0 if case == "all clamped" else 0.0]])
+    assert_same(d, 0.0, False, us, lower, upper, k_warm=warm)
+    for k, K, d1, d2, _, _ in (riccati.riccati_sweep(d, 0.0, False, us, lower, upper, warm),
+                               csweep.riccati_sweep(d, 0.0, False, us, lower, upper, warm)):
+        if case == "all clamped":
+            np.testing.assert_array_equal(k, [[-1.0, 1.0]])
+            np.testing.assert_array_equal(K, np.zeros((1, 2, 1)))   # exactly zero rows
+        else:
+            np.testing.assert_array_equal(k, [[-1.0, 0.0]])
+            np.testing.assert_allclose(K, [[[0.0], [-0.25]]], rtol=1e-15, atol=0)
+        np.testing.assert_allclose([d1, d2], [lu @ k[0], k[0] @ luu @ k[0]], rtol=1e-15)
+
+
+@needs_c
+def test_many_controls_bounded_with_gaps():
+    """More controls than the buffers' slack (nu = 10 > nx): every workspace and index array is
+    sized for nu; bounded, with gaps and a warm start, against the reference."""
+    T, nx, nu = 6, 2, 10
+    rng = np.random.default_rng(31)
+    d = random_model(rng, T, nx, nu, True)
+    us = 0.1 * rng.standard_normal((T, nu))
+    lower, upper = us - 0.2 * rng.random((T, nu)), us + 0.2 * rng.random((T, nu))
+    gaps = 0.3 * rng.standard_normal((T, nx))
+    for warm in (None, rng.standard_normal((T, nu))):
+        ref = assert_same(d, 1e-6, True, us, lower, upper, k_warm=warm, gaps=gaps)
+        clamped = ref[1][:, :, 0] == 0.0
+        assert 0 < np.count_nonzero(clamped) < T * nu   # free and clamped rows
+        K = csweep.riccati_sweep(d, 1e-6, True, us, lower, upper, warm, gaps=gaps)[1]
+        assert np.all(K[clamped] == 0.0)                # the C sweep's clamped rows: exactly 0
+
+
+@needs_c
+@pytest.mark.parametrize("bounded", [False, True])
+def test_a_zero_pivot_is_not_positive_definite(bounded):
+    """A control without cost or effect (luu = 0, fu = 0) and mu = 0: Quu~ = 0 exactly, a zero
+    pivot, which fails as in LAPACK's potrf (pivot <= 0), in both sweeps at that stage."""
+    T, nx = 3, 2
+    luu = np.ones((T, 1, 1))
+    luu[1] = 0.0
+    d = DenseDerivatives(f=np.zeros((T, nx)), l=np.zeros(T), lf=0.0, fx=np.stack([np.eye(nx)] * T),
+                         fu=np.zeros((T, nx, 1)), lx=np.zeros((T + 1, nx)), lu=np.zeros((T, 1)),
+                         lxx=np.stack([np.eye(nx)] * (T + 1)), lux=np.zeros((T, 1, nx)), luu=luu)
+    us = lower = upper = None
+    if bounded:     # the zero pivot on the free set: the bounds are not active
+        us, lower, upper = np.zeros((T, 1)), -np.ones((T, 1)), np.ones((T, 1))
+    for sweep in (riccati.riccati_sweep, csweep.riccati_sweep):
+        with pytest.raises(NotPositiveDefinite) as err:
+            sweep(d, 0.0, False, us, lower, upper)
+        assert err.value.stage == 1
