@@ -133,6 +133,26 @@ def refusals() -> dict:
     except ValueError as err:
         out["shard_error"] = str(err)
     out["params"] = flat(net)
+    # EKFAC (no agreement numbers of its own): rank 1 alone calls the model twice
+    from nn_adapter import EKFAC
+
+    enet = make_model()
+    eopt = EKFAC(enet.parameters(), model=enet, lr=0.02, process_group=dist.group.WORLD)
+
+    def ekfac_twice():
+        eopt.zero_grad()
+        loss = nn.functional.cross_entropy(enet(xb), yb)
+        if rank == 1:
+            enet(xb)
+        loss.backward()
+        return loss
+    before = flat(enet)
+    try:
+        eopt.step(ekfac_twice)
+        out["ekfac_error"] = None
+    except ValueError as err:
+        out["ekfac_error"] = str(err)
+    out["ekfac_unchanged"] = bool(np.array_equal(before, flat(enet)))
     return out
 
 

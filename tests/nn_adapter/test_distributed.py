@@ -72,6 +72,9 @@ def test_a_step_refused_on_one_rank_is_refused_on_all(two_ranks):
     assert "refused on 1 of 2 ranks" in r0["error"]
     assert np.array_equal(r0["params"], r1["params"])
     assert "batch_size: 63 is not divisible by the world size 2" in r0["shard_error"]
+    # the same with EKFAC, whose agreement carries no numbers of its own on either rank
+    assert "ran 2 times" in r1["ekfac_error"] and "refused on 1 of 2 ranks" in r0["ekfac_error"]
+    assert r0["ekfac_unchanged"] and r1["ekfac_unchanged"]
 
 
 def test_a_one_process_checkpoint_resumes_on_two_ranks(two_ranks):
