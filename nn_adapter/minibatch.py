@@ -42,7 +42,7 @@ from .curvature.base import apply_p
 from .feedback import feedback_grads, quad_form, second_order_grads, tikhonov_grads
 from .feedback_columns import column_feedback, column_quad_forms, next_weights, pull_columns
 from .local_model import DenseGains, FactorisedGains, NetworkLocalModel
-from .module_stages import autocast_off, replay
+from .module_stages import autocast_off, fast_pooling, replay
 from .terminal import terminal_factor
 
 __all__ = ["MinibatchProblem", "CurvatureQ", "dense_gain"]
@@ -186,7 +186,7 @@ class MinibatchProblem:
 
         handles = [s.module.register_forward_pre_hook(pre) for s in stages]
         try:
-            with torch.no_grad(), replay(rec):
+            with torch.no_grad(), replay(rec), fast_pooling(rec.model):
                 rec.model(*rec.model_args, **(rec.model_kwargs or {}))
         except _Done:
             pass

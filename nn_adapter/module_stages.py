@@ -35,7 +35,7 @@ from .curvature.records import Recorder, detached
 from .errors import UnsupportedModuleError
 from .stages import Stage
 
-__all__ = ["module_stages", "StageRecorder", "replay", "autocast_state", "autocast_off"]
+__all__ = ["module_stages", "StageRecorder", "replay", "autocast_state", "autocast_off", "fast_pooling"]
 
 
 def _owners(model: nn.Module, params: set) -> list:
@@ -300,6 +300,58 @@ def autocast_off(state: tuple):
     for device, _ in state:
         stack.enter_context(torch.autocast(device, enabled=False))
     return stack
+
+
+def _tiling_max(x: torch.Tensor, k: int) -> torch.Tensor:
+    """``F.max_pool2d(x, k)`` (stride k, no padding) as maxima of strided views of x."""
+    h, w = x.shape[-2] // k * k, x.shape[-1] // k * k
+    x = x[..., :h, :w]
+    rows = x[..., 0::k, :]
+    for i in range(1, k):
+        rows = torch.maximum(rows, x[..., i::k, :])
+    out = rows[..., 0::k]
+    for j in range(1, k):
+        out = torch.maximum(out, rows[..., j::k])
+    return out
+
+
+def _tiles(m: nn.MaxPool2d):
+    """The window size k of a max-pooling whose windows tile its input (square kernel equal to its
+    stride, no padding, dilation 1, floor mode, no indices), else None."""
+    def pair(v):
+        return tuple(v) if isinstance(v, (tuple, list)) else (v, v)
+    k, stride = pair(m.kernel_size), pair(m.stride if m.stride is not None else m.kernel_size)
+    if (k[0] == k[1] == stride[0] == stride[1] and pair(m.padding) == (0, 0)
+            and pair(m.dilation) == (1, 1) and not m.ceil_mode and not m.return_indices):
+        return k[0]
+    return None
+
+
+@contextlib.contextmanager
+def fast_pooling(model: nn.Module):
+    """Inside the block (no gradients), each ``nn.MaxPool2d`` of ``model`` whose windows tile
+    its input runs, on CPU float inputs, as maxima of strided views: the same numbers as torch's
+    kernel, which on CPU costs about 14x more (18 ms against 1.3 ms for a 128 x 32 x 28 x 28
+    input, one thread; 10 of the 30 ms of the paper CNN's feedback pass). For DDPNOpt's
+    additional forward pass only: with gradients, a tie would route them otherwise."""
+    swapped = []
+    for m in model.modules():
+        k = _tiles(m) if isinstance(m, nn.MaxPool2d) else None
+        if k is None or "forward" in m.__dict__:
+            continue
+
+        def forward(x, m=m, k=k):
+            if (torch.is_grad_enabled() or not isinstance(x, torch.Tensor) or x.device.type != "cpu"
+                    or not x.is_floating_point() or x.dim() not in (3, 4)):
+                return type(m).forward(m, x)
+            return _tiling_max(x, k)
+        m.forward = forward
+        swapped.append(m)
+    try:
+        yield
+    finally:
+        for m in swapped:
+            m.__dict__.pop("forward", None)
 
 
 def _devices(args, kwargs) -> list:
