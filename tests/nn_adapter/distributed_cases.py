@@ -87,6 +87,23 @@ def run_case(name: str) -> dict:
     return {"params": params, "calls": calls, "clamped": clamped}
 
 
+def _called_twice_on_rank_1(net, opt, xb, yb):
+    """The error a step raises when rank 1 alone calls the model twice in its closure (None if
+    it does not raise)."""
+    def twice():
+        opt.zero_grad()
+        loss = nn.functional.cross_entropy(net(xb), yb)
+        if dist.get_rank() == 1:
+            net(xb)
+        loss.backward()
+        return loss
+    try:
+        opt.step(twice)
+    except ValueError as err:
+        return str(err)
+    return None
+
+
 def refusals() -> dict:
     """Rank 1 alone gets a non-finite loss, then alone calls the model twice: the first step is
     refused on both ranks, the second raises on both."""
@@ -115,19 +132,7 @@ def refusals() -> dict:
     out = {"unchanged": bool(np.array_equal(before, flat(net))),
            "warned": any("refused" in str(w.message) for w in caught)}
     xb = x[:32]
-
-    def twice():
-        opt.zero_grad()
-        loss = nn.functional.cross_entropy(net(xb), yb)
-        if rank == 1:
-            net(xb)
-        loss.backward()
-        return loss
-    try:
-        opt.step(twice)
-        out["error"] = None
-    except ValueError as err:
-        out["error"] = str(err)
+    out["error"] = _called_twice_on_rank_1(net, opt, xb, yb)
     try:
         shard(torch.zeros(63))
     except ValueError as err:
@@ -138,20 +143,8 @@ def refusals() -> dict:
 
     enet = make_model()
     eopt = EKFAC(enet.parameters(), model=enet, lr=0.02, process_group=dist.group.WORLD)
-
-    def ekfac_twice():
-        eopt.zero_grad()
-        loss = nn.functional.cross_entropy(enet(xb), yb)
-        if rank == 1:
-            enet(xb)
-        loss.backward()
-        return loss
     before = flat(enet)
-    try:
-        eopt.step(ekfac_twice)
-        out["ekfac_error"] = None
-    except ValueError as err:
-        out["ekfac_error"] = str(err)
+    out["ekfac_error"] = _called_twice_on_rank_1(enet, eopt, xb, yb)
     out["ekfac_unchanged"] = bool(np.array_equal(before, flat(enet)))
     return out
 

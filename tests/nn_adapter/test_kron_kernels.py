@@ -110,18 +110,23 @@ def test_positions_are_the_output_gradients_per_position(name, make, shape):
     assert torch.equal(got, _as_positions(m, g))
 
 
+def _block_cotangent_and_reference(make, shape):
+    """The module's block, an input batch, a random output cotangent g and autograd's per-sample
+    gradients of <g_i, m(x_i)>."""
+    m = make()
+    x = _inputs(shape)
+    with torch.no_grad():
+        g = torch.randn_like(m(x))
+    return find_blocks(m)[0], x, g, _autograd_per_sample(m, x, g)
+
+
 @pytest.mark.parametrize("name, make, shape", _CASES, ids=_IDS)
 @pytest.mark.parametrize("bases", [False, True])
 def test_per_sample_grads_match_autograd_on_each_sample(name, make, shape, bases):
     """sum_l g_l a_l^T of each sample equals autograd's gradient of <g_i, m(x_i)> (the bias
     column last), rotated to Q_G^T G_i Q_A when bases are given; the slices cover the batch in
     order."""
-    m = make()
-    block = find_blocks(m)[0]
-    x = _inputs(shape)
-    with torch.no_grad():
-        g = torch.randn_like(m(x))
-    ref = _autograd_per_sample(m, x, g)
+    block, x, g, ref = _block_cotangent_and_reference(make, shape)
     q_g = q_a = None
     if bases:
         q_g, q_a = _orthogonal(ref.shape[1], 2), _orthogonal(ref.shape[2], 3)
@@ -137,12 +142,7 @@ def test_per_sample_grads_match_autograd_on_each_sample(name, make, shape, bases
 def test_per_sample_grads_into_a_buffer_fill_every_sample(name, make, shape):
     """``out=``: the (B, out, in[+1]) buffer receives every sample's gradient, bias column
     included (it starts as NaN, so a column left unwritten shows)."""
-    m = make()
-    block = find_blocks(m)[0]
-    x = _inputs(shape)
-    with torch.no_grad():
-        g = torch.randn_like(m(x))
-    ref = _autograd_per_sample(m, x, g)
+    block, x, g, ref = _block_cotangent_and_reference(make, shape)
     buf = torch.full(ref.shape, float("nan"), dtype=DT)
     for sl, G in per_sample_grads(block, x, g, out=buf):
         assert torch.equal(G, buf[sl])
