@@ -345,7 +345,7 @@ class DDPNOpt(CurvatureOptimizer):
         self.diagnostics = [] if self.record_diagnostics else None
         self._clamped = {}
         loss = self._closure_result.pop("loss")
-        cost = float(loss.detach()) if isinstance(loss, torch.Tensor) else float(loss)
+        cost = float(loss)
         try:
             problem = MinibatchProblem(self, rec, self._stages(rec), cost)
             state = self._solver.init(problem, traj=problem.trajectory(), mu=self.eps_vxx)
@@ -380,12 +380,14 @@ class DDPNOpt(CurvatureOptimizer):
         params = [p for b in self._blocks for p in b.params]
         tensors = list(params)
         layout = []                       # per parameter: None (no state) or {key: index | value}
+        state = self.state
         for p in params:
-            if p not in self.state:
+            own = state.get(p)          # (one lookup: a tensor's hash is a Python call)
+            if own is None:
                 layout.append(None)
                 continue
             entry = {}
-            for k, v in self.state[p].items():
+            for k, v in own.items():
                 if isinstance(v, torch.Tensor):
                     entry[k] = len(tensors)
                     tensors.append(v)

@@ -81,7 +81,9 @@ def _weight_grads(block: Block, x: torch.Tensor, cot: torch.Tensor) -> list[torc
     """f_u^T cot summed over the batch: the layer's weight (and bias) gradient for cotangent cot."""
     m = block.module
     if block.kind == "linear":
-        c2, x2 = cot.reshape(-1, cot.shape[-1]), x.reshape(-1, x.shape[-1])
+        # (matrices already, the usual (B, n) case: no reshape views)
+        c2 = cot if cot.dim() == 2 else cot.reshape(-1, cot.shape[-1])
+        x2 = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])
         out = [c2.mT @ x2]
         bias_dims = 0
     else:
@@ -195,7 +197,8 @@ def feedback_grads(stage: Stage, x: torch.Tensor, xhat: torch.Tensor, g: torch.T
         else:
             _, dh = jvp(lambda xx: stage.module_fn(params, xx), (x,), (dx,))
         del dx
-        c = dh.mul_(g).reshape(n, -1).sum(1)
+        c = dh.mul_(g)
+        c = (c if c.dim() == 2 else c.reshape(n, -1)).sum(1)
         del dh
     if isinstance(sample_scale, torch.Tensor) and sample_scale.dtype != c.dtype:
         sample_scale = sample_scale.to(c.dtype)

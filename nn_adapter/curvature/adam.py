@@ -101,5 +101,9 @@ class AdamCurvature(DiagonalCurvature):
         """k = -P m / (1 - beta1^t) of the block's parameters, batched (each with its own step
         count; this replaces the per-parameter ``param_direction`` of diagonal curvatures)."""
         ks = torch._foreach_mul([st["exp_avg"] for st in states], factors[2])
-        torch._foreach_mul_(ks, [-1.0 / (1 - group["betas"][0] ** st["step"]) for st in states])
+        steps = {st["step"] for st in states}
+        beta1 = group["betas"][0]
+        # one step count (the usual case): one scalar, the same factor as the list's, cheaper
+        torch._foreach_mul_(ks, -1.0 / (1 - beta1 ** steps.pop()) if len(steps) == 1
+                            else [-1.0 / (1 - beta1 ** st["step"]) for st in states])
         return list(ks)

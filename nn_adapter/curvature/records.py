@@ -41,7 +41,9 @@ def detached(t: torch.Tensor, like: Optional[nn.Module]) -> torch.Tensor:
     t = t.detach()
     if like is None or not t.is_floating_point():
         return t
-    p = next(like.parameters(recurse=False), None)
+    # the first of ``like.parameters(recurse=False)``, read from the registry directly (this runs
+    # for every recorded tensor of every step; the generator machinery cost more than the rest)
+    p = next((q for q in like._parameters.values() if q is not None), None)
     if p is None:
         p = next(like.parameters(), None)
     return t if p is None or p.dtype == t.dtype else t.to(p.dtype)
