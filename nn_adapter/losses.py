@@ -109,7 +109,8 @@ class MMCLoss(nn.Module):
         if target.numel() and not bool(((target >= 0) & (target < len(self.centers))).all()):
             raise DataError("target", f"class indices must lie in [0, {len(self.centers)}), got "
                             f"{int(target.min())}..{int(target.max())}")
-        per_sample = 0.5 * (input - self.centers.to(input.dtype)[target]).square().sum(1)
+        # long: a uint8 index tensor would be taken for a boolean mask (wrong rows, no error)
+        per_sample = 0.5 * (input - self.centers.to(input.dtype)[target.long()]).square().sum(1)
         if self.reduction == "mean":
             return per_sample.mean()
         if self.reduction == "sum":

@@ -493,6 +493,16 @@ def test_mmc_loss_refuses_bad_inputs_and_targets_by_name(inp, target, error, wor
         MMCLoss(3, 3)(inp, target)
 
 
+@pytest.mark.parametrize("dtype", [torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64])
+def test_mmc_loss_takes_integer_targets_of_every_dtype_as_class_indices(dtype):
+    # 3 samples, 3 classes: a uint8 target indexing the centres would be a boolean mask
+    loss = MMCLoss(3, 3, reduction="none")
+    z = torch.randn(3, 3, dtype=torch.float64)
+    target = torch.tensor([2, 0, 0], dtype=dtype)
+    expected = 0.5 * ((z - loss.centers.double()[[2, 0, 0]]) ** 2).sum(1)
+    torch.testing.assert_close(loss(z, target), expected)
+
+
 @pytest.mark.parametrize("curvature,name", [("identity", "momentum"), ("identity", "dampening"),
                                             ("rmsprop", "alpha"), ("rmsprop", "momentum"),
                                             ("ekfac", "stat_decay")])
