@@ -93,6 +93,8 @@ class Checkpoint:
 
 def checkpoint_path(directory) -> pathlib.Path:
     """The checkpoint file of a folder (a path to a file is returned as it is)."""
+    if not isinstance(directory, (str, os.PathLike)):
+        raise TypeError(f"directory: expected a folder (str or path), got {type(directory).__name__}")
     p = pathlib.Path(directory)
     return p if p.suffix == ".pt" and not p.is_dir() else p / FILE_NAME
 
@@ -300,6 +302,12 @@ def load_checkpoint(directory, model: nn.Module, optimizer: torch.optim.Optimize
     if not isinstance(optimizer, torch.optim.Optimizer):
         raise TypeError(f"optimizer: expected a torch.optim.Optimizer, got "
                         f"{type(optimizer).__name__}")
+    if data_order is not None and not isinstance(data_order, torch.Generator):
+        raise TypeError(f"data_order: expected a torch.Generator or None, got "
+                        f"{type(data_order).__name__}")
+    if check_extra is not None and not callable(check_extra):
+        raise TypeError(f"check_extra: expected None or a callable check_extra(path, extra), got "
+                        f"{type(check_extra).__name__}")
     path = checkpoint_path(directory)
     content = _read(path)
     if check_extra is not None:

@@ -172,6 +172,20 @@ def test_save_refuses_bad_arguments_before_writing(tmp_path):
     assert not list(tmp_path.iterdir())
 
 
+@pytest.mark.parametrize("kwargs,words", [
+    (dict(data_order=3), "data_order: expected a torch.Generator"),
+    (dict(check_extra="yes"), "check_extra: expected None or a callable"),
+    (dict(directory=None), "directory: expected a folder"),
+])
+def test_load_refuses_bad_arguments_before_changing_anything(saved, kwargs, words):
+    net, opt = _setup()
+    before, opt_before = _flat(net), copy.deepcopy(opt.state_dict())
+    with pytest.raises(TypeError, match=words):
+        load_checkpoint(kwargs.pop("directory", saved), net, opt, **kwargs)
+    assert torch.equal(_flat(net), before)
+    assert str(opt.state_dict()) == str(opt_before)
+
+
 def test_a_data_order_asked_of_a_checkpoint_without_one_is_refused(tmp_path):
     net, opt = _setup()
     save_checkpoint(tmp_path, net, opt, epoch=1)
