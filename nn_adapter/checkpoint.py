@@ -34,10 +34,13 @@ Example:
 """
 from __future__ import annotations
 
+import io
 import logging
 import os
 import pathlib
+import pickle
 import random
+import re
 from dataclasses import dataclass
 from typing import Any, Optional
 
@@ -179,7 +182,9 @@ def save_checkpoint(directory, model: nn.Module, optimizer: torch.optim.Optimize
         the path of the file.
 
     Raises:
-        TypeError: a model, optimizer or generator of the wrong type. ValueError: a bad epoch.
+        TypeError: a model, optimizer or generator of the wrong type, or an ``extra`` that
+            :func:`load_checkpoint` could not read back (a numpy array, an arbitrary object);
+            nothing is written. ValueError: a bad epoch.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
@@ -191,6 +196,7 @@ def save_checkpoint(directory, model: nn.Module, optimizer: torch.optim.Optimize
                         f"{type(data_order).__name__}")
     if isinstance(epoch, bool) or not isinstance(epoch, int) or epoch < 0:
         raise ValueError(f"epoch: expected an int >= 0, got {epoch!r}")
+    _check_extra_loads(extra)
     path = checkpoint_path(directory)
     group, world, rank = _group(group)
     rng = _rng_state()
@@ -212,6 +218,23 @@ def save_checkpoint(directory, model: nn.Module, optimizer: torch.optim.Optimize
     if world > 1:
         dist.barrier(group=group)
     return path
+
+
+def _check_extra_loads(extra) -> None:
+    """Refuse an ``extra`` that :func:`load_checkpoint` could not read back (``torch.load`` with
+    ``weights_only=True``: a numpy array, an arbitrary object, a function)."""
+    buffer = io.BytesIO()
+    try:
+        torch.save(extra, buffer)
+        buffer.seek(0)
+        torch.load(buffer, weights_only=True)
+    except (pickle.PickleError, TypeError, AttributeError) as err:   # (local objects: AttributeError)
+        found = re.search(r"GLOBAL ([\w.]+)", str(err))     # what torch's unpickler refuses
+        detail = (f"it holds a {found.group(1)}" if found else
+                  f"{type(err).__name__}: {str(err).splitlines()[0][:200]}")
+        raise TypeError(f"extra: expected tensors, numbers, strings and lists, tuples or dicts of "
+                        f"them (what a checkpoint can load back), got a value of type "
+                        f"{type(extra).__name__} that would not load back ({detail})") from None
 
 
 def _write_atomically(path: pathlib.Path, content: dict) -> None:

@@ -172,6 +172,21 @@ def test_save_refuses_bad_arguments_before_writing(tmp_path):
     assert not list(tmp_path.iterdir())
 
 
+@pytest.mark.parametrize("extra,words", [
+    (np.arange(3), "numpy"), ({"loss": [np.float64(0.5)]}, "numpy"), (object(), "object"),
+    (lambda: 1, "function")])
+def test_save_refuses_an_extra_that_would_not_load_back(tmp_path, extra, words):
+    """load_checkpoint reads with weights_only=True: a checkpoint whose extra it cannot read
+    would be written and then refused as corrupted on resume."""
+    net, opt = _setup()
+    with pytest.raises(TypeError, match=f"extra: expected tensors.*{words}"):
+        save_checkpoint(tmp_path, net, opt, epoch=1, extra=extra)
+    assert not list(tmp_path.iterdir())
+    kept = {"loss": [1.0, float("inf")], "w": torch.ones(2), "name": "x", "pair": (1, None)}
+    save_checkpoint(tmp_path, net, opt, epoch=1, extra=kept)
+    assert str(load_checkpoint(tmp_path, net, opt).extra) == str(kept)
+
+
 @pytest.mark.parametrize("kwargs,words", [
     (dict(data_order=3), "data_order: expected a torch.Generator"),
     (dict(check_extra="yes"), "check_extra: expected None or a callable"),
