@@ -115,11 +115,14 @@ def _without_profiler_chatter():
     less the profiler's own lines (they come from C++, below Python's ``sys.stderr``)."""
     try:
         fd = sys.stderr.fileno()
-    except (AttributeError, OSError, ValueError):     # no real stderr (captured, replaced)
+    except (AttributeError, OSError, ValueError):     # sys.stderr replaced (captured): the
+        fd = 2                                        # profiler still writes on descriptor 2
+    try:
+        sys.stderr.flush()
+        saved = os.dup(fd)
+    except (AttributeError, OSError, ValueError):     # no such descriptor (closed)
         yield
         return
-    sys.stderr.flush()
-    saved = os.dup(fd)
     with tempfile.TemporaryFile() as held:
         os.dup2(held.fileno(), fd)
         try:
@@ -132,5 +135,4 @@ def _without_profiler_chatter():
             kept = [line for line in held.read().decode(errors="replace").splitlines(keepends=True)
                     if not _CHATTER.search(line)]
             if kept:
-                sys.stderr.write("".join(kept))
-                sys.stderr.flush()
+                os.write(fd, "".join(kept).encode())
