@@ -557,3 +557,55 @@ def test_every_core_solver_solves_a_network_problem_or_refuses_it_by_type(solver
         assert solver in ("FDDP", "CDDP")
         return
     assert res.cost <= float(nn.CrossEntropyLoss()(net(x), y)) + 1e-12
+
+
+# -- nn_adapter.training's entry points ---------------------------------------------------------------
+def _split():
+    from nn_adapter.data import Split
+
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(12, 4, generator=g), torch.randint(0, 3, (12,), generator=g)
+    return Split(x[:8], y[:8], x[8:], y[8:])
+
+
+@pytest.mark.parametrize("names,lr,words", [
+    (["adam"], -1.0, r"lr=-1.0 \(optimizer 'adam'\): expected a finite number > 0"),
+    (["sgd"], "0.1", "lr='0.1'"), (["sgd"], math.nan, "lr=nan"), (["adam"], True, "lr=True"),
+    (["emsa"], 0.0, r"lr=0.0 \(optimizer 'emsa'\)"),         # rho = 1 / (lr B): a division by 0
+    (["adam", "ddp"], {"ddp": 2.0}, "0 < lr <= 1"),
+    (["adam", "sgd"], {"adm": 0.1}, r"lr: \['adm'\] are not among names"),
+    (["adam", "nope"], None, "unknown optimizer 'nope'"),
+    ("adam", None, r"names: expected a list of optimizer names, got the string 'adam'"),
+])
+def test_compare_optimizers_refuses_bad_names_and_rates_before_any_run(names, lr, words):
+    from nn_adapter.training import compare_optimizers
+
+    built = []
+
+    def make():
+        built.append(1)
+        return nn.Linear(4, 3)
+    with pytest.raises((TypeError, ValueError), match=words):
+        compare_optimizers(make, _split(), names, epochs=1, lr=lr)
+    assert built == []                                   # no model built, no run started
+
+
+@pytest.mark.parametrize("name,lr", [("sgd", -0.1), ("adam", "1e-3"), ("emsa", 0.0), ("ddp", 1.5),
+                                     ("ddpnopt", math.inf)])
+def test_make_optimizer_refuses_bad_learning_rates_by_name(name, lr):
+    from nn_adapter.training import SolverOptimizer, make_optimizer
+
+    with pytest.raises(InputError, match=f"lr={lr!r} \\(optimizer '{name}'\\)"):
+        make_optimizer(name, nn.Linear(2, 2), lr)
+    if name in ("emsa", "ddp"):
+        with pytest.raises(InputError, match="lr="):
+            SolverOptimizer(nn.Sequential(nn.Linear(2, 2)), name, lr)
+    assert make_optimizer(name, nn.Linear(2, 2), None) is not None      # the default rate
+
+
+def test_a_solver_optimizer_refuses_a_solver_that_is_not_one():
+    from nn_adapter.training import SolverOptimizer
+
+    with pytest.raises(ValueError, match="solver=3: expected one of emsa, ddp or an occore solver"):
+        SolverOptimizer(nn.Sequential(nn.Linear(2, 2)), 3)
+    assert SolverOptimizer(nn.Sequential(nn.Linear(2, 2)), occore.DDP()).solver is not None
