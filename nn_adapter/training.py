@@ -324,11 +324,27 @@ def train_classifier(model: nn.Module, data: Split, optimizer, epochs: int = 8, 
 
     A step whose loss is not finite stops the run (logged, :attr:`TrainRecord.stopped`), keeping
     what was measured so far.
+
+    Raises:
+        InputError: epochs, batch_size, start_epoch not ints >= 1, or seed not an int >= 0.
+        TypeError: ``data`` not a split, ``optimizer`` neither a torch optimizer nor an object
+            with ``step_batch``, or a callable argument that is not callable.
     """
-    if epochs < 1 or batch_size < 1:
-        raise ValueError(f"epochs={epochs} and batch_size={batch_size} must be >= 1")
-    if isinstance(start_epoch, bool) or not isinstance(start_epoch, int) or start_epoch < 1:
-        raise ValueError(f"start_epoch={start_epoch!r}: expected an int >= 1")
+    for arg, value, low in (("epochs", epochs, 1), ("batch_size", batch_size, 1),
+                            ("start_epoch", start_epoch, 1), ("seed", seed, 0)):
+        if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < low:
+            raise InputError(f"{arg}={value!r}: expected an int >= {low}")
+    if not all(isinstance(getattr(data, a, None), torch.Tensor)
+               for a in ("x_train", "y_train", "x_test", "y_test")):
+        raise TypeError(f"data: expected an nn_adapter.data.Split (tensors x_train, y_train, "
+                        f"x_test, y_test), got {type(data).__name__}")
+    if not (isinstance(optimizer, torch.optim.Optimizer) or callable(getattr(optimizer, "step_batch", None))):
+        raise TypeError(f"optimizer: expected a torch.optim.Optimizer or an object with "
+                        f"step_batch(x, y, loss_fn), got {type(optimizer).__name__}")
+    for arg, fn in (("loss_fn", loss_fn), ("progress", progress), ("predict", predict),
+                    ("on_epoch_end", on_epoch_end)):
+        if fn is not None and not callable(fn):
+            raise TypeError(f"{arg}: expected None or a callable, got {type(fn).__name__}")
     loss_fn = loss_fn or nn.CrossEntropyLoss()
     record = TrainRecord(optimizer=name or type(optimizer).__name__, seed=seed)
     device = _device_of(model)

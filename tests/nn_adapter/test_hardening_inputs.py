@@ -609,3 +609,28 @@ def test_a_solver_optimizer_refuses_a_solver_that_is_not_one():
     with pytest.raises(ValueError, match="solver=3: expected one of emsa, ddp or an occore solver"):
         SolverOptimizer(nn.Sequential(nn.Linear(2, 2)), 3)
     assert SolverOptimizer(nn.Sequential(nn.Linear(2, 2)), occore.DDP()).solver is not None
+
+
+@pytest.mark.parametrize("kwargs,error,words", [
+    (dict(epochs="2"), InputError, "epochs='2': expected an int >= 1"),
+    (dict(epochs=2.5), InputError, "epochs=2.5"), (dict(epochs=True), InputError, "epochs=True"),
+    (dict(batch_size=None), InputError, "batch_size=None"),
+    (dict(seed="a"), InputError, "seed='a': expected an int >= 0"),
+    (dict(seed=1.5), InputError, "seed=1.5"),
+    (dict(data=(1, 2, 3, 4)), TypeError, "data: expected an nn_adapter.data.Split"),
+    (dict(optimizer="adam"), TypeError, "optimizer: expected a torch.optim.Optimizer"),
+    (dict(progress=1), TypeError, "progress: expected None or a callable"),
+    (dict(loss_fn="mse"), TypeError, "loss_fn: expected None or a callable"),
+])
+def test_train_classifier_refuses_bad_arguments_by_name_and_changes_nothing(kwargs, error, words):
+    from nn_adapter.training import train_classifier
+
+    torch.manual_seed(0)
+    net = nn.Linear(4, 3)
+    before = copy.deepcopy(net.state_dict())
+    args = dict(model=net, data=_split(), optimizer=torch.optim.SGD(net.parameters(), lr=0.1),
+                epochs=1, **{"batch_size": 4})
+    args.update(kwargs)
+    with pytest.raises(error, match=words):
+        train_classifier(**args)
+    assert all(torch.equal(v, net.state_dict()[k]) for k, v in before.items())
