@@ -145,6 +145,19 @@ def test_ipopt_option_passthrough():
         occore.reference.ipopt(occore.problems.make("pendulum"), ipopt_options={"no_such_option": 1})
 
 
+@pytest.mark.parametrize("solver,options,words", [
+    ("ipopt", [("tol", 1e-3)], "ipopt_options=.* expected None or a dict"),
+    ("fatrop", "max_iter=3", "fatrop_options=.* expected None or a dict"),
+    ("fatrop", {"no_such_option": 1}, "fatrop_options: FATROP refused .*no_such_option"),
+    ("fatrop", {"max_iter": "many"}, "fatrop_options: FATROP refused .*'many'.*type mismatch"),
+])
+def test_bad_solver_options_are_input_errors_naming_them(solver, options, words):
+    """FATROP reads its options only when called, IPOPT when built: both refusals name the
+    argument, as an option dict of the wrong kind does."""
+    with pytest.raises(occore.InputError, match=words):
+        getattr(occore.reference, solver)(occore.problems.make("lqr"), **{f"{solver}_options": options})
+
+
 @pytest.mark.parametrize("name", occore.problems.CONSTRAINED)
 def test_reproduces_the_constrained_optima(name):
     """The optima stored for the constrained problems are IPOPT's (tol 1e-10, from the zero guess),
