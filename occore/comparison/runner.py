@@ -149,8 +149,12 @@ class Comparison:
         return [r.as_dict() for r in self.records]
 
     def to_json(self, path: str) -> None:
-        """Writes the raw records (with per-iteration costs and times) as JSON."""
+        """Writes the raw records (with per-iteration costs and times) as JSON to the file ``path``."""
         import json
+        import os
+
+        if not isinstance(path, (str, os.PathLike)):     # open(1, "w") would write on stdout, then close it
+            raise TypeError(f"path: expected a file name (str or path), got {type(path).__name__}")
 
         def clean(x):
             if isinstance(x, float) and not math.isfinite(x):

@@ -61,6 +61,16 @@ def test_markdown_json_and_plot(cmp, tmp_path):
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+@pytest.mark.parametrize("path", [1, 2.0, None])
+def test_to_json_refuses_a_path_that_is_not_a_file_name(cmp, path, capfd):
+    """open(1, "w") is the process's stdout: the records would be printed and stdout closed."""
+    with pytest.raises(TypeError, match="path: expected a file name"):
+        cmp.to_json(path)
+    assert capfd.readouterr().out == ""
+    print("stdout still open")
+    assert capfd.readouterr().out == "stdout still open\n"
+
+
 def test_variants_and_solver_objects():
     res = occore.compare("unicycle", ["ilqr-nols", "ilqr-fixedreg", "emsa-gradient", occore.ILQR(max_iter=3)],
                          max_iter=40)
