@@ -18,12 +18,12 @@ def plot_comparison(cmp, path: str) -> None:
         import matplotlib
     except ImportError as err:  # pragma: no cover - matplotlib is in the plot/dev extras
         raise ImportError("plotting needs matplotlib: pip install 'occore[plot]'") from err
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure     # not pyplot: the user's backend and figures are kept
 
     problems, solvers = cmp.problems, cmp.solvers
-    colors = {s: plt.get_cmap("tab10")(i % 10) for i, s in enumerate(solvers)}
-    fig, axes = plt.subplots(2, len(problems), figsize=(3.6 * len(problems) + 0.6, 6.4), squeeze=False)
+    colors = {s: matplotlib.colormaps["tab10"](i % 10) for i, s in enumerate(solvers)}
+    fig = Figure(figsize=(3.6 * len(problems) + 0.6, 6.4))
+    axes = fig.subplots(2, len(problems), squeeze=False)
     for j, pname in enumerate(problems):
         best = cmp.best.get(pname)
         if best is None:
@@ -59,4 +59,3 @@ def plot_comparison(cmp, path: str) -> None:
     fig.legend(by_label.values(), by_label.keys(), loc="lower center", ncol=len(by_label), frameon=False)
     fig.tight_layout(rect=(0, 0.05, 1, 1))
     fig.savefig(path, dpi=110)
-    plt.close(fig)

@@ -71,6 +71,20 @@ def test_to_json_refuses_a_path_that_is_not_a_file_name(cmp, path, capfd):
     assert capfd.readouterr().out == "stdout still open\n"
 
 
+def test_plot_keeps_the_users_matplotlib_backend_and_figures(cmp, tmp_path):
+    plt = pytest.importorskip("matplotlib.pyplot")
+    before = plt.get_backend()
+    plt.switch_backend("svg")
+    try:
+        mine = plt.figure()
+        cmp.plot(str(tmp_path / "cmp.png"))
+        assert plt.get_backend() == "svg" and plt.get_fignums() == [mine.number]
+        assert (tmp_path / "cmp.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    finally:
+        plt.close("all")
+        plt.switch_backend(before)
+
+
 def test_variants_and_solver_objects():
     res = occore.compare("unicycle", ["ilqr-nols", "ilqr-fixedreg", "emsa-gradient", occore.ILQR(max_iter=3)],
                          max_iter=40)
