@@ -284,7 +284,8 @@ def _solve(problem, us0, plugin: str, plugin_opts: dict, stagewise: bool, record
 
     start = time.perf_counter()
     nlp = _transcribe(ca, problem, us0, stagewise)
-    opts = {"print_time": False, **plugin_opts}
+    # show_eval_warnings: CasADi would print "NaN detected" on stderr; the status says it (NON_FINITE)
+    opts = {"print_time": False, "show_eval_warnings": False, **plugin_opts}
     if plugin == "fatrop":
         opts["equality"] = list(nlp["equality"])
     recorder = _make_recorder(ca, nlp["w0"].size, nlp["ng"], nlp["ui"]) if record else None

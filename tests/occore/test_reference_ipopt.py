@@ -170,3 +170,18 @@ def test_reproduces_the_constrained_optima(name):
     T, nx = prob.horizon, prob.nx    # duals: lam_g = [gaps; path; terminal], lam_x = [X; U] (x_0 fixed)
     duals = np.concatenate([res.multipliers["lam_g"][T * nx:], res.multipliers["lam_x"][nx:(T + 1) * nx]])
     assert np.max(np.abs(duals)) > 1e-3
+
+
+@pytest.mark.parametrize("solver", ["ipopt", "ipopt-norecord"])
+def test_a_non_finite_evaluation_is_a_status_not_casadis_warnings_on_stderr(solver, capfd):
+    """log(0) at the initial guess: CasADi's 'NaN detected' warnings (one per evaluation) would
+    be printed on stderr; the library never prints, the status says it."""
+    import casadi as ca
+
+    prob = occore.Problem(dynamics=lambda x, u: x + 0.1 * ca.log(x) * u,
+                          stage_cost=lambda x, u: x[0] ** 2 + u[0] ** 2,
+                          terminal_cost=lambda x: x[0] ** 2, x0=[0.0], nu=1, horizon=5)
+    res = occore.reference.ipopt(prob, record=solver == "ipopt")
+    assert res.status is occore.Status.NON_FINITE
+    out, err = capfd.readouterr()
+    assert "NaN detected" not in out + err and out == "", err
