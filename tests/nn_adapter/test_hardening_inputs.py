@@ -493,6 +493,20 @@ def test_mmc_loss_refuses_bad_inputs_and_targets_by_name(inp, target, error, wor
         MMCLoss(3, 3)(inp, target)
 
 
+@pytest.mark.parametrize("inp,error,words", [
+    ([[0.0, 1.0, 2.0]], TypeError, "input: expected a torch.Tensor, got list"),
+    (torch.randn(4, 2), ShapeError, r"input: expected shape \(B, 3\), got \(4, 2\)"),
+    (torch.randn(3), ShapeError, r"input: expected shape \(B, 3\)"),
+    (torch.ones(4, 3, dtype=torch.long), DtypeError, "input"),
+])
+def test_mmc_predict_refuses_what_the_loss_refuses_by_name(inp, error, words):
+    loss = MMCLoss(3, 3)
+    with pytest.raises(error, match=words):
+        loss.predict(inp)
+    z = loss.centers[[2, 0]] + 0.1                # near centres 2 and 0
+    assert loss.predict(z).tolist() == [2, 0]
+
+
 @pytest.mark.parametrize("dtype", [torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64])
 def test_mmc_loss_takes_integer_targets_of_every_dtype_as_class_indices(dtype):
     # 3 samples, 3 classes: a uint8 target indexing the centres would be a boolean mask
