@@ -43,6 +43,8 @@ def resident_bytes(model: torch.nn.Module, optimizer: Optional[object] = None) -
     """Bytes of the storages of ``model``'s parameters and gradients and of the tensors in
     ``optimizer.state`` (a torch optimizer's per-parameter dicts; an object without ``state``,
     or None, adds nothing). A storage shared by several tensors is counted once."""
+    if not isinstance(model, torch.nn.Module):
+        raise TypeError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
     tensors = []
     for p in model.parameters():
         tensors.append(p)
@@ -67,7 +69,13 @@ def step_peak_bytes(fn: Callable[[], object], device: torch.device) -> tuple:
     """``(fn(), peak)``: ``peak`` is the most bytes torch's allocator held during ``fn()`` above
     what it held just before (>= 0; frees of blocks allocated before ``fn()`` are not counted). ``device``: where ``fn`` allocates (``cuda``: the allocator's statistics
     of that device; anything else: torch.profiler's CPU memory events)."""
-    device = torch.device(device)
+    if not callable(fn):
+        raise TypeError(f"fn: expected a callable fn() (the step), got {type(fn).__name__}")
+    try:
+        device = torch.device(device)
+    except (RuntimeError, TypeError) as err:
+        raise ValueError(f"device={device!r}: expected a torch.device or a device name such as "
+                         f"'cpu' or 'cuda:0' ({str(err).splitlines()[0][:120]})") from None
     if device.type == "cuda":
         torch.cuda.synchronize(device)
         before = torch.cuda.memory_allocated(device)

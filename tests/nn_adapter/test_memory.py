@@ -31,6 +31,17 @@ def test_resident_bytes_counts_parameters_gradients_and_state_once():
     assert resident_bytes(net) == 4 * n
 
 
+@pytest.mark.parametrize("call,error,words", [
+    (lambda: resident_bytes(None), TypeError, "model: expected a torch.nn.Module, got NoneType"),
+    (lambda: step_peak_bytes(3, CPU), TypeError, "fn: expected a callable"),
+    (lambda: step_peak_bytes(lambda: 1, "gpu"), ValueError, "device='gpu': expected a torch.device"),
+    (lambda: step_peak_bytes(lambda: 1, [0]), ValueError, r"device=\[0\]"),
+])
+def test_the_memory_helpers_refuse_bad_arguments_by_name(call, error, words):
+    with pytest.raises(error, match=words):
+        call()
+
+
 def test_step_peak_bytes_sees_simultaneous_not_sequential_allocations():
     mib = 2 ** 20
 
