@@ -184,7 +184,8 @@ def save_checkpoint(directory, model: nn.Module, optimizer: torch.optim.Optimize
     Raises:
         TypeError: a model, optimizer or generator of the wrong type, or an ``extra`` that
             :func:`load_checkpoint` could not read back (a numpy array, an arbitrary object);
-            nothing is written. ValueError: a bad epoch.
+            nothing is written. ValueError: a bad epoch. CheckpointError: ``directory`` (or a
+            folder above it) is a file.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
@@ -198,6 +199,9 @@ def save_checkpoint(directory, model: nn.Module, optimizer: torch.optim.Optimize
         raise ValueError(f"epoch: expected an int >= 0, got {epoch!r}")
     _check_extra_loads(extra)
     path = checkpoint_path(directory)
+    if any(p.exists() and not p.is_dir() for p in path.parents):
+        raise CheckpointError(directory, "is not a folder (a file is in its place); give the "
+                              f"checkpoint's folder or a file name ending in .pt")
     group, world, rank = _group(group)
     rng = _rng_state()
     if world > 1:

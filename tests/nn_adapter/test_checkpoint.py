@@ -201,6 +201,16 @@ def test_load_refuses_bad_arguments_before_changing_anything(saved, kwargs, word
     assert str(opt.state_dict()) == str(opt_before)
 
 
+@pytest.mark.parametrize("where", ["notes", "notes/run"])
+def test_save_into_a_folder_that_is_a_file_is_a_checkpoint_error(tmp_path, where):
+    (tmp_path / "notes").write_text("mine")
+    net, opt = _setup()
+    with pytest.raises(CheckpointError, match="is not a folder") as err:
+        save_checkpoint(tmp_path / where, net, opt, epoch=1)
+    assert err.value.path == str(tmp_path / where)
+    assert (tmp_path / "notes").read_text() == "mine" and len(list(tmp_path.iterdir())) == 1
+
+
 def test_a_data_order_asked_of_a_checkpoint_without_one_is_refused(tmp_path):
     net, opt = _setup()
     save_checkpoint(tmp_path, net, opt, epoch=1)
