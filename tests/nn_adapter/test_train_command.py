@@ -35,6 +35,8 @@ def wine():
     (["--optimizers", "lbfgs"], "unknown optimizer"),
     (["--plot", "/nonexistent-dir/t.png"], "does not exist"),
     (["--json", "/nonexistent-dir/t.json"], "does not exist"),
+    (["--json", ""], "--json: an empty file name"),
+    (["--plot", ""], "--plot: an empty file name"),
     (["--net", "cnn"], "square images"),
     (["--net", "no_such_module_xyz:f"], "cannot import"),
     (["--device", "cuda:0" if not torch.cuda.is_available() else "tpu"], "--device"),
