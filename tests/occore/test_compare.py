@@ -71,6 +71,17 @@ def test_to_json_refuses_a_path_that_is_not_a_file_name(cmp, path, capfd):
     assert capfd.readouterr().out == "stdout still open\n"
 
 
+@pytest.mark.parametrize("path", [5, None])
+def test_plot_refuses_a_path_that_is_not_a_file_name(cmp, path):
+    from occore.mpc import ClosedLoop, plot_closed_loop
+
+    with pytest.raises(TypeError, match="path: expected a file name"):
+        cmp.plot(path)
+    run = ClosedLoop(xs=np.zeros((3, 1)), us=np.zeros((2, 1)), latencies=np.ones(2))
+    with pytest.raises(TypeError, match="path: expected a file name"):
+        plot_closed_loop(run, path)
+
+
 def test_plot_keeps_the_users_matplotlib_backend_and_figures(cmp, tmp_path):
     plt = pytest.importorskip("matplotlib.pyplot")
     before = plt.get_backend()
