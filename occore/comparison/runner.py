@@ -186,6 +186,8 @@ def _solver_list(solvers) -> list:
         if isinstance(s, str):
             if s not in SOLVERS:
                 raise InputError(f"unknown solver {s!r}; valid solvers are {', '.join(SOLVERS)}")
+            if s in out:                  # two rows of one name: the table and plot would mix them
+                raise InputError(f"solvers: {s!r} is given twice")
             out.append(s)
         elif hasattr(s, "solve"):
             out.append(s)

@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 
 import occore
+from occore.comparison import runner
 from occore.comparison.runner import _box_violation
 from occore.problems import OPTIMA
 
@@ -94,6 +95,23 @@ def test_plot_keeps_the_users_matplotlib_backend_and_figures(cmp, tmp_path):
     finally:
         plt.close("all")
         plt.switch_backend(before)
+
+
+def test_a_solver_name_twice_or_two_problems_of_one_name_are_refused_before_any_run(monkeypatch):
+    """The table and the plot tell the records apart by name: a second record of one name would
+    be mixed with the first, a second problem of one name replaced it (compared once)."""
+    def no_run(*args, **kwargs):
+        raise AssertionError("a run started")
+    monkeypatch.setattr(runner, "run_one", no_run)
+    with pytest.raises(occore.InputError, match="solvers: 'ilqr' is given twice"):
+        occore.compare("lqr", "ilqr,ddp,ilqr")
+    short, long = occore.problems.make("pendulum", horizon=20), occore.problems.make("pendulum")
+    with pytest.raises(occore.InputError, match="two different problems are named 'pendulum'"):
+        occore.compare([short, long], ["ilqr"])
+    monkeypatch.undo()
+    cmp = occore.compare({"short": short, "long": long}, ["ilqr"], max_iter=2)
+    assert cmp.problems == ["short", "long"]
+    assert occore.compare("lqr,all", ["ilqr"], max_iter=1).problems == list(occore.problems.NAMES)
 
 
 def test_variants_and_solver_objects():
