@@ -207,7 +207,7 @@ def _check_problem(problem, tol, max_iter, solver: str) -> None:
         raise InputError(f"problem: cannot transcribe {problem.name or 'the problem'} for {solver}: its "
                          "callables use torch operations (backend 'torch'); declare it with casadi "
                          f"operations to get an {solver} reference")
-    if not (isinstance(tol, (int, float)) and math.isfinite(tol) and tol > 0):
+    if isinstance(tol, bool) or not (isinstance(tol, (int, float)) and math.isfinite(tol) and tol > 0):
         raise InputError(f"tol={tol!r} is invalid: expected a finite number > 0")
     if isinstance(max_iter, bool) or not isinstance(max_iter, int) or max_iter < 0:
         raise InputError(f"max_iter={max_iter!r} is invalid: expected an integer >= 0")
@@ -248,6 +248,8 @@ def ipopt(problem, us0=None, *, tol: float = 1e-10, max_iter: int = 3000, record
     """
     _check_problem(problem, tol, max_iter, "IPOPT")
     _check_options("ipopt_options", ipopt_options)
+    if not isinstance(record, bool):
+        raise InputError(f"record={record!r} is invalid: expected True or False")
     # bound_relax_factor 0: IPOPT would otherwise let U exceed the box by ~1e-8, which a swing-up
     # amplifies (x1.2 per stage near the upright) into a 1e-4 change of the clamped rollout's cost.
     ipopt_opts = {"print_level": 0, "sb": "yes", "tol": float(tol), "max_iter": int(max_iter),

@@ -127,7 +127,8 @@ def test_callable_that_does_not_take_casadi_symbols_is_named():
         occore.reference.ipopt(stand_in)
 
 
-@pytest.mark.parametrize("bad", [dict(tol=0.0), dict(tol=float("nan")), dict(max_iter=-1), dict(max_iter=1.5)])
+@pytest.mark.parametrize("bad", [dict(tol=0.0), dict(tol=float("nan")), dict(max_iter=-1), dict(max_iter=1.5),
+                                 dict(tol=True), dict(record="no"), dict(record=None)])
 def test_bad_options(bad):
     with pytest.raises(occore.InputError, match=list(bad)[0]):
         occore.reference.ipopt(occore.problems.make("lqr"), **bad)
