@@ -26,6 +26,7 @@ def wine():
     (["--dataset", "imagenet"], "invalid choice"),
     (["--lr", "-1"], "finite number > 0"),
     (["--lr", "fast"], "not a number"),
+    (["--lr", "1e300"], "at most 3.4e+38"),              # torch's float32 update overflowed
     (["--lr", "adamw=0.1"], "not one of the --optimizers"),
     (["--optimizers", "ddp", "--lr", "2"], "0 < lr <= 1"),
     (["--batch-size", "143"], "larger than the 142 training samples"),
