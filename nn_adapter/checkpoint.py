@@ -34,10 +34,13 @@ Example:
 """
 from __future__ import annotations
 
+import io
 import logging
 import os
 import pathlib
+import pickle
 import random
+import re
 from dataclasses import dataclass
 from typing import Any, Optional
 
@@ -93,6 +96,8 @@ class Checkpoint:
 
 def checkpoint_path(directory) -> pathlib.Path:
     """The checkpoint file of a folder (a path to a file is returned as it is)."""
+    if not isinstance(directory, (str, os.PathLike)):
+        raise TypeError(f"directory: expected a folder (str or path), got {type(directory).__name__}")
     p = pathlib.Path(directory)
     return p if p.suffix == ".pt" and not p.is_dir() else p / FILE_NAME
 
@@ -177,7 +182,10 @@ def save_checkpoint(directory, model: nn.Module, optimizer: torch.optim.Optimize
         the path of the file.
 
     Raises:
-        TypeError: a model, optimizer or generator of the wrong type. ValueError: a bad epoch.
+        TypeError: a model, optimizer or generator of the wrong type, or an ``extra`` that
+            :func:`load_checkpoint` could not read back (a numpy array, an arbitrary object);
+            nothing is written. ValueError: a bad epoch. CheckpointError: ``directory`` (or a
+            folder above it) is a file.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
@@ -189,7 +197,11 @@ def save_checkpoint(directory, model: nn.Module, optimizer: torch.optim.Optimize
                         f"{type(data_order).__name__}")
     if isinstance(epoch, bool) or not isinstance(epoch, int) or epoch < 0:
         raise ValueError(f"epoch: expected an int >= 0, got {epoch!r}")
+    _check_extra_loads(extra)
     path = checkpoint_path(directory)
+    if any(p.exists() and not p.is_dir() for p in path.parents):
+        raise CheckpointError(directory, "is not a folder (a file is in its place); give the "
+                              f"checkpoint's folder or a file name ending in .pt")
     group, world, rank = _group(group)
     rng = _rng_state()
     if world > 1:
@@ -210,6 +222,23 @@ def save_checkpoint(directory, model: nn.Module, optimizer: torch.optim.Optimize
     if world > 1:
         dist.barrier(group=group)
     return path
+
+
+def _check_extra_loads(extra) -> None:
+    """Refuse an ``extra`` that :func:`load_checkpoint` could not read back (``torch.load`` with
+    ``weights_only=True``: a numpy array, an arbitrary object, a function)."""
+    buffer = io.BytesIO()
+    try:
+        torch.save(extra, buffer)
+        buffer.seek(0)
+        torch.load(buffer, weights_only=True)
+    except (pickle.PickleError, TypeError, AttributeError) as err:   # (local objects: AttributeError)
+        found = re.search(r"GLOBAL ([\w.]+)", str(err))     # what torch's unpickler refuses
+        detail = (f"it holds a {found.group(1)}" if found else
+                  f"{type(err).__name__}: {str(err).splitlines()[0][:200]}")
+        raise TypeError(f"extra: expected tensors, numbers, strings and lists, tuples or dicts of "
+                        f"them (what a checkpoint can load back), got a value of type "
+                        f"{type(extra).__name__} that would not load back ({detail})") from None
 
 
 def _write_atomically(path: pathlib.Path, content: dict) -> None:
@@ -300,6 +329,12 @@ def load_checkpoint(directory, model: nn.Module, optimizer: torch.optim.Optimize
     if not isinstance(optimizer, torch.optim.Optimizer):
         raise TypeError(f"optimizer: expected a torch.optim.Optimizer, got "
                         f"{type(optimizer).__name__}")
+    if data_order is not None and not isinstance(data_order, torch.Generator):
+        raise TypeError(f"data_order: expected a torch.Generator or None, got "
+                        f"{type(data_order).__name__}")
+    if check_extra is not None and not callable(check_extra):
+        raise TypeError(f"check_extra: expected None or a callable check_extra(path, extra), got "
+                        f"{type(check_extra).__name__}")
     path = checkpoint_path(directory)
     content = _read(path)
     if check_extra is not None:

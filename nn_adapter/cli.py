@@ -72,12 +72,16 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+_FLOAT32_MAX = 3.4028234663852886e38
+
+
 def parse_lr(spec, names) -> dict:
     """``{name: lr}`` from ``--lr``: "0.01" (all), "adam=0.003,ddpnopt=0.01", or both ("0.01,adam=0.003").
 
     Raises:
         UsageError: a malformed entry, a name not among ``names``, or a value that is not a finite
-            number > 0 (or above 1 for ``ddp``, whose lr caps the step length).
+            number > 0 and at most the largest float32 (or above 1 for ``ddp``, whose lr caps the
+            step length).
 
     Example:
         >>> parse_lr("0.01,adam=0.003", ["adam", "sgd-m"])
@@ -95,6 +99,9 @@ def parse_lr(spec, names) -> dict:
             raise UsageError(f"--lr: {part!r} is not a number or NAME=number") from None
         if not (math.isfinite(v) and v > 0):
             raise UsageError(f"--lr: {part!r}: a learning rate must be a finite number > 0")
+        if v > _FLOAT32_MAX:          # torch's float32 update cannot take it (an overflow error)
+            raise UsageError(f"--lr: {part!r}: a learning rate must be at most {_FLOAT32_MAX:.3g} "
+                             "(the largest float32: the networks' weights are float32)")
         if not eq:
             common = v
         elif key not in names:

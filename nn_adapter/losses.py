@@ -94,14 +94,18 @@ class MMCLoss(nn.Module):
         self.register_buffer("centers", mm_centers(num_classes, dim, radius,
                                                    torch.get_default_dtype()))
 
-    def forward(self, input: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        for name, value in (("input", input), ("target", target)):
-            if not isinstance(value, torch.Tensor):
-                raise TypeError(f"{name}: expected a torch.Tensor, got {type(value).__name__}")
+    def _check_input(self, input) -> None:
+        if not isinstance(input, torch.Tensor):
+            raise TypeError(f"input: expected a torch.Tensor, got {type(input).__name__}")
         if input.dim() != 2 or input.shape[1] != self.centers.shape[1]:
             raise ShapeError("input", f"(B, {self.centers.shape[1]})", tuple(input.shape))
         if not input.is_floating_point():
             raise DtypeError("input", "a floating-point dtype", input.dtype)
+
+    def forward(self, input: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        self._check_input(input)
+        if not isinstance(target, torch.Tensor):
+            raise TypeError(f"target: expected a torch.Tensor, got {type(target).__name__}")
         if target.shape != input.shape[:1]:
             raise ShapeError("target", f"({input.shape[0]},)", tuple(target.shape))
         if target.is_floating_point() or target.is_complex() or target.dtype == torch.bool:
@@ -109,7 +113,8 @@ class MMCLoss(nn.Module):
         if target.numel() and not bool(((target >= 0) & (target < len(self.centers))).all()):
             raise DataError("target", f"class indices must lie in [0, {len(self.centers)}), got "
                             f"{int(target.min())}..{int(target.max())}")
-        per_sample = 0.5 * (input - self.centers.to(input.dtype)[target]).square().sum(1)
+        # long: a uint8 index tensor would be taken for a boolean mask (wrong rows, no error)
+        per_sample = 0.5 * (input - self.centers.to(input.dtype)[target.long()]).square().sum(1)
         if self.reduction == "mean":
             return per_sample.mean()
         if self.reduction == "sum":
@@ -117,5 +122,7 @@ class MMCLoss(nn.Module):
         return per_sample
 
     def predict(self, input: torch.Tensor) -> torch.Tensor:
-        """Index of the nearest centre for each row of ``input`` (B, d) -> (B,)."""
+        """Index of the nearest centre for each row of ``input`` (B, d) -> (B,) (the checks of
+        the loss's input: TypeError, ShapeError, DtypeError)."""
+        self._check_input(input)
         return torch.cdist(input, self.centers.to(input.dtype)).argmin(1)

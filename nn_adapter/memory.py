@@ -43,6 +43,8 @@ def resident_bytes(model: torch.nn.Module, optimizer: Optional[object] = None) -
     """Bytes of the storages of ``model``'s parameters and gradients and of the tensors in
     ``optimizer.state`` (a torch optimizer's per-parameter dicts; an object without ``state``,
     or None, adds nothing). A storage shared by several tensors is counted once."""
+    if not isinstance(model, torch.nn.Module):
+        raise TypeError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
     tensors = []
     for p in model.parameters():
         tensors.append(p)
@@ -67,7 +69,13 @@ def step_peak_bytes(fn: Callable[[], object], device: torch.device) -> tuple:
     """``(fn(), peak)``: ``peak`` is the most bytes torch's allocator held during ``fn()`` above
     what it held just before (>= 0; frees of blocks allocated before ``fn()`` are not counted). ``device``: where ``fn`` allocates (``cuda``: the allocator's statistics
     of that device; anything else: torch.profiler's CPU memory events)."""
-    device = torch.device(device)
+    if not callable(fn):
+        raise TypeError(f"fn: expected a callable fn() (the step), got {type(fn).__name__}")
+    try:
+        device = torch.device(device)
+    except (RuntimeError, TypeError) as err:
+        raise ValueError(f"device={device!r}: expected a torch.device or a device name such as "
+                         f"'cpu' or 'cuda:0' ({str(err).splitlines()[0][:120]})") from None
     if device.type == "cuda":
         torch.cuda.synchronize(device)
         before = torch.cuda.memory_allocated(device)
@@ -115,11 +123,14 @@ def _without_profiler_chatter():
     less the profiler's own lines (they come from C++, below Python's ``sys.stderr``)."""
     try:
         fd = sys.stderr.fileno()
-    except (AttributeError, OSError, ValueError):     # no real stderr (captured, replaced)
+    except (AttributeError, OSError, ValueError):     # sys.stderr replaced (captured): the
+        fd = 2                                        # profiler still writes on descriptor 2
+    try:
+        sys.stderr.flush()
+        saved = os.dup(fd)
+    except (AttributeError, OSError, ValueError):     # no such descriptor (closed)
         yield
         return
-    sys.stderr.flush()
-    saved = os.dup(fd)
     with tempfile.TemporaryFile() as held:
         os.dup2(held.fileno(), fd)
         try:
@@ -132,5 +143,4 @@ def _without_profiler_chatter():
             kept = [line for line in held.read().decode(errors="replace").splitlines(keepends=True)
                     if not _CHATTER.search(line)]
             if kept:
-                sys.stderr.write("".join(kept))
-                sys.stderr.flush()
+                os.write(fd, "".join(kept).encode())

@@ -271,6 +271,8 @@ def split_stages(model: nn.Sequential | Sequence, check_mode: bool = True) -> St
         >>> [type(m).__name__ for m in pre], [s.names for s in stages]
         (['Flatten'], [('1', '2'), ('3',)])
     """
+    if not isinstance(check_mode, bool):
+        raise TypeError(f"check_mode={check_mode!r}: expected True or False")
     pre: list = []
     groups: list[tuple[list, list]] = []   # (modules, names) per stage
     for name, item in _items(model):

@@ -32,12 +32,15 @@ from __future__ import annotations
 import hashlib
 import logging
 import math
+import numbers
 import time
 from dataclasses import dataclass, field
 from typing import Callable, Optional
 
 import torch
 from torch import nn
+
+from occore.errors import InputError
 
 from .data import Split, batch_indices
 from .memory import resident_bytes, step_peak_bytes
@@ -82,6 +85,21 @@ def make_closure(model: nn.Module, optimizer: torch.optim.Optimizer, x: torch.Te
         return loss
 
     return closure
+
+
+def _check_name(name) -> None:
+    if not isinstance(name, str) or name not in DEFAULT_LR:
+        raise ValueError(f"unknown optimizer {name!r}; valid optimizers are {', '.join(OPTIMIZERS)}")
+
+
+def _check_lr(lr, name: str = "") -> None:
+    """Refuse a learning rate that is not a finite number > 0 (<= 1 for vanilla DDP)."""
+    if isinstance(lr, bool) or not isinstance(lr, numbers.Real) or not math.isfinite(lr) or lr <= 0:
+        raise InputError(f"lr={lr!r}{f' (optimizer {name!r})' if name else ''}: expected a "
+                         "finite number > 0")
+    if name == "ddp" and lr > 1:
+        raise InputError(f"lr={lr!r} (optimizer 'ddp'): vanilla DDP's lr caps the line search's "
+                         "step length, 0 < lr <= 1")
 
 
 # -- occore's solvers on minibatches ----------------------------------------------------------------
@@ -147,8 +165,11 @@ class SolverOptimizer:
     """
 
     def __init__(self, model: nn.Module, solver="emsa", lr: float = 1.0, memory_limit: int | None = 2 ** 30):
-        if isinstance(solver, str) and solver not in CORE_SOLVERS:
+        if (solver not in CORE_SOLVERS if isinstance(solver, str)
+                else not (callable(getattr(solver, "init", None)) and callable(getattr(solver, "step", None)))):
             raise ValueError(f"solver={solver!r}: expected one of {', '.join(CORE_SOLVERS)} or an occore solver")
+        if isinstance(solver, str):
+            _check_lr(lr, solver)
         self.model, self.solver, self.lr, self.memory_limit = model, solver, float(lr), memory_limit
         self.mu: Optional[float] = None
         self.status = None
@@ -175,7 +196,8 @@ class SolverOptimizer:
 
 
 def make_optimizer(name: str, model: nn.Module, lr: float | None = None):
-    """An optimizer by name (see the module's table); ``lr`` None: :data:`DEFAULT_LR`.
+    """An optimizer by name (see the module's table); ``lr`` None: :data:`DEFAULT_LR`, else a
+    finite number > 0 (<= 1 for ``ddp``; :class:`~occore.errors.InputError` otherwise).
 
     Example:
         >>> make_optimizer("sgd-m", nn.Linear(2, 1)).defaults["momentum"]
@@ -184,9 +206,9 @@ def make_optimizer(name: str, model: nn.Module, lr: float | None = None):
     from .ddpnopt import DDPNOpt
     from .ekfac import EKFAC
 
-    if name not in DEFAULT_LR:
-        raise ValueError(f"unknown optimizer {name!r}; valid optimizers are {', '.join(OPTIMIZERS)}")
+    _check_name(name)
     lr = DEFAULT_LR[name] if lr is None else lr
+    _check_lr(lr, name)
     params = model.parameters()
     factories = {
         "sgd-m": lambda: torch.optim.SGD(params, lr=lr, momentum=0.9),
@@ -302,11 +324,27 @@ def train_classifier(model: nn.Module, data: Split, optimizer, epochs: int = 8, 
 
     A step whose loss is not finite stops the run (logged, :attr:`TrainRecord.stopped`), keeping
     what was measured so far.
+
+    Raises:
+        InputError: epochs, batch_size, start_epoch not ints >= 1, or seed not an int >= 0.
+        TypeError: ``data`` not a split, ``optimizer`` neither a torch optimizer nor an object
+            with ``step_batch``, or a callable argument that is not callable.
     """
-    if epochs < 1 or batch_size < 1:
-        raise ValueError(f"epochs={epochs} and batch_size={batch_size} must be >= 1")
-    if isinstance(start_epoch, bool) or not isinstance(start_epoch, int) or start_epoch < 1:
-        raise ValueError(f"start_epoch={start_epoch!r}: expected an int >= 1")
+    for arg, value, low in (("epochs", epochs, 1), ("batch_size", batch_size, 1),
+                            ("start_epoch", start_epoch, 1), ("seed", seed, 0)):
+        if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < low:
+            raise InputError(f"{arg}={value!r}: expected an int >= {low}")
+    if not all(isinstance(getattr(data, a, None), torch.Tensor)
+               for a in ("x_train", "y_train", "x_test", "y_test")):
+        raise TypeError(f"data: expected an nn_adapter.data.Split (tensors x_train, y_train, "
+                        f"x_test, y_test), got {type(data).__name__}")
+    if not (isinstance(optimizer, torch.optim.Optimizer) or callable(getattr(optimizer, "step_batch", None))):
+        raise TypeError(f"optimizer: expected a torch.optim.Optimizer or an object with "
+                        f"step_batch(x, y, loss_fn), got {type(optimizer).__name__}")
+    for arg, fn in (("loss_fn", loss_fn), ("progress", progress), ("predict", predict),
+                    ("on_epoch_end", on_epoch_end)):
+        if fn is not None and not callable(fn):
+            raise TypeError(f"{arg}: expected None or a callable, got {type(fn).__name__}")
     loss_fn = loss_fn or nn.CrossEntropyLoss()
     record = TrainRecord(optimizer=name or type(optimizer).__name__, seed=seed)
     device = _device_of(model)
@@ -365,7 +403,26 @@ def compare_optimizers(make_model: Callable[[], nn.Module], data: Split, names, 
     ``seed``). ``lr``: None (defaults), one number, or ``{name: lr}`` (missing names: defaults).
     ``train_options`` go to :func:`train_classifier` (``progress`` is then called with the
     optimizer's name first).
+
+    Raises:
+        ValueError / InputError: before the first run, an unknown name, a rate that is not a
+            finite number > 0 (<= 1 for ``ddp``, as ``occore train --lr``) or an ``lr`` dict
+            naming an optimizer not in ``names``. TypeError: ``names`` given as one string.
     """
+    if isinstance(names, str):
+        raise TypeError(f"names: expected a list of optimizer names, got the string {names!r} "
+                        f"(write [{names!r}])")
+    names = list(names)
+    for name in names:                  # every name and rate checked before the first run
+        _check_name(name)
+        rate = lr.get(name) if isinstance(lr, dict) else lr
+        if rate is not None:
+            _check_lr(rate, name)
+    if isinstance(lr, dict) and set(lr) - set(names):
+        raise InputError(f"lr: {sorted(set(lr) - set(names))} are not among names {names}")
+    if isinstance(make_model, nn.Module) or not callable(make_model):
+        raise TypeError(f"make_model: expected a callable returning a fresh model, got "
+                        f"{type(make_model).__name__}")
     progress = train_options.pop("progress", None)
     records = {}
     for name in names:

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import inspect
 import logging
+import os
 import time
 from dataclasses import dataclass, replace
 
@@ -230,15 +231,18 @@ def simulate(controller, plant, steps: int, x0=None) -> ClosedLoop:
 def plot_closed_loop(run: ClosedLoop, path: str, title: str = "", goal=None) -> None:
     """The states (one panel each, the goal dashed where given) and controls of a
     :class:`ClosedLoop` against the step, written to ``path`` (PNG). Needs matplotlib."""
+    if not (isinstance(path, (str, os.PathLike)) or callable(getattr(path, "write", None))):
+        raise TypeError(f"path: expected a file name (str or path) or a binary file, got "
+                        f"{type(path).__name__}")
     try:
         import matplotlib
     except ImportError as err:  # pragma: no cover - matplotlib is in the plot/dev extras
         raise ImportError("plotting needs matplotlib: pip install 'occore[plot]'") from err
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure     # not pyplot: the user's backend and figures are kept
 
     nx, nu = run.xs.shape[1], run.us.shape[1]
-    fig, axes = plt.subplots(nx + nu, 1, figsize=(6.4, 1.5 * (nx + nu) + 0.8), sharex=True, squeeze=False)
+    fig = Figure(figsize=(6.4, 1.5 * (nx + nu) + 0.8))
+    axes = fig.subplots(nx + nu, 1, sharex=True, squeeze=False)
     steps = np.arange(run.xs.shape[0])
     for i in range(nx):
         ax = axes[i, 0]
@@ -255,4 +259,3 @@ def plot_closed_loop(run: ClosedLoop, path: str, title: str = "", goal=None) -> 
                  if title else "", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
-    plt.close(fig)

@@ -79,6 +79,8 @@ def check_outputs(plot: Optional[str] = None, json: Optional[str] = None) -> Non
     """Raise :class:`~occore.errors.OccoreError` (one line, naming ``--plot`` / ``--json``) unless
     both outputs can be written, are different files, and matplotlib is there for the plot."""
     for option, path, formats in (("--plot", plot, PLOT_FORMATS), ("--json", json, None)):
+        if path == "":               # given, but empty: the command would write nothing
+            raise OccoreError(f"{option}: an empty file name")
         if path:
             problem = output_file_problem(path, formats)
             if problem is not None:

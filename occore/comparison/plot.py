@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+import os
 
 __all__ = ["plot_comparison"]
 
@@ -14,16 +15,19 @@ def plot_comparison(cmp, path: str) -> None:
     the rollout of its infeasible multiple-shooting iterates); values at or below 1e-14 |J_best| are
     drawn at that floor and a dot marks each run's end. Needs matplotlib.
     """
+    if not (isinstance(path, (str, os.PathLike)) or callable(getattr(path, "write", None))):
+        raise TypeError(f"path: expected a file name (str or path) or a binary file, got "
+                        f"{type(path).__name__}")
     try:
         import matplotlib
     except ImportError as err:  # pragma: no cover - matplotlib is in the plot/dev extras
         raise ImportError("plotting needs matplotlib: pip install 'occore[plot]'") from err
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure     # not pyplot: the user's backend and figures are kept
 
     problems, solvers = cmp.problems, cmp.solvers
-    colors = {s: plt.get_cmap("tab10")(i % 10) for i, s in enumerate(solvers)}
-    fig, axes = plt.subplots(2, len(problems), figsize=(3.6 * len(problems) + 0.6, 6.4), squeeze=False)
+    colors = {s: matplotlib.colormaps["tab10"](i % 10) for i, s in enumerate(solvers)}
+    fig = Figure(figsize=(3.6 * len(problems) + 0.6, 6.4))
+    axes = fig.subplots(2, len(problems), squeeze=False)
     for j, pname in enumerate(problems):
         best = cmp.best.get(pname)
         if best is None:
@@ -59,4 +63,3 @@ def plot_comparison(cmp, path: str) -> None:
     fig.legend(by_label.values(), by_label.keys(), loc="lower center", ncol=len(by_label), frameon=False)
     fig.tight_layout(rect=(0, 0.05, 1, 1))
     fig.savefig(path, dpi=110)
-    plt.close(fig)

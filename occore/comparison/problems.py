@@ -83,7 +83,11 @@ def resolve_problems(spec, backend: str = "casadi") -> dict:
     out = {}
     for item in items:
         if isinstance(item, Problem):
-            out[item.name or f"problem{len(out)}"] = item
+            name = item.name or f"problem{len(out)}"
+            if name in out and out[name] is not item:      # the later one would replace it
+                raise InputError(f"problems: two different problems are named {name!r}; give "
+                                 "a dict name -> Problem to compare both")
+            out[name] = item
         elif item == "all":
             out.update({n: make(n, backend=backend) for n in NAMES})
         elif item == "constrained":

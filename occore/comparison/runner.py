@@ -149,8 +149,12 @@ class Comparison:
         return [r.as_dict() for r in self.records]
 
     def to_json(self, path: str) -> None:
-        """Writes the raw records (with per-iteration costs and times) as JSON."""
+        """Writes the raw records (with per-iteration costs and times) as JSON to the file ``path``."""
         import json
+        import os
+
+        if not isinstance(path, (str, os.PathLike)):     # open(1, "w") would write on stdout, then close it
+            raise TypeError(f"path: expected a file name (str or path), got {type(path).__name__}")
 
         def clean(x):
             if isinstance(x, float) and not math.isfinite(x):
@@ -182,6 +186,8 @@ def _solver_list(solvers) -> list:
         if isinstance(s, str):
             if s not in SOLVERS:
                 raise InputError(f"unknown solver {s!r}; valid solvers are {', '.join(SOLVERS)}")
+            if s in out:                  # two rows of one name: the table and plot would mix them
+                raise InputError(f"solvers: {s!r} is given twice")
             out.append(s)
         elif hasattr(s, "solve"):
             out.append(s)

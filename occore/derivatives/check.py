@@ -123,7 +123,7 @@ def check_derivatives(problem, us=None, second_order: bool = True) -> Derivative
         second_order: also check the dynamics Hessians fxx, fux, fuu.
 
     Raises:
-        InputError: ``problem`` is not an :class:`occore.Problem`.
+        InputError: ``problem`` is not an :class:`occore.Problem`, ``second_order`` not a bool.
         ShapeError, InputError: ``us`` has the wrong shape or non-finite values.
 
     Returns:
@@ -146,6 +146,8 @@ def check_derivatives(problem, us=None, second_order: bool = True) -> Derivative
     if backend is None or not hasattr(backend, "step_values"):
         raise InputError(f"problem: expected an occore.Problem (a dense problem with a derivative "
                          f"backend), got {type(problem).__name__}")
+    if not isinstance(second_order, bool):
+        raise InputError(f"second_order={second_order!r} is invalid: expected True or False")
     T, nx = problem.horizon, problem.nx
     ng, nT = backend.ng, backend.nterm
     us = problem.initial_controls() if us is None else problem.clamp(problem.check_controls(us))

@@ -16,6 +16,7 @@ scored like every solver's: its controls are rolled out through the problem and 
 from __future__ import annotations
 
 import math
+import re
 import time
 import warnings
 
@@ -192,6 +193,12 @@ def _make_recorder(ca, n_w, n_g, ui):
     return Recorder()
 
 
+def _check_options(name: str, options) -> None:
+    if options is not None and not (isinstance(options, dict) and all(isinstance(k, str) for k in options)):
+        raise InputError(f"{name}={options!r} is invalid: expected None or a dict of option "
+                         "names (str) to values")
+
+
 def _check_problem(problem, tol, max_iter, solver: str) -> None:
     if not (hasattr(problem, "dynamics") and hasattr(problem, "nx") and hasattr(problem, "x0")):
         raise InputError(f"problem: expected an occore.Problem, got {type(problem).__name__} "
@@ -200,7 +207,7 @@ def _check_problem(problem, tol, max_iter, solver: str) -> None:
         raise InputError(f"problem: cannot transcribe {problem.name or 'the problem'} for {solver}: its "
                          "callables use torch operations (backend 'torch'); declare it with casadi "
                          f"operations to get an {solver} reference")
-    if not (isinstance(tol, (int, float)) and math.isfinite(tol) and tol > 0):
+    if isinstance(tol, bool) or not (isinstance(tol, (int, float)) and math.isfinite(tol) and tol > 0):
         raise InputError(f"tol={tol!r} is invalid: expected a finite number > 0")
     if isinstance(max_iter, bool) or not isinstance(max_iter, int) or max_iter < 0:
         raise InputError(f"max_iter={max_iter!r} is invalid: expected an integer >= 0")
@@ -240,6 +247,9 @@ def ipopt(problem, us0=None, *, tol: float = 1e-10, max_iter: int = 3000, record
         ('CONVERGED', 3.03850117)
     """
     _check_problem(problem, tol, max_iter, "IPOPT")
+    _check_options("ipopt_options", ipopt_options)
+    if not isinstance(record, bool):
+        raise InputError(f"record={record!r} is invalid: expected True or False")
     # bound_relax_factor 0: IPOPT would otherwise let U exceed the box by ~1e-8, which a swing-up
     # amplifies (x1.2 per stage near the upright) into a 1e-4 change of the clamped rollout's cost.
     ipopt_opts = {"print_level": 0, "sb": "yes", "tol": float(tol), "max_iter": int(max_iter),
@@ -265,6 +275,7 @@ def fatrop(problem, us0=None, *, tol: float = 1e-10, max_iter: int = 3000,
         ('CONVERGED', 3.038501)
     """
     _check_problem(problem, tol, max_iter, "FATROP")
+    _check_options("fatrop_options", fatrop_options)
     opts = {"structure_detection": "auto",
             "fatrop": {"print_level": 0, "tol": float(tol), "max_iter": int(max_iter), **(fatrop_options or {})}}
     return _solve(problem, us0, "fatrop", opts, stagewise=True, record=False)
@@ -275,7 +286,8 @@ def _solve(problem, us0, plugin: str, plugin_opts: dict, stagewise: bool, record
 
     start = time.perf_counter()
     nlp = _transcribe(ca, problem, us0, stagewise)
-    opts = {"print_time": False, **plugin_opts}
+    # show_eval_warnings: CasADi would print "NaN detected" on stderr; the status says it (NON_FINITE)
+    opts = {"print_time": False, "show_eval_warnings": False, **plugin_opts}
     if plugin == "fatrop":
         opts["equality"] = list(nlp["equality"])
     recorder = _make_recorder(ca, nlp["w0"].size, nlp["ng"], nlp["ui"]) if record else None
@@ -289,7 +301,14 @@ def _solve(problem, us0, plugin: str, plugin_opts: dict, stagewise: bool, record
     solve_start = time.perf_counter()
     if recorder is not None:
         recorder.start = solve_start
-    sol = solver(x0=nlp["w0"], lbx=nlp["lbw"], ubx=nlp["ubw"], lbg=nlp["lbg"], ubg=nlp["ubg"])
+    try:
+        sol = solver(x0=nlp["w0"], lbx=nlp["lbw"], ubx=nlp["ubw"], lbg=nlp["lbg"], ubg=nlp["ubg"])
+    except RuntimeError as err:
+        # FATROP reads its options only when called: an unknown name or a value of the wrong type
+        if plugin == "fatrop" and re.search(r"option not supported|type mismatch", str(err)):
+            raise InputError(f"{plugin}_options: {plugin.upper()} refused the options "
+                             f"{plugin_opts[plugin]} ({str(err).strip().splitlines()[-1]})") from err
+        raise
     wall = time.perf_counter() - solve_start
     stats = solver.stats()
     if plugin == "ipopt":

@@ -172,6 +172,45 @@ def test_save_refuses_bad_arguments_before_writing(tmp_path):
     assert not list(tmp_path.iterdir())
 
 
+@pytest.mark.parametrize("extra,words", [
+    (np.arange(3), "numpy"), ({"loss": [np.float64(0.5)]}, "numpy"), (object(), "object"),
+    (lambda: 1, "function")])
+def test_save_refuses_an_extra_that_would_not_load_back(tmp_path, extra, words):
+    """load_checkpoint reads with weights_only=True: a checkpoint whose extra it cannot read
+    would be written and then refused as corrupted on resume."""
+    net, opt = _setup()
+    with pytest.raises(TypeError, match=f"extra: expected tensors.*{words}"):
+        save_checkpoint(tmp_path, net, opt, epoch=1, extra=extra)
+    assert not list(tmp_path.iterdir())
+    kept = {"loss": [1.0, float("inf")], "w": torch.ones(2), "name": "x", "pair": (1, None)}
+    save_checkpoint(tmp_path, net, opt, epoch=1, extra=kept)
+    assert str(load_checkpoint(tmp_path, net, opt).extra) == str(kept)
+
+
+@pytest.mark.parametrize("kwargs,words", [
+    (dict(data_order=3), "data_order: expected a torch.Generator"),
+    (dict(check_extra="yes"), "check_extra: expected None or a callable"),
+    (dict(directory=None), "directory: expected a folder"),
+])
+def test_load_refuses_bad_arguments_before_changing_anything(saved, kwargs, words):
+    net, opt = _setup()
+    before, opt_before = _flat(net), copy.deepcopy(opt.state_dict())
+    with pytest.raises(TypeError, match=words):
+        load_checkpoint(kwargs.pop("directory", saved), net, opt, **kwargs)
+    assert torch.equal(_flat(net), before)
+    assert str(opt.state_dict()) == str(opt_before)
+
+
+@pytest.mark.parametrize("where", ["notes", "notes/run"])
+def test_save_into_a_folder_that_is_a_file_is_a_checkpoint_error(tmp_path, where):
+    (tmp_path / "notes").write_text("mine")
+    net, opt = _setup()
+    with pytest.raises(CheckpointError, match="is not a folder") as err:
+        save_checkpoint(tmp_path / where, net, opt, epoch=1)
+    assert err.value.path == str(tmp_path / where)
+    assert (tmp_path / "notes").read_text() == "mine" and len(list(tmp_path.iterdir())) == 1
+
+
 def test_a_data_order_asked_of_a_checkpoint_without_one_is_refused(tmp_path):
     net, opt = _setup()
     save_checkpoint(tmp_path, net, opt, epoch=1)

@@ -493,6 +493,30 @@ def test_mmc_loss_refuses_bad_inputs_and_targets_by_name(inp, target, error, wor
         MMCLoss(3, 3)(inp, target)
 
 
+@pytest.mark.parametrize("inp,error,words", [
+    ([[0.0, 1.0, 2.0]], TypeError, "input: expected a torch.Tensor, got list"),
+    (torch.randn(4, 2), ShapeError, r"input: expected shape \(B, 3\), got \(4, 2\)"),
+    (torch.randn(3), ShapeError, r"input: expected shape \(B, 3\)"),
+    (torch.ones(4, 3, dtype=torch.long), DtypeError, "input"),
+])
+def test_mmc_predict_refuses_what_the_loss_refuses_by_name(inp, error, words):
+    loss = MMCLoss(3, 3)
+    with pytest.raises(error, match=words):
+        loss.predict(inp)
+    z = loss.centers[[2, 0]] + 0.1                # near centres 2 and 0
+    assert loss.predict(z).tolist() == [2, 0]
+
+
+@pytest.mark.parametrize("dtype", [torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64])
+def test_mmc_loss_takes_integer_targets_of_every_dtype_as_class_indices(dtype):
+    # 3 samples, 3 classes: a uint8 target indexing the centres would be a boolean mask
+    loss = MMCLoss(3, 3, reduction="none")
+    z = torch.randn(3, 3, dtype=torch.float64)
+    target = torch.tensor([2, 0, 0], dtype=dtype)
+    expected = 0.5 * ((z - loss.centers.double()[[2, 0, 0]]) ** 2).sum(1)
+    torch.testing.assert_close(loss(z, target), expected)
+
+
 @pytest.mark.parametrize("curvature,name", [("identity", "momentum"), ("identity", "dampening"),
                                             ("rmsprop", "alpha"), ("rmsprop", "momentum"),
                                             ("ekfac", "stat_decay")])
@@ -547,3 +571,80 @@ def test_every_core_solver_solves_a_network_problem_or_refuses_it_by_type(solver
         assert solver in ("FDDP", "CDDP")
         return
     assert res.cost <= float(nn.CrossEntropyLoss()(net(x), y)) + 1e-12
+
+
+# -- nn_adapter.training's entry points ---------------------------------------------------------------
+def _split():
+    from nn_adapter.data import Split
+
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(12, 4, generator=g), torch.randint(0, 3, (12,), generator=g)
+    return Split(x[:8], y[:8], x[8:], y[8:])
+
+
+@pytest.mark.parametrize("names,lr,words", [
+    (["adam"], -1.0, r"lr=-1.0 \(optimizer 'adam'\): expected a finite number > 0"),
+    (["sgd"], "0.1", "lr='0.1'"), (["sgd"], math.nan, "lr=nan"), (["adam"], True, "lr=True"),
+    (["emsa"], 0.0, r"lr=0.0 \(optimizer 'emsa'\)"),         # rho = 1 / (lr B): a division by 0
+    (["adam", "ddp"], {"ddp": 2.0}, "0 < lr <= 1"),
+    (["adam", "sgd"], {"adm": 0.1}, r"lr: \['adm'\] are not among names"),
+    (["adam", "nope"], None, "unknown optimizer 'nope'"),
+    ("adam", None, r"names: expected a list of optimizer names, got the string 'adam'"),
+])
+def test_compare_optimizers_refuses_bad_names_and_rates_before_any_run(names, lr, words):
+    from nn_adapter.training import compare_optimizers
+
+    built = []
+
+    def make():
+        built.append(1)
+        return nn.Linear(4, 3)
+    with pytest.raises((TypeError, ValueError), match=words):
+        compare_optimizers(make, _split(), names, epochs=1, lr=lr)
+    assert built == []                                   # no model built, no run started
+
+
+@pytest.mark.parametrize("name,lr", [("sgd", -0.1), ("adam", "1e-3"), ("emsa", 0.0), ("ddp", 1.5),
+                                     ("ddpnopt", math.inf)])
+def test_make_optimizer_refuses_bad_learning_rates_by_name(name, lr):
+    from nn_adapter.training import SolverOptimizer, make_optimizer
+
+    with pytest.raises(InputError, match=f"lr={lr!r} \\(optimizer '{name}'\\)"):
+        make_optimizer(name, nn.Linear(2, 2), lr)
+    if name in ("emsa", "ddp"):
+        with pytest.raises(InputError, match="lr="):
+            SolverOptimizer(nn.Sequential(nn.Linear(2, 2)), name, lr)
+    assert make_optimizer(name, nn.Linear(2, 2), None) is not None      # the default rate
+
+
+def test_a_solver_optimizer_refuses_a_solver_that_is_not_one():
+    from nn_adapter.training import SolverOptimizer
+
+    with pytest.raises(ValueError, match="solver=3: expected one of emsa, ddp or an occore solver"):
+        SolverOptimizer(nn.Sequential(nn.Linear(2, 2)), 3)
+    assert SolverOptimizer(nn.Sequential(nn.Linear(2, 2)), occore.DDP()).solver is not None
+
+
+@pytest.mark.parametrize("kwargs,error,words", [
+    (dict(epochs="2"), InputError, "epochs='2': expected an int >= 1"),
+    (dict(epochs=2.5), InputError, "epochs=2.5"), (dict(epochs=True), InputError, "epochs=True"),
+    (dict(batch_size=None), InputError, "batch_size=None"),
+    (dict(seed="a"), InputError, "seed='a': expected an int >= 0"),
+    (dict(seed=1.5), InputError, "seed=1.5"),
+    (dict(data=(1, 2, 3, 4)), TypeError, "data: expected an nn_adapter.data.Split"),
+    (dict(optimizer="adam"), TypeError, "optimizer: expected a torch.optim.Optimizer"),
+    (dict(progress=1), TypeError, "progress: expected None or a callable"),
+    (dict(loss_fn="mse"), TypeError, "loss_fn: expected None or a callable"),
+])
+def test_train_classifier_refuses_bad_arguments_by_name_and_changes_nothing(kwargs, error, words):
+    from nn_adapter.training import train_classifier
+
+    torch.manual_seed(0)
+    net = nn.Linear(4, 3)
+    before = copy.deepcopy(net.state_dict())
+    args = dict(model=net, data=_split(), optimizer=torch.optim.SGD(net.parameters(), lr=0.1),
+                epochs=1, **{"batch_size": 4})
+    args.update(kwargs)
+    with pytest.raises(error, match=words):
+        train_classifier(**args)
+    assert all(torch.equal(v, net.state_dict()[k]) for k, v in before.items())

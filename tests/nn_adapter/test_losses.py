@@ -46,3 +46,16 @@ def test_bad_input():
         loss(torch.zeros(2, 5), torch.zeros(2, dtype=torch.long))
     with pytest.raises(ValueError, match="target"):
         loss(torch.zeros(2, 4), torch.zeros(3, dtype=torch.long))
+
+
+def test_centre_defaults_small_radii_and_dtypes():
+    """The default radius is Pang et al.'s C_MM = 10, any radius > 0 is a norm (also below 1), the
+    dtype is that asked for, and an integer dtype is refused."""
+    mu = mm_centers(4, 3)
+    assert mu.dtype == torch.float64
+    assert torch.allclose(mu.norm(dim=1), torch.full((4,), 10.0, dtype=torch.float64), atol=1e-12)
+    small = mm_centers(4, 3, radius=0.25, dtype=torch.float32)
+    assert small.dtype == torch.float32
+    assert torch.allclose(small.norm(dim=1), torch.full((4,), 0.25), atol=1e-6)
+    with pytest.raises(ValueError, match="dtype"):
+        mm_centers(4, 3, dtype=torch.int64)

@@ -90,6 +90,15 @@ def test_refusals_name_the_module(model, words):
     assert "Supported" in str(err.value) or "Sequential" in str(err.value)
 
 
+@pytest.mark.parametrize("value", [None, 0, "no"])
+def test_check_mode_must_be_a_bool(value):
+    """None or 0 would skip the training-mode checks silently, "no" would run them."""
+    net = nn.Sequential(nn.Linear(2, 2), nn.Dropout())          # training mode: refused when checked
+    with pytest.raises(TypeError, match=f"check_mode={value!r}: expected True or False"):
+        split_stages(net, check_mode=value)
+    assert len(split_stages(net, check_mode=False).stages) == 1
+
+
 def test_shared_and_partly_frozen_parameters():
     lin = nn.Linear(2, 2)
     with pytest.raises(UnsupportedModuleError, match="shared"):

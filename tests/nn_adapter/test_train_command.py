@@ -26,6 +26,7 @@ def wine():
     (["--dataset", "imagenet"], "invalid choice"),
     (["--lr", "-1"], "finite number > 0"),
     (["--lr", "fast"], "not a number"),
+    (["--lr", "1e300"], "at most 3.4e+38"),              # torch's float32 update overflowed
     (["--lr", "adamw=0.1"], "not one of the --optimizers"),
     (["--optimizers", "ddp", "--lr", "2"], "0 < lr <= 1"),
     (["--batch-size", "143"], "larger than the 142 training samples"),
@@ -35,6 +36,8 @@ def wine():
     (["--optimizers", "lbfgs"], "unknown optimizer"),
     (["--plot", "/nonexistent-dir/t.png"], "does not exist"),
     (["--json", "/nonexistent-dir/t.json"], "does not exist"),
+    (["--json", ""], "--json: an empty file name"),
+    (["--plot", ""], "--plot: an empty file name"),
     (["--net", "cnn"], "square images"),
     (["--net", "no_such_module_xyz:f"], "cannot import"),
     (["--device", "cuda:0" if not torch.cuda.is_available() else "tpu"], "--device"),

@@ -81,3 +81,12 @@ def test_bad_controls_are_rejected():
     us = np.full((5, 1), 3.0)
     occore.check_derivatives(prob, us)
     assert np.all(us == 3.0)   # not modified
+
+
+@pytest.mark.parametrize("value", ["no", None, 0, 1.0])
+def test_second_order_must_be_a_bool(value):
+    """A truthy string or None would have picked one of the two checks silently (and the report
+    would carry the value as its second_order)."""
+    prob = occore.problems.make("pendulum", horizon=5)
+    with pytest.raises(occore.InputError, match=f"second_order={value!r} is invalid: expected True or False"):
+        occore.check_derivatives(prob, second_order=value)

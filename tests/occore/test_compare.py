@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 
 import occore
+from occore.comparison import runner
 from occore.comparison.runner import _box_violation
 from occore.problems import OPTIMA
 
@@ -59,6 +60,58 @@ def test_markdown_json_and_plot(cmp, tmp_path):
     png = tmp_path / "cmp.png"
     cmp.plot(str(png))
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.parametrize("path", [1, 2.0, None])
+def test_to_json_refuses_a_path_that_is_not_a_file_name(cmp, path, capfd):
+    """open(1, "w") is the process's stdout: the records would be printed and stdout closed."""
+    with pytest.raises(TypeError, match="path: expected a file name"):
+        cmp.to_json(path)
+    assert capfd.readouterr().out == ""
+    print("stdout still open")
+    assert capfd.readouterr().out == "stdout still open\n"
+
+
+@pytest.mark.parametrize("path", [5, None])
+def test_plot_refuses_a_path_that_is_not_a_file_name(cmp, path):
+    from occore.mpc import ClosedLoop, plot_closed_loop
+
+    with pytest.raises(TypeError, match="path: expected a file name"):
+        cmp.plot(path)
+    run = ClosedLoop(xs=np.zeros((3, 1)), us=np.zeros((2, 1)), latencies=np.ones(2))
+    with pytest.raises(TypeError, match="path: expected a file name"):
+        plot_closed_loop(run, path)
+
+
+def test_plot_keeps_the_users_matplotlib_backend_and_figures(cmp, tmp_path):
+    plt = pytest.importorskip("matplotlib.pyplot")
+    before = plt.get_backend()
+    plt.switch_backend("svg")
+    try:
+        mine = plt.figure()
+        cmp.plot(str(tmp_path / "cmp.png"))
+        assert plt.get_backend() == "svg" and plt.get_fignums() == [mine.number]
+        assert (tmp_path / "cmp.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    finally:
+        plt.close("all")
+        plt.switch_backend(before)
+
+
+def test_a_solver_name_twice_or_two_problems_of_one_name_are_refused_before_any_run(monkeypatch):
+    """The table and the plot tell the records apart by name: a second record of one name would
+    be mixed with the first, a second problem of one name replaced it (compared once)."""
+    def no_run(*args, **kwargs):
+        raise AssertionError("a run started")
+    monkeypatch.setattr(runner, "run_one", no_run)
+    with pytest.raises(occore.InputError, match="solvers: 'ilqr' is given twice"):
+        occore.compare("lqr", "ilqr,ddp,ilqr")
+    short, long = occore.problems.make("pendulum", horizon=20), occore.problems.make("pendulum")
+    with pytest.raises(occore.InputError, match="two different problems are named 'pendulum'"):
+        occore.compare([short, long], ["ilqr"])
+    monkeypatch.undo()
+    cmp = occore.compare({"short": short, "long": long}, ["ilqr"], max_iter=2)
+    assert cmp.problems == ["short", "long"]
+    assert occore.compare("lqr,all", ["ilqr"], max_iter=1).problems == list(occore.problems.NAMES)
 
 
 def test_variants_and_solver_objects():

@@ -137,3 +137,20 @@ def test_mpc_command_shows_its_progress_on_stderr_unless_told_not_to(capsys):
     assert "latency per step" in captured.out and "/5 [" not in captured.out
     assert main(["mpc", "pendulum", "--steps", "5", "--iterations", "1", "--no-progress"]) == 0
     assert capsys.readouterr().err == ""
+
+
+def test_plot_closed_loop_keeps_the_users_matplotlib_backend_and_figures(tmp_path):
+    plt = pytest.importorskip("matplotlib.pyplot")
+    from occore.mpc import ClosedLoop, plot_closed_loop
+
+    run = ClosedLoop(xs=np.zeros((4, 2)), us=np.ones((3, 1)), latencies=np.full(3, 1e-3))
+    before = plt.get_backend()
+    plt.switch_backend("svg")
+    try:
+        mine = plt.figure()
+        plot_closed_loop(run, str(tmp_path / "loop.png"), title="t", goal=[0.0, 0.0])
+        assert plt.get_backend() == "svg" and plt.get_fignums() == [mine.number]
+        assert (tmp_path / "loop.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    finally:
+        plt.close("all")
+        plt.switch_backend(before)

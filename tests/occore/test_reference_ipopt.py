@@ -127,7 +127,8 @@ def test_callable_that_does_not_take_casadi_symbols_is_named():
         occore.reference.ipopt(stand_in)
 
 
-@pytest.mark.parametrize("bad", [dict(tol=0.0), dict(tol=float("nan")), dict(max_iter=-1), dict(max_iter=1.5)])
+@pytest.mark.parametrize("bad", [dict(tol=0.0), dict(tol=float("nan")), dict(max_iter=-1), dict(max_iter=1.5),
+                                 dict(tol=True), dict(record="no"), dict(record=None)])
 def test_bad_options(bad):
     with pytest.raises(occore.InputError, match=list(bad)[0]):
         occore.reference.ipopt(occore.problems.make("lqr"), **bad)
@@ -145,6 +146,19 @@ def test_ipopt_option_passthrough():
         occore.reference.ipopt(occore.problems.make("pendulum"), ipopt_options={"no_such_option": 1})
 
 
+@pytest.mark.parametrize("solver,options,words", [
+    ("ipopt", [("tol", 1e-3)], "ipopt_options=.* expected None or a dict"),
+    ("fatrop", "max_iter=3", "fatrop_options=.* expected None or a dict"),
+    ("fatrop", {"no_such_option": 1}, "fatrop_options: FATROP refused .*no_such_option"),
+    ("fatrop", {"max_iter": "many"}, "fatrop_options: FATROP refused .*'many'.*type mismatch"),
+])
+def test_bad_solver_options_are_input_errors_naming_them(solver, options, words):
+    """FATROP reads its options only when called, IPOPT when built: both refusals name the
+    argument, as an option dict of the wrong kind does."""
+    with pytest.raises(occore.InputError, match=words):
+        getattr(occore.reference, solver)(occore.problems.make("lqr"), **{f"{solver}_options": options})
+
+
 @pytest.mark.parametrize("name", occore.problems.CONSTRAINED)
 def test_reproduces_the_constrained_optima(name):
     """The optima stored for the constrained problems are IPOPT's (tol 1e-10, from the zero guess),
@@ -157,3 +171,18 @@ def test_reproduces_the_constrained_optima(name):
     T, nx = prob.horizon, prob.nx    # duals: lam_g = [gaps; path; terminal], lam_x = [X; U] (x_0 fixed)
     duals = np.concatenate([res.multipliers["lam_g"][T * nx:], res.multipliers["lam_x"][nx:(T + 1) * nx]])
     assert np.max(np.abs(duals)) > 1e-3
+
+
+@pytest.mark.parametrize("solver", ["ipopt", "ipopt-norecord"])
+def test_a_non_finite_evaluation_is_a_status_not_casadis_warnings_on_stderr(solver, capfd):
+    """log(0) at the initial guess: CasADi's 'NaN detected' warnings (one per evaluation) would
+    be printed on stderr; the library never prints, the status says it."""
+    import casadi as ca
+
+    prob = occore.Problem(dynamics=lambda x, u: x + 0.1 * ca.log(x) * u,
+                          stage_cost=lambda x, u: x[0] ** 2 + u[0] ** 2,
+                          terminal_cost=lambda x: x[0] ** 2, x0=[0.0], nu=1, horizon=5)
+    res = occore.reference.ipopt(prob, record=solver == "ipopt")
+    assert res.status is occore.Status.NON_FINITE
+    out, err = capfd.readouterr()
+    assert "NaN detected" not in out + err and out == "", err
