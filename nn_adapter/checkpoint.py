@@ -174,9 +174,6 @@ def save_checkpoint(directory, model: nn.Module, optimizer: torch.optim.Optimize
         data_order: the generator that draws the data order (its state is saved), or None.
         extra: tensors, numbers, strings and containers of them to keep (a history).
         group: the process group (None: the default one).
-        check_extra: None, or ``check_extra(path, extra)`` called with the saved ``extra`` before
-            anything else is compared (it raises :class:`CheckpointError` for a checkpoint of
-            other settings, which then names those rather than the model's shapes they imply).
 
     Returns:
         the path of the file.

@@ -27,11 +27,11 @@ import sys
 from pathlib import Path
 
 from occore.cli import Command, OneLineParser
-from occore.errors import OccoreError
+from occore.errors import InputError, OccoreError
 from occore.output_paths import check_outputs
 
 from . import data as datasets
-from .training import CORE_SOLVERS, DEFAULT_LR, OPTIMIZERS
+from .training import CORE_SOLVERS, DEFAULT_LR, OPTIMIZERS, check_lr
 
 __all__ = ["main", "build_parser", "COMMAND", "parse_lr", "check_args", "run_all", "summarize"]
 
@@ -97,8 +97,10 @@ def parse_lr(spec, names) -> dict:
             v = float(value)
         except ValueError:
             raise UsageError(f"--lr: {part!r} is not a number or NAME=number") from None
-        if not (math.isfinite(v) and v > 0):
-            raise UsageError(f"--lr: {part!r}: a learning rate must be a finite number > 0")
+        try:
+            check_lr(v)
+        except InputError as err:
+            raise UsageError(f"--lr: {part!r}: {err}") from None
         if v > _FLOAT32_MAX:          # torch's float32 update cannot take it (an overflow error)
             raise UsageError(f"--lr: {part!r}: a learning rate must be at most {_FLOAT32_MAX:.3g} "
                              "(the largest float32: the networks' weights are float32)")
@@ -110,8 +112,11 @@ def parse_lr(spec, names) -> dict:
             own[key] = v
     for n in names:
         rates[n] = own.get(n, common if common is not None else rates[n])
-    if "ddp" in rates and rates["ddp"] > 1:
-        raise UsageError(f"--lr: ddp={rates['ddp']:g}: vanilla DDP's lr caps its step length, 0 < lr <= 1")
+    if "ddp" in rates:
+        try:
+            check_lr(rates["ddp"], "ddp")
+        except InputError as err:
+            raise UsageError(f"--lr: {err}") from None
     return rates
 
 
@@ -121,7 +126,6 @@ def check_args(args) -> dict:
     import torch
 
     from .networks import resolve_network
-    from occore.errors import InputError
 
     names = [n.strip() for n in args.optimizers.split(",") if n.strip()]
     bad = [n for n in names if n not in DEFAULT_LR]

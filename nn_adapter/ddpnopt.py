@@ -345,7 +345,8 @@ class DDPNOpt(CurvatureOptimizer):
         self.diagnostics = [] if self.record_diagnostics else None
         self._clamped = {}
         loss = self._closure_result.pop("loss")
-        cost = float(loss)
+        # (detached: float() of a tensor that requires grad warns in torch >= 2.9)
+        cost = float(loss.detach()) if isinstance(loss, torch.Tensor) else float(loss)
         try:
             problem = MinibatchProblem(self, rec, self._stages(rec), cost)
             state = self._solver.init(problem, traj=problem.trajectory(), mu=self.eps_vxx)

@@ -30,7 +30,6 @@ stages that run after it; for a chain this is the exact per-sample recursion.
 """
 from __future__ import annotations
 
-import contextlib
 import math
 
 import torch
@@ -161,8 +160,6 @@ class MinibatchProblem:
         index = {id(s.module): t for t, s in enumerate(stages)}
         state = {"next": 0, "busy": False}
         last = len(stages) - 1
-        # (no autocast region in the closure, the usual case: nothing to switch off)
-        off = (lambda: autocast_off(rec.autocast)) if rec.autocast else contextlib.nullcontext
 
         def pre(module, args):
             if state["busy"]:          # the module evaluated inside a stage's own update
@@ -177,7 +174,7 @@ class MinibatchProblem:
             if step is not None:
                 state["busy"] = True
                 try:
-                    with off():                  # the update in the parameters' dtype
+                    with autocast_off(rec.autocast):    # the update in the parameters' dtype
                         delta = op(args[0]) if op is not None else None
                         if delta is not None and col is not None:
                             col.average_(delta)      # the batch mean over all ranks' samples

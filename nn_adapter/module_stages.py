@@ -295,7 +295,10 @@ def autocast_state() -> tuple:
 
 
 def autocast_off(state: tuple):
-    """A context that switches off the autocast regions of ``state`` (:func:`autocast_state`)."""
+    """A context that switches off the autocast regions of ``state`` (:func:`autocast_state`;
+    empty, the usual case: a context that does nothing)."""
+    if not state:
+        return contextlib.nullcontext()
     stack = contextlib.ExitStack()
     for device, _ in state:
         stack.enter_context(torch.autocast(device, enabled=False))

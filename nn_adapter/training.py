@@ -92,8 +92,9 @@ def _check_name(name) -> None:
         raise ValueError(f"unknown optimizer {name!r}; valid optimizers are {', '.join(OPTIMIZERS)}")
 
 
-def _check_lr(lr, name: str = "") -> None:
-    """Refuse a learning rate that is not a finite number > 0 (<= 1 for vanilla DDP)."""
+def check_lr(lr, name: str = "") -> None:
+    """Refuse (InputError) a learning rate that is not a finite number > 0 (<= 1 for vanilla DDP,
+    ``name`` "ddp"): the one rule of the API and of ``occore train --lr``."""
     if isinstance(lr, bool) or not isinstance(lr, numbers.Real) or not math.isfinite(lr) or lr <= 0:
         raise InputError(f"lr={lr!r}{f' (optimizer {name!r})' if name else ''}: expected a "
                          "finite number > 0")
@@ -169,7 +170,7 @@ class SolverOptimizer:
                 else not (callable(getattr(solver, "init", None)) and callable(getattr(solver, "step", None)))):
             raise ValueError(f"solver={solver!r}: expected one of {', '.join(CORE_SOLVERS)} or an occore solver")
         if isinstance(solver, str):
-            _check_lr(lr, solver)
+            check_lr(lr, solver)
         self.model, self.solver, self.lr, self.memory_limit = model, solver, float(lr), memory_limit
         self.mu: Optional[float] = None
         self.status = None
@@ -208,7 +209,7 @@ def make_optimizer(name: str, model: nn.Module, lr: float | None = None):
 
     _check_name(name)
     lr = DEFAULT_LR[name] if lr is None else lr
-    _check_lr(lr, name)
+    check_lr(lr, name)
     params = model.parameters()
     factories = {
         "sgd-m": lambda: torch.optim.SGD(params, lr=lr, momentum=0.9),
@@ -417,7 +418,7 @@ def compare_optimizers(make_model: Callable[[], nn.Module], data: Split, names, 
         _check_name(name)
         rate = lr.get(name) if isinstance(lr, dict) else lr
         if rate is not None:
-            _check_lr(rate, name)
+            check_lr(rate, name)
     if isinstance(lr, dict) and set(lr) - set(names):
         raise InputError(f"lr: {sorted(set(lr) - set(names))} are not among names {names}")
     if isinstance(make_model, nn.Module) or not callable(make_model):

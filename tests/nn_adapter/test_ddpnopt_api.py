@@ -353,3 +353,22 @@ def test_a_summed_cross_entropy_is_refused_before_any_change(terminal):
         fresh.step(closure)
     assert torch.equal(_flat(net), before)
     assert torch.equal(fresh.state_dict()["state"][0]["exp_avg"], state["state"][0]["exp_avg"])
+
+
+def test_a_step_on_a_closure_returning_the_live_loss_warns_nothing():
+    """The closure returns the loss as torch.optim's do (it requires grad): DDPNOpt reads its
+    value without torch's 'Converting a tensor with requires_grad=True to a scalar' warning."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2))
+    opt = DDPNOpt(net.parameters(), model=net, lr=0.01)
+    x, y = torch.randn(8, 3), torch.randint(0, 2, (8,))
+
+    def closure():
+        opt.zero_grad()
+        loss = nn.functional.cross_entropy(net(x), y)
+        loss.backward()
+        return loss
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        loss = opt.step(closure)
+    assert loss.requires_grad and opt.refused_steps == 0
