@@ -21,13 +21,13 @@ from __future__ import annotations
 
 import inspect
 import logging
-import os
 import time
 from dataclasses import dataclass, replace
 
 import numpy as np
 
 from .errors import InputError, ShapeError
+from .output_paths import check_path_argument
 from .result import Result, Status
 
 __all__ = ["MPC", "simulate", "ClosedLoop", "plot_closed_loop"]
@@ -231,9 +231,7 @@ def simulate(controller, plant, steps: int, x0=None) -> ClosedLoop:
 def plot_closed_loop(run: ClosedLoop, path: str, title: str = "", goal=None) -> None:
     """The states (one panel each, the goal dashed where given) and controls of a
     :class:`ClosedLoop` against the step, written to ``path`` (PNG). Needs matplotlib."""
-    if not (isinstance(path, (str, os.PathLike)) or callable(getattr(path, "write", None))):
-        raise TypeError(f"path: expected a file name (str or path) or a binary file, got "
-                        f"{type(path).__name__}")
+    check_path_argument(path, file_ok=True)
     try:
         import matplotlib
     except ImportError as err:  # pragma: no cover - matplotlib is in the plot/dev extras

@@ -18,10 +18,27 @@ from typing import Optional, Sequence
 
 from .errors import OccoreError
 
-__all__ = ["PLOT_FORMATS", "output_file_problem", "output_folder_problem", "check_outputs"]
+__all__ = ["PLOT_FORMATS", "output_file_problem", "output_folder_problem", "check_outputs", "check_path_argument"]
 
 #: figure formats matplotlib writes (savefig infers the format from the extension)
 PLOT_FORMATS = ("png", "pdf", "svg", "jpg", "jpeg", "eps", "ps", "tif", "tiff", "webp", "pgf")
+
+
+def check_path_argument(path, file_ok: bool = False) -> None:
+    """``path`` (a function's argument named ``path``) is a file name, a ``str`` or an
+    ``os.PathLike``, or with ``file_ok`` an open binary file (an object with ``write``); else a
+    ``TypeError`` naming it. (``open(1)`` would take a number for a file descriptor.)
+
+    Example:
+        >>> check_path_argument(5)
+        Traceback (most recent call last):
+        ...
+        TypeError: path: expected a file name (str or path), got int
+    """
+    if isinstance(path, (str, os.PathLike)) or (file_ok and callable(getattr(path, "write", None))):
+        return
+    what = "a file name (str or path) or a binary file" if file_ok else "a file name (str or path)"
+    raise TypeError(f"path: expected {what}, got {type(path).__name__}")
 
 
 def _cannot_create_in(folder: Path) -> Optional[str]:

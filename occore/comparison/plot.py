@@ -2,7 +2,8 @@
 from __future__ import annotations
 
 import math
-import os
+
+from ..output_paths import check_path_argument
 
 __all__ = ["plot_comparison"]
 
@@ -15,9 +16,7 @@ def plot_comparison(cmp, path: str) -> None:
     the rollout of its infeasible multiple-shooting iterates); values at or below 1e-14 |J_best| are
     drawn at that floor and a dot marks each run's end. Needs matplotlib.
     """
-    if not (isinstance(path, (str, os.PathLike)) or callable(getattr(path, "write", None))):
-        raise TypeError(f"path: expected a file name (str or path) or a binary file, got "
-                        f"{type(path).__name__}")
+    check_path_argument(path, file_ok=True)
     try:
         import matplotlib
     except ImportError as err:  # pragma: no cover - matplotlib is in the plot/dev extras

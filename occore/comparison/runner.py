@@ -10,6 +10,7 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 
 from ..errors import InputError, OccoreError
+from ..output_paths import check_path_argument
 from .problems import resolve_problems
 from .solvers import SOLVERS, make_runner
 
@@ -151,10 +152,8 @@ class Comparison:
     def to_json(self, path: str) -> None:
         """Writes the raw records (with per-iteration costs and times) as JSON to the file ``path``."""
         import json
-        import os
 
-        if not isinstance(path, (str, os.PathLike)):     # open(1, "w") would write on stdout, then close it
-            raise TypeError(f"path: expected a file name (str or path), got {type(path).__name__}")
+        check_path_argument(path)          # open(1, "w") would write on stdout, then close it
 
         def clean(x):
             if isinstance(x, float) and not math.isfinite(x):
