@@ -157,6 +157,19 @@ def _group(group):
     return group, dist.get_world_size(group), dist.get_rank(group)
 
 
+def _check_objects(model, optimizer, data_order) -> None:
+    """TypeError naming the argument unless ``model`` is a module, ``optimizer`` a torch optimizer
+    and ``data_order`` a generator or None (both :func:`save_checkpoint` and :func:`load_checkpoint`)."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
+    if not isinstance(optimizer, torch.optim.Optimizer):
+        raise TypeError(f"optimizer: expected a torch.optim.Optimizer, got "
+                        f"{type(optimizer).__name__}")
+    if data_order is not None and not isinstance(data_order, torch.Generator):
+        raise TypeError(f"data_order: expected a torch.Generator or None, got "
+                        f"{type(data_order).__name__}")
+
+
 def save_checkpoint(directory, model: nn.Module, optimizer: torch.optim.Optimizer, epoch: int,
                     data_order: Optional[torch.Generator] = None, extra: Any = None,
                     group=None) -> pathlib.Path:
@@ -184,14 +197,7 @@ def save_checkpoint(directory, model: nn.Module, optimizer: torch.optim.Optimize
             nothing is written. ValueError: a bad epoch. CheckpointError: ``directory`` (or a
             folder above it) is a file.
     """
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
-    if not isinstance(optimizer, torch.optim.Optimizer):
-        raise TypeError(f"optimizer: expected a torch.optim.Optimizer, got "
-                        f"{type(optimizer).__name__}")
-    if data_order is not None and not isinstance(data_order, torch.Generator):
-        raise TypeError(f"data_order: expected a torch.Generator or None, got "
-                        f"{type(data_order).__name__}")
+    _check_objects(model, optimizer, data_order)
     if isinstance(epoch, bool) or not isinstance(epoch, int) or epoch < 0:
         raise ValueError(f"epoch: expected an int >= 0, got {epoch!r}")
     _check_extra_loads(extra)
@@ -321,14 +327,7 @@ def load_checkpoint(directory, model: nn.Module, optimizer: torch.optim.Optimize
     Returns:
         a :class:`Checkpoint` (the epoch completed, the saving world size, ``extra``).
     """
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
-    if not isinstance(optimizer, torch.optim.Optimizer):
-        raise TypeError(f"optimizer: expected a torch.optim.Optimizer, got "
-                        f"{type(optimizer).__name__}")
-    if data_order is not None and not isinstance(data_order, torch.Generator):
-        raise TypeError(f"data_order: expected a torch.Generator or None, got "
-                        f"{type(data_order).__name__}")
+    _check_objects(model, optimizer, data_order)
     if check_extra is not None and not callable(check_extra):
         raise TypeError(f"check_extra: expected None or a callable check_extra(path, extra), got "
                         f"{type(check_extra).__name__}")
