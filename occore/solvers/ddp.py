@@ -86,8 +86,11 @@ class _RiccatiSolver(Solver):
                                       f"increases (mu = {mu:.3g}, factor {reg.factor!r}; {err})", mu)
                 continue
             # A large mu shrinks the step and with it the expected decrease: a small one means
-            # convergence only at the baseline regularisation, so look again there.
-            if -(d1 + 0.5 * d2) < tol and mu > baseline * reg.factor and not (relooked or self.options.stochastic):
+            # convergence only at the baseline regularisation, so look again there. Not with gaps:
+            # there the model may predict an increase (closing them costs) at every mu, which is no
+            # sign of convergence, and going back to the baseline would keep mu from ever growing.
+            if (-(d1 + 0.5 * d2) < tol and getattr(lm, "max_gap", 0.0) <= self._gap_tol()
+                    and mu > baseline * reg.factor and not (relooked or self.options.stochastic)):
                 mu, relooked = baseline, True
                 continue
             break
