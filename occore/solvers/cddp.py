@@ -199,6 +199,8 @@ class CDDP(_RiccatiSolver):
     def result(self, state: SolverState) -> Result:
         res = super().result(state)
         point = state.traj.extras
+        if point is None:   # ended in init (initial cost not finite): no augmented point, nothing evaluated
+            return replace(res, constraint_violation=math.nan, multipliers=state.multipliers)
         return replace(res, cost=float(point.cost), constraint_violation=point.values.violation(),
                        multipliers=state.multipliers)
 

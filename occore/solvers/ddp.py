@@ -17,11 +17,16 @@ from ..result import IterationInfo, Status
 from .base import Solver, SolverState
 from .options import DDPOptions, Regularization
 
-__all__ = ["DDP", "ILQR", "MAX_RAISES"]
+__all__ = ["DDP", "ILQR", "MAX_RAISES", "COST_ROUNDING"]
 
 #: most regularisation increases in one backward pass before the solve ends with REG_LIMIT (the
 #: default factor 10 spans the whole range 1e-9..1e9 in 18)
 MAX_RAISES = 100
+#: an expected decrease below COST_ROUNDING |J| (about 45 rounding units of J) counts as converged
+#: whatever ``tol`` says: the line search compares costs and cannot measure a smaller decrease
+#: (E-MSA's ``ftol`` rule). It matters only where |J| > tol / COST_ROUNDING (1e5 at the default tol):
+#: a cost weighted by 1e6 ended LINE_SEARCH_FAILED at the optimum after 100 iterations of rounding noise.
+COST_ROUNDING = 1e-14
 
 
 def _trials(problem, traj, policy, steps):
@@ -86,8 +91,11 @@ class _RiccatiSolver(Solver):
                                       f"increases (mu = {mu:.3g}, factor {reg.factor!r}; {err})", mu)
                 continue
             # A large mu shrinks the step and with it the expected decrease: a small one means
-            # convergence only at the baseline regularisation, so look again there.
-            if -(d1 + 0.5 * d2) < tol and mu > baseline * reg.factor and not (relooked or self.options.stochastic):
+            # convergence only at the baseline regularisation, so look again there. Not with gaps:
+            # there the model may predict an increase (closing them costs) at every mu, which is no
+            # sign of convergence, and going back to the baseline would keep mu from ever growing.
+            if (-(d1 + 0.5 * d2) < tol and getattr(lm, "max_gap", 0.0) <= self._gap_tol()
+                    and mu > baseline * reg.factor and not (relooked or self.options.stochastic)):
                 mu, relooked = baseline, True
                 continue
             break
@@ -153,8 +161,10 @@ class _RiccatiSolver(Solver):
         return 0.0 <= last.stop < below and last.gap == 0.0
 
     def _tol(self, state: SolverState) -> float:
-        """The stop tolerance on the expected decrease of a full step (CDDP: of its inner solve)."""
-        return self.options.tol
+        """The stop tolerance on the expected decrease of a full step (CDDP: of its inner solve):
+        ``tol``, or the rounding level of the cost where that is larger (:data:`COST_ROUNDING`)."""
+        cost = state.traj.cost
+        return max(self.options.tol, COST_ROUNDING * abs(cost)) if math.isfinite(cost) else self.options.tol
 
     def _gap_tol(self) -> float:
         """Largest dynamics gap of a converged multiple-shooting iterate (FDDP)."""

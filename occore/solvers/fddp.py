@@ -222,6 +222,17 @@ class FDDP(_RiccatiSolver):
     def _gap_tol(self) -> float:
         return self.options.gap_tol
 
+    def result(self, state: SolverState) -> Result:
+        """As :meth:`occore.solvers.base.Solver.result`; a solve that ends with gaps larger than
+        ``gap_tol`` (not converged) says so in the message: its xs are not the rollout of its us,
+        and its cost is that of the gapped (xs, us), which can lie below the optimum."""
+        extras = getattr(state.traj, "extras", None)
+        gap = extras.max_gap if isinstance(extras, _Gaps) else 0.0
+        if gap > self.options.gap_tol and state.status is not Status.RUNNING:
+            state = replace(state, message=f"{state.message}; the iterate still has gaps (largest {gap:.2e}): "
+                                           "xs is not the rollout of us, cost not J(us)")
+        return super().result(state)
+
     def _second_order(self, state: SolverState) -> bool:
         if self.options.rollout == "nonlinear":
             return super()._second_order(state)

@@ -136,7 +136,8 @@ class DDPOptions:
 
     Attributes:
         max_iter: iteration limit (MAX_ITER when reached).
-        tol: stop (CONVERGED) when the expected decrease of a full step is below this.
+        tol: stop (CONVERGED) when the expected decrease of a full step is below this (or below
+            1e-14 |J|, the rounding level of the cost, where that is larger: |J| > 1e5).
         regularization: see :class:`Regularization`.
         line_search: see :class:`LineSearch`.
         stochastic: every iteration takes the full step of its policy, with no cost check, no

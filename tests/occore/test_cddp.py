@@ -301,3 +301,22 @@ def test_multipliers_of_other_constraints_are_not_taken_as_a_warm_start():
         assert getattr(state.multipliers, k).shape == getattr(zeros, k).shape
     warm, cold = occore.CDDP().solve(b, us0=res_a), occore.CDDP().solve(b)
     assert warm.converged and warm.cost == pytest.approx(cold.cost, rel=1e-8)
+
+
+@pytest.mark.parametrize("constrained", [False, True])
+def test_an_initial_rollout_that_overflows_ends_non_finite_like_the_other_solvers(constrained):
+    """x+ = x + 0.1 x^3 + 0.1 u from x0 = 3 overflows under zero controls: DDP, iLQR, FDDP and E-MSA
+    end NON_FINITE at init; CDDP's result then read the augmented point that was never made
+    (AttributeError). It now ends NON_FINITE too, its constraint violation unknown (nan)."""
+    dt = 0.1
+    extra = dict(path_constraints=lambda x, u: u - 1.0) if constrained else {}
+    prob = occore.Problem(lambda x, u: x + dt * x ** 3 + dt * u, lambda x, u: x ** 2 + u ** 2,
+                          lambda x: 10 * x ** 2, x0=[3.0], nu=1, horizon=30, **extra)
+    assert not np.isfinite(prob.rollout(prob.initial_controls()).cost)
+    res = occore.CDDP().solve(prob)
+    assert res.status is occore.Status.NON_FINITE
+    assert res.message == "initial rollout cost is not finite" and res.iterations == 0
+    if not constrained:
+        assert occore.ILQR().solve(prob).message == res.message
+    assert np.array_equal(res.us, np.zeros((30, 1))) and res.cost == math.inf
+    assert math.isnan(res.constraint_violation)

@@ -322,3 +322,46 @@ def test_the_rollout_option_is_validated(value):
         occore.FDDP(rollout=value)
     with pytest.raises(ValueError, match="rollout"):
         occore.solvers.options.FDDPOptions(rollout=value)
+
+
+def boxed_double_integrator(T, bound):
+    """A convex box-constrained QP: a 2-D double integrator driven to rest at 0, |u| <= bound."""
+    import casadi as ca
+    dt = 0.1
+
+    def f(x, u):
+        return ca.vertcat(x[0] + dt * x[2] + 0.5 * dt * dt * u[0], x[1] + dt * x[3] + 0.5 * dt * dt * u[1],
+                          x[2] + dt * u[0], x[3] + dt * u[1])
+
+    return occore.Problem(f, lambda x, u: 0.5 * dt * (ca.sumsqr(x[:2]) + 0.1 * ca.sumsqr(x[2:]) + 0.01 * ca.sumsqr(u)),
+                          lambda x: 25.0 * ca.sumsqr(x), x0=[3.0, -2.0, 0.0, 1.0], nu=2, horizon=T,
+                          u_lower=-bound, u_upper=bound)
+
+
+@pytest.mark.parametrize("T, bound", [(15, 1.0), (20, 0.5)])
+def test_boxed_convex_qp_from_a_state_guess_reaches_ipopts_optimum(T, bound):
+    """Where closing the gaps is predicted to raise the cost, the full-step expected decrease is
+    negative at every mu: that must not count as 'converged at a large mu' (which reset mu to its
+    baseline each time it reached about 10, so the feedback of the active controls kept blowing the
+    trials up and FDDP ended MAX_ITER with open gaps, 97% below the optimum)."""
+    prob = boxed_double_integrator(T, bound)
+    ref = occore.reference.ipopt(prob)
+    res = occore.FDDP().solve(prob, xs0=np.linspace(prob.x0, np.zeros(4), T + 1))
+    assert res.converged, res.summary()
+    assert res.history[-1].gap == 0.0
+    assert abs(res.cost - ref.cost) <= 1e-8 * ref.cost
+
+
+def test_a_solve_that_ends_with_gaps_says_so_in_its_message():
+    """A non-converged iterate with gaps is no trajectory: its cost (of the gapped (xs, us)) can lie
+    below the optimum (35.8 against IPOPT's 50.8 on a boxed double integrator, J(us) = 104), so the
+    message says it; a converged solve carries no such note."""
+    prob = occore.problems.make("pendulum")
+    xs0 = interpolation(prob, GOALS["pendulum"])
+    res = occore.FDDP(max_iter=1).solve(prob, xs0=xs0)
+    gap = res.history[-1].gap
+    assert res.status is occore.Status.MAX_ITER and gap > 0.01
+    assert f"still has gaps (largest {gap:.2e})" in res.message
+    assert np.max(np.abs(prob.rollout(res.us).xs - res.xs)) > 0.01      # what the note warns of
+    done = occore.FDDP().solve(prob, xs0=xs0)
+    assert done.converged and "gaps" not in done.message

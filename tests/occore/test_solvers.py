@@ -214,3 +214,21 @@ def test_control_without_effect_on_the_state_and_concave_cost(solver):
     res = solver().solve(prob, us0=us0)
     assert res.converged, res.summary()
     np.testing.assert_allclose(res.us[:, 1], 1.0, atol=1e-6)
+
+
+def test_a_cost_weighted_by_1e6_ends_converged_at_the_optimum_not_line_search_failed():
+    """With |J| about 1e7 an expected decrease of tol = 1e-9 is below J's rounding (ulp 2e-9):
+    iLQR's Gauss-Newton tail used to end LINE_SEARCH_FAILED at the optimum after ~100 iterations
+    of rounding noise. The stop rule now also accepts an expected decrease below 1e-14 |J|."""
+    import casadi as ca
+    dt, scale = 0.1, 1e6
+    prob = occore.Problem(lambda x, u: ca.vertcat(x[0] + dt * x[1], x[1] + dt * ca.sin(u[0])),
+                          lambda x, u: scale * (x[0] ** 2 + 0.1 * x[1] ** 2 + 0.1 * u[0] ** 2),
+                          lambda x: scale * 50 * (x[0] ** 2 + x[1] ** 2), x0=[2.0, 0.0], nu=1, horizon=10)
+    res = occore.ILQR().solve(prob)
+    assert res.status is occore.Status.CONVERGED, res.summary()
+    ref = occore.reference.ipopt(prob, us0=res)     # IPOPT from there: a local optimum, reached
+    assert abs(res.cost - ref.cost) <= 1e-12 * ref.cost
+    assert res.cost < occore.reference.ipopt(prob).cost     # (IPOPT from zero ends in a worse one)
+    # the stop value of the last iteration is below the rounding level of J, not below tol
+    assert occore.ILQR().options.tol < res.history[-1].stop < 1e-14 * res.cost
