@@ -60,13 +60,30 @@ def module_stages(model: nn.Module, blocks: list, order: list) -> list:
     Returns:
         a :class:`~nn_adapter.stages.Stage` (no followers) per module that owns a parameter of ``blocks`` and ran (the
         parameters of modules that did not run get no gradient and are not updated, as in
-        torch.optim).
+        torch.optim). A module that did not run but sits inside one that did (the ``out_proj``
+        of a ``MultiheadAttention``, whose forward uses its weights directly) has its blocks in
+        the stage of the nearest such ancestor: they are part of that module's function.
 
     Raises:
         UnsupportedModuleError: a trainable parameter of two modules that both ran (tied
             weights), naming the parameter and both modules.
     """
     names = {id(m): n for n, m in model.named_modules(remove_duplicate=False)}
+    ran = {names.get(id(m)): m for m in order}
+    owner_path: dict = {}
+    for n, m in model.named_modules(remove_duplicate=False):
+        for p in m.parameters(recurse=False):
+            owner_path.setdefault(id(p), n)
+    inside: dict = {}             # id(ancestor that ran) -> blocks of its descendants that did not
+    for b in blocks:
+        path = owner_path.get(id(b.params[0]))
+        if path is None or path in ran:
+            continue
+        while path:
+            path = path.rpartition(".")[0]
+            if path in ran:
+                inside.setdefault(id(ran[path]), []).append(b)
+                break
     stages = []
     first_owner: dict = {}
     for module in order:
@@ -81,6 +98,7 @@ def module_stages(model: nn.Module, blocks: list, order: list) -> list:
                     "stage (use feedback=False for this model)")
         own = {id(p) for p in module.parameters(recurse=False)}
         mine = [b for b in blocks if all(id(p) in own for p in b.params)]
+        mine += inside.get(id(module), [])
         if mine:
             stages.append(Stage(module, names.get(id(module), type(module).__name__), mine,
                                 index=len(stages)))

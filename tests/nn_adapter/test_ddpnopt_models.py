@@ -438,3 +438,103 @@ def test_a_cnn_closure_under_autocast_trains_with_feedback():
     closure = _autocast_closure(net, opt, x, y)
     losses = [float(opt.step(closure)) for _ in range(20)]
     assert losses[-1] < 0.8 * losses[0] and opt.refused_steps == 0
+
+
+class _AttentionFirst(nn.Module):
+    """A MultiheadAttention first: its forward uses its out_proj's weights directly (out_proj,
+    a module of its own, never runs)."""
+
+    def __init__(self):
+        super().__init__()
+        self.att = nn.MultiheadAttention(4, 2, batch_first=True)
+        self.fc = nn.Linear(12, 3)
+
+    def forward(self, x):
+        return self.fc(torch.tanh(self.att(x, x, x)[0]).flatten(1))
+
+
+def test_parameters_a_stage_uses_through_a_module_that_does_not_run_are_trained():
+    """out_proj belongs to the attention's stage (the first: no feedback), so with feedback its
+    first step is the one without; before, it was never updated."""
+    torch.manual_seed(0)
+    nets = [_AttentionFirst().double()]
+    nets.append(copy.deepcopy(nets[0]))
+    start = copy.deepcopy(nets[0])
+    x = torch.randn(8, 3, 4, dtype=torch.float64)
+    y = torch.randint(0, 3, (8,))
+    opts = [DDPNOpt(n, lr=0.01, curvature="adam", feedback=fb) for n, fb in zip(nets, (True, False))]
+    for n, o in zip(nets, opts):
+        o.step(make_closure(n, o, x, y))
+    fb, base = (dict(n.named_parameters()) for n in nets)
+    for name in ("att.out_proj.weight", "att.out_proj.bias", "att.in_proj_weight"):
+        assert not torch.equal(fb[name], dict(start.named_parameters())[name])
+        assert torch.allclose(fb[name], base[name], atol=1e-14, rtol=0)
+    assert (fb["fc.weight"] - base["fc.weight"]).abs().max() > 1e-8   # the feedback is on
+
+
+class _Gate(nn.Module):
+    """Owns a gate and a Linear child it applies functionally (the child never runs)."""
+
+    def __init__(self, own: bool):
+        super().__init__()
+        torch.manual_seed(1)
+        lin = nn.Linear(5, 5)
+        if own:
+            self.weight, self.bias = lin.weight, lin.bias
+        else:
+            self.lin = lin
+        self.gate = nn.Parameter(torch.linspace(0.5, 1.5, 5))
+
+    def forward(self, x):
+        w, b = (self.lin.weight, self.lin.bias) if hasattr(self, "lin") else (self.weight, self.bias)
+        return torch.tanh(nn.functional.linear(x, w, b)) * self.gate
+
+
+def test_a_later_stage_using_a_childs_parameters_gets_their_feedback():
+    """The child's parameters are part of the stage of the module that uses them: the same steps
+    as a module owning them itself (whose feedback the dense oracle checks)."""
+    nets = []
+    for own in (False, True):
+        torch.manual_seed(0)
+        nets.append(nn.Sequential(nn.Linear(4, 5), nn.Tanh(), _Gate(own), nn.Linear(5, 3)).double())
+    x, y = _data(16, 4, seed=2)
+    opts = [DDPNOpt(n, lr=0.05, curvature="adam", feedback_bound=math.inf) for n in nets]
+    twin = copy.deepcopy(nets[0])
+    base = DDPNOpt(twin, lr=0.05, curvature="adam", feedback=False)
+    for _ in range(3):
+        for n, o in zip(nets + [twin], opts + [base]):
+            o.step(make_closure(n, o, x, y))
+    a, b = (dict(n.named_parameters()) for n in nets)
+    assert torch.allclose(a["2.lin.weight"], b["2.weight"], atol=1e-13, rtol=0)
+    assert torch.allclose(a["2.lin.bias"], b["2.bias"], atol=1e-13, rtol=0)
+    assert (a["2.lin.weight"] - twin[2].lin.weight).abs().max() > 1e-6    # with its feedback
+
+
+class _Functional(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.l1, self.l2 = nn.Linear(4, 5), nn.Linear(5, 3)
+
+    def forward(self, x):
+        return nn.functional.linear(torch.tanh(self.l1(x)), self.l2.weight, self.l2.bias)
+
+
+def test_a_parameter_used_outside_any_stage_is_refused_naming_it():
+    """l2's weights are used by the model's own forward (no stage owns them): with feedback no
+    stage would update them; refused before anything changes. Without feedback it is Adam."""
+    torch.manual_seed(0)
+    net = _Functional().double()
+    x, y = _data(8, 4)
+    opt = DDPNOpt(net, lr=0.01)
+    before = [p.detach().clone() for p in net.parameters()]
+    with pytest.raises(UnsupportedModuleError, match=r"parameter 'l2.weight' got a gradient, but "
+                       r"its module 'l2' \(Linear\) did not run.*feedback=False"):
+        opt.step(make_closure(net, opt, x, y))
+    assert all(torch.equal(a, b) for a, b in zip(before, net.parameters())) and not opt.state
+    twin = copy.deepcopy(net)
+    adam = torch.optim.Adam(twin.parameters(), lr=0.01)
+    opt = DDPNOpt(net, lr=0.01, feedback=False)
+    for _ in range(2):
+        opt.step(make_closure(net, opt, x, y))
+        adam.step(make_closure(twin, adam, x, y))
+    assert all(torch.allclose(a, b, atol=1e-15, rtol=0) for a, b in zip(net.parameters(), twin.parameters()))
