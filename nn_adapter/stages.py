@@ -52,7 +52,7 @@ from torch.func import functional_call
 
 from .errors import UnsupportedModuleError
 
-__all__ = ["Stage", "Stages", "split_stages"]
+__all__ = ["Stage", "Stages", "split_stages", "prelu"]
 
 SUPPORTED = ("stage heads: Linear, Conv1d, Conv2d, BatchNorm (eval mode) or any module with "
              "parameters mapping one tensor to one tensor; followers: parameter-free modules "
@@ -167,6 +167,8 @@ class Stage:
             p = dict(zip(self.param_names, params))
             return F.batch_norm(x, self.stats[0], self.stats[1], p.get("weight"), p.get("bias"),
                                 False, 0.0, self.module.eps)
+        if type(self.module) is nn.PReLU and self.param_names == ("weight",):
+            return prelu(x, params[0])
         return functional_call(self.module, dict(zip(self.param_names, params)), (x,))
 
     def forward(self, params: dict[str, Tensor], x: Tensor) -> Tensor:
@@ -181,8 +183,24 @@ class Stage:
         """
         y = self.module_fn([params[k] for k in self.param_names], x)
         for module in self.followers:
-            y = module(y)
+            y = prelu(y, module.weight) if type(module) is nn.PReLU else module(y)
         return y
+
+
+def prelu(x: Tensor, weight: Tensor) -> Tensor:
+    """``F.prelu(x, weight)`` (one slope, or one per channel: dimension 1, or 0 for a 1-D x) as
+    ``where(x > 0, x, weight x)``: the same values and derivatives, but torch's own prelu fails
+    under ``vmap(jacrev(...))`` with a batched input (its backward mixes the batch and channel
+    sizes), which the per-sample Jacobians of NetworkProblem's DDP take.
+
+    Example:
+        >>> x, w = torch.randn(4, 3, 2), torch.tensor([0.1, 0.2, 0.3])
+        >>> torch.equal(prelu(x, w), F.prelu(x, w))
+        True
+    """
+    if weight.numel() > 1 and x.dim() > 1:
+        weight = weight.view(-1, *([1] * (x.dim() - 2)))
+    return torch.where(x > 0, x, weight * x)
 
 
 class Stages(NamedTuple):
