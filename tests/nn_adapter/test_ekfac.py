@@ -283,3 +283,41 @@ def test_ekfac_under_autocast_keeps_its_factors_in_the_parameters_dtype():
     assert losses[-1] < 0.7 * losses[0]
     st = opt.state[net[0].weight]
     assert {st[k].dtype for k in ("A", "G", "QA", "QG", "scale")} == {torch.float32}
+
+
+class _FixedBias(nn.Module):
+    def __init__(self, bias):
+        super().__init__()
+        self.register_buffer("bias", bias.detach().clone())
+
+    def forward(self, x):
+        return x + self.bias[:, None, None]
+
+
+@pytest.mark.parametrize("how", ["frozen", "left_out"])
+def test_ekfac_on_a_convolution_whose_bias_it_does_not_train_equals_dense_definition(how):
+    """A Conv2d whose bias is frozen (or not given to the optimizer) is a weight-only block: the
+    dense definition of the same network with that bias a constant. Before, the per-sample
+    gradients kept a (garbage) bias column and EKFAC failed on the second conv's (12 + 1) x 12
+    product."""
+    batches = _batches(3)
+    hp = dict(lr=0.1, damping=1e-2, stat_decay=0.8)
+    ours = _net()
+    if how == "frozen":
+        ours[2].bias.requires_grad_(False)
+        opt = EKFAC(ours, eigen_update_freq=2, **hp)
+    else:
+        opt = EKFAC([p for n, p in ours.named_parameters() if n != "2.bias"], model=ours,
+                    eigen_update_freq=2, **hp)
+    _step_with_closures(ours, opt, batches)
+    start = _net()
+    conv = nn.Conv2d(3, 2, 2, stride=2, bias=False).double()
+    with torch.no_grad():
+        conv.weight.copy_(start[2].weight)
+    ref_net = nn.Sequential(start[0], start[1], conv, _FixedBias(start[2].bias), start[3], start[4])
+    before = torch.cat([p.detach().flatten() for p in ref_net.parameters()])
+    ref = _dense_run(ref_net, batches, hp["lr"], hp["damping"], hp["stat_decay"], 2)
+    got = torch.cat([p.detach().flatten() for n, p in ours.named_parameters() if n != "2.bias"])
+    assert torch.equal(ours[2].bias, _net()[2].bias)
+    assert (ref - before).abs().max() > 1e-3
+    assert (got - ref).abs().max() <= 1e-10
