@@ -38,7 +38,8 @@ there; a tuple or dict output is refused, except with ``terminal_hessian="gradie
 Modules are recorded with hooks that exist only while the closure runs; the closure must call the
 model once, and each parametrised module must run exactly once in it (weight sharing is refused
 with an error naming the module). A parameter that gets no gradient (one its module's forward does
-not use) is held fixed in the feedback pass as in the base optimizer; the rest of its stage trains.
+not use, or of a module whose output the loss does not use: an unused head, a branch under
+``no_grad``) is held fixed in the feedback pass as in the base optimizer; the rest trains.
 A parameter of a module that does not run, used by the forward of a parametrised module
 around it (a ``MultiheadAttention``'s ``out_proj``), is part of that module's stage; one
 that gets a gradient with no such module around it is refused (naming it).
@@ -279,7 +280,7 @@ class DDPNOpt(CurvatureOptimizer):
             return super()._check_records(rec)
         rec.check_model_call()
         rec.check_complete(rec.order, need_grads=False)
-        rec.check_complete(super()._recorded_modules())
+        rec.check_complete(self._modules_with_grads(super()._recorded_modules()))
         if self.terminal_hessian != "gradient" and rec.model_output_kind is not None:
             raise UnsupportedModuleError(
                 f"model: returns a {rec.model_output_kind}, not one tensor; the terminal "
@@ -323,7 +324,7 @@ class DDPNOpt(CurvatureOptimizer):
             if any(p.grad is not None and bool(p.grad.any()) for p in b.params):
                 self._refuse_unstaged(b)
         rec.check_stages(stages)
-        rec.check_complete([s.module for s in stages[1:]])
+        rec.check_complete(self._modules_with_grads([s.module for s in stages[1:]]))
         for s in stages:
             s.freeze_statistics(rec.inputs.get(s.module))
         return stages

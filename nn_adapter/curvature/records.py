@@ -173,7 +173,9 @@ class Recorder:
             if need_grads and m in self._grad_of and not self.has_grad(m):
                 raise InputError(
                     f"closure: no gradient reached the output of module {self.label(m)}; "
-                    "the closure must call loss.backward()")
+                    "the closure must call loss.backward() (a module whose output the loss does "
+                    "not use is left alone when its parameters have no gradient: "
+                    "zero_grad(set_to_none=True), torch's default)")
 
 
 # -- the live recorders: one global forward hook, filtered by module identity ---------------------

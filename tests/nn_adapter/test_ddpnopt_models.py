@@ -538,3 +538,40 @@ def test_a_parameter_used_outside_any_stage_is_refused_naming_it():
         opt.step(make_closure(net, opt, x, y))
         adam.step(make_closure(twin, adam, x, y))
     assert all(torch.allclose(a, b, atol=1e-15, rtol=0) for a, b in zip(net.parameters(), twin.parameters()))
+
+
+class _AuxHead(nn.Module):
+    """An auxiliary head that runs but whose output the loss does not use (``use_aux=False``:
+    the same model without it)."""
+
+    def __init__(self, use_aux=True):
+        super().__init__()
+        torch.manual_seed(0)
+        self.a, self.aux, self.b = nn.Linear(6, 8), nn.Linear(8, 2), nn.Linear(8, 3)
+        self.use_aux = use_aux
+
+    def forward(self, x):
+        h = torch.tanh(self.a(x))
+        if self.use_aux:
+            self.aux(h)
+        return self.b(torch.tanh(h))
+
+
+@pytest.mark.parametrize("curvature,options", [("adam", {}), ("ekfac", {}),
+                                               ("adam", dict(terminal_hessian="gauss_newton"))])
+def test_a_module_whose_output_the_loss_does_not_use_is_left_alone(curvature, options):
+    """Its parameters get no gradient, so (as in torch.optim) they are not updated and the rest
+    trains exactly as without the module; before, the step failed with 'no gradient reached the
+    output of module 'aux'; the closure must call loss.backward()'."""
+    x, y = _data(16)
+    nets = [_AuxHead(True).double(), _AuxHead(False).double()]
+    aux = nets[0].aux.weight.detach().clone()
+    opts = [DDPNOpt(n, lr=0.02, curvature=curvature, **options) for n in nets]
+    for _ in range(3):
+        for n, o in zip(nets, opts):
+            o.step(make_closure(n, o, x, y))
+    a, b = (dict(n.named_parameters()) for n in nets)
+    assert torch.equal(nets[0].aux.weight, aux) and nets[0].aux.weight.grad is None
+    for name in ("a.weight", "a.bias", "b.weight", "b.bias"):
+        assert torch.allclose(a[name], b[name], atol=1e-14, rtol=0), name
+    assert not torch.equal(a["a.weight"], _AuxHead().double().a.weight)

@@ -321,3 +321,46 @@ def test_ekfac_on_a_convolution_whose_bias_it_does_not_train_equals_dense_defini
     assert torch.equal(ours[2].bias, _net()[2].bias)
     assert (ref - before).abs().max() > 1e-3
     assert (got - ref).abs().max() <= 1e-10
+
+
+class _Branches(nn.Module):
+    """A head computed but unused, and a layer run under no_grad (a frozen feature step)."""
+
+    def __init__(self, extra=True):
+        super().__init__()
+        torch.manual_seed(0)
+        self.pre, self.a, self.aux, self.b = (nn.Linear(4, 4), nn.Linear(4, 6), nn.Linear(6, 2),
+                                              nn.Linear(6, 3))
+        self.extra = extra
+
+    def forward(self, x):
+        if self.extra:
+            with torch.no_grad():
+                x = self.pre(x)
+        h = torch.tanh(self.a(x))
+        if self.extra:
+            self.aux(h)
+        return self.b(h)
+
+
+def test_ekfac_leaves_modules_without_gradient_alone():
+    """As torch.optim: layers whose parameters get no gradient (an unused head, a layer under
+    no_grad) are not updated, and the others step as in a model without them (before: an
+    InputError, 'no gradient reached' / 'ran 0 times')."""
+    g = torch.Generator().manual_seed(3)
+    x, y = torch.randn(16, 4, generator=g, dtype=torch.float64), torch.randint(0, 3, (16,), generator=g)
+    ours, plain = _Branches().double(), _Branches(extra=False).double()
+    with torch.no_grad():
+        fixed = ours.pre(x)
+    before = [p.detach().clone() for p in ours.parameters()]
+    opts = [EKFAC(ours, lr=0.05), EKFAC(plain, lr=0.05)]
+    for _ in range(3):
+        for net, opt, inp in zip((ours, plain), opts, (x, fixed)):
+            _step_with_closures(net, opt, [(inp, y)])
+    for name in ("pre", "aux"):
+        for p, q in zip(getattr(ours, name).parameters(), getattr(_Branches().double(), name).parameters()):
+            assert torch.equal(p, q)
+    for name in ("a", "b"):
+        for p, q in zip(getattr(ours, name).parameters(), getattr(plain, name).parameters()):
+            assert torch.allclose(p, q, atol=1e-14, rtol=0)
+    assert not torch.equal(ours.a.weight, before[2])
