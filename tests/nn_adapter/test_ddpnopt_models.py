@@ -575,3 +575,36 @@ def test_a_module_whose_output_the_loss_does_not_use_is_left_alone(curvature, op
     for name in ("a.weight", "a.bias", "b.weight", "b.bias"):
         assert torch.allclose(a[name], b[name], atol=1e-14, rtol=0), name
     assert not torch.equal(a["a.weight"], _AuxHead().double().a.weight)
+
+
+class _SpareGate(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.gate = nn.Parameter(torch.linspace(0.5, 1.5, 8))
+
+    def forward(self, x):
+        return torch.tanh(x) * self.gate
+
+
+@pytest.mark.parametrize("curvature", ["adam", "ekfac"])
+@pytest.mark.parametrize("feedback", ["factorised", "dense"])
+def test_an_unused_child_of_a_stage_changes_nothing(curvature, feedback):
+    """A Linear child of a stage's module that its forward never uses joins that stage without
+    a gradient: the steps are those of the model without it, which stays as it was."""
+    x, y = _data(16)
+    nets = []
+    for spare in (True, False):
+        torch.manual_seed(0)
+        net = nn.Sequential(nn.Linear(6, 8), _SpareGate(), nn.Linear(8, 3)).double()
+        if spare:
+            net[1].spare = nn.Linear(8, 8).double()
+        nets.append(net)
+    spare = copy.deepcopy(nets[0][1].spare)
+    opts = [DDPNOpt(n, lr=0.02, curvature=curvature, feedback=feedback,
+                    terminal_hessian="gauss_newton") for n in nets]
+    for _ in range(3):
+        for n, o in zip(nets, opts):
+            o.step(make_closure(n, o, x, y))
+    a, b = (dict(n.named_parameters()) for n in nets)
+    assert all(torch.equal(a[k], b[k]) for k in b)
+    assert all(torch.equal(p, q) for p, q in zip(nets[0][1].spare.parameters(), spare.parameters()))
