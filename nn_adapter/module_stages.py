@@ -28,6 +28,7 @@ import functools
 
 import torch
 from torch import nn
+from torch.nn.utils.parametrize import ParametrizationList
 
 from occore.errors import InputError
 
@@ -39,10 +40,17 @@ __all__ = ["module_stages", "StageRecorder", "replay", "autocast_state", "autoca
 
 
 def _owners(model: nn.Module, params: set) -> list:
-    """(name, module) of the modules that own (directly) some of ``params``."""
+    """(name, module) of the modules that own (directly) some of ``params``; for the
+    parametrizations of a parametrized module (``torch.nn.utils.parametrizations.weight_norm``
+    and the like: a ``ParametrizationList`` owns the original tensors and runs, without an input,
+    whenever the weight is read), the parametrized module itself: its stage holds them."""
+    modules = dict(model.named_modules(remove_duplicate=False))
     out = []
     for name, module in model.named_modules(remove_duplicate=False):
         own = [p for p in module.parameters(recurse=False) if id(p) in params]
+        if isinstance(module, ParametrizationList):
+            name = name.rpartition(".")[0].rpartition(".")[0]     # <module>.parametrizations.<x>
+            module = modules[name]
         if own and all(module is not m for _, m in out):
             out.append((name, module))
     return out

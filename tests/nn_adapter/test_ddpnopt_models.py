@@ -608,3 +608,46 @@ def test_an_unused_child_of_a_stage_changes_nothing(curvature, feedback):
     a, b = (dict(n.named_parameters()) for n in nets)
     assert all(torch.equal(a[k], b[k]) for k in b)
     assert all(torch.equal(p, q) for p, q in zip(nets[0][1].spare.parameters(), spare.parameters()))
+
+
+class _WeightNormed(nn.Module):
+    """Linear(5, 4) with weight g v / ||v|| (rows) from its own parameters: what weight_norm's
+    parametrization computes."""
+
+    def __init__(self, lin):
+        super().__init__()
+        self.v = nn.Parameter(lin.weight.detach().clone())
+        self.g = nn.Parameter(lin.weight.detach().norm(dim=1, keepdim=True))
+        self.bias = nn.Parameter(lin.bias.detach().clone())
+
+    def forward(self, x):
+        return nn.functional.linear(x, self.g * self.v / self.v.norm(dim=1, keepdim=True), self.bias)
+
+
+@pytest.mark.parametrize("curvature", ["adam", "identity"])
+def test_a_weight_normed_layer_is_one_stage_with_its_parametrization(curvature):
+    """torch.nn.utils.parametrizations.weight_norm: the originals (owned by a ParametrizationList
+    that runs, without an input, whenever the weight is read) belong to the layer's stage; the
+    feedback equals that of a module computing the same weight from its own parameters. Before,
+    a KeyError inside the backward sweep."""
+    from torch.nn.utils.parametrizations import weight_norm
+    x, y = _data(16, 4)
+    torch.manual_seed(0)
+    base = nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 4), nn.Tanh(),
+                         nn.Linear(4, 3)).double()
+    own = copy.deepcopy(base)
+    own[2] = _WeightNormed(base[2])
+    weight_norm(base[2])
+    nets = [base, own]
+    opts = [DDPNOpt(n, lr=0.05, curvature=curvature, feedback_bound=math.inf) for n in nets]
+    twin = copy.deepcopy(own)
+    plain = DDPNOpt(twin, lr=0.05, curvature=curvature, feedback=False)
+    for _ in range(3):
+        for n, o in zip(nets + [twin], opts + [plain]):
+            o.step(make_closure(n, o, x, y))
+    wn = base[2].parametrizations.weight
+    assert torch.allclose(wn.original0, own[2].g, atol=1e-13, rtol=0)
+    assert torch.allclose(wn.original1, own[2].v, atol=1e-13, rtol=0)
+    assert torch.allclose(base[2].bias, own[2].bias, atol=1e-13, rtol=0)
+    assert torch.allclose(base[4].weight, own[4].weight, atol=1e-13, rtol=0)
+    assert (own[2].v - twin[2].v).abs().max() > 1e-6          # with feedback
