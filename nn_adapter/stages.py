@@ -18,6 +18,9 @@ whose parameters are all frozen count as parameter-free). Refused, with
   function of the controls; call ``model.eval()`` first (in eval mode dropout is the identity);
 - batch/instance norm tracking running statistics, in training mode: its forward would use batch
   statistics and write to the running buffers; call ``model.eval()``;
+- a layer with a ``spectral_norm`` parametrization in training mode (its power iteration writes
+  its buffers whenever the weight is read; other parametrizations, ``weight_norm``, are heads
+  whose controls are their originals); call ``model.eval()``;
 - modules that do not map one tensor to one tensor (recurrent layers, attention, transformers) and
   containers that are not callable (``ModuleList``, ``ModuleDict``);
 - a head with some parameters frozen and others not, and parameters shared between stages.
@@ -49,6 +52,7 @@ import torch  # noqa: F401  (used by the doctests)
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call
+from torch.nn.utils import parametrize
 
 from .errors import UnsupportedModuleError
 
@@ -237,9 +241,22 @@ def _trainable(module: nn.Module, name: str) -> bool:
 
 
 def _check(module: nn.Module, name: str, check_mode: bool = True) -> None:
-    """Refuse types and training-mode behaviours the adapter cannot handle (recursively)."""
+    """Refuse types and training-mode behaviours the adapter cannot handle (recursively; the
+    ``parametrizations`` container of a parametrized layer, ``weight_norm`` and the like, is
+    part of the layer, not a module of the network)."""
+    inner = {id(m) for sub in module.modules() if parametrize.is_parametrized(sub)
+             for m in sub.parametrizations.modules()}
     for sub_name, sub in module.named_modules(prefix=name):
+        if id(sub) in inner:
+            continue
         where = _describe(sub_name, sub)
+        if check_mode and parametrize.is_parametrized(sub) and any(
+                p.training and type(p).__name__ == "_SpectralNorm"
+                for p in sub.parametrizations.modules()):
+            raise UnsupportedModuleError(
+                f"{where} is in training mode, where its spectral_norm parametrization runs a "
+                "power iteration, writing its buffers, whenever the weight is read; call "
+                f"model.eval(). Supported: {SUPPORTED}")
         if isinstance(sub, _REFUSED):
             raise UnsupportedModuleError(
                 f"{where} does not map one tensor to one tensor. Supported: {SUPPORTED}")
