@@ -67,7 +67,7 @@ from .curvature.optimizer import CurvatureOptimizer
 from .errors import UnsupportedModuleError, warn
 from .feedback import compact_conv
 from .minibatch import MinibatchProblem
-from .module_stages import StageRecorder, _owners, module_stages
+from .module_stages import StageRecorder, _owners, fixed_parametrizations, module_stages
 from .terminal import DETECT, LOSSES, RANK_ONE, TERMINAL_HESSIANS, LossResolver, detect_loss
 
 __all__ = ["DDPNOpt"]
@@ -373,9 +373,10 @@ class DDPNOpt(CurvatureOptimizer):
         # (detached: float() of a tensor that requires grad warns in torch >= 2.9)
         cost = float(loss.detach()) if isinstance(loss, torch.Tensor) else float(loss)
         try:
-            problem = MinibatchProblem(self, rec, self._stages(rec), cost)
-            state = self._solver.init(problem, traj=problem.trajectory(), mu=self.eps_vxx)
-            state, self.last_iteration = self._solver.step(problem, state)
+            with fixed_parametrizations(self._model):
+                problem = MinibatchProblem(self, rec, self._stages(rec), cost)
+                state = self._solver.init(problem, traj=problem.trajectory(), mu=self.eps_vxx)
+                state, self.last_iteration = self._solver.step(problem, state)
         except BaseException:
             self._restore(saved)         # an error mid-step (a bad closure) changes nothing
             raise

@@ -36,7 +36,8 @@ from .curvature.records import Recorder, detached
 from .errors import UnsupportedModuleError
 from .stages import Stage
 
-__all__ = ["module_stages", "StageRecorder", "replay", "autocast_state", "autocast_off", "fast_pooling"]
+__all__ = ["module_stages", "StageRecorder", "replay", "autocast_state", "autocast_off", "fast_pooling",
+           "fixed_parametrizations"]
 
 
 def _owners(model: nn.Module, params: set) -> list:
@@ -381,6 +382,24 @@ def fast_pooling(model: nn.Module):
     finally:
         for m in swapped:
             m.__dict__.pop("forward", None)
+
+
+@contextlib.contextmanager
+def fixed_parametrizations(model: nn.Module):
+    """Inside the block, the parametrizations of ``model``'s parametrized layers (``torch.nn.utils
+    .parametrizations``) are in eval mode: a ``spectral_norm`` then reads its weight with the
+    power-iteration vectors the closure's forward left (the closure's weight, for the same
+    parameters) instead of iterating again at every read, so its buffers advance once per step
+    and the step's per-sample functions and feedback pass see the closure's function."""
+    changed = [m for p in model.modules() if isinstance(p, ParametrizationList)
+               for m in p.modules() if m.training]
+    for m in changed:
+        m.training = False
+    try:
+        yield
+    finally:
+        for m in changed:
+            m.training = True
 
 
 def _devices(args, kwargs) -> list:

@@ -651,3 +651,32 @@ def test_a_weight_normed_layer_is_one_stage_with_its_parametrization(curvature):
     assert torch.allclose(base[2].bias, own[2].bias, atol=1e-13, rtol=0)
     assert torch.allclose(base[4].weight, own[4].weight, atol=1e-13, rtol=0)
     assert (own[2].v - twin[2].v).abs().max() > 1e-6          # with feedback
+
+
+def test_a_spectral_norm_in_training_mode_iterates_once_per_step():
+    """spectral_norm's power iteration runs at every read of the weight in training mode: once
+    in the closure's forward (as with torch.optim), and the rest of the step (per-sample
+    functions, the feedback pass) sees the closure's weight. So the step equals that of the same
+    net in eval mode whose vectors took that one iteration beforehand, and the vectors are
+    Adam's; before, the step read the weight 4 times, iterating each time."""
+    from torch.nn.utils.parametrizations import spectral_norm
+    x, y = _data(16)
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 8), nn.Tanh(),
+                        nn.Linear(8, 3)).double()
+    spectral_norm(net[2])
+    adam_net, ref = copy.deepcopy(net), copy.deepcopy(net)
+    with torch.no_grad():
+        ref[2].weight                     # the closure's one power iteration
+    ref.eval()
+    for n in (net, ref):
+        opt = DDPNOpt(n, lr=0.02, curvature="adam", feedback_bound=math.inf)
+        opt.step(make_closure(n, opt, x, y))
+    adam = torch.optim.Adam(adam_net.parameters(), lr=0.02)
+    adam.step(make_closure(adam_net, adam, x, y))
+    sn = [m[2].parametrizations.weight[0] for m in (net, ref, adam_net)]
+    assert torch.equal(sn[0]._u, sn[2]._u) and torch.equal(sn[0]._v, sn[2]._v)
+    assert torch.equal(sn[0]._u, sn[1]._u)
+    for p, q in zip(net.parameters(), ref.parameters()):
+        assert torch.allclose(p, q, atol=1e-14, rtol=0)
+    assert net[2].parametrizations.weight[0].training
