@@ -279,6 +279,7 @@ class DDPNOpt(CurvatureOptimizer):
         if not self.feedback:
             return super()._check_records(rec)
         rec.check_model_call()
+        rec.check_late()
         rec.check_complete(rec.order, need_grads=False)
         rec.check_complete(self._modules_with_grads(super()._recorded_modules()))
         if self.terminal_hessian != "gradient" and rec.model_output_kind is not None:

@@ -32,7 +32,7 @@ from torch.nn.utils.parametrize import ParametrizationList
 
 from occore.errors import InputError
 
-from .curvature.records import Recorder, detached
+from .curvature.records import Recorder, detached, recording
 from .errors import UnsupportedModuleError
 from .stages import Stage
 
@@ -179,18 +179,23 @@ class StageRecorder(Recorder):
         self.model_args = self.model_kwargs = self.rng = None
         self.model_output = self.model_grad = self.model_output_kind = None
         self.model_calls = 0
+        self._posted: set = set()
+        self._model_posted = False
+        self.late: list = []
         self.unsupported: dict = {}
         self.autocast: tuple = ()
 
     # -- hooks -----------------------------------------------------------------------------------
     def _pre(self, module, args, kwargs):
-        if not torch.is_grad_enabled() or id(module) not in self._ids:
+        if not recording(module in self.calls) or id(module) not in self._ids:
             return None
         n = self.calls.get(module, 0)
         self.calls[module] = n + 1
         if n:
             return None
         self.order.append(module)
+        if torch.is_grad_enabled() and not recording(True):
+            self.late.append(module)      # first run in a backward pass: a reentrant checkpoint
         if not args or not isinstance(args[0], torch.Tensor):
             return None
         x = args[0]
@@ -230,9 +235,10 @@ class StageRecorder(Recorder):
         return forward(x, sink)
 
     def _post(self, module, args, output):
-        if (not torch.is_grad_enabled() or id(module) not in self._ids
+        if (not recording(module in self._posted) or id(module) not in self._ids
                 or self.calls.get(module, 0) != 1):
             return
+        self._posted.add(module)
         if isinstance(output, torch.Tensor):
             if output.requires_grad and (self._first_grad or module is not self.order[0]):
                 output.register_hook(lambda grad: self.out_grads.__setitem__(module, detached(grad, module)))
@@ -240,15 +246,16 @@ class StageRecorder(Recorder):
             self.unsupported.setdefault(module, f"returns a {type(output).__name__}, not one tensor")
 
     def _model_pre(self, module, args, kwargs):
-        if module is self.model and torch.is_grad_enabled():
+        if module is self.model and recording(self.model_calls > 0):
             self.model_calls += 1
             self.model_args, self.model_kwargs = args, kwargs
             self.rng = _rng_state(args, kwargs)
             self.autocast = autocast_state()
 
     def _model_post(self, module, args, kwargs, output):
-        if module is not self.model or not torch.is_grad_enabled():
+        if module is not self.model or not recording(self._model_posted):
             return
+        self._model_posted = True
         if not isinstance(output, torch.Tensor):
             self.model_output_kind = type(output).__name__
             return
@@ -288,6 +295,9 @@ class StageRecorder(Recorder):
         self.model_args = self.model_kwargs = self.rng = None
         self.model_output = self.model_grad = self.model_output_kind = None
         self.model_calls = 0
+        self._posted = set()
+        self._model_posted = False
+        self.late = []
         self.unsupported = {}
         self.autocast = ()
 
@@ -305,6 +315,18 @@ class StageRecorder(Recorder):
                     f"model: module {stage.name!r} ({type(stage.module).__name__}) {why}; DDPNOpt's "
                     "feedback needs each parametrised module after the first to map one tensor to "
                     "one tensor (use feedback=False for this model)")
+
+    def check_late(self) -> None:
+        """Raise ``UnsupportedModuleError`` for a parametrised module whose first recorded run
+        was inside the backward pass (a ``torch.utils.checkpoint`` with ``use_reentrant=True``
+        runs its region without gradients in the forward, then again in the backward)."""
+        if self.late:
+            m = self.late[0]
+            raise UnsupportedModuleError(
+                f"model: module {self.label(m)} ran with gradients only inside the backward pass "
+                "(a torch.utils.checkpoint with use_reentrant=True recomputes its region there); "
+                "DDPNOpt's feedback needs the modules recorded in the order the forward runs "
+                "them: use checkpoint(..., use_reentrant=False), or feedback=False")
 
     def check_model_call(self) -> None:
         """Raise ``InputError`` unless the model was called exactly once in the closure."""

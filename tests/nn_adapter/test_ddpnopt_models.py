@@ -680,3 +680,51 @@ def test_a_spectral_norm_in_training_mode_iterates_once_per_step():
     for p, q in zip(net.parameters(), ref.parameters()):
         assert torch.allclose(p, q, atol=1e-14, rtol=0)
     assert net[2].parametrizations.weight[0].training
+
+
+class _Checkpointed(nn.Module):
+    """A CNN whose middle block runs under torch.utils.checkpoint (``mode``: None, no
+    checkpoint; else its use_reentrant)."""
+
+    def __init__(self, mode):
+        super().__init__()
+        torch.manual_seed(0)
+        self.stem = nn.Conv2d(1, 2, 3, padding=1)
+        self.block = nn.Sequential(nn.Conv2d(2, 2, 3, padding=1), nn.Tanh(), nn.Flatten(),
+                                   nn.Linear(32, 8), nn.Tanh())
+        self.head = nn.Linear(8, 3)
+        self.mode = mode
+
+    def forward(self, x):
+        h = torch.tanh(self.stem(x))
+        if self.mode is None:
+            h = self.block(h)
+        else:
+            h = torch.utils.checkpoint.checkpoint(self.block, h, use_reentrant=self.mode)
+        return self.head(h)
+
+
+@pytest.mark.parametrize("curvature", ["adam", "ekfac"])
+def test_activation_checkpointing_steps_as_without_it(curvature):
+    """A non-reentrant checkpoint runs its region again inside the backward pass; those calls
+    are not new module runs (before: 'ran 2 times'), so DDPNOpt with feedback steps exactly as
+    without the checkpoint. A reentrant one first runs its region without gradients: refused
+    with feedback, naming the module and the way out, before anything changes."""
+    import torch.utils.checkpoint  # noqa: F401
+    g = torch.Generator().manual_seed(1)
+    x, y = torch.randn(8, 1, 4, 4, generator=g, dtype=torch.float64), torch.randint(0, 3, (8,), generator=g)
+    nets = [_Checkpointed(False).double(), _Checkpointed(None).double()]
+    opts = [DDPNOpt(n, lr=0.02, curvature=curvature) for n in nets]
+    for _ in range(3):
+        for n, o in zip(nets, opts):
+            o.step(make_closure(n, o, x, y))
+    for p, q in zip(*(n.parameters() for n in nets)):
+        assert torch.allclose(p, q, atol=1e-14, rtol=0)
+    assert not torch.equal(nets[0].block[3].weight, _Checkpointed(None).double().block[3].weight)
+    net = _Checkpointed(True).double()
+    before = copy.deepcopy(net.state_dict())
+    opt = DDPNOpt(net, lr=0.02, curvature=curvature)
+    with pytest.raises(UnsupportedModuleError, match=r"module 'block.0' \(Conv2d\) ran with "
+                       r"gradients only inside the backward pass.*use_reentrant=False"):
+        opt.step(make_closure(net, opt, x, y))
+    assert all(torch.equal(a, b) for a, b in zip(before.values(), net.state_dict().values()))

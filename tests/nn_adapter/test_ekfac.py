@@ -364,3 +364,30 @@ def test_ekfac_leaves_modules_without_gradient_alone():
         for p, q in zip(getattr(ours, name).parameters(), getattr(plain, name).parameters()):
             assert torch.allclose(p, q, atol=1e-14, rtol=0)
     assert not torch.equal(ours.a.weight, before[2])
+
+
+@pytest.mark.parametrize("reentrant", [False, True])
+def test_ekfac_under_activation_checkpointing_steps_as_without_it(reentrant):
+    """torch.utils.checkpoint runs its region again in the backward pass (non-reentrant: the
+    recomputation, not a second run, before counted as one: 'ran 2 times'; reentrant: the only
+    run with gradients): the same steps as the model without the checkpoint."""
+    import torch.utils.checkpoint as cp
+
+    class Net(nn.Module):
+        def __init__(self, mode):
+            super().__init__()
+            self.inner, self.mode = _net(), mode
+
+        def forward(self, x):
+            h = self.inner[:2](x)
+
+            def body(h):                 # (tanh saves its output: the recomputation runs the
+                return torch.tanh(self.inner[2](h))    # conv to its end, its hooks included)
+            h = body(h) if self.mode is None else cp.checkpoint(body, h, use_reentrant=self.mode)
+            return self.inner[4](self.inner[3](h))
+    nets = [Net(reentrant), Net(None)]
+    for n in nets:
+        _step_with_closures(n, EKFAC(n, lr=0.1, damping=1e-2), _batches(3))
+    for p, q in zip(*(n.parameters() for n in nets)):
+        assert torch.allclose(p, q, atol=1e-13, rtol=0)
+    assert not torch.equal(nets[0].inner[2].weight, _net()[2].weight)
