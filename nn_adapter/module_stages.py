@@ -36,8 +36,8 @@ from .curvature.records import Recorder, detached, recording
 from .errors import UnsupportedModuleError
 from .stages import Stage
 
-__all__ = ["module_stages", "StageRecorder", "replay", "autocast_state", "autocast_off", "fast_pooling",
-           "fixed_parametrizations"]
+__all__ = ["module_stages", "StageRecorder", "replay", "autocast_state", "autocast_off",
+           "fast_pooling", "fixed_parametrizations"]
 
 
 def _owners(model: nn.Module, params: set) -> list:

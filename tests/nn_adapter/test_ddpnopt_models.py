@@ -462,7 +462,8 @@ def test_parameters_a_stage_uses_through_a_module_that_does_not_run_are_trained(
     start = copy.deepcopy(nets[0])
     x = torch.randn(8, 3, 4, dtype=torch.float64)
     y = torch.randint(0, 3, (8,))
-    opts = [DDPNOpt(n, lr=0.01, curvature="adam", feedback=fb) for n, fb in zip(nets, (True, False))]
+    opts = [DDPNOpt(n, lr=0.01, curvature="adam", feedback=fb)
+            for n, fb in zip(nets, (True, False))]
     for n, o in zip(nets, opts):
         o.step(make_closure(n, o, x, y))
     fb, base = (dict(n.named_parameters()) for n in nets)
@@ -486,7 +487,8 @@ class _Gate(nn.Module):
         self.gate = nn.Parameter(torch.linspace(0.5, 1.5, 5))
 
     def forward(self, x):
-        w, b = (self.lin.weight, self.lin.bias) if hasattr(self, "lin") else (self.weight, self.bias)
+        lin = self.lin if hasattr(self, "lin") else self
+        w, b = lin.weight, lin.bias
         return torch.tanh(nn.functional.linear(x, w, b)) * self.gate
 
 
@@ -537,7 +539,8 @@ def test_a_parameter_used_outside_any_stage_is_refused_naming_it():
     for _ in range(2):
         opt.step(make_closure(net, opt, x, y))
         adam.step(make_closure(twin, adam, x, y))
-    assert all(torch.allclose(a, b, atol=1e-15, rtol=0) for a, b in zip(net.parameters(), twin.parameters()))
+    assert all(torch.allclose(a, b, atol=1e-15, rtol=0)
+               for a, b in zip(net.parameters(), twin.parameters()))
 
 
 class _AuxHead(nn.Module):
@@ -621,7 +624,8 @@ class _WeightNormed(nn.Module):
         self.bias = nn.Parameter(lin.bias.detach().clone())
 
     def forward(self, x):
-        return nn.functional.linear(x, self.g * self.v / self.v.norm(dim=1, keepdim=True), self.bias)
+        weight = self.g * self.v / self.v.norm(dim=1, keepdim=True)
+        return nn.functional.linear(x, weight, self.bias)
 
 
 @pytest.mark.parametrize("curvature", ["adam", "identity"])
@@ -712,7 +716,8 @@ def test_activation_checkpointing_steps_as_without_it(curvature):
     with feedback, naming the module and the way out, before anything changes."""
     import torch.utils.checkpoint  # noqa: F401
     g = torch.Generator().manual_seed(1)
-    x, y = torch.randn(8, 1, 4, 4, generator=g, dtype=torch.float64), torch.randint(0, 3, (8,), generator=g)
+    x = torch.randn(8, 1, 4, 4, generator=g, dtype=torch.float64)
+    y = torch.randint(0, 3, (8,), generator=g)
     nets = [_Checkpointed(False).double(), _Checkpointed(None).double()]
     opts = [DDPNOpt(n, lr=0.02, curvature=curvature) for n in nets]
     for _ in range(3):

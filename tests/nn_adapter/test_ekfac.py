@@ -348,7 +348,8 @@ def test_ekfac_leaves_modules_without_gradient_alone():
     no_grad) are not updated, and the others step as in a model without them (before: an
     InputError, 'no gradient reached' / 'ran 0 times')."""
     g = torch.Generator().manual_seed(3)
-    x, y = torch.randn(16, 4, generator=g, dtype=torch.float64), torch.randint(0, 3, (16,), generator=g)
+    x = torch.randn(16, 4, generator=g, dtype=torch.float64)
+    y = torch.randint(0, 3, (16,), generator=g)
     ours, plain = _Branches().double(), _Branches(extra=False).double()
     with torch.no_grad():
         fixed = ours.pre(x)
@@ -358,7 +359,8 @@ def test_ekfac_leaves_modules_without_gradient_alone():
         for net, opt, inp in zip((ours, plain), opts, (x, fixed)):
             _step_with_closures(net, opt, [(inp, y)])
     for name in ("pre", "aux"):
-        for p, q in zip(getattr(ours, name).parameters(), getattr(_Branches().double(), name).parameters()):
+        fresh = getattr(_Branches().double(), name)
+        for p, q in zip(getattr(ours, name).parameters(), fresh.parameters()):
             assert torch.equal(p, q)
     for name in ("a", "b"):
         for p, q in zip(getattr(ours, name).parameters(), getattr(plain, name).parameters()):
