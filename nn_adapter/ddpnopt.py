@@ -38,7 +38,11 @@ there; a tuple or dict output is refused, except with ``terminal_hessian="gradie
 Modules are recorded with hooks that exist only while the closure runs; the closure must call the
 model once, and each parametrised module must run exactly once in it (weight sharing is refused
 with an error naming the module). A parameter that gets no gradient (one its module's forward does
-not use) is held fixed in the feedback pass as in the base optimizer; the rest of its stage trains.
+not use, or of a module whose output the loss does not use: an unused head, a branch under
+``no_grad``) is held fixed in the feedback pass as in the base optimizer; the rest trains.
+A parameter of a module that does not run, used by the forward of a parametrised module
+around it (a ``MultiheadAttention``'s ``out_proj``), is part of that module's stage; one
+that gets a gradient with no such module around it is refused (naming it).
 A ``torch.compile``'d model is refused (pass the original
 module).
 
@@ -63,7 +67,7 @@ from .curvature.optimizer import CurvatureOptimizer
 from .errors import UnsupportedModuleError, warn
 from .feedback import compact_conv
 from .minibatch import MinibatchProblem
-from .module_stages import StageRecorder, _owners, module_stages
+from .module_stages import StageRecorder, _owners, fixed_parametrizations, module_stages
 from .terminal import DETECT, LOSSES, RANK_ONE, TERMINAL_HESSIANS, LossResolver, detect_loss
 
 __all__ = ["DDPNOpt"]
@@ -275,8 +279,9 @@ class DDPNOpt(CurvatureOptimizer):
         if not self.feedback:
             return super()._check_records(rec)
         rec.check_model_call()
+        rec.check_late()
         rec.check_complete(rec.order, need_grads=False)
-        rec.check_complete(super()._recorded_modules())
+        rec.check_complete(self._modules_with_grads(super()._recorded_modules()))
         if self.terminal_hessian != "gradient" and rec.model_output_kind is not None:
             raise UnsupportedModuleError(
                 f"model: returns a {rec.model_output_kind}, not one tensor; the terminal "
@@ -312,13 +317,34 @@ class DDPNOpt(CurvatureOptimizer):
         """The stages of this step's forward (cached while the execution order stays the same)."""
         key = (tuple(id(m) for m in rec.order), tuple(id(b) for b in self._blocks))
         if self._stage_cache is None or self._stage_cache[0] != key:
-            self._stage_cache = (key, module_stages(self._model, self._blocks, rec.order))
-        stages = self._stage_cache[1]
+            stages = module_stages(self._model, self._blocks, rec.order)
+            staged = {id(b) for s in stages for b in s.blocks}
+            self._stage_cache = (key, stages, [b for b in self._blocks if id(b) not in staged])
+        stages, unstaged = self._stage_cache[1:]
+        for b in unstaged:
+            if any(p.grad is not None and bool(p.grad.any()) for p in b.params):
+                self._refuse_unstaged(b)
         rec.check_stages(stages)
-        rec.check_complete([s.module for s in stages[1:]])
+        rec.check_complete(self._modules_with_grads([s.module for s in stages[1:]]))
         for s in stages:
             s.freeze_statistics(rec.inputs.get(s.module))
         return stages
+
+    def _refuse_unstaged(self, block) -> None:
+        """``UnsupportedModuleError`` for a parameter that got a gradient although its module did
+        not run (and no module around it that ran owns parameters): no stage updates it."""
+        names = {id(p): n for n, p in self._model.named_parameters()}
+        pname = names.get(id(block.params[0]), "?")
+        owner = next((m for m in self._model.modules()
+                      if any(p is block.params[0] for p in m.parameters(recurse=False))), None)
+        mname = pname.rpartition(".")[0]
+        raise UnsupportedModuleError(
+            f"model: parameter {pname!r} got a gradient, but its module {mname!r} "
+            f"({type(owner).__name__}) did not run in the forward (another module's forward uses "
+            "the parameter directly); DDPNOpt's feedback updates each parameter as its module "
+            "runs, so this one would never be updated: call the module itself in the forward "
+            "(or use the parameter inside a module that owns parameters and runs), or use "
+            "feedback=False")
 
     # -- the step --------------------------------------------------------------------------------
     def step(self, closure=None):
@@ -348,9 +374,10 @@ class DDPNOpt(CurvatureOptimizer):
         # (detached: float() of a tensor that requires grad warns in torch >= 2.9)
         cost = float(loss.detach()) if isinstance(loss, torch.Tensor) else float(loss)
         try:
-            problem = MinibatchProblem(self, rec, self._stages(rec), cost)
-            state = self._solver.init(problem, traj=problem.trajectory(), mu=self.eps_vxx)
-            state, self.last_iteration = self._solver.step(problem, state)
+            with fixed_parametrizations(self._model):
+                problem = MinibatchProblem(self, rec, self._stages(rec), cost)
+                state = self._solver.init(problem, traj=problem.trajectory(), mu=self.eps_vxx)
+                state, self.last_iteration = self._solver.step(problem, state)
         except BaseException:
             self._restore(saved)         # an error mid-step (a bad closure) changes nothing
             raise

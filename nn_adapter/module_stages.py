@@ -28,21 +28,30 @@ import functools
 
 import torch
 from torch import nn
+from torch.nn.utils.parametrize import ParametrizationList
 
 from occore.errors import InputError
 
-from .curvature.records import Recorder, detached
+from .curvature.records import Recorder, detached, recording
 from .errors import UnsupportedModuleError
 from .stages import Stage
 
-__all__ = ["module_stages", "StageRecorder", "replay", "autocast_state", "autocast_off", "fast_pooling"]
+__all__ = ["module_stages", "StageRecorder", "replay", "autocast_state", "autocast_off",
+           "fast_pooling", "fixed_parametrizations"]
 
 
 def _owners(model: nn.Module, params: set) -> list:
-    """(name, module) of the modules that own (directly) some of ``params``."""
+    """(name, module) of the modules that own (directly) some of ``params``; for the
+    parametrizations of a parametrized module (``torch.nn.utils.parametrizations.weight_norm``
+    and the like: a ``ParametrizationList`` owns the original tensors and runs, without an input,
+    whenever the weight is read), the parametrized module itself: its stage holds them."""
+    modules = dict(model.named_modules(remove_duplicate=False))
     out = []
     for name, module in model.named_modules(remove_duplicate=False):
         own = [p for p in module.parameters(recurse=False) if id(p) in params]
+        if isinstance(module, ParametrizationList):
+            name = name.rpartition(".")[0].rpartition(".")[0]     # <module>.parametrizations.<x>
+            module = modules[name]
         if own and all(module is not m for _, m in out):
             out.append((name, module))
     return out
@@ -60,13 +69,30 @@ def module_stages(model: nn.Module, blocks: list, order: list) -> list:
     Returns:
         a :class:`~nn_adapter.stages.Stage` (no followers) per module that owns a parameter of ``blocks`` and ran (the
         parameters of modules that did not run get no gradient and are not updated, as in
-        torch.optim).
+        torch.optim). A module that did not run but sits inside one that did (the ``out_proj``
+        of a ``MultiheadAttention``, whose forward uses its weights directly) has its blocks in
+        the stage of the nearest such ancestor: they are part of that module's function.
 
     Raises:
         UnsupportedModuleError: a trainable parameter of two modules that both ran (tied
             weights), naming the parameter and both modules.
     """
     names = {id(m): n for n, m in model.named_modules(remove_duplicate=False)}
+    ran = {names.get(id(m)): m for m in order}
+    owner_path: dict = {}
+    for n, m in model.named_modules(remove_duplicate=False):
+        for p in m.parameters(recurse=False):
+            owner_path.setdefault(id(p), n)
+    inside: dict = {}             # id(ancestor that ran) -> blocks of its descendants that did not
+    for b in blocks:
+        path = owner_path.get(id(b.params[0]))
+        if path is None or path in ran:
+            continue
+        while path:
+            path = path.rpartition(".")[0]
+            if path in ran:
+                inside.setdefault(id(ran[path]), []).append(b)
+                break
     stages = []
     first_owner: dict = {}
     for module in order:
@@ -81,6 +107,7 @@ def module_stages(model: nn.Module, blocks: list, order: list) -> list:
                     "stage (use feedback=False for this model)")
         own = {id(p) for p in module.parameters(recurse=False)}
         mine = [b for b in blocks if all(id(p) in own for p in b.params)]
+        mine += inside.get(id(module), [])
         if mine:
             stages.append(Stage(module, names.get(id(module), type(module).__name__), mine,
                                 index=len(stages)))
@@ -152,18 +179,23 @@ class StageRecorder(Recorder):
         self.model_args = self.model_kwargs = self.rng = None
         self.model_output = self.model_grad = self.model_output_kind = None
         self.model_calls = 0
+        self._posted: set = set()
+        self._model_posted = False
+        self.late: list = []
         self.unsupported: dict = {}
         self.autocast: tuple = ()
 
     # -- hooks -----------------------------------------------------------------------------------
     def _pre(self, module, args, kwargs):
-        if not torch.is_grad_enabled() or id(module) not in self._ids:
+        if not recording(module in self.calls) or id(module) not in self._ids:
             return None
         n = self.calls.get(module, 0)
         self.calls[module] = n + 1
         if n:
             return None
         self.order.append(module)
+        if torch.is_grad_enabled() and not recording(True):
+            self.late.append(module)      # first run in a backward pass: a reentrant checkpoint
         if not args or not isinstance(args[0], torch.Tensor):
             return None
         x = args[0]
@@ -203,9 +235,10 @@ class StageRecorder(Recorder):
         return forward(x, sink)
 
     def _post(self, module, args, output):
-        if (not torch.is_grad_enabled() or id(module) not in self._ids
+        if (not recording(module in self._posted) or id(module) not in self._ids
                 or self.calls.get(module, 0) != 1):
             return
+        self._posted.add(module)
         if isinstance(output, torch.Tensor):
             if output.requires_grad and (self._first_grad or module is not self.order[0]):
                 output.register_hook(lambda grad: self.out_grads.__setitem__(module, detached(grad, module)))
@@ -213,15 +246,16 @@ class StageRecorder(Recorder):
             self.unsupported.setdefault(module, f"returns a {type(output).__name__}, not one tensor")
 
     def _model_pre(self, module, args, kwargs):
-        if module is self.model and torch.is_grad_enabled():
+        if module is self.model and recording(self.model_calls > 0):
             self.model_calls += 1
             self.model_args, self.model_kwargs = args, kwargs
             self.rng = _rng_state(args, kwargs)
             self.autocast = autocast_state()
 
     def _model_post(self, module, args, kwargs, output):
-        if module is not self.model or not torch.is_grad_enabled():
+        if module is not self.model or not recording(self._model_posted):
             return
+        self._model_posted = True
         if not isinstance(output, torch.Tensor):
             self.model_output_kind = type(output).__name__
             return
@@ -261,6 +295,9 @@ class StageRecorder(Recorder):
         self.model_args = self.model_kwargs = self.rng = None
         self.model_output = self.model_grad = self.model_output_kind = None
         self.model_calls = 0
+        self._posted = set()
+        self._model_posted = False
+        self.late = []
         self.unsupported = {}
         self.autocast = ()
 
@@ -278,6 +315,18 @@ class StageRecorder(Recorder):
                     f"model: module {stage.name!r} ({type(stage.module).__name__}) {why}; DDPNOpt's "
                     "feedback needs each parametrised module after the first to map one tensor to "
                     "one tensor (use feedback=False for this model)")
+
+    def check_late(self) -> None:
+        """Raise ``UnsupportedModuleError`` for a parametrised module whose first recorded run
+        was inside the backward pass (a ``torch.utils.checkpoint`` with ``use_reentrant=True``
+        runs its region without gradients in the forward, then again in the backward)."""
+        if self.late:
+            m = self.late[0]
+            raise UnsupportedModuleError(
+                f"model: module {self.label(m)} ran with gradients only inside the backward pass "
+                "(a torch.utils.checkpoint with use_reentrant=True recomputes its region there); "
+                "DDPNOpt's feedback needs the modules recorded in the order the forward runs "
+                "them: use checkpoint(..., use_reentrant=False), or feedback=False")
 
     def check_model_call(self) -> None:
         """Raise ``InputError`` unless the model was called exactly once in the closure."""
@@ -355,6 +404,24 @@ def fast_pooling(model: nn.Module):
     finally:
         for m in swapped:
             m.__dict__.pop("forward", None)
+
+
+@contextlib.contextmanager
+def fixed_parametrizations(model: nn.Module):
+    """Inside the block, the parametrizations of ``model``'s parametrized layers (``torch.nn.utils
+    .parametrizations``) are in eval mode: a ``spectral_norm`` then reads its weight with the
+    power-iteration vectors the closure's forward left (the closure's weight, for the same
+    parameters) instead of iterating again at every read, so its buffers advance once per step
+    and the step's per-sample functions and feedback pass see the closure's function."""
+    changed = [m for p in model.modules() if isinstance(p, ParametrizationList)
+               for m in p.modules() if m.training]
+    for m in changed:
+        m.training = False
+    try:
+        yield
+    finally:
+        for m in changed:
+            m.training = True
 
 
 def _devices(args, kwargs) -> list:

@@ -18,6 +18,9 @@ whose parameters are all frozen count as parameter-free). Refused, with
   function of the controls; call ``model.eval()`` first (in eval mode dropout is the identity);
 - batch/instance norm tracking running statistics, in training mode: its forward would use batch
   statistics and write to the running buffers; call ``model.eval()``;
+- a layer with a ``spectral_norm`` parametrization in training mode (its power iteration writes
+  its buffers whenever the weight is read; other parametrizations, ``weight_norm``, are heads
+  whose controls are their originals); call ``model.eval()``;
 - modules that do not map one tensor to one tensor (recurrent layers, attention, transformers) and
   containers that are not callable (``ModuleList``, ``ModuleDict``);
 - a head with some parameters frozen and others not, and parameters shared between stages.
@@ -49,10 +52,11 @@ import torch  # noqa: F401  (used by the doctests)
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call
+from torch.nn.utils import parametrize
 
 from .errors import UnsupportedModuleError
 
-__all__ = ["Stage", "Stages", "split_stages"]
+__all__ = ["Stage", "Stages", "split_stages", "prelu"]
 
 SUPPORTED = ("stage heads: Linear, Conv1d, Conv2d, BatchNorm (eval mode) or any module with "
              "parameters mapping one tensor to one tensor; followers: parameter-free modules "
@@ -167,6 +171,8 @@ class Stage:
             p = dict(zip(self.param_names, params))
             return F.batch_norm(x, self.stats[0], self.stats[1], p.get("weight"), p.get("bias"),
                                 False, 0.0, self.module.eps)
+        if type(self.module) is nn.PReLU and self.param_names == ("weight",):
+            return prelu(x, params[0])
         return functional_call(self.module, dict(zip(self.param_names, params)), (x,))
 
     def forward(self, params: dict[str, Tensor], x: Tensor) -> Tensor:
@@ -181,8 +187,24 @@ class Stage:
         """
         y = self.module_fn([params[k] for k in self.param_names], x)
         for module in self.followers:
-            y = module(y)
+            y = prelu(y, module.weight) if type(module) is nn.PReLU else module(y)
         return y
+
+
+def prelu(x: Tensor, weight: Tensor) -> Tensor:
+    """``F.prelu(x, weight)`` (one slope, or one per channel: dimension 1, or 0 for a 1-D x) as
+    ``where(x > 0, x, weight x)``: the same values and derivatives, but torch's own prelu fails
+    under ``vmap(jacrev(...))`` with a batched input (its backward mixes the batch and channel
+    sizes), which the per-sample Jacobians of NetworkProblem's DDP take.
+
+    Example:
+        >>> x, w = torch.randn(4, 3, 2), torch.tensor([0.1, 0.2, 0.3])
+        >>> torch.equal(prelu(x, w), F.prelu(x, w))
+        True
+    """
+    if weight.numel() > 1 and x.dim() > 1:
+        weight = weight.view(-1, *([1] * (x.dim() - 2)))
+    return torch.where(x > 0, x, weight * x)
 
 
 class Stages(NamedTuple):
@@ -219,9 +241,22 @@ def _trainable(module: nn.Module, name: str) -> bool:
 
 
 def _check(module: nn.Module, name: str, check_mode: bool = True) -> None:
-    """Refuse types and training-mode behaviours the adapter cannot handle (recursively)."""
+    """Refuse types and training-mode behaviours the adapter cannot handle (recursively; the
+    ``parametrizations`` container of a parametrized layer, ``weight_norm`` and the like, is
+    part of the layer, not a module of the network)."""
+    inner = {id(m) for sub in module.modules() if parametrize.is_parametrized(sub)
+             for m in sub.parametrizations.modules()}
     for sub_name, sub in module.named_modules(prefix=name):
+        if id(sub) in inner:
+            continue
         where = _describe(sub_name, sub)
+        if check_mode and parametrize.is_parametrized(sub) and any(
+                p.training and type(p).__name__ == "_SpectralNorm"
+                for p in sub.parametrizations.modules()):
+            raise UnsupportedModuleError(
+                f"{where} is in training mode, where its spectral_norm parametrization runs a "
+                "power iteration, writing its buffers, whenever the weight is read; call "
+                f"model.eval(). Supported: {SUPPORTED}")
         if isinstance(sub, _REFUSED):
             raise UnsupportedModuleError(
                 f"{where} does not map one tensor to one tensor. Supported: {SUPPORTED}")

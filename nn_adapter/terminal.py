@@ -62,7 +62,11 @@ def detect_loss(out: torch.Tensor, grad: torch.Tensor) -> Optional[str]:
     (cross-entropy with labels summed over the batch, ``reduction="sum"``), else None.
 
     A cross-entropy scaled by a factor below 1 passes as one with soft targets (its Gauss-Newton
-    Hessian is then taken too large by the inverse factor).
+    Hessian is then taken too large by the inverse factor). The rows of a cross-entropy's
+    gradient sum to zero (up to the gradient's rounding) whatever its size, which is checked
+    relative to the gradient: a small gradient of another loss (a regression near its fit, whose
+    ``softmax(out) - B grad`` is then close to a probability vector) is not taken for one, nor is
+    a gradient that is zero (it says nothing about the loss).
 
     Args:
         out: network outputs (B, C).
@@ -72,8 +76,16 @@ def detect_loss(out: torch.Tensor, grad: torch.Tensor) -> Optional[str]:
         return None
     p = torch.softmax(out.double(), 1)
     tol = 1e-3 if out.dtype in (torch.float16, torch.bfloat16) else 1e-4
-    t = p - grad.double() * out.shape[0]        # the targets, if it is cross-entropy
-    if float(t.min()) >= -tol and float((t.sum(1) - 1.0).abs().max()) <= tol:
+    bg = grad.double() * out.shape[0]
+    size = bg.abs().sum(1)
+    if not float(size.max()) > 0:
+        return None
+    t = p - bg                                  # the targets, if it is cross-entropy
+    # (a row sum of B grad is rounding only: up to about C eps of the coarser of the two dtypes,
+    # the output's under autocast)
+    eps = max(torch.finfo(out.dtype).eps, torch.finfo(grad.dtype).eps)
+    allowed = (size * tol + out.shape[1] * eps).clamp_(max=tol)
+    if float(t.min()) >= -tol and bool((bg.sum(1).abs() <= allowed).all()):
         return "cross_entropy"
     resid = grad.double() - p                   # = -onehot for a summed cross-entropy
     label = resid.argmin(1)

@@ -54,9 +54,11 @@ def _sample_slices(n: int, size: int) -> Iterator[slice]:
         yield slice(start, min(n, start + size))
 
 
-def _conv_grads_grouped(m, x: torch.Tensor, g: torch.Tensor, out=None) -> torch.Tensor:
+def _conv_grads_grouped(m, x: torch.Tensor, g: torch.Tensor, out=None,
+                        bias: bool = False) -> torch.Tensor:
     """Per-sample weight gradients of a Conv2d without an unfold, (b, out, C kh kw [+1]) (the
-    bias column, if any, is left for the caller to fill).
+    bias column, with ``bias``: the block's bias, not the module's, which may be frozen or in no
+    param group, is left for the caller to fill).
 
     The b samples are the b groups of one grouped convolution (channels of all samples side by
     side), whose weight gradient is the per-sample weight gradients stacked: one call of the
@@ -69,7 +71,7 @@ def _conv_grads_grouped(m, x: torch.Tensor, g: torch.Tensor, out=None) -> torch.
                                     g.reshape(1, b * o, *g.shape[2:]), m.stride, m.padding,
                                     m.dilation, b).reshape(b, o, -1)
     if out is None:
-        return torch.cat([w, w.new_empty(b, o, 1)], 2) if m.bias is not None else w
+        return torch.cat([w, w.new_empty(b, o, 1)], 2) if bias else w
     out[:, :, :w.shape[2]] = w
     return out
 
@@ -91,7 +93,8 @@ def per_sample_grads(block: Block, x: torch.Tensor, g: torch.Tensor, q_g=None, q
     m = block.module
     if block.kind == "conv2d":
         for sl in _sample_slices(x.shape[0], 16):
-            grads = _conv_grads_grouped(m, x[sl], g[sl], out[sl] if out is not None else None)
+            grads = _conv_grads_grouped(m, x[sl], g[sl], out[sl] if out is not None else None,
+                                        block.has_bias)
             if block.has_bias:
                 torch.sum(g[sl], (2, 3), out=grads[:, :, -1])
             yield sl, _rotate(grads, q_g, q_a)

@@ -386,7 +386,17 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         return None
 
     def _check_records(self, rec: Recorder) -> None:
-        rec.check_complete(self._recorded_modules())
+        rec.check_complete(self._modules_with_grads(self._recorded_modules()))
+
+    def _modules_with_grads(self, modules: list) -> list:
+        """Those of ``modules`` whose (trainable) parameters got a gradient: one whose output
+        does not reach the loss (an unused head, a branch under ``no_grad`` or detached) gets
+        none and is left alone, as in torch.optim. All of them when none got one (a closure
+        that does not call ``backward`` is an error)."""
+        params = {id(m): [p for p in m.parameters(recurse=False) if p.requires_grad]
+                  for m in modules}
+        out = [m for m in modules if any(p.grad is not None for p in params[id(m)])]
+        return out if out else list(modules)
 
     def _records_error(self, rec: Recorder) -> Optional[InputError]:
         """The error :meth:`_check_records` raises for these records, or None."""

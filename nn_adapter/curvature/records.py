@@ -25,7 +25,19 @@ from torch.nn.modules.module import register_module_forward_hook
 
 from occore.errors import InputError
 
-__all__ = ["Recorder", "LiveRecorder", "detached"]
+__all__ = ["Recorder", "LiveRecorder", "detached", "recording"]
+
+
+def recording(seen: bool = False) -> bool:
+    """True where a module call is one to record: gradients on, and, for a module already
+    recorded in this pass (``seen``), not inside a backward pass, where a
+    ``torch.utils.checkpoint`` region runs again to recompute what it did not keep (the call was
+    recorded when the forward first ran it; a reentrant checkpoint's first run is without
+    gradients, so its call in the backward pass is the one recorded)."""
+    return torch.is_grad_enabled() and not (seen and _graph_task_id() != -1)
+
+
+_graph_task_id = getattr(torch._C, "_current_graph_task_id", lambda: -1)
 
 
 def detached(t: torch.Tensor, like: Optional[nn.Module]) -> torch.Tensor:
@@ -120,7 +132,7 @@ class Recorder:
         def hook(mod, args, output):
             # ``mod is not module``: a deep copy of the model made while the hooks were registered
             # (it shares this function); it must not write into these records
-            if mod is not module or not torch.is_grad_enabled():
+            if mod is not module or not recording(mod in calls):
                 return
             calls[mod] = calls.get(mod, 0) + 1
             if keep_input and args:
@@ -173,7 +185,9 @@ class Recorder:
             if need_grads and m in self._grad_of and not self.has_grad(m):
                 raise InputError(
                     f"closure: no gradient reached the output of module {self.label(m)}; "
-                    "the closure must call loss.backward()")
+                    "the closure must call loss.backward() (a module whose output the loss does "
+                    "not use is left alone when its parameters have no gradient: "
+                    "zero_grad(set_to_none=True), torch's default)")
 
 
 # -- the live recorders: one global forward hook, filtered by module identity ---------------------

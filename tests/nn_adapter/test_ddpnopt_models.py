@@ -438,3 +438,298 @@ def test_a_cnn_closure_under_autocast_trains_with_feedback():
     closure = _autocast_closure(net, opt, x, y)
     losses = [float(opt.step(closure)) for _ in range(20)]
     assert losses[-1] < 0.8 * losses[0] and opt.refused_steps == 0
+
+
+class _AttentionFirst(nn.Module):
+    """A MultiheadAttention first: its forward uses its out_proj's weights directly (out_proj,
+    a module of its own, never runs)."""
+
+    def __init__(self):
+        super().__init__()
+        self.att = nn.MultiheadAttention(4, 2, batch_first=True)
+        self.fc = nn.Linear(12, 3)
+
+    def forward(self, x):
+        return self.fc(torch.tanh(self.att(x, x, x)[0]).flatten(1))
+
+
+def test_parameters_a_stage_uses_through_a_module_that_does_not_run_are_trained():
+    """out_proj belongs to the attention's stage (the first: no feedback), so with feedback its
+    first step is the one without; before, it was never updated."""
+    torch.manual_seed(0)
+    nets = [_AttentionFirst().double()]
+    nets.append(copy.deepcopy(nets[0]))
+    start = copy.deepcopy(nets[0])
+    x = torch.randn(8, 3, 4, dtype=torch.float64)
+    y = torch.randint(0, 3, (8,))
+    opts = [DDPNOpt(n, lr=0.01, curvature="adam", feedback=fb)
+            for n, fb in zip(nets, (True, False))]
+    for n, o in zip(nets, opts):
+        o.step(make_closure(n, o, x, y))
+    fb, base = (dict(n.named_parameters()) for n in nets)
+    for name in ("att.out_proj.weight", "att.out_proj.bias", "att.in_proj_weight"):
+        assert not torch.equal(fb[name], dict(start.named_parameters())[name])
+        assert torch.allclose(fb[name], base[name], atol=1e-14, rtol=0)
+    assert (fb["fc.weight"] - base["fc.weight"]).abs().max() > 1e-8   # the feedback is on
+
+
+class _Gate(nn.Module):
+    """Owns a gate and a Linear child it applies functionally (the child never runs)."""
+
+    def __init__(self, own: bool):
+        super().__init__()
+        torch.manual_seed(1)
+        lin = nn.Linear(5, 5)
+        if own:
+            self.weight, self.bias = lin.weight, lin.bias
+        else:
+            self.lin = lin
+        self.gate = nn.Parameter(torch.linspace(0.5, 1.5, 5))
+
+    def forward(self, x):
+        lin = self.lin if hasattr(self, "lin") else self
+        w, b = lin.weight, lin.bias
+        return torch.tanh(nn.functional.linear(x, w, b)) * self.gate
+
+
+def test_a_later_stage_using_a_childs_parameters_gets_their_feedback():
+    """The child's parameters are part of the stage of the module that uses them: the same steps
+    as a module owning them itself (whose feedback the dense oracle checks)."""
+    nets = []
+    for own in (False, True):
+        torch.manual_seed(0)
+        nets.append(nn.Sequential(nn.Linear(4, 5), nn.Tanh(), _Gate(own), nn.Linear(5, 3)).double())
+    x, y = _data(16, 4, seed=2)
+    opts = [DDPNOpt(n, lr=0.05, curvature="adam", feedback_bound=math.inf) for n in nets]
+    twin = copy.deepcopy(nets[0])
+    base = DDPNOpt(twin, lr=0.05, curvature="adam", feedback=False)
+    for _ in range(3):
+        for n, o in zip(nets + [twin], opts + [base]):
+            o.step(make_closure(n, o, x, y))
+    a, b = (dict(n.named_parameters()) for n in nets)
+    assert torch.allclose(a["2.lin.weight"], b["2.weight"], atol=1e-13, rtol=0)
+    assert torch.allclose(a["2.lin.bias"], b["2.bias"], atol=1e-13, rtol=0)
+    assert (a["2.lin.weight"] - twin[2].lin.weight).abs().max() > 1e-6    # with its feedback
+
+
+class _Functional(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.l1, self.l2 = nn.Linear(4, 5), nn.Linear(5, 3)
+
+    def forward(self, x):
+        return nn.functional.linear(torch.tanh(self.l1(x)), self.l2.weight, self.l2.bias)
+
+
+def test_a_parameter_used_outside_any_stage_is_refused_naming_it():
+    """l2's weights are used by the model's own forward (no stage owns them): with feedback no
+    stage would update them; refused before anything changes. Without feedback it is Adam."""
+    torch.manual_seed(0)
+    net = _Functional().double()
+    x, y = _data(8, 4)
+    opt = DDPNOpt(net, lr=0.01)
+    before = [p.detach().clone() for p in net.parameters()]
+    with pytest.raises(UnsupportedModuleError, match=r"parameter 'l2.weight' got a gradient, but "
+                       r"its module 'l2' \(Linear\) did not run.*feedback=False"):
+        opt.step(make_closure(net, opt, x, y))
+    assert all(torch.equal(a, b) for a, b in zip(before, net.parameters())) and not opt.state
+    twin = copy.deepcopy(net)
+    adam = torch.optim.Adam(twin.parameters(), lr=0.01)
+    opt = DDPNOpt(net, lr=0.01, feedback=False)
+    for _ in range(2):
+        opt.step(make_closure(net, opt, x, y))
+        adam.step(make_closure(twin, adam, x, y))
+    assert all(torch.allclose(a, b, atol=1e-15, rtol=0)
+               for a, b in zip(net.parameters(), twin.parameters()))
+
+
+class _AuxHead(nn.Module):
+    """An auxiliary head that runs but whose output the loss does not use (``use_aux=False``:
+    the same model without it)."""
+
+    def __init__(self, use_aux=True):
+        super().__init__()
+        torch.manual_seed(0)
+        self.a, self.aux, self.b = nn.Linear(6, 8), nn.Linear(8, 2), nn.Linear(8, 3)
+        self.use_aux = use_aux
+
+    def forward(self, x):
+        h = torch.tanh(self.a(x))
+        if self.use_aux:
+            self.aux(h)
+        return self.b(torch.tanh(h))
+
+
+@pytest.mark.parametrize("curvature,options", [("adam", {}), ("ekfac", {}),
+                                               ("adam", dict(terminal_hessian="gauss_newton"))])
+def test_a_module_whose_output_the_loss_does_not_use_is_left_alone(curvature, options):
+    """Its parameters get no gradient, so (as in torch.optim) they are not updated and the rest
+    trains exactly as without the module; before, the step failed with 'no gradient reached the
+    output of module 'aux'; the closure must call loss.backward()'."""
+    x, y = _data(16)
+    nets = [_AuxHead(True).double(), _AuxHead(False).double()]
+    aux = nets[0].aux.weight.detach().clone()
+    opts = [DDPNOpt(n, lr=0.02, curvature=curvature, **options) for n in nets]
+    for _ in range(3):
+        for n, o in zip(nets, opts):
+            o.step(make_closure(n, o, x, y))
+    a, b = (dict(n.named_parameters()) for n in nets)
+    assert torch.equal(nets[0].aux.weight, aux) and nets[0].aux.weight.grad is None
+    for name in ("a.weight", "a.bias", "b.weight", "b.bias"):
+        assert torch.allclose(a[name], b[name], atol=1e-14, rtol=0), name
+    assert not torch.equal(a["a.weight"], _AuxHead().double().a.weight)
+
+
+class _SpareGate(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.gate = nn.Parameter(torch.linspace(0.5, 1.5, 8))
+
+    def forward(self, x):
+        return torch.tanh(x) * self.gate
+
+
+@pytest.mark.parametrize("curvature", ["adam", "ekfac"])
+@pytest.mark.parametrize("feedback", ["factorised", "dense"])
+def test_an_unused_child_of_a_stage_changes_nothing(curvature, feedback):
+    """A Linear child of a stage's module that its forward never uses joins that stage without
+    a gradient: the steps are those of the model without it, which stays as it was."""
+    x, y = _data(16)
+    nets = []
+    for spare in (True, False):
+        torch.manual_seed(0)
+        net = nn.Sequential(nn.Linear(6, 8), _SpareGate(), nn.Linear(8, 3)).double()
+        if spare:
+            net[1].spare = nn.Linear(8, 8).double()
+        nets.append(net)
+    spare = copy.deepcopy(nets[0][1].spare)
+    opts = [DDPNOpt(n, lr=0.02, curvature=curvature, feedback=feedback,
+                    terminal_hessian="gauss_newton") for n in nets]
+    for _ in range(3):
+        for n, o in zip(nets, opts):
+            o.step(make_closure(n, o, x, y))
+    a, b = (dict(n.named_parameters()) for n in nets)
+    assert all(torch.equal(a[k], b[k]) for k in b)
+    assert all(torch.equal(p, q) for p, q in zip(nets[0][1].spare.parameters(), spare.parameters()))
+
+
+class _WeightNormed(nn.Module):
+    """Linear(5, 4) with weight g v / ||v|| (rows) from its own parameters: what weight_norm's
+    parametrization computes."""
+
+    def __init__(self, lin):
+        super().__init__()
+        self.v = nn.Parameter(lin.weight.detach().clone())
+        self.g = nn.Parameter(lin.weight.detach().norm(dim=1, keepdim=True))
+        self.bias = nn.Parameter(lin.bias.detach().clone())
+
+    def forward(self, x):
+        weight = self.g * self.v / self.v.norm(dim=1, keepdim=True)
+        return nn.functional.linear(x, weight, self.bias)
+
+
+@pytest.mark.parametrize("curvature", ["adam", "identity"])
+def test_a_weight_normed_layer_is_one_stage_with_its_parametrization(curvature):
+    """torch.nn.utils.parametrizations.weight_norm: the originals (owned by a ParametrizationList
+    that runs, without an input, whenever the weight is read) belong to the layer's stage; the
+    feedback equals that of a module computing the same weight from its own parameters. Before,
+    a KeyError inside the backward sweep."""
+    from torch.nn.utils.parametrizations import weight_norm
+    x, y = _data(16, 4)
+    torch.manual_seed(0)
+    base = nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 4), nn.Tanh(),
+                         nn.Linear(4, 3)).double()
+    own = copy.deepcopy(base)
+    own[2] = _WeightNormed(base[2])
+    weight_norm(base[2])
+    nets = [base, own]
+    opts = [DDPNOpt(n, lr=0.05, curvature=curvature, feedback_bound=math.inf) for n in nets]
+    twin = copy.deepcopy(own)
+    plain = DDPNOpt(twin, lr=0.05, curvature=curvature, feedback=False)
+    for _ in range(3):
+        for n, o in zip(nets + [twin], opts + [plain]):
+            o.step(make_closure(n, o, x, y))
+    wn = base[2].parametrizations.weight
+    assert torch.allclose(wn.original0, own[2].g, atol=1e-13, rtol=0)
+    assert torch.allclose(wn.original1, own[2].v, atol=1e-13, rtol=0)
+    assert torch.allclose(base[2].bias, own[2].bias, atol=1e-13, rtol=0)
+    assert torch.allclose(base[4].weight, own[4].weight, atol=1e-13, rtol=0)
+    assert (own[2].v - twin[2].v).abs().max() > 1e-6          # with feedback
+
+
+def test_a_spectral_norm_in_training_mode_iterates_once_per_step():
+    """spectral_norm's power iteration runs at every read of the weight in training mode: once
+    in the closure's forward (as with torch.optim), and the rest of the step (per-sample
+    functions, the feedback pass) sees the closure's weight. So the step equals that of the same
+    net in eval mode whose vectors took that one iteration beforehand, and the vectors are
+    Adam's; before, the step read the weight 4 times, iterating each time."""
+    from torch.nn.utils.parametrizations import spectral_norm
+    x, y = _data(16)
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 8), nn.Tanh(),
+                        nn.Linear(8, 3)).double()
+    spectral_norm(net[2])
+    adam_net, ref = copy.deepcopy(net), copy.deepcopy(net)
+    with torch.no_grad():
+        ref[2].weight                     # the closure's one power iteration
+    ref.eval()
+    for n in (net, ref):
+        opt = DDPNOpt(n, lr=0.02, curvature="adam", feedback_bound=math.inf)
+        opt.step(make_closure(n, opt, x, y))
+    adam = torch.optim.Adam(adam_net.parameters(), lr=0.02)
+    adam.step(make_closure(adam_net, adam, x, y))
+    sn = [m[2].parametrizations.weight[0] for m in (net, ref, adam_net)]
+    assert torch.equal(sn[0]._u, sn[2]._u) and torch.equal(sn[0]._v, sn[2]._v)
+    assert torch.equal(sn[0]._u, sn[1]._u)
+    for p, q in zip(net.parameters(), ref.parameters()):
+        assert torch.allclose(p, q, atol=1e-14, rtol=0)
+    assert net[2].parametrizations.weight[0].training
+
+
+class _Checkpointed(nn.Module):
+    """A CNN whose middle block runs under torch.utils.checkpoint (``mode``: None, no
+    checkpoint; else its use_reentrant)."""
+
+    def __init__(self, mode):
+        super().__init__()
+        torch.manual_seed(0)
+        self.stem = nn.Conv2d(1, 2, 3, padding=1)
+        self.block = nn.Sequential(nn.Conv2d(2, 2, 3, padding=1), nn.Tanh(), nn.Flatten(),
+                                   nn.Linear(32, 8), nn.Tanh())
+        self.head = nn.Linear(8, 3)
+        self.mode = mode
+
+    def forward(self, x):
+        h = torch.tanh(self.stem(x))
+        if self.mode is None:
+            h = self.block(h)
+        else:
+            h = torch.utils.checkpoint.checkpoint(self.block, h, use_reentrant=self.mode)
+        return self.head(h)
+
+
+@pytest.mark.parametrize("curvature", ["adam", "ekfac"])
+def test_activation_checkpointing_steps_as_without_it(curvature):
+    """A non-reentrant checkpoint runs its region again inside the backward pass; those calls
+    are not new module runs (before: 'ran 2 times'), so DDPNOpt with feedback steps exactly as
+    without the checkpoint. A reentrant one first runs its region without gradients: refused
+    with feedback, naming the module and the way out, before anything changes."""
+    import torch.utils.checkpoint  # noqa: F401
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(8, 1, 4, 4, generator=g, dtype=torch.float64)
+    y = torch.randint(0, 3, (8,), generator=g)
+    nets = [_Checkpointed(False).double(), _Checkpointed(None).double()]
+    opts = [DDPNOpt(n, lr=0.02, curvature=curvature) for n in nets]
+    for _ in range(3):
+        for n, o in zip(nets, opts):
+            o.step(make_closure(n, o, x, y))
+    for p, q in zip(*(n.parameters() for n in nets)):
+        assert torch.allclose(p, q, atol=1e-14, rtol=0)
+    assert not torch.equal(nets[0].block[3].weight, _Checkpointed(None).double().block[3].weight)
+    net = _Checkpointed(True).double()
+    before = copy.deepcopy(net.state_dict())
+    opt = DDPNOpt(net, lr=0.02, curvature=curvature)
+    with pytest.raises(UnsupportedModuleError, match=r"module 'block.0' \(Conv2d\) ran with "
+                       r"gradients only inside the backward pass.*use_reentrant=False"):
+        opt.step(make_closure(net, opt, x, y))
+    assert all(torch.equal(a, b) for a, b in zip(before.values(), net.state_dict().values()))

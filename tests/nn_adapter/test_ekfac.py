@@ -283,3 +283,113 @@ def test_ekfac_under_autocast_keeps_its_factors_in_the_parameters_dtype():
     assert losses[-1] < 0.7 * losses[0]
     st = opt.state[net[0].weight]
     assert {st[k].dtype for k in ("A", "G", "QA", "QG", "scale")} == {torch.float32}
+
+
+class _FixedBias(nn.Module):
+    def __init__(self, bias):
+        super().__init__()
+        self.register_buffer("bias", bias.detach().clone())
+
+    def forward(self, x):
+        return x + self.bias[:, None, None]
+
+
+@pytest.mark.parametrize("how", ["frozen", "left_out"])
+def test_ekfac_on_a_convolution_whose_bias_it_does_not_train_equals_dense_definition(how):
+    """A Conv2d whose bias is frozen (or not given to the optimizer) is a weight-only block: the
+    dense definition of the same network with that bias a constant. Before, the per-sample
+    gradients kept a (garbage) bias column and EKFAC failed on the second conv's (12 + 1) x 12
+    product."""
+    batches = _batches(3)
+    hp = dict(lr=0.1, damping=1e-2, stat_decay=0.8)
+    ours = _net()
+    if how == "frozen":
+        ours[2].bias.requires_grad_(False)
+        opt = EKFAC(ours, eigen_update_freq=2, **hp)
+    else:
+        opt = EKFAC([p for n, p in ours.named_parameters() if n != "2.bias"], model=ours,
+                    eigen_update_freq=2, **hp)
+    _step_with_closures(ours, opt, batches)
+    start = _net()
+    conv = nn.Conv2d(3, 2, 2, stride=2, bias=False).double()
+    with torch.no_grad():
+        conv.weight.copy_(start[2].weight)
+    ref_net = nn.Sequential(start[0], start[1], conv, _FixedBias(start[2].bias), start[3], start[4])
+    before = torch.cat([p.detach().flatten() for p in ref_net.parameters()])
+    ref = _dense_run(ref_net, batches, hp["lr"], hp["damping"], hp["stat_decay"], 2)
+    got = torch.cat([p.detach().flatten() for n, p in ours.named_parameters() if n != "2.bias"])
+    assert torch.equal(ours[2].bias, _net()[2].bias)
+    assert (ref - before).abs().max() > 1e-3
+    assert (got - ref).abs().max() <= 1e-10
+
+
+class _Branches(nn.Module):
+    """A head computed but unused, and a layer run under no_grad (a frozen feature step)."""
+
+    def __init__(self, extra=True):
+        super().__init__()
+        torch.manual_seed(0)
+        self.pre, self.a, self.aux, self.b = (nn.Linear(4, 4), nn.Linear(4, 6), nn.Linear(6, 2),
+                                              nn.Linear(6, 3))
+        self.extra = extra
+
+    def forward(self, x):
+        if self.extra:
+            with torch.no_grad():
+                x = self.pre(x)
+        h = torch.tanh(self.a(x))
+        if self.extra:
+            self.aux(h)
+        return self.b(h)
+
+
+def test_ekfac_leaves_modules_without_gradient_alone():
+    """As torch.optim: layers whose parameters get no gradient (an unused head, a layer under
+    no_grad) are not updated, and the others step as in a model without them (before: an
+    InputError, 'no gradient reached' / 'ran 0 times')."""
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(16, 4, generator=g, dtype=torch.float64)
+    y = torch.randint(0, 3, (16,), generator=g)
+    ours, plain = _Branches().double(), _Branches(extra=False).double()
+    with torch.no_grad():
+        fixed = ours.pre(x)
+    before = [p.detach().clone() for p in ours.parameters()]
+    opts = [EKFAC(ours, lr=0.05), EKFAC(plain, lr=0.05)]
+    for _ in range(3):
+        for net, opt, inp in zip((ours, plain), opts, (x, fixed)):
+            _step_with_closures(net, opt, [(inp, y)])
+    for name in ("pre", "aux"):
+        fresh = getattr(_Branches().double(), name)
+        for p, q in zip(getattr(ours, name).parameters(), fresh.parameters()):
+            assert torch.equal(p, q)
+    for name in ("a", "b"):
+        for p, q in zip(getattr(ours, name).parameters(), getattr(plain, name).parameters()):
+            assert torch.allclose(p, q, atol=1e-14, rtol=0)
+    assert not torch.equal(ours.a.weight, before[2])
+
+
+@pytest.mark.parametrize("reentrant", [False, True])
+def test_ekfac_under_activation_checkpointing_steps_as_without_it(reentrant):
+    """torch.utils.checkpoint runs its region again in the backward pass (non-reentrant: the
+    recomputation, not a second run, before counted as one: 'ran 2 times'; reentrant: the only
+    run with gradients): the same steps as the model without the checkpoint."""
+    import torch.utils.checkpoint as cp
+
+    class Net(nn.Module):
+        def __init__(self, mode):
+            super().__init__()
+            self.inner, self.mode = _net(), mode
+
+        def forward(self, x):
+            h = self.inner[:2](x)
+
+            def body(h):                 # (tanh saves its output: the recomputation runs the
+                return torch.tanh(self.inner[2](h))    # conv to its end, its hooks included)
+            h = body(h) if self.mode is None else cp.checkpoint(body, h, use_reentrant=self.mode)
+            return self.inner[4](self.inner[3](h))
+    nets = [Net(reentrant), Net(None)]
+    for n in nets:
+        _step_with_closures(n, EKFAC(n, lr=0.1, damping=1e-2), _batches(3))
+    for p, q in zip(*(n.parameters() for n in nets)):
+        assert torch.allclose(p, q, atol=1e-13, rtol=0)
+    assert not torch.equal(nets[0].inner[2].weight, _net()[2].weight)

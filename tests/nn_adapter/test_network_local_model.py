@@ -59,6 +59,18 @@ def resnet():
     return net.double().eval(), nn.CrossEntropyLoss(), x.double(), y
 
 
+def prelu_net():
+    """PReLU as a stage (one slope per channel) and frozen, as a follower: torch's own prelu
+    fails under the per-sample vmap(jacrev) of the local model."""
+    torch.manual_seed(5)
+    net = nn.Sequential(nn.Conv1d(1, 2, 2), nn.PReLU(2), nn.Flatten(), nn.Linear(4, 3),
+                        nn.PReLU(), nn.Linear(3, 2))
+    net[1].weight.data = torch.tensor([0.2, -0.4])
+    net[4].requires_grad_(False)
+    x, y = torch.randn(3, 1, 3), torch.tensor([1, 0, 1])
+    return net.double(), nn.CrossEntropyLoss(), x.double(), y
+
+
 def wide():
     """B n larger than the coupling rank at every boundary: the factored V_xx path."""
     torch.manual_seed(4)
@@ -165,7 +177,7 @@ def compare_record(lm, oracle, second_order):
         assert Vx.shape == (B, src.n[t])
 
 
-@pytest.mark.parametrize("make", [mlp, cnn, resnet, wide, coupled])
+@pytest.mark.parametrize("make", [mlp, cnn, resnet, wide, coupled, prelu_net])
 @pytest.mark.parametrize("second_order", [False, True])
 @pytest.mark.parametrize("value_hessian", ["batch", "per_sample"])
 def test_backward_matches_dense_oracle(make, second_order, value_hessian):

@@ -179,3 +179,40 @@ def test_controls_of_the_wrong_type_or_dtype_get_typed_errors():
     bad = [dict(us[0]), {k: v.tolist() for k, v in us[1].items()}]
     with pytest.raises(_IE, match="expected a tensor"):
         prob.rollout(bad)
+
+
+def test_a_parametrized_layer_is_a_stage_and_a_spectral_norm_in_training_mode_is_refused():
+    """weight_norm / spectral_norm (torch.nn.utils.parametrizations): the layer is one stage
+    whose controls are its originals (its `parametrizations` container is part of it, not a
+    ModuleDict of the network, as it was refused before): the rollout is the model's, the
+    control gradient autograd's, and a solve trains it. A spectral norm in training mode writes
+    its buffers at every read of the weight: refused, naming the layer (eval mode works)."""
+    from torch.nn.utils.parametrizations import spectral_norm, weight_norm
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 3)).double()
+    weight_norm(net[2])
+    x, y = torch.randn(10, 4, dtype=torch.float64), torch.randint(0, 3, (10,))
+    prob = NetworkProblem(net, nn.CrossEntropyLoss(), x, y)
+    assert prob.stages[1].param_names == ("bias", "parametrizations.weight.original0",
+                                          "parametrizations.weight.original1")
+    traj = prob.rollout(prob.initial_controls())
+    assert torch.equal(traj.xs[-1], net(x))
+    grads = prob.local_model(traj).control_gradient()
+    nn.CrossEntropyLoss()(net(x), y).backward()
+    for stage, g in zip(prob.stages, grads):
+        for name, p in stage.param_dict().items():
+            assert torch.allclose(g[name], p.grad, atol=1e-14, rtol=0)
+    res = occore.ILQR(max_iter=5).solve(prob)
+    assert res.cost < 0.7 * traj.cost
+    prob.load_into(net, res.us)
+    assert nn.CrossEntropyLoss()(net(x), y).item() == pytest.approx(res.cost, rel=1e-12)
+    torch.manual_seed(0)
+    sn = nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 3)).double()
+    spectral_norm(sn[2])
+    with pytest.raises(UnsupportedModuleError, match=r"module '2' \(ParametrizedLinear\) is in "
+                       r"training mode, where its spectral_norm.*model.eval\(\)"):
+        NetworkProblem(sn, nn.CrossEntropyLoss(), x, y)
+    state = copy.deepcopy(sn.eval().state_dict())
+    prob = NetworkProblem(sn, nn.CrossEntropyLoss(), x, y)
+    occore.ILQR(max_iter=2).solve(prob)
+    assert all(torch.equal(a, b) for a, b in zip(state.values(), sn.state_dict().values()))

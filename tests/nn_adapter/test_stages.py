@@ -125,3 +125,22 @@ def test_a_shared_activation_instance_counts_at_every_place():
     prob = NetworkProblem(net, nn.MSELoss(), x, y)
     traj = prob.rollout(prob.initial_controls())
     assert torch.equal(traj.xs[-1], net(x))
+
+
+@pytest.mark.parametrize("shape,slopes", [((5,), 1), ((4, 3), 1), ((4, 3), 3),
+                                          ((2, 3, 4), 3), ((2, 3, 2, 2), 3)])
+def test_prelu_is_torchs_in_values_and_derivatives(shape, slopes):
+    """nn_adapter.stages.prelu (where the stages evaluate a PReLU) = F.prelu: values and the
+    Jacobians in x and in the slopes (torch's own, outside vmap)."""
+    from torch.func import jacrev
+
+    from nn_adapter.stages import prelu
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(shape, generator=g, dtype=torch.float64)
+    x.view(-1)[0] = 0.0                                  # the kink: both take the slope side
+    w = torch.linspace(-0.5, 0.5, slopes, dtype=torch.float64)
+    assert torch.equal(prelu(x, w), torch.nn.functional.prelu(x, w))
+    for argnum in (0, 1):
+        got = jacrev(prelu, argnums=argnum)(x, w)
+        want = jacrev(torch.nn.functional.prelu, argnums=argnum)(x, w)
+        assert torch.equal(got, want)

@@ -151,3 +151,42 @@ def test_sampled_column_of_a_batch_of_one(loss):
     if loss == "mse":
         eps = torch.randn(out.shape, dtype=out.dtype, generator=torch.Generator().manual_seed(6))
         assert torch.allclose(y[:, 0], eps * math.sqrt(2 / 6), rtol=1e-14, atol=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_a_small_gradient_of_another_loss_is_not_taken_for_cross_entropy(dtype):
+    """softmax(out) - B grad is close to a probability vector whenever the gradient is small (a
+    regression near its fit): only a cross-entropy's rows sum to zero relative to their size.
+    Before, such a batch was recognised as cross-entropy, and settled for the rest of training."""
+    g = torch.Generator().manual_seed(6)
+    out = torch.randn(8, 3, generator=g, dtype=torch.float64).to(dtype)
+    near = out + 1e-6 * torch.randn(8, 3, generator=g, dtype=torch.float64).to(dtype)
+    for loss in (lambda o: nn.functional.mse_loss(o, near),
+                 lambda o: nn.functional.huber_loss(o, near, delta=0.5)):
+        o, grad = _grad(loss, out)
+        assert 0 < grad.abs().max() < 1e-6
+        assert detect_loss(o, grad) is None
+    assert detect_loss(out, torch.zeros_like(out)) is None       # no gradient: nothing to recognise
+    res = LossResolver("auto")
+    with pytest.warns(RuntimeWarning, match="not softmax cross-entropy"):
+        assert res(*_grad(lambda o: nn.functional.mse_loss(o, near), out)) == "mse"
+    assert not res.settled
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("classes", [3, 100])
+def test_a_confident_cross_entropy_is_still_recognised(dtype, classes):
+    """Rows of B grad = p - e_y of norm ~1e-6 (the model nearly sure of each label), with
+    labels, label smoothing and soft targets: still cross-entropy, in float32 too."""
+    g = torch.Generator().manual_seed(7)
+    y = torch.randint(0, classes, (16,), generator=g)
+    out = (torch.randn(16, classes, generator=g, dtype=torch.float64)
+           + 20.0 * nn.functional.one_hot(y, classes)).to(dtype)
+    soft = torch.softmax(out.double() * 0.999, 1).to(dtype)
+    for loss in (lambda o: nn.functional.cross_entropy(o, y),
+                 lambda o: nn.functional.cross_entropy(o, y, label_smoothing=0.1),
+                 lambda o: nn.functional.cross_entropy(o, soft)):
+        o, grad = _grad(loss, out)
+        assert detect_loss(o, grad) == "cross_entropy"
+    o, grad = _grad(lambda o: nn.functional.cross_entropy(o, y), out)
+    assert grad.abs().max() * 16 < 1e-4            # (small: the relative check is what decides)
