@@ -77,13 +77,14 @@ def test_a_regularisation_factor_barely_above_one_cannot_hang(factor):
     assert res.history[-1].regularization == pytest.approx(before * factor ** 101, rel=1e-13)
 
 
-def test_a_regularisation_equal_to_its_maximum_is_allowed():
-    """``maximum``: the solve stops when mu would exceed it, so mu = maximum is still tried. One
-    stage, l = x^2 + (u^2 - 1)^2 (concave in u at 0: Q_uu = -4 + 1), mu from 1 by factor 10: the
-    backward pass fails at mu = 1 and succeeds at mu = 10; the optimum is u = -1 (cost 1)."""
+def test_a_regularisation_equal_to_its_cap_is_allowed():
+    """The solve stops when mu would exceed its cap, ``maximum`` times max(1, the largest entry of
+    the cost Hessians), so mu = cap is still tried. One stage, l = x^2 + (u^2 - 1)^2 (concave in u
+    at 0: Q_uu = -4 + 1; the cost Hessians' largest entry |l_uu| = 4), mu from 1 by factor 10: the
+    backward pass fails at mu = 1 and succeeds at mu = 10 = 2.5 * 4; the optimum is u = -1 (cost 1)."""
     prob = occore.Problem(lambda x, u: x + u, lambda x, u: ca.sumsqr(x) + (u[0] ** 2 - 1) ** 2,
                           lambda x: 0.5 * ca.sumsqr(x), x0=[1.0], nu=1, horizon=1)
-    for maximum, ok in ((10.0, True), (9.999, False)):
+    for maximum, ok in ((2.5, True), (2.4999, False)):
         res = ILQR(regularization=Regularization(initial=1.0, minimum=0.0, maximum=maximum,
                                                  factor=10.0)).solve(prob)
         if ok:
