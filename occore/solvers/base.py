@@ -39,8 +39,8 @@ class SolverState:
         cache: solver-private data carried between iterations (e.g. the local model of ``traj``).
         multipliers: constraint multipliers of a constrained solver (CDDP), else None.
         scale: the scale of the problem's cost a solver measured once per solve, at its first
-            iteration (DDP, iLQR, FDDP and CDDP: the largest entry of the cost Hessians, see
-            :class:`occore.Regularization`), or None.
+            iteration (DDP, iLQR, FDDP, CDDP and E-MSA: the largest entry of the cost Hessians,
+            see :class:`occore.Regularization` and :class:`occore.solvers.emsa.EMSAOptions`), or None.
     """
 
     traj: Trajectory
