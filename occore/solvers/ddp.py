@@ -34,8 +34,10 @@ def curvature_scale(lm) -> float:
     """The largest entry of the cost Hessians of the local model ``lm`` (its ``curvature_scale()``),
     or 1.0 for a model without one (the network local models) or without curvature (a linear cost)."""
     scale = getattr(lm, "curvature_scale", None)
-    s = float(scale()) if callable(scale) else 1.0
-    return s if math.isfinite(s) and s > 0.0 else 1.0
+    if not callable(scale):
+        return 1.0
+    s = float(scale())
+    return s if 0.0 < s < math.inf else 1.0     # (nan: False)
 
 
 def mu_cap(reg: Regularization, scale: float | None) -> float:

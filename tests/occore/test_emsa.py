@@ -525,3 +525,15 @@ def test_the_gradient_stop_follows_the_scale_of_the_cost():
         np.testing.assert_allclose(res.us, ref.us, atol=2e-2)
         # the stop value: tol times the cost Hessians' largest entry, 1e-6 * 2 * 50 (terminal), capped at 1
         assert res.history[-1].stop < EMSA().options.tol * min(1.0, scale * 100.0)
+        assert ("x the cost's scale 0.0001 = 1e-08" in res.message) is (scale < 1), res.message
+
+
+def test_a_cost_without_curvature_keeps_the_absolute_gradient_stop():
+    """J = x_T with x' = x + u^2: the cost's Hessians are 0 (the curvature comes from the dynamics),
+    so there is no scale to measure and the stop value is tol itself, not 0 (which no |dJ/du|
+    could pass: the solve would end on ftol instead). E-MSA reaches u = 0, dJ/du = 2u = 0."""
+    prob = occore.Problem(lambda x, u: x + u[0] ** 2, lambda x, u: 0 * x[0], lambda x: 1.0 * x[0], x0=[0.0],
+                          nu=1, horizon=5)
+    res = EMSA().solve(prob, us0=np.ones((5, 1)))
+    assert res.status is Status.CONVERGED and res.message.startswith("|dJ/du| = 0.00e+00 < tol 0.0001")
+    assert "ftol" not in res.message and res.cost == 0.0
