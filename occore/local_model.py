@@ -103,6 +103,14 @@ class DenseLocalModel:
                                ) and (d.fxx is None or all(np.isfinite(a).all() for a in (d.fxx, d.fux, d.fuu)))
         return self._finite
 
+    def curvature_scale(self) -> float:
+        """The largest |entry| of the cost Hessians l_xx (terminal included) and l_uu (nan where
+        one is not finite): the scale V_xx and Q_uu inherit from the cost, to which the solvers
+        relate the regularisation's cap (:class:`occore.Regularization`)."""
+        d = self.derivs
+        s = max(float(np.max(np.abs(d.lxx), initial=0.0)), float(np.max(np.abs(d.luu), initial=0.0)))
+        return s if np.isfinite(s) else float("nan")
+
     def backward(self, mu: float, second_order: bool = False):
         if not self.finite():   # nothing to factorise: the solver ends with NON_FINITE
             T, nx, nu = self.derivs.fu.shape

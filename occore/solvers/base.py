@@ -38,6 +38,9 @@ class SolverState:
         start: ``time.perf_counter()`` at ``init``.
         cache: solver-private data carried between iterations (e.g. the local model of ``traj``).
         multipliers: constraint multipliers of a constrained solver (CDDP), else None.
+        scale: the scale of the problem's cost a solver measured once per solve, at its first
+            iteration (DDP, iLQR, FDDP, CDDP and E-MSA: the largest entry of the cost Hessians,
+            see :class:`occore.Regularization` and :class:`occore.solvers.emsa.EMSAOptions`), or None.
     """
 
     traj: Trajectory
@@ -50,6 +53,7 @@ class SolverState:
     start: float = field(default_factory=time.perf_counter)
     cache: Any = field(default=None, repr=False)
     multipliers: Any = field(default=None, repr=False)
+    scale: float | None = None
 
     @property
     def done(self) -> bool:

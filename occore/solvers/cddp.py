@@ -180,7 +180,10 @@ class CDDP(_RiccatiSolver):
         if mult.barrier:
             mu = mult.barrier
             mult = replace(mult, barrier=max(opts.barrier_min, min(opts.barrier_factor * mu, mu ** 1.5)))
-        reg = new.mu if new.mu <= opts.regularization.maximum else opts.regularization.initial
+        # mu is kept, unless the inner solve ended on the regularisation's cap (scaled by the cost
+        # Hessians, see Regularization: a CONVERGED inner solve never passed it)
+        keep = new.status is Status.CONVERGED or new.mu <= opts.regularization.maximum
+        reg = new.mu if keep else opts.regularization.initial
         new = replace(new, traj=_Augmented(problem, mult).rewrap(new.traj), multipliers=mult, cache=None,
                       status=Status.RUNNING, message="", mu=reg)
         return new, info

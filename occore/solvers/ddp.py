@@ -17,16 +17,35 @@ from ..result import IterationInfo, Status
 from .base import Solver, SolverState
 from .options import DDPOptions, Regularization
 
-__all__ = ["DDP", "ILQR", "MAX_RAISES", "COST_ROUNDING"]
+__all__ = ["DDP", "ILQR", "MAX_RAISES", "COST_ROUNDING", "curvature_scale", "mu_cap"]
 
 #: most regularisation increases in one backward pass before the solve ends with REG_LIMIT (the
-#: default factor 10 spans the whole range 1e-9..1e9 in 18)
+#: default factor 10 spans the range 1e-9..1e9 in 18, up to a cap of 1e17 (cost Hessians of 1e8, see
+#: :func:`mu_cap`) in 26)
 MAX_RAISES = 100
 #: an expected decrease below COST_ROUNDING |J| (about 45 rounding units of J) counts as converged
 #: whatever ``tol`` says: the line search compares costs and cannot measure a smaller decrease
 #: (E-MSA's ``ftol`` rule). It matters only where |J| > tol / COST_ROUNDING (1e5 at the default tol):
 #: a cost weighted by 1e6 ended LINE_SEARCH_FAILED at the optimum after 100 iterations of rounding noise.
 COST_ROUNDING = 1e-14
+
+
+def curvature_scale(lm) -> float:
+    """The largest entry of the cost Hessians of the local model ``lm`` (its ``curvature_scale()``),
+    or 1.0 for a model without one (the network local models) or without curvature (a linear cost)."""
+    scale = getattr(lm, "curvature_scale", None)
+    if not callable(scale):
+        return 1.0
+    s = float(scale())
+    return s if 0.0 < s < math.inf else 1.0     # (nan: False)
+
+
+def mu_cap(reg: Regularization, scale: float | None) -> float:
+    """The largest mu a backward pass or a line search may use: ``reg.maximum * max(1, scale)``,
+    ``scale`` the largest entry of the cost Hessians at the solve's first iterate (see
+    :class:`Regularization`; None: ``maximum`` itself). mu enters next to those Hessians, so a cost
+    multiplied by c needs a c times larger mu for the same step, and the cap follows it."""
+    return reg.maximum * max(1.0, scale) if scale is not None else reg.maximum
 
 
 def _trials(problem, traj, policy, steps):
@@ -70,6 +89,8 @@ class _RiccatiSolver(Solver):
         lm = state.cache     # the local model of traj after a rejected step (of the wrong order: rebuilt)
         if lm is None or (second_order and not getattr(getattr(lm, "derivs", None), "second_order", True)):
             lm = problem.local_model(traj, second_order)
+        if state.scale is None:     # measured once per solve (the regularisation's cap)
+            state = replace(state, scale=curvature_scale(lm))
 
         # Backward pass, raising mu until every Quu + mu I is positive definite (at most
         # MAX_RAISES raises per iteration: a factor barely above 1 must not loop for ever).
@@ -81,9 +102,9 @@ class _RiccatiSolver(Solver):
                 policy, (d1, d2) = lm.backward(mu, second_order)
             except NotPositiveDefinite as err:
                 mu = reg.increase(mu)
-                if mu > reg.maximum:
+                if mu > (cap := mu_cap(reg, state.scale)):
                     return self._stop(state, lm, Status.REG_LIMIT,
-                                      f"regularisation above {reg.maximum:g} ({err})", mu)
+                                      f"regularisation above {cap:g} ({err})", mu)
                 raises += 1
                 if raises > MAX_RAISES:
                     return self._stop(state, lm, Status.REG_LIMIT,
@@ -142,9 +163,9 @@ class _RiccatiSolver(Solver):
             return self._stop(state, lm, Status.NON_FINITE,
                               "every line-search trial gave a non-finite cost", mu, policy, full)
         mu = reg.increase(mu)
-        if mu > reg.maximum:
+        if mu > (cap := mu_cap(reg, state.scale)):
             return self._stop(state, lm, Status.LINE_SEARCH_FAILED,
-                              f"no step length decreased the cost (regularisation above {reg.maximum:g})",
+                              f"no step length decreased the cost (regularisation above {cap:g})",
                               mu, policy, full)
         new = replace(state, mu=mu, policy=policy, cache=lm)
         return new, self._info(state, cost=traj.cost, expected_decrease=expected, actual_decrease=actual,

@@ -36,6 +36,7 @@ import numpy as np
 
 from ..result import IterationInfo, Status
 from .base import Solver, SolverState
+from .ddp import curvature_scale
 
 __all__ = ["EMSA", "EMSAOptions", "InnerSolver"]
 
@@ -85,8 +86,15 @@ class EMSAOptions:
 
     Attributes:
         max_iter: iteration limit (rejected trials count as iterations).
-        tol: stop (CONVERGED) when the norm of dJ/du over all stages is below this (with bounds,
-            of its projection).
+        tol: stop (CONVERGED) when the norm of dJ/du over all stages (with bounds, of its
+            projection) is below ``tol * min(1, s)``, s the largest entry of the cost Hessians
+            (l_xx, the terminal one included, and l_uu) at the initial iterate, measured once
+            (``SolverState.scale``; 1 where the problem's local model has none, the networks, or
+            where the cost has no curvature). dJ/du scales with the cost, s too, so |dJ/du| / s is
+            about a distance in u: with an absolute tol a cost multiplied by 1e-6 (a double
+            integrator, T = 10) ended CONVERGED after 1 iteration 37 % above the optimum (T = 40:
+            12 iterations, 2.2x); it now ends in 62 (345), 2.5e-7 (3.7e-6) above it. Costs whose
+            Hessians reach 1 (every reference problem, the LQR family above) see ``tol`` itself.
         ftol: also stop (CONVERGED) when a trial changes J by at most ``ftol * max(1, |J|)`` (default
             1e-14, about 45 rounding units of J): no progress is measurable any more (a fixed point of the iteration up to rounding). On
             stiff problems (swing-ups) dJ/du stays far from 0 at the optimum DDP finds, since
@@ -200,7 +208,17 @@ class EMSA(Solver):
             return lm, float(lm.gradient_norm())
 
     def _first_state(self, problem, state: SolverState) -> SolverState:
-        return replace(state, cache=self._model(problem, state.traj) + (None, 0, state.traj))
+        lm, gnorm = self._model(problem, state.traj)
+        return replace(state, cache=(lm, gnorm, None, 0, state.traj), scale=curvature_scale(lm))
+
+    def _gtol(self, state: SolverState) -> float:
+        """The stop value of |dJ/du|: ``tol * min(1, s)``, s the cost's scale (EMSAOptions.tol)."""
+        tol = self.options.tol
+        return tol * min(1.0, state.scale) if state.scale is not None else tol
+
+    def _converged(self, state: SolverState, gnorm: float, gtol: float) -> str:
+        scaled = "" if gtol == self.options.tol else f" x the cost's scale {state.scale:.3g} = {gtol:.3g}"
+        return f"|dJ/du| = {gnorm:.2e} < tol {self.options.tol:g}{scaled}"
 
     def _trial(self, problem, traj, lm, rho):
         """The E-MSA step from ``traj`` (its local model ``lm``): the new controls' rollout."""
@@ -222,8 +240,9 @@ class EMSA(Solver):
         lm, gnorm, prev_us, j, best = state.cache
         if not math.isfinite(gnorm):
             return self._end(state, Status.NON_FINITE, "non-finite control gradient", rho, gnorm)
-        if gnorm < opts.tol:
-            return self._end(state, Status.CONVERGED, f"|dJ/du| = {gnorm:.2e} < tol {opts.tol:g}", rho, gnorm)
+        gtol = self._gtol(state)
+        if gnorm < gtol:
+            return self._end(state, Status.CONVERGED, self._converged(state, gnorm, gtol), rho, gnorm)
 
         trial = None
         if (opts.momentum and opts.adaptive_rho and j > 0 and prev_us is not None
@@ -243,8 +262,8 @@ class EMSA(Solver):
             new = replace(state, traj=trial, mu=rho, cache=(new_lm, new_norm, traj.us, max(j, 1), best))
             if not math.isfinite(new_norm):
                 new = replace(new, status=Status.NON_FINITE, message="non-finite control gradient")
-            elif new_norm < opts.tol:
-                new = replace(new, status=Status.CONVERGED, message=f"|dJ/du| = {new_norm:.2e} < tol {opts.tol:g}")
+            elif new_norm < gtol:
+                new = replace(new, status=Status.CONVERGED, message=self._converged(state, new_norm, gtol))
             elif stalled:
                 new = replace(new, status=Status.CONVERGED, message=self._stalled(actual, new_norm))
             return new, self._info(state, cost=trial.cost, expected_decrease=float("nan"), actual_decrease=actual,

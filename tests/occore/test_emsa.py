@@ -500,3 +500,40 @@ def test_momentum_follows_the_documented_schedule(zoo):
             j = 0
     assert not log and res.cost == J
     assert any(not h.accepted for h in res.history)      # rejections happen in these 40 iterations
+
+
+def test_the_gradient_stop_follows_the_scale_of_the_cost():
+    """dJ/du scales with the cost. Multiplied by 1e-6, a double integrator's gradient is below the
+    absolute tol 1e-4 at the zero guess already: E-MSA ended CONVERGED after 1 iteration, 37 %
+    above the optimum. The stop value is now tol * min(1, the largest entry of the cost Hessians),
+    and the scaled solve ends at the unscaled one's optimum (DDP's, the same local optimum)."""
+    dt = 0.1
+
+    def make(scale):
+        return occore.Problem(lambda x, u: ca.vertcat(x[0] + dt * x[1], x[1] + dt * ca.sin(u[0])),
+                              lambda x, u: scale * (x[0] ** 2 + 0.1 * x[1] ** 2 + 0.1 * u[0] ** 2),
+                              lambda x: scale * 50 * (x[0] ** 2 + x[1] ** 2), x0=[2.0, 0.0], nu=1, horizon=10)
+
+    tiny = make(1e-6)
+    start = tiny.rollout(tiny.initial_controls())
+    assert tiny.local_model(start).gradient_norm() < EMSA().options.tol      # the old stop held at once
+    ref = occore.DDP().solve(make(1.0))
+    for prob, scale in ((make(1.0), 1.0), (tiny, 1e-6)):
+        res = EMSA().solve(prob)
+        assert res.status is Status.CONVERGED, res.summary()
+        assert res.cost / scale == pytest.approx(ref.cost, rel=1e-6), res.summary()
+        np.testing.assert_allclose(res.us, ref.us, atol=2e-2)
+        # the stop value: tol times the cost Hessians' largest entry, 1e-6 * 2 * 50 (terminal), capped at 1
+        assert res.history[-1].stop < EMSA().options.tol * min(1.0, scale * 100.0)
+        assert ("x the cost's scale 0.0001 = 1e-08" in res.message) is (scale < 1), res.message
+
+
+def test_a_cost_without_curvature_keeps_the_absolute_gradient_stop():
+    """J = x_T with x' = x + u^2: the cost's Hessians are 0 (the curvature comes from the dynamics),
+    so there is no scale to measure and the stop value is tol itself, not 0 (which no |dJ/du|
+    could pass: the solve would end on ftol instead). E-MSA reaches u = 0, dJ/du = 2u = 0."""
+    prob = occore.Problem(lambda x, u: x + u[0] ** 2, lambda x, u: 0 * x[0], lambda x: 1.0 * x[0], x0=[0.0],
+                          nu=1, horizon=5)
+    res = EMSA().solve(prob, us0=np.ones((5, 1)))
+    assert res.status is Status.CONVERGED and res.message.startswith("|dJ/du| = 0.00e+00 < tol 0.0001")
+    assert "ftol" not in res.message and res.cost == 0.0

@@ -77,20 +77,24 @@ def test_a_regularisation_factor_barely_above_one_cannot_hang(factor):
     assert res.history[-1].regularization == pytest.approx(before * factor ** 101, rel=1e-13)
 
 
-def test_a_regularisation_equal_to_its_maximum_is_allowed():
-    """``maximum``: the solve stops when mu would exceed it, so mu = maximum is still tried. One
-    stage, l = x^2 + (u^2 - 1)^2 (concave in u at 0: Q_uu = -4 + 1), mu from 1 by factor 10: the
-    backward pass fails at mu = 1 and succeeds at mu = 10; the optimum is u = -1 (cost 1)."""
-    prob = occore.Problem(lambda x, u: x + u, lambda x, u: ca.sumsqr(x) + (u[0] ** 2 - 1) ** 2,
-                          lambda x: 0.5 * ca.sumsqr(x), x0=[1.0], nu=1, horizon=1)
-    for maximum, ok in ((10.0, True), (9.999, False)):
-        res = ILQR(regularization=Regularization(initial=1.0, minimum=0.0, maximum=maximum,
-                                                 factor=10.0)).solve(prob)
-        if ok:
-            assert res.converged and res.us[0, 0] == pytest.approx(-1.0, abs=1e-6)
-            assert res.cost == pytest.approx(1.0, abs=1e-10)
-        else:
-            assert res.status is Status.REG_LIMIT and res.iterations == 1 and res.us[0, 0] == 0.0
+@pytest.mark.parametrize("weight, initial, maximum, ok", [(1.0, 1.0, 2.5, True), (1.0, 1.0, 2.4999, False),
+                                                         (0.1, 0.1, 1.0, True), (0.1, 0.1, 0.9999, False)])
+def test_a_regularisation_equal_to_its_cap_is_allowed(weight, initial, maximum, ok):
+    """The solve stops when mu would exceed its cap, ``maximum`` times max(1, the largest entry of
+    the cost Hessians), so mu = cap is still tried. One stage, l = x^2 + (u^2 - 1)^2 (concave in u
+    at 0: Q_uu = -4 + 1; the cost Hessians' largest entry |l_uu| = 4), mu from 1 by factor 10: the
+    backward pass fails at mu = 1 and succeeds at mu = 10 = 2.5 * 4; the optimum is u = -1 (cost 1).
+    The cost weighted by 0.1 (largest entry 0.4 < 1: the cap is ``maximum`` itself): Q_uu = -0.4 +
+    0.1 + mu fails at mu = 0.1 and succeeds at mu = 1."""
+    prob = occore.Problem(lambda x, u: x + u, lambda x, u: weight * (ca.sumsqr(x) + (u[0] ** 2 - 1) ** 2),
+                          lambda x: weight * 0.5 * ca.sumsqr(x), x0=[1.0], nu=1, horizon=1)
+    res = ILQR(regularization=Regularization(initial=initial, minimum=0.0, maximum=maximum,
+                                             factor=10.0)).solve(prob)
+    if ok:
+        assert res.converged and res.us[0, 0] == pytest.approx(-1.0, abs=1e-6)
+        assert res.cost == pytest.approx(weight, abs=1e-10)
+    else:
+        assert res.status is Status.REG_LIMIT and res.iterations == 1 and res.us[0, 0] == 0.0
 
 
 def test_the_default_schedule_is_unaffected_by_the_bound():

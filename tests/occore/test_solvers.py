@@ -232,3 +232,27 @@ def test_a_cost_weighted_by_1e6_ends_converged_at_the_optimum_not_line_search_fa
     assert res.cost < occore.reference.ipopt(prob).cost     # (IPOPT from zero ends in a worse one)
     # the stop value of the last iteration is below the rounding level of J, not below tol
     assert occore.ILQR().options.tol < res.history[-1].stop < 1e-14 * res.cost
+
+
+def test_ddps_regularisation_cap_follows_the_scale_of_the_cost():
+    """Multiplying the cost by 1e6 leaves the optimum in place. Full DDP there needs mu about 1e12
+    (1e6 times the unscaled problem's) for an indefinite Q_uu: with the cap an absolute 1e9 it ended
+    REG_LIMIT after 2 iterations, 10.6 % above the optimum. The cap is now relative to the cost
+    Hessians (Regularization.maximum), and the scaled solve is the unscaled one, iteration for
+    iteration, at 1e6 times its cost."""
+    import casadi as ca
+    dt = 0.1
+
+    def make(scale):
+        return occore.Problem(lambda x, u: ca.vertcat(x[0] + dt * x[1], x[1] + dt * ca.sin(u[0])),
+                              lambda x, u: scale * (x[0] ** 2 + 0.1 * x[1] ** 2 + 0.1 * u[0] ** 2),
+                              lambda x: scale * 50 * (x[0] ** 2 + x[1] ** 2), x0=[2.0, 0.0], nu=1, horizon=10)
+
+    plain, scaled = occore.DDP().solve(make(1.0)), occore.DDP().solve(make(1e6))
+    assert plain.status is scaled.status is occore.Status.CONVERGED, scaled.summary()
+    assert scaled.iterations == plain.iterations
+    assert scaled.cost == pytest.approx(1e6 * plain.cost, rel=1e-12)
+    np.testing.assert_allclose(scaled.us, plain.us, atol=1e-7)
+    # the scaled solve did use a mu above the default maximum (the old absolute cap)
+    assert max(h.regularization for h in scaled.history) > occore.Regularization().maximum
+    assert plain.cost == pytest.approx(occore.reference.ipopt(make(1.0), us0=plain).cost, rel=1e-10)
