@@ -160,6 +160,18 @@ def _transcribe(ca, problem, us0, stagewise: bool):
                 w0=w0, xi=xi, ui=ui, ng=len(lbg))
 
 
+def _non_finite_start(ca, nlp) -> str:
+    """Which of the NLP's objective, constraints and their first derivatives is not finite at the
+    initial guess ("" when all are): where IPOPT reports Invalid_Number_Detected at once, FATROP
+    (1.1.8) does not return (an inf from exp(1000), a NaN from log of a negative state, the infinite
+    slope of sqrt at 0: its linear solve spins)."""
+    w, f, g = nlp["nlp"]["x"], nlp["nlp"]["f"], nlp["nlp"]["g"]
+    names = ("objective", "constraints", "objective gradient", "constraint Jacobian")
+    values = ca.Function("occore_start", [w], [f, g, ca.gradient(f, w), ca.jacobian(g, w)])(nlp["w0"])
+    return ", ".join(name for name, v in zip(names, values)
+                     if not np.all(np.isfinite(np.asarray(ca.densify(v), dtype=float))))
+
+
 def _make_recorder(ca, n_w, n_g, ui):
     """An IPOPT iteration callback recording the controls of every iterate and the time it was reached."""
 
@@ -358,6 +370,17 @@ def _solve(problem, us0, plugin: str, plugin_opts: dict, stagewise: bool, record
 
     start = time.perf_counter()
     nlp = _transcribe(ca, problem, us0, stagewise)
+    if plugin == "fatrop":
+        bad = _non_finite_start(ca, nlp)
+        if bad:   # FATROP (1.1.8) does not return from such a start: its linear solve spins
+            us = np.asarray(nlp["w0"])[nlp["ui"]]
+            final = problem.rollout(us)
+            violation = (problem.constraint_violation(final.xs, final.us)
+                         if hasattr(problem, "constraint_violation") else 0.0)
+            return Result(xs=final.xs, us=final.us, cost=final.cost, status=Status.NON_FINITE,
+                          iterations=0, history=[], policy=None,
+                          message=f"FATROP: not run, the NLP is not finite at the initial guess ({bad})",
+                          solver=plugin, wall_time=0.0, constraint_violation=violation)
     # show_eval_warnings: CasADi would print "NaN detected" on stderr; the status says it (NON_FINITE)
     opts = {"print_time": False, "show_eval_warnings": False, **plugin_opts}
     if plugin == "fatrop":

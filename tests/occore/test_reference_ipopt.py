@@ -1,6 +1,8 @@
 """occore.reference.ipopt: the optima of REFERENCE.md, bounds, stage parameters, clear errors."""
 import logging
 import os
+import pathlib
+import subprocess
 import sys
 from types import SimpleNamespace
 
@@ -191,11 +193,15 @@ def test_a_non_finite_evaluation_is_a_status_not_casadis_warnings_on_stderr(solv
     assert "NaN detected" not in out + err and out == "", err
 
 
-def test_fatrop_meeting_a_nan_logs_casadis_warning_instead_of_printing_it(capfd, caplog):
-    """log(0) at the initial guess: FATROP ends on a non-finite iterate and CasADi then warns
-    'Failed to calculate multipliers' on stderr; the library never prints, it logs the line."""
+def test_fatrop_meeting_a_nan_logs_casadis_warning_instead_of_printing_it(capfd, caplog, monkeypatch):
+    """log(0) at the initial guess, FATROP run on it all the same (the check of the start, see
+    below, would not run it): FATROP ends on a non-finite iterate and CasADi then warns 'Failed to
+    calculate multipliers' on stderr; the library never prints, it logs the line."""
     import casadi as ca
 
+    from occore.reference import transcription
+
+    monkeypatch.setattr(transcription, "_non_finite_start", lambda ca, nlp: "")
     prob = occore.Problem(dynamics=lambda x, u: x + 0.1 * ca.log(x) * u,
                           stage_cost=lambda x, u: x[0] ** 2 + u[0] ** 2,
                           terminal_cost=lambda x: x[0] ** 2, x0=[0.0], nu=1, horizon=5)
@@ -246,3 +252,34 @@ def test_output_capture_without_usable_descriptors_still_logs_python_level_outpu
     assert capsys.readouterr() == ("", "")
     assert [(r.levelno, r.getMessage()) for r in caplog.records if r.name == "occore"] == [
         (logging.WARNING, "IPOPT: CasADi - WARNING(x)")]
+
+
+_HANGS = """
+import casadi as ca, occore
+cases = {"inf": (lambda x, u: ca.vertcat(ca.exp(10 * x[0]) + u[0], x[1] + u[0]), [100.0, 0.0]),
+         "nan": (lambda x, u: ca.vertcat(ca.log(x[0] - u[0]), x[1] + u[0]), [0.5, 0.0]),
+         "slope": (lambda x, u: ca.vertcat(x[0] + 0.1 * ca.sqrt(x[0]) * u[0] + 0.1 * u[0], x[1]), [0.0, 1.0])}
+for name, (f, x0) in cases.items():
+    prob = occore.Problem(dynamics=f, stage_cost=lambda x, u: ca.sumsqr(x) + ca.sumsqr(u),
+                          terminal_cost=lambda x: ca.sumsqr(x), x0=x0, nu=1, horizon=5)
+    res = occore.reference.fatrop(prob, max_iter=20)
+    print(name, res.status.name, res.iterations, res.message)
+"""
+
+
+def test_fatrop_from_a_non_finite_initial_guess_is_a_status_not_a_hang():
+    """exp(1000) = inf, log of a negative rollout state, the infinite slope of sqrt at 0 at the
+    initial guess: FATROP 1.1.8 never returns from such a start (its linear solve spins), so it is
+    not called; the status says why, as IPOPT's Invalid_Number_Detected does. (In a child process,
+    so that a regression fails instead of hanging the suite.)"""
+    done = subprocess.run([sys.executable, "-c", _HANGS], capture_output=True, text=True, timeout=300,
+                          cwd=pathlib.Path(occore.__file__).parents[1])
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.splitlines() == [
+        "inf NON_FINITE 0 FATROP: not run, the NLP is not finite at the initial guess (objective, constraints, "
+        "objective gradient, constraint Jacobian)",
+        "nan NON_FINITE 0 FATROP: not run, the NLP is not finite at the initial guess (constraints, "
+        "constraint Jacobian)",
+        "slope NON_FINITE 0 FATROP: not run, the NLP is not finite at the initial guess (constraint Jacobian)"]
+    assert done.stderr == ""
+
