@@ -147,16 +147,15 @@ def _compare(a, b, noise) -> FieldError:
 
 def _estimate(fun, Z, scaled: bool):
     """Central differences of ``fun`` at ``Z`` (B, n), relative (``scaled``) or absolute steps, with
-    the estimated absolute error of each entry (rounding of the values at these steps, twice the
-    change when the steps are halved, and the rounding of the difference itself)."""
+    the estimated absolute error of each entry (rounding of the values at these steps plus twice the
+    change when the steps are halved)."""
     v, J, H = central_differences(fun, Z, hessian=True, scaled=scaled)
     _, J2, H2 = central_differences(fun, Z, hessian=True, jacobian_step=JACOBIAN_STEP / 2,
                                     hessian_step=HESSIAN_STEP / 2, scaled=scaled)
     h1, h2 = _steps(Z, JACOBIAN_STEP, scaled), _steps(Z, HESSIAN_STEP, scaled)
     size = ROUNDING * _EPS * np.abs(v)                                     # (B, m)
-    eJ = size[:, :, None] / h1[:, None, :] + 2.0 * np.abs(J - J2) + ROUNDING * _EPS * np.abs(J)
-    eH = (4.0 * size[:, :, None, None] / (h2[:, None, :, None] * h2[:, None, None, :]) + 2.0 * np.abs(H - H2)
-          + ROUNDING * _EPS * np.abs(H))
+    eJ = size[:, :, None] / h1[:, None, :] + 2.0 * np.abs(J - J2)
+    eH = 4.0 * size[:, :, None, None] / (h2[:, None, :, None] * h2[:, None, None, :]) + 2.0 * np.abs(H - H2)
     return v, J, H, size, _finite(eJ), _finite(eH)
 
 

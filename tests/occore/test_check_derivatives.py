@@ -125,3 +125,27 @@ def test_a_wrong_derivative_is_still_caught_at_large_states(field, delta):
     res = report[field].resolution   # the differences' own error estimate
     assert res < 0.1 * delta * scale
     assert abs(report[field].abs - delta * scale) <= res
+
+
+def _fast_curving():
+    """Small states (|x| <= 1, relative and absolute steps the same) but sin(100 x): the
+    truncation error of the Hessian differences (~h^2 f''''/12) is ~1e-5 of the Hessian."""
+    import casadi as ca
+
+    return occore.Problem(
+        dynamics=lambda x, u: ca.vertcat(x[0] + 0.01 * ca.sin(100 * x[0]) + 0.1 * u[0],
+                                         0.9 * x[1] + 0.1 * ca.cos(80 * x[0])),
+        stage_cost=lambda x, u: ca.sumsqr(x) + 0.1 * ca.sumsqr(u) + 0.01 * ca.cos(60 * x[0]),
+        terminal_cost=lambda x: ca.sumsqr(x), x0=[0.3, -0.2], nu=1, horizon=6)
+
+
+def test_the_truncation_error_of_a_fast_curving_function_is_not_a_mismatch():
+    prob = _fast_curving()
+    us = 0.5 * np.random.default_rng(2).standard_normal((6, 1))
+    report = occore.check_derivatives(prob, us)
+    assert report.ok(1e-6), str(report)
+    for field in ("fxx", "lxx"):      # estimated, not inflated: well below the field's scale
+        assert 0 < report[field].resolution < 1e-4 * report[field].scale, (field, str(report))
+    wrong = occore.check_derivatives(_Wrong(prob, "fxx", 1e-3 * report["fxx"].scale), us)
+    assert not wrong.ok(1e-5) and wrong.worst()[0] == "fxx" and wrong["fxx"].where[0] == 3
+
