@@ -49,7 +49,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from occore.errors import OccoreError
+from occore.errors import InputError, OccoreError
 
 __all__ = ["CheckpointError", "Checkpoint", "save_checkpoint", "load_checkpoint",
            "checkpoint_path", "FILE_NAME"]
@@ -159,15 +159,35 @@ def _group(group):
 
 def _check_objects(model, optimizer, data_order) -> None:
     """TypeError naming the argument unless ``model`` is a module, ``optimizer`` a torch optimizer
-    and ``data_order`` a generator or None (both :func:`save_checkpoint` and :func:`load_checkpoint`)."""
+    and ``data_order`` a generator or None; InputError naming ``optimizer`` when it optimizes a
+    tensor that is not a parameter of ``model`` (both :func:`save_checkpoint` and
+    :func:`load_checkpoint`)."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
     if not isinstance(optimizer, torch.optim.Optimizer):
         raise TypeError(f"optimizer: expected a torch.optim.Optimizer, got "
                         f"{type(optimizer).__name__}")
+    _check_ownership(model, optimizer)
     if data_order is not None and not isinstance(data_order, torch.Generator):
         raise TypeError(f"data_order: expected a torch.Generator or None, got "
                         f"{type(data_order).__name__}")
+
+
+def _check_ownership(model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
+    """Every tensor the optimizer updates must be a parameter of the model (the same tensor, not
+    one of the same shape): an optimizer built over another model's parameters would load or save
+    a state that training then applies to tensors the model does not have. A subset of the
+    model's parameters is fine (frozen layers)."""
+    own = {id(p) for p in _unwrap(model).parameters()}
+    foreign = [(i, j, p) for i, g in enumerate(optimizer.param_groups)
+               for j, p in enumerate(g["params"]) if id(p) not in own]
+    if foreign:
+        total = sum(len(g["params"]) for g in optimizer.param_groups)
+        i, j, p = foreign[0]
+        raise InputError(f"optimizer: its parameters are not the model's: {len(foreign)} of the "
+                         f"{total} tensors it updates are not parameters of model (the first: "
+                         f"param_groups[{i}]['params'][{j}], shape {tuple(p.shape)}); build the "
+                         f"optimizer over this model's parameters (a subset of them is fine)")
 
 
 def save_checkpoint(directory, model: nn.Module, optimizer: torch.optim.Optimizer, epoch: int,
@@ -194,7 +214,9 @@ def save_checkpoint(directory, model: nn.Module, optimizer: torch.optim.Optimize
     Raises:
         TypeError: a model, optimizer or generator of the wrong type, or an ``extra`` that
             :func:`load_checkpoint` could not read back (a numpy array, an arbitrary object);
-            nothing is written. ValueError: a bad epoch. CheckpointError: ``directory`` (or a
+            nothing is written. ValueError: a bad epoch. InputError (a ValueError) naming
+            ``optimizer``: it updates tensors that are not parameters of ``model`` (a checkpoint
+            that could not be resumed); nothing is written. CheckpointError: ``directory`` (or a
             folder above it) is a file.
     """
     _check_objects(model, optimizer, data_order)
@@ -326,6 +348,12 @@ def load_checkpoint(directory, model: nn.Module, optimizer: torch.optim.Optimize
 
     Returns:
         a :class:`Checkpoint` (the epoch completed, the saving world size, ``extra``).
+
+    Raises:
+        TypeError: a model, optimizer, generator or ``check_extra`` of the wrong type.
+        InputError (a ValueError) naming ``optimizer``: it updates tensors that are not
+            parameters of ``model`` (built over another model of the same shapes); nothing is read.
+        CheckpointError: see above.
     """
     _check_objects(model, optimizer, data_order)
     if check_extra is not None and not callable(check_extra):

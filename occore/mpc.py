@@ -182,7 +182,10 @@ def simulate(controller, plant, steps: int, x0=None) -> ClosedLoop:
         A :class:`ClosedLoop` (states, controls, per-call latencies).
 
     Raises:
-        InputError, ShapeError: bad arguments, or a controller / plant returning the wrong shape.
+        InputError, ShapeError: bad arguments, or a controller / plant returning the wrong shape;
+            InputError when the controller or the plant returns a non-finite value, naming the
+            step k (0-based) and the values: the plant's x_{k+1} = plant(x_k, u_k) with x_k and
+            u_k, or the controller's u_k with x_k.
 
     Example:
         >>> import occore
@@ -219,9 +222,15 @@ def simulate(controller, plant, steps: int, x0=None) -> ClosedLoop:
         lat[k] = time.perf_counter() - t0
         if u.ndim != 1:
             raise ShapeError("controller output", "(nu,)", u.shape)
+        if not np.all(np.isfinite(u)):
+            raise InputError(f"controller output at step {k}: expected finite values, got u={u.tolist()} "
+                             f"at x={x.tolist()}")
         x_next = np.atleast_1d(np.array(step(x.copy(), u.copy()), dtype=float))
         if x_next.shape != x.shape:
             raise ShapeError("plant output", x.shape, x_next.shape)
+        if not np.all(np.isfinite(x_next)):
+            raise InputError(f"plant output at step {k}: expected a finite next state, got {x_next.tolist()} "
+                             f"from x={x.tolist()}, u={u.tolist()}")
         x = x_next
         xs.append(x)
         us.append(u)

@@ -3,6 +3,24 @@
 The values are evaluated through the problem's backend (``step_values`` / ``terminal_value``, plain
 numbers in, plain numbers out), so the same check serves every backend: it catches a wrong
 derivative as well as a function that does not differentiate the way it evaluates.
+
+Scale: every difference comes with an estimate of its own error, so that large states do not read
+as wrong derivatives. The estimate is the sum of
+
+- rounding: the values are only known to ~eps |v|, so a central difference of a value v is off by up
+  to about eps |v| / h (Jacobian) and 4 eps |v| / (h_j h_k) (Hessian), which dominates when the
+  value is large and the derivative small (a cost ~1e12 differentiated in a control near 0);
+- truncation: twice the change of the difference when the steps are halved (Richardson: the
+  O(h^2) error of a central difference is 4/3 of that change).
+
+The steps are relative, h = eps^(1/3) max(1, |z_j|) (Jacobians) and eps^(1/4) max(1, |z_j|)
+(Hessians), which keeps the rounding error of a value that grows with |z| constant; where some
+|z_j| > 1 the absolute steps eps^(1/3), eps^(1/4) are tried too (a relative step at |z| ~ 1e6 is
+large in absolute terms, and sin(z) curves on a scale of 1), and each entry takes the difference
+with the smaller error estimate (or, where the two disagree by more than both estimates, an error
+as large as their disagreement). Only an error above the estimate counts (``FieldError.abs``); the
+estimate itself is reported (``FieldError.resolution``): an error below it cannot be told from the
+differencing.
 """
 from __future__ import annotations
 
@@ -11,7 +29,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..errors import InputError
-from .finite_difference import central_differences
+from .finite_difference import HESSIAN_STEP, JACOBIAN_STEP, _steps, central_differences
 
 __all__ = ["check_derivatives", "DerivativeReport", "FieldError"]
 
@@ -21,6 +39,10 @@ FIELDS = ("f", "l", "fx", "fu", "lx", "lu", "lxx", "lux", "luu", "fxx", "fux", "
 #: the Hessians only with ``second_order``
 CONSTRAINT_FIELDS = ("g", "gx", "gu", "h", "hx", "gxx", "gux", "guu", "hxx")
 
+_EPS = np.finfo(np.float64).eps
+#: the values' rounding error in units of eps |v| (a function of a few operations is off by a few ulps)
+ROUNDING = 10.0
+
 
 @dataclass(frozen=True)
 class FieldError:
@@ -28,10 +50,14 @@ class FieldError:
 
     Attributes:
         shape: shape of the field, e.g. (T, nx, nx).
-        abs: max |backend - finite difference| over all entries.
+        abs: max |backend - finite difference| over the entries where it exceeds the finite
+            difference's own error estimate (rounding and truncation, see the module docstring);
+            0 when it exceeds it nowhere.
         rel: ``abs / max |finite difference|`` (0 when both are zero; inf when only the reference is).
-        where: index of the largest absolute error (stage first).
+        where: index of the largest such error (stage first).
         scale: max |finite difference| of the field.
+        resolution: max estimated error of the finite differences of the field (an error below it
+            cannot be seen).
 
     Example:
         >>> from occore.derivatives.check import FieldError
@@ -44,6 +70,7 @@ class FieldError:
     rel: float
     where: tuple
     scale: float
+    resolution: float = 0.0
 
     def ok(self, tol: float) -> bool:
         """True when the absolute or the relative error is at most ``tol``."""
@@ -91,22 +118,70 @@ class DerivativeReport:
     def __str__(self) -> str:
         head = (f"derivative check: backend {self.backend!r}, T={self.horizon}, "
                 f"{'second' if self.second_order else 'first'} order, against central differences of the values")
-        lines = [head, f"{'field':<6} {'shape':<18} {'abs error':>10} {'rel error':>10} {'scale':>10}  worst at"]
+        lines = [head, f"{'field':<6} {'shape':<18} {'abs error':>10} {'rel error':>10} {'scale':>10} "
+                       f"{'fd error':>10}  worst at"]
         for name, e in self.errors.items():
-            lines.append(f"{name:<6} {str(e.shape):<18} {e.abs:>10.2e} {e.rel:>10.2e} {e.scale:>10.2e}  {e.where}")
+            lines.append(f"{name:<6} {str(e.shape):<18} {e.abs:>10.2e} {e.rel:>10.2e} {e.scale:>10.2e} "
+                         f"{e.resolution:>10.2e}  {e.where}")
         return "\n".join(lines)
 
 
-def _compare(a, b) -> FieldError:
+def _compare(a, b, noise) -> FieldError:
+    """The error of ``a`` against the finite differences ``b``, counting only the entries whose error
+    exceeds the differences' own error estimate ``noise``."""
     a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+    noise = np.broadcast_to(np.where(np.isfinite(noise), noise, 0.0), b.shape)
     diff = np.abs(a - b)
     diff = np.where(np.isnan(diff), np.inf, diff)
-    i = np.unravel_index(int(np.argmax(diff)), diff.shape) if diff.size else ()
-    err = float(diff[i]) if diff.size else 0.0
+    excess = np.where(diff > noise, diff, 0.0)
+    pick = excess if np.any(excess > 0) else diff
+    i = np.unravel_index(int(np.argmax(pick)), diff.shape) if diff.size else ()
+    err = float(excess[i]) if diff.size else 0.0
     finite = np.abs(b[np.isfinite(b)])
     scale = float(finite.max()) if finite.size else 0.0
     rel = err / scale if scale > 0 else (0.0 if err == 0 else np.inf)
-    return FieldError(shape=a.shape, abs=err, rel=rel, where=tuple(int(k) for k in i), scale=scale)
+    resolution = float(noise.max()) if noise.size else 0.0
+    return FieldError(shape=a.shape, abs=err, rel=rel, where=tuple(int(k) for k in i), scale=scale,
+                      resolution=resolution)
+
+
+def _estimate(fun, Z, scaled: bool):
+    """Central differences of ``fun`` at ``Z`` (B, n), relative (``scaled``) or absolute steps, with
+    the estimated absolute error of each entry (rounding of the values at these steps plus twice the
+    change when the steps are halved)."""
+    v, J, H = central_differences(fun, Z, hessian=True, scaled=scaled)
+    _, J2, H2 = central_differences(fun, Z, hessian=True, jacobian_step=JACOBIAN_STEP / 2,
+                                    hessian_step=HESSIAN_STEP / 2, scaled=scaled)
+    h1, h2 = _steps(Z, JACOBIAN_STEP, scaled), _steps(Z, HESSIAN_STEP, scaled)
+    size = ROUNDING * _EPS * np.abs(v)                                     # (B, m)
+    eJ = size[:, :, None] / h1[:, None, :] + 2.0 * np.abs(J - J2)
+    eH = 4.0 * size[:, :, None, None] / (h2[:, None, :, None] * h2[:, None, None, :]) + 2.0 * np.abs(H - H2)
+    return v, J, H, size, _finite(eJ), _finite(eH)
+
+
+def _finite(e):
+    return np.where(np.isnan(e), np.inf, e)
+
+
+def _differences(fun, Z):
+    """Central differences of ``fun`` at ``Z`` (B, n) with an estimate of their error: (v, J, H,
+    ev, eJ, eH), values (B, m), Jacobians (B, m, n), Hessians (B, m, n, n) and the estimated absolute
+    error of each entry; per entry the relative or the absolute steps, whichever is estimated better."""
+    v, J, H, ev, eJ, eH = _estimate(fun, Z, scaled=True)
+    if np.any(np.abs(Z) > 1.0):
+        _, Ja, Ha, _, eJa, eHa = _estimate(fun, Z, scaled=False)
+        J, eJ = _better(J, eJ, Ja, eJa)
+        H, eH = _better(H, eH, Ha, eHa)
+    return v, J, H, ev, eJ, eH
+
+
+def _better(D, e, Da, ea):
+    """Per entry the difference with the smaller error estimate; where the two disagree by more than
+    both estimates together (a step far outside the range where the estimates hold) the error is
+    not known better than that disagreement."""
+    gap = np.abs(D - Da)
+    best = np.minimum(e, ea)
+    return np.where(ea < e, Da, D), np.where(gap > e + ea, np.maximum(best, gap), best)
 
 
 def check_derivatives(problem, us=None, second_order: bool = True) -> DerivativeReport:
@@ -139,7 +214,7 @@ def check_derivatives(problem, us=None, second_order: bool = True) -> Derivative
         (True, (100, 2, 2))
         >>> print(report)  # doctest: +ELLIPSIS
         derivative check: backend 'casadi', T=100, second order, ...
-        field  shape               abs error  rel error      scale  worst at
+        field  shape               abs error  rel error      scale   fd error  worst at
         f      (100, 2) ...
     """
     backend = getattr(problem, "_backend", None)
@@ -174,14 +249,20 @@ def check_derivatives(problem, us=None, second_order: bool = True) -> Derivative
         return V
 
     with np.errstate(all="ignore"):
-        v, J, H = central_differences(stage_values, np.concatenate([xs[:T], us], axis=1), hessian=True)
-        vT, gT, HT = central_differences(terminal_values, xs[T:], hessian=True)
+        v, J, H, ev, eJ, eH = _differences(stage_values, np.concatenate([xs[:T], us], axis=1))
+        vT, gT, HT, evT, eJT, eHT = _differences(terminal_values, xs[T:])
     ref = dict(
         f=v[:, :nx], l=np.append(v[:, nx], vT[0, 0]),
         fx=J[:, :nx, :nx], fu=J[:, :nx, nx:],
         lx=np.concatenate([J[:, nx, :nx], gT[:, 0]]), lu=J[:, nx, nx:],
         lxx=np.concatenate([H[:, nx, :nx, :nx], HT[:, 0]]), lux=H[:, nx, nx:, :nx], luu=H[:, nx, nx:, nx:],
         fxx=H[:, :nx, :nx, :nx], fux=H[:, :nx, nx:, :nx], fuu=H[:, :nx, nx:, nx:])
+    noise = dict(
+        f=ev[:, :nx], l=np.append(ev[:, nx], evT[0, 0]),
+        fx=eJ[:, :nx, :nx], fu=eJ[:, :nx, nx:],
+        lx=np.concatenate([eJ[:, nx, :nx], eJT[:, 0]]), lu=eJ[:, nx, nx:],
+        lxx=np.concatenate([eH[:, nx, :nx, :nx], eHT[:, 0]]), lux=eH[:, nx, nx:, :nx], luu=eH[:, nx, nx:, nx:],
+        fxx=eH[:, :nx, :nx, :nx], fux=eH[:, :nx, nx:, :nx], fuu=eH[:, :nx, nx:, nx:])
     got = dict(f=d.f, l=np.append(d.l, d.lf), fx=d.fx, fu=d.fu, lx=d.lx, lu=d.lu, lxx=d.lxx, lux=d.lux,
                luu=d.luu, fxx=d.fxx, fux=d.fux, fuu=d.fuu)
     names = list(FIELDS if second_order else FIELDS[:-3])
@@ -190,14 +271,17 @@ def check_derivatives(problem, us=None, second_order: bool = True) -> Derivative
         ref.update(g=v[:, c], gx=J[:, c, :nx], gu=J[:, c, nx:], gxx=H[:, c, :nx, :nx], gux=H[:, c, nx:, :nx],
                    guu=H[:, c, nx:, nx:])
         got.update(g=d.g, gx=d.gx, gu=d.gu, gxx=d.gxx, gux=d.gux, guu=d.guu)
+        noise.update(g=ev[:, c], gx=eJ[:, c, :nx], gu=eJ[:, c, nx:], gxx=eH[:, c, :nx, :nx],
+                     gux=eH[:, c, nx:, :nx], guu=eH[:, c, nx:, nx:])
         names += ["g", "gx", "gu"] + (["gxx", "gux", "guu"] if second_order else [])
     if nT:
         ref.update(h=vT[0, 1:], hx=gT[0, 1:], hxx=HT[0, 1:])
         got.update(h=d.h, hx=d.hx, hxx=d.hxx)
+        noise.update(h=evT[0, 1:], hx=eJT[0, 1:], hxx=eHT[0, 1:])
         names += ["h", "hx"] + (["hxx"] if second_order else [])
     errors = {}
     for name in names:
         if got[name] is None:
             raise ValueError(f"backend {backend.name!r} returned no {name} for second_order=True")
-        errors[name] = _compare(got[name], ref[name])
+        errors[name] = _compare(got[name], ref[name], noise[name])
     return DerivativeReport(backend=backend.name, horizon=T, second_order=second_order, errors=errors)

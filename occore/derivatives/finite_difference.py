@@ -38,9 +38,10 @@ JACOBIAN_STEP = _EPS ** (1.0 / 3.0)
 HESSIAN_STEP = _EPS ** (1.0 / 4.0)
 
 
-def _steps(Z: np.ndarray, rel: float) -> np.ndarray:
-    """Steps (B, n) rel * max(1, |z|), rounded so that z + h is exactly representable."""
-    h = rel * np.maximum(1.0, np.abs(Z))
+def _steps(Z: np.ndarray, rel: float, scaled: bool = True) -> np.ndarray:
+    """Steps (B, n) rel * max(1, |z|) (rel when not ``scaled``), rounded so that z + h is exactly
+    representable."""
+    h = rel * np.maximum(1.0, np.abs(Z)) if scaled else np.full(Z.shape, rel)
     return (Z + h) - Z
 
 
@@ -50,7 +51,7 @@ def _pairs(n: int) -> tuple[np.ndarray, np.ndarray]:
 
 
 def central_differences(fun, Z, hessian: bool = True, jacobian_step: float = JACOBIAN_STEP,
-                        hessian_step: float = HESSIAN_STEP):
+                        hessian_step: float = HESSIAN_STEP, scaled: bool = True):
     """Values, Jacobians and Hessians of a batched function by central differences.
 
     ``fun`` is called once, with every perturbed point of every base point:
@@ -63,6 +64,7 @@ def central_differences(fun, Z, hessian: bool = True, jacobian_step: float = JAC
         Z: (B, n) base points.
         hessian: also compute the Hessians.
         jacobian_step, hessian_step: relative steps (scaled by max(1, |z_j|)).
+        scaled: False for absolute steps (``jacobian_step``, ``hessian_step`` as they are).
 
     Returns:
         (values (B, m), jacobians (B, m, n), hessians (B, m, n, n) or None).
@@ -78,12 +80,12 @@ def central_differences(fun, Z, hessian: bool = True, jacobian_step: float = JAC
     Z = np.asarray(Z, dtype=np.float64)
     B, n = Z.shape
     eye = np.eye(n)
-    h1 = _steps(Z, jacobian_step)                                     # (B, n)
+    h1 = _steps(Z, jacobian_step, scaled)                                     # (B, n)
     blocks = [Z[:, None, :],
               Z[:, None, :] + eye[None] * h1[:, None, :],              # +h e_j
               Z[:, None, :] - eye[None] * h1[:, None, :]]              # -h e_j
     if hessian:
-        h2 = _steps(Z, hessian_step)
+        h2 = _steps(Z, hessian_step, scaled)
         j, k = _pairs(n)
         S = np.zeros((4, j.size, n))                                   # (++, +-, -+, --) e_j, e_k
         for s, (a, b) in enumerate(((1, 1), (1, -1), (-1, 1), (-1, -1))):

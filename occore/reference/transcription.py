@@ -15,8 +15,14 @@ scored like every solver's: its controls are rolled out through the problem and 
 """
 from __future__ import annotations
 
+import contextlib
+import io
+import logging
 import math
+import os
 import re
+import sys
+import tempfile
 import time
 import warnings
 
@@ -26,6 +32,8 @@ from ..errors import InputError
 from ..result import IterationInfo, Result, Status
 
 __all__ = ["ipopt", "fatrop", "IPOPT_STATUS"]
+
+logger = logging.getLogger("occore")
 
 #: IPOPT return status -> occore Status (anything else is FAILED).
 IPOPT_STATUS = {
@@ -152,6 +160,18 @@ def _transcribe(ca, problem, us0, stagewise: bool):
                 w0=w0, xi=xi, ui=ui, ng=len(lbg))
 
 
+def _non_finite_start(ca, nlp) -> str:
+    """Which of the NLP's objective, constraints and their first derivatives is not finite at the
+    initial guess ("" when all are): where IPOPT reports Invalid_Number_Detected at once, FATROP
+    (1.1.8) does not return (an inf from exp(1000), a NaN from log of a negative state, the infinite
+    slope of sqrt at 0: its linear solve spins)."""
+    w, f, g = nlp["nlp"]["x"], nlp["nlp"]["f"], nlp["nlp"]["g"]
+    names = ("objective", "constraints", "objective gradient", "constraint Jacobian")
+    values = ca.Function("occore_start", [w], [f, g, ca.gradient(f, w), ca.jacobian(g, w)])(nlp["w0"])
+    return ", ".join(name for name, v in zip(names, values)
+                     if not np.all(np.isfinite(np.asarray(ca.densify(v), dtype=float))))
+
+
 def _make_recorder(ca, n_w, n_g, ui):
     """An IPOPT iteration callback recording the controls of every iterate and the time it was reached."""
 
@@ -197,6 +217,70 @@ def _check_options(name: str, options) -> None:
     if options is not None and not (isinstance(options, dict) and all(isinstance(k, str) for k in options)):
         raise InputError(f"{name}={options!r} is invalid: expected None or a dict of option "
                          "names (str) to values")
+
+
+def _flush_c_streams() -> None:
+    """Flush the C library's stdio buffers (C/C++ code printing through printf or std::cout)."""
+    try:
+        import ctypes
+
+        ctypes.CDLL(None).fflush(None)
+    except (OSError, AttributeError, TypeError):   # no C library to reach (rare platforms)
+        pass
+
+
+@contextlib.contextmanager
+def _output_to_log(plugin: str):
+    """Route what the solve writes to stdout/stderr to ``logging.getLogger("occore")``.
+
+    Two paths reach the terminal during a CasADi solve: CasADi's own messages (its warnings, e.g.
+    "Failed to calculate multipliers" after a non-finite FATROP iterate) go through Python's
+    ``sys.stdout``/``sys.stderr``, and the C/C++ solvers' prints go straight to the process's file
+    descriptors 1 and 2. Both are redirected for the duration of the call (the descriptors to a
+    temporary file, duplicated back in ``finally``) and the text is logged instead: lines that
+    speak of a warning or an error at WARNING level, the rest at DEBUG. A descriptor that cannot be
+    duplicated (closed, or not a real file) is left alone; the Python-level redirect still holds.
+    """
+    saved, sink = {}, None
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (AttributeError, OSError, ValueError):
+            pass
+    _flush_c_streams()
+    try:
+        sink = tempfile.TemporaryFile()
+        for fd in (1, 2):
+            try:
+                copy = os.dup(fd)
+            except OSError:
+                continue
+            try:
+                os.dup2(sink.fileno(), fd)
+            except OSError:
+                os.close(copy)
+                continue
+            saved[fd] = copy
+    except OSError:
+        pass
+    python_level = io.StringIO()
+    try:
+        with contextlib.redirect_stdout(python_level), contextlib.redirect_stderr(python_level):
+            yield
+    finally:
+        _flush_c_streams()
+        for fd, copy in saved.items():
+            os.dup2(copy, fd)
+            os.close(copy)
+        text = python_level.getvalue()
+        if sink is not None:
+            sink.seek(0)
+            text += sink.read().decode("utf-8", errors="replace")
+            sink.close()
+        for line in text.splitlines():
+            if line.strip():
+                level = logging.WARNING if re.search(r"warn|error|fail", line, re.I) else logging.DEBUG
+                logger.log(level, "%s: %s", plugin.upper(), line.rstrip())
 
 
 def _check_problem(problem, tol, max_iter, solver: str) -> None:
@@ -286,6 +370,17 @@ def _solve(problem, us0, plugin: str, plugin_opts: dict, stagewise: bool, record
 
     start = time.perf_counter()
     nlp = _transcribe(ca, problem, us0, stagewise)
+    if plugin == "fatrop":
+        bad = _non_finite_start(ca, nlp)
+        if bad:   # FATROP (1.1.8) does not return from such a start: its linear solve spins
+            us = np.asarray(nlp["w0"])[nlp["ui"]]
+            final = problem.rollout(us)
+            violation = (problem.constraint_violation(final.xs, final.us)
+                         if hasattr(problem, "constraint_violation") else 0.0)
+            return Result(xs=final.xs, us=final.us, cost=final.cost, status=Status.NON_FINITE,
+                          iterations=0, history=[], policy=None,
+                          message=f"FATROP: not run, the NLP is not finite at the initial guess ({bad})",
+                          solver=plugin, wall_time=0.0, constraint_violation=violation)
     # show_eval_warnings: CasADi would print "NaN detected" on stderr; the status says it (NON_FINITE)
     opts = {"print_time": False, "show_eval_warnings": False, **plugin_opts}
     if plugin == "fatrop":
@@ -294,7 +389,8 @@ def _solve(problem, us0, plugin: str, plugin_opts: dict, stagewise: bool, record
     if recorder is not None:
         opts["iteration_callback"] = recorder
     try:
-        solver = ca.nlpsol(f"occore_{plugin}", plugin, nlp["nlp"], opts)
+        with _output_to_log(plugin):
+            solver = ca.nlpsol(f"occore_{plugin}", plugin, nlp["nlp"], opts)
     except RuntimeError as err:
         raise InputError(f"{plugin}_options: {plugin.upper()} refused the options ({err})") from err
     setup = time.perf_counter() - start
@@ -302,7 +398,8 @@ def _solve(problem, us0, plugin: str, plugin_opts: dict, stagewise: bool, record
     if recorder is not None:
         recorder.start = solve_start
     try:
-        sol = solver(x0=nlp["w0"], lbx=nlp["lbw"], ubx=nlp["ubw"], lbg=nlp["lbg"], ubg=nlp["ubg"])
+        with _output_to_log(plugin):
+            sol = solver(x0=nlp["w0"], lbx=nlp["lbw"], ubx=nlp["ubw"], lbg=nlp["lbg"], ubg=nlp["ubg"])
     except RuntimeError as err:
         # FATROP reads its options only when called: an unknown name or a value of the wrong type
         if plugin == "fatrop" and re.search(r"option not supported|type mismatch", str(err)):

@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 import checkpoint_run
+import occore
 from nn_adapter import DDPNOpt, EKFAC
 from nn_adapter import checkpoint as ckpt
 from nn_adapter.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
@@ -230,3 +231,59 @@ def test_the_checkpoint_carries_the_generator_of_the_sampled_terminal(tmp_path, 
     torch.manual_seed(5)
     _step(twin_net, twin)
     assert torch.equal(_flat(net), _flat(twin_net))
+
+
+def _net(width=5):
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(3, width), nn.Tanh(), nn.Linear(width, 2)).double()
+
+
+OPTIMIZERS = {   # each builds the same configuration for any net of the same shapes
+    "sgd": lambda net: torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.9),
+    "adam-subset": lambda net: torch.optim.Adam(net[2].parameters()),
+    "ddpnopt": lambda net: DDPNOpt(net, lr=0.01, curvature="adam"),
+    "ddpnopt-model-groups": lambda net: DDPNOpt([{"params": net[0].parameters()},
+                                                 {"params": net[2].parameters(), "lr": 0.02}],
+                                                model=net, lr=0.01),
+    "ekfac": lambda net: EKFAC(net, lr=0.01),
+}
+
+
+@pytest.mark.parametrize("kind", sorted(OPTIMIZERS))
+def test_an_optimizer_over_another_models_parameters_is_refused(tmp_path, own_rng, kind):
+    """An optimizer built over another model of the same shapes fits the saved configuration, but
+    training would update the other model's tensors: refused, naming ``optimizer``, before the file
+    is read (nothing loaded) or written; over this model's parameters it resumes."""
+    net = _net()
+    opt = OPTIMIZERS[kind](net)
+    _step(net, opt)
+    save_checkpoint(tmp_path, net, opt, epoch=2, data_order=torch.Generator().manual_seed(3))
+    good = (tmp_path / ckpt.FILE_NAME).read_bytes()
+    fresh, other = _net(), _net()
+    with torch.no_grad():
+        for p in fresh.parameters():
+            p.add_(1.0)
+    foreign = OPTIMIZERS[kind](other)
+    before, foreign_before = _flat(fresh), copy.deepcopy(foreign.state_dict())
+    order = torch.Generator().manual_seed(7)
+    with pytest.raises(occore.InputError, match=r"^optimizer: its parameters are not the model's: "
+                                                r"\d+ of the \d+ tensors it updates are not parameters of model"):
+        load_checkpoint(tmp_path, fresh, foreign, order)
+    assert torch.equal(_flat(fresh), before) and torch.equal(order.get_state(), torch.Generator().manual_seed(7).get_state())
+    assert str(foreign.state_dict()) == str(foreign_before)
+    with pytest.raises(occore.InputError, match="^optimizer: its parameters are not the model's"):
+        save_checkpoint(tmp_path, fresh, foreign, epoch=3)
+    assert (tmp_path / ckpt.FILE_NAME).read_bytes() == good
+    own = OPTIMIZERS[kind](fresh)                # the same kind over the model's own parameters
+    assert load_checkpoint(tmp_path, fresh, own).epoch == 2
+    assert torch.equal(_flat(fresh), _flat(net))
+
+
+def test_one_foreign_tensor_among_the_models_parameters_is_named(tmp_path):
+    net = _net()
+    stray = torch.zeros(4, 2, dtype=torch.float64, requires_grad=True)
+    opt = torch.optim.SGD([{"params": list(net.parameters())}, {"params": [stray]}], lr=0.1)
+    with pytest.raises(occore.InputError, match=r"1 of the 5 tensors .* param_groups\[1\]\['params'\]\[0\], "
+                                                r"shape \(4, 2\)"):
+        save_checkpoint(tmp_path / "run", net, opt, epoch=1)
+    assert not list(tmp_path.iterdir())

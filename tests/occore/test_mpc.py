@@ -83,6 +83,34 @@ def test_simulate_takes_plain_callables_and_does_not_modify_inputs():
     np.testing.assert_array_equal(x0, [1.0])
 
 
+def test_a_non_finite_plant_state_is_named_with_its_step_and_values():
+    """A plant returning NaN/inf: the error names the step, what the plant returned and from which
+    state and control, instead of the next controller call refusing 'x' (an MPC) or the NaN running
+    on silently (a plain controller)."""
+    def plant(x, u):                      # x_{k+1} = x_k + u_k, NaN from step 2 on
+        return np.full_like(x, np.nan) if abs(x[0] - 0.25) < 1e-12 else x + u
+    with pytest.raises(occore.InputError, match=r"^plant output at step 2: expected a finite next state, "
+                                                r"got \[nan\] from x=\[0\.25\], u=\[-0\.125\]$"):
+        occore.simulate(lambda x: -0.5 * x, plant, steps=5, x0=[1.0])
+
+    prob = occore.problems.make("pendulum", horizon=20)
+    calls = []
+
+    def broken(x, u):                     # the real plant, but inf at its second call
+        calls.append(None)
+        return np.array([np.inf, 0.0]) if len(calls) == 2 else prob.transition(x, u)
+    with pytest.raises(occore.InputError, match=r"^plant output at step 1: .* got \[inf, 0\.0\] from x=\["):
+        occore.simulate(occore.MPC(prob, occore.ILQR(max_iter=2)), broken, steps=4)
+    assert len(calls) == 2
+
+
+def test_a_non_finite_control_is_named_with_its_step():
+    with pytest.raises(occore.InputError, match=r"^controller output at step 1: expected finite values, "
+                                                r"got u=\[nan\] at x=\[2\.0\]$"):
+        occore.simulate(lambda x: np.array([np.nan if x[0] > 1.5 else 1.0]), lambda x, u: x + u,
+                        steps=3, x0=[1.0])
+
+
 def test_bad_input():
     prob = occore.problems.make("pendulum")
     with pytest.raises(occore.InputError, match="iterations"):
@@ -123,6 +151,8 @@ def test_mpc_command_prints_latency_and_plots(tmp_path, capsys):
     (["mpc", "pendulum", "--steps", "0"], "--steps 0"),
     (["mpc", "pendulum", "--solver", "ipopt"], "mpc needs an occore solver"),
     (["mpc", "cartpole_track", "--solver", "ilqr"], "cannot honour the state bounds"),
+    (["mpc", "cartpole", "--x0", "1e200,0,1e200,1e200", "--steps", "3", "--iterations", "1", "--no-progress"],
+     "plant output at step 0: expected a finite next state, got [1e+200, inf, "),   # the dynamics overflow
 ])
 def test_mpc_command_bad_input_exits_2(argv, message, capsys):
     assert main(argv) == 2

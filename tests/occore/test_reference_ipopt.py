@@ -1,4 +1,9 @@
 """occore.reference.ipopt: the optima of REFERENCE.md, bounds, stage parameters, clear errors."""
+import logging
+import os
+import pathlib
+import subprocess
+import sys
 from types import SimpleNamespace
 
 import numpy as np
@@ -186,3 +191,95 @@ def test_a_non_finite_evaluation_is_a_status_not_casadis_warnings_on_stderr(solv
     assert res.status is occore.Status.NON_FINITE
     out, err = capfd.readouterr()
     assert "NaN detected" not in out + err and out == "", err
+
+
+def test_fatrop_meeting_a_nan_logs_casadis_warning_instead_of_printing_it(capfd, caplog, monkeypatch):
+    """log(0) at the initial guess, FATROP run on it all the same (the check of the start, see
+    below, would not run it): FATROP ends on a non-finite iterate and CasADi then warns 'Failed to
+    calculate multipliers' on stderr; the library never prints, it logs the line."""
+    import casadi as ca
+
+    from occore.reference import transcription
+
+    monkeypatch.setattr(transcription, "_non_finite_start", lambda ca, nlp: "")
+    prob = occore.Problem(dynamics=lambda x, u: x + 0.1 * ca.log(x) * u,
+                          stage_cost=lambda x, u: x[0] ** 2 + u[0] ** 2,
+                          terminal_cost=lambda x: x[0] ** 2, x0=[0.0], nu=1, horizon=5)
+    with caplog.at_level(logging.DEBUG, logger="occore"):
+        res = occore.reference.fatrop(prob, max_iter=50)
+    assert res.status is occore.Status.NON_FINITE
+    out, err = capfd.readouterr()
+    assert out == "" and err == ""
+    logged = [r for r in caplog.records if r.name == "occore" and "Failed to calculate multipliers" in r.getMessage()]
+    assert len(logged) == 1 and logged[0].levelno == logging.WARNING
+    assert logged[0].getMessage().startswith("FATROP: ")
+
+
+def test_solver_output_on_the_file_descriptors_is_logged_and_the_descriptors_restored(capfd, caplog):
+    """What C/C++ code writes to fds 1/2 (printf, raw writes) and what Python code prints during
+    the solve all go to the log; afterwards both descriptors write where they did before."""
+    import ctypes
+
+    from occore.reference.transcription import _output_to_log
+
+    with caplog.at_level(logging.DEBUG, logger="occore"), _output_to_log("fatrop"):
+        os.write(1, b"iteration 1 on fd 1\n")
+        os.write(2, b"WARNING: error on fd 2\n")
+        ctypes.CDLL(None).printf(b"printf from C\n")   # buffered by the C library until flushed
+        print("printed by python")
+        print("python warning", file=sys.stderr)
+    os.write(1, b"after 1\n")
+    os.write(2, b"after 2\n")
+    out, err = capfd.readouterr()
+    assert out == "after 1\n" and err == "after 2\n"
+    got = {(r.levelno, r.getMessage()) for r in caplog.records if r.name == "occore"}
+    assert got == {(logging.DEBUG, "FATROP: iteration 1 on fd 1"), (logging.WARNING, "FATROP: WARNING: error on fd 2"),
+                   (logging.DEBUG, "FATROP: printf from C"), (logging.DEBUG, "FATROP: printed by python"),
+                   (logging.WARNING, "FATROP: python warning")}
+
+
+def test_output_capture_without_usable_descriptors_still_logs_python_level_output(monkeypatch, capsys, caplog):
+    """fds 1/2 that cannot be duplicated (closed, or no real file behind them): the descriptors are
+    left alone, CasADi's Python-level messages are still logged, nothing raises."""
+    from occore.reference import transcription
+
+    def no_dup(fd):
+        raise OSError(9, "Bad file descriptor")
+
+    monkeypatch.setattr(transcription.os, "dup", no_dup)
+    with caplog.at_level(logging.DEBUG, logger="occore"), transcription._output_to_log("ipopt"):
+        print("CasADi - WARNING(x)", file=sys.stderr)
+    assert capsys.readouterr() == ("", "")
+    assert [(r.levelno, r.getMessage()) for r in caplog.records if r.name == "occore"] == [
+        (logging.WARNING, "IPOPT: CasADi - WARNING(x)")]
+
+
+_HANGS = """
+import casadi as ca, occore
+cases = {"inf": (lambda x, u: ca.vertcat(ca.exp(10 * x[0]) + u[0], x[1] + u[0]), [100.0, 0.0]),
+         "nan": (lambda x, u: ca.vertcat(ca.log(x[0] - u[0]), x[1] + u[0]), [0.5, 0.0]),
+         "slope": (lambda x, u: ca.vertcat(x[0] + 0.1 * ca.sqrt(x[0]) * u[0] + 0.1 * u[0], x[1]), [0.0, 1.0])}
+for name, (f, x0) in cases.items():
+    prob = occore.Problem(dynamics=f, stage_cost=lambda x, u: ca.sumsqr(x) + ca.sumsqr(u),
+                          terminal_cost=lambda x: ca.sumsqr(x), x0=x0, nu=1, horizon=5)
+    res = occore.reference.fatrop(prob, max_iter=20)
+    print(name, res.status.name, res.iterations, res.message)
+"""
+
+
+def test_fatrop_from_a_non_finite_initial_guess_is_a_status_not_a_hang():
+    """exp(1000) = inf, log of a negative rollout state, the infinite slope of sqrt at 0 at the
+    initial guess: FATROP 1.1.8 never returns from such a start (its linear solve spins), so it is
+    not called; the status says why, as IPOPT's Invalid_Number_Detected does. (In a child process,
+    so that a regression fails instead of hanging the suite.)"""
+    done = subprocess.run([sys.executable, "-c", _HANGS], capture_output=True, text=True, timeout=300,
+                          cwd=pathlib.Path(occore.__file__).parents[1])
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.splitlines() == [
+        "inf NON_FINITE 0 FATROP: not run, the NLP is not finite at the initial guess (objective, constraints, "
+        "objective gradient, constraint Jacobian)",
+        "nan NON_FINITE 0 FATROP: not run, the NLP is not finite at the initial guess (constraints, "
+        "constraint Jacobian)",
+        "slope NON_FINITE 0 FATROP: not run, the NLP is not finite at the initial guess (constraint Jacobian)"]
+    assert done.stderr == ""
+
