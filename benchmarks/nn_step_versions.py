@@ -8,7 +8,7 @@ process per step, single thread, float32; peak memory = parameters, gradients an
 extension built); make one of an older commit with
 ``git archive COMMIT | tar -x -C /tmp/old && (cd /tmp/old && python setup.py -q build_ext --inplace)``.
 
-    python benchmarks/nn_step_versions.py /tmp/old . [--net mlp|cnn] [--steps 200]
+    python benchmarks/nn_step_versions.py /tmp/old . [--net mlp|cnn|resnet] [--steps 200]
 
 Prints per tree: ms/step, x Adam, peak MiB, x Adam, and both ratios against the first tree.
 """
@@ -43,7 +43,7 @@ def load_ddpnopt(tree: str):
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("trees", nargs="+", help="source trees (repository checkouts)")
-    ap.add_argument("--net", choices=("mlp", "cnn"), default="mlp")
+    ap.add_argument("--net", choices=tuple(nn_step.MODELS), default="mlp")
     ap.add_argument("--steps", type=int, default=200, help="timed steps per optimizer")
     args = ap.parse_args(argv)
     torch.set_num_threads(1)

@@ -172,12 +172,13 @@ STRUCTURED = ["linear", "linear3d", "conv", "conv_dil"]
 
 
 # -- sample_dots -----------------------------------------------------------------------------------
-@pytest.mark.parametrize("n, chunk", [(37, 16), (5, 2), (3, 16), (1, 1)])
-def test_sample_dots_are_the_per_sample_dot_products_in_float64(n, chunk):
+@pytest.mark.parametrize("n, chunk, width", [(37, None, 4), (5, 2, 4), (3, 16, 4), (1, 1, 4),
+                                             (5, None, 2 ** 15 + 3)])   # (default chunks of 2 samples)
+def test_sample_dots_are_the_per_sample_dot_products_in_float64(n, chunk, width):
     gen = torch.Generator().manual_seed(n)
-    q = torch.randn(n, 2, 3, 4, generator=gen)
-    x = torch.randn(n, 2, 3, 4, generator=gen)
-    got = sample_dots(q, x, chunk) if chunk != 16 else sample_dots(q, x)
+    q = torch.randn(n, 2, 3, width, generator=gen)
+    x = torch.randn(n, 2, 3, width, generator=gen)
+    got = sample_dots(q, x, chunk) if chunk is not None else sample_dots(q, x)
     want = torch.stack([(q[i].double() * x[i].double()).sum() for i in range(n)])
     assert got.dtype == torch.float64 and got.shape == (n,)
     assert torch.allclose(got, want, rtol=1e-14, atol=1e-14)
