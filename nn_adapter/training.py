@@ -238,7 +238,7 @@ class TrainRecord:
         lr: its learning rate (None: not recorded).
         seed: the seed of the initial weights and the minibatch order.
         train_loss: mean minibatch loss of each epoch (before each step, as optimizers report it).
-        test_accuracy: accuracy on the test split after each epoch.
+        test_accuracy: accuracy on the test split after each epoch (the model in eval mode).
         seconds: wall time of the optimisation steps (evaluation excluded).
         steps: optimisation steps taken.
         peak_memory: peak bytes of one step (the run's second, or its only one): parameters,
@@ -282,10 +282,18 @@ def fingerprint(model: nn.Module, batches) -> str:
 
 
 def _accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, predict=None) -> float:
-    with torch.no_grad():
-        out = model(x)
-        pred = predict(out) if predict is not None else out.argmax(1)
-        return float((pred == y).float().mean())
+    """Accuracy of ``model`` on (x, y) in eval mode (dropout off, batch norm on its running
+    statistics, which the test data does not advance); every submodule's mode is restored."""
+    modes = [(m, m.training) for m in model.modules()]
+    model.eval()
+    try:
+        with torch.no_grad():
+            out = model(x)
+            pred = predict(out) if predict is not None else out.argmax(1)
+            return float((pred == y).float().mean())
+    finally:
+        for m, mode in modes:
+            m.training = mode
 
 
 def _scalar(loss) -> float:

@@ -38,6 +38,33 @@ def test_same_start_and_minibatches_for_every_optimizer(wine):
     assert recs["adam"].train_loss != recs["sgd"].train_loss
 
 
+def test_test_accuracy_is_measured_in_eval_mode_and_the_modes_are_restored():
+    """Dropout off and batch norm on its running statistics while the test split is scored (the
+    test data does not advance them: num_batches_tracked counts the steps only); every
+    submodule's own mode comes back, a batch norm the user froze in eval mode included."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(40, 4, generator=g)
+    y = (x[:, 0] > 0).long()
+    split = data.Split(x[:30], y[:30], x[30:] + 3.0, y[30:])   # test data far from the training
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 16), torch.nn.BatchNorm1d(16), torch.nn.ReLU(),
+                                torch.nn.Dropout(0.5), torch.nn.Linear(16, 6), torch.nn.BatchNorm1d(6),
+                                torch.nn.Linear(6, 2))
+    model[5].eval()                                   # frozen by the user
+    refs = []
+
+    def reference(epoch, record):
+        ref = copy.deepcopy(model).eval()
+        with torch.no_grad():
+            refs.append(float((ref(split.x_test).argmax(1) == split.y_test).float().mean()))
+        assert model.training and model[1].training and model[3].training and not model[5].training
+    rec = train_classifier(model, split, make_optimizer("adam", model), epochs=3, batch_size=10,
+                           on_epoch_end=reference)
+    assert rec.test_accuracy == refs
+    assert int(model[1].num_batches_tracked) == rec.steps == 9
+    assert int(model[5].num_batches_tracked) == 0
+
+
 def test_unknown_optimizer_lists_the_valid_ones():
     with pytest.raises(ValueError, match="ddpnopt.*adam"):
         make_optimizer("lbfgs", mlp(2, 2))
