@@ -43,6 +43,7 @@ from torch import nn
 from occore.errors import InputError
 
 from .data import Split, batch_indices
+from .errors import DataError
 from .memory import resident_bytes, step_peak_bytes
 # the networks live in nn_adapter.networks; imported here for the callers that take them from
 # nn_adapter.training (one implementation)
@@ -290,10 +291,10 @@ def _accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, predict=None) 
         with torch.no_grad():
             out = model(x)
             pred = predict(out) if predict is not None else out.argmax(1)
-            return float((pred == y).float().mean())
     finally:
         for m, mode in modes:
             m.training = mode
+    return float((pred == y).float().mean())
 
 
 def _scalar(loss) -> float:
@@ -335,7 +336,9 @@ def train_classifier(model: nn.Module, data: Split, optimizer, epochs: int = 8, 
     what was measured so far.
 
     Raises:
-        InputError: epochs, batch_size, start_epoch not ints >= 1, or seed not an int >= 0.
+        InputError: epochs, batch_size, start_epoch not ints >= 1, or seed not an int >= 0;
+            ``drop_last`` with ``batch_size`` above the training samples (no step).
+        DataError: an empty training split (before any step).
         TypeError: ``data`` not a split, ``optimizer`` neither a torch optimizer nor an object
             with ``step_batch``, or a callable argument that is not callable.
     """
@@ -347,6 +350,12 @@ def train_classifier(model: nn.Module, data: Split, optimizer, epochs: int = 8, 
                for a in ("x_train", "y_train", "x_test", "y_test")):
         raise TypeError(f"data: expected an nn_adapter.data.Split (tensors x_train, y_train, "
                         f"x_test, y_test), got {type(data).__name__}")
+    if len(data.x_train) == 0:
+        raise DataError("data.x_train", "is empty; training needs at least one sample")
+    if drop_last and batch_size > len(data.x_train):
+        raise InputError(f"batch_size={batch_size} with drop_last=True: the {len(data.x_train)} "
+                         "training samples make no full batch, so no step would be taken; lower "
+                         "batch_size or keep the partial batch (drop_last=False)")
     if not (isinstance(optimizer, torch.optim.Optimizer) or callable(getattr(optimizer, "step_batch", None))):
         raise TypeError(f"optimizer: expected a torch.optim.Optimizer or an object with "
                         f"step_batch(x, y, loss_fn), got {type(optimizer).__name__}")

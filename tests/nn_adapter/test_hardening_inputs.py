@@ -625,6 +625,14 @@ def test_a_solver_optimizer_refuses_a_solver_that_is_not_one():
     assert SolverOptimizer(nn.Sequential(nn.Linear(2, 2)), occore.DDP()).solver is not None
 
 
+def _cut(split, part, n, what="both"):
+    """``split`` with its x_/y_``part`` (``what``: "x", "y" or both) cut to the first n samples."""
+    from dataclasses import replace
+
+    keep = {f"{v}_{part}": getattr(split, f"{v}_{part}")[:n] for v in "xy" if what in (v, "both")}
+    return replace(split, **keep)
+
+
 @pytest.mark.parametrize("kwargs,error,words", [
     (dict(epochs="2"), InputError, "epochs='2': expected an int >= 1"),
     (dict(epochs=2.5), InputError, "epochs=2.5"), (dict(epochs=True), InputError, "epochs=True"),
@@ -635,6 +643,10 @@ def test_a_solver_optimizer_refuses_a_solver_that_is_not_one():
     (dict(optimizer="adam"), TypeError, "optimizer: expected a torch.optim.Optimizer"),
     (dict(progress=1), TypeError, "progress: expected None or a callable"),
     (dict(loss_fn="mse"), TypeError, "loss_fn: expected None or a callable"),
+    # an epoch without a step recorded a train loss of 0.0
+    (dict(data=_cut(_split(), "train", 0)), DataError, "data.x_train: is empty"),
+    (dict(batch_size=9, drop_last=True), InputError,
+     r"batch_size=9 with drop_last=True: the 8 training samples make no full batch"),
 ])
 def test_train_classifier_refuses_bad_arguments_by_name_and_changes_nothing(kwargs, error, words):
     from nn_adapter.training import train_classifier
