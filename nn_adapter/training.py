@@ -40,7 +40,7 @@ from typing import Callable, Optional
 import torch
 from torch import nn
 
-from occore.errors import InputError
+from occore.errors import InputError, ShapeError
 
 from .data import Split, batch_indices
 from .errors import DataError
@@ -284,7 +284,9 @@ def fingerprint(model: nn.Module, batches) -> str:
 
 def _accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, predict=None) -> float:
     """Accuracy of ``model`` on (x, y) in eval mode (dropout off, batch norm on its running
-    statistics, which the test data does not advance); every submodule's mode is restored."""
+    statistics, which the test data does not advance); every submodule's mode is restored.
+    Predictions shaped unlike ``y`` (which ``==`` would broadcast) and, with the default argmax,
+    labels no output can predict are refused."""
     modes = [(m, m.training) for m in model.modules()]
     model.eval()
     try:
@@ -294,6 +296,13 @@ def _accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, predict=None) 
     finally:
         for m, mode in modes:
             m.training = mode
+    if not torch.is_tensor(pred) or pred.shape != y.shape:      # == would broadcast them
+        what = "predict(outputs)" if predict is not None else "outputs.argmax(1)"
+        raise ShapeError("data.y_test", f"{tuple(getattr(pred, 'shape', ()))} (the shape of {what})",
+                         tuple(y.shape))
+    if predict is None and y.numel() and not bool(((y >= 0) & (y < out.shape[1])).all()):
+        raise DataError("data.y_test", f"class indices must lie in [0, {out.shape[1]}) (the "
+                        f"model's outputs), got {float(y.min()):g}..{float(y.max()):g}")
     return float((pred == y).float().mean())
 
 
@@ -338,7 +347,10 @@ def train_classifier(model: nn.Module, data: Split, optimizer, epochs: int = 8, 
     Raises:
         InputError: epochs, batch_size, start_epoch not ints >= 1, or seed not an int >= 0;
             ``drop_last`` with ``batch_size`` above the training samples (no step).
-        DataError: an empty training split (before any step).
+        ShapeError: a split whose targets do not match its samples one to one (before any
+            step), or test predictions shaped unlike ``y_test`` (at the first evaluation).
+        DataError: an empty training split (before any step), or with the default argmax
+            test labels outside [0, C) of the model's C outputs (at the first evaluation).
         TypeError: ``data`` not a split, ``optimizer`` neither a torch optimizer nor an object
             with ``step_batch``, or a callable argument that is not callable.
     """
@@ -350,6 +362,13 @@ def train_classifier(model: nn.Module, data: Split, optimizer, epochs: int = 8, 
                for a in ("x_train", "y_train", "x_test", "y_test")):
         raise TypeError(f"data: expected an nn_adapter.data.Split (tensors x_train, y_train, "
                         f"x_test, y_test), got {type(data).__name__}")
+    for part in ("train", "test"):
+        xs, ys = getattr(data, f"x_{part}"), getattr(data, f"y_{part}")
+        if xs.dim() == 0:
+            raise ShapeError(f"data.x_{part}", "(N, ...)", (), "needs a sample axis")
+        if ys.dim() == 0 or len(ys) != len(xs):
+            raise ShapeError(f"data.y_{part}", f"({len(xs)}, ...) (one target per sample of "
+                             f"data.x_{part})", tuple(ys.shape))
     if len(data.x_train) == 0:
         raise DataError("data.x_train", "is empty; training needs at least one sample")
     if drop_last and batch_size > len(data.x_train):

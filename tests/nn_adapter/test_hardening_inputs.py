@@ -647,6 +647,11 @@ def _cut(split, part, n, what="both"):
     (dict(data=_cut(_split(), "train", 0)), DataError, "data.x_train: is empty"),
     (dict(batch_size=9, drop_last=True), InputError,
      r"batch_size=9 with drop_last=True: the 8 training samples make no full batch"),
+    # targets not one per sample: the extra labels ignored, or the test labels broadcast
+    (dict(data=_cut(_split(), "train", 6, "x")), ShapeError,
+     r"data.y_train: expected shape \(6, ...\) \(one target per sample of data.x_train\), got \(8,\)"),
+    (dict(data=_cut(_split(), "train", 6, "y")), ShapeError, r"data.y_train: expected shape \(8, ...\)"),
+    (dict(data=_cut(_split(), "test", 1, "y")), ShapeError, r"data.y_test: expected shape \(4, ...\)"),
 ])
 def test_train_classifier_refuses_bad_arguments_by_name_and_changes_nothing(kwargs, error, words):
     from nn_adapter.training import train_classifier
@@ -660,3 +665,26 @@ def test_train_classifier_refuses_bad_arguments_by_name_and_changes_nothing(kwar
     with pytest.raises(error, match=words):
         train_classifier(**args)
     assert all(torch.equal(v, net.state_dict()[k]) for k, v in before.items())
+
+
+@pytest.mark.parametrize("part,words", [
+    ("column", r"data.y_test: expected shape \(4,\) \(the shape of outputs.argmax\(1\)\), got \(4, 1\)"),
+    ("range", r"data.y_test: class indices must lie in \[0, 3\) \(the model's outputs\), got 4..5"),
+])
+def test_train_classifier_refuses_test_labels_it_cannot_score(part, words):
+    """Test labels (M, 1) were broadcast against the (M,) predictions (an (M, M) comparison) and
+    labels >= C scored 0 silently; both are refused at the first evaluation."""
+    from dataclasses import replace
+
+    from nn_adapter.training import train_classifier
+
+    split = _split()
+    y = split.y_test[:, None] if part == "column" else split.y_test + 3
+    torch.manual_seed(0)
+    net = nn.Linear(4, 3)
+    with pytest.raises(ShapeError if part == "column" else DataError, match=words):
+        train_classifier(net, replace(split, y_test=y), torch.optim.SGD(net.parameters(), lr=0.1),
+                         epochs=1, batch_size=4)
+    rec = train_classifier(net, split, torch.optim.SGD(net.parameters(), lr=0.1), epochs=1, batch_size=4)
+    with torch.no_grad():
+        assert rec.test_accuracy == [float((net(split.x_test).argmax(1) == split.y_test).float().mean())]
