@@ -444,12 +444,17 @@ def compare_optimizers(make_model: Callable[[], nn.Module], data: Split, names, 
     Raises:
         ValueError / InputError: before the first run, an unknown name, a rate that is not a
             finite number > 0 (<= 1 for ``ddp``, as ``occore train --lr``) or an ``lr`` dict
-            naming an optimizer not in ``names``. TypeError: ``names`` given as one string.
+            naming an optimizer not in ``names``, or a name given twice. TypeError: ``names``
+            given as one string.
     """
     if isinstance(names, str):
         raise TypeError(f"names: expected a list of optimizer names, got the string {names!r} "
                         f"(write [{names!r}])")
     names = list(names)
+    twice = sorted({n for n in names if isinstance(n, str) and names.count(n) > 1})
+    if twice:
+        raise InputError(f"names: {twice} appear more than once; each name is one run and one "
+                         "record of the result (a repeat would overwrite the first)")
     for name in names:                  # every name and rate checked before the first run
         _check_name(name)
         rate = lr.get(name) if isinstance(lr, dict) else lr

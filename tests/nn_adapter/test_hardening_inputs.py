@@ -589,6 +589,7 @@ def _split():
     (["adam", "ddp"], {"ddp": 2.0}, "0 < lr <= 1"),
     (["adam", "sgd"], {"adm": 0.1}, r"lr: \['adm'\] are not among names"),
     (["adam", "nope"], None, "unknown optimizer 'nope'"),
+    (["adam", "sgd", "adam"], None, r"names: \['adam'\] appear more than once"),   # was one record
     ("adam", None, r"names: expected a list of optimizer names, got the string 'adam'"),
 ])
 def test_compare_optimizers_refuses_bad_names_and_rates_before_any_run(names, lr, words):
