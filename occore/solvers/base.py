@@ -105,7 +105,7 @@ class Solver:
         minibatch's trajectory is the closure's forward pass). ``mu``: the initial
         regularisation (default: the options').
         """
-        check_problem(problem, self.needs)
+        check_problem(problem, self.needs, type(self).__name__)
         self.check_problem(problem)
         if traj is not None:
             if us0 is not None:

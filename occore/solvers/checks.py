@@ -21,12 +21,17 @@ __all__ = ["check_problem", "check_warm_start", "check_state", "check_callbacks"
 _PROTOCOL = ("initial_controls", "rollout", "local_model")
 
 
-def check_problem(problem, needs=()) -> None:
-    """``problem`` implements the ControlProblem protocol (and the solver's extra methods ``needs``)."""
+def check_problem(problem, needs=(), solver: str = "") -> None:
+    """``problem`` implements the ControlProblem protocol (and the solver's extra methods ``needs``;
+    ``solver``, its class name, is named when only those are missing)."""
     missing = [m for m in _PROTOCOL + tuple(needs) if not callable(getattr(problem, m, None))]
     if isinstance(problem, (str, bytes)) or missing or not hasattr(problem, "horizon"):
         hint = (f"; for the reference problem {problem!r} use occore.problems.make({problem!r})"
                 if isinstance(problem, str) else "")
+        if solver and missing and not set(missing) & set(_PROTOCOL) and hasattr(problem, "horizon"):
+            hint = f"; occore.{solver} needs {', '.join(missing)} beyond the ControlProblem protocol"
+            if "rollout_policy" not in missing:      # all that DDP and iLQR need beyond it
+                hint += " (occore.DDP and occore.ILQR need none of them)"
         what = f" (missing: {', '.join(missing)})" if missing and not isinstance(problem, str) else ""
         raise InputError(f"problem: expected an occore.Problem or another ControlProblem{what}, "
                          f"got {type(problem).__name__}{hint}")
