@@ -154,7 +154,8 @@ class SolverOptimizer:
     Args:
         model: an ``nn.Sequential`` the adapter can split into stages.
         solver: ``"emsa"``, ``"ddp"`` or an occore solver instance.
-        lr: see :func:`network_emsa` / :func:`network_ddp` (ignored for a solver instance).
+        lr: see :func:`network_emsa` / :func:`network_ddp` (None: 1.0); not taken with a solver
+            instance, whose own options set its steps (InputError).
         memory_limit: bytes the dense DDP local model may use (see NetworkProblem).
 
     Example:
@@ -166,10 +167,15 @@ class SolverOptimizer:
         True
     """
 
-    def __init__(self, model: nn.Module, solver="emsa", lr: float = 1.0, memory_limit: int | None = 2 ** 30):
+    def __init__(self, model: nn.Module, solver="emsa", lr: float | None = None,
+                 memory_limit: int | None = 2 ** 30):
         if (solver not in CORE_SOLVERS if isinstance(solver, str)
                 else not (callable(getattr(solver, "init", None)) and callable(getattr(solver, "step", None)))):
             raise ValueError(f"solver={solver!r}: expected one of {', '.join(CORE_SOLVERS)} or an occore solver")
+        if not isinstance(solver, str) and lr is not None:     # it would be ignored
+            raise InputError(f"lr={lr!r} with the solver instance {type(solver).__name__}: its own "
+                             "options set its steps; pass lr with solver 'emsa' or 'ddp', or leave it None")
+        lr = 1.0 if lr is None else lr
         if isinstance(solver, str):
             check_lr(lr, solver)
         self.model, self.solver, self.lr, self.memory_limit = model, solver, float(lr), memory_limit

@@ -626,6 +626,10 @@ def test_a_solver_optimizer_refuses_a_solver_that_is_not_one():
     with pytest.raises(ValueError, match="solver=3: expected one of emsa, ddp or an occore solver"):
         SolverOptimizer(nn.Sequential(nn.Linear(2, 2)), 3)
     assert SolverOptimizer(nn.Sequential(nn.Linear(2, 2)), occore.DDP()).solver is not None
+    # a learning rate next to a solver instance was accepted and ignored
+    with pytest.raises(InputError, match=r"lr=0.5 with the solver instance DDP: its own options"):
+        SolverOptimizer(nn.Sequential(nn.Linear(2, 2)), occore.DDP(), lr=0.5)
+    assert SolverOptimizer(nn.Sequential(nn.Linear(2, 2)), "ddp").lr == 1.0
 
 
 def _cut(split, part, n, what="both"):
