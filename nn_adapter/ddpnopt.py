@@ -89,7 +89,8 @@ class DDPNOpt(CurvatureOptimizer):
             ``factor_update_freq``, ``eigen_update_freq``); all take ``weight_decay``.
         feedback: ``True`` / ``"factorised"`` (Proposition 3, the default), ``False`` (the base
             optimizer exactly) or ``"dense"`` (per-sample gains materialised, see
-            :func:`nn_adapter.minibatch.dense_gain`; small networks only).
+            :func:`nn_adapter.minibatch.dense_gain`; small networks only: beyond its size limit
+            ``step`` raises :class:`~nn_adapter.errors.MemoryLimitError` before any change).
         eps_vxx: Tikhonov term added to the value Hessians V_xx (finite, >= 0), Algorithm 3
             line 12: it is occore's regularisation mu in its state form (V_xx' + mu I where it
             enters the gains, as in the dense Riccati sweep), the mu of this step's solver

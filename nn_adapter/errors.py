@@ -7,7 +7,8 @@ UnsupportedModuleError         TypeError                       a module that can
 DataDependentForwardError      TypeError (UnsupportedModule)   a forward that branches on data
 DtypeError                     TypeError and ValueError        integer inputs, targets' dtype
 DataError                      ValueError (InputError)         an empty batch, NaN/inf data
-MemoryLimitError               MemoryError                     a dense local model too large
+MemoryLimitError               MemoryError                     a dense local model (or dense
+                                                               DDPNOpt feedback) too large
 =============================  ==============================  ==================================
 
 :func:`warn` is the one way nn_adapter warns (a refused step, a guessed loss): one
@@ -54,12 +55,12 @@ class MemoryLimitError(OccoreError, MemoryError):
         3145728
     """
 
-    def __init__(self, estimate: int, limit: int, detail: str = ""):
+    def __init__(self, estimate: int, limit: int, detail: str = "", way_out: str = ""):
         self.estimate, self.limit = int(estimate), int(limit)
+        way_out = way_out or ("raise `memory_limit` for a small network or train larger ones with "
+                              "nn_adapter.DDPNOpt (structured curvature)")
         msg = (f"the network local model needs about {estimate / 2**20:.1f} MiB "
-               f"(limit {limit / 2**20:.1f} MiB){': ' + detail if detail else ''}; raise "
-               "`memory_limit` for a small network or train larger ones with "
-               "nn_adapter.DDPNOpt (structured curvature)")
+               f"(limit {limit / 2**20:.1f} MiB){': ' + detail if detail else ''}; {way_out}")
         super().__init__(msg)
 
 

@@ -39,6 +39,7 @@ from occore.errors import InputError
 from occore.types import Policy, Trajectory
 
 from .curvature.base import apply_p
+from .errors import MemoryLimitError
 from .feedback import feedback_grads, quad_form, second_order_grads, tikhonov_grads
 from .feedback_columns import column_feedback, column_quad_forms, next_weights, pull_columns
 from .local_model import DenseGains, FactorisedGains, NetworkLocalModel
@@ -442,16 +443,22 @@ def dense_gain(stage, x: torch.Tensor, y: torch.Tensor, w_next, mu, eps_vxx: flo
         mu: the per-sample regularisation (B,) or None (1).
         eps_vxx, second_order: as in :class:`nn_adapter.DDPNOpt`.
         v_out: per-sample value gradients at the module output (second order only).
-        max_elements: refuse (``ValueError``) beyond this many numbers in the stage's matrices
-            (memory grows like B (n_t^2 + m_t n_t)).
+        max_elements: refuse (:class:`~nn_adapter.errors.MemoryLimitError`, before anything is
+            computed) beyond this many numbers in the stage's matrices (memory grows like
+            B (n_t^2 + m_t n_t)).
     """
     B = x.shape[0]
     params = [p.detach() for p in stage.params]
     y = y.reshape(B, y.shape[1], -1).mT                                 # (B, n_out, r)
     n_in, n_out, m = x[0].numel(), y.shape[1], sum(p.numel() for p in params)
-    if B * (n_in * n_in + (m + n_out) * (n_in + n_out)) + m * m > max_elements:
-        raise ValueError(f"feedback='dense': stage {stage.index} needs more than {max_elements} "
-                         "numbers; use the factorised feedback for networks of this size")
+    count = B * (n_in * n_in + (m + n_out) * (n_in + n_out)) + m * m
+    if count > max_elements:
+        size = x.element_size()
+        raise MemoryLimitError(count * size, max_elements * size,
+                               f"feedback='dense': stage {stage.index} (module {stage.name!r}) needs "
+                               f"{count} numbers, more than {max_elements}; batch {B}, inputs {n_in}, "
+                               f"outputs {n_out}, parameters {m}",
+                               "use the factorised feedback (feedback=True) for networks of this size")
     u = torch.cat([p.reshape(-1) for p in params])
     shape = x.shape[1:]
 

@@ -7,6 +7,7 @@ import torch
 from torch import nn
 
 from nn_adapter import DDPNOpt
+from nn_adapter.errors import MemoryLimitError
 from nn_adapter.feedback import feedback_grads, second_order_grads
 from nn_adapter.stages import Stage
 from nn_adapter.training import make_closure
@@ -433,8 +434,32 @@ def test_dense_feedback_refuses_large_networks():
     x = torch.randn(B, 4, dtype=torch.float64)
     inputs = [x, torch.tanh(net[0](x)).detach(), torch.tanh(net[2](torch.tanh(net[0](x)))).detach()]
     cols = [None, torch.randn(B, 1, 4, dtype=torch.float64), torch.randn(B, 1, 3, dtype=torch.float64)]
-    with pytest.raises(ValueError, match="dense"):
+    with pytest.raises(MemoryLimitError, match="dense"):
         dense_gain(stages[2], inputs[2], cols[2], None, None, max_elements=10)
+
+
+def test_dense_feedback_too_large_is_a_memory_limit_error_before_any_change():
+    """A model with a custom forward and a residual block whose second stage's dense gains are
+    beyond the limit: MemoryLimitError (was a plain ValueError naming the stage's index only)
+    naming the module (the last stage's gains come first) and the way out; parameters, optimizer state and step count untouched."""
+    class Residual(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.inp, self.a, self.out = nn.Linear(4, 2000), nn.Linear(2000, 2000), nn.Linear(2000, 3)
+
+        def forward(self, x):
+            h = torch.relu(self.inp(x))
+            return self.out(h + torch.tanh(self.a(h)))
+    torch.manual_seed(0)
+    net = Residual()
+    opt = DDPNOpt(net.parameters(), lr=0.01, model=net, feedback="dense")
+    x, y = torch.randn(B, 4), torch.randint(0, 3, (B,))
+    before = copy.deepcopy(net.state_dict())
+    with pytest.raises(MemoryLimitError, match=r"stage 2 \(module 'out'\) needs .*feedback=True") as err:
+        opt.step(make_closure(net, opt, x, y))
+    assert err.value.estimate > err.value.limit == 50_000_000 * 4
+    assert all(torch.equal(v, net.state_dict()[k]) for k, v in before.items())
+    assert len(opt.state) == 0
 
 
 def test_feedback_coefficient_keeps_its_digits_in_float32():

@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from nn_adapter import DDPNOpt
+from nn_adapter.errors import MemoryLimitError
 from nn_adapter.curvature import find_blocks
 from nn_adapter.minibatch import dense_gain
 from nn_adapter.stages import Stage
@@ -264,7 +265,7 @@ def test_dense_gain_refuses_exactly_beyond_max_elements():
     assert y.shape == (n_b, r, n_out)
     count = n_b * (n_in * n_in + (m + n_out) * (n_in + n_out)) + m * m
     assert dense_gain(stage, x, y, w, mu, max_elements=count).shape == (n_b, m, n_in)
-    with pytest.raises(ValueError, match="dense"):
+    with pytest.raises(MemoryLimitError, match="dense"):
         dense_gain(stage, x, y, w, mu, max_elements=count - 1)
 
 
