@@ -10,7 +10,9 @@ part of the dynamics; nothing needs to be an ``nn.Sequential``.
 What each stage records during the closure (:class:`StageRecorder`): its input x_t, the gradient
 of the loss at its output (the value gradient, per sample) and, for modules without a closed form,
 the gradient at its input *through this module only* (q_x = h_x^T g; the input is replaced by a
-view of itself that only this module consumes, so a skip connection's share is not included).
+view of itself that only this module consumes, so a skip connection's share is not included;
+not for a training-mode batch norm, whose backpropagated input gradient also runs through the
+batch statistics that the per-sample stage holds fixed).
 The model's own call is recorded too (its arguments, output and the RNG state before it), so the
 additional forward pass can re-run the model's forward with the same dropout masks
 (:func:`replay`).
