@@ -68,6 +68,7 @@ from .errors import UnsupportedModuleError, warn
 from .feedback import compact_conv
 from .minibatch import MinibatchProblem
 from .module_stages import StageRecorder, _owners, fixed_parametrizations, module_stages
+from .stages import uses_batch_statistics
 from .terminal import DETECT, LOSSES, RANK_ONE, TERMINAL_HESSIANS, LossResolver, detect_loss
 
 __all__ = ["DDPNOpt"]
@@ -256,11 +257,10 @@ class DDPNOpt(CurvatureOptimizer):
         params = {id(p) for b in self._blocks for p in b.params}
         owners = [m for _, m in _owners(self._model, params)]
         linear = {id(b.module) for b in self._blocks if b.kind == "linear"}
-        # q_x = h_x^T g of the per-sample h: a training-mode batch norm's backpropagated input
-        # gradient also runs through the batch statistics, which h holds fixed
+        # q_x = h_x^T g of the per-sample h: the backpropagated input gradient of a batch norm
+        # on its batch's statistics also runs through them, which h holds fixed
         # (Stage.freeze_statistics); its q_x . dx is then a Jacobian-vector product of h
-        per_sample = [m for m in owners if id(m) not in linear
-                      and not (isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training)]
+        per_sample = [m for m in owners if id(m) not in linear and not uses_batch_statistics(m)]
         return StageRecorder(self._model, owners, per_sample,
                              compact=self._compact_builders(owners),
                              first_grad=self.curvature.needs_records).name_modules(self._model)

@@ -56,7 +56,7 @@ from torch.nn.utils import parametrize
 
 from .errors import UnsupportedModuleError
 
-__all__ = ["Stage", "Stages", "split_stages", "prelu"]
+__all__ = ["Stage", "Stages", "split_stages", "prelu", "uses_batch_statistics"]
 
 SUPPORTED = ("stage heads: Linear, Conv1d, Conv2d, BatchNorm (eval mode) or any module with "
              "parameters mapping one tensor to one tensor; followers: parameter-free modules "
@@ -155,9 +155,10 @@ class Stage:
         return sum(p.numel() for p in self.params)
 
     def freeze_statistics(self, x: Tensor) -> None:
-        """Hold a training-mode batch norm's statistics at those of the batch ``x`` (B, C, ...)."""
+        """Hold the statistics of a batch norm that normalises with the batch's (training mode,
+        or without running statistics in any mode) at those of the batch ``x`` (B, C, ...)."""
         m = self.module
-        if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training:
+        if uses_batch_statistics(m):
             dims = [0] + list(range(2, x.dim()))
             self.stats = (x.mean(dims), x.var(dims, unbiased=False))
         else:
@@ -189,6 +190,20 @@ class Stage:
         for module in self.followers:
             y = prelu(y, module.weight) if type(module) is nn.PReLU else module(y)
         return y
+
+
+def uses_batch_statistics(module: nn.Module) -> bool:
+    """True for a batch norm whose forward normalises with the statistics of its input batch: in
+    training mode, or in any mode without running statistics (``track_running_stats=False``),
+    as torch's own ``_BatchNorm.forward`` decides.
+
+    Example:
+        >>> uses_batch_statistics(nn.BatchNorm1d(3).eval()), uses_batch_statistics(
+        ...     nn.BatchNorm1d(3, track_running_stats=False).eval())
+        (False, True)
+    """
+    return isinstance(module, nn.modules.batchnorm._BatchNorm) and (
+        module.training or (module.running_mean is None and module.running_var is None))
 
 
 def prelu(x: Tensor, weight: Tensor) -> Tensor:

@@ -438,15 +438,19 @@ def test_dense_feedback_refuses_large_networks():
         dense_gain(stages[2], inputs[2], cols[2], None, None, max_elements=10)
 
 
-def test_factorised_feedback_equals_the_dense_one_through_a_training_mode_batch_norm():
-    """The per-sample stage of a training-mode batch norm holds the recorded batch's statistics
-    fixed; its factorised q_x . dx took the backpropagated input gradient, which also runs
-    through the statistics (bn.weight then differed from the dense gains' by ~7 % of the
-    feedback). Both modes now agree to rounding, and the feedback is not negligible."""
+@pytest.mark.parametrize("running", [True, False], ids=["training-mode", "no-running-stats-eval"])
+def test_factorised_feedback_equals_the_dense_one_through_a_batch_norm_on_batch_statistics(running):
+    """The per-sample stage of a batch norm normalising with its batch's statistics (training
+    mode, or track_running_stats=False in eval mode) holds the recorded batch's statistics fixed.
+    The factorised q_x . dx took the backpropagated input gradient, which also runs through them
+    (bn.weight then differed from the dense gains' by ~7 % of the feedback); without running
+    statistics in eval mode they were not held at all (the dense gains used each sample's own;
+    a difference above the feedback itself). Both modes now agree to rounding."""
     class Net(nn.Module):
         def __init__(self):
             super().__init__()
-            self.conv, self.bn, self.fc = nn.Conv2d(1, 3, 3, padding=1), nn.BatchNorm2d(3), nn.Linear(48, 3)
+            self.conv, self.fc = nn.Conv2d(1, 3, 3, padding=1), nn.Linear(48, 3)
+            self.bn = nn.BatchNorm2d(3, track_running_stats=running)
 
         def forward(self, x):
             return self.fc(nn.functional.avg_pool2d(torch.tanh(self.bn(self.conv(x))), 2).flatten(1))
@@ -456,6 +460,7 @@ def test_factorised_feedback_equals_the_dense_one_through_a_training_mode_batch_
     for mode in ("dense", True, False):
         torch.manual_seed(1)
         nets[mode] = net = Net().double().train()
+        net.bn.train(running)
         opt = DDPNOpt(net.parameters(), lr=1e-3, model=net, feedback=mode, feedback_bound=math.inf)
         for _ in range(2):
             opt.step(make_closure(net, opt, x, y))
