@@ -18,6 +18,8 @@ whose parameters are all frozen count as parameter-free). Refused, with
   function of the controls; call ``model.eval()`` first (in eval mode dropout is the identity);
 - batch/instance norm tracking running statistics, in training mode: its forward would use batch
   statistics and write to the running buffers; call ``model.eval()``;
+- a batch norm without running statistics (``track_running_stats=False``), in any mode: it
+  normalises with the batch's statistics, coupling the samples;
 - a layer with a ``spectral_norm`` parametrization in training mode (its power iteration writes
   its buffers whenever the weight is read; other parametrizations, ``weight_norm``, are heads
   whose controls are their originals); call ``model.eval()``;
@@ -284,6 +286,12 @@ def _check(module: nn.Module, name: str, check_mode: bool = True) -> None:
             raise UnsupportedModuleError(
                 f"{where} is in training mode, where it uses batch statistics and updates its "
                 f"running buffers; call model.eval(). Supported: {SUPPORTED}")
+        if check_mode and uses_batch_statistics(sub):
+            raise UnsupportedModuleError(
+                f"{where} has no running statistics (track_running_stats=False), so it normalises "
+                "with the batch's statistics in every mode, which couples the samples (a stage "
+                "must map each sample on its own); use track_running_stats=True and "
+                f"model.eval(), or nn_adapter.DDPNOpt. Supported: {SUPPORTED}")
 
 
 def _items(model) -> list[tuple[str, object]]:

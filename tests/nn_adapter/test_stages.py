@@ -74,6 +74,12 @@ def test_forward_uses_given_params_without_touching_module():
 @pytest.mark.parametrize("model, words", [
     (nn.Sequential(nn.Linear(2, 2), nn.Dropout(0.5)), ["'1'", "Dropout", "eval"]),
     (nn.Sequential(nn.Linear(2, 2), nn.BatchNorm1d(2)), ["'1'", "BatchNorm1d", "eval"]),
+    # without running statistics (in either mode) it normalises with the batch's; the
+    # per-sample Jacobians failed inside torch ("Expected more than 1 value per channel")
+    (nn.Sequential(nn.Linear(2, 2), nn.BatchNorm1d(2, track_running_stats=False)),
+     ["'1'", "BatchNorm1d", "track_running_stats=False", "couples the samples"]),
+    (nn.Sequential(nn.Linear(2, 2), nn.BatchNorm1d(2, track_running_stats=False)).eval(),
+     ["'1'", "BatchNorm1d", "track_running_stats=True"]),
     (nn.Sequential(nn.LSTM(2, 2)), ["'0'", "LSTM"]),
     (nn.Sequential(nn.ReLU()), ["no module with trainable parameters"]),
     (nn.Linear(2, 2), ["Linear", "nn.Sequential"]),
