@@ -475,7 +475,8 @@ def test_factorised_feedback_equals_the_dense_one_through_a_batch_norm_on_batch_
 def test_dense_feedback_too_large_is_a_memory_limit_error_before_any_change():
     """A model with a custom forward and a residual block whose second stage's dense gains are
     beyond the limit: MemoryLimitError (was a plain ValueError naming the stage's index only)
-    naming the module (the last stage's gains come first) and the way out; parameters, optimizer state and step count untouched."""
+    naming the module (the last stage's gains come first) and the way out; parameters,
+    optimizer state and step count untouched."""
     class Residual(nn.Module):
         def __init__(self):
             super().__init__()
