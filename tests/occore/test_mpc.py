@@ -184,3 +184,23 @@ def test_plot_closed_loop_keeps_the_users_matplotlib_backend_and_figures(tmp_pat
     finally:
         plt.close("all")
         plt.switch_backend(before)
+
+
+def test_a_warm_start_that_breaks_down_far_from_the_prediction_is_redone_cold():
+    """A large disturbance: at the cart-pole's goal the previous solution's feedback gains are
+    large, and its closed-loop rollout from a state kicked far from the prediction overflows
+    (NON_FINITE before any iteration). The call is redone cold instead of applying the first
+    control of the overflowed rollout (67.1 here, then the solves warm-started from it ran off:
+    the closed loop diverged with DDP to convergence)."""
+    prob = occore.problems.make("cartpole")
+    goal = np.array(GOALS["cartpole"], dtype=float)
+    kicked = goal + [0.0, 1.0, 0.0, 4.0]
+    mpc = occore.MPC(prob, occore.DDP(), iterations=2)
+    mpc.control(goal)
+    warm = mpc.solver.init(prob.with_initial_state(kicked), mpc._warm())
+    assert warm.status is occore.Status.NON_FINITE       # the shifted warm start itself breaks down
+    u = mpc.control(kicked)
+    cold = occore.MPC(prob, occore.DDP(), iterations=2, warm_start=False)
+    np.testing.assert_array_equal(u, cold.control(kicked))
+    assert mpc.result.status is cold.result.status and np.isfinite(mpc.result.cost)
+    assert mpc.result.iterations == 2
