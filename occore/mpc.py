@@ -53,7 +53,11 @@ class MPC:
     """A receding-horizon controller: ``control(x) -> u`` solves ``problem`` from x, warm-started.
 
     Args:
-        problem: an :class:`occore.Problem` (time-invariant: stage parameters are not shifted).
+        problem: an :class:`occore.Problem`, posed the same at every call: stage parameters and
+            time-varying bounds ((T, nu) controls, (T+1, nx) states) are not shifted; row t
+            applies t stages after the measured state at every call, so a feature k stages ahead
+            stays k stages ahead (the closed loop never reaches it; a reference meant in absolute
+            time needs a new problem per call).
         solver: an occore solver (:class:`occore.ILQR`, DDP, FDDP, CDDP), used as it is configured.
         iterations: None (default): solve to convergence at every call; an integer k >= 1: exactly
             k iterations per call (fewer once the solver stops), the real-time iteration for k = 1.
@@ -188,11 +192,14 @@ def simulate(controller, plant, steps: int, x0=None) -> ClosedLoop:
 
     Args:
         controller: an :class:`MPC` or any callable x (nx,) -> u (nu,).
-        plant: an :class:`occore.Problem` (its dynamics, stage 0's parameters) or a callable
+        plant: an :class:`occore.Problem` (its dynamics, stage 0's parameters and control box) or a callable
             (x (nx,), u (nu,)) -> x_next (nx,) on numpy arrays.
         steps: number of steps (>= 1).
         x0: initial state (nx,); default: the controller's problem's x0 (for an MPC) or the
             plant's (for a Problem).
+
+    An :class:`MPC` is not reset: a second simulation with the same controller warm-starts from
+    the last solution of the first; call :meth:`MPC.reset` for a repeatable run.
 
     Returns:
         A :class:`ClosedLoop` (states, controls, per-call latencies).
