@@ -225,3 +225,12 @@ def test_time_varying_bounds_are_not_shifted_between_calls():
         assert np.max(np.abs(mpc.result.us[:10])) > 0.5 + 1e-3   # stage 0..9 may use the full box
         x = prob.transition(x, u)
     np.testing.assert_array_equal(prob.u_upper, upper)
+
+
+def test_simulate_with_one_step_and_a_non_finite_initial_state():
+    run = occore.simulate(lambda x: -0.5 * x, lambda x, u: x + u, steps=1, x0=[2.0])
+    np.testing.assert_array_equal(run.xs, [[2.0], [1.0]])
+    np.testing.assert_array_equal(run.us, [[-1.0]])
+    assert run.latencies.shape == (1,)
+    with pytest.raises(occore.InputError, match=r"^x0: expected a finite vector \(nx,\), got \[nan\]$"):
+        occore.simulate(lambda x: -0.5 * x, lambda x, u: x + u, steps=1, x0=[np.nan])
