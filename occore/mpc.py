@@ -10,7 +10,11 @@ of a multiple-shooting solver (:class:`occore.FDDP`) still has gaps (after a rea
 the next call starts instead from its shifted states and controls as they are, the measured state
 giving the initial gap: a closed-loop rollout around such states is no warm start (on the cart-pole
 its cost overflowed). (A gap-free one is rolled out as above: from shifted states, FDDP near the
-goal can stall with gaps of 1e-9 that no accepted step closes, measured on the pendulum.) With ``iterations`` a fixed
+goal can stall with gaps of 1e-9 that no accepted step closes, measured on the pendulum.) A
+warm-started call that ends in numerical trouble (NON_FINITE, REG_LIMIT: after a large disturbance
+the shifted feedback rollout can overflow, measured on the cart-pole kicked at its goal) is redone
+cold, from ``us0`` / ``xs0``; the cold result is kept unless it is in trouble too with a higher
+cost. With ``iterations`` a fixed
 number of solver iterations is done per call (real-time iteration, as in Diehl, Bock & Schloeder
 2005), otherwise each call solves until the solver's stop rule. The first control u_0 is applied.
 
@@ -35,6 +39,10 @@ __all__ = ["MPC", "simulate", "ClosedLoop", "plot_closed_loop"]
 logger = logging.getLogger("occore")
 
 
+#: statuses of a solve in numerical trouble: a warm-started call ending so is redone cold
+_BROKEN = (Status.NON_FINITE, Status.REG_LIMIT)
+
+
 def _shift(a):
     """Rows 1.. of ``a`` with its last row repeated (one stage later along the horizon)."""
     a = np.asarray(a)
@@ -45,7 +53,11 @@ class MPC:
     """A receding-horizon controller: ``control(x) -> u`` solves ``problem`` from x, warm-started.
 
     Args:
-        problem: an :class:`occore.Problem` (time-invariant: stage parameters are not shifted).
+        problem: an :class:`occore.Problem`, posed the same at every call: stage parameters and
+            time-varying bounds ((T, nu) controls, (T+1, nx) states) are not shifted; row t
+            applies t stages after the measured state at every call, so a feature k stages ahead
+            stays k stages ahead (the closed loop never reaches it; a reference meant in absolute
+            time needs a new problem per call).
         solver: an occore solver (:class:`occore.ILQR`, DDP, FDDP, CDDP), used as it is configured.
         iterations: None (default): solve to convergence at every call; an integer k >= 1: exactly
             k iterations per call (fewer once the solver stops), the real-time iteration for k = 1.
@@ -122,29 +134,37 @@ class MPC:
 
     def control(self, x) -> np.ndarray:
         """The control (nu,) to apply at the measured state ``x`` (nx,); the solve's
-        :class:`Result` is kept as :attr:`result`. A solve ending in numerical trouble still gives
-        the first control of its best iterate (logged as a warning)."""
+        :class:`Result` is kept as :attr:`result`. A warm-started solve ending NON_FINITE or
+        REG_LIMIT is redone cold (logged as a warning); a solve still ending in numerical trouble
+        gives the first control of its best iterate (logged as a warning)."""
         prob = self.problem.with_initial_state(x, name="x")
         warm = self._warm()
         if warm is None:
-            start, kw = self.us0, self._cold
+            res = self._solve(prob, self.us0, self._cold)
         else:    # a multiple-shooting iterate with gaps (FDDP after k iterations): its states as they are
             gapped = self._shooting and bool(warm.history) and warm.history[-1].gap > 0.0
-            start, kw = warm, ({"xs0": warm.xs} if gapped else {})
-        if self.iterations is None:
-            res = self.solver.solve(prob, start, **kw)
-        else:
-            state = self.solver.init(prob, start, **kw)
-            for _ in range(self.iterations):
-                if state.done:
-                    break
-                state, _ = self.solver.step(prob, state)
-            res = self.solver.result(state)
+            res = self._solve(prob, warm, {"xs0": warm.xs} if gapped else {})
+            if res.status in _BROKEN:   # e.g. the feedback rollout from a state far off the prediction overflowed
+                logger.warning("mpc: the warm-started %s ended %s (%s); solving cold", self.solver.name,
+                               res.status.name, res.message)
+                cold = self._solve(prob, self.us0, self._cold)
+                if cold.status not in _BROKEN or not res.cost <= cold.cost:
+                    res = cold
         if res.status not in (Status.CONVERGED, Status.MAX_ITER, Status.RUNNING):
             logger.warning("mpc: %s ended %s (%s); applying its best iterate's first control",
                            self.solver.name, res.status.name, res.message)
         self.result = res
         return np.array(res.us[0], dtype=float)
+
+    def _solve(self, prob, start, kw) -> Result:
+        if self.iterations is None:
+            return self.solver.solve(prob, start, **kw)
+        state = self.solver.init(prob, start, **kw)
+        for _ in range(self.iterations):
+            if state.done:
+                break
+            state, _ = self.solver.step(prob, state)
+        return self.solver.result(state)
 
     __call__ = control
 
@@ -172,11 +192,14 @@ def simulate(controller, plant, steps: int, x0=None) -> ClosedLoop:
 
     Args:
         controller: an :class:`MPC` or any callable x (nx,) -> u (nu,).
-        plant: an :class:`occore.Problem` (its dynamics, stage 0's parameters) or a callable
+        plant: an :class:`occore.Problem` (its dynamics, stage 0's parameters and control box) or a callable
             (x (nx,), u (nu,)) -> x_next (nx,) on numpy arrays.
         steps: number of steps (>= 1).
         x0: initial state (nx,); default: the controller's problem's x0 (for an MPC) or the
             plant's (for a Problem).
+
+    An :class:`MPC` is not reset: a second simulation with the same controller warm-starts from
+    the last solution of the first; call :meth:`MPC.reset` for a repeatable run.
 
     Returns:
         A :class:`ClosedLoop` (states, controls, per-call latencies).

@@ -184,3 +184,53 @@ def test_plot_closed_loop_keeps_the_users_matplotlib_backend_and_figures(tmp_pat
     finally:
         plt.close("all")
         plt.switch_backend(before)
+
+
+def test_a_warm_start_that_breaks_down_far_from_the_prediction_is_redone_cold():
+    """A large disturbance: at the cart-pole's goal the previous solution's feedback gains are
+    large, and its closed-loop rollout from a state kicked far from the prediction overflows
+    (NON_FINITE before any iteration). The call is redone cold instead of applying the first
+    control of the overflowed rollout (67.1 here, then the solves warm-started from it ran off:
+    the closed loop diverged with DDP to convergence)."""
+    prob = occore.problems.make("cartpole")
+    goal = np.array(GOALS["cartpole"], dtype=float)
+    kicked = goal + [0.0, 1.0, 0.0, 4.0]
+    mpc = occore.MPC(prob, occore.DDP(), iterations=2)
+    mpc.control(goal)
+    warm = mpc.solver.init(prob.with_initial_state(kicked), mpc._warm())
+    assert warm.status is occore.Status.NON_FINITE       # the shifted warm start itself breaks down
+    u = mpc.control(kicked)
+    cold = occore.MPC(prob, occore.DDP(), iterations=2, warm_start=False)
+    np.testing.assert_array_equal(u, cold.control(kicked))
+    assert mpc.result.status is cold.result.status and np.isfinite(mpc.result.cost)
+    assert mpc.result.iterations == 2
+
+
+def test_time_varying_bounds_are_not_shifted_between_calls():
+    """As documented: every call poses the same problem, a (T, nu) control box included, so a
+    window of tighter bounds k stages ahead is k stages ahead at every call (its controls obey the
+    unshifted rows, the first control stage 0's bound) and the problem's arrays are untouched."""
+    import casadi as ca
+    dt, T = 0.05, 30
+    upper = np.full((T, 1), 2.0)
+    upper[10:15] = 0.5
+    prob = occore.Problem(lambda x, u: ca.vertcat(x[0] + dt * x[1], x[1] + dt * (-15 * ca.sin(x[0]) + 3 * u[0])),
+                          lambda x, u: 0.5 * dt * ((x[0] - ca.pi) ** 2 + 0.1 * u[0] ** 2),
+                          lambda x: 50 * ((x[0] - ca.pi) ** 2 + x[1] ** 2), x0=[0.0, 0.0], nu=1, horizon=T,
+                          u_lower=-upper, u_upper=upper.copy())
+    mpc, x = occore.MPC(prob, occore.ILQR(), iterations=3), np.array([0.0, 0.0])
+    for _ in range(12):
+        u = mpc.control(x)
+        assert np.all(np.abs(mpc.result.us) <= upper + 1e-12)
+        assert np.max(np.abs(mpc.result.us[:10])) > 0.5 + 1e-3   # stage 0..9 may use the full box
+        x = prob.transition(x, u)
+    np.testing.assert_array_equal(prob.u_upper, upper)
+
+
+def test_simulate_with_one_step_and_a_non_finite_initial_state():
+    run = occore.simulate(lambda x: -0.5 * x, lambda x, u: x + u, steps=1, x0=[2.0])
+    np.testing.assert_array_equal(run.xs, [[2.0], [1.0]])
+    np.testing.assert_array_equal(run.us, [[-1.0]])
+    assert run.latencies.shape == (1,)
+    with pytest.raises(occore.InputError, match=r"^x0: expected a finite vector \(nx,\), got \[nan\]$"):
+        occore.simulate(lambda x: -0.5 * x, lambda x, u: x + u, steps=1, x0=[np.nan])
