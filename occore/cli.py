@@ -23,6 +23,7 @@ command are ignored.
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 from dataclasses import dataclass
 from typing import Callable, Sequence
@@ -267,6 +268,8 @@ def _mpc(args, out) -> int:
             raise OccoreError(f"--x0 {args.x0!r}: expected {prob.nx} comma-separated numbers") from None
         if len(x0) != prob.nx:
             raise OccoreError(f"--x0 {args.x0!r}: expected {prob.nx} comma-separated numbers, got {len(x0)}")
+        if not all(math.isfinite(v) for v in x0):
+            raise OccoreError(f"--x0 {args.x0!r}: expected finite numbers")
     mpc = MPC(prob, solver, iterations=args.iterations)
     bar = _progress(args.steps, not args.no_progress, unit="step")
 

@@ -148,6 +148,8 @@ def test_mpc_command_prints_latency_and_plots(tmp_path, capsys):
 
 @pytest.mark.parametrize("argv, message", [
     (["mpc", "pendulum", "--x0", "0.5"], "--x0 '0.5': expected 2 comma-separated numbers"),
+    (["mpc", "pendulum", "--x0", "nan,0"], "--x0 'nan,0': expected finite numbers"),   # before the progress bar
+    (["mpc", "pendulum", "--x0", "0,inf"], "--x0 '0,inf': expected finite numbers"),
     (["mpc", "pendulum", "--steps", "0"], "--steps 0"),
     (["mpc", "pendulum", "--solver", "ipopt"], "mpc needs an occore solver"),
     (["mpc", "cartpole_track", "--solver", "ilqr"], "cannot honour the state bounds"),
