@@ -29,6 +29,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..errors import InputError
+from .base import stacked_fields
 from .finite_difference import HESSIAN_STEP, JACOBIAN_STEP, _steps, central_differences
 
 __all__ = ["check_derivatives", "DerivativeReport", "FieldError"]
@@ -184,6 +185,15 @@ def _better(D, e, Da, ea):
     return np.where(ea < e, Da, D), np.where(gap > e + ea, np.maximum(best, gap), best)
 
 
+def _fields(v, J, H, vT, gT, HT, nx: int) -> dict:
+    """The DenseDerivatives fields of the finite differences of the stacked stage and terminal
+    functions, or of their error estimates (:func:`occore.derivatives.base.stacked_fields`; the
+    terminal arrays with their leading axis of one point), ``l`` with the terminal cost appended."""
+    kw = stacked_fields(v, J, H, vT[0], gT[0], HT[0], nx, np.concatenate, np.asarray)
+    kw["l"] = np.append(kw["l"], kw.pop("lf"))
+    return kw
+
+
 def check_derivatives(problem, us=None, second_order: bool = True) -> DerivativeReport:
     """Compare a problem's backend derivatives with central differences of its values.
 
@@ -251,33 +261,16 @@ def check_derivatives(problem, us=None, second_order: bool = True) -> Derivative
     with np.errstate(all="ignore"):
         v, J, H, ev, eJ, eH = _differences(stage_values, np.concatenate([xs[:T], us], axis=1))
         vT, gT, HT, evT, eJT, eHT = _differences(terminal_values, xs[T:])
-    ref = dict(
-        f=v[:, :nx], l=np.append(v[:, nx], vT[0, 0]),
-        fx=J[:, :nx, :nx], fu=J[:, :nx, nx:],
-        lx=np.concatenate([J[:, nx, :nx], gT[:, 0]]), lu=J[:, nx, nx:],
-        lxx=np.concatenate([H[:, nx, :nx, :nx], HT[:, 0]]), lux=H[:, nx, nx:, :nx], luu=H[:, nx, nx:, nx:],
-        fxx=H[:, :nx, :nx, :nx], fux=H[:, :nx, nx:, :nx], fuu=H[:, :nx, nx:, nx:])
-    noise = dict(
-        f=ev[:, :nx], l=np.append(ev[:, nx], evT[0, 0]),
-        fx=eJ[:, :nx, :nx], fu=eJ[:, :nx, nx:],
-        lx=np.concatenate([eJ[:, nx, :nx], eJT[:, 0]]), lu=eJ[:, nx, nx:],
-        lxx=np.concatenate([eH[:, nx, :nx, :nx], eHT[:, 0]]), lux=eH[:, nx, nx:, :nx], luu=eH[:, nx, nx:, nx:],
-        fxx=eH[:, :nx, :nx, :nx], fux=eH[:, :nx, nx:, :nx], fuu=eH[:, :nx, nx:, nx:])
+    ref = _fields(v, J, H, vT, gT, HT, nx)
+    noise = _fields(ev, eJ, eH, evT, eJT, eHT, nx)
     got = dict(f=d.f, l=np.append(d.l, d.lf), fx=d.fx, fu=d.fu, lx=d.lx, lu=d.lu, lxx=d.lxx, lux=d.lux,
                luu=d.luu, fxx=d.fxx, fux=d.fux, fuu=d.fuu)
     names = list(FIELDS if second_order else FIELDS[:-3])
-    c = slice(nx + 1, None)
     if ng:
-        ref.update(g=v[:, c], gx=J[:, c, :nx], gu=J[:, c, nx:], gxx=H[:, c, :nx, :nx], gux=H[:, c, nx:, :nx],
-                   guu=H[:, c, nx:, nx:])
         got.update(g=d.g, gx=d.gx, gu=d.gu, gxx=d.gxx, gux=d.gux, guu=d.guu)
-        noise.update(g=ev[:, c], gx=eJ[:, c, :nx], gu=eJ[:, c, nx:], gxx=eH[:, c, :nx, :nx],
-                     gux=eH[:, c, nx:, :nx], guu=eH[:, c, nx:, nx:])
         names += ["g", "gx", "gu"] + (["gxx", "gux", "guu"] if second_order else [])
     if nT:
-        ref.update(h=vT[0, 1:], hx=gT[0, 1:], hxx=HT[0, 1:])
         got.update(h=d.h, hx=d.hx, hxx=d.hxx)
-        noise.update(h=evT[0, 1:], hx=eJT[0, 1:], hxx=eHT[0, 1:])
         names += ["h", "hx"] + (["hxx"] if second_order else [])
     errors = {}
     for name in names:
