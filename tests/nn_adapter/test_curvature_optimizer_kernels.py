@@ -45,6 +45,15 @@ def _flat(net):
     return torch.cat([p.detach().flatten() for p in net.parameters()])
 
 
+def _side_by_side(net, opt, ref, ref_opt, steps):
+    """``steps`` minibatches, each a step of ``opt`` on ``net`` and of ``ref_opt`` on ``ref``; returns
+    the largest parameter difference of the two models."""
+    for x, y in _batches(steps):
+        opt.step(_closure(net, opt, x, y))
+        ref_opt.step(_closure(ref, ref_opt, x, y))
+    return (_flat(net) - _flat(ref)).abs().max()
+
+
 def _state_copy(opt):
     return {id(p): copy.deepcopy(s) for p, s in opt.state.items()}
 
@@ -79,11 +88,9 @@ def test_bias_before_weight_in_groups_equals_torch(curvature):
     # one structured block per layer, weight first, whatever order the group lists them in
     assert [(b.kind, b.params) for b in opt._blocks] == [
         ("linear", (net[2].weight, net[2].bias)), ("linear", (net[0].weight, net[0].bias))]
-    for x, y in _batches(4):
-        opt.step(_closure(net, opt, x, y))
-        ref_opt.step(_closure(ref, ref_opt, x, y))
+    diff = _side_by_side(net, opt, ref, ref_opt, 4)
     assert (_flat(ref) - _flat(_net())).abs().max() > 1e-3
-    assert (_flat(net) - _flat(ref)).abs().max() <= 1e-12
+    assert diff <= 1e-12
 
 
 def test_ekfac_with_bias_before_weight_equals_ekfac_of_the_model():
@@ -92,11 +99,9 @@ def test_ekfac_with_bias_before_weight_equals_ekfac_of_the_model():
                  dict(params=[net[0].bias, net[0].weight])], lr=0.1, model=net)
     ref_opt = EKFAC(ref, lr=0.1)
     assert sorted(b.kind for b in opt._blocks) == ["linear", "linear"]
-    for x, y in _batches(4):
-        opt.step(_closure(net, opt, x, y))
-        ref_opt.step(_closure(ref, ref_opt, x, y))
+    diff = _side_by_side(net, opt, ref, ref_opt, 4)
     assert (_flat(ref) - _flat(_net())).abs().max() > 1e-3
-    assert (_flat(net) - _flat(ref)).abs().max() <= 1e-12
+    assert diff <= 1e-12
 
 
 # -- a closure without backward --------------------------------------------------------------------
@@ -166,10 +171,8 @@ def test_nan_loss_with_groups_of_one_parameter(curvature):
     with pytest.warns(RuntimeWarning, match=r"loss is not finite \(loss nan\)"):
         assert math.isnan(opt.step(nan_closure))
     assert torch.equal(_flat(net), _flat(ref)) and len(opt.state) == 0
-    for x, y in _batches(3):
-        opt.step(_closure(net, opt, x, y))
-        ref_opt.step(_closure(ref, ref_opt, x, y))
-    assert (_flat(net) - _flat(ref)).abs().max() <= 1e-12
+    diff = _side_by_side(net, opt, ref, ref_opt, 3)
+    assert diff <= 1e-12
 
 
 @pytest.fixture
@@ -278,10 +281,8 @@ def test_decoupled_decay_per_group_and_only_where_there_is_a_gradient():
     opt = CurvatureOptimizer(groups(net, extra), "adam", 0.05, model=net, betas=(0.8, 0.99),
                              decoupled_weight_decay=True)
     ref_opt = torch.optim.AdamW(groups(ref, ref_extra), lr=0.05, betas=(0.8, 0.99))
-    for x, y in _batches(4):
-        opt.step(_closure(net, opt, x, y))
-        ref_opt.step(_closure(ref, ref_opt, x, y))
-    assert (_flat(net) - _flat(ref)).abs().max() <= 1e-12
+    diff = _side_by_side(net, opt, ref, ref_opt, 4)
+    assert diff <= 1e-12
     assert torch.equal(extra, torch.ones(3, dtype=D))
     # the decay is the only difference to the same run without it
     plain = _net()
