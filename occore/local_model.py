@@ -104,12 +104,11 @@ class DenseLocalModel:
         return self._finite
 
     def curvature_scale(self) -> float:
-        """The largest |entry| of the cost Hessians l_xx (terminal included) and l_uu (nan where
-        one is not finite): the scale V_xx and Q_uu inherit from the cost, to which the solvers
-        relate the regularisation's cap (:class:`occore.Regularization`)."""
+        """The largest |entry| of the cost Hessians l_xx (terminal included) and l_uu: the scale
+        V_xx and Q_uu inherit from the cost, to which the solvers relate the regularisation's cap
+        (:func:`occore.solvers.ddp.curvature_scale` takes 1 where it is 0 or not finite)."""
         d = self.derivs
-        s = max(float(np.max(np.abs(d.lxx), initial=0.0)), float(np.max(np.abs(d.luu), initial=0.0)))
-        return s if np.isfinite(s) else float("nan")
+        return max(float(np.max(np.abs(d.lxx), initial=0.0)), float(np.max(np.abs(d.luu), initial=0.0)))
 
     def backward(self, mu: float, second_order: bool = False):
         if not self.finite():   # nothing to factorise: the solver ends with NON_FINITE
