@@ -54,7 +54,7 @@ from __future__ import annotations
 import copy
 import functools
 import math
-from typing import Union
+from typing import Optional, Union
 
 import torch
 from torch import nn
@@ -304,13 +304,13 @@ class DDPNOpt(CurvatureOptimizer):
         return 2 if self.feedback else 0
 
     def _agreement(self, rec) -> list:
-        """Data-parallel: whether this rank's shard shows a mean cross-entropy / a summed one
-        (the loss recognition must agree, :meth:`_agreed`)."""
+        """Data-parallel: whether this rank's shard shows a mean cross-entropy / a loss summed
+        over the batch (the loss recognition must agree, :meth:`_agreed`)."""
         if not self.feedback:
             return []
         found = None
         if not self._loss.settled and rec.model_output is not None and rec.model_grad is not None:
-            found = detect_loss(rec.model_output, rec.model_grad)
+            found = detect_loss(rec.model_output, rec.model_grad, self._closure_value())
         return [float(found == "cross_entropy"), float(found == "sum")]
 
     def _agreed(self, sums: list) -> None:
@@ -318,6 +318,14 @@ class DDPNOpt(CurvatureOptimizer):
             world = self.collectives.world_size
             self._agreed_loss = ("sum" if sums[1] else
                                  "cross_entropy" if sums[0] == world else None)
+
+    def _closure_value(self) -> Optional[float]:
+        """The loss the closure of this step returned, as a float (None: not a number)."""
+        loss = self._closure_result.get("loss")
+        try:
+            return float(loss.detach() if isinstance(loss, torch.Tensor) else loss)
+        except (TypeError, ValueError, RuntimeError):
+            return None
 
     def _stages(self, rec) -> list:
         """The stages of this step's forward (cached while the execution order stays the same)."""

@@ -385,11 +385,12 @@ class CurvatureQ:
         """``(Y, W)`` of :func:`nn_adapter.terminal.terminal_factor` for this batch."""
         opt, rec = self.problem.opt, self.problem.rec
         out, g = rec.model_output, rec.model_grad
+        value = self.problem.loss
         if opt.terminal_hessian == "gradient":
             if out is not None and g is not None:
-                opt._loss.check_mean(out, g)
+                opt._loss.check_mean(out, g, value=value)
             return None, None
-        loss = opt._loss(out, g, opt._agreed_loss)
+        loss = opt._loss(out, g, opt._agreed_loss, value)
         col = opt.collectives
         if opt.terminal_hessian == "sampled" and col is not None and col.world_size > 1:
             # draw for the whole global batch (the same generator state on every rank) and keep

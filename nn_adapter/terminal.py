@@ -33,7 +33,8 @@ The loss is recognised from what the closure reveals (the network output and the
 it): softmax cross-entropy on logits when B * dL/dout = softmax(out) - onehot for every sample
 (``loss="auto"``, the default), else it must be named (``loss="cross_entropy"`` / ``"mse"``). An
 unrecognised loss with ``"auto"`` is taken as mean squared error (a bounded curvature), with a
-warning once per optimizer.
+warning once per optimizer. Either loss summed over the batch (``reduction="sum"``; a squared
+error is told by the loss's value against its gradient) is refused.
 """
 from __future__ import annotations
 
@@ -55,11 +56,12 @@ DETECT = object()   # LossResolver: run detect_loss (no result given)
 LOSSES = ("auto", "cross_entropy", "mse")
 
 
-def detect_loss(out: torch.Tensor, grad: torch.Tensor) -> Optional[str]:
+def detect_loss(out: torch.Tensor, grad: torch.Tensor, value: Optional[float] = None) -> Optional[str]:
     """``"cross_entropy"`` when ``B grad = softmax(out) - t`` row by row with each ``t`` a
     probability vector (class labels, soft targets, label smoothing: their Gauss-Newton Hessian
     diag(p) - p p^T is the same), ``"sum"`` when ``grad = softmax(out) - onehot`` itself
-    (cross-entropy with labels summed over the batch, ``reduction="sum"``), else None.
+    (cross-entropy with labels summed over the batch, ``reduction="sum"``, or, given the loss's
+    ``value``, a squared error summed over the batch: :func:`_summed_squared_error`), else None.
 
     A cross-entropy scaled by a factor below 1 passes as one with soft targets (its Gauss-Newton
     Hessian is then taken too large by the inverse factor). The rows of a cross-entropy's
@@ -72,8 +74,10 @@ def detect_loss(out: torch.Tensor, grad: torch.Tensor) -> Optional[str]:
         out: network outputs (B, C).
         grad: the gradient of the batch loss at ``out`` (B, C).
     """
-    if out.dim() != 2 or out.shape != grad.shape or out.shape[1] < 2:
+    if out.shape != grad.shape:
         return None
+    if out.dim() != 2 or out.shape[1] < 2:
+        return "sum" if _summed_squared_error(out, grad, value) else None
     p = torch.softmax(out.double(), 1)
     tol = 1e-3 if out.dtype in (torch.float16, torch.bfloat16) else 1e-4
     bg = grad.double() * out.shape[0]
@@ -90,7 +94,27 @@ def detect_loss(out: torch.Tensor, grad: torch.Tensor) -> Optional[str]:
     resid = grad.double() - p                   # = -onehot for a summed cross-entropy
     label = resid.argmin(1)
     resid[torch.arange(len(label), device=label.device), label] += 1.0
-    return "sum" if float(resid.abs().max()) <= tol else None
+    if float(resid.abs().max()) <= tol or _summed_squared_error(out, grad, value):
+        return "sum"
+    return None
+
+
+def _summed_squared_error(out: torch.Tensor, grad: torch.Tensor, value: Optional[float]) -> bool:
+    """Whether the loss ``value`` and its gradient are those of a squared error summed over the
+    batch (``nn.MSELoss(reduction="sum")``).
+
+    A loss (1/B) sum_i c |out_i - t_i|^2 has the gradient g_i = 2 c (out_i - t_i) / B, so
+    c = B |g|^2 / (4 L) whatever the targets: c = 1/d for torch's mean squared error (d the size
+    of one sample's output) and c = B for the sum over the batch (B > 1). Another loss (or one
+    with a penalty added) gives c = B only by coincidence, to the tolerance below.
+    """
+    n = out.shape[0]
+    if value is None or not (math.isfinite(value) and value > 0) or n <= 1 or out[0].numel() * n <= 1:
+        return False
+    eps = max(torch.finfo(out.dtype).eps, torch.finfo(grad.dtype).eps)
+    tol = min(1e-2, max(1e-8, 1e3 * eps))
+    c = n * float(grad.double().square().sum()) / (4.0 * value)
+    return abs(c / n - 1.0) <= tol
 
 
 def loss_hessian_factor(loss: str, out: torch.Tensor) -> torch.Tensor:
@@ -161,7 +185,7 @@ def terminal_factor(kind: str, loss: str, out: torch.Tensor, g: torch.Tensor, ge
 class LossResolver:
     """Resolves ``loss="auto"``: cross-entropy once recognised stays recognised; an unrecognised
     loss is checked again at the next step (and taken as mean squared error, warned once). A
-    cross-entropy summed over the batch is refused (:meth:`check_mean`)."""
+    cross-entropy or squared error summed over the batch is refused (:meth:`check_mean`)."""
 
     def __init__(self, loss: str):
         self.loss = loss
@@ -173,14 +197,16 @@ class LossResolver:
         """True once the loss is recognised (later steps skip :func:`detect_loss`)."""
         return self._recognised
 
-    def check_mean(self, out: torch.Tensor, g_mean: torch.Tensor, found=DETECT):
-        """Raise ``InputError`` for a cross-entropy summed over the batch; returns what
-        :func:`detect_loss` found (checked until cross-entropy is recognised). ``found``: what
-        was found already (data-parallel: the ranks' agreed result), instead of detecting."""
+    def check_mean(self, out: torch.Tensor, g_mean: torch.Tensor, found=DETECT,
+                   value: Optional[float] = None):
+        """Raise ``InputError`` for a cross-entropy or squared error summed over the batch;
+        returns what :func:`detect_loss` found (checked until cross-entropy is recognised).
+        ``found``: what was found already (data-parallel: the ranks' agreed result), instead of
+        detecting; ``value``: the batch's loss (None: not known)."""
         if self._recognised:
             return self.loss
         if found is DETECT:
-            found = detect_loss(out, g_mean)
+            found = detect_loss(out, g_mean, value)
         if found == "sum" and out.shape[0] > 1:
             raise InputError(
                 "closure: the loss is summed over the batch (reduction='sum'); DDPNOpt needs the "
@@ -190,8 +216,9 @@ class LossResolver:
             self._recognised = True
         return found
 
-    def __call__(self, out: torch.Tensor, g_mean: torch.Tensor, found=DETECT) -> str:
-        found = self.check_mean(out, g_mean, found)
+    def __call__(self, out: torch.Tensor, g_mean: torch.Tensor, found=DETECT,
+                 value: Optional[float] = None) -> str:
+        found = self.check_mean(out, g_mean, found, value)
         if self.loss != "auto":
             return self.loss
         if found == "cross_entropy":
@@ -199,8 +226,8 @@ class LossResolver:
             return found
         if not self._warned:
             self._warned = True
-            msg = ("DDPNOpt: the loss is not softmax cross-entropy on the network output; its "
-                   "terminal Gauss-Newton curvature is taken as mean squared error's (2/d) I. Pass "
-                   "loss='mse' or loss='cross_entropy' to say which, or terminal_hessian='gradient'")
+            msg = ("DDPNOpt: the loss is not softmax cross-entropy on the network output; its terminal Gauss-Newton curvature is taken as mean "
+                   "squared error's (2/d) I. Pass loss='mse' or loss='cross_entropy' to say which, "
+                   "or terminal_hessian='gradient'")
             warn(msg)
         return "mse"

@@ -355,6 +355,42 @@ def test_a_summed_cross_entropy_is_refused_before_any_change(terminal):
     assert torch.equal(fresh.state_dict()["state"][0]["exp_avg"], state["state"][0]["exp_avg"])
 
 
+@pytest.mark.parametrize("loss", ["auto", "mse"])
+def test_a_summed_squared_error_is_refused_before_any_change(loss):
+    """MSELoss(reduction='sum') is told from a mean squared error by the loss value against its
+    gradient (B |g|^2 / 4L = B, not 1/d); before, it trained with per-sample value gradients B
+    times too small, silently with loss='mse'."""
+    net = _three()
+    x = _xy()[0]
+    target = torch.randn(16, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    opt = DDPNOpt(net, lr=0.01, loss=loss)
+    before = _flat(net).clone()
+
+    def closure():
+        opt.zero_grad()
+        out = nn.functional.mse_loss(net(x), target, reduction="sum")
+        out.backward()
+        return out
+    with pytest.raises(InputError, match="reduction='sum'"):
+        opt.step(closure)
+    assert torch.equal(_flat(net), before)
+
+
+def test_a_mean_squared_error_of_any_output_shape_is_not_taken_for_a_sum():
+    """torch's mean squared error (outputs (B, 2, 3)) and a sum over the output dimensions
+    averaged over the batch both train; only the sum over the batch is refused."""
+    torch.manual_seed(1)
+    net = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 6), nn.Unflatten(1, (2, 3)))
+    x = torch.randn(8, 4)
+    target = torch.randn(8, 2, 3)
+    for loss_fn in (nn.functional.mse_loss, lambda o, t: (o - t).square().flatten(1).sum(1).mean()):
+        opt = DDPNOpt(net, lr=0.01, loss="mse")
+        first = float(opt.step(make_closure(net, opt, x, target, loss_fn)))
+        for _ in range(5):
+            last = float(opt.step(make_closure(net, opt, x, target, loss_fn)))
+        assert last < first
+
+
 def test_a_step_on_a_closure_returning_the_live_loss_warns_nothing():
     """The closure returns the loss as torch.optim's do (it requires grad): DDPNOpt reads its
     value without torch's 'Converting a tensor with requires_grad=True to a scalar' warning."""

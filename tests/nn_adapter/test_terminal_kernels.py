@@ -190,3 +190,33 @@ def test_a_confident_cross_entropy_is_still_recognised(dtype, classes):
         assert detect_loss(o, grad) == "cross_entropy"
     o, grad = _grad(lambda o: nn.functional.cross_entropy(o, y), out)
     assert grad.abs().max() * 16 < 1e-4            # (small: the relative check is what decides)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_a_squared_error_is_told_by_its_value(dtype):
+    """With the loss value, a squared error summed over the batch -> "sum" (outputs (B, 2, 3));
+    torch's mean squared error, one summed over the output only (c = 1), Huber, L1 and an MSE
+    plus a penalty -> None; without the value the sum is not told either."""
+    g = torch.Generator().manual_seed(2)
+    out = torch.randn(6, 2, 3, generator=g, dtype=torch.float64).to(dtype)
+    t = torch.randn(6, 2, 3, generator=g, dtype=torch.float64).to(dtype)
+    cases = [(None, lambda o: nn.functional.mse_loss(o, t)),
+             ("sum", lambda o: nn.functional.mse_loss(o, t, reduction="sum")),
+             (None, lambda o: (o - t).square().flatten(1).sum(1).mean())]
+    for expect, fn in cases:
+        o = out.clone().requires_grad_(True)
+        loss = fn(o)
+        grad, = torch.autograd.grad(loss, o)
+        assert detect_loss(o.detach(), grad, float(loss.detach())) == expect
+        assert detect_loss(o.detach(), grad) is None
+    for fn in (lambda o: nn.functional.huber_loss(o, t, delta=0.5), lambda o: nn.functional.l1_loss(o, t),
+               lambda o: nn.functional.mse_loss(o, t) + 1e-3 * o.square().sum()):
+        o = out.clone().requires_grad_(True)
+        loss = fn(o)
+        grad, = torch.autograd.grad(loss, o)
+        assert detect_loss(o.detach(), grad, float(loss.detach())) is None
+    res = LossResolver("mse")
+    o = out.clone().requires_grad_(True)
+    loss = nn.functional.mse_loss(o, t, reduction="sum")
+    with pytest.raises(ValueError, match="reduction='sum'"):
+        res(o.detach(), torch.autograd.grad(loss, o)[0], value=float(loss.detach()))
