@@ -135,3 +135,36 @@ def test_cddp_does_not_cycle_between_regularisations_at_one_iterate():
         if not (a.accepted or b.accepted) and a.cost == b.cost:    # two tries at one iterate
             assert b.regularization >= a.regularization, (a, b)
     assert h[-1].cost < h[-21].cost            # still moving at the end
+
+
+def pendulum_terminal_inequality():
+    """Swing-up by |u| <= 4 to a terminal set: cos(theta_T) <= -0.95 and |w_T| <= 0.5 (the last
+    one inactive at the optimum), no terminal cost."""
+    dt = 0.05
+
+    def f(x, u):
+        w = x[1] + dt * (-15.0 * ca.sin(x[0]) + 3.0 * u[0])
+        return ca.vertcat(x[0] + dt * w, w)
+
+    return occore.Problem(f, lambda x, u: 0.5 * dt * (0.1 * x[1] ** 2 + u[0] ** 2), lambda x: 0.0 * x[0],
+                          x0=[0.1, 0.0], nu=1, horizon=100, u_lower=-4.0, u_upper=4.0, name="pendulum_terminal_set",
+                          terminal_inequalities=lambda x: ca.vertcat(ca.cos(x[0]) + 0.95, x[1] - 0.5, -x[1] - 0.5))
+
+
+def test_cddp_is_not_converged_while_a_multiplier_holds_x_off_its_constraint():
+    """A feasible inner solution is not the optimum while an inequality holds strictly with a
+    positive multiplier: the inner solve minimised J + lam c and kept x_T inside the terminal set
+    (it stopped CONVERGED at J = 3.2231, c = -0.013, lam = 3.96; IPOPT's optimum, 3.1905, has the
+    constraint active). CONVERGED now also needs complementarity, and gives IPOPT's cost; its
+    multipliers are complementary to the constraint values."""
+    prob = pendulum_terminal_inequality()
+    ref = occore.reference.ipopt(prob, record=False)
+    assert ref.converged
+    res = occore.CDDP().solve(prob)
+    assert res.status is occore.Status.CONVERGED, res.summary()
+    assert res.constraint_violation <= 1e-8
+    assert abs(res.cost - ref.cost) <= 1e-6 * ref.cost, (res.cost, ref.cost)
+    c = np.array([math.cos(res.xs[-1, 0]) + 0.95, res.xs[-1, 1] - 0.5, -res.xs[-1, 1] - 0.5])
+    lam = res.multipliers.h
+    assert np.all(lam >= 0) and lam[0] > 0 and lam[2] == 0.0
+    assert np.max(np.abs(lam * c)) <= 1e-7, (lam, c)
