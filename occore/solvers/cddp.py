@@ -9,7 +9,9 @@ Riccati sweep itself is unchanged). Control bounds stay with the box-QP sweep an
 When an inner solve converges (expected decrease below ``inner_tol``, or ``tol`` once the
 constraints hold) the multipliers are updated, lam <- phi'(c), and the penalty raised when the
 violation did not shrink enough; the solve is CONVERGED when an inner solve at ``tol`` ends with
-the violation at most ``constraint_tol``, and INFEASIBLE when the penalty would pass its maximum.
+the violation at most ``constraint_tol`` and (augmented Lagrangian) the multiplier update would move
+no multiplier by more than ``constraint_tol`` times the penalty (complementarity:
+:func:`occore.lq.augmented.multiplier_change`), and INFEASIBLE when the penalty would pass its maximum.
 """
 from __future__ import annotations
 
