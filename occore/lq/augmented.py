@@ -40,7 +40,7 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 
-__all__ = ["Multipliers", "merit_terms", "augment", "update", "barrier_duals", "INFEASIBLE"]
+__all__ = ["Multipliers", "merit_terms", "augment", "update", "multiplier_change", "barrier_duals", "INFEASIBLE"]
 
 #: merit of a trial that leaves the interior (barrier): finite, so the line search backtracks
 #: from it like from any worse trial rather than treating it as a numerical failure
@@ -133,6 +133,20 @@ def update(values, m: Multipliers) -> Multipliers:
     g, up, lo, hi = (_weights(c, lam, m)[0] for c, lam in _pairs(values, m))
     h = np.concatenate([m.h[:m.nh] + m.penalty * values.h, hi])
     return replace(m, g=g, upper=up, lower=lo, h=h, violation=values.violation())
+
+
+def multiplier_change(new: Multipliers, old: Multipliers) -> float:
+    """Largest |lam_new - lam_old| / rho over all constraints, ``new = update(values, old)``
+    (augmented Lagrangian). For an inequality it is |max(c, -lam / rho)|, the violation of
+    feasibility and complementarity together (Birgin & Martinez 2014, "Practical augmented
+    Lagrangian methods", eq. 4.8): positive where c > 0, but also where the constraint holds
+    strictly while its multiplier is still positive (the inner solve kept x off a constraint that
+    is not active); for an equality it is |h|. 0.0 when there are no constraints."""
+    worst = 0.0
+    for a, b in ((new.g, old.g), (new.upper, old.upper), (new.lower, old.lower), (new.h, old.h)):
+        if a.size:
+            worst = max(worst, float(np.max(np.abs(a - b))))
+    return worst / old.penalty if worst == worst else float("inf")
 
 
 def barrier_duals(values, m: Multipliers, d, dxs: np.ndarray, dus: np.ndarray, upper_index,

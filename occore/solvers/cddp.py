@@ -9,7 +9,9 @@ Riccati sweep itself is unchanged). Control bounds stay with the box-QP sweep an
 When an inner solve converges (expected decrease below ``inner_tol``, or ``tol`` once the
 constraints hold) the multipliers are updated, lam <- phi'(c), and the penalty raised when the
 violation did not shrink enough; the solve is CONVERGED when an inner solve at ``tol`` ends with
-the violation at most ``constraint_tol``, and INFEASIBLE when the penalty would pass its maximum.
+the violation at most ``constraint_tol`` and (augmented Lagrangian) the multiplier update would move
+no multiplier by more than ``constraint_tol`` times the penalty (complementarity:
+:func:`occore.lq.augmented.multiplier_change`), and INFEASIBLE when the penalty would pass its maximum.
 """
 from __future__ import annotations
 
@@ -20,7 +22,7 @@ import numpy as np
 
 from ..errors import InputError
 from ..local_model import linear_states
-from ..lq.augmented import INFEASIBLE, Multipliers, augment, barrier_duals, merit_terms, update
+from ..lq.augmented import INFEASIBLE, Multipliers, augment, barrier_duals, merit_terms, multiplier_change, update
 from ..result import IterationInfo, Result, Status
 from ..types import Trajectory
 from .base import SolverState
@@ -161,9 +163,15 @@ class CDDP(_RiccatiSolver):
             # barrier, the duals of the last LQ subproblem (phi'(c) alone is ill-conditioned).
             mult = (self._barrier_duals(problem, state, new.policy) if state.multipliers.barrier
                     else update(point.values, state.multipliers))
-            return replace(new, multipliers=mult,
-                           message=f"expected decrease {info.stop:.2e} < tol {opts.tol:g}, constraint "
-                                   f"violation {violation:.1e} <= {opts.constraint_tol:g}"), info
+            # Augmented Lagrangian: feasible is not enough. A multiplier still positive on a
+            # constraint that holds strictly (complementarity violated) kept the inner solve off
+            # that constraint: the iterate minimises J + lam c there, not J (measured: a swing-up
+            # with a terminal inequality stopped CONVERGED 1 % above IPOPT's optimum, c = -0.013
+            # with lam = 3.96). Then the multipliers are updated and the solve goes on.
+            if state.multipliers.barrier or multiplier_change(mult, state.multipliers) <= opts.constraint_tol:
+                return replace(new, multipliers=mult,
+                               message=f"expected decrease {info.stop:.2e} < tol {opts.tol:g}, constraint "
+                                       f"violation {violation:.1e} <= {opts.constraint_tol:g}"), info
         # An inner solve is done, but the constraints do not hold yet (or it stopped at inner_tol):
         # update the multipliers, and raise the penalty unless the violation fell enough since the
         # last update.

@@ -96,7 +96,11 @@ class _RiccatiSolver(Solver):
         # MAX_RAISES raises per iteration: a factor barely above 1 must not loop for ever).
         tol = self._tol(state)
         baseline = max(reg.initial, reg.minimum)
-        relooked, raises = False, 0
+        # No second look after a rejected step: mu was raised from below because the steps of the
+        # smaller ones failed at this very iterate, so going back would only repeat them (a cycle:
+        # back to the baseline, rejected, raised again to where the expected decrease is small).
+        retried = bool(state.history) and not state.history[-1].accepted
+        relooked, raises = retried, 0
         while True:
             try:
                 policy, (d1, d2) = lm.backward(mu, second_order)

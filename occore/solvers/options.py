@@ -225,7 +225,9 @@ class CDDPOptions(DDPOptions):
 
     Attributes:
         constraint_tol: CONVERGED needs the largest constraint violation at most this (and the
-            expected decrease of the inner solve below ``tol``).
+            expected decrease of the inner solve below ``tol``); with the augmented Lagrangian
+            also |max(c, -lam / rho)| at most this for every inequality (no positive multiplier
+            on a constraint that holds strictly).
         penalty: initial penalty weight rho.
         penalty_factor: rho is multiplied by this after an outer iteration that did not reduce the
             violation to ``penalty_keep`` times the previous one.

@@ -13,7 +13,7 @@ import pytest
 
 import occore
 from occore.constraints import ConstraintSet
-from occore.lq.augmented import INFEASIBLE, Multipliers, augment, barrier_duals, merit_terms, update
+from occore.lq.augmented import INFEASIBLE, Multipliers, augment, barrier_duals, merit_terms, multiplier_change, update
 
 T, NX, NU = 4, 3, 2
 
@@ -319,3 +319,17 @@ def test_terminal_inequalities_and_equality_reach_the_closed_form_kkt_point(meth
     np.testing.assert_allclose(res.multipliers.h, [-2 / T, 1 / T, 0.0], atol=1e-5)
     if method == "barrier":
         assert prob.constraint_values(res.xs, res.us).hi.max() < 0 and res.multipliers.h[2] == pytest.approx(1e-7 / 4, rel=1e-6)
+
+
+def test_multiplier_change_is_the_feasibility_complementarity_measure():
+    """|max(c, -lam / rho)| for inequalities (a violated one: c; one that holds strictly with a
+    positive multiplier: min(-c, lam / rho); active or inactive with lam = 0: 0), |h| for equalities."""
+    cs = ConstraintSet.build(T=1, nx=1, x_lower=None, x_upper=None, ng=0, nh=1, nhi=3)
+    m = replace(Multipliers.zeros(cs, penalty=4.0), h=np.array([1.0, 0.0, 2.0, 0.5]))
+    for h, ineq, expected in ((0.0, [-0.5, 0.0, 0.0], 0.0),         # inactive with lam 0, active, active
+                              (0.0, [-0.5, 0.1, 0.0], 0.1),         # violated: c
+                              (0.0, [-0.5, 0.0, -0.05], 0.05),      # strict with lam 0.5: min(0.05, 0.125)
+                              (0.0, [-0.5, 0.0, -1.0], 0.125),      # strict with lam 0.5: min(1, 0.125)
+                              (-0.3, [-0.5, 0.0, 0.0], 0.3)):       # equality: |h|
+        vals = cs.values(np.zeros((2, 1)), None, np.array([h, *ineq]))
+        assert multiplier_change(update(vals, m), m) == pytest.approx(expected, rel=1e-12, abs=1e-15)

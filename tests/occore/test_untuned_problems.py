@@ -87,3 +87,84 @@ def test_reaches_ipopts_cost_from_the_zero_guess(ipopt_costs, name, solver):
         assert np.all(res.us >= prob.u_lower) and np.all(res.us <= prob.u_upper)
     again = prob.rollout(res.us)                     # a feasible trajectory, whatever the start
     np.testing.assert_allclose(again.xs, res.xs, atol=1e-9)
+
+
+def acrobot_velocity_bounds():
+    """Acrobot swing-up (torque on the elbow, |u| <= 8) with both joint velocities in [-6, 6]."""
+    dt, g = 0.05, 9.81
+    m1 = m2 = l1 = 1.0
+    lc1 = lc2 = 0.5
+    I1 = I2 = 1.0 / 12 + 0.25
+
+    def f(x, u):
+        q1, q2, d1, d2 = x[0], x[1], x[2], x[3]
+        c2, s2 = ca.cos(q2), ca.sin(q2)
+        M11 = I1 + I2 + m2 * l1 ** 2 + 2 * m2 * l1 * lc2 * c2
+        M12 = I2 + m2 * l1 * lc2 * c2
+        M22 = I2
+        h1 = -m2 * l1 * lc2 * s2 * (2 * d1 * d2 + d2 ** 2)
+        h2 = m2 * l1 * lc2 * s2 * d1 ** 2
+        g1 = (m1 * lc1 + m2 * l1) * g * ca.sin(q1) + m2 * lc2 * g * ca.sin(q1 + q2)
+        g2 = m2 * lc2 * g * ca.sin(q1 + q2)
+        r1, r2 = -h1 - g1, u[0] - h2 - g2
+        det = M11 * M22 - M12 * M12
+        n1 = d1 + dt * ((M22 * r1 - M12 * r2) / det)
+        n2 = d2 + dt * ((-M12 * r1 + M11 * r2) / det)
+        return ca.vertcat(q1 + dt * n1, q2 + dt * n2, n1, n2)
+
+    def quad(v, goal, w):
+        return 0.5 * sum(wi * (v[i] - gi) ** 2 for i, (gi, wi) in enumerate(zip(goal, w)))
+
+    goal = [math.pi, 0.0, 0.0, 0.0]
+    inf = np.inf
+    return occore.Problem(f, lambda x, u: quad(x, goal, [dt, dt, 0.1 * dt, 0.1 * dt]) + quad(u, [0.0], [0.01 * dt]),
+                          lambda x: quad(x, goal, [100.0, 100.0, 10.0, 10.0]), x0=[0.0] * 4, nu=1, horizon=100,
+                          u_lower=-8.0, u_upper=8.0, x_lower=[-inf, -inf, -6.0, -6.0], x_upper=[inf, inf, 6.0, 6.0],
+                          name="acrobot_vel")
+
+
+def test_cddp_does_not_cycle_between_regularisations_at_one_iterate():
+    """Rejected steps raise mu; where the expected decrease then fell below the inner tolerance,
+    the loop used to go back to the baseline mu for a second look, whose step had just been
+    rejected: the same three iterations (mu 1, 10, 100) repeated from iteration 261 to max_iter
+    with the iterate unchanged. After a rejection mu only rises until a step is accepted (or the
+    inner solve ends), so the iterate keeps moving."""
+    res = occore.CDDP(max_iter=280).solve(acrobot_velocity_bounds())
+    h = res.history
+    for a, b in zip(h, h[1:]):
+        if not (a.accepted or b.accepted) and a.cost == b.cost:    # two tries at one iterate
+            assert b.regularization >= a.regularization, (a, b)
+    assert h[-1].cost < h[-21].cost            # still moving at the end
+
+
+def pendulum_terminal_inequality():
+    """Swing-up by |u| <= 4 to a terminal set: cos(theta_T) <= -0.95 and |w_T| <= 0.5 (the last
+    one inactive at the optimum), no terminal cost."""
+    dt = 0.05
+
+    def f(x, u):
+        w = x[1] + dt * (-15.0 * ca.sin(x[0]) + 3.0 * u[0])
+        return ca.vertcat(x[0] + dt * w, w)
+
+    return occore.Problem(f, lambda x, u: 0.5 * dt * (0.1 * x[1] ** 2 + u[0] ** 2), lambda x: 0.0 * x[0],
+                          x0=[0.1, 0.0], nu=1, horizon=100, u_lower=-4.0, u_upper=4.0, name="pendulum_terminal_set",
+                          terminal_inequalities=lambda x: ca.vertcat(ca.cos(x[0]) + 0.95, x[1] - 0.5, -x[1] - 0.5))
+
+
+def test_cddp_is_not_converged_while_a_multiplier_holds_x_off_its_constraint():
+    """A feasible inner solution is not the optimum while an inequality holds strictly with a
+    positive multiplier: the inner solve minimised J + lam c and kept x_T inside the terminal set
+    (it stopped CONVERGED at J = 3.2231, c = -0.013, lam = 3.96; IPOPT's optimum, 3.1905, has the
+    constraint active). CONVERGED now also needs complementarity, and gives IPOPT's cost; its
+    multipliers are complementary to the constraint values."""
+    prob = pendulum_terminal_inequality()
+    ref = occore.reference.ipopt(prob, record=False)
+    assert ref.converged
+    res = occore.CDDP().solve(prob)
+    assert res.status is occore.Status.CONVERGED, res.summary()
+    assert res.constraint_violation <= 1e-8
+    assert abs(res.cost - ref.cost) <= 1e-6 * ref.cost, (res.cost, ref.cost)
+    c = np.array([math.cos(res.xs[-1, 0]) + 0.95, res.xs[-1, 1] - 0.5, -res.xs[-1, 1] - 0.5])
+    lam = res.multipliers.h
+    assert np.all(lam >= 0) and lam[0] > 0 and lam[2] == 0.0
+    assert np.max(np.abs(lam * c)) <= 1e-7, (lam, c)
