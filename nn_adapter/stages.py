@@ -230,6 +230,13 @@ class Stages(NamedTuple):
     Attributes:
         pre: leading parameter-free modules, applied to the inputs to give x_0.
         stages: the stages, t = 0..T-1.
+
+    Example:
+        >>> from torch import nn
+        >>> pre, stages = split_stages(nn.Sequential(nn.Flatten(), nn.Linear(4, 3), nn.Tanh(),
+        ...                                          nn.Linear(3, 2)))
+        >>> len(pre), len(stages)
+        (1, 2)
     """
 
     pre: list

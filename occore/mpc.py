@@ -176,6 +176,15 @@ class ClosedLoop:
     Attributes:
         xs: (steps+1, nx) states, xs[0] the initial one.  us: (steps, nu) applied controls.
         latencies: (steps,) seconds of each controller call.
+
+    Example:
+        >>> import occore
+        >>> prob = occore.problems.make("pendulum")
+        >>> loop = occore.simulate(occore.MPC(prob, occore.ILQR(max_iter=5)), prob, steps=3)
+        >>> loop.xs.shape, loop.us.shape, loop.latencies.shape
+        ((4, 2), (3, 1), (3,))
+        >>> loop.latency(99) >= loop.latency() > 0
+        True
     """
 
     xs: np.ndarray

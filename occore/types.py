@@ -63,6 +63,13 @@ class Trajectory:
         us: controls; (T, nu) for dense problems, a list of parameter dicts for networks.
         cost: total cost J = sum_t l(x_t, u_t) + lf(x_T), a Python float.
         extras: problem-private data the rollout computed (never read by solvers).
+
+    Example:
+        >>> import occore
+        >>> prob = occore.problems.make("lqr")
+        >>> traj = prob.rollout(prob.initial_controls())
+        >>> traj.xs.shape, traj.us.shape       # (T+1, nx), (T, nu)
+        ((101, 4), (100, 2))
     """
 
     xs: Any
@@ -82,6 +89,12 @@ class Policy:
         k: feedforward gains, (T, nu) for dense problems.
         K: feedback gains, (T, nu, nx) for dense problems; may be an operator (a callable of dx)
             where a matrix would be too large.
+
+    Example:
+        >>> import occore
+        >>> pol = occore.DDP().solve(occore.problems.make("lqr")).policy
+        >>> pol.k.shape, pol.K.shape          # (T, nu), (T, nu, nx)
+        ((100, 2), (100, 2, 4))
     """
 
     k: Any

@@ -62,6 +62,13 @@ class Multipliers:
             :func:`barrier_duals`), 0.0 for the augmented Lagrangian.
         violation: the largest constraint violation when these multipliers were computed (inf for
             the initial ones); the penalty rule compares the next violation with it.
+
+    Example:
+        >>> import occore
+        >>> res = occore.CDDP().solve(occore.problems.make("pendulum_terminal"))
+        >>> m = res.multipliers      # the terminal equalities' multipliers (x_T = goal: 2 rows)
+        >>> m.h.shape, m.nh, m.g.shape
+        ((2,), 2, (50, 0))
     """
 
     g: np.ndarray
