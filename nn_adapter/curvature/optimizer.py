@@ -11,7 +11,10 @@ optimised) are in one param group is one structured block; every other parameter
 layer, or without a model) is a diagonal block of its own. A layer whose weight and bias are in
 different groups is split into two diagonal blocks by the diagonal curvatures (identity, rmsprop,
 adam: the arithmetic is the same per parameter) and refused by ``ekfac`` (its Kronecker factors
-cover weight and bias together), with an error naming the layer.
+cover weight and bias together), with an error naming the layer. Only the parameters that
+require a gradient join a layer's block: a frozen one (``requires_grad=False``, given to the
+optimizer or frozen later) is skipped by every step, its state kept, as torch.optim skips it; the
+blocks follow freezing and unfreezing (checked by ``zero_grad`` and ``step``).
 """
 from __future__ import annotations
 
@@ -211,8 +214,37 @@ class CurvatureOptimizer(torch.optim.Optimizer):
             self.param_groups.pop()
             raise
         self._blocks, self._block_group = blocks, block_group
+        self._trainable = self._trainable_now()
         if self._ready:
             self._refresh_recording()
+
+    def _trainable_now(self) -> tuple:
+        return tuple(p.requires_grad for g in self.param_groups for p in g["params"])
+
+    def _sync_blocks(self) -> None:
+        """Rebuild the blocks when a parameter was frozen or unfrozen (``requires_grad``) since
+        they were built (checked by :meth:`zero_grad` and at every step). A structured block
+        that changes restarts its curvature state where that state covers the whole layer
+        (``ekfac``: its Kronecker factors); the diagonal curvatures keep each parameter's."""
+        now = self._trainable_now()
+        if now == self._trainable:
+            return
+        blocks, block_group = self._make_blocks([g["params"] for g in self.param_groups])
+        if self.curvature.needs_records:
+            kept = {id(b) for b in self._blocks}
+            for b in blocks:
+                if id(b) not in kept:
+                    for p in b.params:
+                        self.state.pop(p, None)
+        self._blocks, self._block_group, self._trainable = blocks, block_group, now
+        self._refresh_recording()
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """``torch.optim.Optimizer.zero_grad``; also takes note of parameters frozen or unfrozen
+        since the last step (their blocks, :meth:`_make_blocks`)."""
+        super().zero_grad(set_to_none)
+        if self._ready:
+            self._sync_blocks()
 
     def _check_group_params(self, params, index: int) -> None:
         """A subclass's check of a new group's parameters (``params``: a list or set) before it
@@ -237,7 +269,10 @@ class CurvatureOptimizer(torch.optim.Optimizer):
     def _make_blocks(self, groups: list) -> tuple[list, dict]:
         """Blocks of the parameters of ``groups`` (lists of tensors) and each block's group index.
 
-        Blocks that are unchanged keep their identity (subclasses may hold them)."""
+        A structured block holds the layer's parameters that require a gradient (a frozen one is
+        a diagonal block of its own, which steps skip while it has no gradient, as torch.optim
+        does; a frozen weight leaves its bias a diagonal block). Blocks that are unchanged keep
+        their identity (subclasses may hold them)."""
         where: dict[int, int] = {}
         for i, ps in enumerate(groups):
             for p in ps:
@@ -250,10 +285,11 @@ class CurvatureOptimizer(torch.optim.Optimizer):
                     continue
                 kind, members, module = "diagonal", (p,), None
                 layer = self._layers.get(id(p))
-                if layer is not None and id(layer[1].weight) in where:
+                if layer is not None and p.requires_grad and layer[1].weight.requires_grad \
+                        and id(layer[1].weight) in where:
                     name, mod, structured = layer
                     own = [mod.weight] + ([mod.bias] if mod.bias is not None else [])
-                    inside = [q for q in own if id(q) in where]
+                    inside = [q for q in own if id(q) in where and q.requires_grad]
                     if len({where[id(q)] for q in inside}) == 1:
                         kind, members, module = structured, tuple(inside), mod
                     elif self.curvature.needs_records:
@@ -306,10 +342,17 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         live = self._live
         if live is not None and [id(m) for m in live._modules] == [id(m) for m in mods]:
             return
-        if live is not None:
-            live.detach()
         self._live = (LiveRecorder(mods, mods).name_modules(self._model).attach() if mods
                       else None)
+        if live is not None:
+            if self._live is not None:     # what the old one recorded since the last step
+                for m in self._live._modules:
+                    for new, old in ((self._live.calls, live.calls),
+                                     (self._live.inputs, live.inputs),
+                                     (self._live.out_grads, live.out_grads)):
+                        if m in old:
+                            new[m] = old[m]
+            live.detach()
 
     def _closure_free_reason(self) -> Optional[str]:
         """None when :meth:`step` can run without a closure, else the reason it cannot.
@@ -344,6 +387,7 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         Returns:
             the loss the closure returned (None without a closure).
         """
+        self._sync_blocks()
         if closure is None:
             return self._step_recorded()
         if not callable(closure):

@@ -518,3 +518,89 @@ def test_named_parameters_are_accepted():
         _step(net, opt, x, y, closure=False)
         ref_opt.step(_closure(ref, [ref_opt], x, y))
     assert (_flat(net) - _flat(ref)).abs().max() <= 1e-12
+
+
+# -- frozen parameters ------------------------------------------------------------------------------
+def _freeze_schedule(net, i):
+    """Before step i: layer 0's weight frozen throughout, the last layer's bias frozen for steps
+    2 and 3 (after it has momentum) and trained again from step 4."""
+    net[0].weight.requires_grad_(False)
+    net[3].bias.requires_grad_(not 2 <= i < 4)
+
+
+@pytest.mark.parametrize("closure", [True, False], ids=["closure", "no_closure"])
+@pytest.mark.parametrize("feedback", [False, True], ids=["open_loop", "feedback"])
+@pytest.mark.parametrize("curvature", ["identity", "rmsprop", "adam"])
+def test_frozen_parameters_are_skipped_as_torch_skips_them(curvature, feedback, closure):
+    """A parameter without a gradient (requires_grad=False, in the params or frozen later) is
+    left alone and its state kept, as torch.optim does, while its layer's other parameter
+    trains; feedback=False equals torch's optimizer update for update."""
+    from nn_adapter import DDPNOpt
+
+    if feedback and not closure:
+        pytest.skip("the feedback needs a closure")
+    hp = GROUP_HP[curvature][0]
+    data = _data(6)
+    net, ref = _net(), _net()
+    _freeze_schedule(net, 0)
+    _freeze_schedule(ref, 0)
+    opt = DDPNOpt(net.parameters(), model=net, curvature=curvature, feedback=feedback, **hp)
+    ref_opt = TORCH[curvature](ref.parameters(), **hp)
+    w0 = net[0].weight.detach().clone()
+    for i, (x, y) in enumerate(data):
+        _freeze_schedule(net, i)
+        _freeze_schedule(ref, i)
+        bias = net[3].bias.detach().clone()
+        _step(net, opt, x, y, closure)
+        ref_opt.step(_closure(ref, [ref_opt], x, y))
+        assert torch.equal(net[3].bias, bias) == (2 <= i < 4)
+    assert torch.equal(net[0].weight, w0)
+    assert not torch.equal(net[0].bias, _net()[0].bias)
+    if not feedback:
+        assert (_flat(net) - _flat(ref)).abs().max() <= 1e-12
+
+
+@pytest.mark.parametrize("closure", [True, False], ids=["closure", "no_closure"])
+def test_ekfac_layer_with_a_frozen_bias_equals_the_layer_without_bias(closure):
+    """EKFAC preconditions a layer whose bias is frozen (at zero) as the same layer without a
+    bias: the bias stays, the weight's Kronecker factor has no ones column."""
+    data = _data(4)
+    net = _net()
+    with torch.no_grad():
+        net[0].bias.zero_()
+    net[0].bias.requires_grad_(False)
+    ref = _net()
+    lin = nn.Linear(5, 7, bias=False).double()
+    with torch.no_grad():
+        lin.weight.copy_(ref[0].weight)
+    ref[0] = lin
+    opt = EKFAC(net.parameters(), lr=0.1, damping=1e-2, model=net)    # the frozen bias included
+    ref_opt = EKFAC(ref, lr=0.1, damping=1e-2)
+    for x, y in data:
+        _step(net, opt, x, y, closure)
+        _step(ref, ref_opt, x, y, closure)
+    assert torch.equal(net[0].bias, torch.zeros(7, dtype=torch.float64))
+    assert opt.state[net[0].weight]["A"].shape == (5, 5)
+    assert not torch.equal(net[0].weight, _net()[0].weight)
+    assert (_flat(net)[: 35] - lin.weight.flatten()).abs().max() <= 1e-12
+    assert (_flat(net)[42:] - _flat(ref)[35:]).abs().max() <= 1e-12
+
+
+def test_ekfac_layer_unfrozen_later_restarts_its_factors():
+    """A layer frozen at construction (its parameters given to the optimizer) and unfrozen later
+    becomes one structured block (its Kronecker factors start then) and trains, with and
+    without a closure."""
+    data = _data(4)
+    net = _net()
+    for p in net[0].parameters():
+        p.requires_grad_(False)
+    opt = EKFAC(net.parameters(), lr=0.1, model=net)
+    _step(net, opt, *data[0])
+    assert net[0].weight not in opt.state
+    for p in net[0].parameters():
+        p.requires_grad_(True)
+    w = net[0].weight.detach().clone()
+    _step(net, opt, *data[1], closure=False)
+    _step(net, opt, *data[2])
+    assert opt.state[net[0].weight]["A"].shape == (6, 6) and opt.state[net[0].weight]["step"] == 2
+    assert not torch.equal(net[0].weight, w)
