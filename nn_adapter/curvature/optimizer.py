@@ -386,6 +386,10 @@ class CurvatureOptimizer(torch.optim.Optimizer):
 
         Returns:
             the loss the closure returned (None without a closure).
+
+        Raises:
+            InputError: a sparse gradient (before anything changes; torch.optim.Adam refuses it
+                too), or a closure or records the step cannot use.
         """
         self._sync_blocks()
         if closure is None:
@@ -459,6 +463,7 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         each rank's records are complete and :meth:`_agreement`'s numbers (and, with
         ``process_group=``, the gradients, which it averages): a non-finite loss or gradient on
         any rank refuses the step on all, records incomplete on any rank raise on all."""
+        self._check_dense_grads()
         value = None if loss is None else float(
             loss.detach() if isinstance(loss, torch.Tensor) else loss)
         col = self.collectives
@@ -503,6 +508,19 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         """The in-place cross-rank average a curvature applies to its batch statistics, or None
         on one process."""
         return self.collectives.average_ if self.collectives is not None else None
+
+    def _check_dense_grads(self) -> None:
+        """``InputError`` (before anything changes) for a sparse gradient (an
+        ``nn.Embedding(sparse=True)``), which the curvatures do not take, as ``torch.optim.Adam``
+        refuses it."""
+        for i, group in enumerate(self.param_groups):
+            for j, p in enumerate(group["params"]):
+                if p.grad is not None and p.grad.layout != torch.strided:
+                    raise InputError(
+                        f"params: parameter {j} of param group {i} (shape {tuple(p.shape)}) has a "
+                        f"sparse gradient ({p.grad.layout}); {type(self).__name__} takes dense "
+                        "gradients only: use sparse=False in its module (nn.Embedding), or step "
+                        "that parameter with torch.optim.SparseAdam in an optimizer of its own")
 
     def _finite_grads(self, loss=None) -> bool:
         grads = [p.grad for p in self._params_with_grad()]

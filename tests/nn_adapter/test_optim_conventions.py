@@ -604,3 +604,45 @@ def test_ekfac_layer_unfrozen_later_restarts_its_factors():
     _step(net, opt, *data[2])
     assert opt.state[net[0].weight]["A"].shape == (6, 6) and opt.state[net[0].weight]["step"] == 2
     assert not torch.equal(net[0].weight, w)
+
+
+class _Bag(nn.Module):
+    """An embedding (sparse gradients when ``sparse``) and a linear head, for two tokens a sample."""
+
+    def __init__(self, sparse):
+        super().__init__()
+        torch.manual_seed(0)
+        self.emb, self.head = nn.Embedding(10, 4, sparse=sparse).double(), nn.Linear(8, 3).double()
+
+    def forward(self, idx):
+        return self.head(self.emb(idx).flatten(1))
+
+
+@pytest.mark.parametrize("closure", [True, False], ids=["closure", "no_closure"])
+@pytest.mark.parametrize("curvature,feedback", [(c, False) for c in CURVATURES]
+                         + [("adam", True), ("ekfac", True)])
+def test_sparse_gradients_are_refused_before_any_change(curvature, feedback, closure):
+    """As torch.optim.Adam refuses sparse gradients, with an error that says so; nothing changes."""
+    from nn_adapter import DDPNOpt
+
+    if feedback and not closure:
+        pytest.skip("the feedback needs a closure")
+    idx, y = torch.randint(0, 10, (6, 2), generator=torch.Generator().manual_seed(0)), \
+        torch.tensor([0, 1, 2, 0, 1, 2])
+    for sparse in (False, True):
+        net = _Bag(sparse)
+        opt = DDPNOpt(net.parameters(), model=net, lr=0.1, curvature=curvature, feedback=feedback)
+        before = _flat(net)
+
+        def c():
+            opt.zero_grad()
+            loss = nn.functional.cross_entropy(net(idx), y)
+            loss.backward()
+            return loss
+        if not sparse:
+            opt.step(c) if closure else (c(), opt.step())
+            assert not torch.equal(_flat(net), before)
+            continue
+        with pytest.raises(InputError, match="sparse gradient"):
+            opt.step(c) if closure else (c(), opt.step())
+        assert torch.equal(_flat(net), before) and not any(opt.state.values())
