@@ -247,8 +247,18 @@ class CurvatureOptimizer(torch.optim.Optimizer):
             self._sync_blocks()
 
     def _check_group_params(self, params, index: int) -> None:
-        """A subclass's check of a new group's parameters (``params``: a list or set) before it
-        is added; nothing here."""
+        """Refuse (``InputError``) complex parameters of a new group (``params``: a list or set)
+        before it is added: the curvatures' moments and factors, and the feedback, are those of
+        real parameters (torch.optim's Adam and RMSprop take a complex one as its real and
+        imaginary parts, which these do not). Subclasses add their own checks."""
+        for i, p in enumerate(params):
+            if isinstance(p, torch.Tensor) and p.is_complex():
+                raise InputError(
+                    f"params: parameter {i} of param group {index} (shape {tuple(p.shape)}) is "
+                    f"complex ({p.dtype}); {type(self).__name__} optimises real parameters only: "
+                    "hold it as real and imaginary parts (for example a real parameter of shape "
+                    "(..., 2) read through torch.view_as_complex), or use a torch.optim "
+                    "optimizer for it")
 
     def _validate_group(self, group: dict, where: str) -> None:
         """Raise ``InputError`` naming ``where`` and the hyperparameter unless the group (its

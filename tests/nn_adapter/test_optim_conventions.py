@@ -646,3 +646,23 @@ def test_sparse_gradients_are_refused_before_any_change(curvature, feedback, clo
         with pytest.raises(InputError, match="sparse gradient"):
             opt.step(c) if closure else (c(), opt.step())
         assert torch.equal(_flat(net), before) and not any(opt.state.values())
+
+
+@pytest.mark.parametrize("curvature,feedback", [(c, False) for c in CURVATURES]
+                         + [("adam", True)])
+def test_complex_parameters_are_refused_clearly(curvature, feedback):
+    """Complex parameters are refused by name at construction and by add_param_group (the
+    curvatures' moments are those of real numbers: measured, Adam's and RMSprop's steps differed
+    from torch's, which takes a complex parameter as its real and imaginary parts)."""
+    from nn_adapter import DDPNOpt
+
+    torch.manual_seed(0)
+    lin = nn.Linear(4, 2, dtype=torch.complex128)
+    for params in (lin, lin.parameters()):
+        with pytest.raises(InputError, match=r"parameter 0 of param group 0 .*complex128"):
+            DDPNOpt(params, model=lin, curvature=curvature, feedback=feedback)
+    net = nn.Sequential(nn.Linear(4, 2).double(), lin)
+    opt = DDPNOpt(net[0].parameters(), model=net, curvature=curvature, feedback=feedback)
+    with pytest.raises(InputError, match="param group 1 .*complex"):
+        opt.add_param_group({"params": lin.parameters()})
+    assert len(opt.param_groups) == 1 and [b.module for b in opt._blocks] == [net[0]]
