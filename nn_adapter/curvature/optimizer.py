@@ -377,6 +377,61 @@ class CurvatureOptimizer(torch.optim.Optimizer):
                     f"layer inputs and output gradients here, so it needs {_CLOSURE_HELP}")
         return None
 
+    # -- torch.amp.GradScaler --------------------------------------------------------------------
+    @property
+    def _step_supports_amp_scaling(self) -> bool:
+        """True where the curvature reads the records (``ekfac``): ``torch.amp.GradScaler.step``
+        then hands :meth:`step` its scale (``self.grad_scale``, ``self.found_inf``) instead of
+        unscaling the gradients itself, so that the recorded output gradients, scaled like the
+        gradients by the scaled loss's backward, are unscaled with them (:meth:`_amp_unscale`).
+        The diagonal curvatures read only ``.grad``, which GradScaler unscales as for any torch
+        optimizer."""
+        return self.curvature.needs_records
+
+    def _amp_unscale(self, closure) -> bool:
+        """Within ``GradScaler.step`` (``found_inf`` set by it): False when it found a non-finite
+        gradient (the step is skipped, as GradScaler skips it for any optimizer); otherwise the
+        gradients and the live records' output gradients are divided by the scale, and True.
+        Outside GradScaler: True, nothing done.
+
+        Raises:
+            InputError: a closure (GradScaler takes none), or ``scaler.unscale_(optimizer)``
+                called before ``scaler.step`` (the gradients are then unscaled but the scale
+                of the records is not known to the optimizer).
+        """
+        found = self.__dict__.get("found_inf")
+        if found is None:
+            return True
+        if closure is not None:
+            del self.grad_scale, self.found_inf
+            raise InputError("closure: torch.amp.GradScaler.step takes no closure (as for torch's "
+                             "optimizers); run the scaled backward yourself, then scaler.step(opt)")
+        scale = self.__dict__.get("grad_scale")
+        if scale is None or float(found.sum()) > 0:
+            if self._live is not None:     # (this pass's records go with the step)
+                self._live.release()
+        if scale is None:
+            # GradScaler removes the two attributes after a step that returns; not after a raise
+            del self.grad_scale, self.found_inf
+            raise InputError(
+                f"{type(self).__name__} ({self.curvature.name!r} curvature) with "
+                "torch.amp.GradScaler: scaler.unscale_(optimizer) was called before "
+                "scaler.step(optimizer); it unscales the gradients but not the layer records "
+                "the curvature reads (their scale is then unknown here). Call scaler.step "
+                "without unscale_ (to clip, clip the scaled gradients by the scaled norm, "
+                "max_norm * scaler.get_scale())")
+        if float(found.sum()) > 0:
+            return False
+        inv = scale.double().reciprocal().float()
+        grads = [p.grad for p in self._params_with_grad()]
+        if grads:
+            torch._foreach_mul_(grads, inv)
+        if self._live is not None:
+            out = self._live.out_grads
+            for m in list(out):
+                out[m] = out[m] * inv.to(out[m].dtype)
+        return True
+
     # -- the step ----------------------------------------------------------------------------------
     def step(self, closure: Optional[Callable[[], torch.Tensor]] = None):
         """One step, with every block's own param group.
@@ -402,6 +457,8 @@ class CurvatureOptimizer(torch.optim.Optimizer):
                 too), or a closure or records the step cannot use.
         """
         self._sync_blocks()
+        if not self._amp_unscale(closure):
+            return None
         if closure is None:
             return self._step_recorded()
         if not callable(closure):

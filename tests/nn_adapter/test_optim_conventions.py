@@ -666,3 +666,62 @@ def test_complex_parameters_are_refused_clearly(curvature, feedback):
     with pytest.raises(InputError, match="param group 1 .*complex"):
         opt.add_param_group({"params": lin.parameters()})
     assert len(opt.param_groups) == 1 and [b.module for b in opt._blocks] == [net[0]]
+
+
+# -- torch.amp.GradScaler -----------------------------------------------------------------------------
+def _scaled_steps(curvature, scale, n=4):
+    """``n`` closure-free steps of a float32 net, through a GradScaler of ``init_scale`` ``scale``
+    (None: plain backward and step); the parameters and the optimizer."""
+    from nn_adapter import DDPNOpt
+
+    net = _net().float()
+    opt = DDPNOpt(net.parameters(), model=net, lr=0.05, curvature=curvature, feedback=False)
+    scaler = torch.amp.GradScaler("cpu", init_scale=scale) if scale else None
+    for x, y in _data(n):
+        opt.zero_grad()
+        loss = _loss(net, x.float(), y)
+        if scaler is None:
+            loss.backward()
+            opt.step()
+        else:
+            scaler.scale(loss).backward()
+            scaler.step(opt)
+            scaler.update()
+    return _flat(net), opt
+
+
+@pytest.mark.parametrize("curvature", CURVATURES)
+def test_grad_scaler_steps_equal_the_unscaled_steps(curvature):
+    """GradScaler's power-of-two scale is exact, so its steps equal the plain ones bit for bit:
+    for ekfac the recorded output gradients are unscaled with the gradients (they were 1024
+    times too large in its Kronecker factors before)."""
+    plain, _ = _scaled_steps(curvature, None)
+    scaled, _ = _scaled_steps(curvature, 1024.0)
+    assert not torch.equal(plain, _flat(_net().float()))
+    assert torch.equal(plain, scaled)
+
+
+def test_grad_scaler_skips_an_inf_step_and_refuses_an_early_unscale():
+    net = _net().float()
+    opt = EKFAC(net, lr=0.05)
+    scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
+    x, y = _data(1)[0]
+    opt.zero_grad()
+    scaler.scale(_loss(net, x.float(), y)).backward()
+    net[0].weight.grad[0, 0] = math.inf
+    before = _flat(net)
+    scaler.step(opt)
+    scaler.update()
+    assert torch.equal(_flat(net), before) and not any(opt.state.values())
+    assert scaler.get_scale() == 512.0
+    opt.zero_grad()
+    scaler.scale(_loss(net, x.float(), y)).backward()
+    scaler.unscale_(opt)
+    with pytest.raises(InputError, match="unscale_"):
+        scaler.step(opt)
+    assert torch.equal(_flat(net), before)
+    scaler.update()
+    opt.zero_grad()                    # the next step has its own pass's records only
+    scaler.scale(_loss(net, x.float(), y)).backward()
+    scaler.step(opt)
+    assert opt.state[net[0].weight]["step"] == 1 and not torch.equal(_flat(net), before)
