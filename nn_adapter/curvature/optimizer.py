@@ -662,6 +662,28 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         for block, factors in self._update_curvature(rec).items():
             self._apply(block, factors)
 
+    # -- copies and pickles ----------------------------------------------------------------------------
+    def __getstate__(self) -> dict:
+        """Everything but the recorders (rebuilt by :meth:`__setstate__`) and the hooks (as torch
+        leaves them out): ``torch.optim.Optimizer.__getstate__`` keeps only ``defaults``, ``state``
+        and ``param_groups``, so a ``copy.deepcopy`` or pickle of this optimizer lost its blocks,
+        curvature and options."""
+        state = {k: v for k, v in self.__dict__.items() if not k.startswith("_optimizer_")}
+        for k in ("_rec", "_live", "_stage_cache"):      # (the last: DDPNOpt's stages)
+            if k in state:
+                state[k] = None
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        """A copy's state (from :meth:`__getstate__`), or torch's ``load_state_dict``, which
+        sets ``state`` and ``param_groups`` through here."""
+        had = "differentiable" in state.get("defaults", self.__dict__.get("defaults", {}))
+        super().__setstate__(state)
+        if not had:                    # (torch adds it; no curvature takes it)
+            self.defaults.pop("differentiable", None)
+        if "_live" in state and self._ready:      # a copy: its own recorders
+            self._refresh_recording()
+
     # -- state ---------------------------------------------------------------------------------------
     def configuration(self) -> dict:
         """The options that define this optimizer beyond its param groups (a checkpoint of

@@ -725,3 +725,35 @@ def test_grad_scaler_skips_an_inf_step_and_refuses_an_early_unscale():
     scaler.scale(_loss(net, x.float(), y)).backward()
     scaler.step(opt)
     assert opt.state[net[0].weight]["step"] == 1 and not torch.equal(_flat(net), before)
+
+
+@pytest.mark.parametrize("copier", ["deepcopy", "pickle"])
+@pytest.mark.parametrize("kind", ["ekfac_no_closure", "ddpnopt_adam_feedback"])
+def test_copy_of_model_and_optimizer_continues_as_the_original(kind, copier):
+    """``copy.deepcopy((model, opt))`` (or a pickle round trip) is an independent optimizer of
+    the copied model that continues exactly as the original (torch.optim's __getstate__ keeps only
+    defaults, state and param_groups: the copy had lost its blocks and options)."""
+    import pickle
+
+    from nn_adapter import DDPNOpt
+
+    closure = kind != "ekfac_no_closure"
+    data = _data(5)
+    net = _net()
+    opt = (EKFAC(net, lr=0.1, damping=1e-2) if not closure else
+           DDPNOpt(net.parameters(), model=net, lr=0.05, curvature="adam"))
+    for x, y in data[:2]:
+        _step(net, opt, x, y, closure)
+    pair = copy.deepcopy((net, opt)) if copier == "deepcopy" else \
+        pickle.loads(pickle.dumps((net, opt)))
+    net2, opt2 = pair
+    assert opt2._model is net2 and opt2.param_groups[0]["params"][0] is net2[0].weight
+    assert sorted(opt2.defaults) == sorted(opt.defaults)
+    at_copy = _flat(net)
+    for x, y in data[2:]:
+        _step(net2, opt2, x, y, closure)
+    assert torch.equal(_flat(net), at_copy)              # the copy's steps leave the original
+    for x, y in data[2:]:
+        _step(net, opt, x, y, closure)
+    assert not torch.equal(_flat(net), at_copy)
+    assert torch.equal(_flat(net), _flat(net2))
