@@ -681,7 +681,7 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         super().__setstate__(state)
         if not had:                    # (torch adds it; no curvature takes it)
             self.defaults.pop("differentiable", None)
-        if "_live" in state and self._ready:      # a copy: its own recorders
+        if "_live" in state:           # a copy (not load_state_dict): its own recorders
             self._refresh_recording()
 
     # -- state ---------------------------------------------------------------------------------------

@@ -713,18 +713,24 @@ def test_grad_scaler_skips_an_inf_step_and_refuses_an_early_unscale():
     scaler.step(opt)
     scaler.update()
     assert torch.equal(_flat(net), before) and not any(opt.state.values())
-    assert scaler.get_scale() == 512.0
-    opt.zero_grad()
-    scaler.scale(_loss(net, x.float(), y)).backward()
-    scaler.unscale_(opt)
-    with pytest.raises(InputError, match="unscale_"):
+    assert scaler.get_scale() == 512.0 and opt.refused_steps == 0    # skipped, not refused
+
+    def scaled_step(unscale=False):
+        opt.zero_grad()                # each step has its own pass's records only
+        scaler.scale(_loss(net, x.float(), y)).backward()
+        if unscale:
+            scaler.unscale_(opt)
         scaler.step(opt)
+        scaler.update()
+    scaled_step()
+    assert opt.state[net[0].weight]["step"] == 1 and not torch.equal(_flat(net), before)
+    before = _flat(net)
+    with pytest.raises(InputError, match="unscale_"):
+        scaled_step(unscale=True)
     assert torch.equal(_flat(net), before)
     scaler.update()
-    opt.zero_grad()                    # the next step has its own pass's records only
-    scaler.scale(_loss(net, x.float(), y)).backward()
-    scaler.step(opt)
-    assert opt.state[net[0].weight]["step"] == 1 and not torch.equal(_flat(net), before)
+    scaled_step()
+    assert opt.state[net[0].weight]["step"] == 2 and not torch.equal(_flat(net), before)
 
 
 @pytest.mark.parametrize("copier", ["deepcopy", "pickle"])

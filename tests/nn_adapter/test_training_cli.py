@@ -150,3 +150,5 @@ def test_solver_optimizer_refuses_what_it_does_not_support():
     with pytest.raises(TypeError, match="state_dict"):
         emsa.load_state_dict({"state": {}, "param_groups": []})
     assert emsa.mu is None and emsa.lr == 0.1
+    emsa.load_state_dict({"solver": "emsa", "lr": 0.5, "mu": 0.0})     # rho 0 is a valid rho
+    assert emsa.mu == 0.0 and emsa.lr == 0.5
