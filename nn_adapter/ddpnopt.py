@@ -238,7 +238,9 @@ class DDPNOpt(CurvatureOptimizer):
 
     def _check_group_params(self, params, index: int) -> None:
         """With feedback, the parameters must be the model's (``InputError`` otherwise: the
-        feedback pass updates them while the model's forward runs their modules)."""
+        feedback pass updates them while the model's forward runs their modules), and real
+        (:meth:`CurvatureOptimizer._check_group_params`)."""
+        super()._check_group_params(params, index)
         if not self.feedback or self._model is None:    # (no model: refused after the groups)
             return
         owned = {id(p) for p in self._model.parameters()}

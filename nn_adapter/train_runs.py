@@ -446,8 +446,9 @@ def _check(args, cfg, split) -> None:
                 raise _Refused(f"--device {args.device}: {need} processes need {need} CUDA devices, "
                                f"{torch.cuda.device_count()} here")
     if (args.checkpoint is not None or args.resume is not None) and core:
-        raise _Refused(f"--optimizers {core[0]}: occore's solvers have no optimizer state_dict to "
-                       "checkpoint; --checkpoint and --resume take torch optimizers, DDPNOpt and EKFAC")
+        raise _Refused(f"--optimizers {core[0]}: occore's solvers have no optimizer state_dict with "
+                       "param groups for the checkpoint files; --checkpoint and --resume take torch "
+                       "optimizers, DDPNOpt and EKFAC")
     runs = _runs(args, cfg)
     if args.resume is not None:
         if not Path(args.resume).is_dir():

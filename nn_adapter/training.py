@@ -158,6 +158,15 @@ class SolverOptimizer:
             instance, whose own options set its steps (InputError).
         memory_limit: bytes the dense DDP local model may use (see NetworkProblem).
 
+    In a training loop: ``step_batch(x, y, loss_fn)`` per minibatch (it runs its own forward
+    passes and derivatives; the model needs no ``backward``). ``state_dict()`` /
+    ``load_state_dict()`` carry what passes from batch to batch, the regularisation ``mu``
+    (E-MSA's rho) together with the solver's name and ``lr``, as plain numbers and strings
+    (``torch.save`` / ``torch.load(weights_only=True)``): a run resumed from it and the model's
+    ``state_dict`` continues exactly as the uninterrupted one. It is not a
+    ``torch.optim.Optimizer``: no param groups (so no LR schedulers or ``GradScaler``), and
+    ``step`` and ``zero_grad`` raise a ``TypeError`` that says to call ``step_batch``.
+
     Example:
         >>> net = nn.Sequential(nn.Linear(4, 3), nn.Tanh(), nn.Linear(3, 2)).double()
         >>> opt = SolverOptimizer(net, "ddp")
@@ -201,6 +210,49 @@ class SolverOptimizer:
         self.mu, self.status = new.mu, new.status
         prob.load_into(self.model, new.traj.us)
         return loss
+
+    def _solver_name(self) -> str:
+        return self.solver if isinstance(self.solver, str) else type(self.solver).__name__
+
+    def state_dict(self) -> dict:
+        """``{"solver": its name (or the instance's class), "lr": float, "mu": float or None}``:
+        what a resumed run needs besides the model's weights (the ``mu`` that carries over)."""
+        return {"solver": self._solver_name(), "lr": self.lr, "mu": self.mu}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        """Load a :meth:`state_dict`: ``mu`` and ``lr`` (as torch optimizers restore theirs).
+
+        Raises:
+            TypeError: not a dict of :meth:`state_dict`'s entries.
+            ValueError: saved with another solver (both named), or an invalid ``lr`` / ``mu``.
+        """
+        if not isinstance(state_dict, dict) or set(state_dict) != {"solver", "lr", "mu"}:
+            raise TypeError("state_dict: expected the dict returned by SolverOptimizer.state_dict() "
+                            "(entries 'solver', 'lr', 'mu')")
+        saved, own = state_dict["solver"], self._solver_name()
+        if saved != own:
+            raise InputError(f"state_dict: saved by a SolverOptimizer with solver {saved!r}, but this "
+                             f"one runs {own!r}; load it into a {saved!r} one")
+        lr, mu = state_dict["lr"], state_dict["mu"]
+        check_lr(lr, saved if isinstance(self.solver, str) else "")
+        if mu is not None and (isinstance(mu, bool) or not isinstance(mu, numbers.Real)
+                               or not math.isfinite(mu) or mu < 0):
+            raise InputError(f"state_dict: mu={mu!r}: expected None or a finite number >= 0")
+        self.lr, self.mu = float(lr), None if mu is None else float(mu)
+
+    def step(self, *args, **kwargs):
+        """Not supported: raises ``TypeError`` (use :meth:`step_batch`)."""
+        raise TypeError(self._unsupported("step"))
+
+    def zero_grad(self, *args, **kwargs):
+        """Not supported: raises ``TypeError`` (use :meth:`step_batch`, which needs no gradients)."""
+        raise TypeError(self._unsupported("zero_grad"))
+
+    def _unsupported(self, what: str) -> str:
+        return (f"SolverOptimizer.{what}: an occore solver ({self._solver_name()!r}) takes the "
+                "minibatch itself, not gradients of a backward pass; call "
+                "step_batch(x, y, loss_fn) once per batch (it returns the loss before the step) "
+                "instead of zero_grad / backward / step")
 
 
 def make_optimizer(name: str, model: nn.Module, lr: float | None = None):

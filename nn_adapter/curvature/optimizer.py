@@ -11,7 +11,10 @@ optimised) are in one param group is one structured block; every other parameter
 layer, or without a model) is a diagonal block of its own. A layer whose weight and bias are in
 different groups is split into two diagonal blocks by the diagonal curvatures (identity, rmsprop,
 adam: the arithmetic is the same per parameter) and refused by ``ekfac`` (its Kronecker factors
-cover weight and bias together), with an error naming the layer.
+cover weight and bias together), with an error naming the layer. Only the parameters that
+require a gradient join a layer's block: a frozen one (``requires_grad=False``, given to the
+optimizer or frozen later) is skipped by every step, its state kept, as torch.optim skips it; the
+blocks follow freezing and unfreezing (checked by ``zero_grad`` and ``step``).
 """
 from __future__ import annotations
 
@@ -211,12 +214,51 @@ class CurvatureOptimizer(torch.optim.Optimizer):
             self.param_groups.pop()
             raise
         self._blocks, self._block_group = blocks, block_group
+        self._trainable = self._trainable_now()
         if self._ready:
             self._refresh_recording()
 
+    def _trainable_now(self) -> tuple:
+        return tuple(p.requires_grad for g in self.param_groups for p in g["params"])
+
+    def _sync_blocks(self) -> None:
+        """Rebuild the blocks when a parameter was frozen or unfrozen (``requires_grad``) since
+        they were built (checked by :meth:`zero_grad` and at every step). A structured block
+        that changes restarts its curvature state where that state covers the whole layer
+        (``ekfac``: its Kronecker factors); the diagonal curvatures keep each parameter's."""
+        now = self._trainable_now()
+        if now == self._trainable:
+            return
+        blocks, block_group = self._make_blocks([g["params"] for g in self.param_groups])
+        if self.curvature.needs_records:
+            kept = {id(b) for b in self._blocks}
+            for b in blocks:
+                if id(b) not in kept:
+                    for p in b.params:
+                        self.state.pop(p, None)
+        self._blocks, self._block_group, self._trainable = blocks, block_group, now
+        self._refresh_recording()
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """``torch.optim.Optimizer.zero_grad``; also takes note of parameters frozen or unfrozen
+        since the last step (their blocks, :meth:`_make_blocks`)."""
+        super().zero_grad(set_to_none)
+        if self._ready:
+            self._sync_blocks()
+
     def _check_group_params(self, params, index: int) -> None:
-        """A subclass's check of a new group's parameters (``params``: a list or set) before it
-        is added; nothing here."""
+        """Refuse (``InputError``) complex parameters of a new group (``params``: a list or set)
+        before it is added: the curvatures' moments and factors, and the feedback, are those of
+        real parameters (torch.optim's Adam and RMSprop take a complex one as its real and
+        imaginary parts, which these do not). Subclasses add their own checks."""
+        for i, p in enumerate(params):
+            if isinstance(p, torch.Tensor) and p.is_complex():
+                raise InputError(
+                    f"params: parameter {i} of param group {index} (shape {tuple(p.shape)}) is "
+                    f"complex ({p.dtype}); {type(self).__name__} optimises real parameters only: "
+                    "hold it as real and imaginary parts (for example a real parameter of shape "
+                    "(..., 2) read through torch.view_as_complex), or use a torch.optim "
+                    "optimizer for it")
 
     def _validate_group(self, group: dict, where: str) -> None:
         """Raise ``InputError`` naming ``where`` and the hyperparameter unless the group (its
@@ -237,7 +279,10 @@ class CurvatureOptimizer(torch.optim.Optimizer):
     def _make_blocks(self, groups: list) -> tuple[list, dict]:
         """Blocks of the parameters of ``groups`` (lists of tensors) and each block's group index.
 
-        Blocks that are unchanged keep their identity (subclasses may hold them)."""
+        A structured block holds the layer's parameters that require a gradient (a frozen one is
+        a diagonal block of its own, which steps skip while it has no gradient, as torch.optim
+        does; a frozen weight leaves its bias a diagonal block). Blocks that are unchanged keep
+        their identity (subclasses may hold them)."""
         where: dict[int, int] = {}
         for i, ps in enumerate(groups):
             for p in ps:
@@ -250,10 +295,11 @@ class CurvatureOptimizer(torch.optim.Optimizer):
                     continue
                 kind, members, module = "diagonal", (p,), None
                 layer = self._layers.get(id(p))
-                if layer is not None and id(layer[1].weight) in where:
+                if layer is not None and p.requires_grad and layer[1].weight.requires_grad \
+                        and id(layer[1].weight) in where:
                     name, mod, structured = layer
                     own = [mod.weight] + ([mod.bias] if mod.bias is not None else [])
-                    inside = [q for q in own if id(q) in where]
+                    inside = [q for q in own if id(q) in where and q.requires_grad]
                     if len({where[id(q)] for q in inside}) == 1:
                         kind, members, module = structured, tuple(inside), mod
                     elif self.curvature.needs_records:
@@ -306,10 +352,17 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         live = self._live
         if live is not None and [id(m) for m in live._modules] == [id(m) for m in mods]:
             return
-        if live is not None:
-            live.detach()
         self._live = (LiveRecorder(mods, mods).name_modules(self._model).attach() if mods
                       else None)
+        if live is not None:
+            if self._live is not None:     # what the old one recorded since the last step
+                for m in self._live._modules:
+                    for new, old in ((self._live.calls, live.calls),
+                                     (self._live.inputs, live.inputs),
+                                     (self._live.out_grads, live.out_grads)):
+                        if m in old:
+                            new[m] = old[m]
+            live.detach()
 
     def _closure_free_reason(self) -> Optional[str]:
         """None when :meth:`step` can run without a closure, else the reason it cannot.
@@ -323,6 +376,61 @@ class CurvatureOptimizer(torch.optim.Optimizer):
             return (f"{type(self).__name__}.step records more of the forward pass than its "
                     f"layer inputs and output gradients here, so it needs {_CLOSURE_HELP}")
         return None
+
+    # -- torch.amp.GradScaler --------------------------------------------------------------------
+    @property
+    def _step_supports_amp_scaling(self) -> bool:
+        """True where the curvature reads the records (``ekfac``): ``torch.amp.GradScaler.step``
+        then hands :meth:`step` its scale (``self.grad_scale``, ``self.found_inf``) instead of
+        unscaling the gradients itself, so that the recorded output gradients, scaled like the
+        gradients by the scaled loss's backward, are unscaled with them (:meth:`_amp_unscale`).
+        The diagonal curvatures read only ``.grad``, which GradScaler unscales as for any torch
+        optimizer."""
+        return self.curvature.needs_records
+
+    def _amp_unscale(self, closure) -> bool:
+        """Within ``GradScaler.step`` (``found_inf`` set by it): False when it found a non-finite
+        gradient (the step is skipped, as GradScaler skips it for any optimizer); otherwise the
+        gradients and the live records' output gradients are divided by the scale, and True.
+        Outside GradScaler: True, nothing done.
+
+        Raises:
+            InputError: a closure (GradScaler takes none), or ``scaler.unscale_(optimizer)``
+                called before ``scaler.step`` (the gradients are then unscaled but the scale
+                of the records is not known to the optimizer).
+        """
+        found = self.__dict__.get("found_inf")
+        if found is None:
+            return True
+        if closure is not None:
+            del self.grad_scale, self.found_inf
+            raise InputError("closure: torch.amp.GradScaler.step takes no closure (as for torch's "
+                             "optimizers); run the scaled backward yourself, then scaler.step(opt)")
+        scale = self.__dict__.get("grad_scale")
+        if scale is None or float(found.sum()) > 0:
+            if self._live is not None:     # (this pass's records go with the step)
+                self._live.release()
+        if scale is None:
+            # GradScaler removes the two attributes after a step that returns; not after a raise
+            del self.grad_scale, self.found_inf
+            raise InputError(
+                f"{type(self).__name__} ({self.curvature.name!r} curvature) with "
+                "torch.amp.GradScaler: scaler.unscale_(optimizer) was called before "
+                "scaler.step(optimizer); it unscales the gradients but not the layer records "
+                "the curvature reads (their scale is then unknown here). Call scaler.step "
+                "without unscale_ (to clip, clip the scaled gradients by the scaled norm, "
+                "max_norm * scaler.get_scale())")
+        if float(found.sum()) > 0:
+            return False
+        inv = scale.double().reciprocal().float()
+        grads = [p.grad for p in self._params_with_grad()]
+        if grads:
+            torch._foreach_mul_(grads, inv)
+        if self._live is not None:
+            out = self._live.out_grads
+            for m in list(out):
+                out[m] = out[m] * inv.to(out[m].dtype)
+        return True
 
     # -- the step ----------------------------------------------------------------------------------
     def step(self, closure: Optional[Callable[[], torch.Tensor]] = None):
@@ -343,7 +451,14 @@ class CurvatureOptimizer(torch.optim.Optimizer):
 
         Returns:
             the loss the closure returned (None without a closure).
+
+        Raises:
+            InputError: a sparse gradient (before anything changes; torch.optim.Adam refuses it
+                too), or a closure or records the step cannot use.
         """
+        self._sync_blocks()
+        if not self._amp_unscale(closure):
+            return None
         if closure is None:
             return self._step_recorded()
         if not callable(closure):
@@ -415,6 +530,7 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         each rank's records are complete and :meth:`_agreement`'s numbers (and, with
         ``process_group=``, the gradients, which it averages): a non-finite loss or gradient on
         any rank refuses the step on all, records incomplete on any rank raise on all."""
+        self._check_dense_grads()
         value = None if loss is None else float(
             loss.detach() if isinstance(loss, torch.Tensor) else loss)
         col = self.collectives
@@ -459,6 +575,19 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         """The in-place cross-rank average a curvature applies to its batch statistics, or None
         on one process."""
         return self.collectives.average_ if self.collectives is not None else None
+
+    def _check_dense_grads(self) -> None:
+        """``InputError`` (before anything changes) for a sparse gradient (an
+        ``nn.Embedding(sparse=True)``), which the curvatures do not take, as ``torch.optim.Adam``
+        refuses it."""
+        for i, group in enumerate(self.param_groups):
+            for j, p in enumerate(group["params"]):
+                if p.grad is not None and p.grad.layout != torch.strided:
+                    raise InputError(
+                        f"params: parameter {j} of param group {i} (shape {tuple(p.shape)}) has a "
+                        f"sparse gradient ({p.grad.layout}); {type(self).__name__} takes dense "
+                        "gradients only: use sparse=False in its module (nn.Embedding), or step "
+                        "that parameter with torch.optim.SparseAdam in an optimizer of its own")
 
     def _finite_grads(self, loss=None) -> bool:
         grads = [p.grad for p in self._params_with_grad()]
@@ -532,6 +661,28 @@ class CurvatureOptimizer(torch.optim.Optimizer):
     def _update(self, rec: Recorder) -> None:
         for block, factors in self._update_curvature(rec).items():
             self._apply(block, factors)
+
+    # -- copies and pickles ----------------------------------------------------------------------------
+    def __getstate__(self) -> dict:
+        """Everything but the recorders (rebuilt by :meth:`__setstate__`) and the hooks (as torch
+        leaves them out): ``torch.optim.Optimizer.__getstate__`` keeps only ``defaults``, ``state``
+        and ``param_groups``, so a ``copy.deepcopy`` or pickle of this optimizer lost its blocks,
+        curvature and options."""
+        state = {k: v for k, v in self.__dict__.items() if not k.startswith("_optimizer_")}
+        for k in ("_rec", "_live", "_stage_cache"):      # (the last: DDPNOpt's stages)
+            if k in state:
+                state[k] = None
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        """A copy's state (from :meth:`__getstate__`), or torch's ``load_state_dict``, which
+        sets ``state`` and ``param_groups`` through here."""
+        had = "differentiable" in state.get("defaults", self.__dict__.get("defaults", {}))
+        super().__setstate__(state)
+        if not had:                    # (torch adds it; no curvature takes it)
+            self.defaults.pop("differentiable", None)
+        if "_live" in state:           # a copy (not load_state_dict): its own recorders
+            self._refresh_recording()
 
     # -- state ---------------------------------------------------------------------------------------
     def configuration(self) -> dict:

@@ -518,3 +518,248 @@ def test_named_parameters_are_accepted():
         _step(net, opt, x, y, closure=False)
         ref_opt.step(_closure(ref, [ref_opt], x, y))
     assert (_flat(net) - _flat(ref)).abs().max() <= 1e-12
+
+
+# -- frozen parameters ------------------------------------------------------------------------------
+def _freeze_schedule(net, i):
+    """Before step i: layer 0's weight frozen throughout, the last layer's bias frozen for steps
+    2 and 3 (after it has momentum) and trained again from step 4."""
+    net[0].weight.requires_grad_(False)
+    net[3].bias.requires_grad_(not 2 <= i < 4)
+
+
+@pytest.mark.parametrize("closure", [True, False], ids=["closure", "no_closure"])
+@pytest.mark.parametrize("feedback", [False, True], ids=["open_loop", "feedback"])
+@pytest.mark.parametrize("curvature", ["identity", "rmsprop", "adam"])
+def test_frozen_parameters_are_skipped_as_torch_skips_them(curvature, feedback, closure):
+    """A parameter without a gradient (requires_grad=False, in the params or frozen later) is
+    left alone and its state kept, as torch.optim does, while its layer's other parameter
+    trains; feedback=False equals torch's optimizer update for update."""
+    from nn_adapter import DDPNOpt
+
+    if feedback and not closure:
+        pytest.skip("the feedback needs a closure")
+    hp = GROUP_HP[curvature][0]
+    data = _data(6)
+    net, ref = _net(), _net()
+    _freeze_schedule(net, 0)
+    _freeze_schedule(ref, 0)
+    opt = DDPNOpt(net.parameters(), model=net, curvature=curvature, feedback=feedback, **hp)
+    ref_opt = TORCH[curvature](ref.parameters(), **hp)
+    w0 = net[0].weight.detach().clone()
+    for i, (x, y) in enumerate(data):
+        _freeze_schedule(net, i)
+        _freeze_schedule(ref, i)
+        bias = net[3].bias.detach().clone()
+        _step(net, opt, x, y, closure)
+        ref_opt.step(_closure(ref, [ref_opt], x, y))
+        assert torch.equal(net[3].bias, bias) == (2 <= i < 4)
+    assert torch.equal(net[0].weight, w0)
+    assert not torch.equal(net[0].bias, _net()[0].bias)
+    if not feedback:
+        assert (_flat(net) - _flat(ref)).abs().max() <= 1e-12
+
+
+@pytest.mark.parametrize("closure", [True, False], ids=["closure", "no_closure"])
+def test_ekfac_layer_with_a_frozen_bias_equals_the_layer_without_bias(closure):
+    """EKFAC preconditions a layer whose bias is frozen (at zero) as the same layer without a
+    bias: the bias stays, the weight's Kronecker factor has no ones column."""
+    data = _data(4)
+    net = _net()
+    with torch.no_grad():
+        net[0].bias.zero_()
+    net[0].bias.requires_grad_(False)
+    ref = _net()
+    lin = nn.Linear(5, 7, bias=False).double()
+    with torch.no_grad():
+        lin.weight.copy_(ref[0].weight)
+    ref[0] = lin
+    opt = EKFAC(net.parameters(), lr=0.1, damping=1e-2, model=net)    # the frozen bias included
+    ref_opt = EKFAC(ref, lr=0.1, damping=1e-2)
+    for x, y in data:
+        _step(net, opt, x, y, closure)
+        _step(ref, ref_opt, x, y, closure)
+    assert torch.equal(net[0].bias, torch.zeros(7, dtype=torch.float64))
+    assert opt.state[net[0].weight]["A"].shape == (5, 5)
+    assert not torch.equal(net[0].weight, _net()[0].weight)
+    assert (_flat(net)[: 35] - lin.weight.flatten()).abs().max() <= 1e-12
+    assert (_flat(net)[42:] - _flat(ref)[35:]).abs().max() <= 1e-12
+
+
+def test_ekfac_layer_unfrozen_later_restarts_its_factors():
+    """A layer frozen at construction (its parameters given to the optimizer) and unfrozen later
+    becomes one structured block (its Kronecker factors start then) and trains, with and
+    without a closure."""
+    data = _data(4)
+    net = _net()
+    for p in net[0].parameters():
+        p.requires_grad_(False)
+    opt = EKFAC(net.parameters(), lr=0.1, model=net)
+    _step(net, opt, *data[0])
+    assert net[0].weight not in opt.state
+    for p in net[0].parameters():
+        p.requires_grad_(True)
+    w = net[0].weight.detach().clone()
+    _step(net, opt, *data[1], closure=False)
+    _step(net, opt, *data[2])
+    assert opt.state[net[0].weight]["A"].shape == (6, 6) and opt.state[net[0].weight]["step"] == 2
+    assert not torch.equal(net[0].weight, w)
+
+
+class _Bag(nn.Module):
+    """An embedding (sparse gradients when ``sparse``) and a linear head, for two tokens a sample."""
+
+    def __init__(self, sparse):
+        super().__init__()
+        torch.manual_seed(0)
+        self.emb, self.head = nn.Embedding(10, 4, sparse=sparse).double(), nn.Linear(8, 3).double()
+
+    def forward(self, idx):
+        return self.head(self.emb(idx).flatten(1))
+
+
+@pytest.mark.parametrize("closure", [True, False], ids=["closure", "no_closure"])
+@pytest.mark.parametrize("curvature,feedback", [(c, False) for c in CURVATURES]
+                         + [("adam", True), ("ekfac", True)])
+def test_sparse_gradients_are_refused_before_any_change(curvature, feedback, closure):
+    """As torch.optim.Adam refuses sparse gradients, with an error that says so; nothing changes."""
+    from nn_adapter import DDPNOpt
+
+    if feedback and not closure:
+        pytest.skip("the feedback needs a closure")
+    idx, y = torch.randint(0, 10, (6, 2), generator=torch.Generator().manual_seed(0)), \
+        torch.tensor([0, 1, 2, 0, 1, 2])
+    for sparse in (False, True):
+        net = _Bag(sparse)
+        opt = DDPNOpt(net.parameters(), model=net, lr=0.1, curvature=curvature, feedback=feedback)
+        before = _flat(net)
+
+        def c():
+            opt.zero_grad()
+            loss = nn.functional.cross_entropy(net(idx), y)
+            loss.backward()
+            return loss
+        if not sparse:
+            opt.step(c) if closure else (c(), opt.step())
+            assert not torch.equal(_flat(net), before)
+            continue
+        with pytest.raises(InputError, match="sparse gradient"):
+            opt.step(c) if closure else (c(), opt.step())
+        assert torch.equal(_flat(net), before) and not any(opt.state.values())
+
+
+@pytest.mark.parametrize("curvature,feedback", [(c, False) for c in CURVATURES]
+                         + [("adam", True)])
+def test_complex_parameters_are_refused_clearly(curvature, feedback):
+    """Complex parameters are refused by name at construction and by add_param_group (the
+    curvatures' moments are those of real numbers: measured, Adam's and RMSprop's steps differed
+    from torch's, which takes a complex parameter as its real and imaginary parts)."""
+    from nn_adapter import DDPNOpt
+
+    torch.manual_seed(0)
+    lin = nn.Linear(4, 2, dtype=torch.complex128)
+    for params in (lin, lin.parameters()):
+        with pytest.raises(InputError, match=r"parameter 0 of param group 0 .*complex128"):
+            DDPNOpt(params, model=lin, curvature=curvature, feedback=feedback)
+    net = nn.Sequential(nn.Linear(4, 2).double(), lin)
+    opt = DDPNOpt(net[0].parameters(), model=net, curvature=curvature, feedback=feedback)
+    with pytest.raises(InputError, match="param group 1 .*complex"):
+        opt.add_param_group({"params": lin.parameters()})
+    assert len(opt.param_groups) == 1 and [b.module for b in opt._blocks] == [net[0]]
+
+
+# -- torch.amp.GradScaler -----------------------------------------------------------------------------
+def _scaled_steps(curvature, scale, n=4):
+    """``n`` closure-free steps of a float32 net, through a GradScaler of ``init_scale`` ``scale``
+    (None: plain backward and step); the parameters and the optimizer."""
+    from nn_adapter import DDPNOpt
+
+    net = _net().float()
+    opt = DDPNOpt(net.parameters(), model=net, lr=0.05, curvature=curvature, feedback=False)
+    scaler = torch.amp.GradScaler("cpu", init_scale=scale) if scale else None
+    for x, y in _data(n):
+        opt.zero_grad()
+        loss = _loss(net, x.float(), y)
+        if scaler is None:
+            loss.backward()
+            opt.step()
+        else:
+            scaler.scale(loss).backward()
+            scaler.step(opt)
+            scaler.update()
+    return _flat(net), opt
+
+
+@pytest.mark.parametrize("curvature", CURVATURES)
+def test_grad_scaler_steps_equal_the_unscaled_steps(curvature):
+    """GradScaler's power-of-two scale is exact, so its steps equal the plain ones bit for bit:
+    for ekfac the recorded output gradients are unscaled with the gradients (they were 1024
+    times too large in its Kronecker factors before)."""
+    plain, _ = _scaled_steps(curvature, None)
+    scaled, _ = _scaled_steps(curvature, 1024.0)
+    assert not torch.equal(plain, _flat(_net().float()))
+    assert torch.equal(plain, scaled)
+
+
+def test_grad_scaler_skips_an_inf_step_and_refuses_an_early_unscale():
+    net = _net().float()
+    opt = EKFAC(net, lr=0.05)
+    scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
+    x, y = _data(1)[0]
+    opt.zero_grad()
+    scaler.scale(_loss(net, x.float(), y)).backward()
+    net[0].weight.grad[0, 0] = math.inf
+    before = _flat(net)
+    scaler.step(opt)
+    scaler.update()
+    assert torch.equal(_flat(net), before) and not any(opt.state.values())
+    assert scaler.get_scale() == 512.0 and opt.refused_steps == 0    # skipped, not refused
+
+    def scaled_step(unscale=False):
+        opt.zero_grad()                # each step has its own pass's records only
+        scaler.scale(_loss(net, x.float(), y)).backward()
+        if unscale:
+            scaler.unscale_(opt)
+        scaler.step(opt)
+        scaler.update()
+    scaled_step()
+    assert opt.state[net[0].weight]["step"] == 1 and not torch.equal(_flat(net), before)
+    before = _flat(net)
+    with pytest.raises(InputError, match="unscale_"):
+        scaled_step(unscale=True)
+    assert torch.equal(_flat(net), before)
+    scaler.update()
+    scaled_step()
+    assert opt.state[net[0].weight]["step"] == 2 and not torch.equal(_flat(net), before)
+
+
+@pytest.mark.parametrize("copier", ["deepcopy", "pickle"])
+@pytest.mark.parametrize("kind", ["ekfac_no_closure", "ddpnopt_adam_feedback"])
+def test_copy_of_model_and_optimizer_continues_as_the_original(kind, copier):
+    """``copy.deepcopy((model, opt))`` (or a pickle round trip) is an independent optimizer of
+    the copied model that continues exactly as the original (torch.optim's __getstate__ keeps only
+    defaults, state and param_groups: the copy had lost its blocks and options)."""
+    import pickle
+
+    from nn_adapter import DDPNOpt
+
+    closure = kind != "ekfac_no_closure"
+    data = _data(5)
+    net = _net()
+    opt = (EKFAC(net, lr=0.1, damping=1e-2) if not closure else
+           DDPNOpt(net.parameters(), model=net, lr=0.05, curvature="adam"))
+    for x, y in data[:2]:
+        _step(net, opt, x, y, closure)
+    pair = copy.deepcopy((net, opt)) if copier == "deepcopy" else \
+        pickle.loads(pickle.dumps((net, opt)))
+    net2, opt2 = pair
+    assert opt2._model is net2 and opt2.param_groups[0]["params"][0] is net2[0].weight
+    assert sorted(opt2.defaults) == sorted(opt.defaults)
+    at_copy = _flat(net)
+    for x, y in data[2:]:
+        _step(net2, opt2, x, y, closure)
+    assert torch.equal(_flat(net), at_copy)              # the copy's steps leave the original
+    for x, y in data[2:]:
+        _step(net, opt, x, y, closure)
+    assert not torch.equal(_flat(net), at_copy)
+    assert torch.equal(_flat(net), _flat(net2))
