@@ -352,7 +352,8 @@ def _check_per_sample(stage, x: Tensor) -> None:
     """Run ``stage`` under ``torch.func.vmap`` on one sample, as the local model does: a forward
     that branches on tensor values (``if``, ``.item()``, ``bool()``) cannot run there.
 
-    Other failures under ``vmap`` are left to the solver that meets them (E-MSA does not vmap).
+    Other failures under ``vmap`` are left to the solver that meets them: DDP and iLQR raise
+    UnsupportedModuleError naming the stage's modules (E-MSA does not vmap).
 
     Raises:
         DataDependentForwardError: naming the first such module of the stage.
