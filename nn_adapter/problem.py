@@ -183,11 +183,8 @@ class NetworkProblem:
             for stage in self.stages:
                 try:
                     y = stage.forward(stage.param_dict(), x)
-                except Exception as err:    # noqa: BLE001 - re-raised with the stage named
-                    what = "inputs" if stage.index == 0 else f"stage {stage.index} input"
-                    raise ShapeError(what, f"what module {stage.name!r} "
-                                     f"({type(stage.module).__name__}) accepts", tuple(x.shape),
-                                     str(err)) from err
+                except Exception as err:    # noqa: BLE001 - re-raised with the module named
+                    _raise_for_module(stage, x, err)
                 if not isinstance(y, Tensor) or y.dim() == 0 or y.shape[0] != self.batch_size:
                     raise ShapeError(f"stage {stage.index} output", f"({self.batch_size}, ...)",
                                      getattr(y, "shape", type(y).__name__),
@@ -337,6 +334,35 @@ class NetworkProblem:
             for stage, u in zip(stages, us):
                 for k, p in stage.param_dict().items():
                     p.copy_(u[k])
+
+
+def _raise_for_module(stage, x: Tensor, err: Exception) -> None:
+    """The stage's forward on ``x`` raised ``err``: re-raise it as a ShapeError naming the module
+    of the stage that fails (the head or one of its followers) and the input it was given.
+
+    Raises:
+        ShapeError: always.
+    """
+    y, failed, prev = x, None, None
+    with torch.no_grad():
+        for i, (name, module) in enumerate(zip(stage.names, stage.modules)):
+            if not isinstance(y, Tensor):       # the module before returned a tuple, a dict...
+                raise ShapeError(f"module {prev!r} output", "one tensor (the input of the next "
+                                 f"module, {name!r} ({type(module).__name__}))",
+                                 type(y).__name__, str(err)) from err
+            try:
+                y = stage.module_fn(stage.params, y) if i == 0 else module(y)
+            except Exception as inner:      # noqa: BLE001 - this module is the one that fails
+                failed, err = (name, module), inner
+                break
+            prev = name
+    name, module = failed or (stage.name, stage.module)
+    if failed is None or name == stage.name:
+        what, y = ("inputs" if stage.index == 0 else f"stage {stage.index} input"), x
+    else:
+        what = f"module {name!r} input"
+    raise ShapeError(what, f"what module {name!r} ({type(module).__name__}) accepts",
+                     tuple(y.shape), str(err)) from err
 
 
 def _is_number(value) -> bool:

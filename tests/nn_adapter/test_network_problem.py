@@ -116,6 +116,24 @@ def test_bad_models_and_inputs(args, error, words):
         assert w in str(err.value)
 
 
+@pytest.mark.parametrize("followers, words", [
+    # a follower refusing its input's shape: it is named with that shape, not the stage's head
+    ((nn.Unflatten(1, (3, 3)), nn.Flatten(), nn.Linear(9, 3)),
+     ["module '2' input", "(6, 4)", "'2' (Unflatten)"]),
+    # a follower returning a tuple: it is named, and the module that cannot take the tuple
+    ((nn.Unflatten(1, (1, 4)), nn.MaxPool1d(2, return_indices=True), nn.Flatten(), nn.Linear(2, 3)),
+     ["module '3' output", "one tensor", "tuple", "'4' (Flatten)"]),
+])
+def test_a_failing_follower_is_named_not_the_head_of_its_stage(followers, words):
+    net = nn.Sequential(nn.Linear(5, 4), nn.Tanh(), *followers)
+    x, y = torch.randn(6, 5), torch.randint(0, 3, (6,))
+    with pytest.raises(ShapeError) as err:
+        NetworkProblem(net, nn.CrossEntropyLoss(), x, y)
+    for w in words:
+        assert w in str(err.value)
+    assert "'0' (Linear)" not in str(err.value)
+
+
 def test_bad_targets_loss_and_options():
     net, loss, x, y = mlp_data()
     with pytest.raises(ShapeError, match="targets.*9"):
