@@ -322,6 +322,12 @@ def test_not_positive_definite_and_memory_limit():
     with pytest.raises(MemoryLimitError, match="DDPNOpt") as err:
         small.local_model(small.rollout(small.initial_controls())).backward(1.0)
     assert err.value.estimate > 1000 and err.value.limit == 1000
+    # sizes below a MiB are written in KiB or bytes, not as "0.0 MiB"
+    est = err.value.estimate
+    want = f"{est / 1024:.1f} KiB" if est >= 1024 else f"{est} bytes"
+    assert f"needs about {want} (limit 1000 bytes)" in str(err.value)
+    assert str(MemoryLimitError(3 * 2**20, 2**30)).startswith(
+        "the network local model needs about 3.0 MiB (limit 1024.0 MiB)")
 
 
 def test_terminal_hessian_is_blocks_for_a_separable_loss_and_dense_otherwise():
