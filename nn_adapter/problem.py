@@ -75,8 +75,9 @@ class NetworkProblem:
         DataDependentForwardError: a stage's forward branches on the values of its input (``if
             x.sum() > 0``, ``x.item()``): ``torch.func`` cannot differentiate it per sample; the
             module is named (an ``UnsupportedModuleError``).
-        DtypeError: integer (non-floating) states x_0, or targets of a dtype the loss cannot take
-            (a ``TypeError`` and an ``InputError``).
+        DtypeError: a model in another dtype than float32 or float64 (half precision), integer
+            (non-floating) states x_0, or targets of a dtype the loss cannot take (a
+            ``TypeError`` and an ``InputError``).
         DataError: an empty batch, NaN or inf in inputs or targets, class indices out of range
             (an ``InputError``).
         ShapeError: inputs the first stage cannot take, targets of another length, or targets
@@ -102,6 +103,12 @@ class NetworkProblem:
         self.horizon = len(self.stages)
         first = next(iter(self.stages[0].param_dict().values()))
         self.dtype, self.device = first.dtype, first.device
+        if self.dtype not in (torch.float32, torch.float64):
+            raise DtypeError("model", "float32 or float64 parameters", self.dtype,
+                             f"module {self.stages[0].name!r} ({type(self.stages[0].module).__name__}); "
+                             "DDP's and iLQR's Cholesky solves have no half-precision kernel and "
+                             "E-MSA's L-BFGS overflows in float16: convert the model, e.g. "
+                             "model.float(); nn_adapter.DDPNOpt trains under torch.autocast")
         if not callable(loss_fn):
             raise InputError(f"loss_fn: expected a callable, got {type(loss_fn).__name__}")
         self.loss_fn = loss_fn
