@@ -59,9 +59,25 @@ class MemoryLimitError(OccoreError, MemoryError):
         self.estimate, self.limit = int(estimate), int(limit)
         way_out = way_out or ("raise `memory_limit` for a small network or train larger ones with "
                               "nn_adapter.DDPNOpt (structured curvature)")
-        msg = (f"the network local model needs about {estimate / 2**20:.1f} MiB "
-               f"(limit {limit / 2**20:.1f} MiB){': ' + detail if detail else ''}; {way_out}")
+        msg = (f"the network local model needs about {_size(estimate)} "
+               f"(limit {_size(limit)}){': ' + detail if detail else ''}; {way_out}")
         super().__init__(msg)
+
+
+def _size(n) -> str:
+    """A number of bytes for a message, in the unit that keeps it readable (a limit of a few
+    kilobytes is not "0.0 MiB").
+
+    Example:
+        >>> _size(3 * 2**20), _size(5000), _size(1000)
+        ('3.0 MiB', '4.9 KiB', '1000 bytes')
+    """
+    n = int(n)
+    if n >= 2**20:
+        return f"{n / 2**20:.1f} MiB"
+    if n >= 2**10:
+        return f"{n / 2**10:.1f} KiB"
+    return f"{n} bytes"
 
 
 class DataDependentForwardError(UnsupportedModuleError):

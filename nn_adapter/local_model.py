@@ -71,7 +71,7 @@ from torch.func import jacrev, vmap
 from occore.errors import InputError, NotPositiveDefinite
 from occore.types import Policy
 
-from .errors import MemoryLimitError
+from .errors import MemoryLimitError, UnsupportedModuleError
 from .value_hessian import ValueHessian
 
 logger = logging.getLogger("nn_adapter")
@@ -329,7 +329,17 @@ class ExactQ:
             for t in range(len(self.m)):
                 x = self.traj.xs[t].detach().reshape(self.B, -1)
                 u = self.flat_controls(t).detach()
-                fx, fu = vmap(jacrev(self._flat_stage(t), argnums=(0, 1)), in_dims=(0, None))(x, u)
+                try:
+                    fx, fu = vmap(jacrev(self._flat_stage(t), argnums=(0, 1)), in_dims=(0, None))(x, u)
+                except RuntimeError as err:     # the stage runs, but not under torch.func.vmap
+                    stage = self.problem.stages[t]
+                    modules = ", ".join(f"{n!r} ({type(m).__name__})"
+                                        for n, m in zip(stage.names, stage.modules))
+                    raise UnsupportedModuleError(
+                        f"stage {t} (modules {modules}): exact DDP and iLQR take its per-sample "
+                        f"Jacobians with torch.func (vmap of jacrev), which fails on it: {err}. "
+                        "occore.EMSA does not need them; or write the module with operations "
+                        "torch.func can batch") from err
                 jac.append((fx, fu))
             self._jac = jac
         return self._jac

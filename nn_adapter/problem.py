@@ -75,8 +75,9 @@ class NetworkProblem:
         DataDependentForwardError: a stage's forward branches on the values of its input (``if
             x.sum() > 0``, ``x.item()``): ``torch.func`` cannot differentiate it per sample; the
             module is named (an ``UnsupportedModuleError``).
-        DtypeError: integer (non-floating) states x_0, or targets of a dtype the loss cannot take
-            (a ``TypeError`` and an ``InputError``).
+        DtypeError: a model in another dtype than float32 or float64 (half precision), integer
+            (non-floating) states x_0, or targets of a dtype the loss cannot take (a
+            ``TypeError`` and an ``InputError``).
         DataError: an empty batch, NaN or inf in inputs or targets, class indices out of range
             (an ``InputError``).
         ShapeError: inputs the first stage cannot take, targets of another length, or targets
@@ -102,6 +103,12 @@ class NetworkProblem:
         self.horizon = len(self.stages)
         first = next(iter(self.stages[0].param_dict().values()))
         self.dtype, self.device = first.dtype, first.device
+        if self.dtype not in (torch.float32, torch.float64):
+            raise DtypeError("model", "float32 or float64 parameters", self.dtype,
+                             f"module {self.stages[0].name!r} ({type(self.stages[0].module).__name__}); "
+                             "DDP's and iLQR's Cholesky solves have no half-precision kernel and "
+                             "E-MSA's L-BFGS overflows in float16: convert the model, e.g. "
+                             "model.float(); nn_adapter.DDPNOpt trains under torch.autocast")
         if not callable(loss_fn):
             raise InputError(f"loss_fn: expected a callable, got {type(loss_fn).__name__}")
         self.loss_fn = loss_fn
@@ -183,11 +190,8 @@ class NetworkProblem:
             for stage in self.stages:
                 try:
                     y = stage.forward(stage.param_dict(), x)
-                except Exception as err:    # noqa: BLE001 - re-raised with the stage named
-                    what = "inputs" if stage.index == 0 else f"stage {stage.index} input"
-                    raise ShapeError(what, f"what module {stage.name!r} "
-                                     f"({type(stage.module).__name__}) accepts", tuple(x.shape),
-                                     str(err)) from err
+                except Exception as err:    # noqa: BLE001 - re-raised with the module named
+                    _raise_for_module(stage, x, err)
                 if not isinstance(y, Tensor) or y.dim() == 0 or y.shape[0] != self.batch_size:
                     raise ShapeError(f"stage {stage.index} output", f"({self.batch_size}, ...)",
                                      getattr(y, "shape", type(y).__name__),
@@ -339,6 +343,35 @@ class NetworkProblem:
                     p.copy_(u[k])
 
 
+def _raise_for_module(stage, x: Tensor, err: Exception) -> None:
+    """The stage's forward on ``x`` raised ``err``: re-raise it as a ShapeError naming the module
+    of the stage that fails (the head or one of its followers) and the input it was given.
+
+    Raises:
+        ShapeError: always.
+    """
+    y, failed, prev = x, None, None
+    with torch.no_grad():
+        for i, (name, module) in enumerate(zip(stage.names, stage.modules)):
+            if not isinstance(y, Tensor):       # the module before returned a tuple, a dict...
+                raise ShapeError(f"module {prev!r} output", "one tensor (the input of the next "
+                                 f"module, {name!r} ({type(module).__name__}))",
+                                 type(y).__name__, str(err)) from err
+            try:
+                y = stage.module_fn(stage.params, y) if i == 0 else module(y)
+            except Exception as inner:      # noqa: BLE001 - this module is the one that fails
+                failed, err = (name, module), inner
+                break
+            prev = name
+    name, module = failed or (stage.name, stage.module)
+    if failed is None or name == stage.name:
+        what, y = ("inputs" if stage.index == 0 else f"stage {stage.index} input"), x
+    else:
+        what = f"module {name!r} input"
+    raise ShapeError(what, f"what module {name!r} ({type(module).__name__}) accepts",
+                     tuple(y.shape), str(err)) from err
+
+
 def _is_number(value) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
@@ -352,7 +385,8 @@ def _check_per_sample(stage, x: Tensor) -> None:
     """Run ``stage`` under ``torch.func.vmap`` on one sample, as the local model does: a forward
     that branches on tensor values (``if``, ``.item()``, ``bool()``) cannot run there.
 
-    Other failures under ``vmap`` are left to the solver that meets them (E-MSA does not vmap).
+    Other failures under ``vmap`` are left to the solver that meets them: DDP and iLQR raise
+    UnsupportedModuleError naming the stage's modules (E-MSA does not vmap).
 
     Raises:
         DataDependentForwardError: naming the first such module of the stage.

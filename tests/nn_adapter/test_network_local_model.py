@@ -12,7 +12,7 @@ from torch import nn
 from torch.func import jacrev
 
 import occore
-from nn_adapter import DDPNOpt, NetworkLocalModel, NetworkProblem
+from nn_adapter import DDPNOpt, NetworkLocalModel, NetworkProblem, UnsupportedModuleError
 from nn_adapter.errors import MemoryLimitError
 from occore.errors import NotPositiveDefinite
 
@@ -322,6 +322,12 @@ def test_not_positive_definite_and_memory_limit():
     with pytest.raises(MemoryLimitError, match="DDPNOpt") as err:
         small.local_model(small.rollout(small.initial_controls())).backward(1.0)
     assert err.value.estimate > 1000 and err.value.limit == 1000
+    # sizes below a MiB are written in KiB or bytes, not as "0.0 MiB"
+    est = err.value.estimate
+    want = f"{est / 1024:.1f} KiB" if est >= 1024 else f"{est} bytes"
+    assert f"needs about {want} (limit 1000 bytes)" in str(err.value)
+    assert str(MemoryLimitError(3 * 2**20, 2**30)).startswith(
+        "the network local model needs about 3.0 MiB (limit 1024.0 MiB)")
 
 
 def test_terminal_hessian_is_blocks_for_a_separable_loss_and_dense_otherwise():
@@ -494,3 +500,31 @@ def test_memory_limits_at_the_estimate_and_for_the_dense_terminal_hessian():
             assert err.value.estimate == dense
         else:
             lm.backward(10.0)
+
+
+class Unbatchable(nn.Module):
+    """A stage torch.func cannot vmap (an in-place write of the batched output into a fresh,
+    unbatched tensor), though it maps one tensor to one tensor and needs no branch on values."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(3, 3)
+
+    def forward(self, h):
+        out = torch.empty(h.shape[0], 3, dtype=h.dtype)
+        out[:] = self.lin(h)
+        return out
+
+
+@pytest.mark.parametrize("solver", [occore.DDP, occore.ILQR])
+def test_a_stage_without_per_sample_jacobians_is_named_by_ddp_and_emsa_still_trains_it(solver):
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(3, 3), nn.Tanh(), Unbatchable(), nn.Sigmoid()).double()
+    x, y = torch.randn(5, 3, dtype=torch.float64), torch.randint(0, 3, (5,))
+    prob = NetworkProblem(net, nn.CrossEntropyLoss(), x, y)    # its forward and the loss are fine
+    with pytest.raises(UnsupportedModuleError) as err:
+        solver(max_iter=2).solve(prob)
+    for words in ("stage 1", "'2'", "Unbatchable", "'3'", "vmap", "occore.EMSA"):
+        assert words in str(err.value)
+    start = prob.rollout(prob.initial_controls()).cost
+    assert occore.EMSA(max_iter=3).solve(prob).cost < start

@@ -7,6 +7,7 @@ from torch import nn
 
 import occore
 from nn_adapter import NetworkProblem, UnsupportedModuleError
+from nn_adapter.errors import DtypeError
 from occore.errors import InputError, ShapeError
 from occore.types import ControlProblem, Policy
 
@@ -114,6 +115,36 @@ def test_bad_models_and_inputs(args, error, words):
         NetworkProblem(args[0], nn.CrossEntropyLoss(), x, y)
     for w in words:
         assert w in str(err.value)
+
+
+@pytest.mark.parametrize("followers, words", [
+    # a follower refusing its input's shape: it is named with that shape, not the stage's head
+    ((nn.Unflatten(1, (3, 3)), nn.Flatten(), nn.Linear(9, 3)),
+     ["module '2' input", "(6, 4)", "'2' (Unflatten)"]),
+    # a follower returning a tuple: it is named, and the module that cannot take the tuple
+    ((nn.Unflatten(1, (1, 4)), nn.MaxPool1d(2, return_indices=True), nn.Flatten(), nn.Linear(2, 3)),
+     ["module '3' output", "one tensor", "tuple", "'4' (Flatten)"]),
+])
+def test_a_failing_follower_is_named_not_the_head_of_its_stage(followers, words):
+    net = nn.Sequential(nn.Linear(5, 4), nn.Tanh(), *followers)
+    x, y = torch.randn(6, 5), torch.randint(0, 3, (6,))
+    with pytest.raises(ShapeError) as err:
+        NetworkProblem(net, nn.CrossEntropyLoss(), x, y)
+    for w in words:
+        assert w in str(err.value)
+    assert "'0' (Linear)" not in str(err.value)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_a_half_precision_model_is_refused_before_any_work(dtype):
+    """DDP's Cholesky solves have no half-precision kernel and E-MSA's L-BFGS overflows in
+    float16: a DtypeError naming the model's dtype at construction (was: NotImplementedError
+    from inside DDP's first backward pass, or a RuntimeError from inside torch's L-BFGS)."""
+    net = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 3)).to(dtype)
+    with pytest.raises(DtypeError) as err:
+        NetworkProblem(net, nn.CrossEntropyLoss(), torch.randn(6, 3), torch.randint(0, 3, (6,)))
+    assert f"model: expected float32 or float64 parameters, got {dtype}" in str(err.value)
+    assert "model.float()" in str(err.value)
 
 
 def test_bad_targets_loss_and_options():
