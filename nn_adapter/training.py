@@ -32,7 +32,6 @@ from __future__ import annotations
 import hashlib
 import logging
 import math
-import numbers
 import time
 from dataclasses import dataclass, field
 from typing import Callable, Optional
@@ -41,6 +40,7 @@ import torch
 from torch import nn
 
 from occore.errors import InputError, ShapeError
+from occore.validation import is_integer, is_real
 
 from .data import Split, batch_indices
 from .errors import DataError
@@ -96,7 +96,7 @@ def _check_name(name) -> None:
 def check_lr(lr, name: str = "") -> None:
     """Refuse (InputError) a learning rate that is not a finite number > 0 (<= 1 for vanilla DDP,
     ``name`` "ddp"): the one rule of the API and of ``occore train --lr``."""
-    if isinstance(lr, bool) or not isinstance(lr, numbers.Real) or not math.isfinite(lr) or lr <= 0:
+    if not is_real(lr) or not math.isfinite(lr) or lr <= 0:
         raise InputError(f"lr={lr!r}{f' (optimizer {name!r})' if name else ''}: expected a "
                          "finite number > 0")
     if name == "ddp" and lr > 1:
@@ -362,8 +362,9 @@ def train_classifier(model: nn.Module, data: Split, optimizer, epochs: int = 8, 
     """
     for arg, value, low in (("epochs", epochs, 1), ("batch_size", batch_size, 1),
                             ("start_epoch", start_epoch, 1), ("seed", seed, 0)):
-        if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < low:
+        if not (is_integer(value) and value >= low):
             raise InputError(f"{arg}={value!r}: expected an int >= {low}")
+    epochs, batch_size, start_epoch, seed = int(epochs), int(batch_size), int(start_epoch), int(seed)
     if not all(isinstance(getattr(data, a, None), torch.Tensor)
                for a in ("x_train", "y_train", "x_test", "y_test")):
         raise TypeError(f"data: expected an nn_adapter.data.Split (tensors x_train, y_train, "
