@@ -90,7 +90,7 @@ def make_closure(model: nn.Module, optimizer: torch.optim.Optimizer, x: torch.Te
 
 def _check_name(name) -> None:
     if not isinstance(name, str) or name not in DEFAULT_LR:
-        raise ValueError(f"unknown optimizer {name!r}; valid optimizers are {', '.join(OPTIMIZERS)}")
+        raise InputError(f"unknown optimizer {name!r}; valid optimizers are {', '.join(OPTIMIZERS)}")
 
 
 def check_lr(lr, name: str = "") -> None:
@@ -357,7 +357,7 @@ def train_classifier(model: nn.Module, data: Split, optimizer, epochs: int = 8, 
             step), or test predictions shaped unlike ``y_test`` (at the first evaluation).
         DataError: an empty training split (before any step), or with the default argmax
             test labels outside [0, C) of the model's C outputs (at the first evaluation).
-        TypeError: ``data`` not a split, ``optimizer`` neither a torch optimizer nor an object
+        TypeError: ``model`` not a module, ``data`` not a split, ``optimizer`` neither a torch optimizer nor an object
             with ``step_batch``, or a callable argument that is not callable.
     """
     for arg, value, low in (("epochs", epochs, 1), ("batch_size", batch_size, 1),
@@ -365,6 +365,8 @@ def train_classifier(model: nn.Module, data: Split, optimizer, epochs: int = 8, 
         if not (is_integer(value) and value >= low):
             raise InputError(f"{arg}={value!r}: expected an int >= {low}")
     epochs, batch_size, start_epoch, seed = int(epochs), int(batch_size), int(start_epoch), int(seed)
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
     if not all(isinstance(getattr(data, a, None), torch.Tensor)
                for a in ("x_train", "y_train", "x_test", "y_test")):
         raise TypeError(f"data: expected an nn_adapter.data.Split (tensors x_train, y_train, "
@@ -449,7 +451,7 @@ def compare_optimizers(make_model: Callable[[], nn.Module], data: Split, names, 
     optimizer's name first).
 
     Raises:
-        ValueError / InputError: before the first run, an unknown name, a rate that is not a
+        InputError: before the first run, no name, an unknown name, a rate that is not a
             finite number > 0 (<= 1 for ``ddp``, as ``occore train --lr``) or an ``lr`` dict
             naming an optimizer not in ``names``, or a name given twice. TypeError: ``names``
             given as one string.
@@ -458,6 +460,8 @@ def compare_optimizers(make_model: Callable[[], nn.Module], data: Split, names, 
         raise TypeError(f"names: expected a list of optimizer names, got the string {names!r} "
                         f"(write [{names!r}])")
     names = list(names)
+    if not names:
+        raise InputError(f"names: none given; valid optimizers are {', '.join(OPTIMIZERS)}")
     twice = sorted({n for n in names if isinstance(n, str) and names.count(n) > 1})
     if twice:
         raise InputError(f"names: {twice} appear more than once; each name is one run and one "

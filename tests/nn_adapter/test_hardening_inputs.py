@@ -593,6 +593,7 @@ def _split():
     (["adam", "nope"], None, "unknown optimizer 'nope'"),
     (["adam", "sgd", "adam"], None, r"names: \['adam'\] appear more than once"),   # was one record
     ("adam", None, r"names: expected a list of optimizer names, got the string 'adam'"),
+    ([], None, "names: none given; valid optimizers are ddpnopt"),       # was: {} and no run
 ])
 def test_compare_optimizers_refuses_bad_names_and_rates_before_any_run(names, lr, words):
     from nn_adapter.training import compare_optimizers
@@ -719,3 +720,18 @@ def test_numpy_scalars_are_accepted_as_hyperparameters_and_counts():
         DDPNOpt(net.parameters(), model=net, seed=True)
     with pytest.raises(InputError, match="factor_update_freq"):
         EKFAC(net.parameters(), model=net, factor_update_freq=2.0)
+
+
+def test_training_entry_points_raise_typed_errors():
+    """An unknown optimizer name is an occore InputError (was a plain ValueError); a model that is
+    not a module is a TypeError naming ``model`` (was an AttributeError from .parameters())."""
+    from nn_adapter import data
+    from nn_adapter.training import compare_optimizers, make_optimizer, train_classifier
+
+    with pytest.raises(InputError, match="unknown optimizer 'adamw'"):
+        make_optimizer("adamw", nn.Linear(2, 1))
+    with pytest.raises(InputError, match="unknown optimizer 'nope'"):
+        compare_optimizers(lambda: nn.Linear(13, 3), data.load("wine"), ["nope"], epochs=1)
+    net = nn.Linear(13, 3)
+    with pytest.raises(TypeError, match="model: expected a torch.nn.Module, got int"):
+        train_classifier(5, data.load("wine"), torch.optim.SGD(net.parameters(), lr=0.1), epochs=1)
