@@ -297,7 +297,21 @@ def main(argv=None):
     args = ap.parse_args(argv)
     groups = {"all": occore.problems.NAMES + occore.problems.CONSTRAINED, "classic": occore.problems.NAMES,
               "constrained": occore.problems.CONSTRAINED}
-    names = groups.get(args.problems) or tuple(args.problems.split(","))
+    names = groups.get(args.problems) or tuple(n.strip() for n in args.problems.split(","))
+    unknown = [n for n in names if n not in groups["all"]]
+    if unknown:
+        ap.error(f"--problems: unknown problem(s) {unknown}; valid: all, classic, constrained, "
+                 f"{', '.join(groups['all'])}")
+    if args.repeats < 1:
+        ap.error(f"--repeats {args.repeats}: expected an integer >= 1")
+    if args.no_torch and args.torch_only:
+        ap.error("--no-torch and --torch-only exclude each other")
+    try:
+        horizons = tuple(int(t) for t in args.horizons.split(","))
+    except ValueError:
+        horizons = ()
+    if not horizons or min(horizons) < 1:
+        ap.error(f"--horizons {args.horizons!r}: expected comma-separated integers >= 1")
 
     print(f"occore backward sweep: {'C' if compiled.compiled_available() else 'numpy (C unavailable)'}; "
           f"numpy {np.__version__}; median of {args.repeats} warm runs; OMP_NUM_THREADS="
@@ -320,7 +334,6 @@ def main(argv=None):
               f"worst violation {max(r['violation'] for r in mine):.1e} over {len(mine)} problems")
 
     if not args.no_long:
-        horizons = tuple(int(t) for t in args.horizons.split(","))
         print(f"\nGrowth in T (pendulum, horizons {', '.join(map(str, horizons))}; gap relative to the best "
               "cost at that T):\n")
         long_rows = long_horizon(max(3, args.repeats // 2), horizons)

@@ -948,10 +948,10 @@ def main(argv=None) -> int:
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: CUDA is not available on this machine")
     out = Path(args.out)
-    err = output_folder_problem(str(out))
+    err = output_folder_problem(args.out)
     if err:
         parser.error(f"--out: {err}")
-    if args.json:
+    if args.json is not None:
         parent = Path(args.json).absolute().parent          # created if missing
         err = output_folder_problem(str(parent)) or (
             output_file_problem(args.json) if parent.is_dir() else None)

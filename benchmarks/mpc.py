@@ -59,12 +59,19 @@ def main(argv=None):
     ap.add_argument("--problems", default="pendulum,cartpole,cartpole_track", help="comma-separated names")
     ap.add_argument("--steps", type=int, default=200, help="closed-loop steps per run")
     args = ap.parse_args(argv)
+    names = [n.strip() for n in args.problems.split(",")]
+    unknown = [n for n in names if n not in occore.problems.GOALS]
+    if unknown:
+        ap.error(f"--problems: unknown problem(s) {unknown}; valid (problems with a goal): "
+                 f"{', '.join(occore.problems.GOALS)}")
+    if args.steps < 1:
+        ap.error(f"--steps {args.steps}: expected an integer >= 1")
     head = (f"{'problem':<15} {'controller':<18} {'cold ms':>8} {'median ms':>10} {'p99 ms':>8} {'max ms':>8} "
             f"{'it/call':>8} {'final dist':>11}")
     print(f"occore.MPC, {args.steps} closed-loop steps, latency over the warm calls (all but the first)\n")
     print(head)
     print("-" * len(head))
-    for name in args.problems.split(","):
+    for name in names:
         prob = occore.problems.make(name)
         goal = np.array(occore.problems.GOALS[name])
         for label, (cls, iterations, guess) in CONTROLLERS.items():

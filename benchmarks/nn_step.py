@@ -28,6 +28,7 @@ Adam step, 2.5 s per EKFAC step on one thread) runs batch 32, one warm-up step, 
 """
 from __future__ import annotations
 
+import os
 import statistics
 import sys
 import time
@@ -185,6 +186,8 @@ def main(argv=None) -> dict:
     args = ap.parse_args(argv)
     if args.steps < 1 or args.rounds < 1:
         ap.error("--steps and --rounds must be >= 1")
+    if not 1 <= args.threads <= (os.cpu_count() or 1):
+        ap.error(f"--threads {args.threads}: expected an integer from 1 to the {os.cpu_count() or 1} CPUs")
     if args.quick:
         args.steps, args.rounds = 2, 2
     torch.set_num_threads(args.threads)

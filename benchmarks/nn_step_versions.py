@@ -14,7 +14,6 @@ Prints per tree: ms/step, x Adam, peak MiB, x Adam, and both ratios against the 
 """
 from __future__ import annotations
 
-import argparse
 import importlib
 import statistics
 import sys
@@ -25,6 +24,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import nn_step  # noqa: E402  (this repository's harness: models, data, memory measure)
+from occore.cli import OneLineParser  # noqa: E402  (nn_step put the repository on sys.path)
 
 
 def load_ddpnopt(tree: str):
@@ -41,11 +41,16 @@ def load_ddpnopt(tree: str):
 
 
 def main(argv=None) -> dict:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = OneLineParser(description=__doc__.splitlines()[0])
     ap.add_argument("trees", nargs="+", help="source trees (repository checkouts)")
     ap.add_argument("--net", choices=tuple(nn_step.MODELS), default="mlp")
     ap.add_argument("--steps", type=int, default=200, help="timed steps per optimizer")
     args = ap.parse_args(argv)
+    if args.steps < 1:
+        ap.error(f"--steps {args.steps}: expected an integer >= 1")
+    for tree in args.trees:       # else the import would silently find another tree's nn_adapter
+        if not (Path(tree) / "nn_adapter" / "__init__.py").is_file():
+            ap.error(f"{tree}: not a source tree of this repository (no nn_adapter/__init__.py there)")
     torch.set_num_threads(1)
     batch = 32 if args.net == "mlp" else 128
     warmup = 2

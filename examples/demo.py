@@ -9,7 +9,6 @@ Run: .venv/bin/python examples/demo.py [--quick]
 """
 from __future__ import annotations
 
-import argparse
 import pathlib
 import sys
 import time
@@ -68,10 +67,18 @@ def network() -> None:
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    from occore.cli import OneLineParser
+    from occore.errors import OccoreError
+    from occore.output_paths import check_outputs
+
+    parser = OneLineParser(prog="demo.py", description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="cap every solver at 300 iterations")
     parser.add_argument("--plot", default="compare.png", help="where to draw the comparison ('' for none)")
     args = parser.parse_args(argv)
+    try:                    # before the comparison, not after it
+        check_outputs(args.plot or None)
+    except OccoreError as err:
+        parser.error(str(err))
     classic(300 if args.quick else 3000, pathlib.Path(args.plot) if args.plot else None)
     network_as_control_problem()
     network()

@@ -50,6 +50,7 @@ import torch.distributed as dist
 from torch import nn
 
 from occore.errors import InputError, OccoreError
+from occore.validation import is_integer
 
 __all__ = ["CheckpointError", "Checkpoint", "save_checkpoint", "load_checkpoint",
            "checkpoint_path", "FILE_NAME"]
@@ -220,8 +221,8 @@ def save_checkpoint(directory, model: nn.Module, optimizer: torch.optim.Optimize
             folder above it) is a file.
     """
     _check_objects(model, optimizer, data_order)
-    if isinstance(epoch, bool) or not isinstance(epoch, int) or epoch < 0:
-        raise ValueError(f"epoch: expected an int >= 0, got {epoch!r}")
+    if not (is_integer(epoch) and epoch >= 0):
+        raise InputError(f"epoch: expected an int >= 0, got {epoch!r}")
     _check_extra_loads(extra)
     path = checkpoint_path(directory)
     if any(p.exists() and not p.is_dir() for p in path.parents):

@@ -73,15 +73,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 _FLOAT32_MAX = 3.4028234663852886e38
+_LARGEST_SEED = 2**64 - 1        # torch.manual_seed takes no larger one
 
 
 def parse_lr(spec, names) -> dict:
     """``{name: lr}`` from ``--lr``: "0.01" (all), "adam=0.003,ddpnopt=0.01", or both ("0.01,adam=0.003").
 
     Raises:
-        UsageError: a malformed entry, a name not among ``names``, or a value that is not a finite
-            number > 0 and at most the largest float32 (or above 1 for ``ddp``, whose lr caps the
-            step length).
+        UsageError: a malformed entry, a name not among ``names``, a rate given twice, or a value
+            that is not a finite number > 0 and at most the largest float32 (or above 1 for
+            ``ddp``, whose lr caps the step length).
 
     Example:
         >>> parse_lr("0.01,adam=0.003", ["adam", "sgd-m"])
@@ -105,9 +106,13 @@ def parse_lr(spec, names) -> dict:
             raise UsageError(f"--lr: {part!r}: a learning rate must be at most {_FLOAT32_MAX:.3g} "
                              "(the largest float32: the networks' weights are float32)")
         if not eq:
+            if common is not None:
+                raise UsageError(f"--lr: {spec!r} gives the common learning rate twice")
             common = v
         elif key not in names:
             raise UsageError(f"--lr: {key!r} is not one of the --optimizers ({', '.join(names)})")
+        elif key in own:
+            raise UsageError(f"--lr: {spec!r} gives the learning rate of {key} twice")
         else:
             own[key] = v
     for n in names:
@@ -140,6 +145,12 @@ def check_args(args) -> dict:
                                ("--n-test", args.n_test, 1)):
         if value is not None and value < low:
             raise UsageError(f"{option} must be >= {low}, got {value}")
+    if args.threads > (os.cpu_count() or 1):      # OpenMP would try to start them all (and abort)
+        raise UsageError(f"--threads must be at most the {os.cpu_count() or 1} CPUs of this machine, "
+                         f"got {args.threads}")
+    if args.seed + args.seeds - 1 > _LARGEST_SEED:
+        raise UsageError(f"--seed {args.seed} with --seeds {args.seeds}: seeds must be at most "
+                         f"{_LARGEST_SEED} (2**64 - 1, torch's largest)")
     rates = parse_lr(args.lr, names)
     try:
         device = torch.device(args.device)

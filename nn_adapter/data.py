@@ -49,6 +49,7 @@ import numpy as np
 import torch
 
 from occore.errors import InputError, OccoreError
+from occore.validation import is_integer, is_real
 
 __all__ = ["Split", "DatasetInfo", "DATASETS", "DataFormatError", "DatasetNotFoundError", "load",
            "load_digits", "load_wine", "load_fashion_mnist", "read_idx", "read_cifar_batch",
@@ -152,18 +153,18 @@ def _tensors(x: np.ndarray, y: np.ndarray, dtype) -> tuple:
 
 
 def _check_fraction(name: str, value) -> None:
-    if not (isinstance(value, float) and 0.0 < value < 1.0):
+    if not (is_real(value) and not is_integer(value) and 0.0 < value < 1.0):
         raise InputError(f"{name}={value!r}: expected a float with 0 < {name} < 1")
 
 
 def _check_seed(name: str, value) -> None:
-    if not (isinstance(value, int) and not isinstance(value, bool) and value >= 0):
+    if not (is_integer(value) and value >= 0):
         raise InputError(f"{name}={value!r}: expected an integer >= 0")
 
 
 def _check_count(name: str, value) -> None:
     """``value`` is None or an integer >= 1 (a sample count)."""
-    if value is not None and not (isinstance(value, int) and not isinstance(value, bool) and value >= 1):
+    if value is not None and not (is_integer(value) and value >= 1):
         raise InputError(f"{name}={value!r}: expected an integer >= 1 or None")
 
 
@@ -283,7 +284,7 @@ def batch_indices(n: int, batch_size: int, generator: Optional[torch.Generator] 
         >>> [b.tolist() for b in batch_indices(5, 2, drop_last=True)]
         [[0, 1], [2, 3]]
     """
-    if not (isinstance(batch_size, int) and not isinstance(batch_size, bool) and batch_size >= 1):
+    if not (is_integer(batch_size) and batch_size >= 1):
         raise InputError(f"batch_size={batch_size!r}: expected an integer >= 1")
     order = torch.arange(n) if generator is None else torch.randperm(n, generator=generator)
     stop = n - n % batch_size if drop_last else n

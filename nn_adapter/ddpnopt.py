@@ -62,6 +62,7 @@ from torch import nn
 from occore.errors import InputError
 from occore.solvers.ddp import DDP, ILQR
 from occore.solvers.options import Regularization
+from occore.validation import is_integer, is_real
 
 from .curvature.optimizer import CurvatureOptimizer
 from .errors import UnsupportedModuleError, warn
@@ -188,8 +189,7 @@ class DDPNOpt(CurvatureOptimizer):
                    for m in FEEDBACK_MODES):
             raise InputError(f"invalid feedback: {feedback!r} (expected True, False, "
                              "'factorised' or 'dense')")
-        if (not isinstance(eps_vxx, (int, float)) or isinstance(eps_vxx, bool) or not eps_vxx >= 0
-                or not math.isfinite(eps_vxx)):
+        if not (is_real(eps_vxx) and math.isfinite(eps_vxx) and eps_vxx >= 0):
             raise InputError(f"invalid eps_vxx: {eps_vxx!r} (expected a finite number >= 0)")
         if not isinstance(second_order, bool):
             raise InputError(f"invalid second_order: {second_order!r} (expected a bool)")
@@ -202,11 +202,10 @@ class DDPNOpt(CurvatureOptimizer):
             raise InputError(f"invalid loss: {loss!r} (expected one of {', '.join(LOSSES)})")
         if not isinstance(diagnostics, bool):
             raise InputError(f"invalid diagnostics: {diagnostics!r} (expected a bool)")
-        if (not isinstance(feedback_bound, (int, float)) or isinstance(feedback_bound, bool)
-                or not feedback_bound > 0):
+        if not (is_real(feedback_bound) and feedback_bound > 0):
             raise InputError(f"invalid feedback_bound: {feedback_bound!r} (expected a number > 0, "
                              "or math.inf for no bound)")
-        if not isinstance(seed, int) or isinstance(seed, bool):
+        if not is_integer(seed):
             raise InputError(f"invalid seed: {seed!r} (expected an int)")
         self.feedback = "factorised" if feedback is True else feedback   # (checks the groups)
         super().__init__(params, curvature, lr, model=model, process_group=process_group,
@@ -223,7 +222,7 @@ class DDPNOpt(CurvatureOptimizer):
         self._clamped: dict = {}
         self._loss = LossResolver(loss)
         self._agreed_loss = DETECT
-        self._generator = torch.Generator().manual_seed(seed)
+        self._generator = torch.Generator().manual_seed(int(seed))
         self.eps_vxx = float(eps_vxx)
         self.second_order = second_order
         self.vxx_update = vxx_update

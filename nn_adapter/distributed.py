@@ -61,6 +61,7 @@ import torch.distributed as dist
 from torch import nn
 
 from occore.errors import InputError
+from occore.validation import is_integer
 
 __all__ = ["Collectives", "data_parallel", "shard", "launch", "init_from_environment",
            "parallel_map"]
@@ -257,7 +258,7 @@ def launch(fn: Callable, nproc: int, *args, backend: str = "gloo", **kwargs) -> 
         torch.distributed.elastic.multiprocessing.errors.ChildFailedError: a process failed
             (with its traceback).
     """
-    if isinstance(nproc, bool) or not isinstance(nproc, int) or nproc < 1:
+    if not (is_integer(nproc) and nproc >= 1):
         raise InputError(f"nproc: expected an int >= 1, got {nproc!r}")
     if not callable(fn):
         raise InputError(f"fn: expected a function, got {type(fn).__name__}")
@@ -307,6 +308,6 @@ def parallel_map(fn: Callable, items: Sequence, workers: int = 1, threads: int =
     """
     from occore.comparison.parallel import parallel_map as _map
 
-    if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
+    if not (is_integer(threads) and threads >= 1):
         raise InputError(f"threads: expected an int >= 1, got {threads!r}")
     return _map(fn, items, workers, _worker_init, (threads,))

@@ -14,14 +14,11 @@ import torch
 from torch import nn
 
 from occore.errors import InputError, ShapeError
+from occore.validation import is_integer, is_real
 
 from .errors import DataError, DtypeError
 
 __all__ = ["MMCLoss", "mm_centers"]
-
-
-def _is_int(value) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def mm_centers(num_classes: int, dim: int, radius: float = 10.0,
@@ -35,13 +32,12 @@ def mm_centers(num_classes: int, dim: int, radius: float = 10.0,
         InputError: (a ``ValueError``) unless num_classes >= 2 and dim >= num_classes - 1 are
             ints and radius is a finite number > 0 (bools are refused).
     """
-    if not _is_int(num_classes) or num_classes < 2:
+    if not is_integer(num_classes) or num_classes < 2:
         raise InputError(f"invalid num_classes: {num_classes!r} (expected an int >= 2)")
-    if not _is_int(dim) or dim < num_classes - 1:
+    if not is_integer(dim) or dim < num_classes - 1:
         raise InputError(f"invalid dim: {dim!r} (expected an int >= num_classes - 1 = "
                          f"{num_classes - 1})")
-    if not (isinstance(radius, (int, float)) and not isinstance(radius, bool)
-            and math.isfinite(radius) and radius > 0):
+    if not (is_real(radius) and math.isfinite(radius) and radius > 0):
         raise InputError(f"invalid radius: {radius!r} (expected a finite number > 0)")
     if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
         raise InputError(f"invalid dtype: {dtype!r} (expected a floating-point torch.dtype)")

@@ -30,6 +30,7 @@ import torch
 from torch import nn
 
 from occore.errors import InputError
+from occore.validation import is_integer
 
 __all__ = ["NETWORKS", "FCN_WIDTH", "FCN_ACTIVATION", "build_network", "resolve_network", "fcn", "mlp",
            "paper_cnn", "sigmoid_mlp", "ResidualBlock", "ResidualCNN", "residual_cnn"]
@@ -271,7 +272,7 @@ def build_network(spec: str, input_shape, num_classes: int, dataset: Optional[st
     for name, value in (("width", width), ("depth", depth), ("num_classes", num_classes)):
         if value is None and name != "num_classes":
             continue
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        if not (is_integer(value) and value >= 1):
             raise InputError(f"{name}={value!r}: expected an integer >= 1"
                              + (" or None (the network's default)" if name != "num_classes" else ""))
     net = resolve_network(spec)(tuple(input_shape), num_classes, dataset=dataset, width=width, depth=depth)

@@ -18,6 +18,7 @@ from torch.func import functional_call, vmap
 from occore.errors import InputError, ShapeError
 from occore.result import Result
 from occore.types import Policy, Trajectory
+from occore.validation import is_real
 
 from .errors import DataDependentForwardError, DataError, DtypeError
 from .local_model import DenseGains, ExactQ, NetworkLocalModel
@@ -373,7 +374,7 @@ def _raise_for_module(stage, x: Tensor, err: Exception) -> None:
 
 
 def _is_number(value) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
+    return is_real(value)
 
 
 def _data_dependent(err: Exception) -> bool:

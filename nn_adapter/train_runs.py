@@ -450,6 +450,9 @@ def _check(args, cfg, split) -> None:
                        "param groups for the checkpoint files; --checkpoint and --resume take torch "
                        "optimizers, DDPNOpt and EKFAC")
     runs = _runs(args, cfg)
+    for option, folder in (("--checkpoint", args.checkpoint), ("--resume", args.resume)):
+        if folder is not None:
+            _check_writable(option, folder)
     if args.resume is not None:
         if not Path(args.resume).is_dir():
             raise _Refused(f"--resume {args.resume}: no such folder")
@@ -462,8 +465,6 @@ def _check(args, cfg, split) -> None:
                 _prepare(args, cfg, split, name, seed, 1, cfg["device"])
             except CheckpointError as err:
                 raise _Refused(f"--resume: {err}") from None
-    if _output(args) is not None:
-        _check_writable(_output(args))
     out = args.checkpoint
     if out is not None:
         if args.resume is None or Path(out).resolve() != Path(args.resume).resolve():
@@ -474,9 +475,9 @@ def _check(args, cfg, split) -> None:
                                    f"it with --resume {out}, or choose another folder")
 
 
-def _check_writable(folder: str) -> None:
-    """The checkpoint folder exists and is writable, or can be created (its nearest existing parent
-    is a writable folder)."""
+def _check_writable(option: str, folder: str) -> None:
+    """The checkpoint folder of ``option`` (a name, not empty) exists and is writable, or can be
+    created (its nearest existing parent is a writable folder)."""
     problem = output_folder_problem(folder)
     if problem is not None:
-        raise _Refused(f"--checkpoint: {problem}")
+        raise _Refused(f"{option}: {problem}")

@@ -32,7 +32,6 @@ from __future__ import annotations
 import hashlib
 import logging
 import math
-import numbers
 import time
 from dataclasses import dataclass, field
 from typing import Callable, Optional
@@ -41,6 +40,7 @@ import torch
 from torch import nn
 
 from occore.errors import InputError, ShapeError
+from occore.validation import is_integer, is_real
 
 from .data import Split, batch_indices
 from .errors import DataError
@@ -90,13 +90,13 @@ def make_closure(model: nn.Module, optimizer: torch.optim.Optimizer, x: torch.Te
 
 def _check_name(name) -> None:
     if not isinstance(name, str) or name not in DEFAULT_LR:
-        raise ValueError(f"unknown optimizer {name!r}; valid optimizers are {', '.join(OPTIMIZERS)}")
+        raise InputError(f"unknown optimizer {name!r}; valid optimizers are {', '.join(OPTIMIZERS)}")
 
 
 def check_lr(lr, name: str = "") -> None:
     """Refuse (InputError) a learning rate that is not a finite number > 0 (<= 1 for vanilla DDP,
     ``name`` "ddp"): the one rule of the API and of ``occore train --lr``."""
-    if isinstance(lr, bool) or not isinstance(lr, numbers.Real) or not math.isfinite(lr) or lr <= 0:
+    if not is_real(lr) or not math.isfinite(lr) or lr <= 0:
         raise InputError(f"lr={lr!r}{f' (optimizer {name!r})' if name else ''}: expected a "
                          "finite number > 0")
     if name == "ddp" and lr > 1:
@@ -409,13 +409,16 @@ def train_classifier(model: nn.Module, data: Split, optimizer, epochs: int = 8, 
             step), or test predictions shaped unlike ``y_test`` (at the first evaluation).
         DataError: an empty training split (before any step), or with the default argmax
             test labels outside [0, C) of the model's C outputs (at the first evaluation).
-        TypeError: ``data`` not a split, ``optimizer`` neither a torch optimizer nor an object
+        TypeError: ``model`` not a module, ``data`` not a split, ``optimizer`` neither a torch optimizer nor an object
             with ``step_batch``, or a callable argument that is not callable.
     """
     for arg, value, low in (("epochs", epochs, 1), ("batch_size", batch_size, 1),
                             ("start_epoch", start_epoch, 1), ("seed", seed, 0)):
-        if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < low:
+        if not (is_integer(value) and value >= low):
             raise InputError(f"{arg}={value!r}: expected an int >= {low}")
+    epochs, batch_size, start_epoch, seed = int(epochs), int(batch_size), int(start_epoch), int(seed)
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
     if not all(isinstance(getattr(data, a, None), torch.Tensor)
                for a in ("x_train", "y_train", "x_test", "y_test")):
         raise TypeError(f"data: expected an nn_adapter.data.Split (tensors x_train, y_train, "
@@ -500,7 +503,7 @@ def compare_optimizers(make_model: Callable[[], nn.Module], data: Split, names, 
     optimizer's name first).
 
     Raises:
-        ValueError / InputError: before the first run, an unknown name, a rate that is not a
+        InputError: before the first run, no name, an unknown name, a rate that is not a
             finite number > 0 (<= 1 for ``ddp``, as ``occore train --lr``) or an ``lr`` dict
             naming an optimizer not in ``names``, or a name given twice. TypeError: ``names``
             given as one string.
@@ -509,6 +512,8 @@ def compare_optimizers(make_model: Callable[[], nn.Module], data: Split, names, 
         raise TypeError(f"names: expected a list of optimizer names, got the string {names!r} "
                         f"(write [{names!r}])")
     names = list(names)
+    if not names:
+        raise InputError(f"names: none given; valid optimizers are {', '.join(OPTIMIZERS)}")
     twice = sorted({n for n in names if isinstance(n, str) and names.count(n) > 1})
     if twice:
         raise InputError(f"names: {twice} appear more than once; each name is one run and one "

@@ -33,6 +33,7 @@ import numpy as np
 from .errors import InputError, ShapeError
 from .output_paths import check_path_argument
 from .result import Result, Status
+from .validation import is_integer
 
 __all__ = ["MPC", "simulate", "ClosedLoop", "plot_closed_loop"]
 
@@ -95,8 +96,7 @@ class MPC:
             if not callable(getattr(solver, method, None)):
                 raise InputError(f"solver: expected an occore solver (ILQR, DDP, FDDP, CDDP) with "
                                  f"{method}(), got {type(solver).__name__}")
-        if iterations is not None and (isinstance(iterations, bool) or not isinstance(iterations, int)
-                                       or iterations < 1):
+        if iterations is not None and not (is_integer(iterations) and iterations >= 1):
             raise InputError(f"iterations={iterations!r} is invalid: expected None or an integer >= 1")
         if not isinstance(warm_start, bool):
             raise InputError(f"warm_start={warm_start!r} is invalid: expected True or False")
@@ -112,7 +112,8 @@ class MPC:
         self.problem, self.solver = problem, solver
         self._cold = {"xs0": xs0} if xs0 is not None else {}
         self.us0 = us0
-        self.iterations, self.warm_start = iterations, warm_start
+        self.iterations = None if iterations is None else int(iterations)
+        self.warm_start = warm_start
         self.result: Result | None = None
 
     def reset(self) -> None:
@@ -228,7 +229,7 @@ def simulate(controller, plant, steps: int, x0=None) -> ClosedLoop:
     """
     if not callable(controller):
         raise InputError(f"controller: expected an occore.MPC or a callable x -> u, got {type(controller).__name__}")
-    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+    if not (is_integer(steps) and steps >= 1):
         raise InputError(f"steps={steps!r} is invalid: expected an integer >= 1")
     if hasattr(plant, "transition"):
         step = plant.transition

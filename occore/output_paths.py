@@ -58,6 +58,8 @@ def output_file_problem(path: str, formats: Optional[Sequence[str]] = None) -> O
         path: the file to be written (it may exist: it will be replaced).
         formats: the allowed extensions without the dot (for figures), or None for any.
     """
+    if str(path) == "":          # Path("") is the current folder
+        return "an empty file name"
     p = Path(path)
     if p.is_dir():
         return f"{path} is a folder, expected a file name"
@@ -82,6 +84,8 @@ def output_file_problem(path: str, formats: Optional[Sequence[str]] = None) -> O
 def output_folder_problem(folder: str) -> Optional[str]:
     """What stops writing files in ``folder``, created if missing (its nearest existing parent
     must then be a folder one can write in), or None."""
+    if str(folder) == "":        # Path("") is the current folder: the command would write there
+        return "an empty folder name"
     p = Path(folder)
     if p.exists() and not p.is_dir():
         return f"{folder} is a file, expected a folder"
@@ -96,9 +100,7 @@ def check_outputs(plot: Optional[str] = None, json: Optional[str] = None) -> Non
     """Raise :class:`~occore.errors.OccoreError` (one line, naming ``--plot`` / ``--json``) unless
     both outputs can be written, are different files, and matplotlib is there for the plot."""
     for option, path, formats in (("--plot", plot, PLOT_FORMATS), ("--json", json, None)):
-        if path == "":               # given, but empty: the command would write nothing
-            raise OccoreError(f"{option}: an empty file name")
-        if path:
+        if path is not None:
             problem = output_file_problem(path, formats)
             if problem is not None:
                 raise OccoreError(f"{option}: {problem}")

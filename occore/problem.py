@@ -8,7 +8,6 @@
 from __future__ import annotations
 
 import logging
-import numbers
 
 import numpy as np
 
@@ -18,6 +17,7 @@ from .derivatives.base import nan_derivatives
 from .errors import InputError, OccoreError, ShapeError
 from .local_model import DenseLocalModel
 from .types import Policy, Trajectory
+from .validation import is_integer
 
 __all__ = ["Problem"]
 
@@ -25,7 +25,7 @@ log = logging.getLogger("occore")
 
 
 def _int(name: str, value, minimum: int = 1) -> int:
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
+    if not is_integer(value) or value < minimum:
         raise InputError(f"{name}: expected an integer >= {minimum}, got {value!r}")
     return int(value)
 

@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from occore.errors import InputError
+from occore.validation import is_real
 
 __all__ = ["Block", "Curvature", "find_blocks", "as_matrix", "from_matrix", "apply_factors",
            "apply_p", "l2_coefficient", "with_weight_decay", "is_finite_number", "is_fraction"]
@@ -155,7 +156,7 @@ def is_finite_number(value, minimum: float = 0.0, strict: bool = False) -> bool:
         if value.numel() != 1 or value.is_complex():
             return False
         value = float(value)
-    elif isinstance(value, bool) or not isinstance(value, (int, float)):
+    elif not is_real(value):
         return False
     return math.isfinite(value) and (value > minimum if strict else value >= minimum)
 

@@ -22,6 +22,8 @@ from __future__ import annotations
 
 import torch
 
+from occore.validation import is_integer
+
 from .base import (Curvature, apply_factors, as_matrix, from_matrix, is_finite_number,
                    is_fraction, with_weight_decay)
 from .kron import chunks, patches, per_sample_grads, positions
@@ -81,7 +83,7 @@ class EKFACCurvature(Curvature):
                    "0 <= stat_decay < 1")
         for name in ("factor_update_freq", "eigen_update_freq"):
             v = hp[name]
-            self.check(name, v, isinstance(v, int) and not isinstance(v, bool) and v >= 1,
+            self.check(name, v, is_integer(v) and v >= 1,
                        "an int >= 1")
 
     # -- statistics of one batch ---------------------------------------------------------------

@@ -9,6 +9,7 @@ import multiprocessing
 from typing import Callable, Sequence
 
 from ..errors import InputError
+from ..validation import is_integer
 
 __all__ = ["parallel_map"]
 
@@ -33,7 +34,7 @@ def parallel_map(fn: Callable, items: Sequence, workers: int = 1, initializer: C
         >>> parallel_map(abs, [-1, 2, -3])
         [1, 2, 3]
     """
-    if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
+    if not (is_integer(workers) and workers >= 1):
         raise InputError(f"workers: expected an int >= 1, got {workers!r}")
     items = list(items)
     if workers == 1 or len(items) <= 1:

@@ -11,6 +11,7 @@ import numpy as np
 
 from ..errors import InputError, OccoreError
 from ..output_paths import check_path_argument
+from ..validation import is_integer, is_real
 from .problems import resolve_problems
 from .solvers import SOLVERS, make_runner
 
@@ -302,14 +303,15 @@ def compare(problems="all", solvers=DEFAULT_SOLVERS, *, max_iter: int | None = N
             file that fails to import (the message gives the file and line), a bad ``workers``
             or, with workers > 1, problems or solvers given as objects.
     """
-    if max_iter is not None and (isinstance(max_iter, bool) or not isinstance(max_iter, int) or max_iter < 1):
+    if max_iter is not None and not (is_integer(max_iter) and max_iter >= 1):
         raise InputError(f"max_iter={max_iter!r} is invalid: expected an integer >= 1")
-    if isinstance(repeat, bool) or not isinstance(repeat, int) or repeat < 1:
+    if not (is_integer(repeat) and repeat >= 1):
         raise InputError(f"repeat={repeat!r} is invalid: expected an integer >= 1")
-    if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
+    if not (is_integer(workers) and workers >= 1):
         raise InputError(f"workers={workers!r} is invalid: expected an integer >= 1")
+    max_iter, repeat, workers = (None if max_iter is None else int(max_iter)), int(repeat), int(workers)
     if isinstance(levels, (str, bytes)) or not isinstance(levels, (list, tuple)) or not levels or not all(
-            isinstance(v, (int, float)) and not isinstance(v, bool) and 0 < v < 1 for v in levels):
+            is_real(v) and 0 < v < 1 for v in levels):
         raise InputError(f"levels={levels!r} is invalid: expected a non-empty list of numbers in (0, 1)")
     if not isinstance(progress, bool) or not isinstance(warmup, bool):
         raise InputError("progress, warmup: expected True or False")

@@ -30,6 +30,7 @@ import numpy as np
 
 from ..errors import InputError
 from ..result import IterationInfo, Result, Status
+from ..validation import is_integer, is_real
 
 __all__ = ["ipopt", "fatrop", "IPOPT_STATUS"]
 
@@ -291,9 +292,9 @@ def _check_problem(problem, tol, max_iter, solver: str) -> None:
         raise InputError(f"problem: cannot transcribe {problem.name or 'the problem'} for {solver}: its "
                          "callables use torch operations (backend 'torch'); declare it with casadi "
                          f"operations to get an {solver} reference")
-    if isinstance(tol, bool) or not (isinstance(tol, (int, float)) and math.isfinite(tol) and tol > 0):
+    if not (is_real(tol) and math.isfinite(tol) and tol > 0):
         raise InputError(f"tol={tol!r} is invalid: expected a finite number > 0")
-    if isinstance(max_iter, bool) or not isinstance(max_iter, int) or max_iter < 0:
+    if not (is_integer(max_iter) and max_iter >= 0):
         raise InputError(f"max_iter={max_iter!r} is invalid: expected an integer >= 0")
 
 

@@ -9,11 +9,11 @@ check their own controls.
 from __future__ import annotations
 
 import math
-import numbers
 
 import numpy as np
 
 from ..errors import InputError, ShapeError
+from ..validation import is_real
 
 __all__ = ["check_problem", "check_warm_start", "check_state", "check_callbacks", "check_mu"]
 
@@ -107,6 +107,6 @@ def check_callbacks(callbacks) -> tuple:
 
 def check_mu(mu) -> float:
     """The initial regularisation ``mu``: a finite number >= 0."""
-    if isinstance(mu, bool) or not isinstance(mu, numbers.Real) or not math.isfinite(mu) or mu < 0:
+    if not is_real(mu) or not math.isfinite(mu) or mu < 0:
         raise InputError(f"mu: expected a finite number >= 0, got {mu!r}")
     return float(mu)

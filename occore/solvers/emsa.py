@@ -35,21 +35,18 @@ from dataclasses import dataclass, field, replace
 import numpy as np
 
 from ..result import IterationInfo, Status
+from ..validation import is_integer, is_real
 from .base import Solver, SolverState
 from .ddp import curvature_scale
+from .options import _check
 
 __all__ = ["EMSA", "EMSAOptions", "InnerSolver"]
 
 _INNER_METHODS = ("auto", "newton", "gradient", "lbfgs")
 
 
-def _check(name: str, value, ok: bool, expected: str) -> None:
-    if not ok:
-        raise ValueError(f"option {name}={value!r} is invalid: expected {expected}")
-
-
 def _number(value) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    return is_real(value) and math.isfinite(value)
 
 
 @dataclass(frozen=True)
@@ -74,8 +71,9 @@ class InnerSolver:
 
     def __post_init__(self):
         _check("inner.method", self.method, self.method in _INNER_METHODS, f"one of {_INNER_METHODS}")
-        _check("inner.iterations", self.iterations, isinstance(self.iterations, int)
-               and not isinstance(self.iterations, bool) and self.iterations >= 1, "an integer >= 1")
+        _check("inner.iterations", self.iterations, is_integer(self.iterations) and self.iterations >= 1,
+               "an integer >= 1")
+        object.__setattr__(self, "iterations", int(self.iterations))
         _check("inner.step_size", self.step_size, _number(self.step_size) and self.step_size > 0,
                "a finite number > 0")
 
@@ -147,8 +145,8 @@ class EMSAOptions:
         elif isinstance(self.inner, dict):
             object.__setattr__(self, "inner", InnerSolver(**self.inner))
         _check("inner", self.inner, isinstance(self.inner, InnerSolver), "an InnerSolver, a method name or a dict")
-        _check("max_iter", self.max_iter, isinstance(self.max_iter, int) and not isinstance(
-            self.max_iter, bool) and self.max_iter >= 1, "an integer >= 1")
+        _check("max_iter", self.max_iter, is_integer(self.max_iter) and self.max_iter >= 1, "an integer >= 1")
+        object.__setattr__(self, "max_iter", int(self.max_iter))
         _check("tol", self.tol, _number(self.tol) and self.tol > 0, "a finite number > 0")
         _check("ftol", self.ftol, _number(self.ftol) and self.ftol >= 0, "a finite number >= 0")
         _check("rho", self.rho, self.rho is None or (_number(self.rho) and self.rho >= 0),

@@ -10,14 +10,17 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field, fields
 
+from ..errors import InputError
+from ..validation import is_integer, is_real
+
 
 def _check(name: str, value, ok: bool, expected: str) -> None:
     if not ok:
-        raise ValueError(f"option {name}={value!r} is invalid: expected {expected}")
+        raise InputError(f"option {name}={value!r} is invalid: expected {expected}")
 
 
 def _positive(name: str, value) -> None:
-    _check(name, value, isinstance(value, (int, float)) and math.isfinite(value) and value > 0,
+    _check(name, value, is_real(value) and math.isfinite(value) and value > 0,
            "a finite number > 0")
 
 
@@ -58,16 +61,16 @@ class Regularization:
     fixed: bool = False
 
     def __post_init__(self):
-        _check("initial", self.initial, isinstance(self.initial, (int, float)) and math.isfinite(
+        _check("initial", self.initial, is_real(self.initial) and math.isfinite(
             self.initial) and self.initial >= 0, "a finite number >= 0")
         _positive("maximum", self.maximum)
-        _check("minimum", self.minimum, isinstance(self.minimum, (int, float)) and 0 <= self.minimum
+        _check("minimum", self.minimum, is_real(self.minimum) and 0 <= self.minimum
                <= self.initial, "0 <= minimum <= initial")
-        _check("factor", self.factor, isinstance(self.factor, (int, float)) and self.factor > 1, "> 1")
+        _check("factor", self.factor, is_real(self.factor) and self.factor > 1, "> 1")
         _check("maximum", self.maximum, self.maximum >= self.initial, ">= initial")
         for name in ("increase_below", "decrease_above"):
             v = getattr(self, name)
-            _check(name, v, isinstance(v, (int, float)) and 0 <= v <= 1, "a number in [0, 1]")
+            _check(name, v, is_real(v) and 0 <= v <= 1, "a number in [0, 1]")
 
     def increase(self, mu: float) -> float:
         return max(mu * self.factor, self.minimum, 1e-12)
@@ -121,15 +124,16 @@ class LineSearch:
     def __post_init__(self):
         steps = tuple(self.steps)
         _check("steps", self.steps, len(steps) > 0 and all(
-            isinstance(a, (int, float)) and 0 < a <= 1 for a in steps), "a non-empty sequence in (0, 1]")
+            is_real(a) and 0 < a <= 1 for a in steps), "a non-empty sequence in (0, 1]")
         object.__setattr__(self, "steps", tuple(float(a) for a in steps))
-        _check("accept_ratio", self.accept_ratio, isinstance(self.accept_ratio, (int, float))
+        _check("accept_ratio", self.accept_ratio, is_real(self.accept_ratio)
                and 0 <= self.accept_ratio < 1, "a number in [0, 1)")
-        _check("accept_increase", self.accept_increase, isinstance(self.accept_increase, (int, float))
+        _check("accept_increase", self.accept_increase, is_real(self.accept_increase)
                and math.isfinite(self.accept_increase) and self.accept_increase >= 1, "a finite number >= 1")
         if self.gap_warm_start is not None:
-            _check("gap_warm_start", self.gap_warm_start, isinstance(self.gap_warm_start, int) and not isinstance(
-                self.gap_warm_start, bool) and self.gap_warm_start >= 0, "None or an integer >= 0")
+            _check("gap_warm_start", self.gap_warm_start, is_integer(self.gap_warm_start)
+                   and self.gap_warm_start >= 0, "None or an integer >= 0")
+            object.__setattr__(self, "gap_warm_start", int(self.gap_warm_start))
 
 
 def _fine_steps() -> tuple:
@@ -178,10 +182,10 @@ class DDPOptions:
 
     def __post_init__(self):
         if self.second_order_below is not None:
-            _check("second_order_below", self.second_order_below, isinstance(self.second_order_below, (int, float))
+            _check("second_order_below", self.second_order_below, is_real(self.second_order_below)
                    and self.second_order_below >= 0, "None or a number >= 0")
-        _check("max_iter", self.max_iter, isinstance(self.max_iter, int) and not isinstance(
-            self.max_iter, bool) and self.max_iter >= 1, "an integer >= 1")
+        _check("max_iter", self.max_iter, is_integer(self.max_iter) and self.max_iter >= 1, "an integer >= 1")
+        object.__setattr__(self, "max_iter", int(self.max_iter))
         _positive("tol", self.tol)
         _check("regularization", self.regularization, isinstance(self.regularization, Regularization),
                "an occore.solvers.options.Regularization")
@@ -268,19 +272,19 @@ class CDDPOptions(DDPOptions):
     def __post_init__(self):
         super().__post_init__()
         _check("method", self.method, self.method in ("al", "barrier"), "'al' or 'barrier'")
-        _check("barrier", self.barrier, isinstance(self.barrier, (int, float)) and self.barrier > 0, "> 0")
-        _check("barrier_min", self.barrier_min, isinstance(self.barrier_min, (int, float))
+        _check("barrier", self.barrier, is_real(self.barrier) and self.barrier > 0, "> 0")
+        _check("barrier_min", self.barrier_min, is_real(self.barrier_min)
                and 0 < self.barrier_min <= self.barrier, "0 < barrier_min <= barrier")
-        _check("barrier_factor", self.barrier_factor, isinstance(self.barrier_factor, (int, float))
+        _check("barrier_factor", self.barrier_factor, is_real(self.barrier_factor)
                and 0 < self.barrier_factor < 1, "a number in (0, 1)")
         _check("stochastic", self.stochastic, self.stochastic is False, "False (CDDP checks every step)")
         for name in ("constraint_tol", "penalty", "inner_tol"):
             _positive(name, getattr(self, name))
-        _check("penalty_factor", self.penalty_factor, isinstance(self.penalty_factor, (int, float))
+        _check("penalty_factor", self.penalty_factor, is_real(self.penalty_factor)
                and math.isfinite(self.penalty_factor) and self.penalty_factor > 1, "a finite number > 1")
-        _check("penalty_keep", self.penalty_keep, isinstance(self.penalty_keep, (int, float))
+        _check("penalty_keep", self.penalty_keep, is_real(self.penalty_keep)
                and 0 < self.penalty_keep <= 1, "a number in (0, 1]")
-        _check("penalty_max", self.penalty_max, isinstance(self.penalty_max, (int, float))
+        _check("penalty_max", self.penalty_max, is_real(self.penalty_max)
                and math.isfinite(self.penalty_max) and self.penalty_max >= self.penalty, "a finite number >= penalty")
 
 

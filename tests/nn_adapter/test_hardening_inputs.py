@@ -593,6 +593,7 @@ def _split():
     (["adam", "nope"], None, "unknown optimizer 'nope'"),
     (["adam", "sgd", "adam"], None, r"names: \['adam'\] appear more than once"),   # was one record
     ("adam", None, r"names: expected a list of optimizer names, got the string 'adam'"),
+    ([], None, "names: none given; valid optimizers are ddpnopt"),       # was: {} and no run
 ])
 def test_compare_optimizers_refuses_bad_names_and_rates_before_any_run(names, lr, words):
     from nn_adapter.training import compare_optimizers
@@ -695,3 +696,42 @@ def test_train_classifier_refuses_test_labels_it_cannot_score(part, words):
     rec = train_classifier(net, split, torch.optim.SGD(net.parameters(), lr=0.1), epochs=1, batch_size=4)
     with torch.no_grad():
         assert rec.test_accuracy == [float((net(split.x_test).argmax(1) == split.y_test).float().mean())]
+
+
+def test_numpy_scalars_are_accepted_as_hyperparameters_and_counts():
+    """As torch.optim takes lr=np.float32(...): numpy numbers are numbers for DDPNOpt, EKFAC, the
+    data sets and the training loop (bools are not)."""
+    import numpy as np
+
+    from nn_adapter import data
+    from nn_adapter.training import train_classifier
+
+    net = _net()
+    opt = DDPNOpt(net.parameters(), model=net, lr=np.float32(0.01), seed=np.int64(1), eps_vxx=np.float64(0.0))
+    assert opt.param_groups[0]["lr"] == pytest.approx(0.01)
+    EKFAC(net.parameters(), model=net, damping=np.float32(1e-3), factor_update_freq=np.int64(2))
+    split = data.load("wine", n_train=np.int64(20), n_test=np.int64(10))
+    assert len(split.x_train) == 20 and len(split.x_test) == 10
+    model = nn.Sequential(nn.Linear(13, 3))
+    rec = train_classifier(model, split, torch.optim.SGD(model.parameters(), lr=0.1), epochs=np.int64(1),
+                           batch_size=np.int64(8), seed=np.int64(0))
+    assert len(rec.train_loss) == 1
+    with pytest.raises(InputError, match="seed"):
+        DDPNOpt(net.parameters(), model=net, seed=True)
+    with pytest.raises(InputError, match="factor_update_freq"):
+        EKFAC(net.parameters(), model=net, factor_update_freq=2.0)
+
+
+def test_training_entry_points_raise_typed_errors():
+    """An unknown optimizer name is an occore InputError (was a plain ValueError); a model that is
+    not a module is a TypeError naming ``model`` (was an AttributeError from .parameters())."""
+    from nn_adapter import data
+    from nn_adapter.training import compare_optimizers, make_optimizer, train_classifier
+
+    with pytest.raises(InputError, match="unknown optimizer 'adamw'"):
+        make_optimizer("adamw", nn.Linear(2, 1))
+    with pytest.raises(InputError, match="unknown optimizer 'nope'"):
+        compare_optimizers(lambda: nn.Linear(13, 3), data.load("wine"), ["nope"], epochs=1)
+    net = nn.Linear(13, 3)
+    with pytest.raises(TypeError, match="model: expected a torch.nn.Module, got int"):
+        train_classifier(5, data.load("wine"), torch.optim.SGD(net.parameters(), lr=0.1), epochs=1)

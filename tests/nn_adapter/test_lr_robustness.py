@@ -60,6 +60,17 @@ def test_bad_command_line_exits_2_with_one_line(lrr, argv, capsys, tmp_path):
     assert "Traceback" not in err
 
 
+@pytest.mark.parametrize("option", ["--out", "--json"])
+def test_an_empty_output_name_is_refused_before_the_grid(lrr, option, capsys, monkeypatch):
+    """Was: --out '' wrote the report into the current folder, --json '' fell back to the default."""
+    monkeypatch.setattr(lrr, "run_grid", lambda *a, **k: pytest.fail("the grid ran"))
+    with pytest.raises(SystemExit) as exc:
+        lrr.main([option, "", "--quick"])
+    err = capsys.readouterr().err
+    assert exc.value.code == 2 and len(err.strip().splitlines()) == 1
+    assert f"{option}: an empty f" in err, err
+
+
 def test_divergence_rule_flags_nan_losses_and_no_learning(lrr):
     assert lrr.divergence_reason(float("nan"), 2.3)
     assert lrr.divergence_reason(None, 2.3)

@@ -58,3 +58,29 @@ def test_versions_script_runs_two_trees_in_one_process():
     rows = [line.split() for line in out.splitlines() if "DDPNOpt-adam fb=on [" in line]
     assert len(rows) == 2 and "Adam (torch)" in out
     assert all(row[-1] == "1.00" for row in rows)
+
+
+@pytest.mark.parametrize("argv, words", [
+    (["--threads", "0"], "--threads 0: expected an integer from 1"),       # was: a RuntimeError traceback
+    (["--threads", "1000000000"], "--threads 1000000000"),
+])
+def test_bad_threads_are_one_line_and_exit_2(nn_step, argv, words, capsys):
+    with pytest.raises(SystemExit) as done:
+        nn_step.main(argv)
+    err = capsys.readouterr().err
+    assert done.value.code == 2 and len(err.strip().splitlines()) == 1 and words in err, err
+
+
+@pytest.mark.parametrize("argv, words", [
+    (["/no/such/tree"], "/no/such/tree: not a source tree"),               # was: benchmarked another tree
+    (["--steps", "0", "."], "--steps 0: expected an integer >= 1"),         # was: a StatisticsError traceback
+    (["--bogus", "."], "unrecognized arguments: --bogus"),                  # was: argparse's usage line too
+])
+def test_nn_step_versions_checks_its_arguments_first(argv, words):
+    import subprocess
+
+    root = Path(__file__).resolve().parents[2]
+    done = subprocess.run([sys.executable, str(root / "benchmarks" / "nn_step_versions.py"), *argv],
+                          capture_output=True, text=True, cwd=root, timeout=120)
+    assert done.returncode == 2 and len(done.stderr.strip().splitlines()) == 1, done.stderr
+    assert words in done.stderr

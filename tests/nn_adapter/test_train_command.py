@@ -28,10 +28,15 @@ def wine():
     (["--lr", "fast"], "not a number"),
     (["--lr", "1e300"], "at most 3.4e+38"),              # torch's float32 update overflowed
     (["--lr", "adamw=0.1"], "not one of the --optimizers"),
+    (["--lr", "0.1,0.2"], "gives the common learning rate twice"),
+    (["--lr", "adam=0.1,adam=0.2"], "gives the learning rate of adam twice"),
     (["--optimizers", "ddp", "--lr", "2"], "0 < lr <= 1"),
     (["--batch-size", "143"], "larger than the 142 training samples"),
     (["--width", "0"], "--width must be >= 1"),
     (["--seeds", "0"], "--seeds must be >= 1"),
+    (["--seed", str(2**64)], "seeds must be at most 18446744073709551615"),      # torch.manual_seed overflowed
+    (["--seed", str(2**64 - 1), "--seeds", "2"], "--seed 18446744073709551615 with --seeds 2"),
+    (["--threads", str(10**9)], "--threads must be at most the"),   # OpenMP aborted the process
     (["--optimizers", "adam,adam"], "twice"),
     (["--optimizers", "lbfgs"], "unknown optimizer"),
     (["--plot", "/nonexistent-dir/t.png"], "does not exist"),

@@ -148,6 +148,8 @@ def _refused(capsys, argv, message):
     (["--checkpoint", "CKPT", "--optimizers", "ddp"], "no optimizer state_dict"),
     (["--resume", "/nonexistent-dir"], "no such folder"),
     (["--checkpoint", "FILE"], "is a file, expected a folder"),
+    (["--checkpoint", ""], "--checkpoint: an empty folder name"),      # was: checkpoints in the current folder
+    (["--resume", ""], "--resume: an empty folder name"),
 ])
 def test_bad_options_are_one_line_and_exit_2_before_any_work(args, message, tmp_path, capsys, no_work):
     (tmp_path / "file").write_text("x")

@@ -235,3 +235,16 @@ def test_the_best_cost_ignores_infeasible_records():
     cmp = Comparison([rec("a", 1.0, 0.5), rec("b", 2.0, 0.0), rec("c", 3.0, 1e-9)])
     assert cmp.best["p"] == 2.0 and cmp.records[0].gap == -0.5
     assert Comparison([rec("a", 1.0, 0.5), rec("b", 2.0, 0.1)]).best["p"] == 1.0   # none feasible: the lowest
+
+
+def test_numpy_integer_counts_are_accepted_and_recorded_as_ints(tmp_path):
+    import json
+
+    import numpy as np
+
+    cmp = occore.compare("lqr", ["ddp"], max_iter=np.int64(5), repeat=np.int64(1), workers=np.int64(1),
+                         progress=False)
+    cmp.to_json(tmp_path / "r.json")
+    assert json.loads((tmp_path / "r.json").read_text())["records"][0]["status"] == "CONVERGED"
+    with pytest.raises(occore.InputError, match="max_iter=True"):
+        occore.compare("lqr", ["ddp"], max_iter=True, progress=False)

@@ -89,6 +89,13 @@ def test_output_path_checks_leave_what_they_probe_unchanged(tmp_path):
     assert output_file_problem(str(tmp_path / "f.PNG"), PLOT_FORMATS) is None
 
 
+def test_an_empty_name_is_refused_as_a_file_and_as_a_folder():
+    """Path('') is the current folder: an empty --checkpoint / --out would write there."""
+    assert output_file_problem("") == "an empty file name"
+    assert output_folder_problem("") == "an empty folder name"
+    assert output_folder_problem(".") is None
+
+
 def test_plot_without_matplotlib_is_refused_before_any_work(monkeypatch, capsys, no_work, tmp_path):
     monkeypatch.setitem(sys.modules, "matplotlib", None)      # import matplotlib fails
     code, err = _run(["compare", "--plot", str(tmp_path / "x.png")], capsys)

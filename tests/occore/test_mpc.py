@@ -236,3 +236,20 @@ def test_simulate_with_one_step_and_a_non_finite_initial_state():
     assert run.latencies.shape == (1,)
     with pytest.raises(occore.InputError, match=r"^x0: expected a finite vector \(nx,\), got \[nan\]$"):
         occore.simulate(lambda x: -0.5 * x, lambda x, u: x + u, steps=1, x0=[np.nan])
+
+
+def test_numpy_integer_counts_are_accepted_where_python_ints_are():
+    """steps / iterations / max_iter out of numpy (np.arange, an array of
+    settings) are integers; floats and bools stay refused by name."""
+    from occore.errors import InputError
+
+    prob = occore.problems.make("lqr")
+    run = occore.simulate(occore.MPC(prob, occore.ILQR(), iterations=np.int64(1)), prob, np.int64(2))
+    assert run.us.shape == (2, prob.nu)
+    ref = occore.reference.ipopt(prob, max_iter=np.int64(50), tol=np.float32(1e-6))
+    assert ref.converged
+    for bad in (2.0, True):
+        with pytest.raises(InputError, match="steps="):
+            occore.simulate(occore.MPC(prob, occore.ILQR()), prob, bad)
+        with pytest.raises(InputError, match="iterations="):
+            occore.MPC(prob, occore.ILQR(), iterations=bad)

@@ -95,3 +95,34 @@ def test_default_step_lengths():
     assert len(fine.steps) == 20 and fine.steps[-1] == pytest.approx(0.7 ** 19)
     assert fine.gap_warm_start == 2
     assert math.isclose(sum(fine.steps), (1 - 0.7 ** 20) / 0.3)
+
+
+def test_a_refused_option_is_an_occore_input_error():
+    """Typed like every other bad argument (a ValueError too), for every solver's options."""
+    import occore
+    from occore.solvers.emsa import EMSAOptions, InnerSolver
+
+    for make in (lambda: DDPOptions(max_iter=0), lambda: CDDPOptions(tol=NAN), lambda: FDDPOptions(gap_tol=0.0),
+                 lambda: EMSAOptions(rho_min=0.0), lambda: InnerSolver(iterations=0), lambda: occore.ILQR(tol=-1.0)):
+        with pytest.raises(occore.InputError, match="option "):
+            make()
+
+
+def test_numpy_scalars_are_numbers_and_bools_are_not():
+    """A count out of np.arange or a tolerance out of a float32 array is accepted (stored as a
+    Python int), as torch.optim accepts them; True is refused where a number is expected."""
+    import numpy as np
+
+    import occore
+    from occore.solvers.emsa import EMSAOptions, InnerSolver
+
+    opts = DDPOptions(max_iter=np.int64(7), tol=np.float32(1e-6))
+    assert opts.max_iter == 7 and type(opts.max_iter) is int and opts.tol == np.float32(1e-6)
+    assert LineSearch(gap_warm_start=np.int32(2), accept_ratio=np.float64(0.2)).gap_warm_start == 2
+    assert type(EMSAOptions(max_iter=np.int16(3), inner=InnerSolver(iterations=np.int64(4))).inner.iterations) is int
+    assert occore.FDDP(max_iter=np.int64(2)).options.max_iter == 2
+    for name in ("tol", "max_iter"):
+        with pytest.raises(occore.InputError, match=f"option {name}=True"):
+            DDPOptions(**{name: True})
+    with pytest.raises(occore.InputError, match="option max_iter="):
+        DDPOptions(max_iter=np.float64(3.0))
