@@ -28,7 +28,6 @@ Adam step, 2.5 s per EKFAC step on one thread) runs batch 32, one warm-up step, 
 """
 from __future__ import annotations
 
-import os
 import statistics
 import sys
 import time
@@ -40,6 +39,7 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from nn_adapter import EKFAC, DDPNOpt  # noqa: E402
+from nn_adapter.cli import MAX_THREADS  # noqa: E402
 from nn_adapter.data import load_digits, load_fashion_mnist  # noqa: E402
 from nn_adapter.errors import UnsupportedModuleError  # noqa: E402
 from nn_adapter.memory import resident_bytes, step_peak_bytes  # noqa: E402
@@ -186,8 +186,8 @@ def main(argv=None) -> dict:
     args = ap.parse_args(argv)
     if args.steps < 1 or args.rounds < 1:
         ap.error("--steps and --rounds must be >= 1")
-    if not 1 <= args.threads <= (os.cpu_count() or 1):
-        ap.error(f"--threads {args.threads}: expected an integer from 1 to the {os.cpu_count() or 1} CPUs")
+    if not 1 <= args.threads <= MAX_THREADS:
+        ap.error(f"--threads {args.threads}: expected an integer from 1 to {MAX_THREADS}")
     if args.quick:
         args.steps, args.rounds = 2, 2
     torch.set_num_threads(args.threads)

@@ -73,6 +73,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 _FLOAT32_MAX = 3.4028234663852886e38
+#: the most torch threads ``--threads`` may ask for: more threads than CPUs is allowed (they share
+#: them), but OpenMP tries to start every one (10**9 aborted the process)
+MAX_THREADS = max(256, 4 * (os.cpu_count() or 1))
 _LARGEST_SEED = 2**64 - 1        # torch.manual_seed takes no larger one
 
 
@@ -145,9 +148,8 @@ def check_args(args) -> dict:
                                ("--n-test", args.n_test, 1)):
         if value is not None and value < low:
             raise UsageError(f"{option} must be >= {low}, got {value}")
-    if args.threads > (os.cpu_count() or 1):      # OpenMP would try to start them all (and abort)
-        raise UsageError(f"--threads must be at most the {os.cpu_count() or 1} CPUs of this machine, "
-                         f"got {args.threads}")
+    if args.threads > MAX_THREADS:      # OpenMP would try to start them all (and abort)
+        raise UsageError(f"--threads must be at most {MAX_THREADS}, got {args.threads}")
     if args.seed + args.seeds - 1 > _LARGEST_SEED:
         raise UsageError(f"--seed {args.seed} with --seeds {args.seeds}: seeds must be at most "
                          f"{_LARGEST_SEED} (2**64 - 1, torch's largest)")

@@ -36,7 +36,7 @@ def wine():
     (["--seeds", "0"], "--seeds must be >= 1"),
     (["--seed", str(2**64)], "seeds must be at most 18446744073709551615"),      # torch.manual_seed overflowed
     (["--seed", str(2**64 - 1), "--seeds", "2"], "--seed 18446744073709551615 with --seeds 2"),
-    (["--threads", str(10**9)], "--threads must be at most the"),   # OpenMP aborted the process
+    (["--threads", str(10**9)], "--threads must be at most"),   # OpenMP aborted the process
     (["--optimizers", "adam,adam"], "twice"),
     (["--optimizers", "lbfgs"], "unknown optimizer"),
     (["--plot", "/nonexistent-dir/t.png"], "does not exist"),
