@@ -27,6 +27,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .errors import InputError, ShapeError
+from .validation import float_array
 
 __all__ = ["ConstraintSet", "ConstraintValues", "KINDS"]
 
@@ -58,10 +59,7 @@ def state_bound(name: str, value, T: int, nx: int, missing: float) -> np.ndarray
     also be given for single components; the other infinity and NaN are refused (InputError)."""
     if value is None:
         return _frozen(np.full((T + 1, nx), missing))
-    try:
-        arr = np.array(value, dtype=float)
-    except (TypeError, ValueError) as err:
-        raise InputError(f"{name}: expected numbers, got {type(value).__name__}") from err
+    arr = float_array(value, name)
     if arr.ndim == 0 or arr.shape == (nx,):
         arr = np.broadcast_to(arr, (T + 1, nx)).copy()
     elif arr.shape != (T + 1, nx):

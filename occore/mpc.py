@@ -33,7 +33,7 @@ import numpy as np
 from .errors import InputError, ShapeError
 from .output_paths import check_path_argument
 from .result import Result, Status
-from .validation import is_integer
+from .validation import float_array, is_integer
 
 __all__ = ["MPC", "simulate", "ClosedLoop", "plot_closed_loop"]
 
@@ -242,10 +242,7 @@ def simulate(controller, plant, steps: int, x0=None) -> ClosedLoop:
         if source is None:
             raise InputError("x0: required when neither the controller nor the plant is an occore problem")
         x0 = source.x0
-    try:
-        x = np.array(x0, dtype=float)
-    except (TypeError, ValueError) as err:
-        raise InputError(f"x0: expected a vector of numbers, got {type(x0).__name__}") from err
+    x = float_array(x0, "x0", "a vector of numbers")
     if x.ndim != 1 or not np.all(np.isfinite(x)):
         raise InputError(f"x0: expected a finite vector (nx,), got {x.tolist()}")
     xs, us, lat = [x], [], np.empty(steps)

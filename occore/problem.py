@@ -17,7 +17,7 @@ from .derivatives.base import nan_derivatives
 from .errors import InputError, OccoreError, ShapeError
 from .local_model import DenseLocalModel
 from .types import Policy, Trajectory
-from .validation import is_integer
+from .validation import float_array, is_integer
 
 __all__ = ["Problem"]
 
@@ -40,10 +40,7 @@ def _bound(name: str, value, T: int, nu: int, missing: float) -> np.ndarray:
     ``missing`` (an infinite value) everywhere."""
     if value is None:
         return _frozen(np.full((T, nu), missing))
-    try:
-        arr = np.array(value, dtype=float)
-    except (TypeError, ValueError) as err:
-        raise InputError(f"{name}: expected numbers, got {type(value).__name__}") from err
+    arr = float_array(value, name)
     if arr.ndim == 0 or arr.shape == (nu,):
         arr = np.broadcast_to(arr, (T, nu)).copy()
     elif arr.shape != (T, nu):
@@ -120,10 +117,7 @@ class Problem:
         self.path_constraints = path_constraints
         self.terminal_constraints = terminal_constraints
         self.terminal_inequalities = terminal_inequalities
-        try:
-            x0 = np.array(x0, dtype=float)
-        except (TypeError, ValueError) as err:
-            raise InputError(f"x0: expected a vector of numbers, got {type(x0).__name__}") from err
+        x0 = float_array(x0, "x0", "a vector of numbers")
         if x0.ndim != 1 or x0.size == 0:
             raise ShapeError("x0", "(nx,)", x0.shape)
         if not np.all(np.isfinite(x0)):
@@ -145,10 +139,7 @@ class Problem:
                 raise InputError(f"u_lower > u_upper at stage {t}, control {i}: "
                                  f"{self.u_lower[t, i]} > {self.u_upper[t, i]}")
         if params is not None:
-            try:
-                params = np.array(params, dtype=float)
-            except (TypeError, ValueError) as err:
-                raise InputError(f"params: expected numbers, got {type(params).__name__}") from err
+            params = float_array(params, "params")
             if params.ndim == 1 and params.shape[0] == T + 1:
                 params = params[:, None]
             if params.ndim != 2 or params.shape[0] != T + 1:
@@ -205,10 +196,7 @@ class Problem:
         no retracing; used by :class:`occore.MPC`). ``name``: the argument named in errors."""
         import copy
 
-        try:
-            arr = np.array(x0, dtype=float)
-        except (TypeError, ValueError) as err:
-            raise InputError(f"{name}: expected a vector of numbers, got {type(x0).__name__}") from err
+        arr = float_array(x0, name, "a vector of numbers")
         if arr.shape != (self.nx,):
             raise ShapeError(name, (self.nx,), arr.shape)
         if not np.all(np.isfinite(arr)):
@@ -262,10 +250,7 @@ class Problem:
 
     def check_controls(self, us, name: str = "us") -> np.ndarray:
         """``us`` as a new (T, nu) float64 array; ShapeError/InputError otherwise."""
-        try:
-            arr = np.array(us, dtype=float)
-        except (TypeError, ValueError) as err:
-            raise InputError(f"{name}: expected numbers, got {type(us).__name__}") from err
+        arr = float_array(us, name)
         if arr.shape == (self.horizon,) and self.nu == 1:
             arr = arr[:, None]
         if arr.shape != (self.horizon, self.nu):
@@ -348,10 +333,7 @@ class Problem:
 
     def check_states(self, xs, name: str = "xs0") -> np.ndarray:
         """``xs`` as a new (T+1, nx) float64 array; ShapeError/InputError otherwise."""
-        try:
-            arr = np.array(xs, dtype=float)
-        except (TypeError, ValueError) as err:
-            raise InputError(f"{name}: expected numbers, got {type(xs).__name__}") from err
+        arr = float_array(xs, name)
         if arr.shape == (self.horizon + 1,) and self.nx == 1:
             arr = arr[:, None]
         if arr.shape != (self.horizon + 1, self.nx):

@@ -1,6 +1,7 @@
 """Derivative backends. Each is imported lazily: ``import occore`` loads neither casadi nor torch."""
 from __future__ import annotations
 
+from ..errors import InputError
 from .base import Backend, DenseDerivatives
 
 BACKENDS = ("casadi", "torch", "finite_difference")
@@ -36,4 +37,4 @@ def make_backend(name: str, problem, options=None) -> Backend:
         from .finite_difference import FiniteDifferenceBackend
 
         return FiniteDifferenceBackend(problem)
-    raise ValueError(f"backend={name!r} is unknown; valid backends are {', '.join(BACKENDS)}")
+    raise InputError(f"backend={name!r} is unknown; valid backends are {', '.join(BACKENDS)}")

@@ -8,6 +8,8 @@ from types import SimpleNamespace
 
 import numpy as np
 
+from ..errors import InputError
+
 
 def ops_for(backend: str) -> SimpleNamespace:
     """``sin, cos, stack(list) -> column/vector, matmul(const_matrix, v)`` for ``backend``."""
@@ -23,4 +25,4 @@ def ops_for(backend: str) -> SimpleNamespace:
                                matmul=lambda A, v: torch.as_tensor(A, dtype=v.dtype) @ v)
     if backend == "finite_difference":
         return SimpleNamespace(sin=np.sin, cos=np.cos, stack=np.stack, matmul=lambda A, v: np.asarray(A) @ v)
-    raise ValueError(f"backend={backend!r} is unknown; valid backends are casadi, torch, finite_difference")
+    raise InputError(f"backend={backend!r} is unknown; valid backends are casadi, torch, finite_difference")

@@ -126,3 +126,45 @@ def test_numpy_scalars_are_numbers_and_bools_are_not():
             DDPOptions(**{name: True})
     with pytest.raises(occore.InputError, match="option max_iter="):
         DDPOptions(max_iter=np.float64(3.0))
+
+
+def test_complex_arrays_are_refused_by_name_not_truncated():
+    """numpy's float conversion drops imaginary parts (with only a ComplexWarning): x0, bounds,
+    params, us0, xs0, MPC's measured state and simulate's x0 given complex values are refused,
+    naming the argument; their real parts alone would have been accepted."""
+    import numpy as np
+    import pytest
+    import occore
+    from occore.errors import InputError
+
+    prob = occore.problems.make("pendulum")
+    base = dict(dynamics=prob.dynamics, stage_cost=prob.stage_cost, terminal_cost=prob.terminal_cost,
+                x0=prob.x0, nu=prob.nu, horizon=prob.horizon)
+    with pytest.raises(InputError, match="x0: expected real numbers, got complex"):
+        occore.Problem(**dict(base, x0=prob.x0 + 1j))
+    with pytest.raises(InputError, match="u_upper: expected real numbers"):
+        occore.Problem(**dict(base, u_lower=-1.0, u_upper=np.array([1.0 + 0.5j])))
+    us = np.zeros((prob.horizon, prob.nu), dtype=complex)
+    with pytest.raises(InputError, match="us0: expected real numbers"):
+        occore.ILQR().solve(prob, us0=us)
+    xs = np.zeros((prob.horizon + 1, prob.nx), dtype=complex)
+    with pytest.raises(InputError, match="xs0: expected real numbers"):
+        occore.FDDP().solve(prob, xs0=xs)
+    with pytest.raises(InputError, match="x: expected real numbers"):
+        occore.MPC(prob, occore.ILQR(max_iter=2)).control(prob.x0 + 0j)
+    with pytest.raises(InputError, match="x0: expected real numbers"):
+        occore.simulate(lambda x: np.zeros(1), lambda x, u: x, 2, x0=np.array([1j, 0]))
+    assert occore.Problem(**dict(base, x0=prob.x0.real)).nx == prob.nx
+
+
+def test_an_unknown_backend_is_an_input_error_from_make_and_problem():
+    import pytest
+    import occore
+    from occore.errors import InputError
+
+    with pytest.raises(InputError, match="backend='x' is unknown"):
+        occore.problems.make("pendulum", backend="x")
+    prob = occore.problems.make("pendulum")
+    with pytest.raises(InputError, match="backend='x' is unknown"):
+        occore.Problem(prob.dynamics, prob.stage_cost, prob.terminal_cost, prob.x0, prob.nu,
+                       prob.horizon, backend="x")
