@@ -235,8 +235,7 @@ class SolverOptimizer:
                              f"one runs {own!r}; load it into a {saved!r} one")
         lr, mu = state_dict["lr"], state_dict["mu"]
         check_lr(lr, saved if isinstance(self.solver, str) else "")
-        if mu is not None and (isinstance(mu, bool) or not isinstance(mu, numbers.Real)
-                               or not math.isfinite(mu) or mu < 0):
+        if mu is not None and (not is_real(mu) or not math.isfinite(mu) or mu < 0):
             raise InputError(f"state_dict: mu={mu!r}: expected None or a finite number >= 0")
         self.lr, self.mu = float(lr), None if mu is None else float(mu)
 
