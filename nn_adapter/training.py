@@ -403,7 +403,8 @@ def train_classifier(model: nn.Module, data: Split, optimizer, epochs: int = 8, 
 
     Raises:
         InputError: epochs, batch_size, start_epoch not ints >= 1, or seed not an int >= 0;
-            ``drop_last`` with ``batch_size`` above the training samples (no step).
+            ``drop_last`` with ``batch_size`` above the training samples (no step); a torch
+            optimizer that holds none of ``model``'s parameters.
         ShapeError: a split whose targets do not match its samples one to one (before any
             step), or test predictions shaped unlike ``y_test`` (at the first evaluation).
         DataError: an empty training split (before any step), or with the default argmax
@@ -438,6 +439,12 @@ def train_classifier(model: nn.Module, data: Split, optimizer, epochs: int = 8, 
     if not (isinstance(optimizer, torch.optim.Optimizer) or callable(getattr(optimizer, "step_batch", None))):
         raise TypeError(f"optimizer: expected a torch.optim.Optimizer or an object with "
                         f"step_batch(x, y, loss_fn), got {type(optimizer).__name__}")
+    if isinstance(optimizer, torch.optim.Optimizer):
+        own = {id(p) for p in model.parameters()}
+        held = [p for g in optimizer.param_groups for p in g["params"]]
+        if held and not any(id(p) in own for p in held):      # it would train nothing, silently
+            raise InputError("optimizer: holds none of model's parameters (built over another "
+                             "model, or a copy of it?); build it over model.parameters()")
     for arg, fn in (("loss_fn", loss_fn), ("progress", progress), ("predict", predict),
                     ("on_epoch_end", on_epoch_end)):
         if fn is not None and not callable(fn):

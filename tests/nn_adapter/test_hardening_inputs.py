@@ -660,6 +660,9 @@ def _cut(split, part, n, what="both"):
      r"data.y_train: expected shape \(6, ...\) \(one target per sample of data.x_train\), got \(8,\)"),
     (dict(data=_cut(_split(), "train", 6, "y")), ShapeError, r"data.y_train: expected shape \(8, ...\)"),
     (dict(data=_cut(_split(), "test", 1, "y")), ShapeError, r"data.y_test: expected shape \(4, ...\)"),
+    # an optimizer over another model (a copy): the epochs ran and trained nothing
+    (dict(optimizer=torch.optim.SGD(nn.Linear(4, 3).parameters(), lr=0.1)), InputError,
+     "optimizer: holds none of model's parameters"),
 ])
 def test_train_classifier_refuses_bad_arguments_by_name_and_changes_nothing(kwargs, error, words):
     from nn_adapter.training import train_classifier
