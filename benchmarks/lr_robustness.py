@@ -929,6 +929,13 @@ def _check_options(parser, bases, base_opts: dict, ddp_opts: dict) -> None:
                                  "one pair only)" if len(bases) > 1 else ""))
 
 
+def _check_confirm_seeds(parser, confirm_seeds: int, grid_seeds: int) -> None:
+    """``--confirm-seeds`` must be 0 or more than the grid's seeds (exit 2 otherwise)."""
+    if confirm_seeds and confirm_seeds <= grid_seeds:
+        parser.error(f"--confirm-seeds: expected 0 or more than the grid's {grid_seeds} "
+                     f"seeds, got {confirm_seeds}")
+
+
 def main(argv=None) -> int:
     """Run the grid and write the report; 0 on success, exit status 2 on bad input."""
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -971,14 +978,13 @@ def main(argv=None) -> int:
     else:
         base_opts, ddp_opts = dict(args.base_option), dict(args.ddpnopt_option)
         _check_options(parser, args.bases, base_opts, ddp_opts)
+        _check_confirm_seeds(parser, confirm_seeds, seeds)      # before the grid runs
         dtype = torch.float64 if args.dtype == "float64" else torch.float32
         result = run_grid(datasets, args.bases, factors, seeds, workers=args.workers, dtype=dtype,
                           device=args.device, ddp_opts=ddp_opts, base_opts=base_opts,
                           quick=args.quick, epochs=args.epochs, fmnist_train=args.fmnist_train,
                           fmnist_test=args.fmnist_test, fmnist_root=args.fmnist_root)
-    if confirm_seeds and confirm_seeds <= result["seeds"]:
-        parser.error(f"--confirm-seeds: expected 0 or more than the grid's {result['seeds']} "
-                     f"seeds, got {confirm_seeds}")
+    _check_confirm_seeds(parser, confirm_seeds, result["seeds"])
     confirm(result, confirm_seeds, workers=args.workers, datasets=args.confirm_datasets)
     paths = write_report(result, out, command, args.json)
     for line in summary_lines(result):

@@ -71,6 +71,16 @@ def test_an_empty_output_name_is_refused_before_the_grid(lrr, option, capsys, mo
     assert f"{option}: an empty f" in err, err
 
 
+def test_too_few_confirmation_seeds_are_refused_before_the_grid(lrr, capsys, monkeypatch, tmp_path):
+    """Was: --confirm-seeds no larger than --seeds was refused only after the whole grid had run."""
+    monkeypatch.setattr(lrr, "run_grid", lambda *a, **k: pytest.fail("the grid ran"))
+    with pytest.raises(SystemExit) as exc:
+        lrr.main(["--quick", "--seeds", "3", "--confirm-seeds", "3", "--out", str(tmp_path)])
+    err = capsys.readouterr().err
+    assert exc.value.code == 2 and len(err.strip().splitlines()) == 1
+    assert "--confirm-seeds: expected 0 or more than the grid's 3 seeds, got 3" in err, err
+
+
 def test_divergence_rule_flags_nan_losses_and_no_learning(lrr):
     assert lrr.divergence_reason(float("nan"), 2.3)
     assert lrr.divergence_reason(None, 2.3)
