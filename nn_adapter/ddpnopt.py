@@ -64,7 +64,7 @@ from occore.solvers.ddp import DDP, ILQR
 from occore.solvers.options import Regularization
 from occore.validation import is_integer, is_real
 
-from .curvature.optimizer import CurvatureOptimizer
+from .curvature.optimizer import CurvatureOptimizer, loss_value
 from .errors import UnsupportedModuleError, warn
 from .feedback import compact_conv
 from .minibatch import MinibatchProblem
@@ -322,9 +322,8 @@ class DDPNOpt(CurvatureOptimizer):
 
     def _closure_value(self) -> Optional[float]:
         """The loss the closure of this step returned, as a float (None: not a number)."""
-        loss = self._closure_result.get("loss")
         try:
-            return float(loss.detach() if isinstance(loss, torch.Tensor) else loss)
+            return loss_value(self._closure_result.get("loss"))
         except (TypeError, ValueError, RuntimeError):
             return None
 
@@ -385,9 +384,7 @@ class DDPNOpt(CurvatureOptimizer):
         saved = self._snapshot()
         self.diagnostics = [] if self.record_diagnostics else None
         self._clamped = {}
-        loss = self._closure_result.pop("loss")
-        # (detached: float() of a tensor that requires grad warns in torch >= 2.9)
-        cost = float(loss.detach()) if isinstance(loss, torch.Tensor) else float(loss)
+        cost = float(loss_value(self._closure_result.pop("loss")))
         try:
             with fixed_parametrizations(self._model):
                 problem = MinibatchProblem(self, rec, self._stages(rec), cost)

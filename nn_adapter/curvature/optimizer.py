@@ -66,6 +66,14 @@ def _check_loss(loss) -> None:
                          "tensor or a number)")
 
 
+def loss_value(loss) -> Optional[float]:
+    """A closure's loss as a float (None stays None); a tensor is detached first (``float()`` of
+    one that requires grad warns in torch >= 2.9)."""
+    if loss is None:
+        return None
+    return float(loss.detach() if isinstance(loss, torch.Tensor) else loss)
+
+
 class CurvatureOptimizer(torch.optim.Optimizer):
     """Base optimizer: ``u <- u + k`` with k the curvature's step, block by block, group by group.
 
@@ -407,9 +415,9 @@ class CurvatureOptimizer(torch.optim.Optimizer):
             raise InputError("closure: torch.amp.GradScaler.step takes no closure (as for torch's "
                              "optimizers); run the scaled backward yourself, then scaler.step(opt)")
         scale = self.__dict__.get("grad_scale")
-        if scale is None or float(found.sum()) > 0:
-            if self._live is not None:     # (this pass's records go with the step)
-                self._live.release()
+        skipped = scale is None or float(found.sum()) > 0
+        if skipped and self._live is not None:     # (this pass's records go with the step)
+            self._live.release()
         if scale is None:
             # GradScaler removes the two attributes after a step that returns; not after a raise
             del self.grad_scale, self.found_inf
@@ -420,7 +428,7 @@ class CurvatureOptimizer(torch.optim.Optimizer):
                 "the curvature reads (their scale is then unknown here). Call scaler.step "
                 "without unscale_ (to clip, clip the scaled gradients by the scaled norm, "
                 "max_norm * scaler.get_scale())")
-        if float(found.sum()) > 0:
+        if skipped:
             return False
         inv = scale.double().reciprocal().float()
         grads = [p.grad for p in self._params_with_grad()]
@@ -531,8 +539,7 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         ``process_group=``, the gradients, which it averages): a non-finite loss or gradient on
         any rank refuses the step on all, records incomplete on any rank raise on all."""
         self._check_dense_grads()
-        value = None if loss is None else float(
-            loss.detach() if isinstance(loss, torch.Tensor) else loss)
+        value = loss_value(loss)
         col = self.collectives
         if col is None:
             if value is not None and not math.isfinite(value):
