@@ -153,7 +153,7 @@ def multiplier_change(new: Multipliers, old: Multipliers) -> float:
     for a, b in ((new.g, old.g), (new.upper, old.upper), (new.lower, old.lower), (new.h, old.h)):
         if a.size:
             worst = max(worst, float(np.max(np.abs(a - b))))
-    return worst / old.penalty if worst == worst else float("inf")
+    return float("inf") if np.isnan(worst) else worst / old.penalty
 
 
 def barrier_duals(values, m: Multipliers, d, dxs: np.ndarray, dus: np.ndarray, upper_index,
